@@ -1,0 +1,25 @@
+"""ioattn: IO-aware exact attention in pure Python (PyTorch + Triton)."""
+
+from .chunked import memory_efficient_attention
+from .interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from .reference import attention_ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_ref",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "memory_efficient_attention",
+]

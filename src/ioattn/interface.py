@@ -1,0 +1,205 @@
+"""Public attention functions with flash-attn 2.x names, layout and return conventions.
+
+Every function validates its arguments here, once, then hands them to one core op per backend
+(``ioattn.backend`` says which): the Triton kernels (``ioattn.ops.attention``) or the chunked
+pure-PyTorch path (``ioattn.chunked``). The packed variants are thin adapters onto the same ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import validation as V
+from .backend import select_backend
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+]
+
+
+def _host_checks_allowed(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, batch, nheads):
+    window = V.check_window(window_size)
+    V.check_scalars(dropout_p, softcap, softmax_scale)
+    V.check_alibi(alibi_slopes, batch, nheads, q.device)
+    if causal:
+        window = (window[0], 0)
+    return {
+        "softmax_scale": float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim),
+        "causal": bool(causal),
+        "window_size": window,
+        "softcap": float(softcap),
+        "alibi_slopes": alibi_slopes,
+        "dropout_p": float(dropout_p),
+    }
+
+
+def _finish(out, lse, return_attn_probs):
+    # flash-attn returns (out, softmax_lse, S_dmask); the attention probabilities are never materialised.
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """Exact attention, ``softmax(q k^T * softmax_scale) v``, without materialising the score matrix.
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim), float16 / bfloat16 / float32.
+        k: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (MQA/GQA).
+        v: (batch, seqlen_k, nheads_k, headdim).
+        dropout_p: dropout probability on the attention weights (use 0.0 at evaluation).
+        softmax_scale: scale of q k^T before the softmax; default 1 / sqrt(headdim).
+        causal: causal mask, aligned to the bottom-right corner when seqlen_q != seqlen_k.
+        window_size: (left, right) sliding window; -1 is unbounded on that side.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
+        deterministic: bitwise-reproducible backward (no atomics in the dq accumulation).
+        return_attn_probs: also return the log-sum-exp (and None in place of the probabilities).
+    Returns:
+        out: (batch, seqlen_q, nheads, headdim), q's dtype.
+        softmax_lse (if return_attn_probs): float32 (batch, nheads, seqlen_q); -inf for a row with no key.
+        None (if return_attn_probs), for flash-attn compatibility.
+    """
+    nheads, _, headdim = V.check_qkv(q, k, v, rank=4)
+    opts = _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                    q.shape[0], nheads)
+    if select_backend(q.device) == "triton":
+        from .ops.attention import flash_attention
+
+        out, lse = flash_attention(q, k, v, deterministic=bool(deterministic), **opts)
+    else:
+        from .chunked import chunked_attention
+
+        out, lse = chunked_attention(q, k, v, **opts)
+    return _finish(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """Attention over a batch of variable-length sequences packed along the token dimension.
+
+    Arguments:
+        q: (total_q, nheads, headdim), the sequences' queries concatenated.
+        k: (total_k, nheads_k, headdim).
+        v: (total_k, nheads_k, headdim).
+        cu_seqlens_q: int32 (batch + 1,), cumulative query lengths starting at 0; sequence b's queries are
+            q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]. Empty sequences are allowed.
+        cu_seqlens_k: int32 (batch + 1,), likewise for k and v.
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence (ints, no device read needed).
+        Other arguments as in :func:`flash_attn_func`; alibi_slopes may be (nheads,) or (batch, nheads).
+    Returns:
+        out: (total_q, nheads, headdim); softmax_lse (if return_attn_probs): float32 (nheads, total_q).
+    """
+    nheads, _, headdim = V.check_qkv(q, k, v, rank=3)
+    host = _host_checks_allowed(q.device)
+    batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device, host_check=host)
+    batch_k = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device,
+                                 host_check=host)
+    if batch_k != batch:
+        raise ValueError(f"cu_seqlens_k must describe {batch} sequences like cu_seqlens_q, got {batch_k}")
+    opts = _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                    batch, nheads)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    if select_backend(q.device) == "triton":
+        from .ops.attention import flash_attention_varlen
+
+        out, lse = flash_attention_varlen(*args, deterministic=bool(deterministic), **opts)
+    else:
+        from .chunked import chunked_attention_varlen
+
+        out, lse = chunked_attention_varlen(*args, **opts)
+    return _finish(out, lse, return_attn_probs)
+
+
+def _unpack(packed: torch.Tensor, name: str, parts: int, rank: int) -> tuple[torch.Tensor, ...]:
+    V._check_tensor(name, packed)
+    if packed.dim() != rank or packed.shape[-3] != parts:
+        where = "(batch, seqlen, " if rank == 5 else "(total, "
+        raise ValueError(
+            f"{name} must have shape {where}{parts}, nheads, headdim), got {tuple(packed.shape)}"
+        )
+    return packed.unbind(dim=-3)
+
+
+def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                              softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                              deterministic: bool = False, return_attn_probs: bool = False):
+    """:func:`flash_attn_func` on qkv (batch, seqlen, 3, nheads, headdim); q, k, v are views, not copies."""
+    q, k, v = _unpack(qkv, "qkv", 3, 5)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
+                             softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """:func:`flash_attn_func` with kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+    k, v = _unpack(kv, "kv", 2, 5)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0, softmax_scale: float | None = None,
+                                     causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                                     deterministic: bool = False, return_attn_probs: bool = False):
+    """:func:`flash_attn_varlen_func` on qkv (total, 3, nheads, headdim) with one cu_seqlens."""
+    q, k, v = _unpack(qkv, "qkv", 3, 4)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0, softmax_scale: float | None = None,
+                                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False):
+    """:func:`flash_attn_varlen_func` with kv (total_k, 2, nheads_k, headdim)."""
+    k, v = _unpack(kv, "kv", 2, 4)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)

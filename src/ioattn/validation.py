@@ -1,0 +1,132 @@
+"""Argument checks for the public functions: run once, before any kernel, with errors that name the
+argument, the expected and the actual value."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADDIM = 256
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}.dtype must be one of float16, bfloat16, float32, got {t.dtype}")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(t.stride())}")
+
+
+def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}.dtype must equal {first_name}.dtype ({first.dtype}), got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} must be on {first_name}'s device ({first.device}), got {t.device}")
+
+
+def check_window(window_size: object) -> tuple[int, int]:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = window_size
+    for side, val in (("left", left), ("right", right)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"window_size {side} must be an int, got {type(val).__name__}")
+        if val < -1:
+            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {val}")
+    return int(left), int(right)
+
+
+def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive or None, got {softmax_scale}")
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rank: int
+) -> tuple[int, int, int]:
+    """Checks q, k, v of rank 4 (batch, seqlen, nheads, d) or rank 3 (total, nheads, d) for varlen.
+    Returns (nheads, nheads_k, headdim)."""
+    names = ("q", "k", "v")
+    layout = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total_tokens, nheads, headdim)"
+    for name, t in zip(names, (q, k, v)):
+        _check_tensor(name, t)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
+        check_dtype(name, t)
+        check_last_dim_contiguous(name, t)
+    check_same(names, (q, k, v))
+    if rank == 4:
+        if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}, v has {v.shape[0]}"
+            )
+    if v.shape[-3] != k.shape[-3]:
+        raise ValueError(f"v's seqlen must equal k's ({k.shape[-3]}), got {v.shape[-3]}")
+    nheads, headdim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    if v.shape[-2] != nheads_k:
+        raise ValueError(f"v's nheads must equal k's nheads_k ({nheads_k}), got {v.shape[-2]}")
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(f"q's nheads ({nheads}) must be divisible by k's nheads_k ({nheads_k})")
+    if k.shape[-1] != headdim:
+        raise ValueError(f"k's headdim must equal q's ({headdim}), got {k.shape[-1]}")
+    if v.shape[-1] != headdim:
+        raise ValueError(f"v's headdim must equal q's ({headdim}), got {v.shape[-1]}")
+    if not 1 <= headdim <= MAX_HEADDIM:
+        raise ValueError(f"headdim must be between 1 and {MAX_HEADDIM}, got {headdim}")
+    return nheads, nheads_k, headdim
+
+
+def check_alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -> None:
+    if alibi_slopes is None:
+        return
+    t = _check_tensor("alibi_slopes", alibi_slopes)
+    if t.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes.dtype must be float32, got {t.dtype}")
+    if tuple(t.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device ({device}), got {t.device}")
+
+
+def check_cu_seqlens(
+    name: str, cu: object, total: int, max_seqlen: int, device: torch.device, *, host_check: bool
+) -> int:
+    """Checks a cu_seqlens tensor and returns the batch size. Value checks (monotone, ends at total,
+    max_seqlen large enough) read the tensor on the host, so they run only when ``host_check`` is set:
+    always for CPU tensors, and for CUDA tensors outside of graph capture."""
+    t = _check_tensor(name, cu)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}.dtype must be torch.int32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device ({device}), got {t.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
+    if host_check:
+        vals = t.tolist()
+        if vals[0] != 0:
+            raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+        lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+        if min(lens) < 0:
+            raise ValueError(f"{name} must be non-decreasing, got {vals}")
+        if vals[-1] != total:
+            raise ValueError(f"{name}[-1] must equal the total number of tokens ({total}), got {vals[-1]}")
+        if max(lens) > max_seqlen:
+            raise ValueError(f"max_seqlen for {name} must be >= the longest sequence ({max(lens)}), got {max_seqlen}")
+    return t.shape[0] - 1
