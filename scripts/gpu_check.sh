@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call does everything: install, the GPU test suite, the benchmarks. Logs and JSON go under
+# $OUT; a short summary prints last. Knobs (environment):
+#   TESTS=tests|<pytest targets>|none   BENCH=quick|full|none   BENCH_ARGS="..."   DECODE=1|0
+#   TEST_TIMEOUT=seconds (default 360)  BENCH_TIMEOUT=seconds (default 300)
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+TESTS=${TESTS:-tests}
+BENCH=${BENCH:-quick}
+DECODE=${DECODE:-1}
+summary=()
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+python3 -m ioattn info | tee "$OUT/info.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv >>"$OUT/info.txt" 2>&1
+
+if [ "$TESTS" != none ]; then
+    start=$SECONDS
+    # shellcheck disable=SC2086
+    timeout "${TEST_TIMEOUT:-360}" python3 -m pytest -q -n 8 -p no:cacheprovider $TESTS >"$OUT/tests.log" 2>&1
+    rc=$?
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+    summary+=("tests: rc=$rc in $((SECONDS - start)) s: $(tail -n 1 "$OUT/tests.log")")
+fi
+
+if [ "$BENCH" != none ]; then
+    args=${BENCH_ARGS:-}
+    [ "$BENCH" = quick ] && args="--quick $args"
+    start=$SECONDS
+    # shellcheck disable=SC2086
+    timeout "${BENCH_TIMEOUT:-300}" python3 -m ioattn bench fa2 $args --json "$OUT/bench.json" \
+        --plot-dir "$OUT" >"$OUT/bench.log" 2>&1
+    summary+=("bench fa2: rc=$? in $((SECONDS - start)) s")
+    if [ "$DECODE" = 1 ]; then
+        start=$SECONDS
+        timeout "${BENCH_TIMEOUT:-300}" python3 -m ioattn bench decode --json "$OUT/decode.json" \
+            >"$OUT/decode.log" 2>&1
+        summary+=("bench decode: rc=$? in $((SECONDS - start)) s")
+    fi
+fi
+
+echo "================ summary ================"
+[ -f "$OUT/bench.log" ] && tail -n 60 "$OUT/bench.log"
+[ -f "$OUT/decode.log" ] && tail -n 20 "$OUT/decode.log"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,124 @@
+"""Every validation error: raised before any kernel, typed, and naming the argument and values."""
+
+import pytest
+import torch
+
+import ioattn
+
+
+def _qkv(b=1, sq=8, sk=8, h=2, hk=2, d=16, dtype=torch.float16):
+    return (torch.randn(b, sq, h, d, dtype=dtype), torch.randn(b, sk, hk, d, dtype=dtype),
+            torch.randn(b, sk, hk, d, dtype=dtype))
+
+
+def _varlen(lens_q=(3, 5), lens_k=(4, 2), h=2, d=16):
+    q = torch.randn(sum(lens_q), h, d, dtype=torch.float16)
+    k = torch.randn(sum(lens_k), h, d, dtype=torch.float16)
+    v = torch.randn(sum(lens_k), h, d, dtype=torch.float16)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    return q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,words",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, ["q", "rank 4", "(8, 2, 16)"]),
+        (lambda q, k, v: (q, k, "v"), TypeError, ["v", "torch.Tensor", "str"]),
+        (lambda q, k, v: (q, k[:, :5], v), ValueError, ["v", "seqlen", "5"]),
+        (lambda q, k, v: (q, torch.cat([k, k]), v), ValueError, ["batch", "1", "2"]),
+        (lambda q, k, v: (q, k[:, :, :1], v[:, :, :1]), None, []),
+        (lambda q, k, v: (torch.randn(1, 8, 3, 16, dtype=torch.float16), k, v), ValueError,
+         ["nheads", "3", "divisible", "2"]),
+        (lambda q, k, v: (q, k[..., :8], v), ValueError, ["headdim", "16", "8"]),
+        (lambda q, k, v: (q, k, v[..., :8]), ValueError, ["headdim", "16", "8"]),
+        (lambda q, k, v: (q.float(), k, v), TypeError, ["k.dtype", "float32", "float16"]),
+        (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, ["q.dtype", "int64"]),
+        (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, ["q.dtype", "float64"]),
+        (lambda q, k, v: (*(torch.randn(1, 8, 2, 272, dtype=torch.float16) for _ in range(3)),), ValueError,
+         ["headdim", "256", "272"]),
+        (lambda q, k, v: (q.transpose(1, 3).contiguous().transpose(1, 3), k, v), ValueError,
+         ["q", "contiguous last dimension"]),
+    ],
+)
+def test_qkv_errors(mutate, exc, words):
+    args = mutate(*_qkv())
+    if exc is None:  # a valid MQA call: nheads_k = 1
+        ioattn.flash_attn_func(*args)
+        return
+    with pytest.raises(exc) as err:
+        ioattn.flash_attn_func(*args)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        ({"window_size": (1, 2, 3)}, ValueError, ["window_size", "(1, 2, 3)"]),
+        ({"window_size": (-2, 0)}, ValueError, ["window_size left", "-2"]),
+        ({"window_size": (0, 1.5)}, TypeError, ["window_size right", "float"]),
+        ({"dropout_p": 1.0}, ValueError, ["dropout_p", "1.0"]),
+        ({"softcap": -1.0}, ValueError, ["softcap", "-1.0"]),
+        ({"softmax_scale": 0.0}, ValueError, ["softmax_scale", "0.0"]),
+        ({"alibi_slopes": torch.ones(3)}, ValueError, ["alibi_slopes", "(2,)", "(3,)"]),
+        ({"alibi_slopes": torch.ones(2, dtype=torch.float64)}, TypeError, ["alibi_slopes.dtype", "float64"]),
+    ],
+)
+def test_option_errors(kwargs, exc, words):
+    with pytest.raises(exc) as err:
+        ioattn.flash_attn_func(*_qkv(), **kwargs)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_mixed_devices_named():
+    q, k, v = _qkv()
+    meta_v = torch.empty(v.shape, dtype=v.dtype, device="meta")
+    with pytest.raises(ValueError, match=r"v must be on q's device \(cpu\), got meta"):
+        ioattn.flash_attn_func(q, k, meta_v)
+
+
+@pytest.mark.parametrize(
+    "which,value,exc,words",
+    [
+        ("cu_q", lambda cu: cu.long(), TypeError, ["cu_seqlens_q.dtype", "int32", "int64"]),
+        ("cu_q", lambda cu: torch.tensor([0, 5, 3], dtype=torch.int32), ValueError,
+         ["cu_seqlens_q", "non-decreasing"]),
+        ("cu_q", lambda cu: torch.tensor([1, 3, 8], dtype=torch.int32), ValueError, ["cu_seqlens_q[0]", "1"]),
+        ("cu_k", lambda cu: torch.tensor([0, 4, 7], dtype=torch.int32), ValueError,
+         ["cu_seqlens_k[-1]", "6", "7"]),
+        ("cu_k", lambda cu: torch.tensor([0, 6], dtype=torch.int32), ValueError, ["2 sequences", "1"]),
+        ("cu_q", lambda cu: cu.view(1, -1), ValueError, ["cu_seqlens_q", "1-D"]),
+        ("max_q", lambda m: 4, ValueError, ["max_seqlen", "5", "4"]),
+    ],
+)
+def test_varlen_errors(which, value, exc, words):
+    q, k, v, cu_q, cu_k, max_q, max_k = _varlen()
+    if which == "cu_q":
+        cu_q = value(cu_q)
+    elif which == "cu_k":
+        cu_k = value(cu_k)
+    else:
+        max_q = value(max_q)
+    with pytest.raises(exc) as err:
+        ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_varlen_rank_error():
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must have rank 3"):
+        ioattn.flash_attn_varlen_func(q, k, v, cu, cu, 8, 8)
+
+
+def test_packed_shape_error():
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seqlen, 3, nheads, headdim\)"):
+        ioattn.flash_attn_qkvpacked_func(torch.randn(1, 8, 2, 2, 16, dtype=torch.float16))
+
+
+def test_backend_env_error(monkeypatch):
+    monkeypatch.setenv("IOATTN_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="IOATTN_BACKEND"):
+        ioattn.flash_attn_func(*_qkv())
