@@ -1,0 +1,293 @@
+"""FlashAttention-2 backward (Dao 2023, Algorithm 2) for dense and varlen batches.
+
+Three kernels, no atomics, so every gradient is bitwise reproducible whatever ``deterministic`` says:
+* ``attn_bwd_preprocess_kernel``: ``delta_i = rowsum(dO_i * O_i)`` (Alg. 2 line 4, the ``D_i`` term).
+* ``attn_bwd_dkdv_kernel``: one program per (key block, batch x kv head) keeps dK, dV on chip and walks
+  the query blocks that see its keys, for every query head of its GQA group, so dK/dV are summed over
+  the group without repeating K/V (Alg. 2 lines 11-20).
+* ``attn_bwd_dq_kernel``: one program per (query block, batch x head) walks the key blocks like the
+  forward and accumulates dQ (Alg. 2 line 21) without the atomics of the paper's single pass.
+P is recomputed from Q, K and the saved lse: ``P = exp2(S * log2(e) - lse * log2(e))``.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import apply_softcap, bias_and_mask, dropout_keep, kv_block_range, q_block_range
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + b)
+        seqlen_q = tl.load(cu_seqlens_q + b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + b)
+        seqlen_k = tl.load(cu_seqlens_k + b + 1) - k_start
+    else:
+        q_start = tl.full([], 0, tl.int32)
+        seqlen_q = max_seqlen_q
+        k_start = tl.full([], 0, tl.int32)
+        seqlen_k = max_seqlen_k
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    Out, DOut, Delta, cu_seqlens_q,
+    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh,
+    nheads, max_seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    q_start, seqlen_q, _, _ = _seq_bounds(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, 0, IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    row0 = (q_start + start_m).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = start_m + offs_m < seqlen_q
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_os
+                + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + b64 * stride_db + h64 * stride_dh + row0 * stride_ds
+                 + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + row0 + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, qk_scale, softcap2,
+                       alibi_slope2, window_left, window_right, seed, philox_base, philox_row_stride,
+                       dropout_p, MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Recomputes P (Alg. 2 line 13) and returns (dropped P for dV, dS w.r.t. the pre-softcap scaled
+    scores) for one (query block, key block) tile; dS = P * (dP - delta) (Alg. 2 line 16)."""
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
+    s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
+                      HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p)
+        scale = 1.0 / (1.0 - dropout_p)
+        p_drop = tl.where(keep, p * scale, 0.0)
+        dp = tl.where(keep, dp * scale, 0.0)
+    else:
+        p_drop = p
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        # d(softcap * tanh(x)) / dx = 1 - tanh^2 (times the softmax_scale applied by the caller).
+        ds = ds * (1.0 - t * t)
+    return p_drop, ds
+
+
+@triton.jit
+def _row_stats(lse_base, delta_base, rows, seqlen_q):
+    row_ok = rows < seqlen_q
+    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+    # A row with no allowed key has lse -inf; +inf makes its recomputed P exactly 0 instead of NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, lo, hi,
+                cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
+                seed, philox_base, philox_row_stride, dropout_p,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = q_base + lo.to(tl.int64) * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :]
+    do_ptrs = do_base + lo.to(tl.int64) * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        if MASK:
+            mask = (rows[:, None] < seqlen_q) & d_ok[None, :]
+        else:
+            mask = d_ok[None, :]
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        do = tl.load(do_ptrs, mask=mask, other=0.0)
+        lse2, delta = _row_stats(lse_base, delta_base, rows, seqlen_q)
+        p_drop, ds = _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, qk_scale,
+                                        softcap2, alibi_slope2, window_left, window_right, seed,
+                                        philox_base, philox_row_stride, dropout_p, MASK, SOFTCAP,
+                                        HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qs
+        do_ptrs += BLOCK_M * stride_dos
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_ab,
+    nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
+    softmax_scale, qk_scale, softcap2, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
+                                                       max_seqlen_k, IS_VARLEN)
+    if start_n >= seqlen_k:
+        return
+    diag = seqlen_k - seqlen_q
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    q0 = q_start.to(tl.int64)
+    n0 = (k_start + start_n).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    kv_mask = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    kvt_mask = (offs_d[:, None] < HEAD_DIM) & (cols[None, :] < seqlen_k)
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + n0 * stride_ks
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + n0 * stride_vs
+    kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=kvt_mask, other=0.0)
+    vt = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=kvt_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # The query heads of this kv head's group, summed in registers: no repeated K/V, no atomics.
+    for g in range(group):
+        h = hk * group + g
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qs
+        do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dos
+        lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
+        delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
+        alibi_slope2 = 0.0
+        if HAS_ALIBI:
+            alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
+        philox_base = (b64 * nheads + h64) * max_seqlen_q * max_seqlen_k
+        args = (cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
+                seed, philox_base, max_seqlen_k, dropout_p)
+        dk, dv = _dkdv_inner(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                             lo, full_lo, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True, SOFTCAP, HAS_ALIBI,
+                             HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                             full_lo, full_hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, False, SOFTCAP, HAS_ALIBI,
+                             HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                             full_hi, hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True, SOFTCAP, HAS_ALIBI,
+                             HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+    dk = dk * softmax_scale
+    dk_base = DK + b64 * stride_dkb + hk64 * stride_dkh + n0 * stride_dks
+    dv_base = DV + b64 * stride_dvb + hk64 * stride_dvh + n0 * stride_dvs
+    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, hi,
+              rows, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
+              seed, philox_base, philox_row_stride, dropout_p,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kt_ptrs = k_base + lo.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
+    vt_ptrs = v_base + lo.to(tl.int64) * stride_vs + offs_n[None, :] * stride_vs + offs_d[:, None]
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            mask = d_ok[:, None] & (cols[None, :] < seqlen_k)
+        else:
+            mask = d_ok[:, None]
+        kt = tl.load(kt_ptrs, mask=mask, other=0.0)
+        vt = tl.load(vt_ptrs, mask=mask, other=0.0)
+        _, ds = _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, qk_scale,
+                                   softcap2, alibi_slope2, window_left, window_right, seed, philox_base,
+                                   philox_row_stride, dropout_p, MASK, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                                   HAS_RIGHT, DROPOUT, DOT_PRECISION)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        kt_ptrs += BLOCK_N * stride_ks
+        vt_ptrs += BLOCK_N * stride_vs
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
+    nheads, group, max_seqlen_q, max_seqlen_k,
+    softmax_scale, qk_scale, softcap2, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
+                                                       max_seqlen_k, IS_VARLEN)
+    if start_m >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    hk = h // group
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    m0 = (q_start + start_m).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    tile_ok = (rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + m0 * stride_qs
+                + offs_m[:, None] * stride_qs + offs_d[None, :], mask=tile_ok, other=0.0)
+    do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + m0 * stride_dos
+                 + offs_m[:, None] * stride_dos + offs_d[None, :], mask=tile_ok, other=0.0)
+    q0 = q_start.to(tl.int64)
+    lse2, delta = _row_stats(Lse + b64 * stride_lb + h64 * stride_lh + q0,
+                             Delta + b64 * stride_lb + h64 * stride_lh + q0, rows, seqlen_q)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    alibi_slope2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
+    philox_base = bh.to(tl.int64) * max_seqlen_q * max_seqlen_k
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    args = (rows, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
+            seed, philox_base, max_seqlen_k, dropout_p)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, full_lo, *args,
+                   HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                   DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, full_lo, full_hi, *args,
+                   HEAD_DIM, BLOCK_N, BLOCK_D, False, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                   DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, full_hi, hi, *args,
+                   HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                   DOT_PRECISION)
+    dq = dq * softmax_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + m0 * stride_dqs
+             + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)

@@ -1,0 +1,151 @@
+"""Shared Triton helpers for every attention kernel: score modifiers, masks, dropout, the online softmax.
+
+Logits are kept in log2 units (``s * log2(e)``) so the kernels can use ``exp2``; callers fold ``log2(e)``
+into ``qk_scale``, ``softcap2`` and ``alibi_slope2`` on the host (see ``log2_units`` in the launcher).
+Rows are query positions and cols key positions inside one sequence; ``diag = seqlen_k - seqlen_q`` is
+the bottom-right alignment offset (query row ``i`` sits at key position ``i + diag``).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1): saturates to +-1 without overflow NaNs (e^{2x} = inf gives 1, 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def apply_softcap(qk, qk_scale, softcap2, SOFTCAP: tl.constexpr):
+    """Raw ``q . k`` to log2-unit logits; with softcap returns ``(softcap2 * tanh(qk * qk_scale), tanh)``.
+
+    With SOFTCAP, ``qk_scale = softmax_scale / softcap`` and ``softcap2 = softcap * log2(e)``; without it,
+    ``qk_scale = softmax_scale * log2(e)`` and the returned tanh is the logits themselves (unused).
+    """
+    if SOFTCAP:
+        t = tanh(qk * qk_scale)
+        s = softcap2 * t
+    else:
+        s = qk * qk_scale
+        t = s
+    return s, t
+
+
+@triton.jit
+def allowed(rows, cols, seqlen_k, diag, window_left, window_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Bool tile (rows, cols): key in range and inside the bottom-right aligned window (causal = right 0)."""
+    pos = rows[:, None] + diag
+    ok = cols[None, :] < seqlen_k
+    if HAS_LEFT:
+        ok = ok & (cols[None, :] >= pos - window_left)
+    if HAS_RIGHT:
+        ok = ok & (cols[None, :] <= pos + window_right)
+    return ok
+
+
+@triton.jit
+def bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
+                  HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr):
+    """ALiBi (``-slope * |i + diag - j|``) then masking to -inf where MASK says the tile may hold
+    disallowed pairs. Tiles known to be fully allowed pass MASK=False and pay nothing."""
+    if HAS_ALIBI:
+        dist = tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+        s = s - alibi_slope2 * dist
+    if MASK:
+        ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def score_mod(qk, rows, cols, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr):
+    """Raw score tile to masked log2-unit logits: scale, softcap, ALiBi, window/causal/bounds mask."""
+    s, _ = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
+    return bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
+                         HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
+
+
+@triton.jit
+def dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
+    """Keep mask of ``ioattn.dropout``: ``tl.rand(seed, base + i * row_stride + j) >= dropout_p``, int64."""
+    offs = philox_base + rows.to(tl.int64)[:, None] * philox_row_stride + cols[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One step of the online softmax (FA2 Alg. 1 lines 8-10) in log2 units.
+
+    Returns the unnormalised probabilities ``p = exp2(s - m_new)``, the factor ``alpha = exp2(m_old -
+    m_new)`` that rescales the accumulator, and the new running max and sum. Rows whose logits are all
+    -inf so far keep m = -inf; their p and alpha are 0 instead of NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key blocks a query block [start_m, start_m + BLOCK_M) must visit, split in three ranges.
+
+    Returns ``(lo, full_lo, full_hi, hi)``: [lo, full_lo) and [full_hi, hi) need masking, [full_lo,
+    full_hi) holds only fully allowed blocks, and blocks outside [lo, hi) (above the causal diagonal,
+    outside the window) are skipped entirely. All starts are multiples of BLOCK_N from lo.
+    """
+    diag = seqlen_k - seqlen_q
+    lo = tl.full([], 0, tl.int32)
+    hi = seqlen_k
+    first_full = 0  # smallest key start such that every row of the block allows it
+    last_full = seqlen_k  # keys below this are allowed by every row (and in range)
+    if HAS_LEFT:
+        lo = tl.maximum(start_m + diag - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        first_full = start_m + BLOCK_M - 1 + diag - window_left
+    if HAS_RIGHT:
+        hi = tl.minimum(start_m + BLOCK_M + diag + window_right, seqlen_k)
+        last_full = tl.minimum(start_m + diag + window_right + 1, seqlen_k)
+    hi = tl.maximum(hi, lo)
+    full_lo = lo + tl.maximum(tl.cdiv(first_full - lo, BLOCK_N), 0) * BLOCK_N
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = full_lo + tl.maximum((last_full - full_lo) // BLOCK_N, 0) * BLOCK_N
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query blocks a key block [start_n, start_n + BLOCK_N) receives gradient from (the transpose of
+    ``kv_block_range``). Returns ``(lo, full_lo, full_hi, hi)`` as there, starts multiples of BLOCK_M."""
+    diag = seqlen_k - seqlen_q
+    lo = tl.full([], 0, tl.int32)
+    hi = seqlen_q
+    first_full = 0
+    last_full = seqlen_q
+    if HAS_RIGHT:
+        # row i reaches key j when i + diag + right >= j
+        lo = tl.maximum(start_n - diag - window_right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        first_full = start_n + BLOCK_N - 1 - diag - window_right
+    if HAS_LEFT:
+        hi = tl.minimum(start_n + BLOCK_N - diag + window_left, seqlen_q)
+        last_full = tl.minimum(start_n - diag + window_left + 1, seqlen_q)
+    hi = tl.maximum(hi, lo)
+    full_lo = lo + tl.maximum(tl.cdiv(first_full - lo, BLOCK_M), 0) * BLOCK_M
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = full_lo + tl.maximum((last_full - full_lo) // BLOCK_M, 0) * BLOCK_M
+    if start_n + BLOCK_N > seqlen_k:
+        # keys past the end are masked columns: every query block needs the masked path
+        full_hi = full_lo
+    return lo, full_lo, full_hi, hi

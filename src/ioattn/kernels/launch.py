@@ -1,0 +1,220 @@
+"""Host launchers for the FlashAttention-2 kernels: allocate outputs, compute grids and strides, pick a
+config. Dense inputs are (batch, seqlen, nheads, d); varlen inputs are (total, nheads, d) with
+int32 cu_seqlens, read only inside the kernels (no host sync, CUDA-graph safe).
+
+Inputs are never copied: the kernels take every stride, so q, k, v may be views of a packed qkv.
+fp32 inputs run with ``input_precision="ieee"`` dots (true fp32, no TF32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..backend import interpreting
+from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from .attn_fwd import attn_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# One table for every tunable choice, keyed by (kernel, padded head dim ceiling, causal); "interp" rows
+# keep the interpreter fast. Hopper starting points: BLOCK_M 128, BLOCK_N 64, 8 warps (FA2 partitioning).
+_CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
+    ("fwd", 64, False): AttnConfig(128, 64, 4, 3),
+    ("fwd", 64, True): AttnConfig(128, 64, 4, 3),
+    ("fwd", 128, False): AttnConfig(128, 64, 8, 3),
+    ("fwd", 128, True): AttnConfig(128, 64, 8, 3),
+    ("fwd", 256, False): AttnConfig(64, 32, 4, 2),
+    ("fwd", 256, True): AttnConfig(64, 32, 4, 2),
+    # dK/dV programs: block_n keys held on chip, block_m queries streamed.
+    ("dkdv", 64, False): AttnConfig(32, 128, 4, 3),
+    ("dkdv", 64, True): AttnConfig(32, 128, 4, 3),
+    ("dkdv", 128, False): AttnConfig(32, 64, 4, 3),
+    ("dkdv", 128, True): AttnConfig(32, 64, 4, 3),
+    ("dkdv", 256, False): AttnConfig(32, 32, 4, 2),
+    ("dkdv", 256, True): AttnConfig(32, 32, 4, 2),
+    # dQ programs: block_m queries held on chip, block_n keys streamed.
+    ("dq", 64, False): AttnConfig(128, 32, 4, 3),
+    ("dq", 64, True): AttnConfig(128, 32, 4, 3),
+    ("dq", 128, False): AttnConfig(64, 32, 4, 3),
+    ("dq", 128, True): AttnConfig(64, 32, 4, 3),
+    ("dq", 256, False): AttnConfig(32, 32, 4, 2),
+    ("dq", 256, True): AttnConfig(32, 32, 4, 2),
+}
+_INTERP_CONFIG = AttnConfig(16, 16, 1, 1)
+
+
+def get_config(kernel: str, block_d: int, causal: bool) -> AttnConfig:
+    if interpreting():
+        return _INTERP_CONFIG
+    ceiling = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    return _CONFIGS[(kernel, ceiling, causal)]
+
+
+def _block_d(headdim: int) -> int:
+    # tl.dot needs every dimension >= 16; lanes past headdim are masked in the kernel, never padded here.
+    return max(16, triton.next_power_of_2(headdim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, seq, head) strides; a varlen tensor has no batch dimension (stride 0)."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a launch needs besides the tensors, derived once from the inputs."""
+
+    batch: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    varlen: bool
+    softmax_scale: float
+    window_left: int
+    window_right: int
+    softcap: float
+    dropout_p: float
+
+    @property
+    def causal(self) -> bool:
+        return self.window_right == 0
+
+    def flags(self, dtype: torch.dtype, alibi: bool) -> dict:
+        return {
+            "HEAD_DIM": self.headdim,
+            "BLOCK_D": _block_d(self.headdim),
+            "IS_VARLEN": self.varlen,
+            "SOFTCAP": self.softcap > 0,
+            "HAS_ALIBI": alibi,
+            "HAS_LEFT": self.window_left >= 0,
+            "HAS_RIGHT": self.window_right >= 0,
+            "DROPOUT": self.dropout_p > 0,
+            "DOT_PRECISION": _dot_precision(dtype),
+        }
+
+    def log2_units(self) -> tuple[float, float]:
+        """(qk_scale, softcap2) for ``common.apply_softcap``: log2(e) folded into the scale (exp2)."""
+        if self.softcap > 0:
+            return self.softmax_scale / self.softcap, self.softcap * LOG2E
+        return self.softmax_scale * LOG2E, 0.0
+
+
+def make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                 softcap, dropout_p) -> Problem:
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.shape[0] - 1
+    else:
+        batch, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    return Problem(batch, q.shape[-2], k.shape[-2], q.shape[-1], max_seqlen_q, max_seqlen_k, varlen,
+                   softmax_scale, window_left, window_right, softcap, dropout_p)
+
+
+def lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """(batch, nheads, seqlen_q) dense, (nheads, total_q) varlen."""
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _alibi_args(alibi_slopes: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if alibi_slopes is None:
+        return dummy, 0
+    slopes = alibi_slopes.contiguous()  # (nheads,) or (batch, nheads) float32: tiny, not a user input tensor
+    return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
+
+
+def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int):
+    """Returns (out, lse): out like q (contiguous), lse float32 of ``lse_shape``."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape(q, prob.varlen), dtype=torch.float32, device=q.device)
+    cfg = get_config("fwd", _block_d(prob.headdim), prob.causal)
+    grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
+    if math.prod(grid) == 0:
+        return out, lse
+    slopes, stride_ab = _alibi_args(alibi_slopes, q)
+    qk_scale, softcap2 = prob.log2_units()
+    attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        cu_seqlens_q if prob.varlen else q, cu_seqlens_k if prob.varlen else q, slopes,
+        *_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen), *_seq_strides(v, prob.varlen),
+        *_seq_strides(out, prob.varlen), *_lse_strides(lse, prob.varlen), stride_ab,
+        prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
+        qk_scale, softcap2, prob.window_left, prob.window_right, prob.dropout_p, seed,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **prob.flags(q.dtype, alibi_slopes is not None),
+    )
+    return out, lse
+
+
+def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int):
+    """Returns (dq, dk, dv), contiguous, in the inputs' dtype. No atomics: bitwise deterministic."""
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    bd = _block_d(prob.headdim)
+    flags = prob.flags(q.dtype, alibi_slopes is not None)
+    lse_strides = _lse_strides(lse, prob.varlen)
+    slopes, stride_ab = _alibi_args(alibi_slopes, q)
+    qk_scale, softcap2 = prob.log2_units()
+    cu_q = cu_seqlens_q if prob.varlen else q
+    cu_k = cu_seqlens_k if prob.varlen else q
+    scalars = (prob.softmax_scale, qk_scale, softcap2, prob.window_left, prob.window_right, prob.dropout_p,
+               seed)
+    qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
+                      *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
+
+    cfg = get_config("dq", bd, prob.causal)
+    grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
+    if math.prod(grid) > 0:
+        attn_bwd_preprocess_kernel[grid](
+            out, dout, delta, cu_q, *_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen),
+            *lse_strides, prob.nheads, prob.max_seqlen_q,
+            HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
+        )
+        attn_bwd_dq_kernel[grid](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
+            *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
+            prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **flags,
+        )
+    cfg = get_config("dkdv", bd, prob.causal)
+    grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
+    if math.prod(grid) > 0:
+        attn_bwd_dkdv_kernel[grid](
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, slopes,
+            *qkv_do_strides, *_seq_strides(dk, prob.varlen), *_seq_strides(dv, prob.varlen),
+            *lse_strides, stride_ab,
+            prob.nheads, prob.nheads_k, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
+            *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **flags,
+        )
+    return dq, dk, dv

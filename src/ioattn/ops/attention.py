@@ -1,0 +1,105 @@
+"""The FlashAttention-2 op family: one custom op pair (fwd, bwd), one autograd.Function, and the dense and
+varlen entry points as thin adapters onto them.
+
+Dense calls pass ``cu_seqlens = None`` and the kernels take their ``IS_VARLEN=False`` branch. The dropout
+seed is drawn inside the forward op (so ``torch.compile`` never sees a host read) and returned as a CPU
+int64 scalar tensor that the backward op reads to regenerate the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dropout import draw_seed
+from ..kernels.launch import attn_bwd, attn_fwd, lse_shape, make_problem
+
+__all__ = ["flash_attention", "flash_attention_varlen"]
+
+
+@torch.library.custom_op("ioattn::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+    softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, seed): seed is a CPU int64 scalar tensor (0 without dropout)."""
+    seed = draw_seed() if dropout_p > 0 else 0
+    prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                        window_right, softcap, dropout_p)
+    out, lse = attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed)
+    return out, lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+      window_right, softcap, alibi_slopes, dropout_p):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("ioattn::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+    softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                        window_right, softcap, dropout_p)
+    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed))
+
+
+@flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    """The family's one autograd.Function: dense when cu_seqlens are None, varlen otherwise.
+
+    The backward has no atomics, so its gradients are bitwise reproducible whether or not
+    ``deterministic`` was asked for.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                window_left, window_right, softcap, alibi_slopes, dropout_p):
+        out, lse, seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                                        dropout_p)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
+        ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                      dropout_p)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p = ctx.params
+        dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                                    alibi_slopes, dropout_p, seed)
+        return dq, dk, dv, *([None] * 10)
+
+
+def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size: tuple[int, int],
+                    softcap: float, alibi_slopes, dropout_p: float, deterministic: bool):
+    """Dense attention: q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out like q, lse float32 (b, h, sq)).
+    ``window_size`` already has right = 0 when ``causal``; ``deterministic`` holds always (no atomics)."""
+    left, right = window_size
+    return FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale, left, right,
+                                   softcap, alibi_slopes, dropout_p)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                           softmax_scale: float, causal: bool, window_size: tuple[int, int], softcap: float,
+                           alibi_slopes, dropout_p: float, deterministic: bool):
+    """Varlen attention over packed (total, h, d) -> (out like q, lse float32 (h, total_q)).
+    cu_seqlens are read only on the device; the grid comes from max_seqlen_q."""
+    left, right = window_size
+    return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   softmax_scale, left, right, softcap, alibi_slopes, dropout_p)
