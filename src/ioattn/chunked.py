@@ -136,6 +136,7 @@ def _forward(q, k, v, slopes, spec: _Spec):
             if spec.dropout_p > 0:
                 p.masked_fill_(~_keep(spec, b, hk, g, i0, i1, j0, j1, q.device), 0.0)
             pv = torch.matmul(p.view(b, hk, g * (i1 - i0), j1 - j0), vh[:, :, j0:j1].to(dtype))
+            del s, p  # free this tile before the next one is allocated: one tile alive at a time
             acc = acc * alpha.unsqueeze(-1) + pv.view(b, hk, g, i1 - i0, d)
             row_max = new_max
         nonempty = row_sum > 0
@@ -180,8 +181,11 @@ def _backward(do, q, k, v, out, lse, slopes, spec: _Spec):
             p = s.sub_(lse_g[:, :, :, i0:i1, None]).exp_()
             dp = torch.matmul(do_c, v_c.transpose(-1, -2)).view(b, hk, g, qc, kc)
             if spec.dropout_p > 0:
-                keep_scaled = _keep(spec, b, hk, g, i0, i1, j0, j1, q.device).to(dtype) / (1.0 - spec.dropout_p)
-                dv[:, :, j0:j1] += torch.matmul((p * keep_scaled).view(b, hk, g * qc, kc).transpose(-1, -2), do_c)
+                keep_scaled = _keep(spec, b, hk, g, i0, i1, j0, j1, q.device).to(dtype)
+                keep_scaled /= 1.0 - spec.dropout_p
+                p_drop = (p * keep_scaled).view(b, hk, g * qc, kc)
+                dv[:, :, j0:j1] += torch.matmul(p_drop.transpose(-1, -2), do_c)
+                del p_drop
                 dp.mul_(keep_scaled)
                 del keep_scaled
             else:
@@ -193,6 +197,7 @@ def _backward(do, q, k, v, out, lse, slopes, spec: _Spec):
             ds = ds.view(b, hk, g * qc, kc)
             dq_c += torch.matmul(ds, k_c)
             dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), q_c.reshape(b, hk, g * qc, d))
+            del s, p, ds, tanh
         dq[:, :, :, i0:i1] = dq_c.view(b, hk, g, qc, d) * spec.scale
     dq = dq.permute(0, 3, 1, 2, 4).reshape(b, sq, h, d).to(q.dtype)
     return dq, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
