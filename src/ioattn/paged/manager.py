@@ -4,7 +4,10 @@ token-by-token append, fork with copy-on-write, prefix reuse, swapping, and memo
 Every mutating method checks that it has the blocks it needs before it changes anything, so an
 :class:`OutOfBlocksError` leaves every table, count and cache as it was. Copy-on-write copies are queued and
 run as one batched copy over all layers (:meth:`BlockManager.flush_copies`); until then the source block is
-held by an extra reference, so it cannot be reused before it has been read.
+held by an extra reference, so it cannot be reused before it has been read. The step's contract, as in vLLM:
+append the batch, flush the copies, then write the new tokens' K/V (the last sharer of a block writes into
+it in place, and may do so while a copy from it is queued: the copy only moves slots that the copier then
+overwrites with its own token).
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class BlockManager:
         self._stored_tokens = 0  # sum of _fill over used device blocks
         self._logical_blocks = 0  # sum of table lengths of resident sequences
         self._pending = _Pending()
+        self._holds: Counter[int] = Counter()  # references held by queued copies, per source block
 
     # ---- queries -------------------------------------------------------------------------------------
     @property
@@ -224,9 +228,10 @@ class BlockManager:
         self._logical_blocks += len(table)
         return len(hits) * bs
 
-    def _append_need(self, seq: _Sequence) -> bool:
-        """Whether appending to ``seq`` takes a free block (a new block, or a copy of a shared last block)."""
-        return len(seq.token_ids) % self.block_size == 0 or self.allocator.ref_count(seq.block_table[-1]) > 1
+    def _sharers(self, block: int) -> int:
+        """Block tables that hold ``block`` (its references less those of queued copies, which only read it
+        before any new token is written)."""
+        return self.allocator.ref_count(block) - self._holds[block]
 
     def append_slot(self, seq_id: int, token_id: int) -> AppendResult:
         """Append one token: a new block only when the last is full; copy-on-write when the last is shared.
@@ -248,7 +253,7 @@ class BlockManager:
         # times (the last appender to reach it finds ref 1 and writes in place).
         appenders = Counter(s.block_table[-1] for s in seqs if len(s.token_ids) % self.block_size)
         needed = sum(1 for s in seqs if len(s.token_ids) % self.block_size == 0)
-        needed += sum(min(a, self.allocator.ref_count(b) - 1) for b, a in appenders.items())
+        needed += sum(min(a, self._sharers(b) - 1) for b, a in appenders.items())
         if needed > self.allocator.num_free_blocks:
             raise OutOfBlocksError(needed, self.allocator.num_free_blocks, self.num_blocks, "append")
         return [self._append(seq, int(tok)) for seq, tok in zip(seqs, token_ids, strict=True)]
@@ -264,11 +269,12 @@ class BlockManager:
             self._logical_blocks += 1
         else:
             block = seq.block_table[-1]
-            if self.allocator.ref_count(block) > 1:
+            if self._sharers(block) > 1:
                 (new,) = self.allocator.allocate(1, "copy-on-write")
                 # The queued copy holds our reference to the source until it has run.
                 self._pending.src.append(block)
                 self._pending.dst.append(new)
+                self._holds[block] += 1
                 self._fill[new] = self._fill[block]
                 self._stored_tokens += self._fill[new]
                 seq.block_table[-1] = new
@@ -289,6 +295,7 @@ class BlockManager:
         """
         src, dst = self._pending.src, self._pending.dst
         self._pending = _Pending()
+        self._holds.clear()
         if self.cache is not None:
             self.cache.copy_blocks(src, dst)
         for block in src:
@@ -333,7 +340,8 @@ class BlockManager:
         """Cancel queued copies whose destination is about to be released (their data is no longer wanted)."""
         keep = _Pending()
         for s, d in zip(self._pending.src, self._pending.dst, strict=True):
-            if d in blocks and self.allocator.ref_count(d) == 1:
+            if d in blocks and self._sharers(d) == 1:
+                self._holds[s] -= 1
                 self._release(s)
             else:
                 keep.src.append(s)
