@@ -1,0 +1,271 @@
+"""Attention over a KV cache for inference: ``flash_attn_with_kvcache`` and ``write_kv``.
+
+``flash_attn_with_kvcache`` has flash-attn 2.x's signature and semantics: a contiguous cache
+(batch_cache, seqlen_cache, nheads_k, d) or a paged one (num_blocks, block_size, nheads_k, d) with a
+block_table; new k/v appended in place at ``cache_seqlens`` (rotated when rotary_cos/sin are given);
+one to many query tokens per sequence (decode, chunked prefill, speculative verification), aligned
+bottom-right to the sequence's keys. It runs two launches (the cache write, only when k is given, then
+split-KV attention) plus the split combine, none of which reads a device tensor on the host.
+
+``write_kv`` is the block manager's per-layer, per-step scatter of new tokens by slot mapping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import validation as V
+from .backend import select_backend
+
+__all__ = ["flash_attn_with_kvcache", "write_kv"]
+
+
+def _host_values_readable(device: torch.device) -> bool:
+    # Value checks must never synchronise a GPU: only CPU tensors are read on the host.
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_index(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    t = V._check_tensor(name, t)
+    if t.dtype != dtype:
+        raise TypeError(f"{name}.dtype must be {dtype}, got {t.dtype}")
+    if t.dim() != len(shape) or any(
+        want >= 0 and got != want for want, got in zip(shape, t.shape, strict=True)
+    ):
+        want = ", ".join("*" if s < 0 else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape ({want}), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device ({device}), got {t.device}")
+    return t
+
+
+def _check_cache(name: str, cache: object, ref: torch.Tensor, ref_name: str = "q") -> torch.Tensor:
+    cache = V._check_tensor(name, cache)
+    if cache.dim() != 4:
+        raise ValueError(f"{name} must have rank 4 (batch_cache, seqlen_cache, nheads_k, headdim) or "
+                         f"(num_blocks, block_size, nheads_k, headdim), got shape {tuple(cache.shape)}")
+    V.check_last_dim_contiguous(name, cache)
+    V.check_same((ref_name, name), (ref, cache))
+    return cache
+
+
+def _check_rotary(rotary_cos, rotary_sin, k, headdim: int, capacity: int, q: torch.Tensor) -> None:
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is None:
+        return
+    if k is None:
+        raise ValueError("rotary_cos/rotary_sin need the new k and v to append (flash-attn rotates q and k)")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        V._check_tensor(name, t)
+        V.check_dtype(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (seqlen_ro, rotary_dim / 2), got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(f"rotary_sin must have rotary_cos's shape {tuple(rotary_cos.shape)}, "
+                         f"got {tuple(rotary_sin.shape)}")
+    seqlen_ro, half = rotary_cos.shape
+    if not 1 <= 2 * half <= headdim:
+        raise ValueError(f"rotary_cos.shape[1] (rotary_dim / 2) must be in [1, {headdim // 2}], got {half}")
+    if seqlen_ro < capacity:
+        raise ValueError(f"rotary_cos/rotary_sin must have at least the cache's {capacity} positions, "
+                         f"got seqlen_ro = {seqlen_ro}")
+
+
+def _check_cache_seqlens(cache_seqlens, batch: int, seqlen_new: int, capacity: int,
+                         device: torch.device) -> torch.Tensor:
+    """The (batch,) int32 tensor of cache lengths before the append (an int or None becomes one)."""
+    limit = capacity - seqlen_new
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        n = limit if cache_seqlens is None else cache_seqlens
+        if isinstance(n, bool) or not 0 <= n <= limit:
+            raise ValueError(f"cache_seqlens must be in [0, {limit}] (capacity {capacity} minus "
+                             f"{seqlen_new} new tokens), got {cache_seqlens!r}")
+        return torch.full((batch,), n, dtype=torch.int32, device=device)
+    t = _check_index("cache_seqlens", cache_seqlens, (batch,), torch.int32, device)
+    if _host_values_readable(device) and batch > 0:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > limit:
+            raise ValueError(f"cache_seqlens must be in [0, {limit}] (capacity {capacity} minus "
+                             f"{seqlen_new} new tokens), got values in [{lo}, {hi}]")
+    return t
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """Attention of new queries over a KV cache, appending new keys/values to it first (in place).
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim), seqlen_q >= 1. Query i of sequence b sits at key position
+            L - seqlen_q + i, L = cache_seqlens[b] + seqlen_new (bottom-right alignment).
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim) contiguous cache, or with
+            block_table (num_blocks, block_size, nheads_k, headdim) paged cache; nheads % nheads_k == 0.
+        k, v: optional (batch, seqlen_new, nheads_k, headdim), written to the cache at positions
+            cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1 before the attention.
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), needs k and v. k is rotated at its
+            positions; q at cache_seqlens[b] + i when causal or windowed, else at cache_seqlens[b]
+            (flash-attn's rule). Only the first rotary_dim dims are rotated.
+        cache_seqlens: int or int32 (batch,): cache lengths before the append; None = full cache.
+        cache_batch_idx: optional int32 (batch,): cache row of each sequence (contiguous cache only).
+        block_table: optional int32 (batch, max_blocks): pages of each sequence (paged cache).
+        softmax_scale: default 1 / sqrt(headdim).
+        causal, window_size, softcap, alibi_slopes: as in :func:`ioattn.flash_attn_func`.
+        rotary_interleaved: pairs (2j, 2j+1) (GPT-J) if True, else (j, j + rotary_dim / 2) (GPT-NeoX).
+        num_splits: how many key splits (Flash-Decoding); 0 chooses from batch, heads and SM count.
+        return_softmax_lse: also return the log-sum-exp.
+    Returns:
+        out: (batch, seqlen_q, nheads, headdim), q's dtype.
+        softmax_lse (if return_softmax_lse): float32 (batch, nheads, seqlen_q).
+    """
+    V._check_tensor("q", q)
+    if q.dim() != 4:
+        raise ValueError(f"q must have rank 4 (batch, seqlen_q, nheads, headdim), got shape {tuple(q.shape)}")
+    V.check_dtype("q", q)
+    V.check_last_dim_contiguous("q", q)
+    batch, seqlen_q, nheads, headdim = q.shape
+    if seqlen_q < 1:
+        raise ValueError(f"q's seqlen_q must be >= 1, got {seqlen_q}")
+    k_cache = _check_cache("k_cache", k_cache, q)
+    v_cache = _check_cache("v_cache", v_cache, q)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
+                         f"got {tuple(v_cache.shape)}")
+    nheads_k = k_cache.shape[2]
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(f"q's nheads ({nheads}) must be divisible by k_cache's nheads_k ({nheads_k})")
+    if k_cache.shape[3] != headdim:
+        raise ValueError(f"k_cache's headdim must equal q's ({headdim}), got {k_cache.shape[3]}")
+    if not 1 <= headdim <= V.MAX_HEADDIM:
+        raise ValueError(f"headdim must be between 1 and {V.MAX_HEADDIM}, got {headdim}")
+
+    if block_table is not None:
+        block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, q.device)
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx applies to a contiguous cache only, not with block_table")
+        num_blocks, block_size = k_cache.shape[:2]
+        capacity = block_table.shape[1] * block_size
+        if _host_values_readable(q.device) and block_table.numel() > 0:
+            lo, hi = int(block_table.min()), int(block_table.max())
+            if lo < 0 or hi >= num_blocks:
+                raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
+    else:
+        capacity = k_cache.shape[1]
+        rows = k_cache.shape[0]
+        if cache_batch_idx is not None:
+            cache_batch_idx = _check_index("cache_batch_idx", cache_batch_idx, (batch,), torch.int32,
+                                           q.device)
+            if _host_values_readable(q.device) and batch > 0:
+                lo, hi = int(cache_batch_idx.min()), int(cache_batch_idx.max())
+                if lo < 0 or hi >= rows:
+                    raise ValueError(f"cache_batch_idx entries must be in [0, {rows}), got [{lo}, {hi}]")
+        elif rows < batch:
+            raise ValueError(f"k_cache's batch_cache ({rows}) must be >= q's batch ({batch}) "
+                             "without cache_batch_idx")
+
+    seqlen_new = 0
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            V._check_tensor(name, t)
+            V.check_last_dim_contiguous(name, t)
+            V.check_same(("q", name), (q, t))
+            if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != (nheads_k, headdim):
+                raise ValueError(f"{name} must have shape ({batch}, seqlen_new, {nheads_k}, {headdim}), "
+                                 f"got {tuple(t.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        seqlen_new = k.shape[1]
+        if seqlen_new > capacity:
+            raise ValueError(f"k's seqlen_new ({seqlen_new}) exceeds the cache's capacity ({capacity})")
+    _check_rotary(rotary_cos, rotary_sin, k, headdim, capacity, q)
+    seqlens = _check_cache_seqlens(cache_seqlens, batch, seqlen_new, capacity, q.device)
+
+    left, right = V.check_window(window_size)
+    if causal:
+        right = 0
+    V.check_scalars(0.0, softcap, softmax_scale)
+    V.check_alibi(alibi_slopes, batch, nheads, q.device)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
+    if select_backend(q.device) != "triton":
+        raise RuntimeError("flash_attn_with_kvcache runs the Triton kernels only: use CUDA tensors, or "
+                           "TRITON_INTERPRET=1 for CPU tensors")
+
+    from .ops.decode import choose_num_splits, kv_write, kvcache_attention
+
+    if k is not None:
+        kv_write(k, v, k_cache, v_cache, None, seqlens, block_table, cache_batch_idx,
+                 rotary_cos, rotary_sin, bool(rotary_interleaved))
+    if num_splits == 0:
+        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim)
+    rotary_per_row = left >= 0 or right >= 0
+    out, lse = kvcache_attention(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, rotary_cos,
+                                 rotary_sin, alibi_slopes, seqlen_new, scale, left, right, float(softcap),
+                                 bool(rotary_interleaved), rotary_per_row, num_splits)
+    return (out, lse) if return_softmax_lse else out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatters new tokens into a paged KV cache in place, one launch for all of a step's tokens.
+
+    Arguments:
+        k, v: (num_tokens, nheads_k, headdim), the cache's dtype.
+        k_cache, v_cache: (num_blocks, block_size, nheads_k, headdim).
+        slot_mapping: int64 (num_tokens,): token t goes to page slot_mapping[t] // block_size, offset
+            slot_mapping[t] % block_size; a negative slot (padding) is skipped.
+    """
+    for name, t in (("k", k), ("v", v)):
+        V._check_tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (num_tokens, nheads_k, headdim), got {tuple(t.shape)}")
+        V.check_dtype(name, t)
+        V.check_last_dim_contiguous(name, t)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    k_cache = _check_cache("k_cache", k_cache, k, "k")
+    v_cache = _check_cache("v_cache", v_cache, k, "k")
+    V.check_same(("k", "v"), (k, v))
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
+                         f"got {tuple(v_cache.shape)}")
+    if k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"k's (nheads_k, headdim) must match k_cache's {tuple(k_cache.shape[2:])}, "
+                         f"got {tuple(k.shape[1:])}")
+    slot_mapping = _check_index("slot_mapping", slot_mapping, (k.shape[0],), torch.int64, k.device)
+    if _host_values_readable(k.device) and slot_mapping.numel() > 0:
+        slots = k_cache.shape[0] * k_cache.shape[1]
+        if int(slot_mapping.max()) >= slots:
+            raise ValueError(f"slot_mapping entries must be < num_blocks * block_size ({slots}), "
+                             f"got {int(slot_mapping.max())}")
+    if select_backend(k.device) != "triton":
+        raise RuntimeError("write_kv runs the Triton kernel only: use CUDA tensors, or TRITON_INTERPRET=1 "
+                           "for CPU tensors")
+    from .ops.decode import kv_write
+
+    kv_write(k, v, k_cache, v_cache, slot_mapping, None, None, None, None, None, True)

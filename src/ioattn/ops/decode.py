@@ -1,0 +1,205 @@
+"""Launchers and custom ops of KV-cache attention: cache writes, split-KV decode, the split combine.
+
+Arguments arrive validated (``ioattn.kvcache`` checks them). Nothing here reads a device tensor on the
+host: sequence lengths, page tables and slot mappings are read by the kernels, and the split count is
+a function of shapes only, so the ops run under ``torch.compile`` and inside CUDA graphs.
+"""
+
+import functools
+import math
+
+import torch
+import triton
+
+from ..kernels import kv_write as kvw
+from ..kernels.combine import combine_kernel
+from ..kernels.decode import decode_kernel
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one by one: more splits only cost time
+
+
+def decode_tiles(device: torch.device, rows: int, headdim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``rows`` = query heads per group x seqlen_q."""
+    block_m = max(16, triton.next_power_of_2(rows))
+    if device.type != "cuda":
+        return min(block_m, 32), 16, 4, 1
+    block_m = min(block_m, 64)
+    block_n = 64 if headdim <= 128 else 32
+    return block_m, block_n, 4, 3 if block_m <= 32 else 2
+
+
+def choose_num_splits(device: torch.device, batch: int, nheads: int, nheads_k: int, seqlen_q: int,
+                      max_seqlen_k: int, headdim: int) -> int:
+    """Split count from shapes alone (``max_seqlen_k`` is the cache's capacity, never its contents).
+
+    Flash-Decoding's rule: split the keys when (batch, KV head, query block) programs are too few to keep
+    every SM streaming; we aim at four programs per SM, with at least four key tiles per split.
+    """
+    block_m, block_n, _, _ = decode_tiles(device, (nheads // nheads_k) * seqlen_q, headdim)
+    programs = batch * nheads_k * triton.cdiv((nheads // nheads_k) * seqlen_q, block_m)
+    wanted = math.ceil(4 * _sm_count(device) / max(programs, 1))
+    return max(1, min(wanted, triton.cdiv(max_seqlen_k, 4 * block_n), MAX_SPLITS))
+
+
+def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    # Logits in log2 units for exp2 (kernels/common.py): with softcap, tanh takes scale / softcap.
+    if softcap > 0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 0.0
+
+
+def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
+            alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
+            rotary_interleaved, rotary_per_row, num_splits):
+    batch, seqlen_q, nheads, headdim = q.shape
+    nheads_k = k_cache.shape[2]
+    group = nheads // nheads_k
+    block_m, block_n, num_warps, num_stages = decode_tiles(q.device, group * seqlen_q, headdim)
+    block_d = max(16, triton.next_power_of_2(headdim))
+    out = q.new_empty(batch, seqlen_q, nheads, headdim)
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    if num_splits > 1:
+        out_part = torch.empty(num_splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32,
+                               device=q.device)
+        lse_part = torch.empty(num_splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
+        o_strides = out_part.stride()[:4]
+        l_strides = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(3), lse_part.stride(2))
+    else:
+        out_part, lse_part = out, lse
+        o_strides = (0, *out.stride()[:3])
+        l_strides = (0, *lse.stride())
+    qk_scale, softcap2 = _scales(softmax_scale, softcap)
+    paged = block_table is not None
+    rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
+    dummy = cache_seqlens
+    grid = (batch * nheads_k, triton.cdiv(group * seqlen_q, block_m), num_splits)
+    decode_kernel[grid](
+        q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
+        block_table if paged else dummy,
+        cache_batch_idx if cache_batch_idx is not None else dummy,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        rotary_cos if rotary_dim else dummy, rotary_sin if rotary_dim else dummy,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *o_strides, *l_strides,
+        block_table.stride(0) if paged else 0,
+        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        rotary_cos.stride(0) if rotary_dim else 0,
+        nheads_k, seqlen_q, seqlen_new, num_splits,
+        qk_scale, softcap2, window_left, window_right,
+        GROUP=group, HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+        HAS_BATCH_IDX=cache_batch_idx is not None,
+        SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _combine(out_part, lse_part, out, lse)
+    return out, lse
+
+
+def _combine(out_part, lse_part, out, lse):
+    num_splits, batch, seqlen_q, nheads, headdim = out_part.shape
+    block_d = max(16, triton.next_power_of_2(headdim))
+    block_h = min(triton.next_power_of_2(nheads), max(1, 4096 // block_d))
+    grid = (batch * seqlen_q, triton.cdiv(nheads, block_h))
+    combine_kernel[grid](
+        out_part, lse_part, out, lse,
+        *out_part.stride()[:4], *lse_part.stride(),
+        out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
+        seqlen_q, nheads, num_splits,
+        HEADDIM=headdim, BLOCK_H=block_h, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def _kv_write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx,
+              rotary_cos, rotary_sin, rotary_interleaved):
+    if slot_mapping is not None:
+        # (num_tokens, nheads_k, d) seen as one sequence of num_tokens new tokens.
+        k, v = k.unsqueeze(0), v.unsqueeze(0)
+        addressing = kvw.SLOT_MAPPING.value
+    else:
+        addressing = (kvw.APPEND_PAGED if block_table is not None else kvw.APPEND_CONTIGUOUS).value
+    batch, seqlen_new, nheads_k, headdim = k.shape
+    if batch * seqlen_new == 0:
+        return
+    block_d = max(16, triton.next_power_of_2(headdim))
+    block_h = min(triton.next_power_of_2(nheads_k), max(1, 4096 // block_d))
+    rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
+    paged = addressing != kvw.APPEND_CONTIGUOUS.value
+    dummy = k_cache
+    grid = (batch * seqlen_new, triton.cdiv(nheads_k, block_h))
+    kvw.kv_write_kernel[grid](
+        k, v, k_cache, v_cache,
+        slot_mapping if slot_mapping is not None else dummy,
+        cache_seqlens if cache_seqlens is not None else dummy,
+        block_table if block_table is not None else dummy,
+        cache_batch_idx if cache_batch_idx is not None else dummy,
+        rotary_cos if rotary_dim else dummy, rotary_sin if rotary_dim else dummy,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0) if block_table is not None else 0,
+        rotary_cos.stride(0) if rotary_dim else 0,
+        seqlen_new, nheads_k,
+        HEADDIM=headdim, BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+        ADDRESSING=addressing, HAS_BATCH_IDX=cache_batch_idx is not None,
+        ROTARY_DIM=rotary_dim, INTERLEAVED=rotary_interleaved, num_warps=4,
+    )
+
+
+@torch.library.custom_op("ioattn::kvcache_attention", mutates_args=())
+def kvcache_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None, cache_batch_idx: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, seqlen_new: int, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
+    rotary_per_row: bool, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (batch, seqlen_q, nheads, d) over the first ``cache_seqlens[b] + seqlen_new`` cache
+    positions of each sequence; returns out like q and lse float32 (batch, nheads, seqlen_q)."""
+    return _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
+                   alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
+                   rotary_interleaved, rotary_per_row, num_splits)
+
+
+@kvcache_attention.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
+      alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap, rotary_interleaved,
+      rotary_per_row, num_splits):
+    batch, seqlen_q, nheads, _ = q.shape
+    return torch.empty_like(q), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("ioattn::kv_write", mutates_args=("k_cache", "v_cache"))
+def kv_write(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
+    block_table: torch.Tensor | None, cache_batch_idx: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None, rotary_interleaved: bool,
+) -> None:
+    """Writes new K/V tokens into the caches in place: by ``slot_mapping`` (k, v: (num_tokens, nheads_k, d))
+    or appended at ``cache_seqlens`` (k, v: (batch, seqlen_new, nheads_k, d)), rotating k when cos/sin
+    are given."""
+    _kv_write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx,
+              rotary_cos, rotary_sin, rotary_interleaved)
+
+
+@kv_write.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx, rotary_cos,
+      rotary_sin, rotary_interleaved):
+    return None
