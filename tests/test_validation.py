@@ -87,7 +87,7 @@ def test_mixed_devices_named():
         ("cu_q", lambda cu: torch.tensor([1, 3, 8], dtype=torch.int32), ValueError, ["cu_seqlens_q[0]", "1"]),
         ("cu_k", lambda cu: torch.tensor([0, 4, 7], dtype=torch.int32), ValueError,
          ["cu_seqlens_k[-1]", "6", "7"]),
-        ("cu_k", lambda cu: torch.tensor([0, 6], dtype=torch.int32), ValueError, ["2 sequences", "1"]),
+        ("cu_k", lambda cu: torch.tensor([0, 2, 4, 6], dtype=torch.int32), ValueError, ["2 sequences", "3"]),
         ("cu_q", lambda cu: cu.view(1, -1), ValueError, ["cu_seqlens_q", "1-D"]),
         ("max_q", lambda m: 4, ValueError, ["max_seqlen", "5", "4"]),
     ],

@@ -64,7 +64,7 @@ def allowed_mask(
 
 def alibi_bias(alibi_slopes: torch.Tensor, batch: int, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """ALiBi bias (batch, nheads, seqlen_q, seqlen_k): ``-slope * |i + seqlen_k - seqlen_q - j|``."""
-    slopes = alibi_slopes.to(torch.float64 if alibi_slopes.dtype == torch.float64 else torch.float32)
+    slopes = alibi_slopes.double()
     if slopes.dim() == 1:
         slopes = slopes.unsqueeze(0).expand(batch, -1)
     row = torch.arange(seqlen_q, device=slopes.device).view(-1, 1) + (seqlen_k - seqlen_q)
