@@ -39,7 +39,7 @@ class ToleranceResult:
 def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Max |x - ref| in float64; positions where both are -inf (empty rows' lse) count as equal.
     NaN anywhere in ``x`` gives inf, so an unwritten (NaN-poisoned) element always fails."""
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().double(), ref.detach().double()
     if x.shape != ref.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
     if x.numel() == 0:
