@@ -172,8 +172,10 @@ def validate_document(doc: object) -> None:
 def make_document(meta: dict[str, str], rows: Sequence[dict]) -> dict:
     """The results document: metadata then rows with their keys in schema order and floats as floats."""
     ordered = []
-    for row in rows:
+    for i, row in enumerate(rows):
         schema = layout_for_mode(row["mode"]).schema
+        if set(row) != set(schema):
+            raise ValueError(f"rows[{i}] keys must be {sorted(schema)}, got {sorted(row)}")
         ordered.append({k: float(row[k]) if t is float else row[k] for k, t in schema.items()})
     doc = {k: meta[k] for k in DOC_SCHEMA if k != "rows"}
     doc["rows"] = ordered

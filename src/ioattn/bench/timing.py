@@ -42,14 +42,13 @@ def _median_ms_cpu(fn: Callable[[], object], budget: TimingBudget,
                    grad_to_none: Sequence[torch.Tensor] | None) -> float:
     _reset_grads(grad_to_none)
     fn()
+    _reset_grads(grad_to_none)
     start = time.perf_counter()
-    for _ in range(3):
-        _reset_grads(grad_to_none)
-        fn()
-    estimate_ms = max((time.perf_counter() - start) * 1e3 / 3, 1e-6)
-    n_warmup = max(1, int(budget.warmup_ms / estimate_ms))
+    fn()
+    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-6)
+    n_warmup = min(_CPU_MAX_REPEATS, int(budget.warmup_ms / estimate_ms))
     n_repeat = min(_CPU_MAX_REPEATS, max(_CPU_MIN_REPEATS, int(budget.rep_ms / estimate_ms)))
-    for _ in range(min(n_warmup, _CPU_MAX_REPEATS)):
+    for _ in range(n_warmup):
         _reset_grads(grad_to_none)
         fn()
     times = []
