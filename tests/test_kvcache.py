@@ -1,0 +1,316 @@
+"""flash_attn_with_kvcache against attention_ref on the gathered cache.
+
+Every unused cache slot (past a sequence's length, pages no sequence owns, cache rows no sequence uses)
+holds NaN, so a kernel that reads one fails; the slots the append must write start as NaN too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+from ioattn.kvcache import flash_attn_with_kvcache
+from ioattn.ops.decode import choose_num_splits
+from ioattn.reference import attention_ref
+from ioattn.testing import make_alibi, tolerance_check
+
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+# CPU (interpreter) sizes stay small; the GPU runs the same cases at realistic lengths and head dims.
+HEADDIM = 128 if ON_GPU else 40
+LONG = 1500 if ON_GPU else 61
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, interleaved: bool):
+    """Reference rotary: x (seqlen, nheads, d) rotated at positions pos (seqlen,), in float32."""
+    half = cos.shape[1]
+    c, s = cos[pos].float()[:, None, :], sin[pos].float()[:, None, :]
+    xf = x.float()
+    rot, rest = xf[..., : 2 * half], xf[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((out, rest), dim=-1).to(x.dtype)
+
+
+def build_cache(lens_after, nheads_k, d, dtype, block_size, batch_cache_extra=0, seed=0):
+    """NaN-filled cache plus its addressing. block_size 0 = contiguous. Returns (k_cache, v_cache,
+    block_table or None, cache_batch_idx or None, locate) where locate(b, pos) -> cache index tuple."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(lens_after)
+    if block_size == 0:
+        capacity = max(lens_after) + 5
+        rows = batch + batch_cache_extra
+        shape = (rows, capacity, nheads_k, d)
+        idx = torch.randperm(rows, generator=gen)[:batch].to(torch.int32) if batch_cache_extra else None
+        row_of = idx.tolist() if idx is not None else list(range(batch))
+        k_cache = torch.full(shape, float("nan"), dtype=dtype)
+        v_cache = torch.full(shape, float("nan"), dtype=dtype)
+        return k_cache, v_cache, None, idx, (lambda b, pos: (row_of[b], pos))
+    max_blocks = math.ceil(max(lens_after) / block_size) + 1
+    needed = [math.ceil(n / block_size) for n in lens_after]
+    num_blocks = sum(needed) + 3
+    pages = torch.randperm(num_blocks, generator=gen).tolist()
+    table = torch.full((batch, max_blocks), pages[-1], dtype=torch.int32)  # spare NaN page
+    it = iter(pages)
+    for b, n in enumerate(needed):
+        for j in range(n):
+            table[b, j] = next(it)
+    k_cache = torch.full((num_blocks, block_size, nheads_k, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    locate = lambda b, pos: (int(table[b, pos // block_size]), pos % block_size)
+    return k_cache, v_cache, table, None, locate
+
+
+def run_case(*, lens, seqlen_q, nheads, nheads_k, dtype, block_size, seqlen_new=0, causal=False,
+             window_size=(-1, -1), softcap=0.0, alibi=None, rotary=None, num_splits=1, batch_cache_extra=0,
+             int_seqlens=False, d=HEADDIM, seed=0):
+    """Builds the case, runs it, checks out and lse against attention_ref (tolerance rule) and the cache
+    contents after the append. rotary: None or (rotary_dim, interleaved)."""
+    torch.manual_seed(seed)
+    batch = len(lens)
+    lens_after = [n + seqlen_new for n in lens]
+    k_cache, v_cache, table, batch_idx, locate = build_cache(lens_after, nheads_k, d, dtype, block_size,
+                                                             batch_cache_extra, seed)
+    k_old = [torch.randn(n, nheads_k, d).to(dtype) for n in lens]
+    v_old = [torch.randn(n, nheads_k, d).to(dtype) for n in lens]
+    for b, n in enumerate(lens):
+        for pos in range(n):
+            k_cache[locate(b, pos)] = k_old[b][pos]
+            v_cache[locate(b, pos)] = v_old[b][pos]
+    q = torch.randn(batch, seqlen_q, nheads, d).to(dtype)
+    k_new = torch.randn(batch, seqlen_new, nheads_k, d).to(dtype) if seqlen_new else None
+    v_new = torch.randn(batch, seqlen_new, nheads_k, d).to(dtype) if seqlen_new else None
+    cos = sin = None
+    if rotary is not None:
+        rotary_dim, interleaved = rotary
+        angles = torch.rand(k_cache.shape[1] * (table.shape[1] if table is not None else 1), rotary_dim // 2)
+        cos, sin = (angles * 6).cos().to(dtype), (angles * 6).sin().to(dtype)
+    slopes = make_alibi(batch, nheads, per_batch=alibi == "batch") if alibi else None
+    cache_seqlens = lens[0] if int_seqlens else torch.tensor(lens, dtype=torch.int32)
+
+    nan_before = int(torch.isnan(k_cache).sum())
+    dev = lambda t: None if t is None else t.to(DEVICE)
+    k_cache_d, v_cache_d = dev(k_cache), dev(v_cache)
+    out, lse = flash_attn_with_kvcache(
+        dev(q), k_cache_d, v_cache_d, k=dev(k_new), v=dev(v_new), rotary_cos=dev(cos), rotary_sin=dev(sin),
+        cache_seqlens=cache_seqlens if int_seqlens else dev(cache_seqlens), cache_batch_idx=dev(batch_idx),
+        block_table=dev(table), causal=causal, window_size=window_size, softcap=softcap,
+        rotary_interleaved=rotary[1] if rotary else True, alibi_slopes=dev(slopes), num_splits=num_splits,
+        return_softmax_lse=True)
+    out, lse, k_cache_d, v_cache_d = out.cpu(), lse.cpu(), k_cache_d.cpu(), v_cache_d.cpu()
+    assert out.shape == q.shape and lse.shape == (batch, nheads, seqlen_q) and lse.dtype == torch.float32
+
+    outs = {True: [], False: []}
+    lses = {True: [], False: []}
+    for b in range(batch):
+        k_b, v_b = k_old[b], v_old[b]
+        q_b = q[b]
+        if seqlen_new:
+            kn = k_new[b]
+            if rotary is not None:
+                kn = rotate(kn, cos, sin, torch.arange(lens[b], lens_after[b]), rotary[1])
+                per_row = causal or window_size != (-1, -1)
+                q_pos = torch.arange(seqlen_q) + lens[b] if per_row else torch.full((seqlen_q,), lens[b])
+                q_b = rotate(q_b, cos, sin, q_pos, rotary[1])
+            # The append wrote exactly these values, and nothing of the old contents changed.
+            got_k = torch.stack([k_cache_d[locate(b, p)] for p in range(lens_after[b])])
+            got_v = torch.stack([v_cache_d[locate(b, p)] for p in range(lens_after[b])])
+            torch.testing.assert_close(got_k[: lens[b]], k_b, rtol=0, atol=0)
+            atol = 1e-2 if dtype != torch.float32 else 1e-5  # one rounding of the rotated keys
+            torch.testing.assert_close(got_k[lens[b]:], kn, rtol=0, atol=atol)
+            torch.testing.assert_close(got_v, torch.cat((v_b, v_new[b])), rtol=0, atol=0)
+            k_b, v_b = torch.cat((k_b, kn)), torch.cat((v_b, v_new[b]))
+        s_b = None if slopes is None else (slopes[b] if slopes.dim() == 2 else slopes)
+        for upcast in (True, False):
+            o, l = attention_ref(q_b[None], k_b[None], v_b[None], causal=causal, window_size=window_size,
+                                 softcap=softcap, alibi_slopes=s_b, upcast=upcast)
+            outs[upcast].append(o[0])
+            lses[upcast].append(l[0])
+    floor = 1e-5 if dtype == torch.float32 else 1e-4
+    res_out = tolerance_check(out, torch.stack(outs[True]), torch.stack(outs[False]), floor=floor, name="out")
+    res_lse = tolerance_check(lse, torch.stack(lses[True]), torch.stack(lses[False]), floor=1e-4, name="lse")
+    print(res_out)
+    print(res_lse)
+    assert res_out.ok, res_out
+    assert res_lse.ok, res_lse
+    # The unused slots were never written: as many NaN as before, less the appended ones.
+    appended = batch * seqlen_new * nheads_k * d
+    assert int(torch.isnan(k_cache_d).sum()) == nan_before - appended
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_contiguous(dtype, group):
+    nheads_k = 2 if ON_GPU else 1
+    run_case(lens=[LONG, 1, 17], seqlen_q=1, nheads=group * nheads_k, nheads_k=nheads_k, dtype=dtype,
+             block_size=0, num_splits=1)
+
+
+# Every block size and GQA ratio on CPU; their full product on the GPU.
+PAGED_CASES = ([(b, g) for b in (1, 16, 256) for g in (1, 4, 8)] if ON_GPU
+               else [(1, 4), (16, 1), (16, 8), (256, 4)])
+
+
+@pytest.mark.parametrize("block_size, group", PAGED_CASES)
+def test_decode_paged(block_size, group):
+    run_case(lens=[LONG - 4, 7, 33], seqlen_q=1, nheads=group * 2, nheads_k=2, dtype=torch.float16,
+             block_size=block_size, num_splits=2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0, 16])
+def test_split_kv(num_splits):
+    # 16 splits leave most splits without keys: they must weigh nothing in the combine.
+    run_case(lens=[LONG, 23], seqlen_q=1, nheads=4, nheads_k=1, dtype=torch.float32, block_size=16,
+             num_splits=num_splits)
+
+
+@pytest.mark.parametrize("block_size, interleaved, causal", [
+    (0, True, True), (16, False, True), (16, True, False), (0, False, False)])
+def test_append_with_rotary(block_size, interleaved, causal):
+    # Speculative verification: 4 new tokens appended and queried, rotary on the first 24 dims only.
+    run_case(lens=[LONG - 7, 0, 9], seqlen_q=4, seqlen_new=4, nheads=8, nheads_k=2, dtype=torch.float16,
+             block_size=block_size, causal=causal, rotary=(24, interleaved), num_splits=2,
+             batch_cache_extra=2 if block_size == 0 else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[::2])
+def test_chunked_prefill_causal(dtype):
+    # 19 new query tokens x 4 heads per group span several query blocks of the packed tile.
+    seqlen_q = 100 if ON_GPU else 19
+    run_case(lens=[LONG - 30, 5], seqlen_q=seqlen_q, seqlen_new=seqlen_q, nheads=8, nheads_k=2, dtype=dtype,
+             block_size=16, causal=True, num_splits=2)
+
+
+def test_window_and_empty_rows():
+    # A sequence with an empty cache and no append has no key at all: output 0, lse -inf.
+    out, lse = run_case(lens=[LONG, 0, 40], seqlen_q=3, nheads=4, nheads_k=2, dtype=torch.float32,
+                        block_size=16, window_size=(9, 0), num_splits=2)
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+
+
+@pytest.mark.parametrize("alibi", ["heads", "batch"])
+def test_softcap_alibi(alibi):
+    run_case(lens=[LONG, 19], seqlen_q=2, nheads=4, nheads_k=2, dtype=torch.float32, block_size=0,
+             softcap=5.0, alibi=alibi, causal=True, num_splits=2)
+
+
+def test_int_cache_seqlens_and_batch_idx():
+    run_case(lens=[29, 29, 29], seqlen_q=1, seqlen_new=1, nheads=4, nheads_k=4, dtype=torch.float32,
+             block_size=0, int_seqlens=True, batch_cache_extra=3, num_splits=0)
+
+
+def test_num_splits_heuristic_uses_shapes_only():
+    cpu = torch.device("cpu")
+    assert choose_num_splits(cpu, 256, 32, 8, 1, 1 << 16, 128) == 1
+    assert choose_num_splits(cpu, 1, 32, 8, 1, 1 << 16, 128) == 1  # one program per SM on CPU
+    if ON_GPU:
+        gpu = torch.device("cuda")
+        assert choose_num_splits(gpu, 1, 32, 8, 1, 1 << 16, 128) > 8
+        assert choose_num_splits(gpu, 256, 32, 8, 1, 1024, 128) == 1
+        assert choose_num_splits(gpu, 1, 32, 8, 1, 64, 128) == 1  # too few keys to split
+
+
+def test_torch_compile_fullgraph():
+    dtype = torch.float32
+    lens = [13, 6]
+    k_cache, v_cache, table, _, _ = build_cache([n + 1 for n in lens], 2, 32, dtype, 16)
+    for b, n in enumerate(lens):
+        for pos in range(n):
+            k_cache[table[b, pos // 16], pos % 16] = torch.randn(2, 32)
+            v_cache[table[b, pos // 16], pos % 16] = torch.randn(2, 32)
+    q, k, v = torch.randn(2, 1, 4, 32), torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32)
+    args = [t.to(DEVICE) for t in (q, k, v, torch.tensor(lens, dtype=torch.int32), table)]
+
+    def step(q, k, v, seqlens, table, k_cache, v_cache):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens,
+                                       block_table=table, causal=True, num_splits=2)
+
+    kc_eager, vc_eager = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    kc_comp, vc_comp = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    ref = step(*args, kc_eager, vc_eager)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    got = compiled(*args, kc_comp, vc_comp)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # The in-place append survives functionalization.
+    torch.testing.assert_close(kc_comp, kc_eager, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(vc_comp, vc_eager, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_reads_new_lengths():
+    dtype = torch.bfloat16
+    lens = [300, 41]
+    k_cache, v_cache, table, _, locate = build_cache([700, 700], 2, 128, dtype, 16)
+    k_all = torch.randn(2, 700, 2, 128).to(dtype)
+    v_all = torch.randn(2, 700, 2, 128).to(dtype)
+    for b in range(2):
+        for pos in range(700):
+            k_cache[locate(b, pos)] = k_all[b, pos]
+            v_cache[locate(b, pos)] = v_all[b, pos]
+    q = torch.randn(2, 1, 8, 128).to(dtype).cuda()
+    k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    run = lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for new_lens in ([300, 41], [699, 1], [5, 650]):
+        seqlens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        for b, n in enumerate(new_lens):
+            ref, _ = attention_ref(q[b:b + 1].cpu(), k_all[b:b + 1, :n], v_all[b:b + 1, :n])
+            base, _ = attention_ref(q[b:b + 1].cpu(), k_all[b:b + 1, :n], v_all[b:b + 1, :n], upcast=False)
+            res = tolerance_check(out[b:b + 1].cpu(), ref, base, floor=1e-4)
+            print(new_lens, b, res)
+            assert res.ok, res
+
+
+def _args():
+    q = torch.randn(2, 1, 4, 16)
+    cache = torch.randn(2, 32, 2, 16)
+    return q, cache, cache.clone()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=torch.randn(2, 4, 16)), "q must have rank 4"),
+    (dict(q=torch.randn(2, 0, 4, 16)), "seqlen_q must be >= 1"),
+    (dict(k_cache=torch.randn(2, 32, 3, 16), v_cache=torch.randn(2, 32, 3, 16)),
+     "divisible by k_cache's nheads_k"),
+    (dict(v_cache=torch.randn(2, 31, 2, 16)), "v_cache must have k_cache's shape"),
+    (dict(k_cache=torch.randn(2, 32, 2, 16).half()), "k_cache.dtype must equal q.dtype"),
+    (dict(cache_seqlens=33), "cache_seqlens must be in"),
+    (dict(cache_seqlens=torch.tensor([1, 2])), "cache_seqlens.dtype must be torch.int32"),
+    (dict(cache_seqlens=torch.tensor([1, 40], dtype=torch.int32)), "cache_seqlens must be in"),
+    (dict(cache_seqlens=torch.tensor([1], dtype=torch.int32)), r"cache_seqlens must have shape \(2\)"),
+    (dict(block_table=torch.zeros(2, 2, dtype=torch.int64)), "block_table.dtype must be torch.int32"),
+    (dict(block_table=torch.full((2, 2), 5, dtype=torch.int32)), "block_table entries must be in"),
+    (dict(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)), "cache_batch_idx entries must be in"),
+    (dict(k=torch.randn(2, 1, 2, 16)), "k and v must be given together"),
+    (dict(k=torch.randn(2, 1, 4, 16), v=torch.randn(2, 1, 4, 16)),
+     r"k must have shape \(2, seqlen_new, 2, 16\)"),
+    (dict(rotary_cos=torch.randn(32, 4), rotary_sin=torch.randn(32, 4)), "need the new k and v"),
+    (dict(k=torch.randn(2, 1, 2, 16), v=torch.randn(2, 1, 2, 16), rotary_cos=torch.randn(8, 4),
+          rotary_sin=torch.randn(8, 4)), "at least the cache's 32 positions"),
+    (dict(window_size=(-2, 0)), "window_size left must be >= -1"),
+    (dict(softcap=-1.0), "softcap must be >= 0"),
+    (dict(num_splits=-1), "num_splits must be an int >= 0"),
+    (dict(alibi_slopes=torch.rand(3)), "alibi_slopes must have shape"),
+])
+def test_validation_names_the_argument(change, match):
+    q, k_cache, v_cache = _args()
+    kwargs = dict(q=q, k_cache=k_cache, v_cache=v_cache)
+    kwargs.update(change)
+    if "block_table" in change:
+        kwargs["k_cache"], kwargs["v_cache"] = torch.randn(4, 16, 2, 16), torch.randn(4, 16, 2, 16)
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_attn_with_kvcache(**kwargs)
