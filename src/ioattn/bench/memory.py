@@ -13,7 +13,8 @@ How memory is measured:
   which every method shares. ``tests/test_chunked.py`` checks it against the arithmetic: standard
   attention's forward must hold at least two (N, N) float32 matrices.
 
-Time is measured separately, without the profiler: the median of ``repeats`` calls after one warm-up.
+Time is measured separately, without the profiler: the median of ``repeats`` calls after the memory
+measurement's call, which serves as the warm-up.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _call(method: str, mode: str, q, k, v, dout) -> Callable[[], None]:
     return run
 
 
-def _available_bytes(device: torch.device) -> int:
+def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
@@ -109,15 +110,21 @@ def _available_bytes(device: torch.device) -> int:
     raise RuntimeError("MemAvailable not found in /proc/meminfo")
 
 
-def _standard_estimate(seqlen: int, heads: int, elem: int, mode: str) -> int:
+def standard_estimate(seqlen: int, heads: int, elem: int, mode: str) -> int:
     # Forward holds scores, the softmax and an einsum copy (3 N x N); the backward adds about two more.
     return (3 if mode == "fwd" else 5) * heads * seqlen * seqlen * elem
 
 
-def _timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fn: Callable[[], None], device: torch.device, repeats: int, *, warmup: bool = True,
+          slow_seconds: float = 5.0) -> float:
+    """Median seconds of up to ``repeats`` calls of ``fn`` after one warm-up call (``warmup``); a call
+    slower than ``slow_seconds`` is timed once."""
+    if warmup:
+        fn()
+    times: list[float] = []
     for _ in range(repeats):
+        if times and times[0] > slow_seconds:
+            break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -138,12 +145,16 @@ def run_memory_experiment(
     progress: bool = True,
     repeats: int = 3,
     methods: tuple[str, ...] = METHODS,
+    max_call_seconds: float = 120.0,
 ) -> list[dict]:
     """Measures peak memory (bytes beyond the inputs) and median time per (seqlen, mode, method).
 
     Standard attention is skipped, with a message, where its (N, N) matrices would not fit in the memory
-    available now; the others run at every length. Inputs are (1, seqlen, heads, headdim).
-    Returns one dict per measurement: seqlen, mode, method, peak_bytes, seconds (None where skipped).
+    available now. Any method is skipped, with a message, where one call would take longer than
+    ``max_call_seconds``, predicted from its time at the previous length times the quadratic growth.
+    Inputs are (1, seqlen, heads, headdim).
+    Returns one dict per measurement: seqlen, mode, method, heads, headdim, peak_bytes, seconds, skipped
+    (None, or why it was skipped).
     """
     device = torch.device(device)
     elem = torch.empty((), dtype=dtype).element_size()
@@ -154,16 +165,25 @@ def run_memory_experiment(
         tqdm = None
     bar = tqdm(jobs, desc="memory", disable=not progress) if tqdm is not None else jobs
     rows = []
+    last: dict[tuple[str, str], tuple[int, float]] = {}  # (mode, method) -> (seqlen, seconds)
     for n, mode, method in bar:
         if tqdm is not None:
             bar.set_postfix_str(f"N={n} {mode} {method}")
         row = {"seqlen": n, "mode": mode, "method": method, "heads": heads, "headdim": headdim,
                "peak_bytes": None, "seconds": None, "skipped": None}
         if method == "standard":
-            need, avail = _standard_estimate(n, heads, elem, mode), _available_bytes(device)
+            need, avail = standard_estimate(n, heads, elem, mode), available_bytes(device)
             if need > 0.7 * avail:
                 row["skipped"] = f"needs ~{need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available"
                 print(f"skip standard {mode} N={n}: {row['skipped']}", file=sys.stderr)
+                rows.append(row)
+                continue
+        if (mode, method) in last:
+            prev_n, prev_s = last[(mode, method)]
+            predicted = prev_s * (n / prev_n) ** 2
+            if predicted > max_call_seconds:
+                row["skipped"] = f"one call would take ~{predicted:.0f} s (limit {max_call_seconds:.0f} s)"
+                print(f"skip {method} {mode} N={n}: {row['skipped']}", file=sys.stderr)
                 rows.append(row)
                 continue
         gen = torch.Generator().manual_seed(n)
@@ -173,7 +193,8 @@ def run_memory_experiment(
             t.requires_grad_(mode == "fwdbwd")
         fn = _call(method, mode, q, k, v, dout)
         row["peak_bytes"] = peak_memory_bytes(fn, device)
-        row["seconds"] = _timed(fn, device, repeats)
+        row["seconds"] = timed(fn, device, repeats, warmup=False)  # the profiled call was the warm-up
+        last[(mode, method)] = (n, row["seconds"])
         rows.append(row)
         del q, k, v, dout, fn
     return rows
@@ -203,7 +224,7 @@ def format_table(rows: list[dict]) -> str:
     for n, mode in keys:
         by = {r["method"]: r for r in rows if r["seqlen"] == n and r["mode"] == mode}
         mem = [_mib(by[m]["peak_bytes"]) if m in by else "-" for m in methods]
-        sec = [f"{by[m]['seconds']:.3f}" if m in by and by[m]["seconds"] is not None else "-"
+        sec = [f"{by[m]['seconds']:.4g}" if m in by and by[m]["seconds"] is not None else "-"
                for m in methods]
         ratio = ratios(rows, n).get(mode)
         cells = [str(n), mode] + mem + sec + [f"{ratio:.1f}x" if ratio else "-"]
@@ -232,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-call-seconds", type=float, default=120.0,
+                        help="skip a method where one call is predicted to take longer")
     parser.add_argument("--json", metavar="PATH", help="write metadata and rows as JSON")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = run_memory_experiment(args.seqlens, heads=args.heads, headdim=args.headdim, device=device,
-                                 progress=not args.no_progress, repeats=args.repeats)
+                                 progress=not args.no_progress, repeats=args.repeats,
+                                 max_call_seconds=args.max_call_seconds)
     print(format_table(rows))
     for n in args.seqlens:
         r = ratios(rows, n)
