@@ -1,0 +1,162 @@
+"""``ioattn check``: every public function on a device against the float64 reference, with the tolerance
+rule of the test suite (ours within 2x of PyTorch's same-dtype error for outputs, 3x for gradients, plus
+a floor). Prints a table and returns non-zero if anything fails."""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import interface as api
+from .chunked import memory_efficient_attention
+from .dropout import draw_seed
+from .reference import attention_ref
+from .testing import GRAD_FACTOR, OUT_FACTOR, ToleranceResult, dropout_mask_for_call, make_cu_seqlens, tolerance_check
+
+Case = Callable[[torch.device, torch.dtype], Iterator[ToleranceResult]]
+FLOOR = 1e-4
+
+
+def _qkv(b, sq, sk, h, hk, d, dtype, device, grad=False):
+    return tuple(torch.randn(b, s, n, d, device=device, dtype=dtype).requires_grad_(grad)
+                 for s, n in ((sq, h), (sk, hk), (sk, hk)))
+
+
+def _compare(name, ours, q, k, v, factor=OUT_FACTOR, **ref_kwargs) -> ToleranceResult:
+    ref, _ = attention_ref(q, k, v, upcast=True, **ref_kwargs)
+    base, _ = attention_ref(q, k, v, upcast=False, **ref_kwargs)
+    return tolerance_check(ours, ref, base, factor=factor, floor=FLOOR, name=name)
+
+
+def case_dense(device, dtype):
+    options = [
+        ("plain", {}),
+        ("causal sq<sk", {"causal": True}),
+        ("window (8, 3)", {"window_size": (8, 3)}),
+        ("softcap 5", {"softcap": 5.0}),
+        ("alibi", {"alibi_slopes": torch.rand(4, device=device) * 0.3}),
+    ]
+    for label, kw in options:
+        q, k, v = _qkv(2, 77, 91, 4, 2, 64, dtype, device)
+        yield _compare(f"flash_attn_func {label}", api.flash_attn_func(q, k, v, **kw), q, k, v, **kw)
+
+
+def case_grad(device, dtype):
+    for causal in (False, True):
+        q, k, v = _qkv(1, 65, 65, 4, 1, 64, dtype, device, grad=True)
+        dout = torch.randn_like(q)
+        grads = torch.autograd.grad(api.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout)
+        ref = torch.autograd.grad(attention_ref(q, k, v, causal=causal, upcast=True)[0], (q, k, v), dout)
+        base = torch.autograd.grad(attention_ref(q, k, v, causal=causal, upcast=False)[0], (q, k, v), dout)
+        for n, g, r, bgrad in zip("qkv", grads, ref, base):
+            yield tolerance_check(g, r, bgrad, factor=GRAD_FACTOR, floor=FLOOR,
+                                  name=f"flash_attn_func d{n} causal={causal} (MQA)")
+
+
+def case_dropout(device, dtype):
+    q, k, v = _qkv(2, 40, 40, 2, 2, 32, dtype, device)
+    state = torch.get_rng_state()
+    seed = draw_seed()
+    torch.set_rng_state(state)  # the call draws the same seed
+    out = api.flash_attn_func(q, k, v, dropout_p=0.2)
+    mask = dropout_mask_for_call(seed, 2, 2, 40, 40, 0.2, device)
+    yield _compare("flash_attn_func dropout 0.2", out, q, k, v, dropout_p=0.2, dropout_mask=mask)
+
+
+def case_varlen(device, dtype):
+    lens_q, lens_k = [5, 0, 33, 17], [9, 4, 33, 40]
+    h, d = 4, 64
+    q = torch.randn(sum(lens_q), h, d, device=device, dtype=dtype)
+    kv = torch.randn(sum(lens_k), 2, h, d, device=device, dtype=dtype)
+    cu_q, cu_k = make_cu_seqlens(lens_q, device), make_cu_seqlens(lens_k, device)
+    out = api.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
+    out2 = api.flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
+    refs, bases = [], []
+    for b in range(len(lens_q)):
+        qs = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
+        ks, vs = (kv[cu_k[b]:cu_k[b + 1], i].unsqueeze(0) for i in (0, 1))
+        refs.append(attention_ref(qs, ks, vs, causal=True)[0][0])
+        bases.append(attention_ref(qs, ks, vs, causal=True, upcast=False)[0][0])
+    ref, base = torch.cat(refs), torch.cat(bases)
+    yield tolerance_check(out, ref, base, floor=FLOOR, name="flash_attn_varlen_kvpacked_func causal")
+    yield tolerance_check(out2, ref, base, floor=FLOOR, name="flash_attn_varlen_func causal")
+    qkv = torch.randn(sum(lens_k), 3, h, d, device=device, dtype=dtype)
+    out3 = api.flash_attn_varlen_qkvpacked_func(qkv, cu_k, max(lens_k))
+    refs = [attention_ref(*(qkv[cu_k[b]:cu_k[b + 1], i].unsqueeze(0) for i in range(3)), upcast=up)[0][0]
+            for up in (True, False) for b in range(len(lens_k))]
+    n = len(lens_k)
+    yield tolerance_check(out3, torch.cat(refs[:n]), torch.cat(refs[n:]), floor=FLOOR,
+                          name="flash_attn_varlen_qkvpacked_func")
+
+
+def case_packed(device, dtype):
+    qkv = torch.randn(2, 50, 3, 4, 64, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    yield _compare("flash_attn_qkvpacked_func causal", api.flash_attn_qkvpacked_func(qkv, causal=True), q, k, v,
+                   causal=True)
+    kv = torch.randn(2, 70, 2, 2, 64, device=device, dtype=dtype)
+    yield _compare("flash_attn_kvpacked_func", api.flash_attn_kvpacked_func(q, kv), q, kv[:, :, 0], kv[:, :, 1])
+
+
+def case_memory_efficient(device, dtype):
+    q, k, v = _qkv(1, 300, 300, 2, 1, 64, dtype, device)
+    out = memory_efficient_attention(q, k, v, causal=True, query_chunk_size=128, key_chunk_size=64)
+    yield _compare("memory_efficient_attention causal", out, q, k, v, causal=True)
+
+
+def case_kvcache(device, dtype):
+    from .kvcache import flash_attn_with_kvcache
+
+    b, h, hk, d, block = 3, 8, 2, 64, 16
+    lens = [1, 37, 64]
+    cache_k = torch.randn(b, 80, hk, d, device=device, dtype=dtype)
+    cache_v = torch.randn(b, 80, hk, d, device=device, dtype=dtype)
+    q = torch.randn(b, 1, h, d, device=device, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=seqlens)
+    # The same cache, paged: sequence b's blocks at shuffled physical positions.
+    nblk = 80 // block
+    perm = torch.randperm(b * nblk, device=device)
+    table = perm.view(b, nblk).to(torch.int32)
+    paged_k = torch.empty(b * nblk, block, hk, d, device=device, dtype=dtype)
+    paged_v = torch.empty_like(paged_k)
+    paged_k[perm] = cache_k.reshape(b * nblk, block, hk, d)
+    paged_v[perm] = cache_v.reshape(b * nblk, block, hk, d)
+    out_paged = flash_attn_with_kvcache(q, paged_k, paged_v, cache_seqlens=seqlens, block_table=table)
+    for label, got in (("contiguous", out), ("paged block 16", out_paged)):
+        for i, n in enumerate(lens):
+            args = (q[i:i + 1], cache_k[i:i + 1, :n], cache_v[i:i + 1, :n])
+            yield _compare(f"flash_attn_with_kvcache {label} len {n}", got[i:i + 1], *args)
+
+
+CASES: list[Case] = [case_dense, case_grad, case_dropout, case_varlen, case_packed, case_memory_efficient,
+                     case_kvcache]
+
+
+def run_checks(device: str = "cpu") -> int:
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    torch.manual_seed(0)
+    print(f"ioattn check on {dev} in {dtype} (rule: ours <= {OUT_FACTOR:g}x PyTorch's same-dtype error for outputs, "
+          f"{GRAD_FACTOR:g}x for gradients, + {FLOOR:g})")
+    rows, failed = [], 0
+    for case in CASES:
+        try:
+            for res in case(dev, dtype):
+                rows.append(res)
+                failed += not res.ok
+        except Exception as e:  # a crash in one case is a failure, reported, not a traceback wall
+            failed += 1
+            rows.append(ToleranceResult(f"{case.__name__} raised {type(e).__name__}", math.inf, math.nan, math.nan))
+            traceback.print_exc()
+            print(f"{case.__name__} raised {type(e).__name__}: {e}")
+    width = max(len(r.name) for r in rows)
+    print(f"{'check':<{width}}  {'ours':>10}  {'pytorch':>10}  {'bound':>10}  verdict")
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.our_error:>10.2e}  {r.base_error:>10.2e}  {r.bound:>10.2e}  "
+              f"{'ok' if r.ok else 'FAIL'}")
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
