@@ -7,6 +7,7 @@ the GPU runs committed under benchmarks/results/.
 import datetime
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,7 +232,7 @@ def test_a_peer_whose_backward_fails_keeps_its_forward():
 def test_a_peer_that_disagrees_is_noted():
     rows, notes = _measure([ChunkedPeer(), WrongPeer()], modes=("fwd",))
     assert {r["impl"] for r in rows} == {"chunked", "xformers"}
-    assert any("xformers disagrees with chunked" in n for n in notes), notes
+    assert any("xformers disagrees with SDPA" in n for n in notes), notes
     assert not any("chunked disagrees" in n for n in notes)
 
 
@@ -265,7 +266,26 @@ def test_bad_options_are_refused():
 
 def test_default_results_path_names_device_and_date():
     path = R.default_json_path("cpu", "fa2", datetime.date(2026, 11, 21))
-    assert path.parent.as_posix() == "benchmarks/results"
+    repo = Path(__file__).resolve().parents[1]
+    assert path.parent == repo / "benchmarks" / "results" == R.results_dir()
     assert path.name.endswith("-2026-11-21.json") and path.name.startswith("cpu")
     assert R.default_json_path("cpu", "decode", datetime.date(2026, 11, 21)).name.endswith("-decode.json")
     assert R.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_merge_replaces_rows_measured_again_and_keeps_the_rest(tmp_path):
+    old = [_row("flex", "fwd", 64, False, 1024, 300.0), _row("flex", "fwd", 64, False, 512, 200.0)]
+    new = [_row("flex", "fwd", 64, False, 1024, 364.0), _row("flex", "fwd", 64, True, 1024, 250.0)]
+    merged = R.merge_rows(old, new)
+    assert [(r["seqlen"], r["causal"], r["tflops"]) for r in merged] == [
+        (1024, False, 364.0), (512, False, 200.0), (1024, True, 250.0)]
+
+
+def test_cli_merge_adds_a_second_run_to_the_same_file(tmp_path):
+    path = tmp_path / "r.json"
+    common = ["--quick", "--device", "cpu", "--json", str(path), "--no-plot", "--no-progress",
+              "--peers", "sdpa-math", "--modes", "fwd", "--causal", "false"]
+    assert main(common + ["--seqlens", "128"]) == 0
+    assert main(common + ["--seqlens", "256", "--merge"]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted((r["impl"], r["seqlen"]) for r in rows) == [("sdpa-math", 128), ("sdpa-math", 256)]

@@ -38,6 +38,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="results file (default benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--plot-dir", type=Path, default=None,
                         help="where the PNG plots go (default: beside the JSON file)")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the results file if it exists (same device), replacing the rows "
+                             "measured again, so a long benchmark can run in several shorter commands")
     parser.add_argument("--no-plot", action="store_true", help="write no plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -86,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ioattn bench: no peer produced a result; nothing written", file=sys.stderr)
         return 1
     json_path = args.json or report.default_json_path(device, suite.NAME)
+    if args.merge and Path(json_path).exists():
+        previous = report.read_json(json_path)
+        if previous["device"] != meta["device"]:
+            print(f"ioattn bench: {json_path} holds results from {previous['device']}, not "
+                  f"{meta['device']}; not merged, nothing written", file=sys.stderr)
+            return 1
+        rows = report.merge_rows(previous["rows"], rows)
     report.write_json(json_path, meta, rows)
     print(f"wrote {json_path}")
     if not args.no_plot:

@@ -10,12 +10,14 @@ in clocks or temperature spreads over all peers alike. The backward is timed as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from .peers import PEER_NAMES, Peer, all_peers
 from .report import FA2_LAYOUT, Progress
@@ -108,6 +110,23 @@ def _attempt(progress: Progress, peer: str, what: str, cfg: Config, thunk: Calla
             return None
 
 
+def _reference_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      device: torch.device) -> tuple[str, torch.Tensor] | None:
+    """Every peer's output is checked against SDPA's (its fused backends on CUDA, where the math one would
+    not fit at long lengths); None when SDPA cannot run, and the first peer's output serves instead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    backends = sdpa_kernel(fused) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), backends:
+            warnings.simplefilter("ignore")
+            out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal)
+    except Exception:
+        return None
+    return "SDPA", out.transpose(1, 2)
+
+
 def _time_peer(peer: Peer, cfg: Config, inputs: tuple[torch.Tensor, ...], backward: bool,
                device: torch.device, budget: TimingBudget, progress: Progress
                ) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -144,7 +163,7 @@ def measure_config(cfg: Config, peers: Sequence[Peer], modes: Sequence[str], dev
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(shape, device=device, dtype=dtype)
     backward = any(m != "fwd" for m in modes)
-    baseline: tuple[str, torch.Tensor] | None = None
+    baseline = _reference_output(q, k, v, cfg.causal, device)
     rows: list[dict] = []
     for peer in peers:
         ok, why = peer.available(device, dtype, cfg.headdim)

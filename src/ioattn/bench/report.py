@@ -126,11 +126,19 @@ def run_metadata(device: torch.device | str, date: _dt.date | None = None) -> di
     }
 
 
+def results_dir() -> Path:
+    """benchmarks/results of the source checkout this package runs from, else of the current directory."""
+    repo = Path(__file__).resolve().parents[3]
+    root = repo if (repo / "pyproject.toml").exists() and (repo / "src" / "ioattn").is_dir() else Path.cwd()
+    return root / "benchmarks" / "results"
+
+
 def default_json_path(device: torch.device | str, suite: str, date: _dt.date | None = None,
-                      root: str | os.PathLike = "benchmarks/results") -> Path:
-    """benchmarks/results/<gpu-slug>-<yyyy-mm-dd>.json for the fa2 suite, ...-<suite>.json for others."""
+                      root: str | os.PathLike | None = None) -> Path:
+    """<results_dir>/<gpu-slug>-<yyyy-mm-dd>.json for the fa2 suite, ...-<suite>.json for others."""
     stem = f"{slug(device_name(device))}-{(date or _dt.date.today()).isoformat()}"
-    return Path(root) / (f"{stem}.json" if suite == "fa2" else f"{stem}-{suite}.json")
+    return Path(root if root is not None else results_dir()) / (
+        f"{stem}.json" if suite == "fa2" else f"{stem}-{suite}.json")
 
 
 # -------------------------------------------------------------------------------------------------- JSON
@@ -195,6 +203,18 @@ def read_json(path: str | os.PathLike) -> dict:
     doc = json.loads(Path(path).read_text())
     validate_document(doc)
     return doc
+
+
+def merge_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """``old`` with the rows that ``new`` measures again replaced (same keys but the time and metric),
+    then the rest of ``new``: several shorter runs add up to one results file."""
+    def key(row: dict) -> tuple:
+        layout = layout_for_mode(row["mode"])
+        return tuple(row[k] for k in layout.schema if k not in ("ms", layout.metric))
+
+    fresh = {key(r): r for r in new}
+    merged = [fresh.pop(key(r), r) for r in old]
+    return merged + [r for r in new if key(r) in fresh]
 
 
 # ------------------------------------------------------------------------------------------------- table
