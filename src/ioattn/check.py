@@ -14,7 +14,14 @@ from . import interface as api
 from .chunked import memory_efficient_attention
 from .dropout import draw_seed
 from .reference import attention_ref
-from .testing import GRAD_FACTOR, OUT_FACTOR, ToleranceResult, dropout_mask_for_call, make_cu_seqlens, tolerance_check
+from .testing import (
+    GRAD_FACTOR,
+    OUT_FACTOR,
+    ToleranceResult,
+    dropout_mask_for_call,
+    make_cu_seqlens,
+    tolerance_check,
+)
 
 Case = Callable[[torch.device, torch.dtype], Iterator[ToleranceResult]]
 FLOOR = 1e-4
@@ -51,7 +58,7 @@ def case_grad(device, dtype):
         grads = torch.autograd.grad(api.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout)
         ref = torch.autograd.grad(attention_ref(q, k, v, causal=causal, upcast=True)[0], (q, k, v), dout)
         base = torch.autograd.grad(attention_ref(q, k, v, causal=causal, upcast=False)[0], (q, k, v), dout)
-        for n, g, r, bgrad in zip("qkv", grads, ref, base):
+        for n, g, r, bgrad in zip("qkv", grads, ref, base, strict=True):
             yield tolerance_check(g, r, bgrad, factor=GRAD_FACTOR, floor=FLOOR,
                                   name=f"flash_attn_func d{n} causal={causal} (MQA)")
 

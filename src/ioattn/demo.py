@@ -44,32 +44,32 @@ def run_demo(device: str = "cpu", seqlens: list[int] | None = None) -> int:
     backend = select_backend(dev)
     print(f"ioattn demo on {dev}: batch 1, {heads} heads, headdim {d}, {str(dtype).replace('torch.', '')}; "
           f"ioattn runs its {backend} backend")
-    header = (f"{'seqlen':>7}  {'standard ms':>11}  {'ioattn ms':>9}  {'standard MiB':>12}  {'ioattn MiB':>10}  "
-              f"{'memory saved':>12}  {'max error':>9}")
-    print(header)
-    ioattn_fn = lambda q, k, v: flash_attn_func(q, k, v)  # noqa: E731
+    print(f"{'seqlen':>7}  {'standard ms':>11}  {'ioattn ms':>9}  {'standard MiB':>12}  "
+          f"{'ioattn MiB':>10}  {'memory saved':>12}  {'max error':>9}")
     for n in seqlens:
-        q, k, v = (torch.randn(1, n, heads, d, device=dev, dtype=dtype) for _ in range(3))
-        with torch.no_grad():
-            out = ioattn_fn(q, k, v)
-            rows = torch.randperm(n, device=dev)[:ERROR_ROWS].sort().values
-            ref, _ = attention_ref(q[:, rows], k, v, upcast=True)
-            err = (out[:, rows].double() - ref.double()).abs().max().item()
-            t_io = timed(lambda: ioattn_fn(q, k, v), dev, cfg["repeats"])
-            m_io = peak_memory_bytes(lambda: ioattn_fn(q, k, v), dev)
-            t_std = m_std = None
-            need = standard_estimate(n, heads, q.element_size(), "fwd")
-            if need < 0.7 * available_bytes(dev):
-                t_std = timed(lambda: standard_attention(q, k, v), dev, cfg["repeats"])
-                m_std = peak_memory_bytes(lambda: standard_attention(q, k, v), dev)
-            else:
-                print(f"  (standard attention skipped at {n}: it needs about {need / 2**30:.1f} GiB, "
-                      f"more than the {available_bytes(dev) / 2**30:.1f} GiB free)")
+        t_std, t_io, m_std, m_io, err = _measure(n, dev, cfg)
         saved = f"{m_std / max(m_io, 1):,.1f}x" if m_std is not None else "-"
         print(f"{n:>7}  {_ms(t_std):>11}  {_ms(t_io):>9}  {_mib(m_std):>12}  {_mib(m_io):>10}  {saved:>12}  "
               f"{err:>9.2e}", flush=True)
         if not math.isfinite(err):
             print("ioattn produced a non-finite value")
             return 1
-        del q, k, v, out
     return 0
+
+
+@torch.no_grad()
+def _measure(n: int, dev: torch.device, cfg: dict):
+    """(standard s, ioattn s, standard peak bytes, ioattn peak bytes, ioattn max error) at seqlen n."""
+    q, k, v = (torch.randn(1, n, cfg["heads"], cfg["headdim"], device=dev, dtype=cfg["dtype"]) for _ in range(3))
+    ours = lambda: flash_attn_func(q, k, v)  # noqa: E731
+    standard = lambda: standard_attention(q, k, v)  # noqa: E731
+    rows = torch.randperm(n, device=dev)[:ERROR_ROWS].sort().values
+    ref, _ = attention_ref(q[:, rows], k, v, upcast=True)
+    err = (ours()[:, rows].double() - ref.double()).abs().max().item()
+    t_io, m_io = timed(ours, dev, cfg["repeats"]), peak_memory_bytes(ours, dev)
+    need = standard_estimate(n, cfg["heads"], q.element_size(), "fwd")
+    if need >= 0.7 * available_bytes(dev):
+        print(f"  (standard attention skipped at {n}: it needs about {need / 2**30:.1f} GiB, "
+              f"more than 70% of the {available_bytes(dev) / 2**30:.1f} GiB free)")
+        return None, t_io, None, m_io, err
+    return timed(standard, dev, cfg["repeats"]), t_io, peak_memory_bytes(standard, dev), m_io, err
