@@ -48,7 +48,7 @@ def _naive(q, k, v, *, causal, window, softcap, slopes, scale):
                 w = [math.exp(s - m) for s in logits]
                 z = sum(w)
                 lse[bi, hi, i] = m + math.log(z)
-                out[bi, i, hi] = sum(wi * vi for wi, vi in zip(w, vals)) / z
+                out[bi, i, hi] = sum(wi * vi for wi, vi in zip(w, vals, strict=True)) / z
     return out, lse
 
 

@@ -27,7 +27,7 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
 
 def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
     first_name, first = names[0], tensors[0]
-    for name, t in zip(names[1:], tensors[1:]):
+    for name, t in zip(names[1:], tensors[1:], strict=True):
         if t.dtype != first.dtype:
             raise TypeError(f"{name}.dtype must equal {first_name}.dtype ({first.dtype}), got {t.dtype}")
         if t.device != first.device:
@@ -62,7 +62,7 @@ def check_qkv(
     Returns (nheads, nheads_k, headdim)."""
     names = ("q", "k", "v")
     layout = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total_tokens, nheads, headdim)"
-    for name, t in zip(names, (q, k, v)):
+    for name, t in zip(names, (q, k, v), strict=True):
         _check_tensor(name, t)
         if t.dim() != rank:
             raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
@@ -122,7 +122,7 @@ def check_cu_seqlens(
         vals = t.tolist()
         if vals[0] != 0:
             raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
-        lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+        lens = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
         if min(lens) < 0:
             raise ValueError(f"{name} must be non-decreasing, got {vals}")
         if vals[-1] != total:
