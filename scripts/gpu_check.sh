@@ -16,6 +16,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
     || { cat "$OUT/install.log"; exit 1; }
 python3 -m ioattn info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv >>"$OUT/info.txt" 2>&1
+[ "${CEILINGS:-1}" = 1 ] && summary+=("$(python3 scripts/ceilings.py "$OUT/ceilings.json" 2>&1 | tail -n 1)")
 
 if [ "$TESTS" != none ]; then
     start=$SECONDS
