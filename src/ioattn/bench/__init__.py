@@ -47,7 +47,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ioattn bench", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="ioattn bench", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     epilog=f"Without a SUITE, {DEFAULT_SUITE} runs; "
+                                            "`ioattn bench SUITE -h` lists its options.")
     sub = parser.add_subparsers(dest="suite", metavar="SUITE")
     for name, suite in SUITES.items():
         p = sub.add_parser(name, help=suite.DESCRIPTION, description=suite.DESCRIPTION)

@@ -335,6 +335,10 @@ def plot_paths(json_path: str | os.PathLike, plot_dir: str | os.PathLike | None 
     return [p for p in (plot_dir / f"{json_path.stem}-{m}.png" for m in ordered) if p.exists()]
 
 
+def _joined(values: Iterable[int]) -> str:
+    return " / ".join(str(v) for v in sorted(set(values)))
+
+
 def render_results_md(json_path: str | os.PathLike, plot_dir: str | os.PathLike | None = None,
                       relative_to: str | os.PathLike | None = None) -> str:
     """The benchmarks/RESULTS.md section for one run: device, versions, commit, the table and the plots.
@@ -347,7 +351,6 @@ def render_results_md(json_path: str | os.PathLike, plot_dir: str | os.PathLike 
     base = Path(relative_to) if relative_to is not None else json_path.parent.parent
     rows = doc["rows"]
     layout = layout_for_mode(rows[0]["mode"]) if rows else FA2_LAYOUT
-    shapes = sorted({(r["batch"], r["nheads"], r.get("headdim")) for r in rows})
     lines = [
         f"## {doc['device']}, {doc['date']}",
         "",
@@ -360,7 +363,8 @@ def render_results_md(json_path: str | os.PathLike, plot_dir: str | os.PathLike 
             "FlashAttention-2 paper setup: batch × seqlen tokens, nheads × headdim hidden; "
             "FLOPs = 4·seqlen²·headdim·nheads·batch forward (halved when causal), backward 2.5× forward; "
             "bwd = (fwd+bwd) − fwd; medians of `triton.testing.do_bench`. "
-            f"(batch, nheads, headdim) measured: {', '.join(str(s) for s in shapes)}.",
+            f"Here batch × seqlen = {_joined(r['batch'] * r['seqlen'] for r in rows)} tokens, "
+            f"nheads × headdim = {_joined(r['nheads'] * r['headdim'] for r in rows)}.",
             "",
         ]
     lines += [f"{layout.metric_label}:", "", format_table(rows, layout), ""]
