@@ -207,6 +207,21 @@ def test_out_of_blocks_is_typed_and_changes_nothing() -> None:
     assert not mgr.can_allocate(list(range(100, 108))) and mgr.can_allocate(list(range(100, 104)))
 
 
+def test_reviving_evictable_prefix_blocks_counts_against_free_blocks() -> None:
+    mgr = BlockManager(4, 2)
+    mgr.allocate(0, [1, 2, 3, 4])
+    mgr.free(0)  # 2 evictable cached blocks
+    mgr.allocate(1, [9, 9, 9, 9])  # takes the 2 blocks of the free list
+    before = snapshot(mgr)
+    # 2 cached hits (taken out of the free pool) + 1 fresh block = 3 > 2 free.
+    assert not mgr.can_allocate([1, 2, 3, 4, 5, 6])
+    with pytest.raises(OutOfBlocksError) as info:
+        mgr.allocate(2, [1, 2, 3, 4, 5, 6])
+    assert (info.value.needed, info.value.available) == (3, 2)
+    assert_same_snapshot(before, snapshot(mgr))
+    assert mgr.allocate(2, [1, 2, 3, 4]) == 4
+
+
 def test_prefix_cache_reuses_full_blocks_and_evicts_lru_only_when_unreferenced() -> None:
     bs = 4
     mgr = make_manager(8, bs)
@@ -497,8 +512,8 @@ class PagedManagerMachine(RuleBasedStateMachine):
 
 
 PagedManagerMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=30,
+    max_examples=150,
+    stateful_step_count=40,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
