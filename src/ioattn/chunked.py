@@ -314,8 +314,6 @@ def chunked_attention_varlen(
                                            v[k0:k1].unsqueeze(0), slopes, spec)
         outs.append(out[0])
         lses.append(lse[0])
-    if not outs:
-        return q.new_zeros(q.shape), torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=-1)
 
 
