@@ -18,7 +18,7 @@ import triton.language as tl
 from .common import online_softmax_step, score_mod
 from .kv_write import rotary_load
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
