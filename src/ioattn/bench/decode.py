@@ -57,8 +57,9 @@ def _paged(k: torch.Tensor, v: torch.Tensor, gen) -> tuple[torch.Tensor, torch.T
     table = order.view(batch, -1).to(torch.int32)
     k_pages = torch.empty(pages, PAGE, nheads_k, headdim, device=k.device, dtype=k.dtype)
     v_pages = torch.empty_like(k_pages)
-    k_pages[order] = k.view(pages, PAGE, nheads_k, headdim)
-    v_pages[order] = v.view(pages, PAGE, nheads_k, headdim)
+    pad = pages // batch * PAGE - seqlen_k  # a last, partly used page per sequence
+    k_pages[order] = F.pad(k, (0, 0, 0, 0, 0, pad)).view(pages, PAGE, nheads_k, headdim)
+    v_pages[order] = F.pad(v, (0, 0, 0, 0, 0, pad)).view(pages, PAGE, nheads_k, headdim)
     return k_pages, v_pages, table
 
 
