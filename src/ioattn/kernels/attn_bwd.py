@@ -71,9 +71,14 @@ def _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, q
     """Recomputes P (Alg. 2 line 13) and returns (dropped P for dV, dS w.r.t. the pre-softcap scaled
     scores) for one (query block, key block) tile; dS = P * (dP - delta) (Alg. 2 line 16)."""
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-    s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
-    s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
-                      HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
+    if SOFTCAP:
+        s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
+    else:
+        s = qk * qk_scale
+        t = s
+    if HAS_ALIBI or MASK:
+        s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
+                          HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
     if DROPOUT:

@@ -10,7 +10,7 @@ mask boundary take the masked path. The N x N score matrix never reaches device 
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, kv_block_range, online_softmax_step, score_mod
+from .common import apply_softcap, bias_and_mask, dropout_keep, kv_block_range, online_softmax_step
 
 
 @triton.jit
@@ -34,8 +34,14 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi,
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        s = score_mod(qk, rows, cols, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left,
-                      window_right, SOFTCAP, HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
+        # score_mod's steps, each called only when its flag is on (interpreter calls cost milliseconds).
+        if SOFTCAP:
+            s, _ = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
+        else:
+            s = qk * qk_scale
+        if HAS_ALIBI or MASK:
+            s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
+                              HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         if DROPOUT:

@@ -53,7 +53,7 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
     ("dq", 256, False): AttnConfig(32, 32, 4, 2),
     ("dq", 256, True): AttnConfig(32, 32, 4, 2),
 }
-_INTERP_CONFIG = AttnConfig(16, 16, 1, 1)
+_INTERP_CONFIG = AttnConfig(32, 32, 1, 1)  # fewer, larger tiles: interpreter cost is per op
 
 
 def get_config(kernel: str, block_d: int, causal: bool) -> AttnConfig:
