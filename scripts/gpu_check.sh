@@ -7,6 +7,8 @@ set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The editable install has been seen to leave the package unimportable there; the source path always works.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 TESTS=${TESTS:-tests}
 BENCH=${BENCH:-quick}
 DECODE=${DECODE:-1}

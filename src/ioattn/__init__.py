@@ -9,6 +9,7 @@ from .interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from .kvcache import flash_attn_with_kvcache, write_kv
 from .reference import attention_ref
 
 __version__ = "0.1.0"
@@ -21,5 +22,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "memory_efficient_attention",
+    "write_kv",
 ]

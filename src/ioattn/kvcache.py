@@ -17,7 +17,6 @@ import math
 import torch
 
 from . import validation as V
-from .backend import select_backend
 
 __all__ = ["flash_attn_with_kvcache", "write_kv"]
 
@@ -212,10 +211,7 @@ def flash_attn_with_kvcache(
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    if select_backend(q.device) != "triton":
-        raise RuntimeError("flash_attn_with_kvcache runs the Triton kernels only: use CUDA tensors, or "
-                           "TRITON_INTERPRET=1 for CPU tensors")
-
+    rotary_per_row = left >= 0 or right >= 0
     from .ops.decode import choose_num_splits, kv_write, kvcache_attention
 
     if k is not None:
@@ -223,7 +219,6 @@ def flash_attn_with_kvcache(
                  rotary_cos, rotary_sin, bool(rotary_interleaved))
     if num_splits == 0:
         num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim)
-    rotary_per_row = left >= 0 or right >= 0
     out, lse = kvcache_attention(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, rotary_cos,
                                  rotary_sin, alibi_slopes, seqlen_new, scale, left, right, float(softcap),
                                  bool(rotary_interleaved), rotary_per_row, num_splits)
@@ -263,9 +258,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         if int(slot_mapping.max()) >= slots:
             raise ValueError(f"slot_mapping entries must be < num_blocks * block_size ({slots}), "
                              f"got {int(slot_mapping.max())}")
-    if select_backend(k.device) != "triton":
-        raise RuntimeError("write_kv runs the Triton kernel only: use CUDA tensors, or TRITON_INTERPRET=1 "
-                           "for CPU tensors")
     from .ops.decode import kv_write
 
     kv_write(k, v, k_cache, v_cache, slot_mapping, None, None, None, None, None, True)

@@ -24,9 +24,9 @@ from types import ModuleType
 
 import torch
 
-from . import fa2, report
+from . import decode, fa2, report
 
-SUITES: dict[str, ModuleType] = {fa2.NAME: fa2}
+SUITES: dict[str, ModuleType] = {fa2.NAME: fa2, decode.NAME: decode}
 DEFAULT_SUITE = fa2.NAME
 
 

@@ -1,6 +1,8 @@
 """Launchers and custom ops of KV-cache attention: cache writes, split-KV decode, the split combine.
 
-Arguments arrive validated (``ioattn.kvcache`` checks them). Nothing here reads a device tensor on the
+Arguments arrive validated (``ioattn.kvcache`` checks them). Each op runs the Triton kernels or,
+where ``ioattn.backend`` picks the chunked path, the pure-PyTorch ``ioattn.chunked_kvcache``. Nothing
+in the Triton path reads a device tensor on the
 host: sequence lengths, page tables and slot mappings are read by the kernels, and the split count is
 a function of shapes only, so the ops run under ``torch.compile`` and inside CUDA graphs.
 """
@@ -11,6 +13,8 @@ import math
 import torch
 import triton
 
+from ..backend import select_backend
+from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch
 from ..kernels import kv_write as kvw
 from ..kernels.combine import combine_kernel
 from ..kernels.decode import decode_kernel
@@ -172,6 +176,10 @@ def kvcache_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (batch, seqlen_q, nheads, d) over the first ``cache_seqlens[b] + seqlen_new`` cache
     positions of each sequence; returns out like q and lse float32 (batch, nheads, seqlen_q)."""
+    if select_backend(q.device) != "triton":  # the any-device path; num_splits is a kernel-only knob
+        return kvcache_attention_torch(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
+                                       rotary_cos, rotary_sin, alibi_slopes, seqlen_new, softmax_scale,
+                                       window_left, window_right, softcap, rotary_interleaved, rotary_per_row)
     return _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
                    alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
                    rotary_interleaved, rotary_per_row, num_splits)
@@ -195,8 +203,9 @@ def kv_write(
     """Writes new K/V tokens into the caches in place: by ``slot_mapping`` (k, v: (num_tokens, nheads_k, d))
     or appended at ``cache_seqlens`` (k, v: (batch, seqlen_new, nheads_k, d)), rotating k when cos/sin
     are given."""
-    _kv_write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx,
-              rotary_cos, rotary_sin, rotary_interleaved)
+    write = _kv_write if select_backend(k.device) == "triton" else kv_write_torch
+    write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx,
+          rotary_cos, rotary_sin, rotary_interleaved)
 
 
 @kv_write.register_fake
