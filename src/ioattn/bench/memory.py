@@ -34,7 +34,7 @@ import torch
 
 from ..chunked import chunked_attention
 
-METHODS = ("standard", "sdpa", "chunked")
+METHODS = ("standard", "chunked", "sdpa")
 QUERY_CHUNK, KEY_CHUNK = 1024, 4096  # the paper's chunk sizes
 
 
@@ -146,6 +146,7 @@ def run_memory_experiment(
     repeats: int = 3,
     methods: tuple[str, ...] = METHODS,
     max_call_seconds: float = 120.0,
+    on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Measures peak memory (bytes beyond the inputs) and median time per (seqlen, mode, method).
 
@@ -154,7 +155,7 @@ def run_memory_experiment(
     ``max_call_seconds``, predicted from its time at the previous length times the quadratic growth.
     Inputs are (1, seqlen, heads, headdim).
     Returns one dict per measurement: seqlen, mode, method, heads, headdim, peak_bytes, seconds, skipped
-    (None, or why it was skipped).
+    (None, or why it was skipped). ``on_row(rows)`` is called after each measurement (to save progress).
     """
     device = torch.device(device)
     elem = torch.empty((), dtype=dtype).element_size()
@@ -196,6 +197,8 @@ def run_memory_experiment(
         row["seconds"] = timed(fn, device, repeats, warmup=False)  # the profiled call was the warm-up
         last[(mode, method)] = (n, row["seconds"])
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         del q, k, v, dout, fn
     return rows
 
@@ -259,19 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    meta = _metadata(device)
+
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "query_chunk": QUERY_CHUNK, "key_chunk": KEY_CHUNK, "rows": rows},
+                          f, indent=1)
+
     rows = run_memory_experiment(args.seqlens, heads=args.heads, headdim=args.headdim, device=device,
                                  progress=not args.no_progress, repeats=args.repeats,
-                                 max_call_seconds=args.max_call_seconds)
+                                 max_call_seconds=args.max_call_seconds, on_row=save)
+    save(rows)
     print(format_table(rows))
     for n in args.seqlens:
         r = ratios(rows, n)
         if r:
             print(f"N={n}: standard/chunked peak memory " +
                   ", ".join(f"{mode} {x:.1f}x" for mode, x in r.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": _metadata(device), "query_chunk": QUERY_CHUNK, "key_chunk": KEY_CHUNK,
-                       "rows": rows}, f, indent=1)
     return 0
 
 
