@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .common import apply_softcap, bias_and_mask, dropout_keep, kv_block_range, q_block_range
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -56,11 +56,18 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
 _INTERP_CONFIG = AttnConfig(32, 32, 1, 1)  # fewer, larger tiles: interpreter cost is per op
 
 
-def get_config(kernel: str, block_d: int, causal: bool) -> AttnConfig:
+def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> AttnConfig:
     if interpreting():
         return _INTERP_CONFIG
     ceiling = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    return _CONFIGS[(kernel, ceiling, causal)]
+    cfg = _CONFIGS[(kernel, ceiling, causal)]
+    if dtype == torch.float32:
+        # 4-byte tiles: halve the held tile and keep two stages so shared memory fits (<= 227 KB on Hopper).
+        held_m = kernel != "dkdv"
+        return AttnConfig(max(16, cfg.block_m // 2) if held_m else cfg.block_m,
+                          cfg.block_n if held_m else max(16, cfg.block_n // 2),
+                          cfg.num_warps, min(cfg.num_stages, 2))
+    return cfg
 
 
 def _block_d(headdim: int) -> int:
@@ -151,7 +158,7 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
     """Returns (out, lse): out like q (contiguous), lse float32 of ``lse_shape``."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape(q, prob.varlen), dtype=torch.float32, device=q.device)
-    cfg = get_config("fwd", _block_d(prob.headdim), prob.causal)
+    cfg = get_config("fwd", _block_d(prob.headdim), prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) == 0:
         return out, lse
@@ -190,7 +197,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
 
-    cfg = get_config("dq", bd, prob.causal)
+    cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) > 0:
         attn_bwd_preprocess_kernel[grid](
@@ -205,7 +212,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **flags,
         )
-    cfg = get_config("dkdv", bd, prob.causal)
+    cfg = get_config("dkdv", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
     if math.prod(grid) > 0:
         attn_bwd_dkdv_kernel[grid](
