@@ -98,7 +98,10 @@ def slug(name: str) -> str:
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """HEAD's hash, with '-dirty' when tracked files differ from it; 'unknown' outside a checkout."""
+    """HEAD's hash, with '-dirty' when tracked files differ from it; 'unknown' outside a checkout.
+    ``IOATTN_COMMIT`` overrides it, for copies of a checkout that travel without their .git."""
+    if os.environ.get("IOATTN_COMMIT"):
+        return os.environ["IOATTN_COMMIT"]
     where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
