@@ -47,6 +47,7 @@ def run_demo(device: str = "cpu", seqlens: list[int] | None = None) -> int:
     print(f"{'seqlen':>7}  {'standard ms':>11}  {'ioattn ms':>9}  {'standard MiB':>12}  "
           f"{'ioattn MiB':>10}  {'memory saved':>12}  {'max error':>9}")
     for n in seqlens:
+        print(f"{n:>7}  measuring ...", end="\r", flush=True)
         t_std, t_io, m_std, m_io, err = _measure(n, dev, cfg)
         saved = f"{m_std / max(m_io, 1):,.1f}x" if m_std is not None else "-"
         print(f"{n:>7}  {_ms(t_std):>11}  {_ms(t_io):>9}  {_mib(m_std):>12}  {_mib(m_io):>10}  {saved:>12}  "

@@ -20,9 +20,11 @@ measurement's call, which serves as the warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -36,6 +38,20 @@ from ..chunked import chunked_attention
 
 METHODS = ("standard", "chunked", "sdpa")
 QUERY_CHUNK, KEY_CHUNK = 1024, 4096  # the paper's chunk sizes
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints a few status lines per session straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
@@ -52,7 +68,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> i
         raise ValueError(f"peak memory is measured on cpu or cuda, got {device}")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     sizes = sorted(
         (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
