@@ -22,17 +22,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _cache_rows(cols, bt_row, cache_row, col_ok, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                MASK: tl.constexpr):
-    """(row0, row1) int64 cache indices of key positions ``cols`` of one sequence."""
-    if PAGED:
-        if MASK:
-            page = tl.load(bt_row + cols // PAGE_SIZE, mask=col_ok, other=0)
-        else:
-            page = tl.load(bt_row + cols // PAGE_SIZE)
-        return page.to(tl.int64), (cols % PAGE_SIZE).to(tl.int64)
-    else:
-        return cache_row.to(tl.int64) + 0 * cols.to(tl.int64), cols.to(tl.int64)
+def _page_ids(bt_row, cols, seqlen_k, PAGE_SIZE: tl.constexpr):
+    """Page of each key position ``cols``; positions past the sequence read its last page's entry, so the
+    table is never read out of bounds (and masked K/V loads never dereference what they read)."""
+    return tl.load(bt_row + tl.maximum(tl.minimum(cols, seqlen_k - 1), 0) // PAGE_SIZE)
 
 
 @triton.jit
@@ -43,10 +36,21 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, start, en
                   EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over key tiles [start, end); MASK=False only for tiles every row fully allows."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if PAGED:
+        # The page ids of a tile are loaded one tile ahead, so the K/V addresses never wait on a table
+        # read in the same iteration and the loads pipeline as deeply as a contiguous cache's.
+        pages = _page_ids(bt_row, start + offs_n, seqlen_k, PAGE_SIZE)
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
+        cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        row0, row1 = _cache_rows(cols, bt_row, cache_row, col_ok, PAGED, PAGE_SIZE, MASK)
+        if PAGED:
+            row0 = pages.to(tl.int64)
+            row1 = (cols % PAGE_SIZE).to(tl.int64)
+            pages = _page_ids(bt_row, cols + BLOCK_N, seqlen_k, PAGE_SIZE)
+        else:
+            row0 = cache_row.to(tl.int64)
+            row1 = cols.to(tl.int64)
         k_ptrs = k_base + (row0 * stride_kc0 + row1 * stride_kc1)[:, None] + offs_d[None, :]
         v_ptrs = v_base + (row0 * stride_vc0 + row1 * stride_vc1)[:, None] + offs_d[None, :]
         if MASK or not EVEN_D:

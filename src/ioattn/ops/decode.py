@@ -62,11 +62,12 @@ def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
             alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
-            rotary_interleaved, rotary_per_row, num_splits):
+            rotary_interleaved, rotary_per_row, num_splits, tiles=None):
+    """``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of ``decode_tiles`` (the sweep's knob)."""
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
-    block_m, block_n, num_warps, num_stages = decode_tiles(q.device, group * seqlen_q, headdim)
+    block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
     block_d = max(16, triton.next_power_of_2(headdim))
     out = q.new_empty(batch, seqlen_q, nheads, headdim)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
