@@ -149,3 +149,30 @@ def q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
         # keys past the end are masked columns: every query block needs the masked path
         full_hi = full_lo
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def bias_and_mask_t(st, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
+                    HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+                    HAS_RIGHT: tl.constexpr):
+    """``bias_and_mask`` on a transposed (cols, rows) tile: the dK/dV kernel holds S^T so that every
+    product it issues takes register operands as they come out of the previous one (no transposes)."""
+    if HAS_ALIBI:
+        dist = tl.abs(rows[None, :] + diag - cols[:, None]).to(tl.float32)
+        st = st - alibi_slope2 * dist
+    if MASK:
+        pos = rows[None, :] + diag
+        ok = cols[:, None] < seqlen_k
+        if HAS_LEFT:
+            ok = ok & (cols[:, None] >= pos - window_left)
+        if HAS_RIGHT:
+            ok = ok & (cols[:, None] <= pos + window_right)
+        st = tl.where(ok, st, float("-inf"))
+    return st
+
+
+@triton.jit
+def dropout_keep_t(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
+    """``dropout_keep`` on a transposed (cols, rows) tile: the same Philox offsets, so the same mask."""
+    offs = philox_base + rows.to(tl.int64)[None, :] * philox_row_stride + cols[:, None]
+    return tl.rand(seed, offs) >= dropout_p

@@ -8,7 +8,9 @@ fp32 inputs run with ``input_precision="ieee"`` dots (true fp32, no TF32 roundin
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,13 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
     ("dkdv", 128, True): AttnConfig(32, 64, 4, 3),
     ("dkdv", 256, False): AttnConfig(32, 32, 4, 2),
     ("dkdv", 256, True): AttnConfig(32, 32, 4, 2),
+    # dK/dV programs that also add dQ with atomics (deterministic=False): one more product per tile.
+    ("dkdv_atomic", 64, False): AttnConfig(32, 64, 4, 3),
+    ("dkdv_atomic", 64, True): AttnConfig(32, 64, 4, 3),
+    ("dkdv_atomic", 128, False): AttnConfig(32, 64, 4, 3),
+    ("dkdv_atomic", 128, True): AttnConfig(32, 64, 4, 3),
+    ("dkdv_atomic", 256, False): AttnConfig(32, 32, 4, 2),
+    ("dkdv_atomic", 256, True): AttnConfig(32, 32, 4, 2),
     # dQ programs: block_m queries held on chip, block_n keys streamed.
     ("dq", 64, False): AttnConfig(128, 32, 4, 3),
     ("dq", 64, True): AttnConfig(128, 32, 4, 3),
@@ -56,16 +65,32 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
     ("dq", 256, True): AttnConfig(32, 32, 4, 2),
 }
 _INTERP_CONFIG = AttnConfig(32, 32, 1, 1)  # fewer, larger tiles: interpreter cost is per op
+_OVERRIDES: dict[tuple[str, int, bool], AttnConfig] = {}
+
+
+@contextlib.contextmanager
+def configs_overridden(table: dict[tuple[str, int, bool], AttnConfig]) -> Iterator[None]:
+    """Replace table entries while the block runs (``scripts/sweep_fa2.py`` times candidates this way)."""
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(table)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
 
 
 def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> AttnConfig:
+    ceiling = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    key = (kernel, ceiling, causal)
+    if key in _OVERRIDES:
+        return _OVERRIDES[key]
     if interpreting():
         return _INTERP_CONFIG
-    ceiling = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    cfg = _CONFIGS[(kernel, ceiling, causal)]
+    cfg = _CONFIGS[key]
     if dtype == torch.float32:
         # 4-byte tiles: halve the held tile and keep two stages so shared memory fits (<= 227 KB on Hopper).
-        held_m = kernel != "dkdv"
+        held_m = not kernel.startswith("dkdv")
         return AttnConfig(max(16, cfg.block_m // 2) if held_m else cfg.block_m,
                           cfg.block_n if held_m else max(16, cfg.block_n // 2),
                           cfg.num_warps, min(cfg.num_stages, 2))
@@ -179,8 +204,13 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
     return out, lse
 
 
-def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int):
-    """Returns (dq, dk, dv), contiguous, in the inputs' dtype. No atomics: bitwise deterministic."""
+def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int,
+             deterministic: bool):
+    """Returns (dq, dk, dv), contiguous, in the inputs' dtype.
+
+    ``deterministic``: dQ from its own pass (no atomics, bitwise reproducible); otherwise the dK/dV
+    kernel adds dQ into an fp32 buffer with atomics, saving the recomputation of S and dP.
+    """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -199,6 +229,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
 
+    atomic_dq = not deterministic
     cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) > 0:
@@ -207,23 +238,31 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             *lse_strides, prob.nheads, prob.max_seqlen_q,
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
         )
-        attn_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
-            *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
-            prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **flags,
-        )
-    cfg = get_config("dkdv", bd, prob.causal, q.dtype)
+        if not atomic_dq:
+            attn_bwd_dq_kernel[grid](
+                q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
+                *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
+                prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **flags,
+            )
+    # fp32 inputs accumulate straight into dq; lower precisions into an fp32 buffer cast once at the end.
+    dq_accum = dq
+    if atomic_dq:
+        dq_accum = (dq.zero_() if q.dtype == torch.float32
+                    else torch.zeros(q.shape, dtype=torch.float32, device=q.device))
+    cfg = get_config("dkdv_atomic" if atomic_dq else "dkdv", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
     if math.prod(grid) > 0:
         attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, slopes,
+            q, k, v, dout, lse, delta, dk, dv, dq_accum, cu_q, cu_k, slopes,
             *qkv_do_strides, *_seq_strides(dk, prob.varlen), *_seq_strides(dv, prob.varlen),
-            *lse_strides, stride_ab,
+            *_seq_strides(dq_accum, prob.varlen), *lse_strides, stride_ab,
             prob.nheads, prob.nheads_k, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
             *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **flags,
+            ATOMIC_DQ=atomic_dq, **flags,
         )
+    if atomic_dq and dq_accum is not dq:
+        dq.copy_(dq_accum)
     return dq, dk, dv
