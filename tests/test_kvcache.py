@@ -217,17 +217,19 @@ def test_num_splits_heuristic_uses_shapes_only():
         assert choose_num_splits(gpu, 1, 32, 8, 1, 64, 128) == 1  # too few keys to split
 
 
+@pytest.mark.parametrize("paged, per_sm", [(True, 4), (False, 3)])
 @pytest.mark.parametrize("batch", [1, 3, 4, 16, 50, 64, 66, 67, 256])
-def test_num_splits_fill_each_sm_at_most_four_times(batch, monkeypatch):
-    """No SM gets a fifth program (a second wave on an H200 cost up to 30%), and no more splits would fit."""
+def test_num_splits_fill_each_sm_without_a_second_wave(batch, paged, per_sm, monkeypatch):
+    """No SM gets more than per_sm programs (one more on an H200 cost up to 30%), and no more splits would
+    fit: four per SM for a paged cache, three for a contiguous one."""
     import ioattn.ops.decode as decode_ops
 
     sms = 132
     monkeypatch.setattr(decode_ops, "_sm_count", lambda device: sms)
-    splits = choose_num_splits(torch.device("cpu"), batch, 32, 8, 1, 1 << 16, 128)
+    splits = choose_num_splits(torch.device("cpu"), batch, 32, 8, 1, 1 << 16, 128, paged=paged)
     programs = batch * 8
-    assert splits == 1 or programs * splits <= 4 * sms
-    assert splits == decode_ops.MAX_SPLITS or programs * (splits + 1) > 4 * sms
+    assert splits == 1 or programs * splits <= per_sm * sms
+    assert splits == decode_ops.MAX_SPLITS or programs * (splits + 1) > per_sm * sms
 
 
 def test_torch_compile_fullgraph():

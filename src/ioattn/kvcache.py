@@ -218,7 +218,8 @@ def flash_attn_with_kvcache(
         kv_write(k, v, k_cache, v_cache, None, seqlens, block_table, cache_batch_idx,
                  rotary_cos, rotary_sin, bool(rotary_interleaved))
     if num_splits == 0:
-        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim)
+        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim,
+                                       paged=block_table is not None)
     out, lse = kvcache_attention(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, rotary_cos,
                                  rotary_sin, alibi_slopes, seqlen_new, scale, left, right, float(softcap),
                                  bool(rotary_interleaved), rotary_per_row, num_splits)
