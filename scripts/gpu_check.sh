@@ -2,6 +2,7 @@
 # One device call does everything: install, the GPU test suite, the benchmarks. Logs and JSON go under
 # $OUT; a short summary prints last. Knobs (environment):
 #   TESTS=tests|<pytest targets>|none   BENCH=quick|full|none   BENCH_ARGS="..."   DECODE=1|0
+#   FEATURES=1|0   FEATURE_ARGS="..." (default --quick)
 #   TEST_TIMEOUT=seconds (default 360)  BENCH_TIMEOUT=seconds (default 300)
 set -uo pipefail
 OUT=${OUT:-out}
@@ -37,6 +38,12 @@ if [ "$BENCH" != none ]; then
     timeout "${BENCH_TIMEOUT:-300}" python3 -m ioattn bench fa2 $args --json "$OUT/bench.json" \
         --plot-dir "$OUT" >"$OUT/bench.log" 2>&1
     summary+=("bench fa2: rc=$? in $((SECONDS - start)) s")
+    if [ "${FEATURES:-1}" = 1 ]; then
+        start=$SECONDS
+        timeout "${BENCH_TIMEOUT:-300}" python3 -m ioattn bench features ${FEATURE_ARGS:---quick} \
+            --json "$OUT/features.json" --no-plot >"$OUT/features.log" 2>&1
+        summary+=("bench features: rc=$? in $((SECONDS - start)) s")
+    fi
     if [ "$DECODE" = 1 ]; then
         start=$SECONDS
         timeout "${BENCH_TIMEOUT:-300}" python3 -m ioattn bench decode --json "$OUT/decode.json" \
@@ -48,4 +55,5 @@ fi
 echo "================ summary ================"
 [ -f "$OUT/bench.log" ] && tail -n 60 "$OUT/bench.log"
 [ -f "$OUT/decode.log" ] && tail -n 20 "$OUT/decode.log"
+[ -f "$OUT/features.log" ] && tail -n 30 "$OUT/features.log"
 printf '%s\n' "${summary[@]}"

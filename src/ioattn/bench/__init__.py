@@ -24,9 +24,9 @@ from types import ModuleType
 
 import torch
 
-from . import decode, fa2, report
+from . import decode, fa2, features, report
 
-SUITES: dict[str, ModuleType] = {fa2.NAME: fa2, decode.NAME: decode}
+SUITES: dict[str, ModuleType] = {fa2.NAME: fa2, decode.NAME: decode, features.NAME: features}
 DEFAULT_SUITE = fa2.NAME
 
 

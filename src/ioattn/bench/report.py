@@ -62,7 +62,16 @@ DECODE_LAYOUT = Layout(
     figure_key="mode", panel_keys=("headdim", "nheads", "nheads_k", "block_size"),
 )
 
-LAYOUTS: tuple[Layout, ...] = (FA2_LAYOUT, DECODE_LAYOUT)
+FEATURES_LAYOUT = Layout(
+    schema={"impl": str, "mode": str, "feature": str, "headdim": int, "seqlen": int, "ms": float,
+            "tflops": float, "relative": float},
+    modes=("feature-fwd", "feature-bwd"),
+    metric="relative", metric_label="TFLOPs/s relative to the plain case",
+    row_keys=("mode", "headdim", "feature"), column_key="seqlen",
+    figure_key="mode", panel_keys=("headdim",), line_key="feature",
+)
+
+LAYOUTS: tuple[Layout, ...] = (FA2_LAYOUT, DECODE_LAYOUT, FEATURES_LAYOUT)
 
 _HEADERS = {"headdim": "d", "impl": "impl", "seqlen": "seqlen", "seqlen_k": "KV length"}
 
@@ -238,10 +247,10 @@ def format_table(rows: Sequence[dict], layout: Layout | None = None) -> str:
     cells: dict[tuple, dict] = {}
     for r in rows:
         cells.setdefault(tuple(r[k] for k in layout.row_keys), {})[r[layout.column_key]] = r[layout.metric]
-    impl_order = _impl_order(rows)
+    line_order = _line_order(rows, layout.line_key)
 
     def sort_key(key: tuple) -> tuple:
-        return tuple(impl_order.index(v) if k == "impl" else (layout.modes.index(v) if k == "mode" else v)
+        return tuple(line_order.index(v) if k == layout.line_key else (layout.modes.index(v) if k == "mode" else v)
                      for k, v in zip(layout.row_keys, key, strict=True))
 
     head = [_HEADERS.get(k, k) for k in layout.row_keys] + [str(c) for c in columns]
@@ -252,11 +261,11 @@ def format_table(rows: Sequence[dict], layout: Layout | None = None) -> str:
     return "\n".join(lines)
 
 
-def _impl_order(rows: Iterable[dict]) -> list[str]:
+def _line_order(rows: Iterable[dict], key: str = "impl") -> list[str]:
     order: list[str] = []
     for r in rows:
-        if r["impl"] not in order:
-            order.append(r["impl"])
+        if r[key] not in order:
+            order.append(r[key])
     return order
 
 
@@ -286,7 +295,7 @@ def plot(rows: Sequence[dict], out_dir: str | os.PathLike, stem: str, title: str
     layout = layout or layout_for_mode(rows[0]["mode"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    impls = _impl_order(rows)
+    impls = _line_order(rows, layout.line_key)
     colours = {impl: plt.get_cmap("tab10")(i % 10) for i, impl in enumerate(impls)}
     written = []
     figure_values = [m for m in layout.modes if any(r[layout.figure_key] == m for r in rows)]
@@ -299,7 +308,8 @@ def plot(rows: Sequence[dict], out_dir: str | os.PathLike, stem: str, title: str
         for ax, panel in zip(axes.flat, panels, strict=False):
             in_panel = [r for r in sub if tuple(r[k] for k in layout.panel_keys) == panel]
             for impl in impls:
-                pts = sorted((r[layout.column_key], r[layout.metric]) for r in in_panel if r["impl"] == impl)
+                pts = sorted((r[layout.column_key], r[layout.metric]) for r in in_panel
+                             if r[layout.line_key] == impl)
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, marker="o", label=impl, color=colours[impl])

@@ -1,0 +1,35 @@
+"""The features suite's FLOP accounting and row schema (its timing needs a GPU)."""
+
+import pytest
+import torch
+
+from ioattn.bench import features, report
+from ioattn.reference import allowed_mask
+
+
+@pytest.mark.parametrize("n,window", [(1, (-1, -1)), (17, (-1, 0)), (64, (8, 8)), (97, (3, -1)), (50, (0, 0))])
+def test_allowed_pairs_counts_the_reference_mask(n, window):
+    mask = allowed_mask(n, n, window_size=window)
+    expected = n * n if mask is None else int(mask.sum())
+    assert features.allowed_pairs(n, window) == expected
+
+
+def test_mixed_lengths_cover_the_tokens_and_vary():
+    lengths = features._mixed_lengths(16384, 2048)
+    assert sum(lengths) == 16384 and min(lengths) > 0 and len(set(lengths)) > 1
+
+
+def test_window_case_counts_fewer_flops_than_plain():
+    _, _, plain = features.make_case("plain", 64, 16, torch.device("cpu"), torch.float32)
+    _, _, window = features.make_case("window", 64, 16, torch.device("cpu"), torch.float32)
+    _, _, causal = features.make_case("causal", 64, 16, torch.device("cpu"), torch.float32)
+    assert window < causal < plain
+    assert causal == pytest.approx(plain * (64 * 65 / 2) / (64 * 64))
+
+
+def test_rows_validate_against_the_layout():
+    meta = {"device": "x", "date": "2026-11-21", "commit": "c", "torch": "t", "triton": "t"}
+    row = {"impl": "ioattn", "mode": "feature-fwd", "feature": "gqa-4", "headdim": 128, "seqlen": 4096,
+           "ms": 1.0, "tflops": 400.0, "relative": 0.97}
+    report.validate_document(report.make_document(meta, [row]))
+    assert "gqa-4" in report.format_table([row])
