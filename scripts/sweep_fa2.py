@@ -7,8 +7,8 @@ passing candidate is timed with ``triton.testing.do_bench`` (median) at seqlen 4
 (16k tokens, hidden 2048); the three fastest and the current default are re-timed at 2048 and 16384, and
 the one with the lowest mean time relative to the best at each length wins.
 
-Kinds: ``fwd``; ``dkdv_atomic`` (backward with dQ by atomics, deterministic=False); ``dkdv`` and ``dq``
-(the deterministic backward, each timed with the other kernel at its current default).
+Kinds: ``fwd``; ``dkdv`` and ``dq`` (the backward's two kernels, each timed with the other at its
+current default; the times are of the whole backward).
 
     PYTHONPATH=src python scripts/sweep_fa2.py --out OUTDIR        # on the GPU
     PYTHONPATH=src python scripts/sweep_fa2.py --smoke             # on CPU, interpreter, tiny shapes
@@ -73,8 +73,7 @@ def runner(kind: str, headdim: int, causal: bool, cfg, q, k, v, dout):
 
     def run():
         with configs_overridden({key: cfg}):
-            return attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, 0,
-                            deterministic=kind != "dkdv_atomic")
+            return attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, 0, deterministic=True)
     return run
 
 
@@ -145,7 +144,7 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, two configs (CPU interpreter)")
-    parser.add_argument("--kinds", default="fwd,dkdv_atomic,dkdv,dq")
+    parser.add_argument("--kinds", default="fwd,dkdv,dq")
     parser.add_argument("--headdims", default="64,128")
     args = parser.parse_args()
     global TOKENS, HIDDEN, SEQLEN, OTHER_SEQLENS, CHECK_SEQLEN

@@ -3,11 +3,11 @@
 * ``attn_bwd_preprocess_kernel``: ``delta_i = rowsum(dO_i * O_i)`` (Alg. 2 line 4, the ``D_i`` term).
 * ``attn_bwd_dkdv_kernel``: one program per (key block, batch x kv head) keeps dK, dV on chip and walks
   the query blocks that see its keys, for every query head of its GQA group, so dK/dV are summed over
-  the group without repeating K/V (Alg. 2 lines 11-20). With ``ATOMIC_DQ`` it also adds each tile's
-  share of dQ into an fp32 buffer with atomics (Alg. 2 line 21: 5 products per tile instead of 7).
-* ``attn_bwd_dq_kernel``: the deterministic alternative to the atomics: one program per (query block,
-  batch x head) walks the key blocks like the forward and accumulates dQ in registers, recomputing P
-  and dP, so every gradient is bitwise reproducible.
+  the group without repeating K/V (Alg. 2 lines 11-20).
+* ``attn_bwd_dq_kernel``: one program per (query block, batch x head) walks the key blocks like the
+  forward and accumulates dQ in registers (Alg. 2 line 21 without the paper's atomics): no atomics
+  anywhere, so every gradient is bitwise reproducible. FA2's fp32 dQ atomics (5 products per tile
+  instead of 7) measured slower here on an H200 (benchmarks/NOTES.md, FA2 tuning v2).
 P is recomputed from Q, K and the saved lse: ``P = exp2(S * log2(e) - lse * log2(e))``.
 """
 
@@ -115,13 +115,12 @@ def _row_stats(lse_base, delta_base, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, stride_qs, stride_dos,
-                stride_dqs, lo, hi, cols, seqlen_q, seqlen_k, diag, softmax_scale, qk_scale, softcap2,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                lo, hi, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2,
                 alibi_slope2, window_left, window_right, seed, philox_base, philox_row_stride, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Works on transposed tiles (keys x queries): S^T = K Q^T, so P^T and dS^T feed dV += P^T dO and
     # dK += dS^T Q straight from registers, as in FA2's Alg. 2 lines 12-20 with the roles swapped.
     offs_m = tl.arange(0, BLOCK_M)
@@ -129,7 +128,6 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, st
     d_ok = offs_d < HEAD_DIM
     qt_ptrs = q_base + lo.to(tl.int64) * stride_qs + offs_m[None, :] * stride_qs + offs_d[:, None]
     do_ptrs = do_base + lo.to(tl.int64) * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :]
-    dq_ptrs = dq_base + lo.to(tl.int64) * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         if MASK:
@@ -162,33 +160,24 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, st
         dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
-        dst = dst.to(qt.dtype)
-        dk += tl.dot(dst, tl.trans(qt), input_precision=DOT_PRECISION)
-        if ATOMIC_DQ:
-            # FA2's single pass (Alg. 2 line 21): this key block's share of dQ, added in fp32.
-            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * softmax_scale
-            if MASK:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
         qt_ptrs += BLOCK_M * stride_qs
         do_ptrs += BLOCK_M * stride_dos
-        dq_ptrs += BLOCK_M * stride_dqs
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, DQAccum, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    Q, K, V, DOut, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, stride_dqb, stride_dqs, stride_dqh,
+    stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ab,
     nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
     softmax_scale, qk_scale, softcap2, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -215,28 +204,27 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    # The query heads of this kv head's group, summed in registers: no repeated K/V, no atomics on dK/dV.
+    # The query heads of this kv head's group, summed in registers: no repeated K/V, no atomics.
     for g in range(group):
         h = hk * group + g
         h64 = h.to(tl.int64)
         q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qs
         do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dos
-        dq_base = DQAccum + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs
         lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
         delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
         alibi_slope2 = 0.0
         if HAS_ALIBI:
             alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
         philox_base = (b64 * nheads + h64) * max_seqlen_q * max_seqlen_k
-        args = (cols, seqlen_q, seqlen_k, diag, softmax_scale, qk_scale, softcap2, alibi_slope2, window_left,
+        args = (cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left,
                 window_right, seed, philox_base, max_seqlen_k, dropout_p)
-        ptrs = (q_base, do_base, dq_base, lse_base, delta_base, stride_qs, stride_dos, stride_dqs)
+        ptrs = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, lo, full_lo, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, DOT_PRECISION)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_lo, full_hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, False,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, DOT_PRECISION)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_hi, hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, ATOMIC_DQ, DOT_PRECISION)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
     dk = dk * softmax_scale
     dk_base = DK + b64 * stride_dkb + hk64 * stride_dkh + n0 * stride_dks
     dv_base = DV + b64 * stride_dvb + hk64 * stride_dvh + n0 * stride_dvs

@@ -34,33 +34,27 @@ class AttnConfig:
 # One table for every tunable choice, keyed by (kernel, padded head dim ceiling, causal); "interp" rows
 # keep the interpreter fast. Hopper starting points: BLOCK_M 128, BLOCK_N 64, 8 warps (FA2 partitioning).
 _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
-    ("fwd", 64, False): AttnConfig(128, 64, 4, 3),
-    ("fwd", 64, True): AttnConfig(128, 64, 4, 3),
+    # Hopper rows for headdims 64 and 128: chosen by scripts/sweep_fa2.py on an H200 (benchmarks/NOTES.md).
+    ("fwd", 64, False): AttnConfig(128, 64, 8, 3),
+    ("fwd", 64, True): AttnConfig(128, 64, 8, 3),
     ("fwd", 128, False): AttnConfig(128, 64, 8, 3),
-    ("fwd", 128, True): AttnConfig(128, 64, 8, 3),
+    ("fwd", 128, True): AttnConfig(128, 64, 8, 4),
     ("fwd", 256, False): AttnConfig(64, 32, 4, 2),
     ("fwd", 256, True): AttnConfig(64, 32, 4, 2),
     # dK/dV programs: block_n keys held on chip, block_m queries streamed.
-    # (32, 128) gave wrong causal dK at headdim 64 on an H200 (Triton 3.6; right in the interpreter and
-    # at headdim 40 with the same blocks): held at the (32, 64) shape that passes at headdim 128.
-    ("dkdv", 64, False): AttnConfig(32, 64, 4, 3),
-    ("dkdv", 64, True): AttnConfig(32, 64, 4, 3),
-    ("dkdv", 128, False): AttnConfig(32, 64, 4, 3),
-    ("dkdv", 128, True): AttnConfig(32, 64, 4, 3),
+    # Triton 3.6 has miscompiled some shapes (wrong dK, wrong fwd output at (128, 64, 4 warps, 4 stages)):
+    # the sweep checks every candidate against an fp32 reference before timing it.
+    ("dkdv", 64, False): AttnConfig(32, 128, 4, 3),
+    ("dkdv", 64, True): AttnConfig(128, 64, 4, 2),
+    ("dkdv", 128, False): AttnConfig(64, 128, 8, 3),
+    ("dkdv", 128, True): AttnConfig(64, 128, 8, 3),
     ("dkdv", 256, False): AttnConfig(32, 32, 4, 2),
     ("dkdv", 256, True): AttnConfig(32, 32, 4, 2),
-    # dK/dV programs that also add dQ with atomics (deterministic=False): one more product per tile.
-    ("dkdv_atomic", 64, False): AttnConfig(32, 64, 4, 3),
-    ("dkdv_atomic", 64, True): AttnConfig(32, 64, 4, 3),
-    ("dkdv_atomic", 128, False): AttnConfig(32, 64, 4, 3),
-    ("dkdv_atomic", 128, True): AttnConfig(32, 64, 4, 3),
-    ("dkdv_atomic", 256, False): AttnConfig(32, 32, 4, 2),
-    ("dkdv_atomic", 256, True): AttnConfig(32, 32, 4, 2),
     # dQ programs: block_m queries held on chip, block_n keys streamed.
-    ("dq", 64, False): AttnConfig(128, 32, 4, 3),
-    ("dq", 64, True): AttnConfig(128, 32, 4, 3),
-    ("dq", 128, False): AttnConfig(64, 32, 4, 3),
-    ("dq", 128, True): AttnConfig(64, 32, 4, 3),
+    ("dq", 64, False): AttnConfig(128, 64, 8, 2),
+    ("dq", 64, True): AttnConfig(64, 64, 4, 3),
+    ("dq", 128, False): AttnConfig(128, 64, 8, 3),
+    ("dq", 128, True): AttnConfig(128, 64, 8, 3),
     ("dq", 256, False): AttnConfig(32, 32, 4, 2),
     ("dq", 256, True): AttnConfig(32, 32, 4, 2),
 }
@@ -90,7 +84,7 @@ def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> A
     cfg = _CONFIGS[key]
     if dtype == torch.float32:
         # 4-byte tiles: halve the held tile and keep two stages so shared memory fits (<= 227 KB on Hopper).
-        held_m = not kernel.startswith("dkdv")
+        held_m = kernel != "dkdv"
         return AttnConfig(max(16, cfg.block_m // 2) if held_m else cfg.block_m,
                           cfg.block_n if held_m else max(16, cfg.block_n // 2),
                           cfg.num_warps, min(cfg.num_stages, 2))
@@ -206,10 +200,9 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
 
 def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int,
              deterministic: bool):
-    """Returns (dq, dk, dv), contiguous, in the inputs' dtype.
-
-    ``deterministic``: dQ from its own pass (no atomics, bitwise reproducible); otherwise the dK/dV
-    kernel adds dQ into an fp32 buffer with atomics, saving the recomputation of S and dP.
+    """Returns (dq, dk, dv), contiguous, in the inputs' dtype. No atomics, so bitwise reproducible
+    whatever ``deterministic`` says: FA2's fp32 dQ atomics measured slower than the separate dQ pass on
+    an H200 (benchmarks/NOTES.md, FA2 tuning v2), so both settings take the same path.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -229,7 +222,6 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
 
-    atomic_dq = not deterministic
     cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) > 0:
@@ -238,31 +230,23 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             *lse_strides, prob.nheads, prob.max_seqlen_q,
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
         )
-        if not atomic_dq:
-            attn_bwd_dq_kernel[grid](
-                q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
-                *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
-                prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **flags,
-            )
-    # fp32 inputs accumulate straight into dq; lower precisions into an fp32 buffer cast once at the end.
-    dq_accum = dq
-    if atomic_dq:
-        dq_accum = (dq.zero_() if q.dtype == torch.float32
-                    else torch.zeros(q.shape, dtype=torch.float32, device=q.device))
-    cfg = get_config("dkdv_atomic" if atomic_dq else "dkdv", bd, prob.causal, q.dtype)
+        attn_bwd_dq_kernel[grid](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
+            *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
+            prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **flags,
+        )
+    cfg = get_config("dkdv", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
     if math.prod(grid) > 0:
         attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, dq_accum, cu_q, cu_k, slopes,
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, slopes,
             *qkv_do_strides, *_seq_strides(dk, prob.varlen), *_seq_strides(dv, prob.varlen),
-            *_seq_strides(dq_accum, prob.varlen), *lse_strides, stride_ab,
+            *lse_strides, stride_ab,
             prob.nheads, prob.nheads_k, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
             *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            ATOMIC_DQ=atomic_dq, **flags,
+            **flags,
         )
-    if atomic_dq and dq_accum is not dq:
-        dq.copy_(dq_accum)
     return dq, dk, dv

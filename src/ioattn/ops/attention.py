@@ -62,7 +62,8 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 class FlashAttnFunction(torch.autograd.Function):
     """The family's one autograd.Function: dense when cu_seqlens are None, varlen otherwise.
 
-    ``deterministic`` picks the backward's dQ: its own pass (bitwise reproducible) or fp32 atomics.
+    The backward has no atomics (``launch.attn_bwd``), so its gradients are bitwise reproducible whether
+    or not ``deterministic`` was asked for.
     """
 
     @staticmethod
@@ -91,7 +92,7 @@ class FlashAttnFunction(torch.autograd.Function):
 def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size: tuple[int, int],
                     softcap: float, alibi_slopes, dropout_p: float, deterministic: bool):
     """Dense attention: q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out like q, lse float32 (b, h, sq)).
-    ``window_size`` already has right = 0 when ``causal``; ``deterministic`` avoids the dQ atomics."""
+    ``window_size`` already has right = 0 when ``causal``; ``deterministic`` holds always (no atomics)."""
     left, right = window_size
     return FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale, left, right,
                                    softcap, alibi_slopes, dropout_p, deterministic)
