@@ -1,0 +1,85 @@
+"""Compile the Gluon forward kernel for sm_90 without a GPU and report what the PTX holds.
+
+For each (head dim, causal, dtype) variant: compile through TTGIR to PTX and cubin (ptxas ships in the
+Triton wheel), print shared memory, registers and spills, and count the Hopper instructions that must be
+there (wgmma.mma_async, cp.async.bulk.tensor, mbarrier). ``--dump DIR`` writes the TTGIR and PTX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import mangle_type
+
+from ioattn.kernels.attn_fwd_gluon import _CONFIGS, _GL_DTYPES, attn_fwd_gluon_kernel
+
+
+def _desc_type(dtype: torch.dtype, rows: int, d: int) -> str:
+    t = torch.empty(rows, d, dtype=dtype)
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], _GL_DTYPES[dtype])
+    return mangle_type(TensorDescriptor(t, [rows, d], [d, 1], [rows, d], layout))
+
+
+def compile_variant(d: int, causal: bool, dtype: torch.dtype, overlap: bool):
+    block_m, block_n, stages, warps = _CONFIGS[d]
+    sig = {"q_desc": _desc_type(dtype, block_m, d), "k_desc": _desc_type(dtype, block_n, d),
+           "v_desc": _desc_type(dtype, block_n, d), "Out": "*bf16" if dtype == torch.bfloat16 else "*fp16",
+           "Lse": "*fp32"}
+    for name in ("stride_ob", "stride_os", "stride_oh", "stride_qh", "stride_kh", "stride_vh", "nheads",
+                 "group", "seqlen_q", "seqlen_k"):
+        sig[name] = "i32"
+    sig["qk_scale"] = "fp32"
+    consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CAUSAL": causal,
+              "OVERLAP": overlap, "num_warps": warps}
+    for k in consts:
+        sig[k] = "constexpr"
+    src = GluonASTSource(attn_fwd_gluon_kernel, sig, consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def _ptxas_report(ptx: str) -> str:
+    """Registers and spill bytes from ptxas -v on the PTX (the wheel's ptxas; no driver needed)."""
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(src), "-o", str(src.with_suffix(".o"))],
+                             capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    return f"regs {regs.group(1) if regs else '?'}, spill stores {spill.group(1) if spill else '?'} B"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dump", type=pathlib.Path)
+    args = ap.parse_args()
+    for d in (64, 128):
+        for causal in (False, True):
+            for dtype, overlap in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)):
+                k = compile_variant(d, causal, dtype, overlap)
+                ptx = k.asm["ptx"]
+                counts = {name: len(re.findall(pat, ptx)) for name, pat in
+                          (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"),
+                           ("mbarrier", r"mbarrier\."), ("bar.sync", r"bar\.sync"))}
+                print(f"d={d} causal={causal} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
+                      f"{_ptxas_report(ptx)}, {counts}")
+                if args.dump:
+                    args.dump.mkdir(parents=True, exist_ok=True)
+                    stem = f"d{d}_{'causal' if causal else 'full'}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}"
+                    (args.dump / f"{stem}.ttgir").write_text(k.asm["ttgir"])
+                    (args.dump / f"{stem}.ptx").write_text(ptx)
+
+
+if __name__ == "__main__":
+    main()
