@@ -73,7 +73,7 @@ def runner(kind: str, headdim: int, causal: bool, cfg, q, k, v, dout):
 
     def run():
         with configs_overridden({key: cfg}):
-            return attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, 0, deterministic=True)
+            return attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, 0)
     return run
 
 

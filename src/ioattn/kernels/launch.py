@@ -198,11 +198,10 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
     return out, lse
 
 
-def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int,
-             deterministic: bool):
-    """Returns (dq, dk, dv), contiguous, in the inputs' dtype. No atomics, so bitwise reproducible
-    whatever ``deterministic`` says: FA2's fp32 dQ atomics measured slower than the separate dQ pass on
-    an H200 (benchmarks/NOTES.md, FA2 tuning v2), so both settings take the same path.
+def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int):
+    """Returns (dq, dk, dv), contiguous, in the inputs' dtype. No atomics, so always bitwise reproducible:
+    FA2's fp32 dQ atomics measured slower than the separate dQ pass on an H200 (benchmarks/NOTES.md, FA2
+    tuning v2), so flash-attn's ``deterministic`` choice has nothing to choose between.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride

@@ -45,48 +45,45 @@ def flash_attn_bwd(
     lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
-    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed),
-                    deterministic)
+    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed))
 
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, softcap, alibi_slopes, dropout_p, seed, deterministic):
+      window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class FlashAttnFunction(torch.autograd.Function):
     """The family's one autograd.Function: dense when cu_seqlens are None, varlen otherwise.
 
-    The backward has no atomics (``launch.attn_bwd``), so its gradients are bitwise reproducible whether
-    or not ``deterministic`` was asked for.
+    The backward has no atomics (``launch.attn_bwd``), so its gradients are always bitwise reproducible:
+    flash-attn's ``deterministic`` flag needs no plumbing below the public functions.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                window_left, window_right, softcap, alibi_slopes, dropout_p, deterministic):
+                window_left, window_right, softcap, alibi_slopes, dropout_p):
         out, lse, seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, window_left, window_right, softcap, alibi_slopes,
                                         dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
         ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                      dropout_p, deterministic)
+                      dropout_p)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
-        (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
-         deterministic) = ctx.params
+        max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p = ctx.params
         dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                                    alibi_slopes, dropout_p, seed, deterministic)
-        return dq, dk, dv, *([None] * 11)
+                                    alibi_slopes, dropout_p, seed)
+        return dq, dk, dv, *([None] * 10)
 
 
 def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size: tuple[int, int],
@@ -95,14 +92,14 @@ def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size:
     ``window_size`` already has right = 0 when ``causal``; ``deterministic`` holds always (no atomics)."""
     left, right = window_size
     return FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale, left, right,
-                                   softcap, alibi_slopes, dropout_p, deterministic)
+                                   softcap, alibi_slopes, dropout_p)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                            softmax_scale: float, causal: bool, window_size: tuple[int, int], softcap: float,
                            alibi_slopes, dropout_p: float, deterministic: bool):
     """Varlen attention over packed (total, h, d) -> (out like q, lse float32 (h, total_q)).
-    cu_seqlens are read only on the device; the grid comes from max_seqlen_q."""
+    cu_seqlens are read only on the device; the grid comes from max_seqlen_q. ``deterministic`` holds always."""
     left, right = window_size
     return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   softmax_scale, left, right, softcap, alibi_slopes, dropout_p, deterministic)
+                                   softmax_scale, left, right, softcap, alibi_slopes, dropout_p)
