@@ -16,15 +16,15 @@ from ioattn.bench.peers import all_peers
 from ioattn.kernels.attn_fwd_gluon import gluon_forward
 from ioattn.ops.attention import flash_attention
 
-PEERS = ("gluon", "gluon-v1", "ioattn", "sdpa-cudnn", "sdpa-flash", "flex")
+PEERS = ("gluon", "gluon-overlap", "ioattn", "sdpa-cudnn", "sdpa-flash", "flex")
 
 
 def _fns(q, k, v, causal):
     scale = 1.0 / math.sqrt(q.shape[-1])
     peers = all_peers()
     fns = {
-        "gluon": lambda: gluon_forward(q, k, v, scale, causal, overlap=True)[0],
-        "gluon-v1": lambda: gluon_forward(q, k, v, scale, causal, overlap=False)[0],
+        "gluon": lambda: gluon_forward(q, k, v, scale, causal, overlap=False)[0],
+        "gluon-overlap": lambda: gluon_forward(q, k, v, scale, causal, overlap=True)[0],
         "ioattn": lambda: flash_attention(q, k, v, softmax_scale=scale, causal=causal,
                                           window_size=(-1, 0) if causal else (-1, -1), softcap=0.0,
                                           alibi_slopes=None, dropout_p=0.0, deterministic=True)[0],

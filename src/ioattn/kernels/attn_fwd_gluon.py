@@ -215,7 +215,11 @@ def attn_fwd_gluon_kernel(
 
 # (BLOCK_M, BLOCK_N, NUM_STAGES, num_warps) by head dim: Q + 2 x NUM_STAGES K/V tiles fit in 227 KB.
 _CONFIGS = {64: (128, 128, 3, 8), 128: (128, 128, 2, 8)}
-OVERLAP = True  # QK^T of the next block overlapped with the softmax (False: v1, waited before it)
+# The overlapped loop (254 registers at d=128) measured 3-14% slower than waiting for QK^T before the
+# softmax on an H200 (benchmarks/NOTES.md, "Gluon forward (sm90)"): off by default, kept to tune.
+OVERLAP = False
+# Head dims routed here by the predicate: at d=64 the portable kernel measured ~10% faster.
+_ROUTED_HEAD_DIMS = (128,)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -237,7 +241,7 @@ def gluon_forward_supported(q, k, v, *, causal: bool, window_size: tuple[int, in
         return False
     if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if q.dim() != 4 or q.shape[-1] not in _CONFIGS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+    if q.dim() != 4 or q.shape[-1] not in _ROUTED_HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return False
     if softcap != 0 or alibi_slopes is not None or dropout_p != 0:
         return False
@@ -260,7 +264,7 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
 def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                   causal: bool, overlap: bool = OVERLAP) -> tuple[torch.Tensor, torch.Tensor]:
     """q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out contiguous like q, lse float32 (b, h, sq)).
-    Call only where ``gluon_forward_supported`` is True."""
+    Call only where ``gluon_forward_supported`` is True (or, for d=64, where it would be but for speed)."""
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
