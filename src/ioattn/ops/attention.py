@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..dropout import draw_seed
+from ..kernels.attn_fwd_gluon import gluon_forward, gluon_forward_supported
 from ..kernels.launch import attn_bwd, attn_fwd, lse_shape, make_problem
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
@@ -23,7 +24,15 @@ def flash_attn_fwd(
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, seed): seed is a CPU int64 scalar tensor (0 without dropout)."""
+    """Returns (out, lse, seed): seed is a CPU int64 scalar tensor (0 without dropout).
+
+    On Hopper the dense forward without score modifiers takes the Gluon kernel (TMA + async wgmma) where
+    ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0`` turns it off."""
+    if cu_seqlens_q is None and gluon_forward_supported(
+            q, k, v, causal=window_left < 0 and window_right == 0, window_size=(window_left, window_right),
+            softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, softmax_scale=softmax_scale):
+        out, lse = gluon_forward(q, k, v, softmax_scale, window_right == 0)
+        return out, lse, torch.tensor(0, dtype=torch.int64)
     seed = draw_seed() if dropout_p > 0 else 0
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
