@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 
 def _run(*args, interpret=False, timeout=300):
     env = dict(os.environ)
@@ -41,7 +43,9 @@ def test_demo_prints_a_row_per_length_with_a_small_error():
     rows = [line.split() for line in res.stdout.splitlines()]
     rows = [r for r in rows if len(r) == 7 and r[0] in ("128", "256")]
     assert [r[0] for r in rows] == ["128", "256"]
-    assert all(float(r[-1]) < 1e-4 for r in rows)  # float32 chunked path against the float64 reference
+    # The CPU runs the float32 chunked path, a GPU the bf16 kernels (bf16 keeps 8 bits of mantissa).
+    bound = 2e-2 if torch.cuda.is_available() else 1e-4
+    assert all(float(r[-1]) < bound for r in rows), rows
 
 
 def test_bench_quick_cpu_writes_json(tmp_path):
