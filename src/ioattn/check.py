@@ -150,7 +150,8 @@ def run_checks(device: str = "cpu") -> int:
     print(f"ioattn check on {dev} in {dtype} (rule: ours <= {OUT_FACTOR:g}x PyTorch's same-dtype error for outputs, "
           f"{GRAD_FACTOR:g}x for gradients, + {FLOOR:g})")
     rows, failed = [], 0
-    for case in CASES:
+    for i, case in enumerate(CASES, 1):
+        print(f"  [{i}/{len(CASES)}] {case.__name__.removeprefix('case_')} ...".ljust(40), end="\r", flush=True)
         try:
             for res in case(dev, dtype):
                 rows.append(res)
