@@ -21,6 +21,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import statistics
 import sys
 import time
@@ -31,48 +32,66 @@ SEQLEN, OTHER_SEQLENS = 4096, (2048, 16384)
 CHECK_SEQLEN = 2048
 
 
-def candidates(kind: str, smoke: bool):
+def candidates(kind: str, headdim: int, smoke: bool):
     from ioattn.kernels.launch import AttnConfig
 
     if smoke:
         return [AttnConfig(32, 32, 1, 1), AttnConfig(16, 32, 1, 1)]
+    if headdim == 256:
+        # Read offline for sm_90 (Triton 3.6, ptxas -v): 8 warps on 64-row wgmma tiles keep the spills to
+        # tens of bytes; the old (32, 32, 4, 2) rows use mma.sync and spill (dK/dV 340 B).
+        if kind == "dq":
+            return [AttnConfig(*c) for c in ((64, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2), (128, 32, 8, 1),
+                                             (64, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (64, 16, 4, 3))]
+        return [AttnConfig(*c) for c in ((16, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 1), (32, 64, 8, 2),
+                                         (32, 64, 8, 3), (32, 64, 8, 1), (64, 64, 8, 2), (16, 64, 4, 2))]
+    if headdim == 128 and kind == "dq":  # around v2's winners: deeper pipelines, 128-key tiles
+        return [AttnConfig(*c) for c in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                                         (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 3),
+                                         (64, 128, 8, 3), (64, 64, 8, 3))]
+    if headdim == 128 and kind == "dkdv":
+        return [AttnConfig(*c) for c in ((64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 8, 2),
+                                         (128, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3),
+                                         (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))]
     if kind == "fwd":
         shapes = [(128, 64), (128, 128), (64, 64)]
     elif kind == "dq":
-        shapes = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]
+        shapes = [(64, 64), (128, 32), (128, 64), (128, 128)]
     else:  # dK/dV programs hold block_n keys and stream block_m queries
-        shapes = [(32, 64), (32, 128), (64, 64), (64, 128), (128, 64)]
+        shapes = [(32, 128), (64, 64), (64, 128), (128, 64), (128, 128)]
     return [AttnConfig(bm, bn, w, s) for (bm, bn), w, s in itertools.product(shapes, (4, 8), (2, 3, 4))
-            if not (kind != "fwd" and s == 4)]
+            if not (kind != "fwd" and w == 4 and bm * bn >= 128 * 128)]
 
 
-def make_inputs(headdim: int, seqlen: int, batch: int, device: str, seed: int = 0):
+def make_inputs(headdim: int, seqlen: int, batch: int, device: str, seed: int = 0, dtype=None):
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
     nheads = HIDDEN // headdim
     shape = (batch, seqlen, nheads, headdim)
     # The interpreter computes in numpy, which has no bfloat16: fp16 stands in for the CPU smoke run.
-    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float16
     return [torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(4)]
 
 
-def runner(kind: str, headdim: int, causal: bool, cfg, q, k, v, dout):
-    """A thunk running the kernel(s) of ``kind`` with ``cfg`` in force, returning (out,) or grads."""
+def runner(kind: str, headdim: int, causal: bool, cfg, q, k, v, dout, others=None):
+    """A thunk running the kernel(s) of ``kind`` with ``cfg`` (and the ``others`` table) in force,
+    returning (out,) or grads."""
     from ioattn.kernels.launch import attn_bwd, attn_fwd, configs_overridden, make_problem
 
     seqlen = q.shape[1]
     prob = make_problem(q, k, None, seqlen, seqlen, headdim ** -0.5, -1, 0 if causal else -1, 0.0, 0.0)
-    key = (kind, headdim, causal)
+    table = {**(others or {}), (kind, headdim, causal): cfg}
     if kind == "fwd":
         def run():
-            with configs_overridden({key: cfg}):
+            with configs_overridden(table):
                 return attn_fwd(q, k, v, None, None, None, prob, 0)[:1]
         return run
     out, lse = attn_fwd(q, k, v, None, None, None, prob, 0)
 
     def run():
-        with configs_overridden({key: cfg}):
+        with configs_overridden(table):
             return attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, 0)
     return run
 
@@ -80,14 +99,14 @@ def runner(kind: str, headdim: int, causal: bool, cfg, q, k, v, dout):
 _REFS: dict = {}
 
 
-def _reference(headdim: int, causal: bool, device: str, seqlen: int):
-    """(inputs, fp32 reference results, bf16 SDPA's error against them) at the check shape."""
+def _reference(headdim: int, causal: bool, device: str, seqlen: int, dtype=None):
+    """(inputs, fp32 reference results, low-precision SDPA's error against them) at the check shape."""
     import torch
     import torch.nn.functional as F
 
-    key = (headdim, causal)
+    key = (headdim, causal, seqlen, dtype)
     if key not in _REFS:
-        q, k, v, dout = make_inputs(headdim, seqlen, 1, device, seed=1)
+        q, k, v, dout = make_inputs(headdim, seqlen, 1, device, seed=1, dtype=dtype)
 
         def sdpa(dtype):
             xs = [x.to(dtype).transpose(1, 2).requires_grad_(True) for x in (q, k, v)]
@@ -104,6 +123,8 @@ def _reference(headdim: int, causal: bool, device: str, seqlen: int):
 
 def check(task):
     """Worker: compile and check one candidate. Returns (task, ok, message, seconds)."""
+    import torch
+
     kind, headdim, causal, cfg, device, seqlen = task
     t0 = time.perf_counter()
     try:
@@ -114,6 +135,14 @@ def check(task):
         errs = [(g.float() - r).abs().max().item() for g, r in zip(got, ref_sel, strict=True)]
         ok = all(e <= 3 * b + 2e-3 for e, b in zip(errs, base_sel, strict=True))
         msg = "err " + " ".join(f"{e:.2e}/{b:.2e}" for e, b in zip(errs, base_sel, strict=True))
+        if device == "cuda":
+            # fp32 inputs derive their tiles from the same row (launch.get_config): they must still fit.
+            (q, k, v, dout), ref, _ = _reference(headdim, causal, device, 128, torch.float32)
+            got = runner(kind, headdim, causal, cfg, q, k, v, dout)()
+            err32 = max((g - r).abs().max().item()
+                        for g, r in zip(got, ref[:1] if kind == "fwd" else ref[1:], strict=True))
+            ok = ok and err32 <= 1e-3
+            msg += f", fp32 {err32:.1e}"
     except Exception as exc:  # a config that does not compile or run is simply not a candidate
         ok, msg = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         traceback.print_exc(limit=2)
@@ -146,6 +175,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, two configs (CPU interpreter)")
     parser.add_argument("--kinds", default="fwd,dkdv,dq")
     parser.add_argument("--headdims", default="64,128")
+    parser.add_argument("--write-launch", metavar="PATH",
+                        help="rewrite the chosen rows of this launch.py's table in place")
     args = parser.parse_args()
     global TOKENS, HIDDEN, SEQLEN, OTHER_SEQLENS, CHECK_SEQLEN
     if args.smoke:
@@ -161,7 +192,7 @@ def main() -> None:
                                else get_config(kind, d, c, torch.bfloat16))
                 for kind in kinds for d in headdims for c in (False, True)}
     tasks = [(kind, d, c, cfg, device, CHECK_SEQLEN) for kind in kinds for d in headdims for c in (False, True)
-             for cfg in dict.fromkeys([defaults[(kind, d, c)], *candidates(kind, args.smoke)])]
+             for cfg in dict.fromkeys([defaults[(kind, d, c)], *candidates(kind, d, args.smoke)])]
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
@@ -184,10 +215,11 @@ def main() -> None:
         if (d, seqlen) not in inputs_cache:
             inputs_cache.clear()
             inputs_cache[(d, seqlen)] = make_inputs(d, seqlen, TOKENS // seqlen, device)
-        fn = runner(kind, d, c, cfg, *inputs_cache[(d, seqlen)])
+        fn = runner(kind, d, c, cfg, *inputs_cache[(d, seqlen)], others=winners)
         return bench_ms(fn, device)
 
-    chosen, timings = {}, []
+    # Each kind is timed with the kinds already chosen in force (e.g. dK/dV after the new dQ row).
+    chosen, timings, winners = {}, [], {}
     t0 = time.perf_counter()
     for d in headdims:
         cache: dict = {}
@@ -218,6 +250,7 @@ def main() -> None:
                          for f in finalists}
                 best = min(score, key=score.get)
                 chosen[key] = (best, defaults[key], per_len)
+                winners[key] = best
     print(f"phase 2: timed in {time.perf_counter() - t0:.0f} s", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
@@ -242,7 +275,22 @@ def main() -> None:
     print("TFLOPs/s chosen/default per seqlen (bwd kinds: of the whole backward)")
     print("\n".join(f'    ("{k}", {d}, {c}): AttnConfig{tuple(b.__dict__.values())},'
                     for (k, d, c), (b, _, _) in chosen.items()))
+    if args.write_launch:
+        write_launch(args.write_launch, {key: best for key, (best, _, _) in chosen.items()})
     sys.stdout.flush()
+
+
+def write_launch(path: str, rows: dict) -> None:
+    """Replace the ``_CONFIGS`` rows named in ``rows`` in ``path`` (the sweep's output becomes the table)."""
+    text = open(path).read()
+    for (kind, d, c), cfg in rows.items():
+        pattern = re.compile(rf'(\("{kind}", {d}, {c}\): )AttnConfig\([^)]*\)')
+        text, n = pattern.subn(rf"\g<1>AttnConfig{tuple(cfg.__dict__.values())}", text)
+        if n != 1:
+            raise SystemExit(f"{path}: found {n} rows for {(kind, d, c)}")
+    with open(path, "w") as fh:
+        fh.write(text)
+    print(f"wrote {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

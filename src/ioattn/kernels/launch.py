@@ -78,16 +78,18 @@ def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> A
     ceiling = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
     key = (kernel, ceiling, causal)
     if key in _OVERRIDES:
-        return _OVERRIDES[key]
-    if interpreting():
+        cfg = _OVERRIDES[key]
+    elif interpreting():
         return _INTERP_CONFIG
-    cfg = _CONFIGS[key]
+    else:
+        cfg = _CONFIGS[key]
     if dtype == torch.float32:
-        # 4-byte tiles: halve the held tile and keep two stages so shared memory fits (<= 227 KB on Hopper).
+        # 4-byte tiles: halve the held tile and keep two stages (one at d=256) so shared memory fits
+        # (<= 227 KB on Hopper).
         held_m = kernel != "dkdv"
         return AttnConfig(max(16, cfg.block_m // 2) if held_m else cfg.block_m,
                           cfg.block_n if held_m else max(16, cfg.block_n // 2),
-                          cfg.num_warps, min(cfg.num_stages, 2))
+                          cfg.num_warps, min(cfg.num_stages, 1 if ceiling == 256 else 2))
     return cfg
 
 
