@@ -34,7 +34,8 @@ class AttnConfig:
 # One table for every tunable choice, keyed by (kernel, padded head dim ceiling, causal); "interp" rows
 # keep the interpreter fast. Hopper starting points: BLOCK_M 128, BLOCK_N 64, 8 warps (FA2 partitioning).
 _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
-    # Hopper rows for headdims 64 and 128: chosen by scripts/sweep_fa2.py on an H200 (benchmarks/NOTES.md).
+    # Hopper rows for headdims 64 and 128 (backward: 256 too): chosen by scripts/sweep_fa2.py on an H200
+    # (benchmarks/NOTES.md, FA2 tuning v2 and Backward v3).
     ("fwd", 64, False): AttnConfig(128, 64, 8, 3),
     ("fwd", 64, True): AttnConfig(128, 64, 8, 3),
     ("fwd", 128, False): AttnConfig(128, 64, 8, 3),
@@ -47,16 +48,16 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
     ("dkdv", 64, False): AttnConfig(32, 128, 4, 3),
     ("dkdv", 64, True): AttnConfig(128, 64, 4, 2),
     ("dkdv", 128, False): AttnConfig(64, 128, 8, 3),
-    ("dkdv", 128, True): AttnConfig(64, 128, 8, 3),
-    ("dkdv", 256, False): AttnConfig(32, 32, 4, 2),
-    ("dkdv", 256, True): AttnConfig(32, 32, 4, 2),
+    ("dkdv", 128, True): AttnConfig(64, 128, 8, 2),
+    ("dkdv", 256, False): AttnConfig(64, 64, 8, 2),
+    ("dkdv", 256, True): AttnConfig(64, 64, 8, 2),
     # dQ programs: block_m queries held on chip, block_n keys streamed.
     ("dq", 64, False): AttnConfig(128, 64, 8, 2),
     ("dq", 64, True): AttnConfig(64, 64, 4, 3),
     ("dq", 128, False): AttnConfig(128, 64, 8, 3),
-    ("dq", 128, True): AttnConfig(128, 64, 8, 3),
-    ("dq", 256, False): AttnConfig(32, 32, 4, 2),
-    ("dq", 256, True): AttnConfig(32, 32, 4, 2),
+    ("dq", 128, True): AttnConfig(128, 64, 8, 4),
+    ("dq", 256, False): AttnConfig(64, 16, 4, 3),
+    ("dq", 256, True): AttnConfig(64, 16, 4, 3),
 }
 _INTERP_CONFIG = AttnConfig(32, 32, 1, 1)  # fewer, larger tiles: interpreter cost is per op
 _OVERRIDES: dict[tuple[str, int, bool], AttnConfig] = {}
