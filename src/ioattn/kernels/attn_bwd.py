@@ -22,24 +22,10 @@ from .common import (
     dropout_keep_t,
     kv_block_range,
     q_block_range,
+    seq_bounds,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q + b)
-        seqlen_q = tl.load(cu_seqlens_q + b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + b)
-        seqlen_k = tl.load(cu_seqlens_k + b + 1) - k_start
-    else:
-        q_start = tl.full([], 0, tl.int32)
-        seqlen_q = max_seqlen_q
-        k_start = tl.full([], 0, tl.int32)
-        seqlen_k = max_seqlen_k
-    return q_start, seqlen_q, k_start, seqlen_k
 
 
 @triton.jit
@@ -53,7 +39,7 @@ def attn_bwd_preprocess_kernel(
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
-    q_start, seqlen_q, _, _ = _seq_bounds(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, 0, IS_VARLEN)
+    q_start, seqlen_q, _, _ = seq_bounds(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, 0, IS_VARLEN)
     if start_m >= seqlen_q:
         return
     b64 = b.to(tl.int64)
@@ -183,7 +169,7 @@ def attn_bwd_dkdv_kernel(
     bhk = tl.program_id(1)
     b = bhk // nheads_k
     hk = bhk % nheads_k
-    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
                                                        max_seqlen_k, IS_VARLEN)
     if start_n >= seqlen_k:
         return
@@ -283,7 +269,7 @@ def attn_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
-    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
                                                        max_seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:
         return

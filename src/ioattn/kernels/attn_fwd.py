@@ -10,7 +10,7 @@ mask boundary take the masked path. The N x N score matrix never reaches device 
 import triton
 import triton.language as tl
 
-from .common import apply_softcap, bias_and_mask, dropout_keep, kv_block_range, online_softmax_step
+from .common import apply_softcap, bias_and_mask, dropout_keep, kv_block_range, online_softmax_step, seq_bounds
 
 
 @triton.jit
@@ -76,16 +76,8 @@ def attn_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // nheads
     h = bh % nheads
-    if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q + b)
-        seqlen_q = tl.load(cu_seqlens_q + b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + b)
-        seqlen_k = tl.load(cu_seqlens_k + b + 1) - k_start
-    else:
-        q_start = tl.full([], 0, tl.int32)
-        seqlen_q = max_seqlen_q
-        k_start = tl.full([], 0, tl.int32)
-        seqlen_k = max_seqlen_k
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k,
+                                                      IS_VARLEN)
     if start_m >= seqlen_q:
         return
     diag = seqlen_k - seqlen_q

@@ -176,3 +176,20 @@ def dropout_keep_t(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
     """``dropout_keep`` on a transposed (cols, rows) tile: the same Philox offsets, so the same mask."""
     offs = philox_base + rows.to(tl.int64)[None, :] * philox_row_stride + cols[:, None]
     return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k, IS_VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of batch entry b: read from cu_seqlens for varlen batches,
+    else (0, max_seqlen_q, 0, max_seqlen_k)."""
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + b)
+        seqlen_q = tl.load(cu_seqlens_q + b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + b)
+        seqlen_k = tl.load(cu_seqlens_k + b + 1) - k_start
+    else:
+        q_start = tl.full([], 0, tl.int32)
+        seqlen_q = max_seqlen_q
+        k_start = tl.full([], 0, tl.int32)
+        seqlen_k = max_seqlen_k
+    return q_start, seqlen_q, k_start, seqlen_k
