@@ -38,7 +38,6 @@ Model (every assumption, stated):
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import random
@@ -47,8 +46,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ioattn.paged import BlockManager, OutOfBlocksError
+
+from .report import run_metadata
 
 KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # OPT-13B: K and V, 40 layers, hidden 5120, fp16
 MAX_SEQ_LEN = 2048
@@ -346,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     doc = run_experiment(args.requests, args.seed, args.block_size, args.kv_gb,
                          args.policies.split(","), args.traces.split(","))
-    doc["date"] = _dt.date.today().isoformat()
+    doc.update(run_metadata(torch.device("cpu")))  # device, date, commit, torch and triton versions
     print(format_table(doc["rows"]))
     if args.json:
         path = Path(args.json)
