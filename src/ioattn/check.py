@@ -20,16 +20,12 @@ from .testing import (
     ToleranceResult,
     dropout_mask_for_call,
     make_cu_seqlens,
+    make_qkv,
     tolerance_check,
 )
 
 Case = Callable[[torch.device, torch.dtype], Iterator[ToleranceResult]]
 FLOOR = 1e-4
-
-
-def _qkv(b, sq, sk, h, hk, d, dtype, device, grad=False):
-    return tuple(torch.randn(b, s, n, d, device=device, dtype=dtype).requires_grad_(grad)
-                 for s, n in ((sq, h), (sk, hk), (sk, hk)))
 
 
 def _compare(name, ours, q, k, v, factor=OUT_FACTOR, **ref_kwargs) -> ToleranceResult:
@@ -47,13 +43,13 @@ def case_dense(device, dtype):
         ("alibi", {"alibi_slopes": torch.rand(4, device=device) * 0.3}),
     ]
     for label, kw in options:
-        q, k, v = _qkv(2, 77, 91, 4, 2, 64, dtype, device)
+        q, k, v = make_qkv(2, 77, 91, 4, 2, 64, dtype, device)
         yield _compare(f"flash_attn_func {label}", api.flash_attn_func(q, k, v, **kw), q, k, v, **kw)
 
 
 def case_grad(device, dtype):
     for causal in (False, True):
-        q, k, v = _qkv(1, 65, 65, 4, 1, 64, dtype, device, grad=True)
+        q, k, v = make_qkv(1, 65, 65, 4, 1, 64, dtype, device, requires_grad=True)
         dout = torch.randn_like(q)
         grads = torch.autograd.grad(api.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout)
         ref = torch.autograd.grad(attention_ref(q, k, v, causal=causal, upcast=True)[0], (q, k, v), dout)
@@ -64,7 +60,7 @@ def case_grad(device, dtype):
 
 
 def case_dropout(device, dtype):
-    q, k, v = _qkv(2, 40, 40, 2, 2, 32, dtype, device)
+    q, k, v = make_qkv(2, 40, 40, 2, 2, 32, dtype, device)
     state = torch.get_rng_state()
     seed = draw_seed()
     torch.set_rng_state(state)  # the call draws the same seed
@@ -109,7 +105,7 @@ def case_packed(device, dtype):
 
 
 def case_memory_efficient(device, dtype):
-    q, k, v = _qkv(1, 300, 300, 2, 1, 64, dtype, device)
+    q, k, v = make_qkv(1, 300, 300, 2, 1, 64, dtype, device)
     out = memory_efficient_attention(q, k, v, causal=True, query_chunk_size=128, key_chunk_size=64)
     yield _compare("memory_efficient_attention causal", out, q, k, v, causal=True)
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .backend import select_backend
-from .bench.memory import available_bytes, peak_memory_bytes, standard_attention, standard_estimate, timed
+from .bench.memory import available_bytes, mib, peak_memory_bytes, standard_attention, standard_estimate, timed
 from .interface import flash_attn_func
 from .reference import attention_ref
 
@@ -26,10 +26,6 @@ def _config(device: torch.device) -> dict:
                 "seqlens": [1024, 2048, 4096, 8192, 16384, 32768, 65536], "repeats": 10}
     return {"dtype": torch.float32, "heads": 2, "headdim": 64,
             "seqlens": [1024, 2048, 4096, 8192, 16384], "repeats": 2}
-
-
-def _mib(nbytes: int | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:,.0f}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -50,7 +46,7 @@ def run_demo(device: str = "cpu", seqlens: list[int] | None = None) -> int:
         print(f"{n:>7}  measuring ...", end="\r", flush=True)
         t_std, t_io, m_std, m_io, err = _measure(n, dev, cfg)
         saved = f"{m_std / max(m_io, 1):,.1f}x" if m_std is not None else "-"
-        print(f"{n:>7}  {_ms(t_std):>11}  {_ms(t_io):>9}  {_mib(m_std):>12}  {_mib(m_io):>10}  {saved:>12}  "
+        print(f"{n:>7}  {_ms(t_std):>11}  {_ms(t_io):>9}  {mib(m_std):>12}  {mib(m_io):>10}  {saved:>12}  "
               f"{err:>9.2e}", flush=True)
         if not math.isfinite(err):
             print("ioattn produced a non-finite value")

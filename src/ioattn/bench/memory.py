@@ -230,7 +230,8 @@ def ratios(rows: list[dict], seqlen: int) -> dict[str, float]:
     return out
 
 
-def _mib(b: int | None) -> str:
+def mib(b: int | None) -> str:
+    """Bytes as MiB for tables; '-' for a measurement that was skipped."""
     return "-" if b is None else f"{b / 2**20:,.1f}"
 
 
@@ -242,7 +243,7 @@ def format_table(rows: list[dict]) -> str:
     keys = sorted({(r["seqlen"], r["mode"]) for r in rows}, key=lambda t: (t[1] != "fwd", t[0]))
     for n, mode in keys:
         by = {r["method"]: r for r in rows if r["seqlen"] == n and r["mode"] == mode}
-        mem = [_mib(by[m]["peak_bytes"]) if m in by else "-" for m in methods]
+        mem = [mib(by[m]["peak_bytes"]) if m in by else "-" for m in methods]
         sec = [f"{by[m]['seconds']:.4g}" if m in by and by[m]["seconds"] is not None else "-"
                for m in methods]
         ratio = ratios(rows, n).get(mode)
