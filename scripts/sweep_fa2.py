@@ -7,8 +7,9 @@ passing candidate is timed with ``triton.testing.do_bench`` (median) at seqlen 4
 (16k tokens, hidden 2048); the three fastest and the current default are re-timed at 2048 and 16384, and
 the one with the lowest mean time relative to the best at each length wins.
 
-Kinds: ``fwd``; ``dkdv`` and ``dq`` (the backward's two kernels, each timed with the other at its
-current default; the times are of the whole backward).
+Kinds: ``fwd``; ``dkdv`` and ``dq`` (the deterministic backward's two kernels, each timed with the other
+at its current default; the times are of the whole backward); ``fused`` (the single-pass backward, dQ by
+TMA reduce-add, ``deterministic=False``).
 
     PYTHONPATH=src python scripts/sweep_fa2.py --out OUTDIR        # on the GPU
     PYTHONPATH=src python scripts/sweep_fa2.py --smoke             # on CPU, interpreter, tiny shapes
@@ -45,6 +46,12 @@ def candidates(kind: str, headdim: int, smoke: bool):
                                              (64, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (64, 16, 4, 3))]
         return [AttnConfig(*c) for c in ((16, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 1), (32, 64, 8, 2),
                                          (32, 64, 8, 3), (32, 64, 8, 1), (64, 64, 8, 2), (16, 64, 4, 2))]
+    if kind == "fused":  # read offline first (scripts/compile_bwd.py): 8 warps keep spills to tens of bytes
+        if headdim == 64:
+            return [AttnConfig(*c) for c in ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
+                                             (128, 64, 8, 2), (32, 128, 8, 3))]
+        return [AttnConfig(*c) for c in ((64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2),
+                                         (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2))]
     if headdim == 128 and kind == "dq":  # around v2's winners: deeper pipelines, 128-key tiles
         return [AttnConfig(*c) for c in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
                                          (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 3),
@@ -92,7 +99,8 @@ def runner(kind: str, headdim: int, causal: bool, cfg, q, k, v, dout, others=Non
 
     def run():
         with configs_overridden(table):
-            return attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, 0)
+            return attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, 0,
+                            deterministic=kind != "fused")
     return run
 
 
@@ -175,6 +183,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, two configs (CPU interpreter)")
     parser.add_argument("--kinds", default="fwd,dkdv,dq")
     parser.add_argument("--headdims", default="64,128")
+    parser.add_argument("--default-only", default="",
+                        help="kinds timed at their current row only (a baseline in the same process)")
     parser.add_argument("--write-launch", metavar="PATH",
                         help="rewrite the chosen rows of this launch.py's table in place")
     args = parser.parse_args()
@@ -192,7 +202,9 @@ def main() -> None:
                                else get_config(kind, d, c, torch.bfloat16))
                 for kind in kinds for d in headdims for c in (False, True)}
     tasks = [(kind, d, c, cfg, device, CHECK_SEQLEN) for kind in kinds for d in headdims for c in (False, True)
-             for cfg in dict.fromkeys([defaults[(kind, d, c)], *candidates(kind, d, args.smoke)])]
+             for cfg in dict.fromkeys([defaults[(kind, d, c)],
+                                       *([] if kind in args.default_only.split(",")
+                                         else candidates(kind, d, args.smoke))])]
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:

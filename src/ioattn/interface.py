@@ -76,8 +76,9 @@ def flash_attn_func(
         window_size: (left, right) sliding window; -1 is unbounded on that side.
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
         alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
-        deterministic: flash-attn's switch for a bitwise-reproducible backward. ioattn's backward uses no
-            atomics (a separate dQ pass measured faster than atomic dQ), so it is always reproducible.
+        deterministic: flash-attn's switch for a bitwise-reproducible backward. False takes the single-pass
+            backward, whose dQ is summed with fp32 atomics (its last bits may vary between runs); True
+            runs a separate dQ pass without atomics (bitwise reproducible, somewhat slower).
         return_attn_probs: also return the log-sum-exp (and None in place of the probabilities).
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype.

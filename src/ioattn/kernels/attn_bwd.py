@@ -102,11 +102,13 @@ def _row_stats(lse_base, delta_base, rows, seqlen_q):
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                dq_desc, dq_base, dq_z, dq_row0, softmax_scale,
                 lo, hi, cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2,
                 alibi_slope2, window_left, window_right, seed, philox_base, philox_row_stride, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
     # Works on transposed tiles (keys x queries): S^T = K Q^T, so P^T and dS^T feed dV += P^T dO and
     # dK += dS^T Q straight from registers, as in FA2's Alg. 2 lines 12-20 with the roles swapped.
     offs_m = tl.arange(0, BLOCK_M)
@@ -147,6 +149,16 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            # FA2's single pass (Alg. 2 line 21): this key block's share of dQ = dS K, summed over key
+            # blocks in an fp32 buffer. On sm_90 one bulk tensor reduce-add (TMA) per tile; rows past a
+            # varlen sequence carry exact zeros (P = 0, dO = 0), so they may land on the next sequence.
+            dq_part = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+            if DQ_TMA:
+                dq_desc.atomic_add([dq_z, dq_row0 + start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
+            else:
+                dq_ptrs = dq_base + (start_m + offs_m)[:, None] * BLOCK_D + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq_part, mask=(rows < seqlen_q)[:, None], sem="relaxed")
         qt_ptrs += BLOCK_M * stride_qs
         do_ptrs += BLOCK_M * stride_dos
     return dk, dv
@@ -154,17 +166,21 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    Q, K, V, DOut, Lse, Delta, DK, DV, DQacc, dq_desc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_ab,
-    nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
+    nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, dq_rows,
     softmax_scale, qk_scale, softcap2, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
+    """dK, dV for one key block; with FUSED_DQ also dQ's share, added into the fp32 buffer ``DQacc``
+    of shape (z, rows, BLOCK_D) (z = b * nheads + h dense, h varlen; rows = seqlen_q dense, total_q
+    varlen), through the tensor descriptor ``dq_desc`` when DQ_TMA."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // nheads_k
@@ -204,13 +220,16 @@ def attn_bwd_dkdv_kernel(
         philox_base = (b64 * nheads + h64) * max_seqlen_q * max_seqlen_k
         args = (cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left,
                 window_right, seed, philox_base, max_seqlen_k, dropout_p)
-        ptrs = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos)
+        dq_z = h if IS_VARLEN else b * nheads + h  # int32: descriptor offsets are 32-bit
+        dq_base = DQacc + (dq_z.to(tl.int64) * dq_rows + q0) * BLOCK_D
+        ptrs = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, dq_desc, dq_base, dq_z,
+                q_start, softmax_scale)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, lo, full_lo, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_lo, full_hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, False,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_hi, hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA)
     dk = dk * softmax_scale
     dk_base = DK + b64 * stride_dkb + hk64 * stride_dkh + n0 * stride_dks
     dv_base = DV + b64 * stride_dvb + hk64 * stride_dvh + n0 * stride_dvs

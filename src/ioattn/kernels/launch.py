@@ -58,6 +58,12 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
     ("dq", 128, True): AttnConfig(128, 64, 8, 4),
     ("dq", 256, False): AttnConfig(64, 16, 4, 3),
     ("dq", 256, True): AttnConfig(64, 16, 4, 3),
+    # Single-pass backward (deterministic=False): dK/dV programs that also add dQ's share into an fp32
+    # buffer (TMA reduce-add on sm_90). A head dim without a row here keeps the two-pass backward.
+    ("fused", 64, False): AttnConfig(64, 128, 8, 2),
+    ("fused", 64, True): AttnConfig(64, 128, 8, 2),
+    ("fused", 128, False): AttnConfig(64, 128, 8, 2),
+    ("fused", 128, True): AttnConfig(64, 128, 8, 2),
 }
 _INTERP_CONFIG = AttnConfig(32, 32, 1, 1)  # fewer, larger tiles: interpreter cost is per op
 _OVERRIDES: dict[tuple[str, int, bool], AttnConfig] = {}
@@ -75,8 +81,17 @@ def configs_overridden(table: dict[tuple[str, int, bool], AttnConfig]) -> Iterat
         _OVERRIDES.update(saved)
 
 
+def _ceiling(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def has_config(kernel: str, block_d: int, causal: bool) -> bool:
+    key = (kernel, _ceiling(block_d), causal)
+    return key in _OVERRIDES or key in _CONFIGS
+
+
 def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> AttnConfig:
-    ceiling = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    ceiling = _ceiling(block_d)
     key = (kernel, ceiling, causal)
     if key in _OVERRIDES:
         cfg = _OVERRIDES[key]
@@ -87,7 +102,7 @@ def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> A
     if dtype == torch.float32:
         # 4-byte tiles: halve the held tile and keep two stages (one at d=256) so shared memory fits
         # (<= 227 KB on Hopper).
-        held_m = kernel != "dkdv"
+        held_m = kernel not in ("dkdv", "fused")
         return AttnConfig(max(16, cfg.block_m // 2) if held_m else cfg.block_m,
                           cfg.block_n if held_m else max(16, cfg.block_n // 2),
                           cfg.num_warps, min(cfg.num_stages, 1 if ceiling == 256 else 2))
@@ -201,10 +216,43 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
     return out, lse
 
 
-def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int):
-    """Returns (dq, dk, dv), contiguous, in the inputs' dtype. No atomics, so always bitwise reproducible:
-    FA2's fp32 dQ atomics measured slower than the separate dQ pass on an H200 (benchmarks/NOTES.md, FA2
-    tuning v2), so flash-attn's ``deterministic`` choice has nothing to choose between.
+def _fused_dq_buffer(q: torch.Tensor, prob: Problem, block_d: int, block_m: int, tma: bool):
+    """(fp32 zeroed buffer (z, rows, block_d), rows, descriptor or None) for the single-pass backward:
+    z = batch * nheads and rows = seqlen_q dense, z = nheads and rows = total_q varlen."""
+    rows = q.shape[0] if prob.varlen else prob.max_seqlen_q
+    z = prob.nheads if prob.varlen else prob.batch * prob.nheads
+    acc = torch.zeros((z, rows, block_d), dtype=torch.float32, device=q.device)
+    desc = None
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), [1, block_m, block_d])
+    return acc, rows, desc
+
+
+def _fused_dq_out(acc: torch.Tensor, dq: torch.Tensor, prob: Problem) -> torch.Tensor:
+    """Copies the fp32 (z, rows, block_d) buffer into dq (the inputs' layout and dtype)."""
+    d = prob.headdim
+    if prob.varlen:
+        dq.copy_(acc[..., :d].transpose(0, 1))
+    else:
+        dq.copy_(acc.view(prob.batch, prob.nheads, prob.max_seqlen_q, -1)[..., :d].transpose(1, 2))
+    return dq
+
+
+def _tma_reduce_available(t: torch.Tensor) -> bool:
+    return t.is_cuda and not interpreting() and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int,
+             deterministic: bool = False):
+    """Returns (dq, dk, dv), contiguous, in the inputs' dtype.
+
+    ``deterministic=False`` (flash-attn's default) takes FA2's single pass where the config table has a
+    ``fused`` row: the dK/dV programs also add dQ's share into an fp32 buffer (one TMA reduce-add per
+    tile on sm_90, fp32 atomics elsewhere), five products per tile instead of seven. The order of those
+    additions varies from run to run, so dQ may differ in its last bits. ``deterministic=True`` (and any
+    head dim without a fused row) runs the separate dQ pass: no atomics, bitwise reproducible.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -223,6 +271,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                seed)
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
+    fused = not deterministic and has_config("fused", bd, prob.causal)
 
     cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
@@ -232,23 +281,31 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             *lse_strides, prob.nheads, prob.max_seqlen_q,
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
         )
-        attn_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
-            *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
-            prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **flags,
-        )
-    cfg = get_config("dkdv", bd, prob.causal, q.dtype)
+        if not fused:
+            attn_bwd_dq_kernel[grid](
+                q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
+                *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
+                prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **flags,
+            )
+    cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
+    if fused:
+        tma = _tma_reduce_available(q)
+        dq_acc, dq_rows, dq_desc = _fused_dq_buffer(q, prob, bd, cfg.block_m, tma)
+    else:
+        tma, dq_acc, dq_rows, dq_desc = False, q, 0, None
     if math.prod(grid) > 0:
         attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, slopes,
+            q, k, v, dout, lse, delta, dk, dv, dq_acc, dq_desc, cu_q, cu_k, slopes,
             *qkv_do_strides, *_seq_strides(dk, prob.varlen), *_seq_strides(dv, prob.varlen),
             *lse_strides, stride_ab,
             prob.nheads, prob.nheads_k, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
-            *scalars,
+            dq_rows, *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **flags,
+            FUSED_DQ=fused, DQ_TMA=tma, **flags,
         )
+    if fused:
+        _fused_dq_out(dq_acc, dq, prob)
     return dq, dk, dv

@@ -26,12 +26,14 @@ def flash_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, seed): seed is a CPU int64 scalar tensor (0 without dropout).
 
-    On Hopper the dense forward without score modifiers takes the Gluon kernel (TMA + async wgmma) where
-    ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0`` turns it off."""
-    if cu_seqlens_q is None and gluon_forward_supported(
-            q, k, v, causal=window_left < 0 and window_right == 0, window_size=(window_left, window_right),
-            softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, softmax_scale=softmax_scale):
-        out, lse = gluon_forward(q, k, v, softmax_scale, window_right == 0)
+    On Hopper the forward without dropout (dense or varlen, any mask, softcap, ALiBi, GQA) takes the Gluon
+    kernel (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster;
+    ``IOATTN_GLUON=0`` turns it off."""
+    window = (window_left, window_right)
+    if gluon_forward_supported(q, k, v, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                               dropout_p=dropout_p, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q):
+        out, lse = gluon_forward(q, k, v, softmax_scale, window, softcap, alibi_slopes, cu_seqlens_q,
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         return out, lse, torch.tensor(0, dtype=torch.int64)
     seed = draw_seed() if dropout_p > 0 else 0
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
@@ -54,61 +56,65 @@ def flash_attn_bwd(
     lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
-    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed))
+    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed),
+                    deterministic)
 
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
+      window_left, window_right, softcap, alibi_slopes, dropout_p, seed, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class FlashAttnFunction(torch.autograd.Function):
     """The family's one autograd.Function: dense when cu_seqlens are None, varlen otherwise.
 
-    The backward has no atomics (``launch.attn_bwd``), so its gradients are always bitwise reproducible:
-    flash-attn's ``deterministic`` flag needs no plumbing below the public functions.
+    ``deterministic`` picks the backward (``launch.attn_bwd``): False (flash-attn's default) the single
+    pass with dQ summed by fp32 atomics, True the two-pass backward without atomics (bitwise reproducible).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                window_left, window_right, softcap, alibi_slopes, dropout_p):
+                window_left, window_right, softcap, alibi_slopes, dropout_p, deterministic):
         out, lse, seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, window_left, window_right, softcap, alibi_slopes,
                                         dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
         ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                      dropout_p)
+                      dropout_p, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p = ctx.params
+        (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
+         deterministic) = ctx.params
         dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                                    alibi_slopes, dropout_p, seed)
-        return dq, dk, dv, *([None] * 10)
+                                    alibi_slopes, dropout_p, seed, deterministic)
+        return dq, dk, dv, *([None] * 11)
 
 
 def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size: tuple[int, int],
                     softcap: float, alibi_slopes, dropout_p: float, deterministic: bool):
     """Dense attention: q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out like q, lse float32 (b, h, sq)).
-    ``window_size`` already has right = 0 when ``causal``; ``deterministic`` holds always (no atomics)."""
+    ``window_size`` already has right = 0 when ``causal``; ``deterministic`` picks the backward."""
     left, right = window_size
     return FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale, left, right,
-                                   softcap, alibi_slopes, dropout_p)
+                                   softcap, alibi_slopes, dropout_p, deterministic)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                            softmax_scale: float, causal: bool, window_size: tuple[int, int], softcap: float,
                            alibi_slopes, dropout_p: float, deterministic: bool):
     """Varlen attention over packed (total, h, d) -> (out like q, lse float32 (h, total_q)).
-    cu_seqlens are read only on the device; the grid comes from max_seqlen_q. ``deterministic`` holds always."""
+    cu_seqlens are read only on the device; the grid comes from max_seqlen_q. ``deterministic`` picks the
+    backward."""
     left, right = window_size
     return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   softmax_scale, left, right, softcap, alibi_slopes, dropout_p)
+                                   softmax_scale, left, right, softcap, alibi_slopes, dropout_p, deterministic)
