@@ -1,66 +1,122 @@
-"""Forward speed of the Gluon Hopper kernel against the portable ioattn kernel, SDPA (cuDNN, flash) and
-flex, on the FA2 benchmark shapes: bf16, batch x seqlen = 16k tokens, hidden 2048, d 64 / 128.
+"""Forward speed of the Gluon Hopper kernel against the portable ioattn kernel, in one process.
 
-TFLOPs/s = 4 * seqlen^2 * d * nheads * batch (halved when causal) / time; do_bench medians, every peer in
-one process on the same inputs, interleaved per shape. Each peer's output is checked against SDPA's first.
+``features``: the ``ioattn bench features`` cases (d=128, bf16, 16k tokens, hidden 2048), forward only,
+each timed with the Gluon kernel routed (``IOATTN_GLUON=1``) and with the portable kernel
+(``IOATTN_GLUON=0``); relatives are over the plain case with the Gluon kernel, as the features suite counts
+them (TFLOPs/s over the pairs a mask allows).
+``configs``: Gluon tile configs (BLOCK_M, BLOCK_N, stages, warps) against the portable kernel at d=64 and
+d=128 on the FA2 shapes (batch x seqlen = 16k, hidden 2048), causal and not; each output is checked
+against the portable kernel's first.
+
+do_bench medians (L2 flushed between calls). ``--json PATH`` writes every row.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 
 import torch
 import triton
 
-from ioattn.bench.peers import all_peers
-from ioattn.kernels.attn_fwd_gluon import gluon_forward
+from ioattn.bench.features import make_case
+from ioattn.kernels.attn_fwd_gluon import _CONFIGS, gluon_forward
 from ioattn.ops.attention import flash_attention
 
-PEERS = ("gluon", "gluon-overlap", "ioattn", "sdpa-cudnn", "sdpa-flash", "flex")
+FEATURES = ("plain", "causal", "varlen", "varlen-mixed", "gqa-4", "window", "softcap", "alibi")
+# d=64 candidates read offline (scripts/compile_gluon_fwd.py --config): (128, 64, *, 8) at 106 registers
+# and (64, 128, 2, 4) at 74 KB fit 2-3 programs per SM where the shipped (128, 128, 3, 8) fits one.
+CONFIGS = {64: [(128, 128, 3, 8), (128, 64, 4, 8), (128, 64, 2, 8), (64, 128, 2, 4), (64, 128, 3, 4)],
+           128: [(128, 128, 2, 8)]}
 
 
-def _fns(q, k, v, causal):
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    peers = all_peers()
-    fns = {
-        "gluon": lambda: gluon_forward(q, k, v, scale, causal, overlap=False)[0],
-        "gluon-overlap": lambda: gluon_forward(q, k, v, scale, causal, overlap=True)[0],
-        "ioattn": lambda: flash_attention(q, k, v, softmax_scale=scale, causal=causal,
-                                          window_size=(-1, 0) if causal else (-1, -1), softcap=0.0,
-                                          alibi_slopes=None, dropout_p=0.0, deterministic=True)[0],
-    }
-    for name in ("sdpa-cudnn", "sdpa-flash", "flex"):
-        peer = peers[name]
-        fns[name] = (lambda p: lambda: p.forward(q, k, v, causal))(peer)
-    return fns
+def _ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def bench_features(seqlens) -> list[dict]:
+    rows = []
+    for seqlen in seqlens:
+        plain_gluon = None
+        for feature in FEATURES:
+            call, _, flops = make_case(feature, seqlen, 128, torch.device("cuda"), torch.bfloat16)
+            row = {"suite": "features", "feature": feature, "seqlen": seqlen}
+            with torch.no_grad():
+                for route in ("1", "0"):
+                    os.environ["IOATTN_GLUON"] = route
+                    tflops = flops / _ms(call) * 1e-9
+                    row["gluon" if route == "1" else "portable"] = tflops
+            os.environ.pop("IOATTN_GLUON")
+            plain_gluon = plain_gluon or row["gluon"]
+            row["rel_gluon"] = row["gluon"] / plain_gluon
+            row["rel_portable"] = row["portable"] / plain_gluon
+            rows.append(row)
+            print(f"features {seqlen:>6} {feature:<13} gluon {row['gluon']:6.1f} ({row['rel_gluon']:.3f})  "
+                  f"portable {row['portable']:6.1f} ({row['rel_portable']:.3f})", flush=True)
+    return rows
+
+
+def _config_row(d: int, causal: bool, seqlen: int) -> dict:
+    batch, nheads = 16384 // seqlen, 2048 // d
+    q, k, v = (torch.randn(batch, seqlen, nheads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * seqlen * seqlen * d * nheads * batch / (2 if causal else 1)
+    scale = 1.0 / math.sqrt(d)
+    window = (-1, 0) if causal else (-1, -1)
+
+    def portable():
+        return flash_attention(q, k, v, softmax_scale=scale, causal=causal, window_size=window, softcap=0.0,
+                               alibi_slopes=None, dropout_p=0.0, deterministic=True)[0]
+
+    os.environ["IOATTN_GLUON"] = "0"
+    ref = portable().float()
+    row = {"suite": "configs", "d": d, "causal": causal, "seqlen": seqlen, "portable": flops / _ms(portable) * 1e-9}
+    os.environ.pop("IOATTN_GLUON")
+    for cfg in CONFIGS[d]:
+        def fn(cfg=cfg):
+            return gluon_forward(q, k, v, scale, window, config=cfg)[0]
+
+        err = ((fn().float() - ref).norm() / ref.norm()).item()
+        key = ",".join(map(str, cfg))
+        row[key] = flops / _ms(fn) * 1e-9 if err < 1e-2 else float("nan")
+        if err >= 1e-2:
+            print(f"config {key} d={d} causal={causal} seqlen={seqlen}: error {err:.2e}")
+    return row
+
+
+def bench_configs(headdims, seqlens) -> list[dict]:
+    rows = []
+    for d in headdims:
+        for causal in (False, True):
+            for seqlen in seqlens:
+                row = _config_row(d, causal, seqlen)
+                rows.append(row)
+                print("configs", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()},
+                      flush=True)
+    return rows
 
 
 def main() -> None:
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suites", default="features,configs")
+    ap.add_argument("--seqlens", default="4096,16384")
+    ap.add_argument("--headdims", default="64,128")
+    ap.add_argument("--json", type=str)
+    args = ap.parse_args()
+    seqlens = [int(x) for x in args.seqlens.split(",")]
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": os.environ.get("IOATTN_COMMIT", ""), "shipped_configs": {str(k): v for k, v in _CONFIGS.items()}}
+    print(info)
     rows = []
-    for d in (64, 128):
-        for causal in (False, True):
-            for seqlen in (2048, 4096, 8192, 16384):
-                batch, nheads = 16384 // seqlen, 2048 // d
-                q, k, v = (torch.randn(batch, seqlen, nheads, d, device="cuda", dtype=torch.bfloat16)
-                           for _ in range(3))
-                flops = 4 * seqlen * seqlen * d * nheads * batch / (2 if causal else 1)
-                fns = _fns(q, k, v, causal)
-                ref = fns["sdpa-flash"]().float()
-                row = {}
-                for name in PEERS:
-                    try:
-                        err = ((fns[name]().float() - ref).norm() / ref.norm()).item()
-                        ms = triton.testing.do_bench(fns[name], warmup=25, rep=100, return_mode="median")
-                        row[name] = f"{flops / ms * 1e-9:.0f}" + ("" if err < 2e-2 else f" (err {err:.1e})")
-                    except Exception as e:  # a peer that cannot run this shape
-                        row[name] = f"n/a ({type(e).__name__})"
-                rows.append((d, causal, seqlen, row))
-                print(d, causal, seqlen, row, flush=True)
-    print("\n| d | causal | seqlen | " + " | ".join(PEERS) + " |")
-    print("|---|---|---|" + "---|" * len(PEERS))
-    for d, causal, seqlen, row in rows:
-        print(f"| {d} | {causal} | {seqlen} | " + " | ".join(row[p] for p in PEERS) + " |")
+    suites = args.suites.split(",")
+    if "features" in suites:
+        rows += bench_features(seqlens)
+    if "configs" in suites:
+        rows += bench_configs([int(x) for x in args.headdims.split(",")], seqlens)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

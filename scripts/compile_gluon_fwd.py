@@ -1,6 +1,6 @@
 """Compile the Gluon forward kernel for sm_90 without a GPU and report what the PTX holds.
 
-For each (head dim, causal, dtype) variant: compile through TTGIR to PTX and cubin (ptxas ships in the
+For each (head dim, feature set, dtype) variant: compile through TTGIR to PTX and cubin (ptxas ships in the
 Triton wheel), print shared memory, registers and spills, and count the Hopper instructions that must be
 there (wgmma.mma_async, cp.async.bulk.tensor, mbarrier). ``--dump DIR`` writes the TTGIR and PTX.
 """
@@ -30,17 +30,23 @@ def _desc_type(dtype: torch.dtype, rows: int, d: int) -> str:
     return mangle_type(TensorDescriptor(t, [rows, d], [d, 1], [rows, d], layout))
 
 
-def compile_variant(d: int, causal: bool, dtype: torch.dtype, overlap: bool):
-    block_m, block_n, stages, warps = _CONFIGS[d]
+FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT")
+
+
+def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: tuple[int, int, int, int] | None = None,
+                    **flags: bool):
+    """flags: any of FLAGS (default False); causal is HAS_RIGHT alone, a sliding window both."""
+    block_m, block_n, stages, warps = config or _CONFIGS[d]
+    elem = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"q_desc": _desc_type(dtype, block_m, d), "k_desc": _desc_type(dtype, block_n, d),
-           "v_desc": _desc_type(dtype, block_n, d), "Out": "*bf16" if dtype == torch.bfloat16 else "*fp16",
-           "Lse": "*fp32"}
-    for name in ("stride_ob", "stride_os", "stride_oh", "stride_qh", "stride_kh", "stride_vh", "nheads",
-                 "group", "seqlen_q", "seqlen_k"):
+           "v_desc": _desc_type(dtype, block_n, d), "Out": elem, "Lse": "*fp32",
+           "cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32", "alibi_slopes": "*fp32"}
+    for name in ("stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh", "stride_ab", "stride_qh",
+                 "stride_kh", "stride_vh", "nheads", "group", "max_seqlen_q", "max_seqlen_k"):
         sig[name] = "i32"
-    sig["qk_scale"] = "fp32"
-    consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages, "CAUSAL": causal,
-              "OVERLAP": overlap, "num_warps": warps}
+    sig.update(score_scale="fp32", tanh_scale="fp32", window_left="i32", window_right="i32")
+    consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages,
+              **{f: flags.get(f, False) for f in FLAGS}, "OVERLAP": overlap, "num_warps": warps}
     for k in consts:
         sig[k] = "constexpr"
     src = GluonASTSource(attn_fwd_gluon_kernel, sig, consts)
@@ -60,23 +66,38 @@ def _ptxas_report(ptx: str) -> str:
     return f"regs {regs.group(1) if regs else '?'}, spill stores {spill.group(1) if spill else '?'} B"
 
 
+VARIANTS = {
+    "plain": {}, "causal": {"HAS_RIGHT": True}, "window": {"HAS_LEFT": True, "HAS_RIGHT": True},
+    "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True}, "softcap": {"SOFTCAP": True},
+    "alibi": {"HAS_ALIBI": True}, "all": {f: True for f in FLAGS},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", type=pathlib.Path)
+    ap.add_argument("--headdims", default="64,128")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--overlap", action="store_true", help="also the overlapped loop")
+    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages,warps instead of the shipped table")
     args = ap.parse_args()
-    for d in (64, 128):
-        for causal in (False, True):
-            for dtype, overlap in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)):
-                k = compile_variant(d, causal, dtype, overlap)
+    config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    for d in (int(x) for x in args.headdims.split(",")):
+        for name in args.variants.split(","):
+            for dtype, overlap in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
+                if overlap and not args.overlap or dtype == torch.float16 and name != "plain":
+                    continue
+                k = compile_variant(d, dtype, overlap, config, **VARIANTS[name])
                 ptx = k.asm["ptx"]
-                counts = {name: len(re.findall(pat, ptx)) for name, pat in
+                counts = {n: len(re.findall(pat, ptx)) for n, pat in
                           (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"),
-                           ("mbarrier", r"mbarrier\."), ("bar.sync", r"bar\.sync"))}
-                print(f"d={d} causal={causal} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
-                      f"{_ptxas_report(ptx)}, {counts}")
+                           ("mbarrier", r"mbarrier\."), ("bar.sync", r"bar\.sync"),
+                           ("tanh.approx", r"tanh\.approx"))}
+                print(f"d={d} {name} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
+                      f"{_ptxas_report(ptx)}, {counts}", flush=True)
                 if args.dump:
                     args.dump.mkdir(parents=True, exist_ok=True)
-                    stem = f"d{d}_{'causal' if causal else 'full'}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}"
+                    stem = f"d{d}_{name}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}"
                     (args.dump / f"{stem}.ttgir").write_text(k.asm["ttgir"])
                     (args.dump / f"{stem}.ptx").write_text(ptx)
 

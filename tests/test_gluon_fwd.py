@@ -19,20 +19,25 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip(f"the Gluon forward needs sm_90, got {torch.cuda.get_device_capability()}",
                 allow_module_level=True)
 
-from ioattn.kernels.attn_fwd_gluon import gluon_forward, gluon_forward_supported  # noqa: E402
+from ioattn.kernels.attn_fwd_gluon import _ROUTED_HEAD_DIMS, gluon_forward, gluon_forward_supported  # noqa: E402
 
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def _check(q, k, v, causal, overlap=False):
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    routed = gluon_forward_supported(q, k, v, causal=causal, window_size=(-1, 0) if causal else (-1, -1),
-                                     softcap=0.0, alibi_slopes=None, dropout_p=0.0, softmax_scale=scale)
-    assert routed == (q.shape[-1] == 128)  # d=64 is computed right but left to the faster portable kernel
-    out, lse = gluon_forward(q, k, v, scale, causal, overlap=overlap)
-    ref_out, ref_lse = attention_ref(q, k, v, causal=causal)
-    base_out, base_lse = attention_ref(q, k, v, causal=causal, upcast=False)
-    results = [tolerance_check(o, r, b, factor=OUT_FACTOR, floor=FLOOR[q.dtype], name=n)
+def _window(causal, window_size):
+    if window_size is not None:
+        return window_size
+    return (-1, 0) if causal else (-1, -1)
+
+
+def _poison(nbytes):
+    """NaN-fill a block the caching allocator will hand out next, so unwritten output elements show."""
+    torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
+
+
+def _compare(out, lse, ref_out, ref_lse, base_out, base_lse, dtype):
+    """out (b, sq, h, d), lse (b, h, sq) against the float64 and same-dtype references."""
+    results = [tolerance_check(o, r, b, factor=OUT_FACTOR, floor=FLOOR[dtype], name=n)
                for o, r, b, n in ((out, ref_out, base_out, "out"), (lse, ref_lse, base_lse, "lse"))]
     for r in results:
         print(r)
@@ -42,6 +47,19 @@ def _check(q, k, v, causal, overlap=False):
     assert torch.isfinite(out).all(), "non-finite output"
     empty = ~has_key.transpose(1, 2)  # (b, sq, h)
     assert (out[empty] == 0).all(), "rows with no key must give output 0"
+
+
+def _check(q, k, v, causal=False, overlap=False, window_size=None, softcap=0.0, alibi_slopes=None):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    window = _window(causal, window_size)
+    mods = dict(window_size=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    routed = gluon_forward_supported(q, k, v, dropout_p=0.0, softmax_scale=scale, **mods)
+    assert routed == (q.shape[-1] in _ROUTED_HEAD_DIMS)  # others are computed right but left to the portable kernel
+    _poison(q.numel() * q.element_size())
+    out, lse = gluon_forward(q, k, v, scale, window, softcap, alibi_slopes, overlap=overlap)
+    ref_out, ref_lse = attention_ref(q, k, v, **mods)
+    base_out, base_lse = attention_ref(q, k, v, upcast=False, **mods)
+    _compare(out, lse, ref_out, ref_lse, base_out, base_lse, q.dtype)
     return out, lse
 
 
@@ -97,19 +115,162 @@ def test_large_batch_heads():
 
 def test_deterministic():
     q, k, v = _qkv(2, 1025, 1025, 4, 2, 128, torch.bfloat16)
-    a, la = gluon_forward(q, k, v, 0.125, True)
-    b, lb = gluon_forward(q, k, v, 0.125, True)
+    slopes = torch.rand(4, device="cuda") * 0.3
+    a, la = gluon_forward(q, k, v, 0.125, (100, 0), 10.0, slopes)
+    b, lb = gluon_forward(q, k, v, 0.125, (100, 0), 10.0, slopes)
     assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+# Sliding windows, bottom-right aligned: (left, right) with -1 unbounded; blocks outside the band are
+# skipped, blocks crossing its edges masked. (0, 0) and short windows over sq > sk leave rows without keys.
+WINDOWS = [(0, 0), (3, 1), (64, 0), (127, 128), (200, 200), (-1, 5), (130, -1), (1000, 2), (5, 1000)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("seqlens", [(17, 17), (1025, 1025), (300, 2000), (2000, 300)], ids=str)
+def test_window(seqlens, window):
+    torch.manual_seed(sum(seqlens) + window[0])
+    _check(*_qkv(2, *seqlens, 4, 2, 128, torch.bfloat16), window_size=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [
+    {"softcap": 5.0}, {"softcap": 30.0, "causal": True}, {"softcap": 2.0, "window_size": (50, 7)},
+    {"alibi": "heads"}, {"alibi": "batch_heads", "causal": True}, {"alibi": "heads", "window_size": (90, 0)},
+    {"softcap": 8.0, "alibi": "batch_heads", "window_size": (300, 20)},
+], ids=str)
+@pytest.mark.parametrize("seqlens", [(1, 1), (129, 129), (1025, 1000), (77, 1500)], ids=str)
+def test_score_mods(seqlens, opts, dtype):
+    torch.manual_seed(seqlens[0])
+    batch, nheads = 2, 4
+    q, k, v = _qkv(batch, *seqlens, nheads, 2, 128, dtype)
+    opts = dict(opts)
+    alibi = opts.pop("alibi", None)
+    if alibi is not None:
+        shape = (nheads,) if alibi == "heads" else (batch, nheads)
+        opts["alibi_slopes"] = torch.rand(shape, device="cuda") * 0.5 + 0.05
+    _check(q, k, v, **opts)
+
+
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (40, 3), "softcap": 6.0, "alibi": True}],
+                         ids=str)
+def test_overlap_variant_mods(opts):
+    q, k, v = _qkv(2, 700, 900, 4, 1, 128, torch.bfloat16)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(4, device="cuda") * 0.5
+    _check(q, k, v, overlap=True, **opts)
+
+
+VARLEN_LENS = [
+    ([0, 37, 1, 5, 0, 12], [3, 41, 1, 0, 9, 12]),  # empty sequences both ways, seqlen_k 0 with queries
+    ([0, 3000, 1, 517, 0, 64, 129], [5, 2900, 1, 600, 13, 64, 1000]),
+    ([128, 256, 1, 1023], [128, 256, 1, 1023]),  # block-aligned starts and lengths
+]
+
+
+@pytest.mark.parametrize("opts", [
+    {}, {"causal": True}, {"window_size": (5, 2), "alibi": True}, {"softcap": 4.0, "causal": True},
+    {"window_size": (100, 0), "softcap": 10.0, "alibi": True},
+], ids=str)
+@pytest.mark.parametrize("lens", VARLEN_LENS, ids=lambda x: str(x[0]))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_varlen(lens, opts, overlap):
+    """Each packed sequence against attention_ref on that sequence alone (its own bottom-right alignment);
+    the NaN-poisoned output shows any row the kernel skipped, and a store past a sequence's end would
+    overwrite the next sequence's rows."""
+    torch.manual_seed(8)
+    lens_q, lens_k = lens
+    nheads, nheads_k, d, dtype = 4, 2, 128, torch.bfloat16
+    batch = len(lens_q)
+    q = torch.randn(sum(lens_q), nheads, d, device="cuda", dtype=dtype)
+    k = torch.randn(sum(lens_k), nheads_k, d, device="cuda", dtype=dtype)
+    v = torch.randn(sum(lens_k), nheads_k, d, device="cuda", dtype=dtype)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+                  for lens in (lens_q, lens_k))
+    opts = dict(opts)
+    slopes = torch.rand(batch, nheads, device="cuda") * 0.5 + 0.05 if opts.pop("alibi", False) else None
+    window = _window(opts.pop("causal", False), opts.pop("window_size", None))
+    softcap = opts.pop("softcap", 0.0)
+    scale = 1.0 / math.sqrt(d)
+    assert gluon_forward_supported(q, k, v, window_size=window, softcap=softcap, alibi_slopes=slopes,
+                                   dropout_p=0.0, softmax_scale=scale, cu_seqlens_q=cu_q)
+    _poison(q.numel() * q.element_size())
+    out, lse = gluon_forward(q, k, v, scale, window, softcap, slopes, cu_q, cu_k, max(lens_q), max(lens_k),
+                             overlap=overlap)
+    assert out.shape == q.shape and lse.shape == (nheads, q.shape[0])
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(batch):
+        sl_q, sl_k = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        qb, kb, vb = q[sl_q].unsqueeze(0), k[sl_k].unsqueeze(0), v[sl_k].unsqueeze(0)
+        mods = dict(window_size=window, softcap=softcap, alibi_slopes=None if slopes is None else slopes[b])
+        print(f"sequence {b}: seqlen_q {lens_q[b]}, seqlen_k {lens_k[b]}")
+        _compare(out[sl_q].unsqueeze(0), lse[:, sl_q].unsqueeze(0), *attention_ref(qb, kb, vb, **mods),
+                 *attention_ref(qb, kb, vb, upcast=False, **mods), dtype)
+
+
+def test_varlen_packed_qkv_strides():
+    """Varlen views of a packed (total, 3, h, d) qkv: row stride 3 h d, no copies."""
+    lens = [300, 0, 1, 700]
+    qkv = torch.randn(sum(lens), 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    assert gluon_forward_supported(q, k, v, window_size=(-1, 0), softcap=0.0, alibi_slopes=None,
+                                   dropout_p=0.0, cu_seqlens_q=cu)
+    out, lse = gluon_forward(q, k, v, 1 / math.sqrt(128), (-1, 0), 0.0, None, cu, cu, max(lens), max(lens))
+    cl = cu.tolist()
+    for b in range(len(lens)):
+        sl = slice(cl[b], cl[b + 1])
+        qb, kb, vb = (t[sl].unsqueeze(0) for t in (q, k, v))
+        _compare(out[sl].unsqueeze(0), lse[:, sl].unsqueeze(0), *attention_ref(qb, kb, vb, causal=True),
+                 *attention_ref(qb, kb, vb, causal=True, upcast=False), torch.bfloat16)
+
+
+@pytest.mark.parametrize("opts", [
+    {"causal": True}, {"window_size": (64, 64)}, {"softcap": 30.0}, {"alibi_slopes": True},
+], ids=str)
+def test_public_api_routes_here(opts, monkeypatch):
+    """flash_attn_func and flash_attn_varlen_func take this kernel for every feature but dropout."""
+    import ioattn
+    from ioattn.ops import attention
+
+    opts = dict(opts)
+    if opts.get("alibi_slopes"):
+        opts["alibi_slopes"] = torch.rand(8, device="cuda") * 0.2
+    q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
+    calls = []
+    real = attention.gluon_forward
+    monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cu = torch.tensor([0, 1000, 2000], dtype=torch.int32, device="cuda")
+    outs = [ioattn.flash_attn_func(q, k, v, **opts),
+            ioattn.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 1000, 1000,
+                                          **opts).view_as(q)]
+    assert len(calls) == 2
+    ref_out, _ = attention_ref(q, k, v, **opts)
+    base_out, _ = attention_ref(q, k, v, upcast=False, **opts)
+    for out in outs:
+        r = tolerance_check(out, ref_out, base_out, factor=OUT_FACTOR, floor=FLOOR[q.dtype])
+        print(r)
+        assert r.ok, str(r)
+    ioattn.flash_attn_func(q, k, v, dropout_p=0.1, **opts)  # dropout stays on the portable kernel
+    assert len(calls) == 2
 
 
 def test_predicate(monkeypatch):
     q, k, v = _qkv(1, 64, 64, 2, 2, 128, torch.bfloat16)
-    kw = dict(causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0)
+    kw = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0)
     assert gluon_forward_supported(q, k, v, **kw)
+    assert gluon_forward_supported(q, k, v, **{**kw, "window_size": (8, 8)})
+    assert gluon_forward_supported(q, k, v, **{**kw, "softcap": 5.0})
+    assert gluon_forward_supported(q, k, v, **{**kw, "alibi_slopes": torch.rand(2, device="cuda")})
+    assert not gluon_forward_supported(q, k, v, **{**kw, "dropout_p": 0.1})
     assert not gluon_forward_supported(q.float(), k.float(), v.float(), **kw)
-    assert not gluon_forward_supported(q, k, v, **{**kw, "window_size": (8, 8)})
-    assert not gluon_forward_supported(q, k, v, **{**kw, "softcap": 5.0})
     assert not gluon_forward_supported(q[..., :96], k[..., :96], v[..., :96], **kw)
+    assert not gluon_forward_supported(q, k, v, **kw, softmax_scale=-0.1)
+    assert gluon_forward_supported(q, k, v, **{**kw, "softcap": 5.0}, softmax_scale=-0.1)
+    cu = torch.tensor([0, 64], dtype=torch.int32, device="cuda")
+    assert not gluon_forward_supported(q, k, v, **kw, cu_seqlens_q=cu)  # varlen inputs are 3-D
+    assert gluon_forward_supported(q[0], k[0], v[0], **kw, cu_seqlens_q=cu)
     odd = torch.randn(2, 64, 2, 129, device="cuda", dtype=torch.bfloat16)[..., :128]
     assert not gluon_forward_supported(odd, odd, odd, **kw)  # row stride 258 elements: not 16-byte aligned
     monkeypatch.setenv("IOATTN_GLUON", "0")

@@ -36,7 +36,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi,
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
         # score_mod's steps, each called only when its flag is on (interpreter calls cost milliseconds).
         if SOFTCAP:
-            s, _ = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
+            s, _ = apply_softcap(qk, qk_scale, softcap2, SOFTCAP, DOT_PRECISION != "ieee")  # fast tanh: 16-bit
         else:
             s = qk * qk_scale
         if HAS_ALIBI or MASK:

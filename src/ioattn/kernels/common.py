@@ -9,22 +9,36 @@ the bottom-right alignment offset (query row ``i`` sits at key position ``i + di
 import triton
 import triton.language as tl
 
+from ..backend import interpreting
+
+# Inline PTX does not run in the interpreter: there ``tanh`` always takes the precise formula.
+_ASM_TANH = tl.constexpr(not interpreting())
+
 
 @triton.jit
-def tanh(x):
-    # 1 - 2 / (e^{2x} + 1): saturates to +-1 without overflow NaNs (e^{2x} = inf gives 1, 0 gives -1).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+def tanh(x, FAST: tl.constexpr = False):
+    """fp32 tanh. FAST (for 16-bit inputs, whose scores carry ~3 significant digits): one MUFU
+    ``tanh.approx.f32`` (max relative error ~2^-11) instead of an exp, a precise fp32 division and two
+    adds. Otherwise, and always in the interpreter, 1 - 2 / (e^{2x} + 1): saturates to +-1 without
+    overflow NaNs (e^{2x} = inf gives 1, 0 gives -1)."""
+    if FAST and _ASM_TANH:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return t
 
 
 @triton.jit
-def apply_softcap(qk, qk_scale, softcap2, SOFTCAP: tl.constexpr):
+def apply_softcap(qk, qk_scale, softcap2, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr = False):
     """Raw ``q . k`` to log2-unit logits; with softcap returns ``(softcap2 * tanh(qk * qk_scale), tanh)``.
 
     With SOFTCAP, ``qk_scale = softmax_scale / softcap`` and ``softcap2 = softcap * log2(e)``; without it,
     ``qk_scale = softmax_scale * log2(e)`` and the returned tanh is the logits themselves (unused).
+    FAST_TANH: see ``tanh`` (callers pass it for 16-bit inputs).
     """
     if SOFTCAP:
-        t = tanh(qk * qk_scale)
+        t = tanh(qk * qk_scale, FAST_TANH)
         s = softcap2 * t
     else:
         s = qk * qk_scale
