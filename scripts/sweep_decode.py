@@ -4,10 +4,10 @@ process, medians of triton.testing.do_bench, TB/s of K + V read.
 Every variant runs on the same inputs as sdpa-cudnn, contiguous and paged (block 16), in ROUNDS interleaved
 rounds (each round times every variant once); the table shows the median over rounds and, against cuDNN,
 the median of the per-round ratios. Variants: ``v3`` is the library's default path; the others change one
-knob of it (pairs per program, split count). With ``--baseline DIR`` holding
-the previous kernels (``decode_v2.py``, ``combine_v2.py``: one pair per program, a combine program per 32
-heads looping over the splits), ``v2`` times them too. Every variant's output is checked against cuDNN's
-before it is timed. Writes JSON to the first argument if given; prints a short table last.
+knob of it (tiles, split count). With ``--baseline DIR`` holding the previous kernels (``decode_v2.py``,
+``combine_v2.py``: a combine program per 32 heads looping over the splits), ``v2`` times them too. Every
+variant's output is checked against cuDNN's before it is timed. Writes JSON to the first argument if given;
+prints a short table last.
 """
 
 import argparse
@@ -27,6 +27,7 @@ from ioattn.ops.decode import LOG2E, _decode, choose_num_splits, decode_tiles
 TOKENS, NHEADS, NHEADS_K, D = 1 << 18, 32, 8, 128
 SEQLENS = (1024, 4096, 16384, 65536)
 ROUNDS = 5
+TILES = [(16, 32, 4, 4), (16, 64, 4, 2)]  # beside the default (16, 32, 4, 3): (BLOCK_M, BLOCK_N, warps, stages)
 dev = torch.device("cuda")
 
 parser = argparse.ArgumentParser()
@@ -87,17 +88,15 @@ if args.baseline is not None:
 
 
 def variants(n, layout):
-    """name -> (splits, pairs_per_program or None, v2?) for this length and layout."""
+    """name -> (splits, tiles or None, v2?) for this length and layout."""
     paged = layout == "paged"
     splits = choose_num_splits(dev, TOKENS // n, NHEADS, NHEADS_K, 1, n, D, paged=paged)
     out = {"v3": (splits, None, False)}
     if v2 is not None:
         out["v2"] = (splits, None, True)
-    if n == 1024:
-        out.update({f"v3-pairs={p}": (1, p, False) for p in (1, 2, 8)})
-    if n == 4096:
-        out["v3-pairs=2"] = (1, 2, False)
-    if n >= 16384:  # three and four programs per SM (five would not fit at v3's 112 registers)
+    for tiles in TILES:
+        out[f"v3-tiles={tiles[1:]}"] = (splits, tiles, False)
+    if n >= 16384:  # three and four programs per SM
         for alt in {16384: (3, 4), 65536: (12, 16)}[n]:
             if alt != splits:
                 out[f"v3-splits={alt}"] = (alt, None, False)
@@ -128,14 +127,14 @@ for n in SEQLENS:
     caches = {"contig": (k, v, None), "paged": _paged(k, v, gen)}
     fns = {("cudnn", "-"): cudnn}
     for layout, (kc, vc, table) in caches.items():
-        for name, (splits, per_program, old) in variants(n, layout).items():
+        for name, (splits, tiles, old) in variants(n, layout).items():
             if old:
                 fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits:
                       v2_decode(q, kc, vc, seqlens, table, splits))
             else:
-                fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits, per_program=per_program:
+                fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits, tiles=tiles:
                       _decode(q, kc, vc, seqlens, table, None, None, None, None, 0, D ** -0.5, -1, -1, 0.0,
-                              False, False, splits, pairs_per_program=per_program))
+                              False, False, splits, tiles=tiles))
             err = (fn()[0].float() - ref).abs().max().item()
             if not err < 3e-2:
                 raise AssertionError(f"{layout} n={n} {name}: max |diff| {err}")

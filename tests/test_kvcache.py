@@ -13,7 +13,7 @@ import torch
 from conftest import DEVICE, ON_GPU
 
 from ioattn.kvcache import flash_attn_with_kvcache
-from ioattn.ops.decode import choose_num_splits, choose_pairs_per_program
+from ioattn.ops.decode import choose_num_splits
 from ioattn.reference import attention_ref
 from ioattn.testing import make_alibi, tolerance_check
 
@@ -230,34 +230,6 @@ def test_num_splits_fill_each_sm_without_a_second_wave(batch, paged, per_sm, mon
     programs = batch * 8
     assert splits == 1 or programs * splits <= per_sm * sms
     assert splits == decode_ops.MAX_SPLITS or programs * (splits + 1) > per_sm * sms
-
-
-@pytest.mark.parametrize("block_size", [0, 16])
-def test_programs_walk_several_pairs(block_size, monkeypatch):
-    """With one SM, four programs walk ten (batch, KV head) pairs grid-stride (three, three, two, two),
-    sequences of different lengths among them."""
-    import ioattn.ops.decode as decode_ops
-
-    monkeypatch.setattr(decode_ops, "_sm_count", lambda device: 1)
-    assert choose_pairs_per_program(torch.device(DEVICE), 10, 1, 1) == 3
-    run_case(lens=[LONG, 1, 17, 40, 3], seqlen_q=1, nheads=8, nheads_k=2, dtype=torch.float16,
-             block_size=block_size, num_splits=1)
-
-
-@pytest.mark.parametrize("pairs", [1, 527, 528, 529, 1056, 1057, 2048])
-@pytest.mark.parametrize("query_blocks", [1, 2])
-def test_pairs_per_program_keep_every_program_resident(pairs, query_blocks, monkeypatch):
-    """Programs (pairs / pairs per program, times query blocks) never exceed four per SM, and a pair per
-    program more would not be needed; splitting keys means one pair each."""
-    import ioattn.ops.decode as decode_ops
-
-    sms = 132
-    monkeypatch.setattr(decode_ops, "_sm_count", lambda device: sms)
-    per_program = choose_pairs_per_program(torch.device("cpu"), pairs, query_blocks, 1)
-    slots = 4 * sms // query_blocks
-    assert per_program == 1 or math.ceil(pairs / per_program) <= slots
-    assert per_program == 1 or math.ceil(pairs / (per_program - 1)) > slots
-    assert choose_pairs_per_program(torch.device("cpu"), pairs, query_blocks, 2) == 1
 
 
 def test_torch_compile_fullgraph():

@@ -1,8 +1,6 @@
 """Split-KV attention of a few query tokens over a KV cache (Flash-Decoding), paged or contiguous.
 
-One program per (query block, split) and per one or more (batch, KV head) pairs, taken grid-stride: when
-there are more pairs than an SM holds programs at once, fewer programs each walk several pairs, so every
-program stays resident and all finish together. The query heads of a GQA group and the query
+One program per (batch, KV head, query block, split). The query heads of a GQA group and the query
 tokens are packed together as the M dimension of the tile (row ``r`` is token ``r // GROUP``, head
 ``hk * GROUP + r % GROUP``), so each K/V tile is read once per group rather than once per query head.
 
@@ -79,7 +77,7 @@ def decode_kernel(
     stride_osplit, stride_ob, stride_os, stride_oh,
     stride_lsplit, stride_lb, stride_lh, stride_ls,
     stride_btb, stride_ab, stride_ro,
-    nheads_k, num_pairs, seqlen_q, seqlen_new, num_splits,
+    nheads_k, seqlen_q, seqlen_new, num_splits,
     qk_scale, softcap2, window_left, window_right,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -88,101 +86,102 @@ def decode_kernel(
     ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
+    b = pid_bh // nheads_k
+    hk = pid_bh % nheads_k
+
+    cache_len = tl.load(CacheSeqlens + b)
+    seqlen_k = cache_len + seqlen_new
+    diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     num_rows = seqlen_q * GROUP
     row_ok = offs_m < num_rows
     rows = offs_m // GROUP  # query token of each packed row
+    heads = hk * GROUP + offs_m % GROUP
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEADDIM
     q_mask = row_ok[:, None] & d_ok[None, :]
 
-    for pid_bh in range(tl.program_id(0), num_pairs, tl.num_programs(0)):
-        b = pid_bh // nheads_k
-        hk = pid_bh % nheads_k
-        heads = hk * GROUP + offs_m % GROUP
-        cache_len = tl.load(CacheSeqlens + b)
-        seqlen_k = cache_len + seqlen_new
-        diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
-
-        q_rows = Q + b.to(tl.int64) * stride_qb + rows * stride_qs + heads * stride_qh
-        if ROTARY_DIM > 0:
-            # flash-attn: causal/local queries rotate at their own positions, others all at cache_seqlens[b].
-            if ROTARY_PER_ROW:
-                pos = cache_len + rows
-            else:
-                pos = cache_len + 0 * rows
-            q = rotary_load(q_rows, pos, offs_d, q_mask, Cos, Sin, stride_ro, ROTARY_DIM, ROTARY_INTERLEAVED)
-            q = q.to(Q.dtype.element_ty)
+    q_rows = Q + b.to(tl.int64) * stride_qb + rows * stride_qs + heads * stride_qh
+    if ROTARY_DIM > 0:
+        # flash-attn: causal/local queries rotate at their own positions, others all at cache_seqlens[b].
+        if ROTARY_PER_ROW:
+            pos = cache_len + rows
         else:
-            q = tl.load(q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+            pos = cache_len + 0 * rows
+        q = rotary_load(q_rows, pos, offs_d, q_mask, Cos, Sin, stride_ro, ROTARY_DIM, ROTARY_INTERLEAVED)
+        q = q.to(Q.dtype.element_ty)
+    else:
+        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
 
-        alibi_slope2 = 0.0
-        if HAS_ALIBI:
-            slopes = tl.load(Alibi + b * stride_ab + heads, mask=row_ok, other=0.0)
-            alibi_slope2 = (slopes * 1.4426950408889634)[:, None]
+    alibi_slope2 = 0.0
+    if HAS_ALIBI:
+        slopes = tl.load(Alibi + b * stride_ab + heads, mask=row_ok, other=0.0)
+        alibi_slope2 = (slopes * 1.4426950408889634)[:, None]
 
-        # Keys any row of this block may see, [lo, hi), and those every row sees, [first_full, last_full).
-        pos_first = pid_m * BLOCK_M // GROUP + diag
-        pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1) // GROUP + diag
-        lo = 0
-        hi = seqlen_k
-        first_full = 0
-        last_full = seqlen_k
-        if HAS_LEFT:
-            lo = (tl.maximum(pos_first - window_left, 0) // BLOCK_N) * BLOCK_N
-            first_full = pos_last - window_left
-        if HAS_RIGHT:
-            hi = tl.minimum(pos_last + window_right + 1, seqlen_k)
-            last_full = tl.minimum(pos_first + window_right + 1, seqlen_k)
-        hi = tl.maximum(hi, lo)
+    # Keys any row of this block may see, [lo, hi), and those every row sees, [first_full, last_full).
+    pos_first = pid_m * BLOCK_M // GROUP + diag
+    pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1) // GROUP + diag
+    lo = 0
+    hi = seqlen_k
+    first_full = 0
+    last_full = seqlen_k
+    if HAS_LEFT:
+        lo = (tl.maximum(pos_first - window_left, 0) // BLOCK_N) * BLOCK_N
+        first_full = pos_last - window_left
+    if HAS_RIGHT:
+        hi = tl.minimum(pos_last + window_right + 1, seqlen_k)
+        last_full = tl.minimum(pos_first + window_right + 1, seqlen_k)
+    hi = tl.maximum(hi, lo)
 
-        # This split's run of whole tiles.
-        tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
-        split_lo = tl.minimum(lo + split * tiles_per_split * BLOCK_N, hi)
-        split_hi = tl.minimum(split_lo + tiles_per_split * BLOCK_N, hi)
-        full_lo = split_lo + tl.maximum(tl.cdiv(first_full - split_lo, BLOCK_N), 0) * BLOCK_N
-        full_lo = tl.minimum(full_lo, split_hi)
-        full_hi = full_lo + tl.maximum((tl.minimum(last_full, split_hi) - full_lo) // BLOCK_N, 0) * BLOCK_N
+    # This split's run of whole tiles.
+    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
+    split_lo = tl.minimum(lo + split * tiles_per_split * BLOCK_N, hi)
+    split_hi = tl.minimum(split_lo + tiles_per_split * BLOCK_N, hi)
+    full_lo = split_lo + tl.maximum(tl.cdiv(first_full - split_lo, BLOCK_N), 0) * BLOCK_N
+    full_lo = tl.minimum(full_lo, split_hi)
+    full_hi = full_lo + tl.maximum((tl.minimum(last_full, split_hi) - full_lo) // BLOCK_N, 0) * BLOCK_N
 
-        cache_row = b
-        if HAS_BATCH_IDX:
-            cache_row = tl.load(CacheBatchIdx + b)
-        bt_row = BlockTable + b.to(tl.int64) * stride_btb
-        k_base = K + hk.to(tl.int64) * stride_kch
-        v_base = V + hk.to(tl.int64) * stride_vch
+    cache_row = b
+    if HAS_BATCH_IDX:
+        cache_row = tl.load(CacheBatchIdx + b)
+    bt_row = BlockTable + b.to(tl.int64) * stride_btb
+    k_base = K + hk.to(tl.int64) * stride_kch
+    v_base = V + hk.to(tl.int64) * stride_vch
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, split_lo, full_lo, rows, seqlen_k, diag,
-            qk_scale, softcap2, alibi_slope2, window_left, window_right,
-            stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
-            BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-            PRECISION)
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_lo, full_hi, rows, seqlen_k, diag,
-            qk_scale, softcap2, alibi_slope2, window_left, window_right,
-            stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
-            BLOCK_N, PAGED, PAGE_SIZE, False, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-            PRECISION)
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_hi, split_hi, rows, seqlen_k, diag,
-            qk_scale, softcap2, alibi_slope2, window_left, window_right,
-            stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
-            BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-            PRECISION)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, split_lo, full_lo, rows, seqlen_k, diag,
+        qk_scale, softcap2, alibi_slope2, window_left, window_right,
+        stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
+        BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+        PRECISION)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_lo, full_hi, rows, seqlen_k, diag,
+        qk_scale, softcap2, alibi_slope2, window_left, window_right,
+        stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
+        BLOCK_N, PAGED, PAGE_SIZE, False, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+        PRECISION)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_hi, split_hi, rows, seqlen_k, diag,
+        qk_scale, softcap2, alibi_slope2, window_left, window_right,
+        stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
+        BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+        PRECISION)
 
-        # A row that saw no allowed key (empty split, window) gives output 0 and lse -inf.
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-        o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob + rows * stride_os
-                  + heads * stride_oh)
-        tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
-        l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
-                  + rows * stride_ls)
-        tl.store(l_ptrs, lse, mask=row_ok)
+    # A row that saw no allowed key (empty split, window) gives output 0 and lse -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob + rows * stride_os
+              + heads * stride_oh)
+    tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+    l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
+              + rows * stride_ls)
+    tl.store(l_ptrs, lse, mask=row_ok)

@@ -58,20 +58,6 @@ def choose_num_splits(device: torch.device, batch: int, nheads: int, nheads_k: i
     return max(1, min(wanted, triton.cdiv(max_seqlen_k, 4 * block_n), MAX_SPLITS))
 
 
-def choose_pairs_per_program(device: torch.device, pairs: int, query_blocks: int, num_splits: int) -> int:
-    """How many (batch, KV head) pairs each program walks, from shapes alone.
-
-    With more programs than the SMs hold at four each (a short cache and a large batch: 2048 at 1k keys,
-    batch 256), a one-pair program ends and the next one starts many times per SM, and the waves' ragged
-    end idles part of the chip. Walking ``ceil(programs / (4 x SMs))`` pairs per program keeps every
-    program resident from start to end, like the split case's single wave.
-    """
-    slots = 4 * _sm_count(device) // max(query_blocks, 1)
-    if num_splits > 1 or pairs <= slots:
-        return 1
-    return triton.cdiv(pairs, max(slots, 1))
-
-
 def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
     # Logits in log2 units for exp2 (kernels/common.py): with softcap, tanh takes scale / softcap.
     if softcap > 0:
@@ -81,9 +67,8 @@ def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
             alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
-            rotary_interleaved, rotary_per_row, num_splits, tiles=None, pairs_per_program=None):
-    """The sweep's knobs: ``tiles`` (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of ``decode_tiles``,
-    ``pairs_per_program`` in place of ``choose_pairs_per_program``."""
+            rotary_interleaved, rotary_per_row, num_splits, tiles=None):
+    """``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of ``decode_tiles`` (the sweep's knob)."""
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
@@ -105,10 +90,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     paged = block_table is not None
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
     dummy = cache_seqlens
-    pairs = batch * nheads_k
-    query_blocks = triton.cdiv(group * seqlen_q, block_m)
-    per_program = pairs_per_program or choose_pairs_per_program(q.device, pairs, query_blocks, num_splits)
-    grid = (triton.cdiv(pairs, per_program), query_blocks, num_splits)
+    grid = (batch * nheads_k, triton.cdiv(group * seqlen_q, block_m), num_splits)
     decode_kernel[grid](
         q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
         block_table if paged else dummy,
@@ -122,7 +104,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         block_table.stride(0) if paged else 0,
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         rotary_cos.stride(0) if rotary_dim else 0,
-        nheads_k, pairs, seqlen_q, seqlen_new, num_splits,
+        nheads_k, seqlen_q, seqlen_new, num_splits,
         qk_scale, softcap2, window_left, window_right,
         GROUP=group, HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
