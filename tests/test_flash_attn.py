@@ -354,3 +354,72 @@ def test_64bit_offsets():
     assert (dq[-1:].float() - rdq).abs().max().item() < 2e-3
     assert (dv[-1:].float() - rdv).abs().max().item() < 2e-3
     assert (dk[-1:].float() - rdk).abs().max().item() < 2e-3
+
+
+# Both backwards against the reference: the single pass (dQ summed by atomics; forced through the config
+# table where the shipped routing would pick the two-pass backward) and the two-pass one (deterministic).
+BACKWARD_CASES = [
+    ((2, 37 * S, 45 * S, 4, 2, 64), {"causal": True}),
+    ((1, 45 * S, 37 * S, 2, 2, 128), {}),
+    ((1, 41 * S, 41 * S, 4, 1, 96), {"window_size": (9, 3)}),
+    ((2, 29 * S, 35 * S, 2, 1, 48), {"softcap": 6.0, "alibi": True, "dropout_p": 0.15}),
+]
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+@pytest.mark.parametrize("shape,opts", BACKWARD_CASES, ids=str)
+def test_single_pass_and_two_pass_backward(shape, opts, single_pass):
+    from ioattn.kernels import launch
+
+    torch.manual_seed(sum(shape))
+    dtype = DTYPES[-1]
+    q, k, v = _qkv(*shape, dtype)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(shape[3], device=DEVICE) * 0.3 + 0.05
+    dropout_p = opts.pop("dropout_p", 0.0)
+    causal = opts.get("causal", False)
+    bd = max(16, 1 << (shape[-1] - 1).bit_length())
+    table = {("fused", launch._ceiling(bd), causal): launch.get_config("fused", bd, causal, dtype)}
+    calls = []
+    real = launch.attn_bwd_dq_kernel
+    wrapped = type("Spy", (), {"__getitem__": lambda self, grid: calls.append(grid) or real[grid]})()
+    with launch.configs_overridden(table if single_pass else {}), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "attn_bwd_dq_kernel", wrapped)
+        mask = None
+        if dropout_p:
+            torch.manual_seed(1234)
+            mask = dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], dropout_p, DEVICE)
+        check_against_ref(q, k, v, dropout_p=dropout_p, dropout_mask=mask, seed=1234 if dropout_p else None,
+                          deterministic=not single_pass, **opts)
+    assert bool(calls) != single_pass, "the dQ pass ran in the single-pass backward (or not in the two-pass)"
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+def test_single_pass_and_two_pass_backward_varlen(single_pass):
+    """Varlen single pass: rows past a sequence's end add exact zeros to the next sequence's dQ rows."""
+    from ioattn.kernels import launch
+
+    torch.manual_seed(21)
+    lens_q, lens_k = ([0, 37 * S, 1, 5, 13 * S], [3, 41 * S, 1, 0, 9 * S])
+    dtype = DTYPES[-1]
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, 4, 2, 64, dtype)
+    table = {("fused", 64, True): launch.get_config("fused", 64, True, dtype)}
+    with launch.configs_overridden(table if single_pass else {}):
+        out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                            deterministic=not single_pass)
+        dout = torch.randn_like(out)
+        dq, dk, dv = _grads(out, (q, k, v), dout)
+    for b in range(len(lens_q)):
+        sl_q = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        sl_k = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if sl_q.stop == sl_q.start:
+            continue
+        qb, kb, vb = (t[sl].detach().unsqueeze(0).requires_grad_(True)
+                      for t, sl in ((q, sl_q), (k, sl_k), (v, sl_k)))
+        ref, _ = attention_ref(qb, kb, vb, causal=True)
+        base, _ = attention_ref(qb, kb, vb, causal=True, upcast=False)
+        db = dout[sl_q].unsqueeze(0)
+        _assert_close([dq[sl_q].unsqueeze(0), dk[sl_k].unsqueeze(0), dv[sl_k].unsqueeze(0)],
+                      _grads(ref, (qb, kb, vb), db), _grads(base, (qb, kb, vb), db), ["dq", "dk", "dv"],
+                      GRAD_FACTOR, _floor(dtype))

@@ -59,12 +59,16 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
     ("dq", 256, False): AttnConfig(64, 16, 4, 3),
     ("dq", 256, True): AttnConfig(64, 16, 4, 3),
     # Single-pass backward (deterministic=False): dK/dV programs that also add dQ's share into an fp32
-    # buffer (TMA reduce-add on sm_90). A head dim without a row here keeps the two-pass backward.
-    ("fused", 64, False): AttnConfig(64, 128, 8, 2),
-    ("fused", 64, True): AttnConfig(64, 128, 8, 2),
-    ("fused", 128, False): AttnConfig(64, 128, 8, 2),
+    # buffer (TMA reduce-add on sm_90). Best rows of the Backward v4 sweep; used only where _SINGLE_PASS
+    # says the single pass beat the two-pass backward in that sweep.
+    ("fused", 64, False): AttnConfig(64, 128, 8, 3),
+    ("fused", 64, True): AttnConfig(64, 128, 8, 3),
+    ("fused", 128, False): AttnConfig(64, 128, 8, 3),
     ("fused", 128, True): AttnConfig(64, 128, 8, 2),
 }
+# (head dim ceiling, causal) where the single pass is faster on an H200 (benchmarks/NOTES.md, Backward v4):
+# d=128 causal (+5% at 16k, even at 2k-4k); at d=64 and d=128 non-causal it lost 4-11%.
+_SINGLE_PASS = {(128, True)}
 _INTERP_CONFIG = AttnConfig(32, 32, 1, 1)  # fewer, larger tiles: interpreter cost is per op
 _OVERRIDES: dict[tuple[str, int, bool], AttnConfig] = {}
 
@@ -85,9 +89,9 @@ def _ceiling(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def has_config(kernel: str, block_d: int, causal: bool) -> bool:
-    key = (kernel, _ceiling(block_d), causal)
-    return key in _OVERRIDES or key in _CONFIGS
+def single_pass_backward(block_d: int, causal: bool) -> bool:
+    """Whether the non-deterministic backward takes the single pass (an override forces it, for sweeps)."""
+    return ("fused", _ceiling(block_d), causal) in _OVERRIDES or (_ceiling(block_d), causal) in _SINGLE_PASS
 
 
 def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> AttnConfig:
@@ -248,11 +252,12 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
              deterministic: bool = False):
     """Returns (dq, dk, dv), contiguous, in the inputs' dtype.
 
-    ``deterministic=False`` (flash-attn's default) takes FA2's single pass where the config table has a
-    ``fused`` row: the dK/dV programs also add dQ's share into an fp32 buffer (one TMA reduce-add per
-    tile on sm_90, fp32 atomics elsewhere), five products per tile instead of seven. The order of those
-    additions varies from run to run, so dQ may differ in its last bits. ``deterministic=True`` (and any
-    head dim without a fused row) runs the separate dQ pass: no atomics, bitwise reproducible.
+    ``deterministic=False`` (flash-attn's default) takes FA2's single pass where it measured faster
+    (``_SINGLE_PASS``; always under the interpreter, so CI covers it): the dK/dV programs also add dQ's
+    share into an fp32 buffer (one TMA reduce-add per tile on sm_90, fp32 atomics elsewhere), five
+    products per tile instead of seven; the order of those additions varies from run to run, so dQ may
+    differ in its last bits. Otherwise, and always with ``deterministic=True``, a separate dQ pass runs:
+    no atomics, bitwise reproducible.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -271,7 +276,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                seed)
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
-    fused = not deterministic and has_config("fused", bd, prob.causal)
+    fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal))
 
     cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
