@@ -39,14 +39,15 @@ def write_tokens(mgr: BlockManager, seq_id: int, tokens: list[int], num_new: int
     n = len(tokens)
     for layer in range(LAYERS):
         kv = [expected_kv(tokens[p], p, layer) for p in range(n - num_new, n)]
-        key = torch.tensor([k for k, _ in kv]).view(num_new, 1, 2)
-        value = torch.tensor([v for _, v in kv]).view(num_new, 1, 2)
+        key = torch.tensor([k for k, _ in kv], device=mgr.cache.device).view(num_new, 1, 2)
+        value = torch.tensor([v for _, v in kv], device=mgr.cache.device).view(num_new, 1, 2)
         mgr.cache.store(layer, meta.slot_mapping, key, value)
 
 
 def read_tokens(kv: torch.Tensor, table: list[int], n: int, bs: int) -> torch.Tensor:
     """K/V of the first ``n`` tokens through ``table``: (layers, 2, n, 2), from kv (layers, 2, blocks, bs,
     1, 2)."""
+    kv = kv.cpu()
     pos = torch.arange(n)
     blocks = torch.tensor(table, dtype=torch.long)[pos // bs] if n else pos
     return kv[:, :, blocks, pos % bs, 0, :]
@@ -62,8 +63,10 @@ def expected_tokens(tokens: list[int]) -> torch.Tensor:
     return out
 
 
-def make_manager(num_blocks: int, bs: int, num_cpu_blocks: int = 0, prefix: bool = True) -> BlockManager:
-    cache = PagedKVCache(LAYERS, num_blocks, bs, 1, 2, dtype=torch.float32, num_cpu_blocks=num_cpu_blocks)
+def make_manager(num_blocks: int, bs: int, num_cpu_blocks: int = 0, prefix: bool = True,
+                 device: str = "cpu") -> BlockManager:
+    cache = PagedKVCache(LAYERS, num_blocks, bs, 1, 2, dtype=torch.float32, num_cpu_blocks=num_cpu_blocks,
+                         device=device)
     cache.kv.fill_(float("nan"))  # unwritten slots show as NaN
     return BlockManager(
         num_blocks, bs, num_cpu_blocks=num_cpu_blocks, enable_prefix_caching=prefix, cache=cache
@@ -269,9 +272,13 @@ def test_prefix_caching_off_shares_nothing() -> None:
     assert not set(mgr.block_table(0)) & set(mgr.block_table(1))
 
 
-def test_swap_out_and_in_keeps_contents_and_sharing() -> None:
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_swap_out_and_in_keeps_contents_and_sharing(device: str) -> None:
+    """Preemption by swapping; on a GPU the host blocks live in pinned memory and come back through an
+    asynchronous copy on the current stream."""
     bs = 2
-    mgr = make_manager(8, bs, num_cpu_blocks=8)
+    mgr = make_manager(8, bs, num_cpu_blocks=8, device=device)
+    assert mgr.cache.kv_cpu.is_pinned() == (device == "cuda")
     prompt = [3, 1, 4, 1, 5]
     mgr.allocate(0, prompt)
     write_tokens(mgr, 0, prompt, 5)
