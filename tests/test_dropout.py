@@ -1,5 +1,5 @@
-"""The dropout keep mask: bit-exact with Triton's tl.rand, sub-blocks consistent with the whole grid,
-and the kept fraction right."""
+"""The dropout keep mask: bit-exact with Triton's tl.randint4x (mapped as tl.rand maps), sub-blocks
+consistent with the whole grid, and the kept fraction right."""
 
 import math
 
@@ -9,25 +9,29 @@ import triton
 import triton.language as tl
 from conftest import DEVICE
 
-from ioattn.dropout import draw_seed, dropout_keep_mask, philox_uniform
+from ioattn.dropout import draw_seed, dropout_keep_mask, philox_uniform4
 
 
 @triton.jit
-def _tl_rand_kernel(out_ptr, offset_ptr, seed, n, BLOCK: tl.constexpr):
+def _tl_rand4_kernel(out_ptr, offset_ptr, seed, n, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
     offset = tl.load(offset_ptr + idx, mask=inside, other=0)
-    tl.store(out_ptr + idx, tl.rand(seed, offset), mask=inside)
+    r0, r1, r2, r3 = tl.randint4x(seed, offset)
+    tl.store(out_ptr + idx * 4, tl.random.uint_to_uniform_float(r0), mask=inside)
+    tl.store(out_ptr + idx * 4 + 1, tl.random.uint_to_uniform_float(r1), mask=inside)
+    tl.store(out_ptr + idx * 4 + 2, tl.random.uint_to_uniform_float(r2), mask=inside)
+    tl.store(out_ptr + idx * 4 + 3, tl.random.uint_to_uniform_float(r3), mask=inside)
 
 
-def _tl_rand(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    out = torch.full(offset.shape, float("nan"), dtype=torch.float32, device=offset.device)
-    _tl_rand_kernel[(triton.cdiv(offset.numel(), 256),)](out, offset, seed, offset.numel(), BLOCK=256)
+def _tl_rand4(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    out = torch.full((*offset.shape, 4), float("nan"), dtype=torch.float32, device=offset.device)
+    _tl_rand4_kernel[(triton.cdiv(offset.numel(), 256),)](out, offset, seed, offset.numel(), BLOCK=256)
     return out
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 7, 2**32 + 3, 2**62 - 1, 3_141_592_653_589_793_238])
-def test_philox_bit_exact_with_tl_rand(seed):
+def test_philox_bit_exact_with_tl_randint4x(seed):
     gen = torch.Generator().manual_seed(seed % 1000)
     offset = torch.cat([
         torch.arange(0, 600),
@@ -36,8 +40,9 @@ def test_philox_bit_exact_with_tl_rand(seed):
         torch.randint(2**32, 2**62, (400,), generator=gen),
         torch.tensor([2**63 - 1]),
     ]).to(device=DEVICE, dtype=torch.int64)
-    expected = _tl_rand(seed, offset)
-    got = philox_uniform(seed, offset)
+    expected = _tl_rand4(seed, offset)
+    got = philox_uniform4(seed, offset)
+    assert got.shape == (offset.numel(), 4)
     mismatched = int((got.view(torch.int32) != expected.view(torch.int32)).sum())
     print(f"seed {seed}: {mismatched} of {offset.numel()} differ")
     assert mismatched == 0
@@ -49,8 +54,11 @@ def test_keep_mask_is_the_documented_grid_function():
     mask = dropout_keep_mask(seed, batch, nheads, sq, sk, p, DEVICE)
     assert mask.shape == (batch, nheads, sq, sk) and mask.dtype == torch.bool
     b, h, i, j = 1, 2, 4, 6
-    offset = torch.tensor([((b * nheads + h) * sq + i) * sk + j], dtype=torch.int64, device=DEVICE)
-    assert bool(mask[b, h, i, j]) == bool(_tl_rand(seed, offset)[0] >= p)
+    counter = ((b * nheads + h) * sq + i) * math.ceil(sk / 4) + j // 4
+    offset = torch.tensor([counter], dtype=torch.int64, device=DEVICE)
+    assert bool(mask[b, h, i, j]) == bool(_tl_rand4(seed, offset)[0, j % 4] >= p)
+    row = ((b * nheads + h) * sq + i) * math.ceil(sk / 4) + torch.arange(math.ceil(sk / 4), device=DEVICE)
+    assert torch.equal(mask[b, h, i], _tl_rand4(seed, row).flatten()[:sk] >= p)
 
 
 def test_sub_blocks_match_the_whole_grid():

@@ -1,9 +1,10 @@
 """Dropout randomness shared by every backend.
 
 The keep mask is a pure function of ``(seed, b, h, i, j)``: element ``(b, h, i, j)`` of a
-(batch, nheads, seqlen_q, seqlen_k) grid is kept when ``u >= dropout_p``, where ``u`` is Triton's
-``tl.rand(seed, offset)`` (Philox-4x32, 10 rounds) at the int64 offset
-``((b * nheads + h) * seqlen_q + i) * seqlen_k + j``. For varlen batches ``seqlen_q``/``seqlen_k`` are
+(batch, nheads, seqlen_q, seqlen_k) grid is kept when ``u >= dropout_p``, where ``u`` is output
+``j % 4`` of Triton's ``tl.randint4x(seed, counter)`` (Philox-4x32, 10 rounds) mapped to [0, 1) as
+``tl.rand`` does, at the int64 counter ``((b * nheads + h) * seqlen_q + i) * cdiv(seqlen_k, 4) + j // 4``:
+one Philox call serves four neighbouring keys. For varlen batches ``seqlen_q``/``seqlen_k`` are
 ``max_seqlen_q``/``max_seqlen_k`` and ``i``, ``j`` are positions inside each sequence. Because the mask
 is a function and not a stored tensor, the backward regenerates exactly the forward's mask, and the
 chunked path and the Triton kernels drop the same elements for the same seed.
@@ -44,15 +45,16 @@ def _mul32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
 
 
-def philox_uniform(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offset)`` of Triton 3.6 in plain torch, bit for bit.
+def philox_uniform4(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    """The four outputs of ``tl.randint4x(seed, offset)`` (Triton 3.6), each mapped to [0, 1) as
+    ``tl.rand`` maps its one, in plain torch, bit for bit.
 
     Arguments:
         seed: int in [0, 2**63); its low / high 32 bits are the Philox key.
         offset: int64 tensor of any shape, values in [0, 2**63); its low / high 32 bits are the first two
             Philox counter words, the other two are 0.
     Returns:
-        float32 tensor shaped like ``offset``, uniform in [0, 1).
+        float32 tensor of shape ``offset.shape + (4,)``, uniform in [0, 1).
     """
     c0 = offset & _MASK32
     c1 = offset >> 32
@@ -68,7 +70,8 @@ def philox_uniform(seed: int, offset: torch.Tensor) -> torch.Tensor:
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
     # uint_to_uniform_float: reinterpret as int32, fold negatives onto [0, 2**31), scale in float32.
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    x = torch.stack((c0, c1, c2, c3), dim=-1)
+    x = torch.where(x >= 2**31, x - 2**32, x)
     x = torch.where(x < 0, -x - 1, x)
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
 
@@ -110,7 +113,13 @@ def dropout_keep_mask(
         b = torch.tensor([batch_index], dtype=torch.int64, device=device)
     h = torch.arange(nheads, dtype=torch.int64, device=device)
     i = torch.arange(q_start, q_start + q_len, dtype=torch.int64, device=device)
-    j = torch.arange(k_start, k_start + k_len, dtype=torch.int64, device=device)
     row = ((b.view(-1, 1) * nheads + h.view(1, -1)) * seqlen_q).view(-1, nheads, 1) + i.view(1, 1, -1)
-    offset = (row * seqlen_k).unsqueeze(-1) + j.view(1, 1, 1, -1)
-    return philox_uniform(seed, offset) >= dropout_p
+    # One Philox call per group of four keys: the groups that cover the columns, then their outputs in
+    # key order, cut to the columns asked for.
+    g_lo = k_start // 4
+    g_hi = (k_start + k_len + 3) // 4
+    g = torch.arange(g_lo, g_hi, dtype=torch.int64, device=device)
+    counter = (row * ((seqlen_k + 3) // 4)).unsqueeze(-1) + g.view(1, 1, 1, -1)
+    u = philox_uniform4(seed, counter).flatten(-2)
+    first = k_start - 4 * g_lo
+    return u[..., first:first + k_len] >= dropout_p

@@ -217,9 +217,10 @@ def attn_bwd_dkdv_kernel(
         alibi_slope2 = 0.0
         if HAS_ALIBI:
             alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
-        philox_base = (b64 * nheads + h64) * max_seqlen_q * max_seqlen_k
+        philox_stride = tl.cdiv(max_seqlen_k, 4)  # Philox counters per row: one call covers four keys
+        philox_base = (b64 * nheads + h64) * max_seqlen_q * philox_stride
         args = (cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left,
-                window_right, seed, philox_base, max_seqlen_k, dropout_p)
+                window_right, seed, philox_base, philox_stride, dropout_p)
         dq_z = h if IS_VARLEN else b * nheads + h  # int32: descriptor offsets are 32-bit
         dq_base = DQacc + (dq_z.to(tl.int64) * dq_rows + q0) * BLOCK_D
         ptrs = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, dq_desc, dq_base, dq_z,
@@ -313,12 +314,13 @@ def attn_bwd_dq_kernel(
     alibi_slope2 = 0.0
     if HAS_ALIBI:
         alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
-    philox_base = bh.to(tl.int64) * max_seqlen_q * max_seqlen_k
+    philox_stride = tl.cdiv(max_seqlen_k, 4)  # Philox counters per row: one call covers four keys
+    philox_base = bh.to(tl.int64) * max_seqlen_q * philox_stride
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     args = (rows, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
-            seed, philox_base, max_seqlen_k, dropout_p)
+            seed, philox_base, philox_stride, dropout_p)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, full_lo, *args,
                    HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
                    DOT_PRECISION)

@@ -100,7 +100,8 @@ def attn_fwd_kernel(
     alibi_slope2 = 0.0
     if HAS_ALIBI:
         alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
-    philox_base = bh.to(tl.int64) * max_seqlen_q * max_seqlen_k
+    philox_stride = tl.cdiv(max_seqlen_k, 4)  # Philox counters per row: one call covers four keys
+    philox_base = bh.to(tl.int64) * max_seqlen_q * philox_stride
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -108,7 +109,7 @@ def attn_fwd_kernel(
     lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     args = (rows, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
-            seed, philox_base, max_seqlen_k, dropout_p)
+            seed, philox_base, philox_stride, dropout_p)
     # Blocks crossing the left window edge, then the unmasked interior, then the diagonal/right edge.
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, full_lo, *args,
                                HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,

@@ -86,9 +86,22 @@ def score_mod(qk, rows, cols, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, 
 
 @triton.jit
 def dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
-    """Keep mask of ``ioattn.dropout``: ``tl.rand(seed, base + i * row_stride + j) >= dropout_p``, int64."""
-    offs = philox_base + rows.to(tl.int64)[:, None] * philox_row_stride + cols[None, :]
-    return tl.rand(seed, offs) >= dropout_p
+    """Keep mask of ``ioattn.dropout`` on a (rows, cols) tile: one Philox call per four keys.
+
+    Key ``j`` of row ``i`` takes output ``j % 4`` of ``philox(seed, base + i * row_stride + j // 4)``
+    (``row_stride = cdiv(seqlen_k, 4)``). ``cols`` must start at a multiple of 4 and hold a multiple of 4.
+    """
+    n: tl.constexpr = cols.shape[0]
+    groups = tl.max(tl.reshape(cols // 4, [n // 4, 4]), axis=1)
+    offs = philox_base + rows.to(tl.int64)[:, None] * philox_row_stride + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, offs)
+    u0 = tl.random.uint_to_uniform_float(r0)
+    u1 = tl.random.uint_to_uniform_float(r1)
+    u2 = tl.random.uint_to_uniform_float(r2)
+    u3 = tl.random.uint_to_uniform_float(r3)
+    # join(join(u0, u2), join(u1, u3))[i, t, y, x] = u_{2y+x}: flattening puts key 4t + 2y + x on it.
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [rows.shape[0], n])
+    return u >= dropout_p
 
 
 @triton.jit
@@ -188,8 +201,7 @@ def bias_and_mask_t(st, rows, cols, seqlen_k, diag, alibi_slope2, window_left, w
 @triton.jit
 def dropout_keep_t(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
     """``dropout_keep`` on a transposed (cols, rows) tile: the same Philox offsets, so the same mask."""
-    offs = philox_base + rows.to(tl.int64)[None, :] * philox_row_stride + cols[:, None]
-    return tl.rand(seed, offs) >= dropout_p
+    return tl.trans(dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p))
 
 
 @triton.jit
