@@ -4,6 +4,7 @@
 each timed with the Gluon kernel routed (``IOATTN_GLUON=1``) and with the portable kernel
 (``IOATTN_GLUON=0``); relatives are over the plain case with the Gluon kernel, as the features suite counts
 them (TFLOPs/s over the pairs a mask allows).
+``direct``: ``gluon_forward`` itself at 16k, d=128, for masks and varlen (no interface checks).
 ``configs``: Gluon tile configs (BLOCK_M, BLOCK_N, stages, warps) against the portable kernel at d=64 and
 d=128 on the FA2 shapes (batch x seqlen = 16k, hidden 2048), causal and not; each output is checked
 against the portable kernel's first.
@@ -21,15 +22,17 @@ import os
 import torch
 import triton
 
-from ioattn.bench.features import make_case
+from ioattn.bench.features import allowed_pairs, make_case
 from ioattn.kernels.attn_fwd_gluon import _CONFIGS, gluon_forward
 from ioattn.ops.attention import flash_attention
 
 FEATURES = ("plain", "causal", "varlen", "varlen-mixed", "gqa-4", "window", "softcap", "alibi")
-# d=64 candidates read offline (scripts/compile_gluon_fwd.py --config): (128, 64, *, 8) at 106 registers
-# and (64, 128, 2, 4) at 74 KB fit 2-3 programs per SM where the shipped (128, 128, 3, 8) fits one.
-CONFIGS = {64: [(128, 128, 3, 8), (128, 64, 4, 8), (128, 64, 2, 8), (64, 128, 2, 4), (64, 128, 3, 4)],
-           128: [(128, 128, 2, 8)]}
+# (config, overlapped loop) candidates, read offline first (scripts/compile_gluon_fwd.py --config): at d=64,
+# (64, 128, 2, 4) (74 KB, 154 registers x 128 threads) fits three programs per SM, v1's (128, 128, 3, 8) one;
+# at d=128, (64, 64, 2, 4) (82 KB, 140 registers) fits two, the shipped (128, 128, 2, 8) one.
+CONFIGS = {64: [((64, 128, 2, 4), False), ((64, 128, 2, 4), True), ((128, 128, 3, 8), False)],
+           128: [((128, 128, 2, 8), False), ((64, 64, 2, 4), False), ((64, 64, 2, 4), True),
+                 ((64, 128, 2, 4), False), ((128, 64, 2, 8), False)]}
 
 
 def _ms(fn) -> float:
@@ -73,12 +76,12 @@ def _config_row(d: int, causal: bool, seqlen: int) -> dict:
     ref = portable().float()
     row = {"suite": "configs", "d": d, "causal": causal, "seqlen": seqlen, "portable": flops / _ms(portable) * 1e-9}
     os.environ.pop("IOATTN_GLUON")
-    for cfg in CONFIGS[d]:
-        def fn(cfg=cfg):
-            return gluon_forward(q, k, v, scale, window, config=cfg)[0]
+    for cfg, overlap in CONFIGS[d]:
+        def fn(cfg=cfg, overlap=overlap):
+            return gluon_forward(q, k, v, scale, window, config=cfg, overlap=overlap)[0]
 
         err = ((fn().float() - ref).norm() / ref.norm()).item()
-        key = ",".join(map(str, cfg))
+        key = ",".join(map(str, cfg)) + (" ovl" if overlap else "")
         row[key] = flops / _ms(fn) * 1e-9 if err < 1e-2 else float("nan")
         if err >= 1e-2:
             print(f"config {key} d={d} causal={causal} seqlen={seqlen}: error {err:.2e}")
@@ -97,9 +100,40 @@ def bench_configs(headdims, seqlens) -> list[dict]:
     return rows
 
 
+def bench_direct(seqlen: int = 16384) -> list[dict]:
+    """gluon_forward called directly (no interface checks) at d=128: masks that cost more than their
+    geometry says, and varlen with and without the public entry point's host-side cu_seqlens checks."""
+    import ioattn
+
+    nheads, d = 16, 128
+    batch = 16384 // seqlen
+    q, k, v = (torch.randn(batch, seqlen, nheads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = 1.0 / math.sqrt(d)
+    cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seqlen
+    qv, kv, vv = (t.view(batch * seqlen, nheads, d) for t in (q, k, v))
+    cases = {
+        "plain": (lambda: gluon_forward(q, k, v, scale), (-1, -1)),
+        "causal": (lambda: gluon_forward(q, k, v, scale, (-1, 0)), (-1, 0)),
+        "window-both": (lambda: gluon_forward(q, k, v, scale, (seqlen // 8, seqlen // 8)), (seqlen // 8,) * 2),
+        "window-left": (lambda: gluon_forward(q, k, v, scale, (seqlen // 8, -1)), (seqlen // 8, -1)),
+        "window-right": (lambda: gluon_forward(q, k, v, scale, (-1, seqlen // 8)), (-1, seqlen // 8)),
+        "varlen-direct": (lambda: gluon_forward(qv, kv, vv, scale, (-1, -1), 0.0, None, cu, cu, seqlen, seqlen),
+                          (-1, -1)),
+        "varlen-api": (lambda: ioattn.flash_attn_varlen_func(qv, kv, vv, cu, cu, seqlen, seqlen), (-1, -1)),
+        "dense-api": (lambda: ioattn.flash_attn_func(q, k, v), (-1, -1)),
+    }
+    rows = []
+    for name, (fn, window) in cases.items():
+        flops = 4.0 * d * nheads * batch * allowed_pairs(seqlen, window)
+        row = {"suite": "direct", "case": name, "seqlen": seqlen, "tflops": flops / _ms(fn) * 1e-9}
+        rows.append(row)
+        print(f"direct {seqlen} {name:<14} {row['tflops']:6.1f}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suites", default="features,configs")
+    ap.add_argument("--suites", default="features,direct,configs")
     ap.add_argument("--seqlens", default="4096,16384")
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--json", type=str)
@@ -112,6 +146,8 @@ def main() -> None:
     suites = args.suites.split(",")
     if "features" in suites:
         rows += bench_features(seqlens)
+    if "direct" in suites:
+        rows += bench_direct()
     if "configs" in suites:
         rows += bench_configs([int(x) for x in args.headdims.split(",")], seqlens)
     if args.json:

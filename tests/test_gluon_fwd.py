@@ -54,7 +54,7 @@ def _check(q, k, v, causal=False, overlap=False, window_size=None, softcap=0.0, 
     window = _window(causal, window_size)
     mods = dict(window_size=window, softcap=softcap, alibi_slopes=alibi_slopes)
     routed = gluon_forward_supported(q, k, v, dropout_p=0.0, softmax_scale=scale, **mods)
-    assert routed == (q.shape[-1] in _ROUTED_HEAD_DIMS)  # others are computed right but left to the portable kernel
+    assert routed == (q.shape[-1] in _ROUTED_HEAD_DIMS)
     _poison(q.numel() * q.element_size())
     out, lse = gluon_forward(q, k, v, scale, window, softcap, alibi_slopes, overlap=overlap)
     ref_out, ref_lse = attention_ref(q, k, v, **mods)
@@ -152,6 +152,24 @@ def test_score_mods(seqlens, opts, dtype):
     _check(q, k, v, **opts)
 
 
+@pytest.mark.parametrize("opts", [
+    {"window_size": (3, 1)}, {"window_size": (130, -1)}, {"window_size": (200, 200), "softcap": 5.0},
+    {"alibi": "batch_heads", "causal": True}, {"softcap": 30.0, "alibi": "heads", "window_size": (90, 0)},
+], ids=str)
+@pytest.mark.parametrize("seqlens", [(17, 17), (1025, 1000), (300, 2000), (2000, 300)], ids=str)
+def test_features_d64(seqlens, opts):
+    """d=64 runs its own tiles (one warpgroup, 64 rows): the feature paths again at that shape."""
+    torch.manual_seed(seqlens[1])
+    batch, nheads = 2, 4
+    q, k, v = _qkv(batch, *seqlens, nheads, 1, 64, torch.bfloat16)
+    opts = dict(opts)
+    alibi = opts.pop("alibi", None)
+    if alibi is not None:
+        shape = (nheads,) if alibi == "heads" else (batch, nheads)
+        opts["alibi_slopes"] = torch.rand(shape, device="cuda") * 0.5 + 0.05
+    _check(q, k, v, **opts)
+
+
 @pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (40, 3), "softcap": 6.0, "alibi": True}],
                          ids=str)
 def test_overlap_variant_mods(opts):
@@ -174,14 +192,14 @@ VARLEN_LENS = [
     {"window_size": (100, 0), "softcap": 10.0, "alibi": True},
 ], ids=str)
 @pytest.mark.parametrize("lens", VARLEN_LENS, ids=lambda x: str(x[0]))
-@pytest.mark.parametrize("overlap", [False, True])
-def test_varlen(lens, opts, overlap):
+@pytest.mark.parametrize("d,overlap", [(128, False), (128, True), (64, False)])
+def test_varlen(lens, opts, d, overlap):
     """Each packed sequence against attention_ref on that sequence alone (its own bottom-right alignment);
     the NaN-poisoned output shows any row the kernel skipped, and a store past a sequence's end would
     overwrite the next sequence's rows."""
     torch.manual_seed(8)
     lens_q, lens_k = lens
-    nheads, nheads_k, d, dtype = 4, 2, 128, torch.bfloat16
+    nheads, nheads_k, dtype = 4, 2, torch.bfloat16
     batch = len(lens_q)
     q = torch.randn(sum(lens_q), nheads, d, device="cuda", dtype=dtype)
     k = torch.randn(sum(lens_k), nheads_k, d, device="cuda", dtype=dtype)
@@ -266,6 +284,7 @@ def test_predicate(monkeypatch):
     assert not gluon_forward_supported(q, k, v, **{**kw, "dropout_p": 0.1})
     assert not gluon_forward_supported(q.float(), k.float(), v.float(), **kw)
     assert not gluon_forward_supported(q[..., :96], k[..., :96], v[..., :96], **kw)
+    assert gluon_forward_supported(q[..., :64], k[..., :64], v[..., :64], **kw) == (64 in _ROUTED_HEAD_DIMS)
     assert not gluon_forward_supported(q, k, v, **kw, softmax_scale=-0.1)
     assert gluon_forward_supported(q, k, v, **{**kw, "softcap": 5.0}, softmax_scale=-0.1)
     cu = torch.tensor([0, 64], dtype=torch.int32, device="cuda")

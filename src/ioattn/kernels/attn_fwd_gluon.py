@@ -270,12 +270,15 @@ def attn_fwd_gluon_kernel(
 
 
 # (BLOCK_M, BLOCK_N, NUM_STAGES, num_warps) by head dim: Q + 2 x NUM_STAGES K/V tiles fit in 227 KB.
-_CONFIGS = {64: (128, 128, 3, 8), 128: (128, 128, 2, 8)}
+# d=64: one warpgroup on 64 rows, 74 KB and 154 registers, so three programs share an SM and one's softmax
+# runs under another's wgmma; measured 1.14-1.26x the portable kernel where v1's (128, 128, 3, 8) (one
+# program per SM) lost 0.86-0.93x (benchmarks/NOTES.md, "Gluon forward v2").
+_CONFIGS = {64: (64, 128, 2, 4), 128: (128, 128, 2, 8)}
 # The overlapped loop (254 registers at d=128) measured 3-14% slower than waiting for QK^T before the
 # softmax on an H200 (benchmarks/NOTES.md, "Gluon forward (sm90)"): off by default, kept to tune.
 OVERLAP = False
-# Head dims routed here by the predicate: at d=64 the portable kernel measured ~10% faster.
-_ROUTED_HEAD_DIMS = (128,)
+# Head dims routed here by the predicate.
+_ROUTED_HEAD_DIMS = (64, 128)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -337,8 +340,8 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out contiguous like q, lse float32 (b, h, sq)); varlen
     q (total_q, h, d), k/v (total_k, h_k, d) with int32 cu_seqlens -> (out, lse float32 (h, total_q)).
-    ``window_size`` is resolved (causal = (left, 0)). Call only where ``gluon_forward_supported`` is True
-    (or, for d=64, where it would be but for speed). ``config`` overrides (BLOCK_M, BLOCK_N, stages, warps)."""
+    ``window_size`` is resolved (causal = (left, 0)). Call only where ``gluon_forward_supported`` is True.
+    ``config`` overrides (BLOCK_M, BLOCK_N, stages, warps) of ``_CONFIGS``."""
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
     nheads_k = k.shape[-2]
