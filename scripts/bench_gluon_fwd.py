@@ -29,7 +29,7 @@ from ioattn.ops.attention import flash_attention
 FEATURES = ("plain", "causal", "varlen", "varlen-mixed", "gqa-4", "window", "softcap", "alibi")
 # (config, overlapped loop) candidates, read offline first (scripts/compile_gluon_fwd.py --config): at d=64,
 # (64, 128, 2, 4) (74 KB, 154 registers x 128 threads) fits three programs per SM, v1's (128, 128, 3, 8) one;
-# at d=128, (64, 64, 2, 4) (82 KB, 140 registers) fits two, the shipped (128, 128, 2, 8) one.
+# at d=128, (64, 64, 2, 4) (82 KB, 140 registers) fits two, v1's (128, 128, 2, 8) one.
 CONFIGS = {64: [((64, 128, 2, 4), False), ((64, 128, 2, 4), True), ((128, 128, 3, 8), False)],
            128: [((128, 128, 2, 8), False), ((64, 64, 2, 4), False), ((64, 64, 2, 4), True),
                  ((64, 128, 2, 4), False), ((128, 64, 2, 8), False)]}

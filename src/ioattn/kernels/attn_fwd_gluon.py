@@ -269,13 +269,14 @@ def attn_fwd_gluon_kernel(
     gl.store(lse_base + rows, lse, mask=rows < seqlen_q)
 
 
-# (BLOCK_M, BLOCK_N, NUM_STAGES, num_warps) by head dim: Q + 2 x NUM_STAGES K/V tiles fit in 227 KB.
-# d=64: one warpgroup on 64 rows, 74 KB and 154 registers, so three programs share an SM and one's softmax
-# runs under another's wgmma; measured 1.14-1.26x the portable kernel where v1's (128, 128, 3, 8) (one
-# program per SM) lost 0.86-0.93x (benchmarks/NOTES.md, "Gluon forward v2").
-_CONFIGS = {64: (64, 128, 2, 4), 128: (128, 128, 2, 8)}
-# The overlapped loop (254 registers at d=128) measured 3-14% slower than waiting for QK^T before the
-# softmax on an H200 (benchmarks/NOTES.md, "Gluon forward (sm90)"): off by default, kept to tune.
+# (BLOCK_M, BLOCK_N, NUM_STAGES, num_warps) by head dim: one warpgroup on 64 query rows, so two (d=128:
+# 82 KB, 140 registers) or three (d=64: 74 KB, 154 registers) programs share an SM and one's softmax runs
+# under another's wgmma. Measured on an H200 against v1's 128-row tiles of two warpgroups (one program per
+# SM): d=128 +1 to +17%, d=64 1.14-1.26x the portable kernel where v1 lost 0.86-0.93x (benchmarks/NOTES.md,
+# "Gluon forward v2").
+_CONFIGS = {64: (64, 128, 2, 4), 128: (64, 64, 2, 4)}
+# The overlapped loop measured slower than waiting for QK^T before the softmax on an H200 with both tile
+# shapes (v1's two warpgroups: 3-14%; one warpgroup: 20-25%; benchmarks/NOTES.md): off, kept to tune.
 OVERLAP = False
 # Head dims routed here by the predicate.
 _ROUTED_HEAD_DIMS = (64, 128)
