@@ -305,6 +305,24 @@ def test_varlen_reads_cu_seqlens_on_device_only(monkeypatch):
     assert (out[:5] - ref[0]).abs().max().item() < 1e-2
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA index tensors: on CPU the values are checked on the host")
+def test_public_varlen_never_reads_cuda_cu_seqlens_on_the_host(monkeypatch):
+    """validation.host_values_readable: a CUDA cu_seqlens is never read back (no device sync per call)."""
+    torch.manual_seed(9)
+    q, k, v, cu_q, cu_k = _varlen_case([5, 0, 9], [7, 3, 2], 2, 2, 32, torch.float16)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an index tensor was read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 7, causal=True)
+    out.sum().backward()
+    monkeypatch.undo()
+    ref, _ = attention_ref(q[:5].unsqueeze(0), k[:7].unsqueeze(0), v[:7].unsqueeze(0), causal=True)
+    assert (out[:5] - ref[0]).abs().max().item() < 1e-2
+
+
 @pytest.mark.parametrize("opts", [{"causal": True}, {"dropout_p": 0.2, "window_size": (9, 3)}], ids=str)
 def test_deterministic_backward_is_bitwise_reproducible(opts):
     reps = 100 if ON_GPU else 2

@@ -24,12 +24,6 @@ __all__ = [
 ]
 
 
-def _host_checks_allowed(device: torch.device) -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
 def _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, batch, nheads):
     window = V.check_window(window_size)
     V.check_scalars(dropout_p, softcap, softmax_scale)
@@ -131,7 +125,7 @@ def flash_attn_varlen_func(
         out: (total_q, nheads, headdim); softmax_lse (if return_attn_probs): float32 (nheads, total_q).
     """
     nheads, _, headdim = V.check_qkv(q, k, v, rank=3)
-    host = _host_checks_allowed(q.device)
+    host = V.host_values_readable(q.device)
     batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device, host_check=host)
     batch_k = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device,
                                  host_check=host)

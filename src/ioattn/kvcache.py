@@ -21,11 +21,6 @@ from . import validation as V
 __all__ = ["flash_attn_with_kvcache", "write_kv"]
 
 
-def _host_values_readable(device: torch.device) -> bool:
-    # Value checks must never synchronise a GPU: only CPU tensors are read on the host.
-    return device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _check_index(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
     t = V._check_tensor(name, t)
@@ -87,7 +82,7 @@ def _check_cache_seqlens(cache_seqlens, batch: int, seqlen_new: int, capacity: i
                              f"{seqlen_new} new tokens), got {cache_seqlens!r}")
         return torch.full((batch,), n, dtype=torch.int32, device=device)
     t = _check_index("cache_seqlens", cache_seqlens, (batch,), torch.int32, device)
-    if _host_values_readable(device) and batch > 0:
+    if V.host_values_readable(device) and batch > 0:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > limit:
             raise ValueError(f"cache_seqlens must be in [0, {limit}] (capacity {capacity} minus "
@@ -166,7 +161,7 @@ def flash_attn_with_kvcache(
             raise ValueError("cache_batch_idx applies to a contiguous cache only, not with block_table")
         num_blocks, block_size = k_cache.shape[:2]
         capacity = block_table.shape[1] * block_size
-        if _host_values_readable(q.device) and block_table.numel() > 0:
+        if V.host_values_readable(q.device) and block_table.numel() > 0:
             lo, hi = int(block_table.min()), int(block_table.max())
             if lo < 0 or hi >= num_blocks:
                 raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
@@ -176,7 +171,7 @@ def flash_attn_with_kvcache(
         if cache_batch_idx is not None:
             cache_batch_idx = _check_index("cache_batch_idx", cache_batch_idx, (batch,), torch.int32,
                                            q.device)
-            if _host_values_readable(q.device) and batch > 0:
+            if V.host_values_readable(q.device) and batch > 0:
                 lo, hi = int(cache_batch_idx.min()), int(cache_batch_idx.max())
                 if lo < 0 or hi >= rows:
                     raise ValueError(f"cache_batch_idx entries must be in [0, {rows}), got [{lo}, {hi}]")
@@ -254,7 +249,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"k's (nheads_k, headdim) must match k_cache's {tuple(k_cache.shape[2:])}, "
                          f"got {tuple(k.shape[1:])}")
     slot_mapping = _check_index("slot_mapping", slot_mapping, (k.shape[0],), torch.int64, k.device)
-    if _host_values_readable(k.device) and slot_mapping.numel() > 0:
+    if V.host_values_readable(k.device) and slot_mapping.numel() > 0:
         slots = k_cache.shape[0] * k_cache.shape[1]
         if int(slot_mapping.max()) >= slots:
             raise ValueError(f"slot_mapping entries must be < num_blocks * block_size ({slots}), "

@@ -103,12 +103,20 @@ def check_alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.dev
         raise ValueError(f"alibi_slopes must be on q's device ({device}), got {t.device}")
 
 
+def host_values_readable(device: torch.device) -> bool:
+    """The one policy for value checks of index tensors (cu_seqlens, cache_seqlens, block tables): they
+    read the values on the host, so they run only for CPU tensors and never under ``torch.compile``. A
+    CUDA tensor is never read back: that would synchronise the device on every call (and break CUDA-graph
+    capture), as flash-attn never does either."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_cu_seqlens(
     name: str, cu: object, total: int, max_seqlen: int, device: torch.device, *, host_check: bool
 ) -> int:
     """Checks a cu_seqlens tensor and returns the batch size. Value checks (monotone, ends at total,
-    max_seqlen large enough) read the tensor on the host, so they run only when ``host_check`` is set:
-    always for CPU tensors, and for CUDA tensors outside of graph capture."""
+    max_seqlen large enough) read the tensor on the host, so they run only when ``host_check`` is set
+    (``host_values_readable``: CPU tensors)."""
     t = _check_tensor(name, cu)
     if t.dtype != torch.int32:
         raise TypeError(f"{name}.dtype must be torch.int32, got {t.dtype}")
