@@ -67,7 +67,7 @@ def _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, q
     scores) for one (query block, key block) tile; dS = P * (dP - delta) (Alg. 2 line 16)."""
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if SOFTCAP:
-        s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP, DOT_PRECISION != "ieee")
+        s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
     else:
         s = qk * qk_scale
         t = s
@@ -128,7 +128,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         lse2, delta = _row_stats(lse_base, delta_base, rows, seqlen_q)
         qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
         if SOFTCAP:
-            st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, DOT_PRECISION != "ieee")
+            st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP)
         else:
             st = qkt * qk_scale
             tt = st
