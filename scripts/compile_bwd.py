@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
-import subprocess
-import tempfile
 
 import torch
 import triton
+from compile_gluon_fwd import ptxas_report  # the same ptxas -v reading for every offline report
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import mangle_type
@@ -68,18 +67,6 @@ def compile_variant(d: int, causal: bool, cfg: AttnConfig, fused: bool, dtype=to
     src = ASTSource(attn_bwd_dkdv_kernel, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-
-def ptxas_report(ptx: str) -> str:
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        res = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(src), "-o", str(src.with_suffix(".o"))],
-                             capture_output=True, text=True, check=True)
-    regs = re.search(r"Used (\d+) registers", res.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
-    return f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} B"
 
 
 CANDIDATES = {

@@ -53,7 +53,7 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: tuple[int
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def _ptxas_report(ptx: str) -> str:
+def ptxas_report(ptx: str) -> str:
     """Registers and spill bytes from ptxas -v on the PTX (the wheel's ptxas; no driver needed)."""
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +94,7 @@ def main() -> None:
                            ("mbarrier", r"mbarrier\."), ("bar.sync", r"bar\.sync"),
                            ("tanh.approx", r"tanh\.approx"))}
                 print(f"d={d} {name} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
-                      f"{_ptxas_report(ptx)}, {counts}", flush=True)
+                      f"{ptxas_report(ptx)}, {counts}", flush=True)
                 if args.dump:
                     args.dump.mkdir(parents=True, exist_ok=True)
                     stem = f"d{d}_{name}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}"

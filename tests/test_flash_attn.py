@@ -284,8 +284,15 @@ def test_varlen(lens, opts, dtype):
                       ["dq", "dk", "dv"], GRAD_FACTOR, floor)
 
 
-def test_varlen_reads_cu_seqlens_on_device_only(monkeypatch):
-    """The varlen op never reads cu_seqlens on the host (CUDA-graph safe): forbid .tolist()/.item()."""
+@pytest.mark.parametrize("entry", [
+    "op",
+    pytest.param("public", marks=pytest.mark.skipif(
+        not ON_GPU, reason="CUDA index tensors: on CPU the public call checks the values on the host")),
+])
+def test_varlen_never_reads_cu_seqlens_on_the_host(monkeypatch, entry):
+    """The varlen op never reads cu_seqlens on the host (CUDA-graph safe), and neither does the public call
+    for CUDA index tensors (validation.host_values_readable: no device sync per call): forbid
+    .tolist()/.item()."""
     from ioattn.ops.attention import flash_attention_varlen
 
     torch.manual_seed(9)
@@ -296,30 +303,17 @@ def test_varlen_reads_cu_seqlens_on_device_only(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
-    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 7, softmax_scale=0.2, causal=False,
-                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-                                      deterministic=True)
+    if entry == "op":
+        opts = {"softmax_scale": 0.2}
+        out, _ = flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 7, softmax_scale=0.2, causal=False,
+                                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                                        deterministic=True)
+    else:
+        opts = {"causal": True}
+        out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 7, causal=True)
     out.sum().backward()
     monkeypatch.undo()
-    ref, _ = attention_ref(q[:5].unsqueeze(0), k[:7].unsqueeze(0), v[:7].unsqueeze(0), softmax_scale=0.2)
-    assert (out[:5] - ref[0]).abs().max().item() < 1e-2
-
-
-@pytest.mark.skipif(not ON_GPU, reason="CUDA index tensors: on CPU the values are checked on the host")
-def test_public_varlen_never_reads_cuda_cu_seqlens_on_the_host(monkeypatch):
-    """validation.host_values_readable: a CUDA cu_seqlens is never read back (no device sync per call)."""
-    torch.manual_seed(9)
-    q, k, v, cu_q, cu_k = _varlen_case([5, 0, 9], [7, 3, 2], 2, 2, 32, torch.float16)
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("an index tensor was read on the host")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
-    monkeypatch.setattr(torch.Tensor, "item", forbidden)
-    out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 7, causal=True)
-    out.sum().backward()
-    monkeypatch.undo()
-    ref, _ = attention_ref(q[:5].unsqueeze(0), k[:7].unsqueeze(0), v[:7].unsqueeze(0), causal=True)
+    ref, _ = attention_ref(q[:5].unsqueeze(0), k[:7].unsqueeze(0), v[:7].unsqueeze(0), **opts)
     assert (out[:5] - ref[0]).abs().max().item() < 1e-2
 
 
