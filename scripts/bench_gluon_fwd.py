@@ -5,9 +5,10 @@ each timed with the Gluon kernel routed (``IOATTN_GLUON=1``) and with the portab
 (``IOATTN_GLUON=0``); relatives are over the plain case with the Gluon kernel, as the features suite counts
 them (TFLOPs/s over the pairs a mask allows).
 ``direct``: ``gluon_forward`` itself at 16k, d=128, for masks and varlen (no interface checks).
-``configs``: Gluon tile configs (BLOCK_M, BLOCK_N, stages, warps) against the portable kernel at d=64 and
-d=128 on the FA2 shapes (batch x seqlen = 16k, hidden 2048), causal and not; each output is checked
-against the portable kernel's first.
+``configs``: Gluon configs (``FwdConfig``: tiles and schedule) against the portable kernel and cuDNN's
+SDPA at d=64 and d=128 on the FA2 shapes (batch x seqlen = 16k, hidden 2048), causal and not; each output
+is checked against the portable kernel's first. The candidates of a row are timed in ``--rounds``
+interleaved rounds and each keeps its median.
 
 do_bench medians (L2 flushed between calls). ``--json PATH`` writes every row.
 """
@@ -23,16 +24,24 @@ import torch
 import triton
 
 from ioattn.bench.features import allowed_pairs, make_case
-from ioattn.kernels.attn_fwd_gluon import _CONFIGS, gluon_forward
+from ioattn.bench.peers import SdpaPeer
+from ioattn.kernels.attn_fwd_gluon import _CONFIGS, FwdConfig, gluon_forward
 from ioattn.ops.attention import flash_attention
 
 FEATURES = ("plain", "causal", "varlen", "varlen-mixed", "gqa-4", "window", "softcap", "alibi")
-# (config, overlapped loop) candidates, read offline first (scripts/compile_gluon_fwd.py --config): at d=64,
-# (64, 128, 2, 4) (74 KB, 154 registers x 128 threads) fits three programs per SM, v1's (128, 128, 3, 8) one;
-# at d=128, (64, 64, 2, 4) (82 KB, 140 registers) fits two, v1's (128, 128, 2, 8) one.
-CONFIGS = {64: [((64, 128, 2, 4), False), ((64, 128, 2, 4), True), ((128, 128, 3, 8), False)],
-           128: [((128, 128, 2, 8), False), ((64, 64, 2, 4), False), ((64, 64, 2, 4), True),
-                 ((64, 128, 2, 4), False), ((128, 64, 2, 8), False)]}
+# Candidates, read offline first (scripts/compile_gluon_fwd.py --config): at d=64 the shipped one-warpgroup
+# tiles (three programs per SM); at d=128 the one-warpgroup tiles (64, 64) (82 KB, 140 registers, two
+# programs per SM) against the warp-specialised schedules on (64, 128) per consumer (180 KB, one program
+# per SM, consumers at 240 registers; the overlapped tile loop spills 96-172 B per tile, none per block).
+# Persistence applies to dense inputs without a right window only (gluon_forward).
+CONFIGS = {64: [_CONFIGS[64]],
+           128: [FwdConfig(64, 64, 2, 4), FwdConfig(64, 128, 2, 4, "pingpong", True),
+                 FwdConfig(64, 128, 2, 4, "pingpong", True, True), FwdConfig(64, 128, 2, 4, "ws", True, True)]}
+
+
+def _key(cfg: FwdConfig) -> str:
+    return ",".join(map(str, cfg[:4])) + ("" if cfg.schedule == "single" else f" {cfg.schedule}") + (
+        " ovl" if cfg.overlap else "") + (" pers" if cfg.persistent else "")
 
 
 def _ms(fn) -> float:
@@ -61,7 +70,7 @@ def bench_features(seqlens) -> list[dict]:
     return rows
 
 
-def _config_row(d: int, causal: bool, seqlen: int) -> dict:
+def _config_row(d: int, causal: bool, seqlen: int, rounds: int) -> dict:
     batch, nheads = 16384 // seqlen, 2048 // d
     q, k, v = (torch.randn(batch, seqlen, nheads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flops = 4 * seqlen * seqlen * d * nheads * batch / (2 if causal else 1)
@@ -72,31 +81,42 @@ def _config_row(d: int, causal: bool, seqlen: int) -> dict:
         return flash_attention(q, k, v, softmax_scale=scale, causal=causal, window_size=window, softcap=0.0,
                                alibi_slopes=None, dropout_p=0.0, deterministic=True)[0]
 
+    cudnn = SdpaPeer("sdpa-cudnn", "CUDNN_ATTENTION")
     os.environ["IOATTN_GLUON"] = "0"
     ref = portable().float()
-    row = {"suite": "configs", "d": d, "causal": causal, "seqlen": seqlen, "portable": flops / _ms(portable) * 1e-9}
     os.environ.pop("IOATTN_GLUON")
-    for cfg, overlap in CONFIGS[d]:
-        def fn(cfg=cfg, overlap=overlap):
-            return gluon_forward(q, k, v, scale, window, config=cfg, overlap=overlap)[0]
+    fns = {"sdpa-cudnn": lambda: cudnn.forward(q, k, v, causal)}
+    for cfg in CONFIGS[d]:
+        def fn(cfg=cfg):
+            return gluon_forward(q, k, v, scale, window, config=cfg)[0]
 
         err = ((fn().float() - ref).norm() / ref.norm()).item()
-        key = ",".join(map(str, cfg)) + (" ovl" if overlap else "")
-        row[key] = flops / _ms(fn) * 1e-9 if err < 1e-2 else float("nan")
-        if err >= 1e-2:
-            print(f"config {key} d={d} causal={causal} seqlen={seqlen}: error {err:.2e}")
+        if err < 1e-2:
+            fns[_key(cfg)] = fn
+        else:
+            print(f"config {_key(cfg)} d={d} causal={causal} seqlen={seqlen}: error {err:.2e}")
+    times = {name: [] for name in ["portable", *fns]}
+    for _ in range(rounds):
+        os.environ["IOATTN_GLUON"] = "0"
+        times["portable"].append(_ms(portable))
+        os.environ.pop("IOATTN_GLUON")
+        for name, fn in fns.items():
+            times[name].append(_ms(fn))
+    row = {"suite": "configs", "d": d, "causal": causal, "seqlen": seqlen}
+    row.update({name: flops / sorted(ts)[len(ts) // 2] * 1e-9 for name, ts in times.items()})
+    row.update({f"{name} / cudnn": row[name] / row["sdpa-cudnn"] for name in fns if name != "sdpa-cudnn"})
     return row
 
 
-def bench_configs(headdims, seqlens) -> list[dict]:
+def bench_configs(headdims, seqlens, rounds) -> list[dict]:
     rows = []
     for d in headdims:
         for causal in (False, True):
             for seqlen in seqlens:
-                row = _config_row(d, causal, seqlen)
+                row = _config_row(d, causal, seqlen, rounds)
                 rows.append(row)
-                print("configs", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()},
-                      flush=True)
+                shown = {k: (round(v, 3 if "/" in k else 1) if isinstance(v, float) else v) for k, v in row.items()}
+                print("configs", shown, flush=True)
     return rows
 
 
@@ -136,11 +156,13 @@ def main() -> None:
     ap.add_argument("--suites", default="features,direct,configs")
     ap.add_argument("--seqlens", default="4096,16384")
     ap.add_argument("--headdims", default="64,128")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configs row")
     ap.add_argument("--json", type=str)
     args = ap.parse_args()
     seqlens = [int(x) for x in args.seqlens.split(",")]
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": os.environ.get("IOATTN_COMMIT", ""), "shipped_configs": {str(k): v for k, v in _CONFIGS.items()}}
+            "commit": os.environ.get("IOATTN_COMMIT", ""),
+            "shipped_configs": {str(k): _key(v) for k, v in _CONFIGS.items()}}
     print(info)
     rows = []
     suites = args.suites.split(",")
@@ -149,7 +171,7 @@ def main() -> None:
     if "direct" in suites:
         rows += bench_direct()
     if "configs" in suites:
-        rows += bench_configs([int(x) for x in args.headdims.split(",")], seqlens)
+        rows += bench_configs([int(x) for x in args.headdims.split(",")], seqlens, args.rounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

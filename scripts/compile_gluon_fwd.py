@@ -21,7 +21,13 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import mangle_type
 
-from ioattn.kernels.attn_fwd_gluon import _CONFIGS, _GL_DTYPES, attn_fwd_gluon_kernel
+from ioattn.kernels.attn_fwd_gluon import (
+    _CONFIGS,
+    _GL_DTYPES,
+    FwdConfig,
+    attn_fwd_gluon_kernel,
+    attn_fwd_gluon_ws_kernel,
+)
 
 
 def _desc_type(dtype: torch.dtype, rows: int, d: int) -> str:
@@ -33,10 +39,10 @@ def _desc_type(dtype: torch.dtype, rows: int, d: int) -> str:
 FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT")
 
 
-def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: tuple[int, int, int, int] | None = None,
-                    **flags: bool):
+def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig | None = None, **flags: bool):
     """flags: any of FLAGS (default False); causal is HAS_RIGHT alone, a sliding window both."""
-    block_m, block_n, stages, warps = config or _CONFIGS[d]
+    cfg = config or _CONFIGS[d]
+    block_m, block_n, stages, warps = cfg.block_m, cfg.block_n, cfg.stages, cfg.warps
     elem = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"q_desc": _desc_type(dtype, block_m, d), "k_desc": _desc_type(dtype, block_n, d),
            "v_desc": _desc_type(dtype, block_n, d), "Out": elem, "Lse": "*fp32",
@@ -47,14 +53,20 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: tuple[int
     sig.update(score_scale="fp32", tanh_scale="fp32", window_left="i32", window_right="i32")
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages,
               **{f: flags.get(f, False) for f in FLAGS}, "OVERLAP": overlap, "num_warps": warps}
+    kernel = attn_fwd_gluon_kernel
+    if cfg.schedule != "single":
+        kernel = attn_fwd_gluon_ws_kernel
+        sig["num_tiles"] = "i32"
+        consts["PINGPONG"] = cfg.schedule == "pingpong"
     for k in consts:
         sig[k] = "constexpr"
-    src = GluonASTSource(attn_fwd_gluon_kernel, sig, consts)
+    src = GluonASTSource(kernel, sig, consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 def ptxas_report(ptx: str) -> str:
-    """Registers and spill bytes from ptxas -v on the PTX (the wheel's ptxas; no driver needed)."""
+    """Registers and spill bytes from ptxas -v on the PTX (the wheel's ptxas; no driver needed). For a
+    warp-specialised kernel the registers are the launch cap; each partition's ``setmaxnreg`` moves it."""
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "k.ptx"
@@ -78,21 +90,25 @@ def main() -> None:
     ap.add_argument("--dump", type=pathlib.Path)
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--overlap", action="store_true", help="also the overlapped loop")
-    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages,warps instead of the shipped table")
+    ap.add_argument("--overlap", action="store_true", help="also the other loop (overlapped or not)")
+    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages,warps[,schedule] instead of the shipped table")
     args = ap.parse_args()
-    config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+    config = None
+    if args.config:
+        fields = args.config.split(",")
+        config = FwdConfig(*(int(x) for x in fields[:4]), *fields[4:])
     for d in (int(x) for x in args.headdims.split(",")):
+        base = (config or _CONFIGS[d]).overlap
         for name in args.variants.split(","):
-            for dtype, overlap in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
-                if overlap and not args.overlap or dtype == torch.float16 and name != "plain":
+            for dtype, overlap in ((torch.bfloat16, base), (torch.float16, base), (torch.bfloat16, not base)):
+                if overlap != base and not args.overlap or dtype == torch.float16 and name != "plain":
                     continue
                 k = compile_variant(d, dtype, overlap, config, **VARIANTS[name])
                 ptx = k.asm["ptx"]
                 counts = {n: len(re.findall(pat, ptx)) for n, pat in
                           (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"),
                            ("mbarrier", r"mbarrier\."), ("bar.sync", r"bar\.sync"),
-                           ("tanh.approx", r"tanh\.approx"))}
+                           ("tanh.approx", r"tanh\.approx"), ("setmaxnreg", r"setmaxnreg"))}
                 print(f"d={d} {name} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
                       f"{ptxas_report(ptx)}, {counts}", flush=True)
                 if args.dump:

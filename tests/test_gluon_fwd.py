@@ -19,7 +19,12 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip(f"the Gluon forward needs sm_90, got {torch.cuda.get_device_capability()}",
                 allow_module_level=True)
 
-from ioattn.kernels.attn_fwd_gluon import _ROUTED_HEAD_DIMS, gluon_forward, gluon_forward_supported  # noqa: E402
+from ioattn.kernels.attn_fwd_gluon import (  # noqa: E402
+    _ROUTED_HEAD_DIMS,
+    FwdConfig,
+    gluon_forward,
+    gluon_forward_supported,
+)
 
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -49,14 +54,14 @@ def _compare(out, lse, ref_out, ref_lse, base_out, base_lse, dtype):
     assert (out[empty] == 0).all(), "rows with no key must give output 0"
 
 
-def _check(q, k, v, causal=False, overlap=False, window_size=None, softcap=0.0, alibi_slopes=None):
+def _check(q, k, v, causal=False, overlap=None, window_size=None, softcap=0.0, alibi_slopes=None, config=None):
     scale = 1.0 / math.sqrt(q.shape[-1])
     window = _window(causal, window_size)
     mods = dict(window_size=window, softcap=softcap, alibi_slopes=alibi_slopes)
     routed = gluon_forward_supported(q, k, v, dropout_p=0.0, softmax_scale=scale, **mods)
     assert routed == (q.shape[-1] in _ROUTED_HEAD_DIMS)
     _poison(q.numel() * q.element_size())
-    out, lse = gluon_forward(q, k, v, scale, window, softcap, alibi_slopes, overlap=overlap)
+    out, lse = gluon_forward(q, k, v, scale, window, softcap, alibi_slopes, config=config, overlap=overlap)
     ref_out, ref_lse = attention_ref(q, k, v, **mods)
     base_out, base_lse = attention_ref(q, k, v, upcast=False, **mods)
     _compare(out, lse, ref_out, ref_lse, base_out, base_lse, q.dtype)
@@ -180,6 +185,40 @@ def test_overlap_variant_mods(opts):
     _check(q, k, v, overlap=True, **opts)
 
 
+# The warp-specialised schedules at d=128 (two consumer warpgroups and a load warp), whether or not
+# _CONFIGS ships one: free-running and ping-pong, with and without the intra-warpgroup overlap, one tile per
+# program or persistent (which gluon_forward applies to dense inputs without a right window only).
+WS_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, persistent)
+              for schedule, overlap, persistent in (("ws", True, False), ("pingpong", False, False),
+                                                    ("pingpong", True, False), ("ws", True, True),
+                                                    ("pingpong", False, True), ("pingpong", True, True))]
+
+
+def _ws_id(cfg):
+    return cfg.schedule + ("-overlap" if cfg.overlap else "") + ("-persistent" if cfg.persistent else "")
+
+
+@pytest.mark.parametrize("config", WS_CONFIGS, ids=_ws_id)
+@pytest.mark.parametrize("case", [
+    {"seqlens": (1, 1)}, {"seqlens": (17, 17), "causal": True}, {"seqlens": (1025, 1025), "causal": True},
+    {"seqlens": (4096, 4096)}, {"seqlens": (300, 2000), "causal": True}, {"seqlens": (2000, 300), "causal": True},
+    {"seqlens": (129, 2000)}, {"seqlens": (1000, 1000), "window_size": (127, 128)},
+    {"seqlens": (1025, 1000), "window_size": (3, 1)}, {"seqlens": (2000, 300), "window_size": (0, 0)},
+    {"seqlens": (777, 900), "softcap": 5.0, "alibi": "heads", "causal": True},
+    {"seqlens": (513, 2048), "alibi": "batch_heads", "window_size": (300, 20), "softcap": 8.0},
+], ids=str)
+def test_warp_specialized(case, config):
+    case = dict(case)
+    torch.manual_seed(sum(case["seqlens"]))
+    batch, nheads = 2, 4
+    q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, 2, 128, torch.bfloat16)
+    alibi = case.pop("alibi", None)
+    if alibi is not None:
+        shape = (nheads,) if alibi == "heads" else (batch, nheads)
+        case["alibi_slopes"] = torch.rand(shape, device="cuda") * 0.5 + 0.05
+    _check(q, k, v, config=config, **case)
+
+
 VARLEN_LENS = [
     ([0, 37, 1, 5, 0, 12], [3, 41, 1, 0, 9, 12]),  # empty sequences both ways, seqlen_k 0 with queries
     ([0, 3000, 1, 517, 0, 64, 129], [5, 2900, 1, 600, 13, 64, 1000]),
@@ -192,8 +231,10 @@ VARLEN_LENS = [
     {"window_size": (100, 0), "softcap": 10.0, "alibi": True},
 ], ids=str)
 @pytest.mark.parametrize("lens", VARLEN_LENS, ids=lambda x: str(x[0]))
-@pytest.mark.parametrize("d,overlap", [(128, False), (128, True), (64, False)])
-def test_varlen(lens, opts, d, overlap):
+@pytest.mark.parametrize("d,config", [(128, None), (128, FwdConfig(64, 64, 2, 4, "single", True)), (64, None),
+                                      *((128, cfg) for cfg in WS_CONFIGS)],
+                         ids=lambda x: str(x) if not isinstance(x, FwdConfig) else _ws_id(x))
+def test_varlen(lens, opts, d, config):
     """Each packed sequence against attention_ref on that sequence alone (its own bottom-right alignment);
     the NaN-poisoned output shows any row the kernel skipped, and a store past a sequence's end would
     overwrite the next sequence's rows."""
@@ -215,7 +256,7 @@ def test_varlen(lens, opts, d, overlap):
                                    dropout_p=0.0, softmax_scale=scale, cu_seqlens_q=cu_q)
     _poison(q.numel() * q.element_size())
     out, lse = gluon_forward(q, k, v, scale, window, softcap, slopes, cu_q, cu_k, max(lens_q), max(lens_k),
-                             overlap=overlap)
+                             config=config)
     assert out.shape == q.shape and lse.shape == (nheads, q.shape[0])
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for b in range(batch):

@@ -20,7 +20,9 @@ and those query rows are never stored (masked register stores).
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -99,6 +101,32 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
     p = gl.exp2(s * score_scale - m_scaled[:, None])
     alpha = gl.exp2(m_i * score_scale - m_scaled)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _store_tile(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_base, stride_os, lse_base,
+                num_warps: gl.constexpr):
+    """FA2 Alg. 1 line 12: normalise once and store the rows of the query tile at start_m that lie below
+    seqlen_q; m_i and l_i in the accumulator's row layout. A row with no allowed key has l = 0: output 0,
+    lse -inf."""
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    HEAD_DIM: gl.constexpr = acc.shape[1]
+    rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, acc.type.layout))
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453)
+    out = acc / l_safe[:, None]
+    # Coalesced 16-byte stores: each thread writes 8 consecutive elements of a row. Rows past the
+    # sequence (the next sequence's rows, for varlen) are never written.
+    TPW_D: gl.constexpr = HEAD_DIM // 8
+    st_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // TPW_D, TPW_D],
+                                               warps_per_cta=[num_warps, 1], order=[1, 0])
+    out = gl.convert_layout(out.to(o_base.dtype.element_ty), st_layout)
+    st_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, st_layout))
+    st_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, st_layout))
+    o_ptrs = o_base + st_rows.to(gl.int64)[:, None] * stride_os + st_d[None, :]
+    gl.store(o_ptrs, out, mask=st_rows[:, None] < seqlen_q)
+    gl.store(lse_base + rows, lse, mask=rows < seqlen_q)
 
 
 @gluon.jit
@@ -248,36 +276,285 @@ def attn_fwd_gluon_kernel(
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 
-    # FA2 Alg. 1 line 12: normalise once; a row with no allowed key has l = 0: output 0, lse -inf.
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    lse = gl.where(empty, float("-inf"), (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453)
-    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-
-    # Coalesced 16-byte stores: each thread writes 8 consecutive elements of a row. Rows past the
-    # sequence (the next sequence's rows, for varlen) are never written.
-    TPW_D: gl.constexpr = HEAD_DIM // 8
-    st_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // TPW_D, TPW_D],
-                                               warps_per_cta=[num_warps, 1], order=[1, 0])
-    out = gl.convert_layout(out.to(dtype), st_layout)
-    st_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, st_layout))
-    st_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, st_layout))
-    o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-    o_ptrs = o_base + (q_start + st_rows).to(gl.int64)[:, None] * stride_os + st_d[None, :]
-    gl.store(o_ptrs, out, mask=st_rows[:, None] < seqlen_q)
+    o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
     lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
-    gl.store(lse_base + rows, lse, mask=rows < seqlen_q)
+    _store_tile(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o), start_m, seqlen_q, score_scale,
+                o_base, stride_os, lse_base, num_warps)
 
 
-# (BLOCK_M, BLOCK_N, NUM_STAGES, num_warps) by head dim: one warpgroup on 64 query rows, so two (d=128:
-# 82 KB, 140 registers) or three (d=64: 74 KB, 154 registers) programs share an SM and one's softmax runs
-# under another's wgmma. Measured on an H200 against v1's 128-row tiles of two warpgroups (one program per
-# SM): d=128 +1 to +17%, d=64 1.14-1.26x the portable kernel where v1 lost 0.86-0.93x (benchmarks/NOTES.md,
-# "Gluon forward v2").
-_CONFIGS = {64: (64, 128, 2, 4), 128: (64, 64, 2, 4)}
-# The overlapped loop measured slower than waiting for QK^T before the softmax on an H200 with both tile
-# shapes (v1's two warpgroups: 3-14%; one warpgroup: 20-25%; benchmarks/NOTES.md): off, kept to tune.
-OVERLAP = False
+@gluon.jit
+def _ws_tile(t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+             TILE_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr,
+             HAS_RIGHT: gl.constexpr):
+    """Tile t of the (query block of TILE_M rows, batch x head) grid. Query blocks run fastest, so the tiles
+    in flight at once share a head's K/V in L2; with a right window the last query blocks (the most keys)
+    come first. Returns (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi,
+    n_blocks): q_row0 / kv_row0 are the sequence's first rows in the 2D views."""
+    pid_m = t % num_m
+    if HAS_RIGHT:
+        pid_m = num_m - 1 - pid_m
+    bh = t // num_m
+    b = bh // nheads
+    h = bh % nheads
+    start_m = pid_m * TILE_M
+    if IS_VARLEN:
+        q_start, seqlen_q, kv_row0, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
+                                                          max_seqlen_k, True)
+        q_row0 = q_start
+    else:
+        q_start = b * 0
+        seqlen_q = max_seqlen_q
+        seqlen_k = max_seqlen_k
+        q_row0 = b * seqlen_q
+        kv_row0 = b * seqlen_k
+    lo, full_lo, full_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                               TILE_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+    return b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty,
+                 v_empty, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh, stride_vh, max_seqlen_q,
+                 max_seqlen_k, window_left, window_right, num_m, num_tiles, IS_VARLEN: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles, once the previous tile's
+    last QK^T has read them, then its K and V blocks into the ring; a stage is refilled as soon as both
+    consumers have released it, so the next tile's first blocks load under this tile's last products."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    it = gl.program_id(0) * 0  # key blocks loaded so far: ring stage and phase
+    qi = it  # tiles loaded so far: phase of the Q barriers
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+            t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+            2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT)
+        if start_m < seqlen_q:
+            # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
+            mbarrier.wait(q_empty, (qi & 1) ^ 1)
+            mbarrier.expect(q_full, 2 * q_desc.block_type.nbytes)
+            q_row = q_row0 + start_m
+            tma.async_copy_global_to_shared(q_desc, [q_row, h * stride_qh], q_full, q_smem.index(0))
+            tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, h * stride_qh], q_full, q_smem.index(1))
+            kv_row = kv_row0 + lo
+            hk = h // group
+            for j in range(n_blocks):
+                c = it + j
+                stage = c % NUM_STAGES
+                free_phase = ((c // NUM_STAGES) & 1) ^ 1
+                mbarrier.wait(k_empty.index(stage), free_phase)
+                _issue_kv_load(k_desc, k_smem, k_ready, stage, kv_row + j * BLOCK_N, hk * stride_kh, True)
+                mbarrier.wait(v_empty.index(stage), free_phase)
+                _issue_kv_load(v_desc, v_smem, v_ready, stage, kv_row + j * BLOCK_N, hk * stride_vh, True)
+            it += n_blocks
+            qi += 1
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty, turns, Out, Lse,
+                 alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                 stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
+                 num_m, num_tiles, WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
+                 HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
+    """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
+
+    Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
+    stages and runs the softmax. With PINGPONG the two consumers take turns issuing (an mbarrier per
+    consumer, arrived on by the other once it has issued): one's softmax runs under the other's products
+    (FA3 Sec. 3.1, ping-pong scheduling)."""
+    NUM_WARPS: gl.constexpr = 4
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    dtype: gl.constexpr = q_smem.dtype
+    FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    q = q_smem.index(WG)
+    me = turns.index(WG)
+    other = turns.index(1 - WG)
+    if PINGPONG and WG == 1:
+        mbarrier.arrive(other)  # consumer 0 issues first
+    it = gl.program_id(0) * 0  # key blocks consumed so far: ring stage and phase
+    tp = it  # issue turns taken so far
+    qi = it  # tiles done so far
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+            t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+            2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT)
+        if start_m < seqlen_q:
+            start_m = start_m + WG * BLOCK_M
+            diag = seqlen_k - seqlen_q
+            alibi_slope = 0.0
+            if HAS_ALIBI:
+                alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+            l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+            rows = start_m + gl.arange(0, BLOCK_M, row_s)
+            mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right)
+            mbarrier.wait(q_full, qi & 1)
+            if n_blocks > 0:
+                mbarrier.wait(k_ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
+                if PINGPONG:
+                    mbarrier.wait(me, tp & 1)
+                s_tok = warpgroup_mma(q, k_smem.index(it % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(other)
+                s = warpgroup_mma_wait(0, deps=(s_tok,))
+                mbarrier.arrive(k_empty.index(it % NUM_STAGES))
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
+                                                    HAS_LEFT, HAS_RIGHT, FAST_TANH)
+                for j in range(1, n_blocks):
+                    c = it + j
+                    prev = (c - 1) % NUM_STAGES
+                    stage = c % NUM_STAGES
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                    mbarrier.wait(v_ready.index(prev), ((c - 1) // NUM_STAGES) & 1)
+                    mbarrier.wait(k_ready.index(stage), (c // NUM_STAGES) & 1)
+                    if PINGPONG:
+                        mbarrier.wait(me, (tp + j) & 1)
+                    if OVERLAP:
+                        # FA3 Alg. 2 (intra-warpgroup overlap): QK^T of this block first, then PV of the
+                        # previous one, which stays in flight under this block's softmax.
+                        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                              is_async=True)
+                        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                    else:
+                        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                              is_async=True)
+                    if PINGPONG:
+                        mbarrier.arrive(other)
+                    if OVERLAP:
+                        s = warpgroup_mma_wait(1, deps=(s_tok,))
+                        mbarrier.arrive(k_empty.index(stage))
+                        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
+                                                            *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                                                            FAST_TANH)
+                        acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+                        mbarrier.arrive(v_empty.index(prev))
+                    else:
+                        s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
+                        mbarrier.arrive(k_empty.index(stage))
+                        mbarrier.arrive(v_empty.index(prev))
+                        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
+                                                            *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                                                            FAST_TANH)
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                mbarrier.arrive(q_empty)  # every QK^T of this tile is done: the next tile's Q may load
+                last = it + n_blocks - 1
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.wait(v_ready.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
+                if PINGPONG:
+                    mbarrier.wait(me, (tp + n_blocks) & 1)
+                acc_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(other)
+                acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+                mbarrier.arrive(v_empty.index(last % NUM_STAGES))
+                it += n_blocks
+                tp += n_blocks + 1
+            else:
+                mbarrier.arrive(q_empty)
+            qi += 1
+            o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
+            lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
+            _store_tile(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o), start_m, seqlen_q,
+                        score_scale, o_base, stride_os, lse_base, NUM_WARPS)
+
+
+@gluon.jit
+def attn_fwd_gluon_ws_kernel(
+    q_desc, k_desc, v_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
+    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, num_tiles,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+    HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Warp-specialised forward (FA3 Sec. 3.1): a program walks tiles of 2 x BLOCK_M query rows (tile t,
+    t + programs, ...: one per program when the grid covers them all, persistent when it holds one program
+    per SM), one BLOCK_M half per consumer warpgroup (the default partition and a 4-warp worker), while one
+    load warp fills the K/V ring that both consume; each stage's "empty" mbarrier waits for both."""
+    num_m = gl.cdiv(max_seqlen_q, 2 * BLOCK_M)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_full, count=1)
+    mbarrier.init(q_empty, count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_ws_consumer, (q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty, turns, Out,
+                        Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh, stride_lb,
+                        stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
+                        window_left, window_right, num_m, num_tiles, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                        HAS_RIGHT, PINGPONG, OVERLAP)),
+        (_ws_consumer, (q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty, turns, Out,
+                        Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh, stride_lb,
+                        stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
+                        window_left, window_right, num_m, num_tiles, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                        HAS_RIGHT, PINGPONG, OVERLAP)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty,
+                        v_empty, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh, stride_vh,
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, num_m, num_tiles, IS_VARLEN, HAS_LEFT,
+                        HAS_RIGHT)),
+    ], [4, 1], [240, 24])
+
+
+class FwdConfig(NamedTuple):
+    """Tiles and schedule of the Gluon forward. ``schedule``: "single" runs ``attn_fwd_gluon_kernel`` (one
+    warpgroup per program on block_m rows, num_warps warps); "ws" and "pingpong" run
+    ``attn_fwd_gluon_ws_kernel`` (two consumer warpgroups of block_m rows each and a load warp per
+    program; "pingpong" makes the consumers take turns issuing their products). ``overlap``: the
+    intra-warpgroup overlap of QK^T (single) or PV (ws) with the softmax (FA3 Alg. 2). ``persistent``
+    (ws schedules, dense inputs without a right window): one program per SM walks the tiles, so a tile's
+    first loads run under the previous tile's last products and store. Causal and varlen tiles differ in
+    length, and a static stride over them left SMs idle (0.72x at causal 16k on an H200), so those keep one
+    tile per program and the block scheduler's balancing."""
+
+    block_m: int
+    block_n: int
+    stages: int
+    warps: int
+    schedule: str = "single"
+    overlap: bool = False
+    persistent: bool = False
+
+
+# By head dim. d=64: one warpgroup on 64 query rows, three programs (74 KB, 154 registers) per SM, so one's
+# softmax runs under another's wgmma; 1.14-1.26x the portable kernel on an H200 (benchmarks/NOTES.md,
+# "Gluon forward v2"); the overlapped single loop lost 3-25% there. d=128: 128-key blocks (QK^T at N=64
+# saturates the shared-memory port) under the ping-pong schedule with the overlap, persistent where it
+# applies: 1.06-1.19x the one-warpgroup (64, 64) tiles on an H200 (same notes, "Gluon forward v3").
+_CONFIGS = {64: FwdConfig(64, 128, 2, 4), 128: FwdConfig(64, 128, 2, 4, "pingpong", True, True)}
 # Head dims routed here by the predicate.
 _ROUTED_HEAD_DIMS = (64, 128)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -324,6 +601,11 @@ def gluon_forward_supported(q, k, v, *, window_size: tuple[int, int], softcap: f
     return all(_tma_describable(t) for t in (q, k, v))
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     """(batch * seqlen or total, columns) view: head h starts at column h * stride_h."""
     nheads, d = t.shape[-2:]
@@ -337,12 +619,12 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                   window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                   alibi_slopes: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
                   cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0, *,
-                  overlap: bool = OVERLAP, config: tuple[int, int, int, int] | None = None,
+                  config: FwdConfig | None = None, overlap: bool | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out contiguous like q, lse float32 (b, h, sq)); varlen
     q (total_q, h, d), k/v (total_k, h_k, d) with int32 cu_seqlens -> (out, lse float32 (h, total_q)).
     ``window_size`` is resolved (causal = (left, 0)). Call only where ``gluon_forward_supported`` is True.
-    ``config`` overrides (BLOCK_M, BLOCK_N, stages, warps) of ``_CONFIGS``."""
+    ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap."""
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
     nheads_k = k.shape[-2]
@@ -357,9 +639,11 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         lse = torch.empty((batch, nheads, max_seqlen_q), dtype=torch.float32, device=q.device)
         stride_ob, stride_os, stride_oh = out.stride(0), out.stride(1), out.stride(2)
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
-    block_m, block_n, stages, warps = config or _CONFIGS[d]
-    grid = (triton.cdiv(max_seqlen_q, block_m), batch * nheads)
-    if grid[0] * grid[1] == 0:
+    cfg = config or _CONFIGS[d]
+    overlap = cfg.overlap if overlap is None else overlap
+    single = cfg.schedule == "single"
+    num_m = triton.cdiv(max_seqlen_q, cfg.block_m if single else 2 * cfg.block_m)
+    if num_m * batch * nheads == 0:
         return out, lse
     if softcap > 0:
         score_scale, tanh_scale = softcap * LOG2E, softmax_scale / softcap
@@ -370,14 +654,19 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         slopes = alibi_slopes.contiguous()  # (nheads,) or (batch, nheads) float32
         stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
     left, right = window_size
-    attn_fwd_gluon_kernel[grid](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
-        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes,
-        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
-        q.stride(-2), k.stride(-2), v.stride(-2),
-        nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, left, right,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages, IS_VARLEN=varlen,
-        SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-        OVERLAP=overlap, num_warps=warps,
-    )
+    args = (_descriptor(q, cfg.block_m), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), out, lse,
+            cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes,
+            stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
+            q.stride(-2), k.stride(-2), v.stride(-2),
+            nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, left, right)
+    flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=varlen,
+                 SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                 OVERLAP=overlap, num_warps=cfg.warps)
+    if single:
+        attn_fwd_gluon_kernel[(num_m, batch * nheads)](*args, **flags)
+    else:
+        num_tiles = num_m * batch * nheads
+        persistent = cfg.persistent and not varlen and right < 0
+        grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
+        attn_fwd_gluon_ws_kernel[grid](*args, num_tiles, **flags, PINGPONG=cfg.schedule == "pingpong")
     return out, lse
