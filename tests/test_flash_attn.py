@@ -398,6 +398,7 @@ def test_single_pass_and_two_pass_backward(shape, opts, single_pass):
     wrapped = type("Spy", (), {"__getitem__": lambda self, grid: calls.append(grid) or real[grid]})()
     with launch.configs_overridden(table if single_pass else {}), pytest.MonkeyPatch.context() as mp:
         mp.setattr(launch, "attn_bwd_dq_kernel", wrapped)
+        mp.setenv("IOATTN_GLUON_BWD", "0")  # the portable single pass; test_gluon_bwd.py covers the Gluon one
         mask = None
         if dropout_p:
             torch.manual_seed(1234)
@@ -408,10 +409,11 @@ def test_single_pass_and_two_pass_backward(shape, opts, single_pass):
 
 
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
-def test_single_pass_and_two_pass_backward_varlen(single_pass):
+def test_single_pass_and_two_pass_backward_varlen(single_pass, monkeypatch):
     """Varlen single pass: rows past a sequence's end add exact zeros to the next sequence's dQ rows."""
     from ioattn.kernels import launch
 
+    monkeypatch.setenv("IOATTN_GLUON_BWD", "0")
     torch.manual_seed(21)
     lens_q, lens_k = ([0, 37 * S, 1, 5, 13 * S], [3, 41 * S, 1, 0, 9 * S])
     dtype = DTYPES[-1]

@@ -156,7 +156,7 @@ def q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
     """Query blocks a key block [start_n, start_n + BLOCK_N) receives gradient from (the transpose of
     ``kv_block_range``). Returns ``(lo, full_lo, full_hi, hi)`` as there, starts multiples of BLOCK_M."""
     diag = seqlen_k - seqlen_q
-    lo = tl.full([], 0, tl.int32)
+    lo = seqlen_q * 0  # a zero built from an argument: Gluon kernels call this too (no layout to give)
     hi = seqlen_q
     first_full = 0
     last_full = seqlen_q
@@ -214,8 +214,8 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k, IS_VAR
         k_start = tl.load(cu_seqlens_k + b)
         seqlen_k = tl.load(cu_seqlens_k + b + 1) - k_start
     else:
-        q_start = tl.full([], 0, tl.int32)
+        q_start = b * 0  # zeros built from an argument: Gluon kernels call this too (no layout to give)
         seqlen_q = max_seqlen_q
-        k_start = tl.full([], 0, tl.int32)
+        k_start = b * 0
         seqlen_k = max_seqlen_k
     return q_start, seqlen_q, k_start, seqlen_k

@@ -18,6 +18,7 @@ import triton
 
 from ..backend import interpreting
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
 
 LOG2E = 1.4426950408889634
@@ -257,7 +258,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     share into an fp32 buffer (one TMA reduce-add per tile on sm_90, fp32 atomics elsewhere), five
     products per tile instead of seven; the order of those additions varies from run to run, so dQ may
     differ in its last bits. Otherwise, and always with ``deterministic=True``, a separate dQ pass runs:
-    no atomics, bitwise reproducible.
+    no atomics, bitwise reproducible. On sm_90 with ``IOATTN_GLUON_BWD=1`` the non-deterministic backward
+    takes the Gluon single pass instead (``attn_bwd_gluon.py``; opt-in while it is slower).
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -277,6 +279,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
     fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal))
+    gluon = not deterministic and gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p,
+                                                           alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q)
 
     cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
@@ -286,6 +290,14 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             *lse_strides, prob.nheads, prob.max_seqlen_q,
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
         )
+        if gluon:
+            # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py), dQ summed in an fp32 buffer.
+            dq_acc, dq_rows, _ = _fused_dq_buffer(q, prob, bd, 0, False)
+            gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                           batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
+                           softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
+                           window_size=(prob.window_left, prob.window_right), dq_rows=dq_rows)
+            return _fused_dq_out(dq_acc, dq, prob), dk, dv
         if not fused:
             attn_bwd_dq_kernel[grid](
                 q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,

@@ -1,0 +1,114 @@
+"""The Gluon Hopper backward (kernels/attn_bwd_gluon.py, opt-in) through the public functions, against
+attention_ref.
+
+Each case checks that the Gluon kernel ran (or, for what it does not take, that it did not), then the
+gradients by the suite's rule: max error at most 3x PyTorch's in the inputs' dtype, plus a floor.
+GPU-only: the kernel needs sm_90 (TMA, wgmma).
+"""
+
+import pytest
+import torch
+from conftest import ON_GPU
+
+if not ON_GPU:
+    pytest.skip("the Gluon backward needs a CUDA device (sm_90)", allow_module_level=True)
+if torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip(f"the Gluon backward needs sm_90, got {torch.cuda.get_device_capability()}",
+                allow_module_level=True)
+
+from test_flash_attn import _assert_close, _floor, _grads, _qkv, _varlen_case, check_against_ref  # noqa: E402
+
+import ioattn  # noqa: E402
+from ioattn.kernels import launch  # noqa: E402
+from ioattn.reference import attention_ref  # noqa: E402
+from ioattn.testing import GRAD_FACTOR  # noqa: E402
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Opts in to the Gluon backward; the list of its launches made while the test runs."""
+    monkeypatch.setenv("IOATTN_GLUON_BWD", "1")
+    calls = []
+    real = launch.gluon_backward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "gluon_backward", spy)
+    return calls
+
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim): odd lengths (partial query and key blocks),
+# seqlen_q != seqlen_k both ways, MHA / GQA / MQA, a single key, a single query.
+SHAPES = [
+    (2, 1025, 1025, 4, 4, 64),
+    (1, 2048, 2048, 4, 1, 128),
+    (2, 333, 1027, 8, 2, 128),
+    (1, 1027, 200, 4, 2, 64),
+    (3, 1, 77, 4, 4, 128),
+    (2, 130, 1, 2, 1, 64),
+]
+OPTS = [{}, {"causal": True}, {"window_size": (100, 30)}, {"window_size": (-1, 64)},
+        {"softcap": 5.0}, {"alibi": True}, {"causal": True, "softcap": 8.0, "alibi": True}]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("opts", OPTS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gluon_backward(shape, opts, dtype, gluon_calls):
+    torch.manual_seed(sum(shape) + len(opts))
+    q, k, v = _qkv(*shape, dtype)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
+    check_against_ref(q, k, v, **opts)
+    assert len(gluon_calls) == 1, "the Gluon backward did not run"
+
+
+def test_gluon_backward_rows_without_keys(gluon_calls):
+    """Causal with seqlen_q > seqlen_k: the first rows see no key (lse -inf): zero gradient, never NaN."""
+    torch.manual_seed(3)
+    q, k, v = _qkv(2, 300, 100, 4, 2, 128, torch.bfloat16)
+    _, _, (dq, _, _) = check_against_ref(q, k, v, causal=True)
+    assert gluon_calls
+    assert (dq[:, :200] == 0).all()
+
+
+@pytest.mark.parametrize("lens", [([0, 37, 1, 500, 0, 129], [3, 41, 1, 0, 9, 200]),
+                                  ([1300, 2, 700], [1100, 64, 900])], ids=lambda x: str(x[0]))
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_varlen(lens, causal, gluon_calls):
+    """Each packed sequence against attention_ref on that sequence alone; empty sequences and tiles that
+    run into the next sequence's rows."""
+    torch.manual_seed(len(lens[0]))
+    lens_q, lens_k = lens
+    dtype = torch.bfloat16
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, 4, 2, 128, dtype)
+    out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+    dout = torch.randn_like(out)
+    dq, dk, dv = _grads(out, (q, k, v), dout)
+    assert gluon_calls
+    for b in range(len(lens_q)):
+        sl_q = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        sl_k = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if sl_q.stop == sl_q.start:
+            assert (dk[sl_k] == 0).all() and (dv[sl_k] == 0).all()
+            continue
+        qb, kb, vb = (t[sl].detach().unsqueeze(0).requires_grad_(True)
+                      for t, sl in ((q, sl_q), (k, sl_k), (v, sl_k)))
+        ref, _ = attention_ref(qb, kb, vb, causal=causal)
+        base, _ = attention_ref(qb, kb, vb, causal=causal, upcast=False)
+        db = dout[sl_q].unsqueeze(0)
+        _assert_close([dq[sl_q].unsqueeze(0), dk[sl_k].unsqueeze(0), dv[sl_k].unsqueeze(0)],
+                      _grads(ref, (qb, kb, vb), db), _grads(base, (qb, kb, vb), db), ["dq", "dk", "dv"],
+                      GRAD_FACTOR, _floor(dtype))
+
+
+@pytest.mark.parametrize("opts", [{"deterministic": True}, {"dropout_p": 0.1}], ids=str)
+def test_gluon_backward_not_taken(opts, gluon_calls):
+    """deterministic=True needs the atomics-free two-pass backward; dropout stays on the portable kernels."""
+    q, k, v = _qkv(1, 256, 256, 2, 2, 128, torch.bfloat16)
+    out = ioattn.flash_attn_func(q, k, v, **opts)
+    out.sum().backward()
+    assert not gluon_calls
