@@ -3,11 +3,11 @@ process, medians of triton.testing.do_bench, TB/s of K + V read.
 
 Every variant runs on the same inputs as sdpa-cudnn, contiguous and paged (block 16), in ROUNDS interleaved
 rounds (each round times every variant once); the table shows the median over rounds and, against cuDNN,
-the median of the per-round ratios. Variants: ``v3`` is the library's default path; the others change one
-knob of it (tiles, split count). With ``--baseline DIR`` holding the previous kernels (``decode_v2.py``,
-``combine_v2.py``: a combine program per 32 heads looping over the splits), ``v2`` times them too. Every
-variant's output is checked against cuDNN's before it is timed. Writes JSON to the first argument if given;
-prints a short table last.
+the median of the per-round ratios. Variants: ``now`` is the library's default path; the others change one
+knob of it (tiles, split count). With ``--baseline FILE`` holding a previous ``kernels/decode.py`` with
+today's signature (e.g. ``git show HEAD~1:src/ioattn/kernels/decode.py``), ``baseline`` times that kernel
+through today's launcher. Every variant's output is checked against cuDNN's before it is timed. Writes JSON
+to the first argument if given; prints a short table last.
 """
 
 import argparse
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import ioattn.ops.decode as ops
 from ioattn.bench.decode import _paged
-from ioattn.ops.decode import LOG2E, _decode, choose_num_splits, decode_tiles
+from ioattn.ops.decode import _decode, choose_num_splits
 
 TOKENS, NHEADS, NHEADS_K, D = 1 << 18, 32, 8, 128
 SEQLENS = (1024, 4096, 16384, 65536)
@@ -40,66 +41,41 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
+def load_baseline(path: Path):
+    """The file as a module of ``ioattn.kernels``, so its relative imports resolve as the library's do."""
+    spec = importlib.util.spec_from_file_location("ioattn.kernels.decode_baseline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.decode_kernel
 
 
-def v2_decode(q, kc, vc, seqlens, table, splits):
-    """The previous launch for the plain case: one program per (batch, KV head, split), 32-head combine."""
-    batch, seqlen_q, nheads, headdim = q.shape
-    nheads_k = kc.shape[2]
-    block_m, block_n, warps, stages = decode_tiles(q.device, nheads // nheads_k, headdim)
-    out = q.new_empty(q.shape)
-    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
-    if splits > 1:
-        out_part = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
-        o_strides = out_part.stride()[:4]
-        l_strides = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(3), lse_part.stride(2))
-    else:
-        out_part, lse_part = out, lse
-        o_strides, l_strides = (0, *out.stride()[:3]), (0, *lse.stride())
-    paged = table is not None
-    v2.decode_kernel[(batch * nheads_k, 1, splits)](
-        q, kc, vc, out_part, lse_part, seqlens, table if paged else seqlens, seqlens, seqlens, seqlens, seqlens,
-        q.stride(0), q.stride(1), q.stride(2), *kc.stride()[:3], *vc.stride()[:3], *o_strides, *l_strides,
-        table.stride(0) if paged else 0, 0, 0, nheads_k, seqlen_q, 0, splits, headdim ** -0.5 * LOG2E, 0.0, -1, -1,
-        GROUP=nheads // nheads_k, HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=headdim,
-        PAGED=paged, PAGE_SIZE=kc.shape[1] if paged else 1, HAS_BATCH_IDX=False, SOFTCAP=False,
-        HAS_ALIBI=False, HAS_LEFT=False, HAS_RIGHT=False, ROTARY_DIM=0, ROTARY_INTERLEAVED=False,
-        ROTARY_PER_ROW=False, PRECISION="tf32", num_warps=warps, num_stages=stages)
-    if splits > 1:
-        block_h = min(triton.next_power_of_2(nheads), 4096 // headdim)
-        v2c.combine_kernel[(batch * seqlen_q, triton.cdiv(nheads, block_h))](
-            out_part, lse_part, out, lse, *out_part.stride()[:4], *lse_part.stride(),
-            out.stride(0), out.stride(1), out.stride(2), *lse.stride(), seqlen_q, nheads, splits,
-            HEADDIM=headdim, BLOCK_H=block_h, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=headdim,
-            num_warps=4)
-    return out, lse
+baseline_kernel = load_baseline(args.baseline) if args.baseline is not None else None
 
 
-v2 = v2c = None
-if args.baseline is not None:
-    v2 = load(args.baseline / "decode_v2.py", "decode_v2")
-    v2c = load(args.baseline / "combine_v2.py", "combine_v2")
+def decode(q, kc, vc, seqlens, table, splits, tiles, kernel):
+    """The library's launch, with ``kernel`` in place of today's decode kernel when given."""
+    current = ops.decode_kernel
+    ops.decode_kernel = kernel or current
+    try:
+        return _decode(q, kc, vc, seqlens, table, None, None, None, None, 0, D ** -0.5, -1, -1, 0.0, False, False,
+                       splits, tiles=tiles)
+    finally:
+        ops.decode_kernel = current
 
 
 def variants(n, layout):
-    """name -> (splits, tiles or None, v2?) for this length and layout."""
+    """name -> (splits, tiles or None, kernel or None) for this length and layout."""
     paged = layout == "paged"
     splits = choose_num_splits(dev, TOKENS // n, NHEADS, NHEADS_K, 1, n, D, paged=paged)
-    out = {"v3": (splits, None, False)}
-    if v2 is not None:
-        out["v2"] = (splits, None, True)
+    out = {"now": (splits, None, None)}
+    if baseline_kernel is not None:
+        out["baseline"] = (splits, None, baseline_kernel)
     for tiles in TILES:
-        out[f"v3-tiles={tiles[1:]}"] = (splits, tiles, False)
+        out[f"tiles={tiles[1:]}"] = (splits, tiles, None)
     if n >= 16384:  # three and four programs per SM
         for alt in {16384: (3, 4), 65536: (12, 16)}[n]:
             if alt != splits:
-                out[f"v3-splits={alt}"] = (alt, None, False)
+                out[f"splits={alt}"] = (alt, None, None)
     return out
 
 
@@ -127,14 +103,9 @@ for n in SEQLENS:
     caches = {"contig": (k, v, None), "paged": _paged(k, v, gen)}
     fns = {("cudnn", "-"): cudnn}
     for layout, (kc, vc, table) in caches.items():
-        for name, (splits, tiles, old) in variants(n, layout).items():
-            if old:
-                fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits:
-                      v2_decode(q, kc, vc, seqlens, table, splits))
-            else:
-                fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits, tiles=tiles:
-                      _decode(q, kc, vc, seqlens, table, None, None, None, None, 0, D ** -0.5, -1, -1, 0.0,
-                              False, False, splits, tiles=tiles))
+        for name, (splits, tiles, kernel) in variants(n, layout).items():
+            fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits, tiles=tiles, kernel=kernel:
+                  decode(q, kc, vc, seqlens, table, splits, tiles, kernel))
             err = (fn()[0].float() - ref).abs().max().item()
             if not err < 3e-2:
                 raise AssertionError(f"{layout} n={n} {name}: max |diff| {err}")

@@ -155,24 +155,29 @@ def decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, split_lo, full_lo, rows, seqlen_k, diag,
-        qk_scale, softcap2, alibi_slope2, window_left, window_right,
-        stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
-        BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-        PRECISION)
+    # Paged, the masked loops run only where their range holds a tile: an empty pipelined loop still pays
+    # its prologue, its drain and a page-table read on the program's critical path (+2.5% at 1k keys on an
+    # H200). The contiguous kernel keeps them unconditional: with the branch it measured 2% slower at 1k.
+    if (split_lo < full_lo) | (not PAGED):
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, split_lo, full_lo, rows, seqlen_k, diag,
+            qk_scale, softcap2, alibi_slope2, window_left, window_right,
+            stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
+            BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+            PRECISION)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_lo, full_hi, rows, seqlen_k, diag,
         qk_scale, softcap2, alibi_slope2, window_left, window_right,
         stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
         BLOCK_N, PAGED, PAGE_SIZE, False, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
         PRECISION)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_hi, split_hi, rows, seqlen_k, diag,
-        qk_scale, softcap2, alibi_slope2, window_left, window_right,
-        stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
-        BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-        PRECISION)
+    if (full_hi < split_hi) | (not PAGED):
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_hi, split_hi, rows, seqlen_k, diag,
+            qk_scale, softcap2, alibi_slope2, window_left, window_right,
+            stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
+            BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+            PRECISION)
 
     # A row that saw no allowed key (empty split, window) gives output 0 and lse -inf.
     empty = l_i == 0.0
