@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..backend import interpreting
-from .common import allowed, seq_bounds, tanh
+from .common import allowed, kv_block_range, seq_bounds, tanh
 
 LOG2E = 1.4426950408889634
 
@@ -47,31 +47,6 @@ LOG2E = 1.4426950408889634
 def _issue_kv_load(desc, smem, bars, stage, row, col, pred):
     mbarrier.expect(bars.index(stage), desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(desc, [row, col], bars.index(stage), smem.index(stage), pred=pred)
-
-
-@gluon.jit
-def _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-    """``common.kv_block_range`` line for line: (lo, full_lo, full_hi, hi), where [full_lo, full_hi) holds
-    the fully allowed key blocks and blocks outside [lo, hi) are skipped. (The shared helper builds its
-    zero with ``tl.full``, which Gluon cannot lay out.)"""
-    diag = seqlen_k - seqlen_q
-    lo = seqlen_k * 0
-    hi = seqlen_k
-    first_full = seqlen_k * 0
-    last_full = seqlen_k
-    if HAS_LEFT:
-        lo = gl.maximum(start_m + diag - window_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        first_full = start_m + BLOCK_M - 1 + diag - window_left
-    if HAS_RIGHT:
-        hi = gl.minimum(start_m + BLOCK_M + diag + window_right, seqlen_k)
-        last_full = gl.minimum(start_m + diag + window_right + 1, seqlen_k)
-    hi = gl.maximum(hi, lo)
-    full_lo = lo + gl.maximum(gl.cdiv(first_full - lo, BLOCK_N), 0) * BLOCK_N
-    full_lo = gl.minimum(full_lo, hi)
-    full_hi = full_lo + gl.maximum((last_full - full_lo) // BLOCK_N, 0) * BLOCK_N
-    return lo, full_lo, full_hi, hi
 
 
 @gluon.jit
@@ -171,7 +146,7 @@ def attn_fwd_gluon_kernel(
     if start_m >= seqlen_q:
         return
     diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sits at key position i + diag
-    lo, full_lo, full_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+    lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)
     kv_row = kv_row + lo
@@ -307,7 +282,7 @@ def _ws_tile(t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         seqlen_k = max_seqlen_k
         q_row0 = b * seqlen_q
         kv_row0 = b * seqlen_k
-    lo, full_lo, full_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+    lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                                TILE_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)
     return b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks

@@ -131,7 +131,7 @@ def kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
     outside the window) are skipped entirely. All starts are multiples of BLOCK_N from lo.
     """
     diag = seqlen_k - seqlen_q
-    lo = tl.full([], 0, tl.int32)
+    lo = seqlen_k * 0  # a zero built from an argument: Gluon kernels call this too (no layout to give)
     hi = seqlen_k
     first_full = 0  # smallest key start such that every row of the block allows it
     last_full = seqlen_k  # keys below this are allowed by every row (and in range)
