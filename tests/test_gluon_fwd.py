@@ -187,15 +187,22 @@ def test_overlap_variant_mods(opts):
 
 # The warp-specialised schedules at d=128 (two consumer warpgroups and a load warp), whether or not
 # _CONFIGS ships one: free-running and ping-pong, with and without the intra-warpgroup overlap, one tile per
-# program or persistent (which gluon_forward applies to dense inputs without a right window only).
-WS_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, persistent)
-              for schedule, overlap, persistent in (("ws", True, False), ("pingpong", False, False),
-                                                    ("pingpong", True, False), ("ws", True, True),
-                                                    ("pingpong", False, True), ("pingpong", True, True))]
+# program or persistent (which gluon_forward applies to dense inputs without a right window only), the
+# dynamic schedule (dense inputs with a right window) and the bulk tensor store of the output (dense inputs
+# with whole query tiles or one batch).
+WS_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, persistent, dynamic, tma_store)
+              for schedule, overlap, persistent, dynamic, tma_store in (
+                  ("ws", True, False, False, False), ("pingpong", False, False, False, False),
+                  ("pingpong", True, False, False, False), ("ws", True, True, False, False),
+                  ("pingpong", False, True, False, False), ("pingpong", True, True, False, False),
+                  ("pingpong", True, True, True, False), ("pingpong", True, True, True, True),
+                  ("ws", True, False, True, True))]
+DYNAMIC_CONFIGS = [cfg for cfg in WS_CONFIGS if cfg.dynamic]
 
 
 def _ws_id(cfg):
-    return cfg.schedule + ("-overlap" if cfg.overlap else "") + ("-persistent" if cfg.persistent else "")
+    return cfg.schedule + ("-overlap" if cfg.overlap else "") + ("-persistent" if cfg.persistent else "") + (
+        "-dynamic" if cfg.dynamic else "") + ("-tmastore" if cfg.tma_store else "")
 
 
 @pytest.mark.parametrize("config", WS_CONFIGS, ids=_ws_id)
@@ -206,17 +213,62 @@ def _ws_id(cfg):
     {"seqlens": (1025, 1000), "window_size": (3, 1)}, {"seqlens": (2000, 300), "window_size": (0, 0)},
     {"seqlens": (777, 900), "softcap": 5.0, "alibi": "heads", "causal": True},
     {"seqlens": (513, 2048), "alibi": "batch_heads", "window_size": (300, 20), "softcap": 8.0},
+    # Whole 64-row query tiles (the bulk store applies with two batches): a last tile half past the end,
+    # tiles without keys (sq > sk), a two-sided window.
+    {"seqlens": (1024, 1024), "causal": True}, {"seqlens": (576, 2000), "causal": True},
+    {"seqlens": (2048, 576), "causal": True}, {"seqlens": (1024, 1024), "window_size": (100, 50)},
+    {"seqlens": (640, 640), "batch": 1, "causal": True}, {"seqlens": (1000, 1000), "batch": 1, "causal": True},
 ], ids=str)
 def test_warp_specialized(case, config):
     case = dict(case)
     torch.manual_seed(sum(case["seqlens"]))
-    batch, nheads = 2, 4
+    batch, nheads = case.pop("batch", 2), 4
     q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, 2, 128, torch.bfloat16)
     alibi = case.pop("alibi", None)
     if alibi is not None:
         shape = (nheads,) if alibi == "heads" else (batch, nheads)
         case["alibi_slopes"] = torch.rand(shape, device="cuda") * 0.5 + 0.05
     _check(q, k, v, config=config, **case)
+
+
+@pytest.mark.parametrize("config", DYNAMIC_CONFIGS, ids=_ws_id)
+def test_dynamic_schedule(config):
+    """The dynamic schedule's counter: left at zero after every launch (so the next launch on the stream
+    starts from tile 0), one per stream, a fresh one under CUDA graph capture; the output does not depend on
+    which program took a tile (bitwise equal over launches, streams and graph replays)."""
+    from ioattn.kernels.attn_fwd_gluon import _tile_counter
+
+    torch.manual_seed(3)
+    # More tiles than SMs, so programs take tiles from the counter.
+    q, k, v = _qkv(2, 2048, 2048, 8, 2, 128, torch.bfloat16)  # 256 tiles
+    scale = 1 / math.sqrt(128)
+    ref_out, ref_lse = _check(q, k, v, causal=True, config=config)
+    for _ in range(3):
+        out, lse = gluon_forward(q, k, v, scale, (-1, 0), config=config)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    torch.cuda.synchronize()
+    assert _tile_counter(q.device).tolist() == [0, 0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, lse = gluon_forward(q, k, v, scale, (-1, 0), config=config)
+        counter = _tile_counter(q.device)
+    torch.cuda.synchronize()
+    assert counter.data_ptr() != _tile_counter(q.device).data_ptr()
+    assert counter.tolist() == [0, 0]
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gluon_forward(q, k, v, scale, (-1, 0), config=config)  # compiled, warm
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = gluon_forward(q, k, v, scale, (-1, 0), config=config)
+    for _ in range(2):
+        g_out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(g_out, ref_out) and torch.equal(g_lse, ref_lse)
 
 
 VARLEN_LENS = [

@@ -258,17 +258,28 @@ def attn_fwd_gluon_kernel(
 
 
 @gluon.jit
-def _ws_tile(t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
-             TILE_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr,
-             HAS_RIGHT: gl.constexpr):
-    """Tile t of the (query block of TILE_M rows, batch x head) grid. Query blocks run fastest, so the tiles
-    in flight at once share a head's K/V in L2; with a right window the last query blocks (the most keys)
-    come first. Returns (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi,
-    n_blocks): q_row0 / kv_row0 are the sequence's first rows in the 2D views."""
-    pid_m = t % num_m
+def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+             window_right, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr,
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr):
+    """Tile t of the (query block of TILE_M rows, batch x head) grid. Static order: query blocks run fastest,
+    so the tiles in flight at once share a head's K/V in L2; with a right window the last query blocks (the
+    most keys) come first. DYNAMIC order: sections of ``section`` heads (chosen so that their K/V fit in L2),
+    within a section query block by query block, longest first with a right window, heads fastest. Returns
+    (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks): q_row0 /
+    kv_row0 are the sequence's first rows in the 2D views."""
+    if DYNAMIC:
+        per_section = section * num_m
+        sec = t // per_section
+        u = t - sec * per_section
+        width = gl.minimum(section, num_bh - sec * section)
+        blk = u // width
+        bh = sec * section + (u - blk * width)
+        pid_m = blk
+    else:
+        pid_m = t % num_m
+        bh = t // num_m
     if HAS_RIGHT:
         pid_m = num_m - 1 - pid_m
-    bh = t // num_m
     b = bh // nheads
     h = bh % nheads
     start_m = pid_m * TILE_M
@@ -289,62 +300,130 @@ def _ws_tile(t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty,
-                 v_empty, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh, stride_vh, max_seqlen_q,
-                 max_seqlen_k, window_left, window_right, num_m, num_tiles, IS_VARLEN: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-    """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles, once the previous tile's
-    last QK^T has read them, then its K and V blocks into the ring; a stage is refilled as soon as both
-    consumers have released it, so the next tile's first blocks load under this tile's last products."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
-    it = gl.program_id(0) * 0  # key blocks loaded so far: ring stage and phase
-    qi = it  # tiles loaded so far: phase of the Q barriers
-    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
-            t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
-            2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT)
-        if start_m < seqlen_q:
-            # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
-            mbarrier.wait(q_empty, (qi & 1) ^ 1)
-            mbarrier.expect(q_full, 2 * q_desc.block_type.nbytes)
-            q_row = q_row0 + start_m
-            tma.async_copy_global_to_shared(q_desc, [q_row, h * stride_qh], q_full, q_smem.index(0))
-            tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, h * stride_qh], q_full, q_smem.index(1))
-            kv_row = kv_row0 + lo
-            hk = h // group
-            for j in range(n_blocks):
-                c = it + j
-                stage = c % NUM_STAGES
-                free_phase = ((c // NUM_STAGES) & 1) ^ 1
-                mbarrier.wait(k_empty.index(stage), free_phase)
-                _issue_kv_load(k_desc, k_smem, k_ready, stage, kv_row + j * BLOCK_N, hk * stride_kh, True)
-                mbarrier.wait(v_empty.index(stage), free_phase)
-                _issue_kv_load(v_desc, v_smem, v_ready, stage, kv_row + j * BLOCK_N, hk * stride_vh, True)
-            it += n_blocks
-            qi += 1
+def _write_tile_id(tile_smem, slot, t):
+    """The load warp hands a tile index to the consumers through shared memory (two slots: a slot is
+    rewritten two tiles later, after both consumers have been through the epilogue of the tile between)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    tile_smem.index(slot).store(gl.full([1], t, gl.int32, layout))
 
 
 @gluon.jit
-def _ws_consumer(q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty, turns, Out, Lse,
-                 alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                 stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
-                 num_m, num_tiles, WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
-                 HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
-    """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
+def _read_tile_id(tile_smem, slot, NUM_WARPS: gl.constexpr):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    return gl.max(tile_smem.index(slot).load(layout), axis=0)
 
-    Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
-    stages and runs the softmax. With PINGPONG the two consumers take turns issuing (an mbarrier per
-    consumer, arrived on by the other once it has issued): one's softmax runs under the other's products
-    (FA3 Sec. 3.1, ping-pong scheduling)."""
+
+@gluon.jit
+def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
+                  k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh, q_row, kv_row, n_blocks, it, qi,
+                  DYNAMIC: gl.constexpr):
+    """Loads of one tile: both consumers' Q tiles (with DYNAMIC, the tile index first), then its key
+    blocks through the ring. Returns the ring position after the tile."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
+    mbarrier.wait(q_empty, (qi & 1) ^ 1)
+    if DYNAMIC:
+        _write_tile_id(tile_smem, qi & 1, t)
+    mbarrier.expect(q_full, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, h * stride_qh], q_full, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, h * stride_qh], q_full, q_smem.index(1))
+    hk = h // group
+    for j in range(n_blocks):
+        c = it + j
+        stage = c % NUM_STAGES
+        free_phase = ((c // NUM_STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(stage), free_phase)
+        _issue_kv_load(k_desc, k_smem, k_ready, stage, kv_row + j * BLOCK_N, hk * stride_kh, True)
+        mbarrier.wait(v_empty.index(stage), free_phase)
+        _issue_kv_load(v_desc, v_smem, v_ready, stage, kv_row + j * BLOCK_N, hk * stride_vh, True)
+    return it + n_blocks
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
+                 k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh,
+                 stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right, num_m, num_tiles, section,
+                 IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr):
+    """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles, once the previous tile's
+    last QK^T has read them, then its K and V blocks into the ring; a stage is refilled as soon as both
+    consumers have released it, so the next tile's first blocks load under this tile's last products.
+
+    Static: tiles t, t + programs, ... DYNAMIC (FA3's dynamic persistent scheduler): the first tile is the
+    program's id, each next one comes from a global counter, taken once this tile's loads are all issued
+    (about two key blocks before the consumers need it); the index goes to the consumers with the Q tiles,
+    and an index past the last tile ends them. The last program out resets the counter for the next launch."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    num_bh = num_tiles // num_m
+    it = gl.program_id(0) * 0  # key blocks loaded so far: ring stage and phase
+    qi = it  # tiles loaded so far: phase of the Q barriers
+    if DYNAMIC:
+        nprog = gl.num_programs(0)
+        t = gl.program_id(0)
+        while t < num_tiles:
+            b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+                t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, True)
+            it = _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready,
+                               v_ready, k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh,
+                               q_row0 + start_m, kv_row0 + lo, n_blocks, it, qi, True)
+            qi += 1
+            t = nprog + gl.atomic_add(tile_counter, 1)
+        mbarrier.wait(q_empty, (qi & 1) ^ 1)
+        _write_tile_id(tile_smem, qi & 1, num_tiles)
+        mbarrier.arrive(q_full)
+        if gl.atomic_add(tile_counter + 1, 1) == nprog - 1:
+            # Every program has taken its last index (acq_rel atomics): back to zero for the next launch.
+            gl.atomic_xchg(tile_counter, 0)
+            gl.atomic_xchg(tile_counter + 1, 0)
+    else:
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+                t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False)
+            if start_m < seqlen_q:
+                it = _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty,
+                                   k_ready, v_ready, k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh,
+                                   q_row0 + start_m, kv_row0 + lo, n_blocks, it, qi, False)
+                qi += 1
+
+
+@gluon.jit
+def _store_tile_tma(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_smem, o_desc, o_row, o_col, lse_base):
+    """_store_tile through shared memory and a bulk tensor store (dense inputs whose query tiles end at
+    the sequence's end: no row of another sequence in the box). Waits for this buffer's previous store."""
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, acc.type.layout))
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453)
+    out = (acc / l_safe[:, None]).to(o_smem.dtype)
+    tma.store_wait(0)
+    gl.thread_barrier()
+    o_smem.store(out)
+    fence_async_shared()
+    if start_m < seqlen_q:
+        tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
+    gl.store(lse_base + rows, lse, mask=rows < seqlen_q)
+
+
+@gluon.jit
+def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other, o_smem, o_desc,
+                     Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
+                     score_scale, tanh_scale, window_left, window_right, b, h, start_m, q_start, seqlen_q,
+                     seqlen_k, q_row0, lo, full_lo, full_hi, n_blocks, it, tp, WG: gl.constexpr,
+                     SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+                     HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, O_TMA: gl.constexpr):
+    """Consumer WG's half of one tile (its Q tile has landed); returns the ring position and issue turns
+    after it."""
     NUM_WARPS: gl.constexpr = 4
-    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    BLOCK_M: gl.constexpr = q.type.shape[0]
+    HEAD_DIM: gl.constexpr = q.type.shape[1]
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
-    dtype: gl.constexpr = q_smem.dtype
+    dtype: gl.constexpr = q.dtype
     FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -356,118 +435,170 @@ def _ws_consumer(q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_em
 
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    start_m = start_m + WG * BLOCK_M
+    diag = seqlen_k - seqlen_q
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    rows = start_m + gl.arange(0, BLOCK_M, row_s)
+    mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right)
+    if n_blocks > 0:
+        mbarrier.wait(k_ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(me, tp & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(it % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(other)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(it % NUM_STAGES))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
+                                            HAS_LEFT, HAS_RIGHT, FAST_TANH)
+        for j in range(1, n_blocks):
+            c = it + j
+            prev = (c - 1) % NUM_STAGES
+            stage = c % NUM_STAGES
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(prev), ((c - 1) // NUM_STAGES) & 1)
+            mbarrier.wait(k_ready.index(stage), (c // NUM_STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(me, (tp + j) & 1)
+            if OVERLAP:
+                # FA3 Alg. 2 (intra-warpgroup overlap): QK^T of this block first, then PV of the
+                # previous one, which stays in flight under this block's softmax.
+                s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            else:
+                acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(other)
+            if OVERLAP:
+                s = warpgroup_mma_wait(1, deps=(s_tok,))
+                mbarrier.arrive(k_empty.index(stage))
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
+                                                    *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                                                    FAST_TANH)
+                acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+                mbarrier.arrive(v_empty.index(prev))
+            else:
+                s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
+                mbarrier.arrive(k_empty.index(stage))
+                mbarrier.arrive(v_empty.index(prev))
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
+                                                    *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                                                    FAST_TANH)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        mbarrier.arrive(q_empty)  # every QK^T of this tile is done: the next tile's Q may load
+        last = it + n_blocks - 1
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(me, (tp + n_blocks) & 1)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(other)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+        mbarrier.arrive(v_empty.index(last % NUM_STAGES))
+        it += n_blocks
+        tp += n_blocks + 1
+    else:
+        mbarrier.arrive(q_empty)
+    m_o = gl.convert_layout(m_i, row_o)
+    l_o = gl.convert_layout(l_i, row_o)
+    lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
+    if O_TMA:
+        _store_tile_tma(acc, m_o, l_o, start_m, seqlen_q, score_scale, o_smem, o_desc, q_row0 + start_m,
+                        h * stride_oh, lse_base)
+    else:
+        o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
+        _store_tile(acc, m_o, l_o, start_m, seqlen_q, score_scale, o_base, stride_os, lse_base, NUM_WARPS)
+    return it, tp
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty,
+                 turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh,
+                 stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
+                 window_left, window_right, num_m, num_tiles, section, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
+                 SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
+    """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
+
+    Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
+    stages and runs the softmax. With PINGPONG the two consumers take turns issuing (an mbarrier per
+    consumer, arrived on by the other once it has issued): one's softmax runs under the other's products
+    (FA3 Sec. 3.1, ping-pong scheduling). With DYNAMIC the tile index comes from the load warp."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     q = q_smem.index(WG)
+    o_buf = o_smem.index(WG)
     me = turns.index(WG)
     other = turns.index(1 - WG)
     if PINGPONG and WG == 1:
         mbarrier.arrive(other)  # consumer 0 issues first
+    num_bh = num_tiles // num_m
     it = gl.program_id(0) * 0  # key blocks consumed so far: ring stage and phase
     tp = it  # issue turns taken so far
     qi = it  # tiles done so far
-    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
-            t, num_m, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
-            2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT)
-        if start_m < seqlen_q:
-            start_m = start_m + WG * BLOCK_M
-            diag = seqlen_k - seqlen_q
-            alibi_slope = 0.0
-            if HAS_ALIBI:
-                alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
-            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-            l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-            rows = start_m + gl.arange(0, BLOCK_M, row_s)
-            mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right)
-            mbarrier.wait(q_full, qi & 1)
-            if n_blocks > 0:
-                mbarrier.wait(k_ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
-                if PINGPONG:
-                    mbarrier.wait(me, tp & 1)
-                s_tok = warpgroup_mma(q, k_smem.index(it % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(other)
-                s = warpgroup_mma_wait(0, deps=(s_tok,))
-                mbarrier.arrive(k_empty.index(it % NUM_STAGES))
-                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
-                                                    HAS_LEFT, HAS_RIGHT, FAST_TANH)
-                for j in range(1, n_blocks):
-                    c = it + j
-                    prev = (c - 1) % NUM_STAGES
-                    stage = c % NUM_STAGES
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                    mbarrier.wait(v_ready.index(prev), ((c - 1) // NUM_STAGES) & 1)
-                    mbarrier.wait(k_ready.index(stage), (c // NUM_STAGES) & 1)
-                    if PINGPONG:
-                        mbarrier.wait(me, (tp + j) & 1)
-                    if OVERLAP:
-                        # FA3 Alg. 2 (intra-warpgroup overlap): QK^T of this block first, then PV of the
-                        # previous one, which stays in flight under this block's softmax.
-                        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                              is_async=True)
-                        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                    else:
-                        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                              is_async=True)
-                    if PINGPONG:
-                        mbarrier.arrive(other)
-                    if OVERLAP:
-                        s = warpgroup_mma_wait(1, deps=(s_tok,))
-                        mbarrier.arrive(k_empty.index(stage))
-                        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
-                                                            *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                                                            FAST_TANH)
-                        acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
-                        mbarrier.arrive(v_empty.index(prev))
-                    else:
-                        s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
-                        mbarrier.arrive(k_empty.index(stage))
-                        mbarrier.arrive(v_empty.index(prev))
-                        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
-                                                            *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                                                            FAST_TANH)
-                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                mbarrier.arrive(q_empty)  # every QK^T of this tile is done: the next tile's Q may load
-                last = it + n_blocks - 1
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                mbarrier.wait(v_ready.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
-                if PINGPONG:
-                    mbarrier.wait(me, (tp + n_blocks) & 1)
-                acc_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(other)
-                acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
-                mbarrier.arrive(v_empty.index(last % NUM_STAGES))
-                it += n_blocks
-                tp += n_blocks + 1
-            else:
-                mbarrier.arrive(q_empty)
+    if DYNAMIC:
+        mbarrier.wait(q_full, 0)
+        t = _read_tile_id(tile_smem, 0, 4)
+        while t < num_tiles:
+            b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+                t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, True)
+            it, tp = _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other,
+                                      o_buf, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh,
+                                      stride_lb, stride_lh, stride_ab, score_scale, tanh_scale, window_left,
+                                      window_right, b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, lo, full_lo,
+                                      full_hi, n_blocks, it, tp, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                                      PINGPONG, OVERLAP, O_TMA)
             qi += 1
-            o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
-            lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
-            _store_tile(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o), start_m, seqlen_q,
-                        score_scale, o_base, stride_os, lse_base, NUM_WARPS)
+            mbarrier.wait(q_full, qi & 1)
+            t = _read_tile_id(tile_smem, qi & 1, 4)
+    else:
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+                t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False)
+            if start_m < seqlen_q:
+                mbarrier.wait(q_full, qi & 1)
+                it, tp = _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me,
+                                          other, o_buf, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os,
+                                          stride_oh, stride_lb, stride_lh, stride_ab, score_scale, tanh_scale,
+                                          window_left, window_right, b, h, start_m, q_start, seqlen_q, seqlen_k,
+                                          q_row0, lo, full_lo, full_hi, n_blocks, it, tp, WG, SOFTCAP, HAS_ALIBI,
+                                          HAS_LEFT, HAS_RIGHT, PINGPONG, OVERLAP, O_TMA)
+                qi += 1
+    if O_TMA:
+        tma.store_wait(0)
 
 
 @gluon.jit
-def attn_fwd_gluon_ws_kernel(
-    q_desc, k_desc, v_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
-    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, num_tiles,
-    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
-):
-    """Warp-specialised forward (FA3 Sec. 3.1): a program walks tiles of 2 x BLOCK_M query rows (tile t,
-    t + programs, ...: one per program when the grid covers them all, persistent when it holds one program
-    per SM), one BLOCK_M half per consumer warpgroup (the default partition and a 4-warp worker), while one
-    load warp fills the K/V ring that both consume; each stage's "empty" mbarrier waits for both."""
+def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
+             stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
+             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
+             num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+             DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
+    """Shared memory, mbarriers and the three partitions of the warp-specialised forward."""
     num_m = gl.cdiv(max_seqlen_q, 2 * BLOCK_M)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    if O_TMA:
+        # Output staging for the bulk store, one tile per consumer (unused otherwise).
+        o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, BLOCK_M, HEAD_DIM], o_desc.layout)
+    else:
+        o_smem = tile_smem
     q_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -487,33 +618,79 @@ def attn_fwd_gluon_ws_kernel(
     fence_async_shared()
 
     gl.warp_specialize([
-        (_ws_consumer, (q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty, turns, Out,
-                        Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh, stride_lb,
-                        stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
-                        window_left, window_right, num_m, num_tiles, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                        HAS_RIGHT, PINGPONG, OVERLAP)),
-        (_ws_consumer, (q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty, turns, Out,
-                        Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh, stride_lb,
-                        stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
-                        window_left, window_right, num_m, num_tiles, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                        HAS_RIGHT, PINGPONG, OVERLAP)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_full, q_empty, k_ready, v_ready, k_empty,
-                        v_empty, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh, stride_vh,
-                        max_seqlen_q, max_seqlen_k, window_left, window_right, num_m, num_tiles, IS_VARLEN, HAS_LEFT,
-                        HAS_RIGHT)),
+        (_ws_consumer, (q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
+                        v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
+                        stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
+                        score_scale, tanh_scale, window_left, window_right, num_m, num_tiles, section, 0, IS_VARLEN,
+                        SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)),
+        (_ws_consumer, (q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
+                        v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
+                        stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
+                        score_scale, tanh_scale, window_left, window_right, num_m, num_tiles, section, 1, IS_VARLEN,
+                        SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready,
+                        v_ready, k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group,
+                        stride_qh, stride_kh, stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right,
+                        num_m, num_tiles, section, IS_VARLEN, HAS_LEFT, HAS_RIGHT, DYNAMIC)),
     ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def attn_fwd_gluon_ws_kernel(
+    q_desc, k_desc, v_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
+    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, num_tiles,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+    HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Warp-specialised forward (FA3 Sec. 3.1), static schedule: a program walks tiles of 2 x BLOCK_M query
+    rows (tile t, t + programs, ...: one per program when the grid covers them all, persistent when it
+    holds one program per SM), one BLOCK_M half per consumer warpgroup (the default partition and a 4-warp
+    worker), while one load warp fills the K/V ring that both consume; each stage's "empty" mbarrier waits
+    for both. Output stored from registers."""
+    _ws_main(q_desc, k_desc, v_desc, q_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q,
+             stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
+             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
+             num_tiles, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+             HAS_RIGHT, PINGPONG, OVERLAP, False, False)
+
+
+@gluon.jit(do_not_specialize=["section"])
+def attn_fwd_gluon_ws_sched_kernel(
+    q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
+    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, num_tiles,
+    section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+    HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr,
+    O_TMA: gl.constexpr, num_warps: gl.constexpr,
+):
+    """``attn_fwd_gluon_ws_kernel`` with the dynamic persistent schedule (DYNAMIC: tiles from the global
+    counter ``tile_counter``, int32[2], zero before the launch and left zero after it, in sections of
+    ``section`` heads) and / or the output through shared memory and a bulk tensor store (O_TMA, o_desc a
+    2D view of Out like q_desc's of q)."""
+    _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
+             stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
+             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
+             num_tiles, section, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+             HAS_RIGHT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)
 
 
 class FwdConfig(NamedTuple):
     """Tiles and schedule of the Gluon forward. ``schedule``: "single" runs ``attn_fwd_gluon_kernel`` (one
-    warpgroup per program on block_m rows, num_warps warps); "ws" and "pingpong" run
-    ``attn_fwd_gluon_ws_kernel`` (two consumer warpgroups of block_m rows each and a load warp per
-    program; "pingpong" makes the consumers take turns issuing their products). ``overlap``: the
-    intra-warpgroup overlap of QK^T (single) or PV (ws) with the softmax (FA3 Alg. 2). ``persistent``
-    (ws schedules, dense inputs without a right window): one program per SM walks the tiles, so a tile's
-    first loads run under the previous tile's last products and store. Causal and varlen tiles differ in
-    length, and a static stride over them left SMs idle (0.72x at causal 16k on an H200), so those keep one
-    tile per program and the block scheduler's balancing."""
+    warpgroup per program on block_m rows, num_warps warps); "ws" and "pingpong" run the warp-specialised
+    kernels (two consumer warpgroups of block_m rows each and a load warp per program; "pingpong" makes the
+    consumers take turns issuing their products). ``overlap``: the intra-warpgroup overlap of QK^T (single)
+    or PV (ws) with the softmax (FA3 Alg. 2). ``persistent`` (ws schedules, dense inputs without a right
+    window): one program per SM walks the tiles t, t + programs, ..., so a tile's first loads run under the
+    previous tile's last products and store. Causal tiles differ in length, and that static stride over them
+    left SMs idle (0.72x at causal 16k on an H200), hence ``dynamic`` (ws schedules, dense inputs with a
+    right window: causal, sliding windows): one program per SM takes tiles from a global counter, longest
+    first within sections of heads whose K/V fit in L2 (FA3's dynamic persistent scheduler). Varlen keeps
+    one tile per program and the block scheduler's balancing. ``tma_store`` (ws schedules, dense inputs
+    whose query length is a multiple of block_m, or one batch): the output goes through shared memory and
+    a bulk tensor store instead of register stores."""
 
     block_m: int
     block_n: int
@@ -522,14 +699,18 @@ class FwdConfig(NamedTuple):
     schedule: str = "single"
     overlap: bool = False
     persistent: bool = False
+    dynamic: bool = False
+    tma_store: bool = False
 
 
 # By head dim. d=64: one warpgroup on 64 query rows, three programs (74 KB, 154 registers) per SM, so one's
 # softmax runs under another's wgmma; 1.14-1.26x the portable kernel on an H200 (benchmarks/NOTES.md,
 # "Gluon forward v2"); the overlapped single loop lost 3-25% there. d=128: 128-key blocks (QK^T at N=64
 # saturates the shared-memory port) under the ping-pong schedule with the overlap, persistent where it
-# applies: 1.06-1.19x the one-warpgroup (64, 64) tiles on an H200 (same notes, "Gluon forward v3").
-_CONFIGS = {64: FwdConfig(64, 128, 2, 4), 128: FwdConfig(64, 128, 2, 4, "pingpong", True, True)}
+# applies: 1.06-1.19x the one-warpgroup (64, 64) tiles on an H200 (same notes, "Gluon forward v3"); the
+# dynamic schedule for causal: +11 / +9 / +5% at 2k / 4k / 8k, -1% at 16k (scatter level) over one tile per
+# program (same notes, "Gluon forward v4"). The bulk store of O measured -3 to +1%: not shipped.
+_CONFIGS = {64: FwdConfig(64, 128, 2, 4), 128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True)}
 # Head dims routed here by the predicate.
 _ROUTED_HEAD_DIMS = (64, 128)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -579,6 +760,25 @@ def gluon_forward_supported(q, k, v, *, window_size: tuple[int, int], softcap: f
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# K/V bytes a section of the dynamic schedule may hold in L2 (FA3's choice: 32 MB of the H100's / H200's 50).
+_L2_KV_BYTES = 32 << 20
+_TILE_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _tile_counter(device: torch.device) -> torch.Tensor:
+    """The dynamic schedule's counter (int32[2]: next tile, programs done). The kernel leaves it at zero, so
+    one per stream serves every launch ordered on that stream; a CUDA graph capture gets its own zeroed
+    one (captured with the graph)."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(2, dtype=torch.int32, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch.cuda.current_stream(index).cuda_stream)
+    counter = _TILE_COUNTERS.get(key)
+    if counter is None:
+        counter = _TILE_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counter
 
 
 def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
@@ -639,9 +839,22 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                  OVERLAP=overlap, num_warps=cfg.warps)
     if single:
         attn_fwd_gluon_kernel[(num_m, batch * nheads)](*args, **flags)
-    else:
-        num_tiles = num_m * batch * nheads
-        persistent = cfg.persistent and not varlen and right < 0
-        grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
-        attn_fwd_gluon_ws_kernel[grid](*args, num_tiles, **flags, PINGPONG=cfg.schedule == "pingpong")
+        return out, lse
+    num_tiles = num_m * batch * nheads
+    dynamic = cfg.dynamic and not varlen and right >= 0
+    persistent = not varlen and (dynamic or (cfg.persistent and right < 0))
+    o_tma = cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0)
+    grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
+    flags["PINGPONG"] = cfg.schedule == "pingpong"
+    if not (dynamic or o_tma):
+        attn_fwd_gluon_ws_kernel[grid](*args, num_tiles, **flags)
+        return out, lse
+    # Sections of heads whose K and V (bf16 / fp16) take at most _L2_KV_BYTES: a power of two of K/V heads,
+    # times the query heads sharing each.
+    kv_head_bytes = max(1, max_seqlen_k * d * 2 * q.element_size())
+    section = (1 << max(0, (_L2_KV_BYTES // kv_head_bytes).bit_length() - 1)) * (nheads // nheads_k)
+    counter = _tile_counter(q.device) if dynamic else lse
+    o_desc = _descriptor(out, cfg.block_m) if o_tma else args[0]
+    attn_fwd_gluon_ws_sched_kernel[grid](*args[:3], o_desc, *args[3:8], counter, *args[8:], num_tiles, section,
+                                         **flags, DYNAMIC=dynamic, O_TMA=o_tma)
     return out, lse
