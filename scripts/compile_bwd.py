@@ -1,11 +1,20 @@
-"""Compile the backward's dK/dV kernels for sm_90 without a GPU: the portable single pass with dQ over
-candidate configs, or (``--gluon``) the Gluon backward over its feature variants.
+"""Compile the backward's kernels for sm_90 without a GPU: the portable single pass with dQ over
+candidate configs, (``--dq``) the two-pass dQ kernel's shipped rows with softcap, or (``--gluon``) the Gluon
+backward over its feature variants.
 
 For each: compile through TTGIR to PTX (ptxas ships in the Triton wheel), print shared memory, registers,
 spills and the Hopper instructions that must be there (wgmma, the TMA reduce-add
-``cp.reduce.async.bulk.tensor`` or fp32 ``red`` for dQ). Used to prune configs before a GPU sweep.
+``cp.reduce.async.bulk.tensor`` or fp32 ``red`` for dQ), and ``sb-hazards``: source registers of a
+variable-latency instruction overwritten before ptxas waits on the read barrier that guards them
+(``scoreboard_hazards``). Used to prune configs before a GPU sweep.
 
-    PYTHONPATH=src python scripts/compile_bwd.py [--gluon] [--headdims 64,128] [--dump DIR]
+    PYTHONPATH=src python scripts/compile_bwd.py [--dq | --gluon] [--headdims 64,128] [--dump DIR]
+
+Why the scoreboard check: the bundled ptxas (CUDA 12.8) scheduled the dQ kernel at d = 48, (128, 64, 8, 2),
+softcap with ``tanh.approx`` so that a cp.async (LDGSTS) had the high word of its 64-bit global address
+overwritten by an IMAD ~13 cycles after issue, with no wait on the read barrier the LDGSTS had set; when the
+memory pipe was busy the copy read the new word and faulted (illegal address on an H200, never under
+compute-sanitizer, which serialises memory instructions). benchmarks/NOTES.md, Backward fast tanh.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import subprocess
+import tempfile
 
 import torch
 import triton
@@ -23,10 +34,10 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ioattn.kernels.attn_bwd import attn_bwd_dkdv_kernel
+from ioattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ioattn.kernels.attn_bwd_gluon import _CONFIGS as GLUON_CONFIGS
 from ioattn.kernels.attn_bwd_gluon import attn_bwd_gluon_kernel, dq_descriptor
-from ioattn.kernels.launch import AttnConfig
+from ioattn.kernels.launch import _CONFIGS, AttnConfig
 
 PTR_ARGS = {"Q", "K", "V", "DOut", "DK", "DV"}
 F32_PTR_ARGS = {"Lse", "Delta", "DQacc", "alibi_slopes"}
@@ -73,6 +84,142 @@ def compile_variant(d: int, causal: bool, cfg: AttnConfig, fused: bool, dtype=to
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def compile_dq_variant(d: int, causal: bool, cfg: AttnConfig, softcap: bool = True, fast_tanh: bool = True,
+                       dtype=torch.bfloat16, **flags: bool):
+    """The two-pass dQ kernel as the JIT specialises a dense call whose strides are multiples of 16 (flags:
+    HAS_LEFT, HAS_ALIBI, DROPOUT, IS_VARLEN)."""
+    ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    consts = {"HEAD_DIM": d, "BLOCK_D": max(16, triton.next_power_of_2(d)), "BLOCK_M": cfg.block_m,
+              "BLOCK_N": cfg.block_n, "IS_VARLEN": False, "SOFTCAP": softcap, "HAS_ALIBI": False,
+              "HAS_LEFT": False, "HAS_RIGHT": causal, "DROPOUT": False, "DOT_PRECISION": "tf32",
+              "FAST_TANH": fast_tanh, **flags}
+    sig, attrs = {}, {}
+    for i, name in enumerate(attn_bwd_dq_kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in PTR_ARGS or name == "DQ":
+            sig[name] = ty
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in F32_PTR_ARGS:
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in I32_PTR_ARGS:
+            sig[name] = "*i32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") and not name.endswith("_ab"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(attn_bwd_dq_kernel, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*/\* (0x[0-9a-f]{16}) \*/")
+_NO_DEST = ("ST", "LDGSTS", "BRA", "BAR", "DEPBAR", "RED", "EXIT", "WARPSYNC", "LDGDEPBAR", "BSSY", "BSYNC",
+            "NOP", "WARPGROUP", "HGMMA", "CALL", "RET", "ISETP", "FSETP", "PLOP3", "ATOMS", "FENCE", "MEMBAR",
+            "ERRBAR", "CCTL", "UTMA", "SYNCS", "ARRIVES", "R2UR", "VOTEU", "DSETP", "HSETP2", "P2R")
+
+
+def _sass(cubin: bytes) -> list[tuple[int, str, int, int, int]]:
+    """(address, instruction, write barrier, read barrier, wait mask) from ``cuobjdump -sass``; the control
+    bits sit in bits 46-57 of each instruction's second 64-bit word (7 = no barrier)."""
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = _SASS.search(line)
+        if m:
+            hi = int(re.search(r"/\* (0x[0-9a-f]{16}) \*/", lines[i + 1]).group(1), 16)
+            out.append((int(m.group(1), 16), m.group(2), (hi >> 46) & 7, (hi >> 49) & 7, (hi >> 52) & 0x3F))
+    return out
+
+
+def _regs(tok: str, n: int = 1) -> set[int]:
+    m = re.search(r"(?<![A-Z])R(\d+)(\.64)?", tok)
+    if not m or int(m.group(1)) == 255:
+        return set()
+    r = int(m.group(1))
+    return set(range(r, r + (2 if m.group(2) else n)))
+
+
+def _dest_and_sources(ins: str) -> tuple[str, set[int], set[int]]:
+    body = re.sub(r"^@!?U?P\w+\s+", "", ins)
+    op, _, rest = body.partition(" ")
+    ops = [x.strip() for x in re.split(r",(?![^\[]*\])", rest)] if rest else []
+    if op.startswith(("HGMMA", "WARPGROUP")):  # wgmma registers: ordered by WARPGROUP.ARRIVE / DEPBAR
+        return op, set(), set()
+    wide = 4 if (".128" in op or ".M88.4" in op) else 2 if (".64" in op or ".M88.2" in op) else 1
+    dest: set[int] = set()
+    srcs = ops
+    if ops and not op.startswith(_NO_DEST) and not op.startswith("U"):
+        dest = _regs(ops[0], wide if op.startswith(("LD", "MUFU", "S2R", "SHFL")) else 2 if "WIDE" in op else 1)
+        srcs = ops[1:]
+    src: set[int] = set()
+    for t in srcs:
+        if t.startswith("["):
+            for m in re.finditer(r"(?<![A-Z])R\d+(?:\.64)?", t):
+                src |= _regs(m.group(0))
+        else:
+            src |= _regs(t, wide if op.startswith(("ST", "RED", "ATOM")) else 1)
+    return op, dest, src
+
+
+def scoreboard_hazards(cubin: bytes) -> list[str]:
+    """Reads and writes that ptxas's dependency barriers do not guard, over every path of the control flow:
+    a register read or rewritten while a variable-latency instruction may still write it (RAW/WAW), or
+    rewritten while one may still read it (WAR; a later load through the same in-order memory pipe is
+    exempt). Wgmma registers are left to WARPGROUP.DEPBAR (not modelled)."""
+    ins = _sass(cubin)
+    index = {a: i for i, (a, *_) in enumerate(ins)}
+    succ = []
+    for i, (_, t, *_) in enumerate(ins):
+        body, cond = re.sub(r"^@!?U?P\w+\s+", "", t), t.startswith("@")
+        nxt = [i + 1] if i + 1 < len(ins) else []
+        if body.startswith("BRA"):
+            target = index.get(int(re.search(r"0x([0-9a-f]+)", body).group(1), 16))
+            succ.append(([target] if target is not None else []) + (nxt if cond else []))
+        elif body.startswith(("EXIT", "RET")):
+            succ.append(nxt if cond else [])
+        else:
+            succ.append(nxt)
+    state: list[frozenset | None] = [None] * len(ins)
+    state[0] = frozenset()
+    work, found = [0], set()
+    while work:
+        i = work.pop()
+        addr, t, wr, rd, wait = ins[i]
+        waits = {b for b in range(6) if wait >> b & 1}
+        m = re.match(r"DEPBAR\.LE SB(\d), 0x0", re.sub(r"^@!?P\w+\s+", "", t))
+        if m:
+            waits.add(int(m.group(1)))
+        live = {e for e in state[i] if e[2] not in waits}
+        op, dest, src = _dest_and_sources(t)
+        for kind, reg, _, who in live:
+            if kind == "W" and reg in src | dest:
+                found.add(f"{ins[who][0]:05x}->{addr:05x} {'RAW' if reg in src else 'WAW'} R{reg}: {ins[who][1]} | {t}")
+            if kind == "R" and reg in dest and not (op.startswith(("LD", "S2R", "SHFL")) and wr != 7):
+                found.add(f"{ins[who][0]:05x}->{addr:05x} WAR R{reg}: {ins[who][1]} | {t}")
+        if wr != 7:
+            live |= {("W", r, wr, i) for r in dest}
+        if rd != 7:
+            live |= {("R", r, rd, i) for r in src}
+        out = frozenset(live)
+        for j in succ[i]:
+            new = out if state[j] is None else state[j] | out
+            if new != state[j]:
+                state[j] = new
+                work.append(j)
+    return sorted(found)
+
+
 def compile_gluon_variant(d: int, config: tuple[int, int, int, int] | None = None, dtype=torch.bfloat16,
                           **flags: bool):
     """flags: any of compile_gluon_fwd.FLAGS (default False)."""
@@ -115,7 +262,18 @@ def main() -> None:
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--gluon", action="store_true", help="the Gluon backward's feature variants")
     ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages,warps for --gluon")
+    ap.add_argument("--dq", action="store_true", help="the two-pass dQ kernel's rows with softcap, fast tanh")
     args = ap.parse_args()
+    if args.dq:
+        for d in (int(x) for x in args.headdims.split(",")):
+            ceiling = 64 if d <= 64 else 128 if d <= 128 else 256
+            for causal in (False, True):
+                cfg = _CONFIGS[("dq", ceiling, causal)]
+                for fast in (True, False):
+                    k = compile_dq_variant(d, causal, cfg, fast_tanh=fast)
+                    label = f"dq d={d} {tuple(vars(cfg).values())} causal={causal} softcap fast_tanh={fast}"
+                    report(k, label, args.dump, f"dq_d{d}_{int(causal)}_{int(fast)}")
+        return
     if args.gluon:
         config = tuple(int(x) for x in args.config.split(",")) if args.config else None
         for d in (int(x) for x in args.headdims.split(",")):
@@ -140,7 +298,11 @@ def report(k, label: str, dump: pathlib.Path | None, stem: str) -> None:
     counts = {n: len(re.findall(p, ptx)) for n, p in
               (("wgmma", r"wgmma\.mma_async"), ("tma-reduce", r"cp\.reduce\.async\.bulk"),
                ("red", r"\bred\.global"), ("atom", r"\batom\.global"), ("bar.sync", r"bar\.sync"))}
-    print(f"{label}: smem {k.metadata.shared} B, {ptxas_report(ptx)}, {counts}", flush=True)
+    hazards = scoreboard_hazards(k.asm["cubin"])
+    print(f"{label}: smem {k.metadata.shared} B, {ptxas_report(ptx)}, {counts}, sb-hazards {len(hazards)}",
+          flush=True)
+    for h in hazards[:4]:
+        print(f"    {h}")
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{stem}.ttgir").write_text(k.asm["ttgir"])

@@ -133,6 +133,20 @@ def test_score_mods(opts, dtype):
     check_against_ref(q, k, v, **opts)
 
 
+# Softcap's backward on every dQ config row (d <= 64 and <= 128, non-causal and causal), two-pass and default
+# path: the rows where a tanh change moves ptxas's schedule (benchmarks/NOTES.md, Backward fast tanh).
+SOFTCAP_BWD_DIMS = [40, 48, 64, 96, 128] if ON_GPU else [48]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "default"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("headdim", SOFTCAP_BWD_DIMS)
+def test_softcap_backward_head_dims(headdim, causal, deterministic):
+    torch.manual_seed(headdim)
+    q, k, v = _qkv(2, 29 * S, 35 * S, 4, 2, headdim, DTYPES[-1])
+    check_against_ref(q, k, v, softcap=5.0, causal=causal, deterministic=deterministic)
+
+
 def test_float32_runs_in_triton_with_ieee_dots():
     torch.manual_seed(2)
     q, k, v = _qkv(2, 23, 31, 4, 2, 40, torch.float32)

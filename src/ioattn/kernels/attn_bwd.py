@@ -9,6 +9,12 @@
   anywhere, so every gradient is bitwise reproducible. FA2's fp32 dQ atomics (5 products per tile
   instead of 7) measured slower here on an H200 (benchmarks/NOTES.md, FA2 tuning v2).
 P is recomputed from Q, K and the saved lse: ``P = exp2(S * log2(e) - lse * log2(e))``.
+
+Softcap: both kernels recompute ``tanh`` of the scores, with the precise formula by default. ``FAST_TANH=True``
+(16-bit inputs only; ignored for fp32) takes the forward's ``tanh.approx.f32``; it stays off because the ptxas
+bundled with Triton 3.6 (CUDA 12.8) scheduled the dQ kernel's (128, 64, 8, 2) row at d = 48 with a cp.async whose
+address register is rewritten before the read barrier guarding it is waited on (an illegal address on an H200).
+``scripts/compile_bwd.py --dq`` screens rows offline for that (benchmarks/NOTES.md, Backward fast tanh).
 """
 
 import triton
@@ -62,12 +68,12 @@ def _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, q
                        alibi_slope2, window_left, window_right, seed, philox_base, philox_row_stride,
                        dropout_p, MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
     """Recomputes P (Alg. 2 line 13) and returns (dropped P for dV, dS w.r.t. the pre-softcap scaled
     scores) for one (query block, key block) tile; dS = P * (dP - delta) (Alg. 2 line 16)."""
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if SOFTCAP:
-        s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP)
+        s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP, FAST_TANH)
     else:
         s = qk * qk_scale
         t = s
@@ -108,7 +114,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+                FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, FAST_TANH: tl.constexpr):
     # Works on transposed tiles (keys x queries): S^T = K Q^T, so P^T and dS^T feed dV += P^T dO and
     # dK += dS^T Q straight from registers, as in FA2's Alg. 2 lines 12-20 with the roles swapped.
     offs_m = tl.arange(0, BLOCK_M)
@@ -128,7 +134,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         lse2, delta = _row_stats(lse_base, delta_base, rows, seqlen_q)
         qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
         if SOFTCAP:
-            st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP)
+            st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, FAST_TANH)
         else:
             st = qkt * qk_scale
             tt = st
@@ -176,7 +182,7 @@ def attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
+    FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
 ):
     """dK, dV for one key block; with FUSED_DQ also dQ's share, added into the fp32 buffer ``DQacc``
     of shape (z, rows, BLOCK_D) (z = b * nheads + h dense, h varlen; rows = seqlen_q dense, total_q
@@ -204,6 +210,7 @@ def attn_bwd_dkdv_kernel(
     v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    FAST: tl.constexpr = FAST_TANH and DOT_PRECISION != "ieee"
     lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # The query heads of this kv head's group, summed in registers: no repeated K/V, no atomics.
@@ -226,11 +233,11 @@ def attn_bwd_dkdv_kernel(
         ptrs = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, dq_desc, dq_base, dq_z,
                 q_start, softmax_scale)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, lo, full_lo, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA, FAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_lo, full_hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, False,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA, FAST)
         dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_hi, hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA)
+                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA, FAST)
     dk = dk * softmax_scale
     dk_base = DK + b64 * stride_dkb + hk64 * stride_dkh + n0 * stride_dks
     dv_base = DV + b64 * stride_dvb + hk64 * stride_dvh + n0 * stride_dvs
@@ -246,7 +253,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, 
               seed, philox_base, philox_row_stride, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-              HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              FAST_TANH: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -263,7 +271,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, 
         _, ds = _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, qk_scale,
                                    softcap2, alibi_slope2, window_left, window_right, seed, philox_base,
                                    philox_row_stride, dropout_p, MASK, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                   HAS_RIGHT, DROPOUT, DOT_PRECISION)
+                                   HAS_RIGHT, DROPOUT, DOT_PRECISION, FAST_TANH)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
         kt_ptrs += BLOCK_N * stride_ks
         vt_ptrs += BLOCK_N * stride_vs
@@ -280,6 +288,7 @@ def attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
@@ -317,19 +326,20 @@ def attn_bwd_dq_kernel(
     philox_stride = tl.cdiv(max_seqlen_k, 4)  # Philox counters per row: one call covers four keys
     philox_base = bh.to(tl.int64) * max_seqlen_q * philox_stride
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    FAST: tl.constexpr = FAST_TANH and DOT_PRECISION != "ieee"
     lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     args = (rows, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
             seed, philox_base, philox_stride, dropout_p)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, full_lo, *args,
                    HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                   DOT_PRECISION)
+                   DOT_PRECISION, FAST)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, full_lo, full_hi, *args,
                    HEAD_DIM, BLOCK_N, BLOCK_D, False, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                   DOT_PRECISION)
+                   DOT_PRECISION, FAST)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, full_hi, hi, *args,
                    HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                   DOT_PRECISION)
+                   DOT_PRECISION, FAST)
     dq = dq * softmax_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + m0 * stride_dqs
              + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_ok)
