@@ -36,15 +36,21 @@ def _sdpa(q, k, v, *, backend, causal):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def _config(text: str) -> attn_bwd_gluon.BwdConfig:
+    """'BLOCK_M,BLOCK_N,stages[,dq_stages]'."""
+    return attn_bwd_gluon.BwdConfig(*(int(x) for x in text.split(",")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
     ap.add_argument("--json")
-    ap.add_argument("--alt", default="", help="'d:BLOCK_M,BLOCK_N,stages,warps;...': also time these configs")
+    ap.add_argument("--alt", default="",
+                    help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages]|...;...': also time these configs")
     args = ap.parse_args()
-    alt = {int(d): tuple(int(x) for x in c.split(",")) for d, c in
-           (item.split(":") for item in args.alt.split(";") if item)}
+    alt = {int(d): [_config(c) for c in cs.split("|")] for d, cs in (item.split(":") for item in args.alt.split(";")
+                                                                     if item)}
     rows = []
     print(f"{'d':>4} {'causal':>6} {'seqlen':>6} | {'gluon':>6} {'tl':>6} {'cudnn':>6} {'flash':>6} | "
           f"{'g/tl':>5} {'g/cudnn':>7} {'g/flash':>7}")
@@ -58,10 +64,11 @@ def main() -> None:
                 ours = functools.partial(ioattn.flash_attn_func, causal=causal)
                 flops = 2.5 * 4 * s * s * d * h * b / (2 if causal else 1)
                 ms = {"gluon": _time_bwd(ours, q, k, v, "1"), "tl": _time_bwd(ours, q, k, v, "0")}
-                if d in alt:
-                    shipped, attn_bwd_gluon._CONFIGS[d] = attn_bwd_gluon._CONFIGS[d], alt[d]
-                    ms["alt"] = _time_bwd(ours, q, k, v, "1")
-                    attn_bwd_gluon._CONFIGS[d] = shipped
+                shipped = attn_bwd_gluon._CONFIGS[d]
+                for i, cfg in enumerate(alt.get(d, [])):
+                    attn_bwd_gluon._CONFIGS[d] = cfg
+                    ms[f"alt{i}"] = _time_bwd(ours, q, k, v, "1")
+                attn_bwd_gluon._CONFIGS[d] = shipped
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     try:
                         ms[name] = _time_bwd(functools.partial(_sdpa, backend=backend, causal=causal), qt, kt, vt)
@@ -71,7 +78,8 @@ def main() -> None:
                 rows.append({"headdim": d, "causal": causal, "seqlen": s, "tflops": tf})
                 print(f"{d:>4} {causal!s:>6} {s:>6} | {tf['gluon']:6.0f} {tf['tl']:6.0f} {tf['cudnn']:6.0f} "
                       f"{tf['flash']:6.0f} | {tf['gluon'] / tf['tl']:5.2f} {tf['gluon'] / tf['cudnn']:7.2f} "
-                      f"{tf['gluon'] / tf['flash']:7.2f}" + (f" | alt {tf['alt']:6.0f}" if "alt" in tf else ""),
+                      f"{tf['gluon'] / tf['flash']:7.2f} |" + "".join(f" {n} {x:4.0f}" for n, x in tf.items()
+                                                             if n.startswith("alt")),
                       flush=True)
                 del q, k, v, qt, kt, vt
     if args.json:

@@ -36,7 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ioattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ioattn.kernels.attn_bwd_gluon import _CONFIGS as GLUON_CONFIGS
-from ioattn.kernels.attn_bwd_gluon import attn_bwd_gluon_kernel, dq_descriptor
+from ioattn.kernels.attn_bwd_gluon import BwdConfig, attn_bwd_gluon_kernel, dq_descriptor
 from ioattn.kernels.launch import _CONFIGS, AttnConfig
 
 PTR_ARGS = {"Q", "K", "V", "DOut", "DK", "DV"}
@@ -220,19 +220,19 @@ def scoreboard_hazards(cubin: bytes) -> list[str]:
     return sorted(found)
 
 
-def compile_gluon_variant(d: int, config: tuple[int, int, int, int] | None = None, dtype=torch.bfloat16,
-                          **flags: bool):
+def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
     """flags: any of compile_gluon_fwd.FLAGS (default False)."""
-    block_m, block_n, stages, warps = config or GLUON_CONFIGS[d]
+    cfg = config or GLUON_CONFIGS[d]
+    block_m, block_n = cfg.block_m, cfg.block_n
     ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages,
-              **{f: flags.get(f, False) for f in FLAGS}, "num_warps": warps}
+    consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,
+              "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS}, "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
         elif name == "dq_desc":
-            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, d), block_m))
+            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, d), block_m, d // 2))
         elif name.endswith("_desc"):
             sig[name] = _desc_type(dtype, block_n if name[0] in "kv" else block_m, d)
         elif name in ("DK", "DV"):
@@ -246,7 +246,7 @@ def compile_gluon_variant(d: int, config: tuple[int, int, int, int] | None = Non
         else:
             sig[name] = "i32"
     src = GluonASTSource(attn_bwd_gluon_kernel, sig, consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
 CANDIDATES = {
@@ -261,7 +261,7 @@ def main() -> None:
     ap.add_argument("--dump", type=pathlib.Path)
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--gluon", action="store_true", help="the Gluon backward's feature variants")
-    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages,warps for --gluon")
+    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages[,dq_stages] for --gluon")
     ap.add_argument("--dq", action="store_true", help="the two-pass dQ kernel's rows with softcap, fast tanh")
     args = ap.parse_args()
     if args.dq:
@@ -275,7 +275,7 @@ def main() -> None:
                     report(k, label, args.dump, f"dq_d{d}_{int(causal)}_{int(fast)}")
         return
     if args.gluon:
-        config = tuple(int(x) for x in args.config.split(",")) if args.config else None
+        config = BwdConfig(*(int(x) for x in args.config.split(","))) if args.config else None
         for d in (int(x) for x in args.headdims.split(",")):
             for name, flags in VARIANTS.items():
                 k = compile_gluon_variant(d, config, **flags)

@@ -1,4 +1,4 @@
-"""The Gluon Hopper backward (kernels/attn_bwd_gluon.py, opt-in) through the public functions, against
+"""The Gluon Hopper backward (kernels/attn_bwd_gluon.py) through the public functions, against
 attention_ref.
 
 Each case checks that the Gluon kernel ran (or, for what it does not take, that it did not), then the
@@ -24,7 +24,8 @@ from ioattn.kernels import launch  # noqa: E402
 
 @pytest.fixture
 def gluon_calls(monkeypatch):
-    """Opts in to the Gluon backward; the list of its launches made while the test runs."""
+    """Opts in to the Gluon backward at every head dim it has; the list of its launches made while the
+    test runs."""
     monkeypatch.setenv("IOATTN_GLUON_BWD", "1")
     calls = []
     real = launch.gluon_backward
@@ -97,3 +98,20 @@ def test_gluon_backward_not_taken(opts, gluon_calls):
     out = ioattn.flash_attn_func(q, k, v, **opts)
     out.sum().backward()
     assert not gluon_calls
+
+
+@pytest.mark.parametrize("env", [None, "0", "1"])
+def test_gluon_backward_routing(env, monkeypatch):
+    """By default the Gluon backward takes d = 128 (where it measured faster) and not d = 64;
+    IOATTN_GLUON_BWD=1 gives it every head dim it has, =0 none."""
+    if env is None:
+        monkeypatch.delenv("IOATTN_GLUON_BWD", raising=False)
+    else:
+        monkeypatch.setenv("IOATTN_GLUON_BWD", env)
+    calls = []
+    real = launch.gluon_backward
+    monkeypatch.setattr(launch, "gluon_backward", lambda *a, **kw: calls.append(a[1].shape[-1]) or real(*a, **kw))
+    for d in (64, 128):
+        q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
+        ioattn.flash_attn_func(q, k, v).sum().backward()
+    assert calls == {None: [128], "0": [], "1": [64, 128]}[env]

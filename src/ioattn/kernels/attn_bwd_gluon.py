@@ -1,23 +1,24 @@
 """FlashAttention backward for Hopper (sm_90) in Gluon: one pass, five products per tile.
 
-FlashAttention-3's backward (Shah et al. 2024, arXiv 2407.08608, Sec. 3 and Alg. 3) without warp
-specialisation. One program per (key block, batch x KV head) keeps K and V in shared memory and dK, dV in
-registers (two warpgroups, 64 keys each). The Q and dO blocks of every query head of the GQA group stream
-through a ``NUM_STAGES`` ring filled by the bulk tensor copy engine; per query block:
+FlashAttention-3's backward (Shah et al. 2024, arXiv 2407.08608, Sec. 3 and Alg. 3), warp-specialised.
+One program per (key block of 128, batch x KV head) keeps K and V in shared memory. Its partitions:
 
-* S^T = K Q^T and dP^T = V dO^T (async wgmma, both operands in shared memory);
-* P^T = exp2(S^T - lse) and dS^T = P^T (dP^T - delta) in registers (FA2 Alg. 2 lines 13-16);
-* dV += P^T dO and dK += dS^T Q with the left operand straight from registers;
-* dQ's share dS K: dS^T goes through shared memory (read back transposed by the wgmma); the product goes
-  to shared memory too and one bulk tensor reduce-add per step adds it into an fp32 buffer (FA2 Alg. 2
+* two consumer warpgroups (240 registers each), each with 64 of the keys and their dK, dV in registers;
+* a load warp that streams the Q and dO blocks of every query head of the GQA group through a
+  ``NUM_STAGES`` ring with the bulk tensor copy engine;
+* a dQ warp that adds each step's dQ share into an fp32 buffer with bulk tensor reduce-adds (FA2 Alg. 2
   line 21, FA3's dQ accumulation), so the order of additions, and dQ's last bits, vary from run to run.
   ``deterministic=True`` never comes here.
 
+Per query block a consumer computes S^T = K Q^T and dP^T = V dO^T (async wgmma from shared memory),
+P^T = exp2(S^T - lse) and dS^T = P^T (dP^T - delta) in registers (FA2 Alg. 2 lines 13-16), dV += P^T dO
+and dK += dS^T Q with the left operand straight from registers, and half of the head dim of dQ's share
+dS K from dS^T in shared memory (both consumers' halves: they meet there once per step, on an mbarrier).
 Transposed tiles (keys x queries) let every product take its operands as the previous one left them.
-Opt-in (``IOATTN_GLUON_BWD=1``): on an H200 it runs at 0.8-0.9x the portable two-pass backward, whose
-seven products run at a higher rate than these five (d = 128 spills wgmma descriptors at 255 registers,
-and the two warpgroups step in lockstep through three CTA barriers per query block; a software-pipelined
-variant that issued the next block's S^T and dP^T under the dQ reduce spilled more and ran slower).
+Ring stages, dS^T and dQ buffers are handed over by mbarriers; no CTA-wide barrier runs in the loop.
+On an H200 at d = 128 it runs at 1.04-1.20x the portable two-pass backward (routed there by default); at
+d = 64 the portable backward is faster (opt in with ``IOATTN_GLUON_BWD=1``). benchmarks/NOTES.md, "Gluon
+backward v2", has the measurements and the variants that lost.
 Varlen, causal and sliding windows (bottom-right), softcap, ALiBi and GQA are compile-time flags; rows of
 a tile past a sequence read the next one's rows (or TMA's zero fill): their lse is +inf, so P = dS = 0;
 such key rows of dK, dV are never written, and such query rows add exact zeros to dQ.
@@ -26,6 +27,7 @@ such key rows of dK, dV are never written, and such query rows add exact zeros t
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -94,6 +96,169 @@ def _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh, BLOCK_M: 
 
 
 @gluon.jit
+def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, qdo_full, qdo_empty,
+               kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh, stride_vh, stride_qh, stride_doh):
+    """The load warp: K and V of the key block once, then Q and dO of every step into the ring, a stage
+    refilled as soon as both consumers have released it."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    NUM_STAGES: gl.constexpr = q_smem.type.shape[0]
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [kv_row, hk * stride_kh], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [kv_row, hk * stride_vh], kv_bar, v_smem)
+    for t in range(n_steps):
+        stage = t % NUM_STAGES
+        # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
+        mbarrier.wait(qdo_empty.index(stage), ((t // NUM_STAGES) & 1) ^ 1)
+        _, _, row, q_col, do_col = _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh, BLOCK_M)
+        _issue_qdo_load(q_desc, do_desc, q_smem, do_smem, qdo_full, stage, row, q_col, do_col, True)
+
+
+@gluon.jit
+def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, b, hk, q_start, lo, n_m, n_steps, nheads, group, dq_rows,
+                  IS_VARLEN: gl.constexpr):
+    """The dQ warp: once both consumers have put their half of a step's dQ share in shared memory, adds it
+    into the fp32 buffer with bulk tensor reduce-adds, waits for them to read the tile and frees it."""
+    BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
+    HALF_D: gl.constexpr = dq_smem.type.shape[2]
+    DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] // 2
+    for t in range(n_steps):
+        buf = t % DQ_STAGES
+        mbarrier.wait(dq_full.index(buf), (t // DQ_STAGES) & 1)
+        h = hk * group + t // n_m
+        start_m = lo + (t % n_m) * BLOCK_M
+        z = h if IS_VARLEN else b * nheads + h
+        row = z * dq_rows + q_start + start_m
+        _tma_reduce_add(dq_desc, [row, 0], dq_smem.index(2 * buf))
+        _tma_reduce_add(dq_desc, [row, HALF_D], dq_smem.index(2 * buf + 1))
+        tma.store_wait(0)
+        mbarrier.arrive(dq_free.index(buf))
+
+
+@gluon.jit
+def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem,
+             dq_smem, qdo_full, qdo_empty, ds_ready, ds_free, dq_full, dq_free, Lse, Delta, alibi_slopes,
+             stride_lb, stride_lh, stride_ab, b, q_start, seqlen_q, seqlen_k, cols, softmax_scale, qk_scale,
+             softcap2, window_left, window_right, WG: gl.constexpr, SOFTCAP: gl.constexpr,
+             HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """Step t (query block start_m of head h) of one consumer warpgroup: its five products. ``masked``: the
+    block crosses the band's edges or the sequence's end. (Two copies of the step, masked and not, spilled
+    more at 240 registers than this branch around the masking alone; so did issuing the next step's S^T
+    before waiting for this step's last products: benchmarks/NOTES.md, "Gluon backward v2".)"""
+    NUM_STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HALF_N: gl.constexpr = k_mine.type.shape[0]
+    DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] // 2
+    dtype: gl.constexpr = q_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    stage = t % NUM_STAGES
+    rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(0, st_layout))
+    lse2, delta, alibi_slope2 = _step_stats(Lse, Delta, alibi_slopes, b, h, q_start, rows, seqlen_q,
+                                            stride_lb, stride_lh, stride_ab, HAS_ALIBI)
+    mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
+    st, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
+    qkt = warpgroup_mma_wait(1, deps=(st,))
+    st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP)
+    if masked:
+        st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, alibi_slope2, window_left,
+                             window_right, HAS_ALIBI, True, HAS_LEFT, HAS_RIGHT)
+    elif HAS_ALIBI:
+        st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, alibi_slope2, window_left,
+                             window_right, HAS_ALIBI, False, HAS_LEFT, HAS_RIGHT)
+    pt = gl.exp2(st - lse2[None, :])
+    dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
+    dpt = warpgroup_mma_wait(1, deps=(dpt,))
+    dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - tt * tt)  # d(softcap * tanh(x)) / dx, the softmax scale applied last
+    dst16 = dst.to(dtype)
+    dk = warpgroup_mma(gl.convert_layout(dst16, op_layout), q_smem.index(stage), dk, is_async=True)
+
+    # dS^T of this step into its buffer (free once both consumers' dQ products of step t - 2 are done),
+    # then wait for the other consumer's half.
+    buf = t % 2
+    mbarrier.wait(ds_free.index(buf), ((t // 2) & 1) ^ 1)
+    ds_smem.index(buf).slice(WG * HALF_N, HALF_N).store(dst16)
+    fence_async_shared()
+    mbarrier.arrive(ds_ready.index(buf))  # lowered after a barrier of this warpgroup: every part is written
+    mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)
+    dq = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_dq, dq_zero, use_acc=False, is_async=True)
+    dq, dk, dv = warpgroup_mma_wait(0, deps=(dq, dk, dv))
+    # Every product of this step has read its Q, dO and dS^T.
+    mbarrier.arrive(qdo_empty.index(stage))
+    mbarrier.arrive(ds_free.index(buf))
+
+    qbuf = t % DQ_STAGES
+    mbarrier.wait(dq_free.index(qbuf), ((t // DQ_STAGES) & 1) ^ 1)
+    dq_smem.index(2 * qbuf + WG).store(dq * softmax_scale)
+    fence_async_shared()
+    mbarrier.arrive(dq_full.index(qbuf))
+    return dk, dv
+
+
+@gluon.jit
+def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_full, qdo_empty, ds_ready,
+                 ds_free, dq_full, dq_free, Lse, Delta, DK, DV, alibi_slopes,
+                 stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+                 stride_ab, b, hk, q_start, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m,
+                 n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right,
+                 WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """One consumer warpgroup: keys [WG * 64, WG * 64 + 64) of the block, dK and dV of them in registers,
+    and columns [WG * d / 2, (WG + 1) * d / 2) of each step's dQ share (which needs both halves of dS^T:
+    the consumers meet on an mbarrier once per step, and on nothing else). Per head of the GQA group the
+    query blocks run in the loader's order."""
+    NUM_WARPS: gl.constexpr = 4
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    HALF_N: gl.constexpr = k_smem.type.shape[0] // 2
+    HALF_D: gl.constexpr = HEAD_DIM // 2
+    dtype: gl.constexpr = q_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+
+    k_mine = k_smem.slice(WG * HALF_N, HALF_N)
+    v_mine = v_smem.slice(WG * HALF_N, HALF_N)
+    k_dq = k_smem.slice(WG * HALF_D, HALF_D, dim=1)
+    dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, kv_layout)
+    cols = start_n + WG * HALF_N + gl.arange(0, HALF_N, gl.SliceLayout(1, st_layout))
+    st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, st_layout)
+    dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32,
+                       gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                 instr_shape=[16, HALF_D, 16]))
+    common = (k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem, dq_smem, qdo_full, qdo_empty, ds_ready, ds_free,
+              dq_full, dq_free, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab, b, q_start, seqlen_q,
+              seqlen_k, cols, softmax_scale, qk_scale, softcap2, window_left, window_right)
+
+    mbarrier.wait(kv_bar, 0)
+    for t in range(n_steps):
+        h = hk * group + t // n_m
+        start_m = lo + (t % n_m) * BLOCK_M
+        masked = (start_m < full_lo) | (start_m >= full_hi)
+        dk, dv = _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP, HAS_ALIBI,
+                          HAS_LEFT, HAS_RIGHT)
+
+    # Coalesced 16-byte stores of this warpgroup's dK, dV rows; key rows past the sequence are never written.
+    TPW_D: gl.constexpr = HEAD_DIM // 8
+    st_out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // TPW_D, TPW_D],
+                                            warps_per_cta=[NUM_WARPS, 1], order=[1, 0])
+    out_n = start_n + WG * HALF_N + gl.arange(0, HALF_N, gl.SliceLayout(1, st_out))
+    out_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, st_out))
+    row_ok = (out_n < seqlen_k)[:, None]
+    n0 = (kv_row - start_n if IS_VARLEN else 0) + out_n  # varlen: a row of the packed (total_k, ...) tensor
+    b64 = b.to(gl.int64)
+    hk64 = hk.to(gl.int64)
+    dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + n0.to(gl.int64)[:, None] * stride_dks + out_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + n0.to(gl.int64)[:, None] * stride_dvs + out_d[None, :]
+    gl.store(dk_ptrs, gl.convert_layout((dk * softmax_scale).to(dtype), st_out), mask=row_ok)
+    gl.store(dv_ptrs, gl.convert_layout(dv.to(dtype), st_out), mask=row_ok)
+
+
+@gluon.jit
 def attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ab,
@@ -101,24 +266,16 @@ def attn_bwd_gluon_kernel(
     nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, dq_rows,
     softmax_scale, qk_scale, softcap2, window_left, window_right,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr,
+    DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
+    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 (z * dq_rows,
-    HEAD_DIM) buffer (z = b * nheads + h dense, h varlen). Scores in log2 units: ``qk_scale`` and ``softcap2`` as the
-    portable kernels take them (``Problem.log2_units``)."""
+    HEAD_DIM) buffer (z = b * nheads + h dense, h varlen). Two consumer warpgroups (the default partition
+    and a 4-warp worker, 240 registers each) hold dK, dV of 64 keys each; one load warp fills the Q/dO
+    ring; one dQ warp issues the bulk reduce-adds of dQ's shares. The consumers never issue TMA or wait for
+    a reduce, and meet each other once per step (dS^T's halves). Scores in log2 units: ``qk_scale`` and
+    ``softcap2`` as the portable kernels take them (``Problem.log2_units``)."""
     dtype: gl.constexpr = q_desc.dtype
-    # Keys x queries and keys x head dim: the warps split the keys (16 rows each). dQ (queries x head
-    # dim) has 64 rows: each warpgroup takes half of the head dim.
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, HEAD_DIM, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                        instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    ds_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
-
     start_n = gl.program_id(0) * BLOCK_N
     bhk = gl.program_id(1)
     b = bhk // nheads_k
@@ -133,7 +290,6 @@ def attn_bwd_gluon_kernel(
     else:
         q_row0 = b * seqlen_q
         kv_row = b * seqlen_k + start_n
-    diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     n_m = gl.cdiv(hi - lo, BLOCK_M)
@@ -143,107 +299,76 @@ def attn_bwd_gluon_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_smem_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_desc.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_STAGES, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_free = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(bars.index(i), count=1)
+        mbarrier.init(qdo_full.index(i), count=1)
+        mbarrier.init(qdo_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)
+        mbarrier.init(ds_free.index(i), count=2)
+    for i in gl.static_range(DQ_STAGES):
+        mbarrier.init(dq_full.index(i), count=2)
+        mbarrier.init(dq_free.index(i), count=1)
     fence_async_shared()
 
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [kv_row, hk * stride_kh], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [kv_row, hk * stride_vh], kv_bar, v_smem)
-    for i in gl.static_range(NUM_STAGES):
-        _, _, row, q_col, do_col = _step_origin(i, n_m, lo, q_row0, hk, group, stride_qh, stride_doh, BLOCK_M)
-        _issue_qdo_load(q_desc, do_desc, q_smem, do_smem, bars, i, row, q_col, do_col, i < n_steps)
-
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
-    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
-    cols = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout))
-    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(0, st_layout))
-
-    mbarrier.wait(kv_bar, 0)
-    for t in range(n_steps):
-        stage = t % NUM_STAGES
-        h, start_m, _, _, _ = _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh, BLOCK_M)
-        rows = start_m + offs_m
-        lse2, delta, alibi_slope2 = _step_stats(Lse, Delta, alibi_slopes, b, h, q_start, rows, seqlen_q,
-                                                stride_lb, stride_lh, stride_ab, HAS_ALIBI)
-        mbarrier.wait(bars.index(stage), (t // NUM_STAGES) & 1)
-        st, dpt = _issue_scores(k_smem, v_smem, q_smem, do_smem, stage, st_zero)
-        qkt = warpgroup_mma_wait(1, deps=(st,))
-        st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP)
-        if (start_m < full_lo) | (start_m >= full_hi):
-            st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
-                                 HAS_ALIBI, True, HAS_LEFT, HAS_RIGHT)
-        elif HAS_ALIBI:
-            st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
-                                 HAS_ALIBI, False, HAS_LEFT, HAS_RIGHT)
-        pt = gl.exp2(st - lse2[None, :])
-        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
-        dpt = warpgroup_mma_wait(1, deps=(dpt,))
-        dst = pt * (dpt - delta[None, :])
-        if SOFTCAP:
-            dst = dst * (1.0 - tt * tt)  # d(softcap * tanh(x)) / dx, the softmax scale applied last
-        dst16 = dst.to(dtype)
-        dk = warpgroup_mma(gl.convert_layout(dst16, op_layout), q_smem.index(stage), dk, is_async=True)
-        ds_smem.store(dst16)
-        fence_async_shared()
-        gl.thread_barrier()  # both warpgroups' halves of dS^T are in place before either reads all of it
-        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_zero, use_acc=False, is_async=True)
-        dq, dk, dv = warpgroup_mma_wait(0, deps=(dq, dk, dv))
-        # Every product of this step has read its Q, dO and dS^T: the stage and dS^T may be overwritten.
-        gl.thread_barrier()
-        nxt = t + NUM_STAGES
-        _, _, row, q_col, do_col = _step_origin(nxt, n_m, lo, q_row0, hk, group, stride_qh, stride_doh,
-                                                BLOCK_M)
-        _issue_qdo_load(q_desc, do_desc, q_smem, do_smem, bars, stage, row, q_col, do_col, nxt < n_steps)
-
-        # The previous step's reduce has read dq_smem long since; rows past the sequence add exact zeros
-        # (P = dS = 0) to the next rows, or fall outside the buffer (dropped by the copy engine).
-        tma.store_wait(0)
-        dq_smem.store(dq * softmax_scale)
-        fence_async_shared()
-        gl.thread_barrier()
-        z = h if IS_VARLEN else b * nheads + h
-        _tma_reduce_add(dq_desc, [z * dq_rows + q_start + start_m, 0], dq_smem)
-
-    tma.store_wait(0)
-    mbarrier.invalidate(kv_bar)
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.invalidate(bars.index(i))
-
-    # Coalesced 16-byte stores of dK, dV; key rows past the sequence are never written.
-    TPW_D: gl.constexpr = HEAD_DIM // 8
-    st_out: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // TPW_D, TPW_D],
-                                            warps_per_cta=[num_warps, 1], order=[1, 0])
-    out_n = gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_out))
-    out_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, st_out))
-    row_ok = (start_n + out_n < seqlen_k)[:, None]
-    n0 = (kv_row if IS_VARLEN else start_n) + out_n  # varlen: a row of the packed (total_k, ...) tensor
-    b64 = b.to(gl.int64)
-    hk64 = hk.to(gl.int64)
-    dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + n0.to(gl.int64)[:, None] * stride_dks + out_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + n0.to(gl.int64)[:, None] * stride_dvs + out_d[None, :]
-    gl.store(dk_ptrs, gl.convert_layout((dk * softmax_scale).to(dtype), st_out), mask=row_ok)
-    gl.store(dv_ptrs, gl.convert_layout(dv.to(dtype), st_out), mask=row_ok)
+    gl.warp_specialize([
+        (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_full, qdo_empty,
+                        ds_ready, ds_free, dq_full, dq_free, Lse, Delta, DK, DV, alibi_slopes, stride_dkb,
+                        stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+                        stride_ab, b, hk, q_start, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi,
+                        n_m, n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right,
+                        0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
+        (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_full, qdo_empty,
+                        ds_ready, ds_free, dq_full, dq_free, Lse, Delta, DK, DV, alibi_slopes, stride_dkb,
+                        stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+                        stride_ab, b, hk, q_start, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi,
+                        n_m, n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right,
+                        1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
+        (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, qdo_full,
+                      qdo_empty, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh, stride_vh, stride_qh,
+                      stride_doh)),
+        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, b, hk, q_start, lo, n_m, n_steps, nheads, group,
+                         dq_rows, IS_VARLEN)),
+    ], [4, 1, 1], [240, 24, 24])
 
 
-# (BLOCK_M, BLOCK_N, NUM_STAGES, num_warps) by head dim: 128 keys over two warpgroups, 64 queries a step.
-_CONFIGS = {64: (64, 128, 2, 8), 128: (64, 128, 2, 8)}
+class BwdConfig(NamedTuple):
+    """Tiles of ``attn_bwd_gluon_kernel``: ``block_n`` keys per program over its two consumer warpgroups,
+    ``block_m`` queries a step through a ring of ``stages`` Q/dO tiles, ``dq_stages`` fp32 dQ tiles in
+    shared memory for the dQ warp."""
+
+    block_m: int
+    block_n: int
+    stages: int
+    dq_stages: int = 1
+
+
+# By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
+_CONFIGS = {64: BwdConfig(64, 128, 2, 2), 128: BwdConfig(64, 128, 2, 1)}
+# Head dims routed here by default.
+_ROUTED_HEAD_DIMS = (128,)
 
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
                              cu_seqlens_q: torch.Tensor | None = None) -> bool:
-    """Whether ``gluon_backward`` computes this backward: opted in with ``IOATTN_GLUON_BWD=1`` (on an H200
-    it runs at 0.8-0.9x the portable backward: benchmarks/NOTES.md, "Gluon backward v1"), and what the
-    Gluon forward takes (dense or varlen, windows, softcap, ALiBi, GQA; not dropout), with a
-    TMA-describable dO. ``IOATTN_GLUON=0`` turns every Gluon kernel off."""
-    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or os.environ.get("IOATTN_GLUON_BWD", "0").strip() != "1":
+    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS`` (where it
+    measured faster than the portable backward on an H200), every head dim of ``_CONFIGS`` with
+    ``IOATTN_GLUON_BWD=1``, none with ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon
+    forward takes (dense or varlen, windows, softcap, ALiBi, GQA; not dropout), with a TMA-describable dO."""
+    choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
+    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or choice == "0":
+        return False
+    if q.shape[-1] not in (_CONFIGS if choice == "1" else _ROUTED_HEAD_DIMS):
         return False
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
@@ -260,24 +385,26 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     return all(_tma_describable(t) for t in (q, k, v, dout))
 
 
-def dq_descriptor(dq_acc: torch.Tensor, block_m: int) -> TensorDescriptor:
-    """The fp32 (z, rows, d) dQ buffer as (z * rows, d) rows for the bulk reduce-add of (block_m, d) tiles."""
+def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int | None = None) -> TensorDescriptor:
+    """The fp32 (z, rows, d) dQ buffer as (z * rows, d) rows for the bulk reduce-add of (block_m, block_d)
+    tiles (block_d: d by default)."""
     z, rows, d = dq_acc.shape
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor(dq_acc, [z * rows, d], [d, 1], [block_m, d], layout)
+    return TensorDescriptor(dq_acc, [z * rows, d], [d, 1], [block_m, block_d or d], layout)
 
 
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
                    softcap2: float, window_size: tuple[int, int], dq_rows: int,
-                   config: tuple[int, int, int, int] | None = None) -> None:
+                   config: BwdConfig | None = None) -> None:
     """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (contiguous fp32 (z, dq_rows, d),
     zeroed).
     ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``."""
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
     nheads_k = k.shape[-2]
-    block_m, block_n, stages, warps = config or _CONFIGS[d]
+    cfg = config or _CONFIGS[d]
+    block_m, block_n = cfg.block_m, cfg.block_n
     grid = (triton.cdiv(max_seqlen_k, block_n), batch * nheads_k)
     if grid[0] * grid[1] == 0:
         return
@@ -296,13 +423,13 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     left, right = window_size
     attn_bwd_gluon_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
-        dq_descriptor(dq_acc, block_m), lse, delta, dk, dv,
+        dq_descriptor(dq_acc, block_m, d // 2), lse, delta, dk, dv,
         cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes,
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
         nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, dq_rows,
         softmax_scale, qk_scale, softcap2, left, right,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages, IS_VARLEN=varlen,
-        SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-        num_warps=warps,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
+        IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
+        HAS_RIGHT=right >= 0, num_warps=4,
     )

@@ -70,6 +70,10 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
 # (head dim ceiling, causal) where the single pass is faster on an H200 (benchmarks/NOTES.md, Backward v4):
 # d=128 causal (+5% at 16k, even at 2k-4k); at d=64 and d=128 non-causal it lost 4-11%.
 _SINGLE_PASS = {(128, True)}
+# Softcap's tanh in the backward: tanh.approx (the kernels take it for 16-bit inputs only) except in the
+# non-causal dQ kernel at head dims up to 64, whose (128, 64, 8, 2) build ptxas (CUDA 12.8, bundled with
+# Triton 3.6) schedules with a cp.async address hazard when tanh.approx is in it: it faulted at d = 48 on an
+# H200 (benchmarks/NOTES.md, "Backward fast tanh"; scripts/compile_bwd.py --dq screens builds for it).
 _INTERP_CONFIG = AttnConfig(32, 32, 1, 1)  # fewer, larger tiles: interpreter cost is per op
 _OVERRIDES: dict[tuple[str, int, bool], AttnConfig] = {}
 
@@ -304,7 +308,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                 *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
                 prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **flags,
+                FAST_TANH=bd > 64 or prob.causal, **flags,
             )
     cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
@@ -321,7 +325,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             prob.nheads, prob.nheads_k, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
             dq_rows, *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            FUSED_DQ=fused, DQ_TMA=tma, **flags,
+            FUSED_DQ=fused, DQ_TMA=tma, FAST_TANH=True, **flags,
         )
     if fused:
         _fused_dq_out(dq_acc, dq, prob)
