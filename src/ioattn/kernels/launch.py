@@ -262,8 +262,9 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     share into an fp32 buffer (one TMA reduce-add per tile on sm_90, fp32 atomics elsewhere), five
     products per tile instead of seven; the order of those additions varies from run to run, so dQ may
     differ in its last bits. Otherwise, and always with ``deterministic=True``, a separate dQ pass runs:
-    no atomics, bitwise reproducible. On sm_90 with ``IOATTN_GLUON_BWD=1`` the non-deterministic backward
-    takes the Gluon single pass instead (``attn_bwd_gluon.py``; opt-in while it is slower).
+    no atomics, bitwise reproducible. On sm_90 the non-deterministic backward takes the Gluon
+    warp-specialised single pass where it measured faster (d = 128; ``attn_bwd_gluon.py``, its
+    ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD`` changes that).
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
