@@ -10,11 +10,12 @@
   instead of 7) measured slower here on an H200 (benchmarks/NOTES.md, FA2 tuning v2).
 P is recomputed from Q, K and the saved lse: ``P = exp2(S * log2(e) - lse * log2(e))``.
 
-Softcap: both kernels recompute ``tanh`` of the scores, with the precise formula by default. ``FAST_TANH=True``
-(16-bit inputs only; ignored for fp32) takes the forward's ``tanh.approx.f32``; it stays off because the ptxas
-bundled with Triton 3.6 (CUDA 12.8) scheduled the dQ kernel's (128, 64, 8, 2) row at d = 48 with a cp.async whose
-address register is rewritten before the read barrier guarding it is waited on (an illegal address on an H200).
-``scripts/compile_bwd.py --dq`` screens rows offline for that (benchmarks/NOTES.md, Backward fast tanh).
+Softcap: both kernels recompute ``tanh`` of the scores. ``FAST_TANH=True`` (16-bit inputs only; ignored for
+fp32) takes the forward's ``tanh.approx.f32``; the launcher passes it everywhere but in the non-causal dQ
+kernel at head dims up to 64, because the ptxas bundled with Triton 3.6 (CUDA 12.8) scheduled that kernel's
+(128, 64, 8, 2) row at d = 48 with a cp.async whose address register is rewritten before the read barrier
+guarding it is waited on (an illegal address on an H200). ``scripts/compile_bwd.py --dq`` screens rows
+offline for that (benchmarks/NOTES.md, Backward fast tanh).
 """
 
 import triton
