@@ -45,26 +45,17 @@ I32_PTR_ARGS = {"cu_seqlens_q", "cu_seqlens_k"}
 FLOAT_ARGS = {"softmax_scale", "qk_scale", "softcap2", "dropout_p"}
 
 
-def compile_variant(d: int, causal: bool, cfg: AttnConfig, fused: bool, dtype=torch.bfloat16):
-    ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    consts = {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-              "IS_VARLEN": False, "SOFTCAP": False, "HAS_ALIBI": False, "HAS_LEFT": False,
-              "HAS_RIGHT": causal, "DROPOUT": False, "DOT_PRECISION": "tf32", "FUSED_DQ": fused,
-              "DQ_TMA": fused}
-    sig, attrs = {}, {}
-    for i, name in enumerate(attn_bwd_dkdv_kernel.arg_names):
+def _portable_signature(kernel, consts: dict, elem_ty: str, sig: dict | None = None):
+    """(signature, attributes) of a portable backward kernel as the JIT specialises a dense call whose
+    pointers and strides are multiples of 16; entries already in ``sig`` stay as given."""
+    sig, attrs = dict(sig or {}), {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in sig:
+            continue
         if name in consts:
             sig[name] = "constexpr"
-        elif name == "dq_desc":
-            if fused:
-                acc = torch.empty(4, 64, d)
-                sig[name] = mangle_type(TensorDescriptor(acc, list(acc.shape), list(acc.stride()),
-                                                         [1, cfg.block_m, d]))
-            else:
-                sig[name] = "constexpr"
-                consts[name] = None
-        elif name in PTR_ARGS:
-            sig[name] = ty
+        elif name in PTR_ARGS or name == "DQ":
+            sig[name] = elem_ty
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in F32_PTR_ARGS:
             sig[name] = "*fp32"
@@ -79,43 +70,40 @@ def compile_variant(d: int, causal: bool, cfg: AttnConfig, fused: bool, dtype=to
             sig[name] = "i32"
             if name.startswith("stride") and not name.endswith("_ab"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(attn_bwd_dkdv_kernel, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    return sig, attrs
+
+
+def _compile_portable(kernel, consts: dict, dtype, cfg: AttnConfig, sig: dict | None = None):
+    ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    sig, attrs = _portable_signature(kernel, consts, ty, sig)
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def compile_variant(d: int, causal: bool, cfg: AttnConfig, fused: bool, dtype=torch.bfloat16):
+    consts = {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+              "IS_VARLEN": False, "SOFTCAP": False, "HAS_ALIBI": False, "HAS_LEFT": False,
+              "HAS_RIGHT": causal, "DROPOUT": False, "DOT_PRECISION": "tf32", "FUSED_DQ": fused,
+              "DQ_TMA": fused}
+    if fused:
+        acc = torch.empty(4, 64, d)
+        sig = {"dq_desc": mangle_type(TensorDescriptor(acc, list(acc.shape), list(acc.stride()),
+                                                       [1, cfg.block_m, d]))}
+    else:
+        sig = {"dq_desc": "constexpr"}
+        consts["dq_desc"] = None
+    return _compile_portable(attn_bwd_dkdv_kernel, consts, dtype, cfg, sig)
 
 
 def compile_dq_variant(d: int, causal: bool, cfg: AttnConfig, softcap: bool = True, fast_tanh: bool = True,
                        dtype=torch.bfloat16, **flags: bool):
     """The two-pass dQ kernel as the JIT specialises a dense call whose strides are multiples of 16 (flags:
     HAS_LEFT, HAS_ALIBI, DROPOUT, IS_VARLEN)."""
-    ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     consts = {"HEAD_DIM": d, "BLOCK_D": max(16, triton.next_power_of_2(d)), "BLOCK_M": cfg.block_m,
               "BLOCK_N": cfg.block_n, "IS_VARLEN": False, "SOFTCAP": softcap, "HAS_ALIBI": False,
               "HAS_LEFT": False, "HAS_RIGHT": causal, "DROPOUT": False, "DOT_PRECISION": "tf32",
               "FAST_TANH": fast_tanh, **flags}
-    sig, attrs = {}, {}
-    for i, name in enumerate(attn_bwd_dq_kernel.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in PTR_ARGS or name == "DQ":
-            sig[name] = ty
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in F32_PTR_ARGS:
-            sig[name] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in I32_PTR_ARGS:
-            sig[name] = "*i32"
-        elif name in FLOAT_ARGS:
-            sig[name] = "fp32"
-        elif name == "seed":
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride") and not name.endswith("_ab"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(attn_bwd_dq_kernel, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return _compile_portable(attn_bwd_dq_kernel, consts, dtype, cfg)
 
 
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*/\* (0x[0-9a-f]{16}) \*/")
