@@ -67,6 +67,17 @@ def check_against_ref(q, k, v, *, dropout_p=0.0, dropout_mask=None, seed=None, g
     return out.detach(), lse, grads
 
 
+def with_alibi_slopes(opts: dict, batch: int, nheads: int) -> dict:
+    """A copy of ``opts`` whose ``alibi`` entry ("heads" or "batch_heads"), if any, is replaced by random
+    ``alibi_slopes`` of shape (nheads,) or (batch, nheads) on the test device."""
+    opts = dict(opts)
+    alibi = opts.pop("alibi", None)
+    if alibi is not None:
+        shape = (nheads,) if alibi == "heads" else (batch, nheads)
+        opts["alibi_slopes"] = torch.rand(shape, device=DEVICE) * 0.5 + 0.05
+    return opts
+
+
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim): odd sizes, seqlen 1, MHA / GQA / MQA.
 SHAPES = [
     (2, 17, 17, 2, 2, 64),
@@ -125,12 +136,7 @@ def test_score_mods(opts, dtype):
     torch.manual_seed(1)
     batch, nheads = 2, 2
     q, k, v = _qkv(batch, 29 * S, 35 * S, nheads, 1, 48, dtype)
-    opts = dict(opts)
-    alibi = opts.pop("alibi", None)
-    if alibi is not None:
-        shape = (nheads,) if alibi == "heads" else (batch, nheads)
-        opts["alibi_slopes"] = torch.rand(shape, device=DEVICE) * 0.5 + 0.05
-    check_against_ref(q, k, v, **opts)
+    check_against_ref(q, k, v, **with_alibi_slopes(opts, batch, nheads))
 
 
 # Softcap's backward on every dQ config row (d <= 64 and <= 128, non-causal and causal), two-pass and default

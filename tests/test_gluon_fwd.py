@@ -19,6 +19,8 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip(f"the Gluon forward needs sm_90, got {torch.cuda.get_device_capability()}",
                 allow_module_level=True)
 
+from test_flash_attn import with_alibi_slopes  # noqa: E402
+
 from ioattn.kernels.attn_fwd_gluon import (  # noqa: E402
     _ROUTED_HEAD_DIMS,
     FwdConfig,
@@ -149,12 +151,7 @@ def test_score_mods(seqlens, opts, dtype):
     torch.manual_seed(seqlens[0])
     batch, nheads = 2, 4
     q, k, v = _qkv(batch, *seqlens, nheads, 2, 128, dtype)
-    opts = dict(opts)
-    alibi = opts.pop("alibi", None)
-    if alibi is not None:
-        shape = (nheads,) if alibi == "heads" else (batch, nheads)
-        opts["alibi_slopes"] = torch.rand(shape, device="cuda") * 0.5 + 0.05
-    _check(q, k, v, **opts)
+    _check(q, k, v, **with_alibi_slopes(opts, batch, nheads))
 
 
 @pytest.mark.parametrize("opts", [
@@ -167,12 +164,7 @@ def test_features_d64(seqlens, opts):
     torch.manual_seed(seqlens[1])
     batch, nheads = 2, 4
     q, k, v = _qkv(batch, *seqlens, nheads, 1, 64, torch.bfloat16)
-    opts = dict(opts)
-    alibi = opts.pop("alibi", None)
-    if alibi is not None:
-        shape = (nheads,) if alibi == "heads" else (batch, nheads)
-        opts["alibi_slopes"] = torch.rand(shape, device="cuda") * 0.5 + 0.05
-    _check(q, k, v, **opts)
+    _check(q, k, v, **with_alibi_slopes(opts, batch, nheads))
 
 
 @pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (40, 3), "softcap": 6.0, "alibi": True}],
