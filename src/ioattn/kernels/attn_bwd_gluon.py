@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from ..backend import interpreting
 from .attn_bwd import _row_stats
 from .attn_fwd_gluon import _GL_DTYPES, TensorDescriptor, _descriptor, _tma_describable
-from .common import apply_softcap, bias_and_mask_t, q_block_range, seq_bounds
+from .common import apply_softcap, bias_and_mask_t, launch_order, order_section, q_block_range, seq_bounds
 
 
 @gluon.jit
@@ -258,13 +258,13 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_
     gl.store(dv_ptrs, gl.convert_layout(dv.to(dtype), st_out), mask=row_ok)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["section"])
 def attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ab,
     stride_kh, stride_vh, stride_qh, stride_doh,
     nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, dq_rows,
-    softmax_scale, qk_scale, softcap2, window_left, window_right,
+    softmax_scale, qk_scale, softcap2, window_left, window_right, section,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr,
@@ -276,8 +276,12 @@ def attn_bwd_gluon_kernel(
     a reduce, and meet each other once per step (dS^T's halves). Scores in log2 units: ``qk_scale`` and
     ``softcap2`` as the portable kernels take them (``Problem.log2_units``)."""
     dtype: gl.constexpr = q_desc.dtype
-    start_n = gl.program_id(0) * BLOCK_N
+    pid_n = gl.program_id(0)
     bhk = gl.program_id(1)
+    if HAS_RIGHT:
+        # Causal: the first key blocks receive the most queries; launch them first (longest work first).
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, False)
+    start_n = pid_n * BLOCK_N
     b = bhk // nheads_k
     hk = bhk % nheads_k
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
@@ -421,6 +425,9 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         slopes = alibi_slopes.contiguous()
         stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
     left, right = window_size
+    # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
+    group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
+    section = order_section(grid[1], group_bytes)
     attn_bwd_gluon_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
         dq_descriptor(dq_acc, block_m, d // 2), lse, delta, dk, dv,
@@ -428,7 +435,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
         nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, dq_rows,
-        softmax_scale, qk_scale, softcap2, left, right,
+        softmax_scale, qk_scale, softcap2, left, right, section,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0, num_warps=4,

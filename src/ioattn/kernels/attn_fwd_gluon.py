@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..backend import interpreting
-from .common import allowed, kv_block_range, seq_bounds, tanh
+from .common import allowed, kv_block_range, launch_order, order_section, seq_bounds, tanh
 
 LOG2E = 1.4426950408889634
 
@@ -268,18 +268,12 @@ def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_
     (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks): q_row0 /
     kv_row0 are the sequence's first rows in the 2D views."""
     if DYNAMIC:
-        per_section = section * num_m
-        sec = t // per_section
-        u = t - sec * per_section
-        width = gl.minimum(section, num_bh - sec * section)
-        blk = u // width
-        bh = sec * section + (u - blk * width)
-        pid_m = blk
+        pid_m, bh = launch_order(t % num_m, t // num_m, num_m, num_bh, section, HAS_RIGHT)
     else:
         pid_m = t % num_m
         bh = t // num_m
-    if HAS_RIGHT:
-        pid_m = num_m - 1 - pid_m
+        if HAS_RIGHT:
+            pid_m = num_m - 1 - pid_m
     b = bh // nheads
     h = bh % nheads
     start_m = pid_m * TILE_M
@@ -762,8 +756,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# K/V bytes a section of the dynamic schedule may hold in L2 (FA3's choice: 32 MB of the H100's / H200's 50).
-_L2_KV_BYTES = 32 << 20
 _TILE_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
@@ -849,10 +841,9 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     if not (dynamic or o_tma):
         attn_fwd_gluon_ws_kernel[grid](*args, num_tiles, **flags)
         return out, lse
-    # Sections of heads whose K and V (bf16 / fp16) take at most _L2_KV_BYTES: a power of two of K/V heads,
-    # times the query heads sharing each.
-    kv_head_bytes = max(1, max_seqlen_k * d * 2 * q.element_size())
-    section = (1 << max(0, (_L2_KV_BYTES // kv_head_bytes).bit_length() - 1)) * (nheads // nheads_k)
+    # Sections of the dynamic schedule: KV heads whose K and V fit in L2 (common.py's L2_SECTION_BYTES), times
+    # the query heads sharing each.
+    section = order_section(batch * nheads_k, max_seqlen_k * d * 2 * q.element_size()) * (nheads // nheads_k)
     counter = _tile_counter(q.device) if dynamic else lse
     o_desc = _descriptor(out, cfg.block_m) if o_tma else args[0]
     attn_fwd_gluon_ws_sched_kernel[grid](*args[:3], o_desc, *args[3:8], counter, *args[8:], num_tiles, section,
