@@ -3,6 +3,9 @@ and SDPA's cuDNN and flash backends, in one process on the same inputs, in the F
 (bf16, batch x seqlen = 16k tokens, nheads = 2048 / d; backward FLOPs = 2.5 x the forward's).
 
     PYTHONPATH=src python scripts/bench_gluon_bwd.py [--headdims 64,128] [--seqlens 2048,...] [--json F]
+
+``--softcap X`` times ioattn with that softcap and the plain case beside it (``plain``; SDPA has no softcap, so
+the peers are skipped).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
     ap.add_argument("--json")
+    ap.add_argument("--softcap", type=float, default=0.0)
     ap.add_argument("--alt", default="",
                     help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages]|...;...': also time these configs")
     args = ap.parse_args()
@@ -61,9 +65,12 @@ def main() -> None:
                 q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
                            for _ in range(3))
                 qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
-                ours = functools.partial(ioattn.flash_attn_func, causal=causal)
+                ours = functools.partial(ioattn.flash_attn_func, causal=causal, softcap=args.softcap)
                 flops = 2.5 * 4 * s * s * d * h * b / (2 if causal else 1)
                 ms = {"gluon": _time_bwd(ours, q, k, v, "1"), "tl": _time_bwd(ours, q, k, v, "0")}
+                if args.softcap:
+                    plain = functools.partial(ioattn.flash_attn_func, causal=causal)
+                    ms["plain"] = _time_bwd(plain, q, k, v, "1")
                 shipped = attn_bwd_gluon._CONFIGS[d]
                 for i, cfg in enumerate(alt.get(d, [])):
                     attn_bwd_gluon._CONFIGS[d] = cfg
@@ -71,6 +78,8 @@ def main() -> None:
                 attn_bwd_gluon._CONFIGS[d] = shipped
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     try:
+                        if args.softcap:
+                            raise RuntimeError("no softcap in SDPA")
                         ms[name] = _time_bwd(functools.partial(_sdpa, backend=backend, causal=causal), qt, kt, vt)
                     except RuntimeError:
                         ms[name] = float("nan")
@@ -79,7 +88,7 @@ def main() -> None:
                 print(f"{d:>4} {causal!s:>6} {s:>6} | {tf['gluon']:6.0f} {tf['tl']:6.0f} {tf['cudnn']:6.0f} "
                       f"{tf['flash']:6.0f} | {tf['gluon'] / tf['tl']:5.2f} {tf['gluon'] / tf['cudnn']:7.2f} "
                       f"{tf['gluon'] / tf['flash']:7.2f} |" + "".join(f" {n} {x:4.0f}" for n, x in tf.items()
-                                                             if n.startswith("alt")),
+                                                             if n.startswith("alt") or n == "plain"),
                       flush=True)
                 del q, k, v, qt, kt, vt
     if args.json:

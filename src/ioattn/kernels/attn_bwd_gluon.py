@@ -159,7 +159,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
     st, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
     qkt = warpgroup_mma_wait(1, deps=(st,))
-    st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP)
+    st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
     if masked:
         st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, alibi_slope2, window_left,
                              window_right, HAS_ALIBI, True, HAS_LEFT, HAS_RIGHT)
@@ -364,15 +364,16 @@ _ROUTED_HEAD_DIMS = (128,)
 
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
-                             cu_seqlens_q: torch.Tensor | None = None) -> bool:
-    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS`` (where it
-    measured faster than the portable backward on an H200), every head dim of ``_CONFIGS`` with
-    ``IOATTN_GLUON_BWD=1``, none with ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon
-    forward takes (dense or varlen, windows, softcap, ALiBi, GQA; not dropout), with a TMA-describable dO."""
+                             cu_seqlens_q: torch.Tensor | None = None, softcap: float = 0.0) -> bool:
+    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS`` without softcap
+    (where it measured faster than the portable backward on an H200; with softcap the portable backward
+    ran 1.07-1.6x faster), every head dim of ``_CONFIGS`` and softcap too with ``IOATTN_GLUON_BWD=1``, none
+    with ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
+    windows, softcap, ALiBi, GQA; not dropout), with a TMA-describable dO."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or choice == "0":
         return False
-    if q.shape[-1] not in (_CONFIGS if choice == "1" else _ROUTED_HEAD_DIMS):
+    if choice != "1" and (q.shape[-1] not in _ROUTED_HEAD_DIMS or softcap > 0):
         return False
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False

@@ -285,7 +285,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
     fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal))
     gluon = not deterministic and gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p,
-                                                           alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q)
+                                                           alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+                                                           softcap=prob.softcap)
 
     cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
