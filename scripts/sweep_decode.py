@@ -4,10 +4,10 @@ process, medians of triton.testing.do_bench, TB/s of K + V read.
 Every variant runs on the same inputs as sdpa-cudnn, contiguous and paged (block 16), in ROUNDS interleaved
 rounds (each round times every variant once); the table shows the median over rounds and, against cuDNN,
 the median of the per-round ratios. Variants: ``now`` is the library's default path; the others change one
-knob of it (tiles, split count). With ``--baseline FILE`` holding a previous ``kernels/decode.py`` with
-today's signature (e.g. ``git show HEAD~1:src/ioattn/kernels/decode.py``), ``baseline`` times that kernel
-through today's launcher. Every variant's output is checked against cuDNN's before it is timed. Writes JSON
-to the first argument if given; prints a short table last.
+knob of it (split count; tile shapes with ``--tiles``). With ``--baseline FILE`` holding a previous
+``kernels/decode.py`` with today's signature (e.g. ``git show HEAD~1:src/ioattn/kernels/decode.py``),
+``baseline`` times that kernel through today's launcher. Every variant's output is checked against cuDNN's
+before it is timed. Writes JSON to the first argument if given; prints a short table last.
 """
 
 import argparse
@@ -29,11 +29,14 @@ TOKENS, NHEADS, NHEADS_K, D = 1 << 18, 32, 8, 128
 SEQLENS = (1024, 4096, 16384, 65536)
 ROUNDS = 5
 TILES = [(16, 32, 4, 4), (16, 64, 4, 2)]  # beside the default (16, 32, 4, 3): (BLOCK_M, BLOCK_N, warps, stages)
+SPLITS = {16384: (3, 4), 65536: (12, 16)}  # three and four programs per SM
 dev = torch.device("cuda")
 
 parser = argparse.ArgumentParser()
 parser.add_argument("json", nargs="?")
 parser.add_argument("--baseline", type=Path, default=None)
+parser.add_argument("--tiles", action="store_true", help=f"also time the tiles {TILES}")
+parser.add_argument("--rounds", type=int, default=ROUNDS)
 args = parser.parse_args()
 
 
@@ -70,12 +73,11 @@ def variants(n, layout):
     out = {"now": (splits, None, None)}
     if baseline_kernel is not None:
         out["baseline"] = (splits, None, baseline_kernel)
-    for tiles in TILES:
+    for tiles in TILES if args.tiles else ():
         out[f"tiles={tiles[1:]}"] = (splits, tiles, None)
-    if n >= 16384:  # three and four programs per SM
-        for alt in {16384: (3, 4), 65536: (12, 16)}[n]:
-            if alt != splits:
-                out[f"splits={alt}"] = (alt, None, None)
+    for alt in SPLITS.get(n, ()):
+        if alt != splits:
+            out[f"splits={alt}"] = (alt, None, None)
     return out
 
 
@@ -111,7 +113,7 @@ for n in SEQLENS:
                 raise AssertionError(f"{layout} n={n} {name}: max |diff| {err}")
             fns[(name, layout)] = fn
     times = {key: [] for key in fns}
-    for _ in range(ROUNDS):
+    for _ in range(args.rounds):
         for key, fn in fns.items():
             times[key].append(bench(fn))
     for (name, layout), ms in times.items():
@@ -119,7 +121,7 @@ for n in SEQLENS:
         row = {"seqlen": n, "layout": layout, "variant": name, "ms": ms,
                "tbps": kv_bytes / statistics.median(ms) * 1e-9, "vs_cudnn": statistics.median(ratios)}
         results["rows"].append(row)
-        print(f"n={n:5d} {layout:6s} {name:18s} {row['tbps']:.3f} TB/s  {row['vs_cudnn']:.3f} x cuDNN  "
+        print(f"n={n:5d} {layout:6s} {name:22s} {row['tbps']:.3f} TB/s  {row['vs_cudnn']:.3f} x cuDNN  "
               f"spread {(max(ms) - min(ms)) / statistics.median(ms):.1%}", flush=True)
     del q, k, v, caches, fns
     torch.cuda.empty_cache()
@@ -136,4 +138,4 @@ for layout, name in sorted(keys):
         row = next((r for r in results["rows"] if (r["layout"], r["variant"], r["seqlen"]) == (layout, name, n)),
                    None)
         cells.append(f"{row['tbps']:.2f} ({row['vs_cudnn']:.3f})" if row else "-")
-    print(f"  {layout:6s} {name:18s} " + "  ".join(cells))
+    print(f"  {layout:6s} {name:22s} " + "  ".join(cells))
