@@ -114,22 +114,20 @@ def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
 
 
 @gluon.jit
-def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, b, hk, q_start, lo, n_m, n_steps, nheads, group, dq_rows,
-                  IS_VARLEN: gl.constexpr):
+def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, hk, q_row0, lo, n_m, n_steps, group):
     """The dQ warp: once both consumers have put their half of a step's dQ share in shared memory, adds it
-    into the fp32 buffer with bulk tensor reduce-adds, waits for them to read the tile and frees it."""
+    into the fp32 buffer (the queries' layout, viewed as (rows, nheads * d)) with bulk tensor reduce-adds,
+    waits for them to read the tile and frees it."""
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
     DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] // 2
     for t in range(n_steps):
         buf = t % DQ_STAGES
         mbarrier.wait(dq_full.index(buf), (t // DQ_STAGES) & 1)
-        h = hk * group + t // n_m
-        start_m = lo + (t % n_m) * BLOCK_M
-        z = h if IS_VARLEN else b * nheads + h
-        row = z * dq_rows + q_start + start_m
-        _tma_reduce_add(dq_desc, [row, 0], dq_smem.index(2 * buf))
-        _tma_reduce_add(dq_desc, [row, HALF_D], dq_smem.index(2 * buf + 1))
+        col = (hk * group + t // n_m) * (2 * HALF_D)
+        row = q_row0 + lo + (t % n_m) * BLOCK_M
+        _tma_reduce_add(dq_desc, [row, col], dq_smem.index(2 * buf))
+        _tma_reduce_add(dq_desc, [row, col + HALF_D], dq_smem.index(2 * buf + 1))
         tma.store_wait(0)
         mbarrier.arrive(dq_free.index(buf))
 
@@ -263,18 +261,19 @@ def attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ab,
     stride_kh, stride_vh, stride_qh, stride_doh,
-    nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, dq_rows,
+    nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
     softmax_scale, qk_scale, softcap2, window_left, window_right, section,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 (z * dq_rows,
-    HEAD_DIM) buffer (z = b * nheads + h dense, h varlen). Two consumer warpgroups (the default partition
-    and a 4-warp worker, 240 registers each) hold dK, dV of 64 keys each; one load warp fills the Q/dO
-    ring; one dQ warp issues the bulk reduce-adds of dQ's shares. The consumers never issue TMA or wait for
-    a reduce, and meet each other once per step (dS^T's halves). Scores in log2 units: ``qk_scale`` and
-    ``softcap2`` as the portable kernels take them (``Problem.log2_units``)."""
+    """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
+    queries' (contiguous) layout, viewed as (batch * seqlen_q dense or total_q varlen, nheads * HEAD_DIM).
+    Two consumer warpgroups (the default partition and a 4-warp worker, 240 registers each) hold dK, dV of
+    64 keys each; one load warp fills the Q/dO ring; one dQ warp issues the bulk reduce-adds of dQ's
+    shares. The consumers never issue TMA or wait for a reduce, and meet each other once per step (dS^T's
+    halves). Scores in log2 units: ``qk_scale`` and ``softcap2`` as the portable kernels take them
+    (``Problem.log2_units``)."""
     dtype: gl.constexpr = q_desc.dtype
     pid_n = gl.program_id(0)
     bhk = gl.program_id(1)
@@ -341,8 +340,7 @@ def attn_bwd_gluon_kernel(
         (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, qdo_full,
                       qdo_empty, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh, stride_vh, stride_qh,
                       stride_doh)),
-        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, b, hk, q_start, lo, n_m, n_steps, nheads, group,
-                         dq_rows, IS_VARLEN)),
+        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, hk, q_row0, lo, n_m, n_steps, group)),
     ], [4, 1, 1], [240, 24, 24])
 
 
@@ -390,20 +388,19 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     return all(_tma_describable(t) for t in (q, k, v, dout))
 
 
-def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int | None = None) -> TensorDescriptor:
-    """The fp32 (z, rows, d) dQ buffer as (z * rows, d) rows for the bulk reduce-add of (block_m, block_d)
-    tiles (block_d: d by default)."""
-    z, rows, d = dq_acc.shape
+def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int) -> TensorDescriptor:
+    """The contiguous fp32 dQ buffer, (..., nheads, d), as (rows, nheads * d) for the bulk reduce-add of
+    (block_m, block_d) tiles."""
+    cols = dq_acc.shape[-2] * dq_acc.shape[-1]
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor(dq_acc, [z * rows, d], [d, 1], [block_m, block_d or d], layout)
+    return TensorDescriptor(dq_acc, [dq_acc.numel() // cols, cols], [cols, 1], [block_m, block_d], layout)
 
 
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
-                   softcap2: float, window_size: tuple[int, int], dq_rows: int,
-                   config: BwdConfig | None = None) -> None:
-    """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (contiguous fp32 (z, dq_rows, d),
-    zeroed).
+                   softcap2: float, window_size: tuple[int, int], config: BwdConfig | None = None) -> None:
+    """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (zeroed contiguous fp32 of q's shape,
+    so that one contiguous copy makes dQ of it).
     ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``."""
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
@@ -435,7 +432,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes,
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
-        nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, dq_rows,
+        nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k,
         softmax_scale, qk_scale, softcap2, left, right, section,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,

@@ -297,13 +297,14 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
         )
         if gluon:
-            # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py), dQ summed in an fp32 buffer.
-            dq_acc, dq_rows, _ = _fused_dq_buffer(q, prob, bd, 0, False)
+            # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py), dQ summed in an fp32 buffer laid out
+            # as dq, so that its conversion is one contiguous copy.
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                            batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
                            softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
-                           window_size=(prob.window_left, prob.window_right), dq_rows=dq_rows)
-            return _fused_dq_out(dq_acc, dq, prob), dk, dv
+                           window_size=(prob.window_left, prob.window_right))
+            return dq.copy_(dq_acc), dk, dv
         if not fused:
             attn_bwd_dq_kernel[grid](
                 q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
