@@ -103,8 +103,8 @@ def test_gluon_backward_not_taken(opts, gluon_calls):
 
 @pytest.mark.parametrize("env", [None, "0", "1"])
 def test_gluon_backward_routing(env, monkeypatch):
-    """By default the Gluon backward takes d = 128 (where it measured faster) without softcap, and not d = 64;
-    IOATTN_GLUON_BWD=1 gives it every head dim it has and softcap, =0 none."""
+    """By default the Gluon backward takes d = 128 (where it measured faster) without softcap, and d = 64 only
+    causal; IOATTN_GLUON_BWD=1 gives it every head dim it has and softcap, =0 none."""
     if env is None:
         monkeypatch.delenv("IOATTN_GLUON_BWD", raising=False)
     else:
@@ -112,7 +112,8 @@ def test_gluon_backward_routing(env, monkeypatch):
     calls = []
     real = launch.gluon_backward
     monkeypatch.setattr(launch, "gluon_backward", lambda *a, **kw: calls.append(a[1].shape[-1]) or real(*a, **kw))
-    for d, softcap in ((64, 0.0), (128, 0.0), (128, 5.0)):
+    for d, opts in ((64, {}), (128, {}), (128, {"softcap": 5.0}), (64, {"causal": True}),
+                    (64, {"causal": True, "window_size": (100, -1)})):
         q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
-        ioattn.flash_attn_func(q, k, v, softcap=softcap).sum().backward()
-    assert calls == {None: [128], "0": [], "1": [64, 128, 128]}[env]
+        ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
+    assert calls == {None: [128, 64], "0": [], "1": [64, 128, 128, 64, 64]}[env]

@@ -357,21 +357,26 @@ class BwdConfig(NamedTuple):
 
 # By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
 _CONFIGS = {64: BwdConfig(64, 128, 2, 2), 128: BwdConfig(64, 128, 2, 1)}
-# Head dims routed here by default.
+# Head dims routed here by default: d = 128 always, d = 64 causal only (without a left window; non-causal
+# the portable backward is 7-10% faster there, causal the Gluon one 1-8%: benchmarks/NOTES.md).
 _ROUTED_HEAD_DIMS = (128,)
+_ROUTED_CAUSAL_HEAD_DIMS = (64,)
 
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
-                             cu_seqlens_q: torch.Tensor | None = None, softcap: float = 0.0) -> bool:
-    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS`` without softcap
-    (where it measured faster than the portable backward on an H200; with softcap the portable backward
-    ran 1.07-1.6x faster), every head dim of ``_CONFIGS`` and softcap too with ``IOATTN_GLUON_BWD=1``, none
-    with ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
+                             cu_seqlens_q: torch.Tensor | None = None, softcap: float = 0.0,
+                             window_size: tuple[int, int] = (-1, -1)) -> bool:
+    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, and in
+    ``_ROUTED_CAUSAL_HEAD_DIMS`` when causal without a left window, without softcap (where it measured
+    faster than the portable backward on an H200; with softcap the portable backward ran 1.07-1.6x faster);
+    every head dim of ``_CONFIGS`` and softcap too with ``IOATTN_GLUON_BWD=1``, none with
+    ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
     windows, softcap, ALiBi, GQA; not dropout), with a TMA-describable dO."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or choice == "0":
         return False
-    if choice != "1" and (q.shape[-1] not in _ROUTED_HEAD_DIMS or softcap > 0):
+    routed = _ROUTED_HEAD_DIMS + (_ROUTED_CAUSAL_HEAD_DIMS if tuple(window_size) == (-1, 0) else ())
+    if choice != "1" and (q.shape[-1] not in routed or softcap > 0):
         return False
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False

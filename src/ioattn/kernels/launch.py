@@ -263,7 +263,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     products per tile instead of seven; the order of those additions varies from run to run, so dQ may
     differ in its last bits. Otherwise, and always with ``deterministic=True``, a separate dQ pass runs:
     no atomics, bitwise reproducible. On sm_90 the non-deterministic backward takes the Gluon
-    warp-specialised single pass where it measured faster (d = 128; ``attn_bwd_gluon.py``, its
+    warp-specialised single pass where it measured faster (d = 128, and d = 64 causal; ``attn_bwd_gluon.py``, its
     ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD`` changes that).
     """
     if dout.stride(-1) != 1:
@@ -286,7 +286,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal))
     gluon = not deterministic and gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p,
                                                            alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-                                                           softcap=prob.softcap)
+                                                           softcap=prob.softcap,
+                                                           window_size=(prob.window_left, prob.window_right))
 
     cfg = get_config("dq", bd, prob.causal, q.dtype)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
