@@ -40,7 +40,7 @@ FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT")
 
 
 def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig | None = None, **flags: bool):
-    """flags: any of FLAGS (default False); causal is HAS_RIGHT alone, a sliding window both."""
+    """flags: any of FLAGS or DROPOUT (default False); causal is HAS_RIGHT alone, a sliding window both."""
     cfg = config or _CONFIGS[d]
     block_m, block_n, stages, warps = cfg.block_m, cfg.block_n, cfg.stages, cfg.warps
     elem = "*bf16" if dtype == torch.bfloat16 else "*fp16"
@@ -50,9 +50,11 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
     for name in ("stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh", "stride_ab", "stride_qh",
                  "stride_kh", "stride_vh", "nheads", "group", "max_seqlen_q", "max_seqlen_k"):
         sig[name] = "i32"
-    sig.update(score_scale="fp32", tanh_scale="fp32", window_left="i32", window_right="i32")
+    sig.update(score_scale="fp32", tanh_scale="fp32", window_left="i32", window_right="i32", seed="i64",
+               dropout_p="fp32")
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages,
-              **{f: flags.get(f, False) for f in FLAGS}, "OVERLAP": overlap, "num_warps": warps}
+              **{f: flags.get(f, False) for f in FLAGS}, "DROPOUT": flags.get("DROPOUT", False),
+              "OVERLAP": overlap, "num_warps": warps}
     kernel = attn_fwd_gluon_kernel
     if cfg.schedule != "single":
         kernel = attn_fwd_gluon_ws_kernel
@@ -83,13 +85,15 @@ VARIANTS = {
     "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True}, "softcap": {"SOFTCAP": True},
     "alibi": {"HAS_ALIBI": True}, "all": {f: True for f in FLAGS},
 }
+# The forward's variants: the backward has no dropout.
+FWD_VARIANTS = {**VARIANTS, "dropout": {"DROPOUT": True}, "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", type=pathlib.Path)
     ap.add_argument("--headdims", default="64,128")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(FWD_VARIANTS))
     ap.add_argument("--overlap", action="store_true", help="also the other loop (overlapped or not)")
     ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages,warps[,schedule] instead of the shipped table")
     args = ap.parse_args()
@@ -103,7 +107,7 @@ def main() -> None:
             for dtype, overlap in ((torch.bfloat16, base), (torch.float16, base), (torch.bfloat16, not base)):
                 if overlap != base and not args.overlap or dtype == torch.float16 and name != "plain":
                     continue
-                k = compile_variant(d, dtype, overlap, config, **VARIANTS[name])
+                k = compile_variant(d, dtype, overlap, config, **FWD_VARIANTS[name])
                 ptx = k.asm["ptx"]
                 counts = {n: len(re.findall(pat, ptx)) for n, pat in
                           (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"),

@@ -1,5 +1,5 @@
-"""The dropout keep mask: bit-exact with Triton's tl.randint4x (mapped as tl.rand maps), sub-blocks
-consistent with the whole grid, and the kept fraction right."""
+"""The dropout keep mask: Philox bit-exact with Triton's tl.randint4x, the documented grid function,
+the kernels' tile helper equal to it, sub-blocks consistent with the whole grid, the kept fraction right."""
 
 import math
 
@@ -9,25 +9,40 @@ import triton
 import triton.language as tl
 from conftest import DEVICE
 
-from ioattn.dropout import draw_seed, dropout_keep_mask, philox_uniform4
+from ioattn.dropout import counters_per_row, draw_seed, dropout_keep_mask, keep_threshold, philox4x32
+from ioattn.kernels.common import dropout_keep, dropout_keep_t, philox_grid
 
 
 @triton.jit
-def _tl_rand4_kernel(out_ptr, offset_ptr, seed, n, BLOCK: tl.constexpr):
+def _tl_words_kernel(out_ptr, offset_ptr, seed, n, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
     offset = tl.load(offset_ptr + idx, mask=inside, other=0)
     r0, r1, r2, r3 = tl.randint4x(seed, offset)
-    tl.store(out_ptr + idx * 4, tl.random.uint_to_uniform_float(r0), mask=inside)
-    tl.store(out_ptr + idx * 4 + 1, tl.random.uint_to_uniform_float(r1), mask=inside)
-    tl.store(out_ptr + idx * 4 + 2, tl.random.uint_to_uniform_float(r2), mask=inside)
-    tl.store(out_ptr + idx * 4 + 3, tl.random.uint_to_uniform_float(r3), mask=inside)
+    tl.store(out_ptr + idx * 4, r0.to(tl.int64) & 0xFFFFFFFF, mask=inside)
+    tl.store(out_ptr + idx * 4 + 1, r1.to(tl.int64) & 0xFFFFFFFF, mask=inside)
+    tl.store(out_ptr + idx * 4 + 2, r2.to(tl.int64) & 0xFFFFFFFF, mask=inside)
+    tl.store(out_ptr + idx * 4 + 3, r3.to(tl.int64) & 0xFFFFFFFF, mask=inside)
 
 
-def _tl_rand4(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    out = torch.full((*offset.shape, 4), float("nan"), dtype=torch.float32, device=offset.device)
-    _tl_rand4_kernel[(triton.cdiv(offset.numel(), 256),)](out, offset, seed, offset.numel(), BLOCK=256)
+def _tl_words(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    out = torch.full((*offset.shape, 4), -1, dtype=torch.int64, device=offset.device)
+    _tl_words_kernel[(triton.cdiv(offset.numel(), 256),)](out, offset, seed, offset.numel(), BLOCK=256)
     return out
+
+
+@triton.jit
+def _tile_mask_kernel(out_ptr, seed, bh, max_seqlen_q, max_seqlen_k, row0, col0, dropout_p,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    base, stride = philox_grid(bh, max_seqlen_q, max_seqlen_k)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    if TRANSPOSED:  # the dK/dV kernels' (keys, queries) tile
+        keep = tl.trans(dropout_keep_t(seed, base, rows, cols, stride, dropout_p))
+    else:
+        keep = dropout_keep(seed, base, rows, cols, stride, dropout_p)
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(out_ptr + offs, keep.to(tl.int8))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 7, 2**32 + 3, 2**62 - 1, 3_141_592_653_589_793_238])
@@ -40,25 +55,48 @@ def test_philox_bit_exact_with_tl_randint4x(seed):
         torch.randint(2**32, 2**62, (400,), generator=gen),
         torch.tensor([2**63 - 1]),
     ]).to(device=DEVICE, dtype=torch.int64)
-    expected = _tl_rand4(seed, offset)
-    got = philox_uniform4(seed, offset)
+    expected = _tl_words(seed, offset)
+    got = philox4x32(seed, offset)
     assert got.shape == (offset.numel(), 4)
-    mismatched = int((got.view(torch.int32) != expected.view(torch.int32)).sum())
+    mismatched = int((got != expected).sum())
     print(f"seed {seed}: {mismatched} of {offset.numel()} differ")
     assert mismatched == 0
-    assert float(got.min()) >= 0.0 and float(got.max()) < 1.0
+    assert int(got.min()) >= 0 and int(got.max()) < 2**32
+
+
+def test_keep_threshold():
+    assert keep_threshold(0.0) == 0
+    assert keep_threshold(0.5) == 32768
+    assert keep_threshold(0.1) == 6554  # float32(0.1) * 65536 = 6553.6000977
+    assert keep_threshold(1 / 65536) == 1
+    assert keep_threshold(0.999999) == 65536  # above every 16-bit value: nothing kept
 
 
 def test_keep_mask_is_the_documented_grid_function():
-    seed, batch, nheads, sq, sk, p = 77, 2, 3, 5, 7, 0.3
+    seed, batch, nheads, sq, sk, p = 77, 2, 3, 5, 70, 0.3
     mask = dropout_keep_mask(seed, batch, nheads, sq, sk, p, DEVICE)
     assert mask.shape == (batch, nheads, sq, sk) and mask.dtype == torch.bool
-    b, h, i, j = 1, 2, 4, 6
-    counter = ((b * nheads + h) * sq + i) * math.ceil(sk / 4) + j // 4
-    offset = torch.tensor([counter], dtype=torch.int64, device=DEVICE)
-    assert bool(mask[b, h, i, j]) == bool(_tl_rand4(seed, offset)[0, j % 4] >= p)
-    row = ((b * nheads + h) * sq + i) * math.ceil(sk / 4) + torch.arange(math.ceil(sk / 4), device=DEVICE)
-    assert torch.equal(mask[b, h, i], _tl_rand4(seed, row).flatten()[:sk] >= p)
+    assert counters_per_row(sk) == 12 and counters_per_row(64) == 8 and counters_per_row(1) == 4
+    for b, h, i, j in [(1, 2, 4, 6), (0, 0, 0, 0), (1, 1, 3, 69), (0, 2, 2, 45)]:
+        g, c, q, e = j // 32, (j % 32) // 8, (j % 8) // 2, j % 2
+        counter = ((b * nheads + h) * sq + i) * 4 * math.ceil(sk / 32) + 4 * g + q
+        word = int(_tl_words(seed, torch.tensor([counter], dtype=torch.int64, device=DEVICE))[0, c])
+        u = (word >> (16 * e)) & 0xFFFF
+        assert bool(mask[b, h, i, j]) == (u >= math.ceil(p * 65536)), (b, h, i, j)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("block", [(16, 32), (32, 64)])
+def test_kernel_tile_helper_matches_the_grid(block, transposed):
+    seed, batch, nheads, sq, sk, p = 2**40 + 9, 2, 3, 50, 100, 0.2
+    full = dropout_keep_mask(seed, batch, nheads, sq, sk, p, DEVICE)
+    bm, bn = block
+    b, h, row0, col0 = 1, 2, 16, 32
+    out = torch.zeros((bm, bn), dtype=torch.int8, device=DEVICE)
+    _tile_mask_kernel[(1,)](out, seed, b * nheads + h, sq, sk, row0, col0, p, BLOCK_M=bm, BLOCK_N=bn,
+                            TRANSPOSED=transposed)
+    rows, cols = min(bm, sq - row0), min(bn, sk - col0)
+    assert torch.equal(out[:rows, :cols].bool(), full[b, h, row0:row0 + rows, col0:col0 + cols])
 
 
 def test_sub_blocks_match_the_whole_grid():
@@ -74,6 +112,8 @@ def test_sub_blocks_match_the_whole_grid():
 def test_kept_fraction_and_seed_dependence():
     p = 0.3
     a = dropout_keep_mask(123, 2, 4, 64, 256, p, DEVICE)
+    assert not dropout_keep_mask(5, 1, 2, 8, 40, 0.999999, DEVICE).any()
+    assert dropout_keep_mask(5, 1, 2, 8, 40, 0.0, DEVICE).all()
     n = a.numel()
     kept = float(a.float().mean())
     sigma = math.sqrt(p * (1 - p) / n)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ON_GPU
 
+from ioattn.dropout import dropout_keep_mask
 from ioattn.reference import attention_ref
 from ioattn.testing import OUT_FACTOR, tolerance_check
 
@@ -333,7 +334,7 @@ def test_varlen_packed_qkv_strides():
     {"causal": True}, {"window_size": (64, 64)}, {"softcap": 30.0}, {"alibi_slopes": True},
 ], ids=str)
 def test_public_api_routes_here(opts, monkeypatch):
-    """flash_attn_func and flash_attn_varlen_func take this kernel for every feature but dropout."""
+    """flash_attn_func and flash_attn_varlen_func take this kernel for every feature, dropout included."""
     import ioattn
     from ioattn.ops import attention
 
@@ -355,8 +356,8 @@ def test_public_api_routes_here(opts, monkeypatch):
         r = tolerance_check(out, ref_out, base_out, factor=OUT_FACTOR, floor=FLOOR[q.dtype])
         print(r)
         assert r.ok, str(r)
-    ioattn.flash_attn_func(q, k, v, dropout_p=0.1, **opts)  # dropout stays on the portable kernel
-    assert len(calls) == 2
+    ioattn.flash_attn_func(q, k, v, dropout_p=0.1, **opts)
+    assert len(calls) == 3
 
 
 def test_predicate(monkeypatch):
@@ -366,7 +367,8 @@ def test_predicate(monkeypatch):
     assert gluon_forward_supported(q, k, v, **{**kw, "window_size": (8, 8)})
     assert gluon_forward_supported(q, k, v, **{**kw, "softcap": 5.0})
     assert gluon_forward_supported(q, k, v, **{**kw, "alibi_slopes": torch.rand(2, device="cuda")})
-    assert not gluon_forward_supported(q, k, v, **{**kw, "dropout_p": 0.1})
+    assert gluon_forward_supported(q, k, v, **{**kw, "dropout_p": 0.1})
+    assert not gluon_forward_supported(q, k, v, **{**kw, "dropout_p": 1.0})
     assert not gluon_forward_supported(q.float(), k.float(), v.float(), **kw)
     assert not gluon_forward_supported(q[..., :96], k[..., :96], v[..., :96], **kw)
     assert gluon_forward_supported(q[..., :64], k[..., :64], v[..., :64], **kw) == (64 in _ROUTED_HEAD_DIMS)
@@ -379,3 +381,94 @@ def test_predicate(monkeypatch):
     assert not gluon_forward_supported(odd, odd, odd, **kw)  # row stride 258 elements: not 16-byte aligned
     monkeypatch.setenv("IOATTN_GLUON", "0")
     assert not gluon_forward_supported(q, k, v, **kw)
+
+
+def _check_dropout(q, k, v, p, seed, window=(-1, -1), cu=None, lens=None, config=None, **mods):
+    """gluon_forward with dropout against attention_ref with ioattn.dropout's mask for the same seed: the
+    output drops exactly those elements (scaled by 1 / (1 - p)), the lse is that of the undropped scores."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    nheads = q.shape[-2]
+    _poison(q.numel() * q.element_size())
+    if cu is None:
+        out, lse = gluon_forward(q, k, v, scale, window, dropout_p=p, seed=seed, config=config, **mods)
+        mask = dropout_keep_mask(seed, q.shape[0], nheads, q.shape[1], k.shape[1], p, "cuda")
+        pieces = [(out, lse, q, k, v, mask)]
+    else:
+        (cu_q, cu_k), (lens_q, lens_k) = cu, lens
+        out, lse = gluon_forward(q, k, v, scale, window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                 max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), dropout_p=p, seed=seed,
+                                 config=config, **mods)
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        pieces = []
+        for b in range(len(lens_q)):
+            sl_q, sl_k = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+            mask = dropout_keep_mask(seed, len(lens_q), nheads, max(lens_q), max(lens_k), p, "cuda",
+                                     batch_index=b, q_len=lens_q[b], k_len=lens_k[b])
+            pieces.append((out[sl_q].unsqueeze(0), lse[:, sl_q].unsqueeze(0), q[sl_q].unsqueeze(0),
+                           k[sl_k].unsqueeze(0), v[sl_k].unsqueeze(0), mask))
+    for o, l, qb, kb, vb, mask in pieces:
+        ref = dict(window_size=window, dropout_p=p, dropout_mask=mask, **mods)
+        _compare(o, l, *attention_ref(qb, kb, vb, **ref), *attention_ref(qb, kb, vb, upcast=False, **ref),
+                 q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("opts", [{}, {"window": (-1, 0)}, {"window": (100, 30)}, {"softcap": 20.0},
+                                  {"alibi": True, "window": (-1, 0)}], ids=str)
+@pytest.mark.parametrize("seqlens", [(1, 70), (200, 200), (1025, 777)])
+def test_dropout(seqlens, opts, d):
+    torch.manual_seed(11)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(4, device="cuda") * 0.3
+    q, k, v = _qkv(2, *seqlens, 4, 2, d, torch.bfloat16)
+    _check_dropout(q, k, v, 0.3, 2**40 + 77, **opts)
+
+
+@pytest.mark.parametrize("p", [0.0001, 0.5, 0.9])
+def test_dropout_probabilities_and_seeds(p):
+    """Kept fraction near 1 - p through the kernel; another seed drops other elements; the same seed
+    repeats bit for bit."""
+    q, k, v = _qkv(1, 512, 512, 2, 2, 128, torch.float16)
+    a = _check_dropout(q, k, v, p, 5)
+    b = _check_dropout(q, k, v, p, 6)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, gluon_forward(q, k, v, 1 / math.sqrt(128), dropout_p=p, seed=5)[0])
+    kept = dropout_keep_mask(5, 1, 2, 512, 512, p, "cuda").float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_varlen(d, causal):
+    torch.manual_seed(12)
+    lens_q, lens_k = [300, 1, 0, 700, 129], [300, 64, 5, 650, 1000]
+    q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lens_k), 1, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(lens_k), 1, d, device="cuda", dtype=torch.bfloat16)
+    cu = tuple(torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+               for lens in (lens_q, lens_k))
+    _check_dropout(q, k, v, 0.2, 314159, (-1, 0) if causal else (-1, -1), cu, (lens_q, lens_k))
+
+
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (70, 20)}, {}], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
+    """flash_attn_func with dropout: the Gluon forward and the portable backward regenerate one mask;
+    output, lse and gradients against attention_ref with that mask (test_flash_attn's rule)."""
+    from test_flash_attn import check_against_ref
+
+    from ioattn.dropout import draw_seed
+    from ioattn.ops import attention
+
+    calls = []
+    real = attention.gluon_forward
+    monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(13)
+    b, sq, sk, h, p = 2, 600, 650, 4, 0.25
+    q, k, v = (t.requires_grad_() for t in _qkv(b, sq, sk, h, 2, d, torch.bfloat16))
+    torch.manual_seed(99)
+    mask = dropout_keep_mask(draw_seed(), b, h, sq, sk, p, "cuda")
+    check_against_ref(q, k, v, dropout_p=p, dropout_mask=mask, seed=99, **opts)
+    assert calls == [1]

@@ -1,13 +1,21 @@
 """Dropout randomness shared by every backend.
 
-The keep mask is a pure function of ``(seed, b, h, i, j)``: element ``(b, h, i, j)`` of a
-(batch, nheads, seqlen_q, seqlen_k) grid is kept when ``u >= dropout_p``, where ``u`` is output
-``j % 4`` of Triton's ``tl.randint4x(seed, counter)`` (Philox-4x32, 10 rounds) mapped to [0, 1) as
-``tl.rand`` does, at the int64 counter ``((b * nheads + h) * seqlen_q + i) * cdiv(seqlen_k, 4) + j // 4``:
-one Philox call serves four neighbouring keys. For varlen batches ``seqlen_q``/``seqlen_k`` are
-``max_seqlen_q``/``max_seqlen_k`` and ``i``, ``j`` are positions inside each sequence. Because the mask
-is a function and not a stored tensor, the backward regenerates exactly the forward's mask, and the
-chunked path and the Triton kernels drop the same elements for the same seed.
+The keep mask is a pure function of ``(seed, b, h, i, j)`` on a (batch, nheads, seqlen_q, seqlen_k) grid.
+Keys are taken in groups of 32 (``j = 32 g + 8 c + 2 q + e``, with ``c``, ``q`` in 0..3 and ``e`` in 0..1),
+and one Philox-4x32-10 call (Triton's ``tl.randint4x``) serves the eight keys of a group that share ``q``:
+its output word ``c`` holds two 16-bit uniforms, the low half for ``e = 0`` and the high half for ``e = 1``.
+The call's int64 counter is ``row * 4 * cdiv(seqlen_k, 32) + 4 g + q`` with
+``row = (b * nheads + h) * seqlen_q + i``. Element ``(b, h, i, j)`` is kept when its 16-bit value ``u``
+satisfies ``u >= ceil(p * 65536)``, ``p`` being ``dropout_p`` rounded to float32: ``u / 65536 >= p``,
+a keep probability within 2^-16 of ``1 - p``. Kept elements are scaled by ``1 / (1 - p)``.
+
+Eight keys per call (a quarter of a call per key with 32-bit uniforms, a whole one with ``tl.rand``) and
+this particular grouping: a thread of a Hopper wgmma accumulator holds exactly those eight keys of a row
+(two neighbouring keys in each of four 8-key column chunks), so the Gluon forward draws them without moving
+data between threads. For varlen batches ``seqlen_q``/``seqlen_k`` are ``max_seqlen_q``/``max_seqlen_k`` and
+``i``, ``j`` are positions inside each sequence. Because the mask is a function and not a stored tensor, the
+backward regenerates exactly the forward's mask, and the chunked path and the Triton kernels drop the same
+elements for the same seed.
 
 The seed is drawn from torch's default (CPU) generator, so ``torch.manual_seed`` makes runs repeatable
 and no device synchronisation is needed.
@@ -15,12 +23,28 @@ and no device synchronisation is needed.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+#: Keys per counter group, Philox calls per group (one per ``q``), keys per call.
+GROUP_KEYS, CALLS_PER_GROUP = 32, 4
 
 
 def draw_seed() -> int:
     """A fresh 62-bit seed from torch's default generator."""
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def keep_threshold(dropout_p: float) -> int:
+    """The 16-bit threshold: a value ``u`` is kept when ``u >= ceil(float32(dropout_p) * 65536)``
+    (the kernels receive ``dropout_p`` as a float32 and compute the same integer)."""
+    return math.ceil(float(torch.tensor(dropout_p, dtype=torch.float32)) * 65536)
+
+
+def counters_per_row(seqlen_k: int) -> int:
+    """Philox counters one query row of the grid uses: four per 32 keys."""
+    return CALLS_PER_GROUP * ((seqlen_k + GROUP_KEYS - 1) // GROUP_KEYS)
 
 
 # Philox-4x32-10 constants, as in triton/language/random.py.
@@ -29,8 +53,6 @@ _PHILOX_KEY_B = 0xBB67AE85
 _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _MASK32 = 0xFFFFFFFF
-# tl.rand's int32 -> [0, 1) scale (uint_to_uniform_float), applied in float32.
-_UNIFORM_SCALE = 4.6566127342e-10
 
 
 def _mul32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,16 +67,15 @@ def _mul32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
 
 
-def philox_uniform4(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    """The four outputs of ``tl.randint4x(seed, offset)`` (Triton 3.6), each mapped to [0, 1) as
-    ``tl.rand`` maps its one, in plain torch, bit for bit.
+def philox4x32(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    """The four uint32 outputs of ``tl.randint4x(seed, offset)`` (Triton 3.6), in plain torch, bit for bit.
 
     Arguments:
         seed: int in [0, 2**63); its low / high 32 bits are the Philox key.
         offset: int64 tensor of any shape, values in [0, 2**63); its low / high 32 bits are the first two
             Philox counter words, the other two are 0.
     Returns:
-        float32 tensor of shape ``offset.shape + (4,)``, uniform in [0, 1).
+        int64 tensor of shape ``offset.shape + (4,)`` holding the words, each in [0, 2**32).
     """
     c0 = offset & _MASK32
     c1 = offset >> 32
@@ -69,11 +90,7 @@ def philox_uniform4(seed: int, offset: torch.Tensor) -> torch.Tensor:
         c1, c3 = lo_b, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    # uint_to_uniform_float: reinterpret as int32, fold negatives onto [0, 2**31), scale in float32.
-    x = torch.stack((c0, c1, c2, c3), dim=-1)
-    x = torch.where(x >= 2**31, x - 2**32, x)
-    x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
 def dropout_keep_mask(
@@ -114,12 +131,13 @@ def dropout_keep_mask(
     h = torch.arange(nheads, dtype=torch.int64, device=device)
     i = torch.arange(q_start, q_start + q_len, dtype=torch.int64, device=device)
     row = ((b.view(-1, 1) * nheads + h.view(1, -1)) * seqlen_q).view(-1, nheads, 1) + i.view(1, 1, -1)
-    # One Philox call per group of four keys: the groups that cover the columns, then their outputs in
-    # key order, cut to the columns asked for.
-    g_lo = k_start // 4
-    g_hi = (k_start + k_len + 3) // 4
-    g = torch.arange(g_lo, g_hi, dtype=torch.int64, device=device)
-    counter = (row * ((seqlen_k + 3) // 4)).unsqueeze(-1) + g.view(1, 1, 1, -1)
-    u = philox_uniform4(seed, counter).flatten(-2)
-    first = k_start - 4 * g_lo
-    return u[..., first:first + k_len] >= dropout_p
+    # The Philox calls of the key groups that cover the columns (4 per group), each drawn once.
+    g_lo = k_start // GROUP_KEYS
+    g_hi = (k_start + k_len + GROUP_KEYS - 1) // GROUP_KEYS
+    calls = torch.arange(CALLS_PER_GROUP * g_lo, CALLS_PER_GROUP * g_hi, dtype=torch.int64, device=device)
+    words = philox4x32(seed, (row * counters_per_row(seqlen_k)).unsqueeze(-1) + calls)  # (..., calls, 4)
+    # Key j: call 4 (j // 32) + (j % 8) // 2, word (j % 32) // 8, 16-bit half j % 2.
+    j = torch.arange(k_start, k_start + k_len, dtype=torch.int64, device=device)
+    call = CALLS_PER_GROUP * (j // GROUP_KEYS - g_lo) + (j % 8) // 2
+    u = (words[..., call, (j % GROUP_KEYS) // 8] >> (16 * (j % 2))) & 0xFFFF
+    return u >= keep_threshold(dropout_p)

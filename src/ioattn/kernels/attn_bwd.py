@@ -28,6 +28,7 @@ from .common import (
     dropout_keep,
     dropout_keep_t,
     kv_block_range,
+    philox_grid,
     q_block_range,
     seq_bounds,
 )
@@ -225,8 +226,7 @@ def attn_bwd_dkdv_kernel(
         alibi_slope2 = 0.0
         if HAS_ALIBI:
             alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
-        philox_stride = tl.cdiv(max_seqlen_k, 4)  # Philox counters per row: one call covers four keys
-        philox_base = (b64 * nheads + h64) * max_seqlen_q * philox_stride
+        philox_base, philox_stride = philox_grid(b * nheads + h, max_seqlen_q, max_seqlen_k)
         args = (cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left,
                 window_right, seed, philox_base, philox_stride, dropout_p)
         dq_z = h if IS_VARLEN else b * nheads + h  # int32: descriptor offsets are 32-bit
@@ -324,8 +324,7 @@ def attn_bwd_dq_kernel(
     alibi_slope2 = 0.0
     if HAS_ALIBI:
         alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
-    philox_stride = tl.cdiv(max_seqlen_k, 4)  # Philox counters per row: one call covers four keys
-    philox_base = bh.to(tl.int64) * max_seqlen_q * philox_stride
+    philox_base, philox_stride = philox_grid(bh, max_seqlen_q, max_seqlen_k)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     FAST: tl.constexpr = FAST_TANH and DOT_PRECISION != "ieee"
     lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,

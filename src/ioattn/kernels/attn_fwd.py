@@ -10,7 +10,15 @@ mask boundary take the masked path. The N x N score matrix never reaches device 
 import triton
 import triton.language as tl
 
-from .common import apply_softcap, bias_and_mask, dropout_keep, kv_block_range, online_softmax_step, seq_bounds
+from .common import (
+    apply_softcap,
+    bias_and_mask,
+    dropout_keep,
+    kv_block_range,
+    online_softmax_step,
+    philox_grid,
+    seq_bounds,
+)
 
 
 @triton.jit
@@ -100,8 +108,7 @@ def attn_fwd_kernel(
     alibi_slope2 = 0.0
     if HAS_ALIBI:
         alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
-    philox_stride = tl.cdiv(max_seqlen_k, 4)  # Philox counters per row: one call covers four keys
-    philox_base = bh.to(tl.int64) * max_seqlen_q * philox_stride
+    philox_base, philox_stride = philox_grid(bh, max_seqlen_q, max_seqlen_k)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -9,13 +9,14 @@ wgmma; P goes to the PV wgmma from registers (FA3 Sec. 3.1). The online softmax 
 score units (raw q.k, or tanh(q.k / softcap) with softcap) and folds the factor to log2 logits into one
 FMA before ``exp2``.
 
-Every feature of the portable forward but dropout, each a compile-time flag: varlen batches
-(cu_seqlens), causal and sliding windows aligned bottom-right (key blocks outside the band skipped, only
-blocks crossing its edges masked: the portable kernel's ``kv_block_range``), softcap (``tanh.approx``),
-ALiBi, GQA. Dense inputs (batch, seqlen, nheads, d) and varlen inputs (total, nheads, d) with unit
-d-stride are described as 2D (rows, columns) views: head h starts at column ``h * stride_h``. Rows past
-a sequence read the next sequence's rows (or TMA's zero fill at the end); those keys are masked to -inf
-and those query rows are never stored (masked register stores).
+Every feature of the portable forward, each a compile-time flag: varlen batches (cu_seqlens), causal and
+sliding windows aligned bottom-right (key blocks outside the band skipped, only blocks crossing its edges
+masked: the portable kernel's ``kv_block_range``), softcap (``tanh.approx``), ALiBi, GQA, dropout (the keep
+mask of ``ioattn.dropout`` drawn in the accumulator's own layout: ``dropout_keep_wgmma``). Dense inputs
+(batch, seqlen, nheads, d) and varlen inputs (total, nheads, d) with unit d-stride are described as 2D
+(rows, columns) views: head h starts at column ``h * stride_h``. Rows past a sequence read the next
+sequence's rows (or TMA's zero fill at the end); those keys are masked to -inf and those query rows are
+never stored (masked register stores).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -38,7 +40,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..backend import interpreting
-from .common import allowed, kv_block_range, launch_order, order_section, seq_bounds, tanh
+from .common import (
+    allowed,
+    dropout_halves_kept,
+    kv_block_range,
+    launch_order,
+    order_section,
+    philox_grid,
+    seq_bounds,
+    tanh,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -50,16 +61,42 @@ def _issue_kv_load(desc, smem, bars, stage, row, col, pred):
 
 
 @gluon.jit
+def dropout_keep_wgmma(seed, philox_rows, cols, dropout_p):
+    """``ioattn.dropout``'s keep mask on a (rows, cols) tile in the layout of a wgmma accumulator, without
+    moving data between threads: ``philox_rows`` (int64, the rows' Philox counters ``base + i * stride``)
+    and ``cols`` (a multiple of 32 keys from a multiple of 32) are slices of that layout. A thread holds,
+    for each of its rows, keys 8 c + 2 q + e of every 32-key group for one q (its lane % 4): the eight keys
+    one Philox call serves. The counters are split out of the full tile (registers only), drawn, and the
+    halves joined back in key order; the final conversion is the identity."""
+    BM: gl.constexpr = philox_rows.shape[0]
+    BN: gl.constexpr = cols.shape[0]
+    calls = philox_rows[:, None] + (4 * (cols // 32) + (cols % 8) // 2)[None, :]
+    calls = gl.permute(gl.reshape(calls, [BM, BN // 32, 2, 2, 4, 2]), [0, 1, 4, 2, 3, 5])  # (i, g, q, c1, c0, e)
+    calls, _ = gl.split(calls)
+    calls, _ = gl.split(calls)
+    calls, _ = gl.split(calls)  # (i, g, q): one counter per call
+    w0, w1, w2, w3 = tl.randint4x(seed, calls)
+    l0, h0 = dropout_halves_kept(w0, dropout_p)
+    l1, h1 = dropout_halves_kept(w1, dropout_p)
+    l2, h2 = dropout_halves_kept(w2, dropout_p)
+    l3, h3 = dropout_halves_kept(w3, dropout_p)
+    keep = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
+    keep = gl.reshape(gl.permute(keep, [0, 1, 5, 4, 2, 3]), [BM, BN])  # (i, g, q, e, c0, c1) -> key order
+    return gl.convert_layout(keep, philox_rows.type.layout.parent)
+
+
+@gluon.jit
 def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_k, diag, score_scale,
-                   tanh_scale, alibi_slope, window_left, window_right, SOFTCAP: gl.constexpr,
-                   HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                   FAST_TANH: gl.constexpr):
+                   tanh_scale, alibi_slope, window_left, window_right, seed, philox_rows, dropout_p,
+                   SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+                   HAS_RIGHT: gl.constexpr, FAST_TANH: gl.constexpr, DROPOUT: gl.constexpr):
     """Score mods and the online softmax step (FA2 Alg. 1 lines 9-10) for the key block at start_n.
 
     Scores stay in "units" u whose log2-logit is ``u * score_scale``: raw q.k without softcap, tanh(q.k *
     tanh_scale) with it; the running max is kept in u so one FMA per element feeds ``exp2``. ALiBi's slope
     comes in u units too. Only blocks outside [full_lo, full_hi) are masked (bounds, window, causal); a row
-    with no key yet keeps m = -inf and p = 0. Returns (p, alpha, m, l)."""
+    with no key yet keeps m = -inf and p = 0. With DROPOUT the returned p (for PV) is dropped, l sums the
+    undropped p (the lse is that of the scores before dropout). Returns (p, alpha, m, l)."""
     cols = start_n + offs_n
     if SOFTCAP:
         s = tanh(s * tanh_scale, FAST_TANH)
@@ -75,7 +112,10 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
     m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * score_scale)
     p = gl.exp2(s * score_scale - m_scaled[:, None])
     alpha = gl.exp2(m_i * score_scale - m_scaled)
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    if DROPOUT:
+        p = gl.where(dropout_keep_wgmma(seed, philox_rows, cols, dropout_p), p, 0.0)
+    return p, alpha, m_new, l_new
 
 
 @gluon.jit
@@ -108,10 +148,10 @@ def _store_tile(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_base, stride_os
 def attn_fwd_gluon_kernel(
     q_desc, k_desc, v_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
-    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
+    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
@@ -180,7 +220,9 @@ def attn_fwd_gluon_kernel(
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-    mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right)
+    philox_base, philox_stride = philox_grid(bh, max_seqlen_q, max_seqlen_k)
+    mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
+            philox_base + rows.to(gl.int64) * philox_stride, dropout_p)
 
     mbarrier.wait(q_bar, 0)
     if OVERLAP:
@@ -198,7 +240,7 @@ def attn_fwd_gluon_kernel(
                 s_tok = warpgroup_mma(q_smem, k_smem.index(nstage).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi, *mods,
-                                                SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH)
+                                                SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 acc = warpgroup_mma_wait(1, deps=(acc,))  # PV of block j-1 done; QK^T j+1 may still run
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -213,7 +255,7 @@ def attn_fwd_gluon_kernel(
                                kv_row + (k_next - 2) * BLOCK_N, v_col, (j > 0) & (k_next - 2 < n_blocks))
             last = n_blocks - 1
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + last * BLOCK_N, full_lo, full_hi, *mods,
-                                                SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH)
+                                                SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -237,7 +279,7 @@ def attn_fwd_gluon_kernel(
                            (j > 0) & (nxt - 1 < n_blocks))
 
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi, *mods,
-                                                SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH)
+                                                SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -251,6 +293,8 @@ def attn_fwd_gluon_kernel(
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
     o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
     lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
     _store_tile(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o), start_m, seqlen_q, score_scale,
@@ -406,10 +450,11 @@ def _store_tile_tma(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_smem, o_des
 @gluon.jit
 def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other, o_smem, o_desc,
                      Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
-                     score_scale, tanh_scale, window_left, window_right, b, h, start_m, q_start, seqlen_q,
-                     seqlen_k, q_row0, lo, full_lo, full_hi, n_blocks, it, tp, WG: gl.constexpr,
-                     SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-                     HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, O_TMA: gl.constexpr):
+                     score_scale, tanh_scale, window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
+                     max_seqlen_k, b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, lo, full_lo, full_hi, n_blocks,
+                     it, tp, WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+                     HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+                     O_TMA: gl.constexpr):
     """Consumer WG's half of one tile (its Q tile has landed); returns the ring position and issue turns
     after it."""
     NUM_WARPS: gl.constexpr = 4
@@ -438,7 +483,9 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
-    mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right)
+    philox_base, philox_stride = philox_grid(b * nheads + h, max_seqlen_q, max_seqlen_k)
+    mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
+            philox_base + rows.to(gl.int64) * philox_stride, dropout_p)
     if n_blocks > 0:
         mbarrier.wait(k_ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
         if PINGPONG:
@@ -450,7 +497,7 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(it % NUM_STAGES))
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
-                                            HAS_LEFT, HAS_RIGHT, FAST_TANH)
+                                            HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
         for j in range(1, n_blocks):
             c = it + j
             prev = (c - 1) % NUM_STAGES
@@ -477,7 +524,7 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
                 mbarrier.arrive(k_empty.index(stage))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
                                                     *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                                                    FAST_TANH)
+                                                    FAST_TANH, DROPOUT)
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
                 mbarrier.arrive(v_empty.index(prev))
             else:
@@ -486,7 +533,7 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
                 mbarrier.arrive(v_empty.index(prev))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
                                                     *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                                                    FAST_TANH)
+                                                    FAST_TANH, DROPOUT)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         mbarrier.arrive(q_empty)  # every QK^T of this tile is done: the next tile's Q may load
         last = it + n_blocks - 1
@@ -505,6 +552,8 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
         mbarrier.arrive(q_empty)
     m_o = gl.convert_layout(m_i, row_o)
     l_o = gl.convert_layout(l_i, row_o)
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
     lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
     if O_TMA:
         _store_tile_tma(acc, m_o, l_o, start_m, seqlen_q, score_scale, o_smem, o_desc, q_row0 + start_m,
@@ -519,9 +568,10 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
 def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty,
                  turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh,
                  stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
-                 window_left, window_right, num_m, num_tiles, section, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
-                 SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
+                 window_left, window_right, seed, dropout_p, num_m, num_tiles, section, WG: gl.constexpr,
+                 IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+                 HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
     """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
 
     Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
@@ -550,9 +600,10 @@ def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_r
             it, tp = _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other,
                                       o_buf, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh,
                                       stride_lb, stride_lh, stride_ab, score_scale, tanh_scale, window_left,
-                                      window_right, b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, lo, full_lo,
-                                      full_hi, n_blocks, it, tp, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                                      PINGPONG, OVERLAP, O_TMA)
+                                      window_right, seed, dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h,
+                                      start_m, q_start, seqlen_q, seqlen_k, q_row0, lo, full_lo, full_hi, n_blocks,
+                                      it, tp, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG,
+                                      OVERLAP, O_TMA)
             qi += 1
             mbarrier.wait(q_full, qi & 1)
             t = _read_tile_id(tile_smem, qi & 1, 4)
@@ -566,9 +617,10 @@ def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_r
                 it, tp = _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me,
                                           other, o_buf, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os,
                                           stride_oh, stride_lb, stride_lh, stride_ab, score_scale, tanh_scale,
-                                          window_left, window_right, b, h, start_m, q_start, seqlen_q, seqlen_k,
-                                          q_row0, lo, full_lo, full_hi, n_blocks, it, tp, WG, SOFTCAP, HAS_ALIBI,
-                                          HAS_LEFT, HAS_RIGHT, PINGPONG, OVERLAP, O_TMA)
+                                          window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
+                                          max_seqlen_k, b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, lo,
+                                          full_lo, full_hi, n_blocks, it, tp, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                                          HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, O_TMA)
                 qi += 1
     if O_TMA:
         tma.store_wait(0)
@@ -577,11 +629,11 @@ def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_r
 @gluon.jit
 def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
-             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
-             num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
+             dropout_p, num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-             DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
+             OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
     """Shared memory, mbarriers and the three partitions of the warp-specialised forward."""
     num_m = gl.cdiv(max_seqlen_q, 2 * BLOCK_M)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -615,13 +667,15 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
         (_ws_consumer, (q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
                         v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
-                        score_scale, tanh_scale, window_left, window_right, num_m, num_tiles, section, 0, IS_VARLEN,
-                        SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)),
+                        score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
+                        section, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
+                        DYNAMIC, O_TMA)),
         (_ws_consumer, (q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
                         v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
-                        score_scale, tanh_scale, window_left, window_right, num_m, num_tiles, section, 1, IS_VARLEN,
-                        SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)),
+                        score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
+                        section, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
+                        DYNAMIC, O_TMA)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready,
                         v_ready, k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group,
                         stride_qh, stride_kh, stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right,
@@ -633,10 +687,11 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
 def attn_fwd_gluon_ws_kernel(
     q_desc, k_desc, v_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
-    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, num_tiles,
-    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
+    num_tiles, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """Warp-specialised forward (FA3 Sec. 3.1), static schedule: a program walks tiles of 2 x BLOCK_M query
     rows (tile t, t + programs, ...: one per program when the grid covers them all, persistent when it
@@ -645,20 +700,20 @@ def attn_fwd_gluon_ws_kernel(
     for both. Output stored from registers."""
     _ws_main(q_desc, k_desc, v_desc, q_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
-             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
-             num_tiles, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-             HAS_RIGHT, PINGPONG, OVERLAP, False, False)
+             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
+             dropout_p, num_tiles, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
+             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False)
 
 
 @gluon.jit(do_not_specialize=["section"])
 def attn_fwd_gluon_ws_sched_kernel(
     q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
-    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, num_tiles,
-    section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr,
-    O_TMA: gl.constexpr, num_warps: gl.constexpr,
+    nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
+    num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
+    OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, num_warps: gl.constexpr,
 ):
     """``attn_fwd_gluon_ws_kernel`` with the dynamic persistent schedule (DYNAMIC: tiles from the global
     counter ``tile_counter``, int32[2], zero before the launch and left zero after it, in sections of
@@ -666,9 +721,9 @@ def attn_fwd_gluon_ws_sched_kernel(
     2D view of Out like q_desc's of q)."""
     _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
-             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right,
-             num_tiles, section, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-             HAS_RIGHT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)
+             nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
+             dropout_p, num_tiles, section, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
+             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)
 
 
 class FwdConfig(NamedTuple):
@@ -726,7 +781,7 @@ def gluon_forward_supported(q, k, v, *, window_size: tuple[int, int], softcap: f
                             dropout_p: float, softmax_scale: float | None = None,
                             cu_seqlens_q: torch.Tensor | None = None) -> bool:
     """Whether ``gluon_forward`` computes this forward: dense (b, s, h, d) or varlen (total, h, d) with
-    cu_seqlens, any window / causal, softcap, ALiBi, GQA; not dropout. ``IOATTN_GLUON=0`` turns it off."""
+    cu_seqlens, any window / causal, softcap, ALiBi, GQA, dropout. ``IOATTN_GLUON=0`` turns it off."""
     if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or interpreting():
         return False
     if not (q.is_cuda and k.is_cuda and v.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -737,7 +792,7 @@ def gluon_forward_supported(q, k, v, *, window_size: tuple[int, int], softcap: f
         return False
     if q.shape[-1] not in _ROUTED_HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return False
-    if dropout_p != 0:
+    if not 0 <= dropout_p < 1:
         return False
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
         return False
@@ -785,12 +840,13 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
 def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                   window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                   alibi_slopes: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
-                  cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0, *,
-                  config: FwdConfig | None = None, overlap: bool | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                  dropout_p: float = 0.0, seed: int = 0, *, config: FwdConfig | None = None,
+                  overlap: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out contiguous like q, lse float32 (b, h, sq)); varlen
     q (total_q, h, d), k/v (total_k, h_k, d) with int32 cu_seqlens -> (out, lse float32 (h, total_q)).
-    ``window_size`` is resolved (causal = (left, 0)). Call only where ``gluon_forward_supported`` is True.
+    ``window_size`` is resolved (causal = (left, 0)). ``dropout_p`` > 0 drops with ``ioattn.dropout``'s mask
+    for ``seed``. Call only where ``gluon_forward_supported`` is True.
     ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap."""
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
@@ -825,10 +881,11 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
             cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes,
             stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
             q.stride(-2), k.stride(-2), v.stride(-2),
-            nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, left, right)
+            nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, left, right, seed,
+            dropout_p)
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=varlen,
                  SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                 OVERLAP=overlap, num_warps=cfg.warps)
+                 DROPOUT=dropout_p > 0, OVERLAP=overlap, num_warps=cfg.warps)
     if single:
         attn_fwd_gluon_kernel[(num_m, batch * nheads)](*args, **flags)
         return out, lse

@@ -89,23 +89,41 @@ def score_mod(qk, rows, cols, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, 
 
 
 @triton.jit
-def dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
-    """Keep mask of ``ioattn.dropout`` on a (rows, cols) tile: one Philox call per four keys.
+def philox_grid(bh, max_seqlen_q, max_seqlen_k):
+    """(int64 base, row stride) of the Philox counters of (batch * nheads + head) plane ``bh`` of the
+    dropout grid (``ioattn.dropout``): four counters per 32 keys of a row."""
+    stride = tl.cdiv(max_seqlen_k, 32) * 4
+    return bh.to(tl.int64) * max_seqlen_q * stride, stride
 
-    Key ``j`` of row ``i`` takes output ``j % 4`` of ``philox(seed, base + i * row_stride + j // 4)``
-    (``row_stride = cdiv(seqlen_k, 4)``). ``cols`` must start at a multiple of 4 and hold a multiple of 4.
-    """
+
+@triton.jit
+def dropout_halves_kept(word, dropout_p):
+    """(low, high) 16-bit halves of a uint32 Philox word kept: ``u >= ceil(dropout_p * 65536)``."""
+    threshold = tl.math.ceil(dropout_p * 65536.0).to(tl.uint32)
+    return (word & 0xFFFF) >= threshold, (word >> 16) >= threshold
+
+
+@triton.jit
+def dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
+    """Keep mask of ``ioattn.dropout`` on a (rows, cols) tile; ``cols`` starts at a multiple of 32 and
+    holds a multiple of 32. Key ``j = 32 g + 8 c + 2 q + e`` of row ``i`` takes 16-bit half ``e`` of word
+    ``c`` of ``philox(seed, base + i * row_stride + 4 g + q)``."""
     n: tl.constexpr = cols.shape[0]
-    groups = tl.max(tl.reshape(cols // 4, [n // 4, 4]), axis=1)
-    offs = philox_base + rows.to(tl.int64)[:, None] * philox_row_stride + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, offs)
-    u0 = tl.random.uint_to_uniform_float(r0)
-    u1 = tl.random.uint_to_uniform_float(r1)
-    u2 = tl.random.uint_to_uniform_float(r2)
-    u3 = tl.random.uint_to_uniform_float(r3)
-    # join(join(u0, u2), join(u1, u3))[i, t, y, x] = u_{2y+x}: flattening puts key 4t + 2y + x on it.
-    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [rows.shape[0], n])
-    return u >= dropout_p
+    m: tl.constexpr = rows.shape[0]
+    # The call column of each (g, q): one key of the group per call (the rest share it).
+    calls = tl.max(tl.reshape(4 * (cols // 32) + (cols % 8) // 2, [n // 32, 4, 4, 2]), axis=3)
+    calls = tl.reshape(tl.max(calls, axis=1), [n // 8])  # (g, q) flattened
+    offs = philox_base + rows.to(tl.int64)[:, None] * philox_row_stride + calls[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, offs)
+    l0, h0 = dropout_halves_kept(w0, dropout_p)
+    l1, h1 = dropout_halves_kept(w1, dropout_p)
+    l2, h2 = dropout_halves_kept(w2, dropout_p)
+    l3, h3 = dropout_halves_kept(w3, dropout_p)
+    # Each join appends an axis: (i, 4 g + q) -> e (half) -> c0 -> c1, word c = 2 c1 + c0.
+    k = tl.join(tl.join(tl.join(l0, h0), tl.join(l1, h1)), tl.join(tl.join(l2, h2), tl.join(l3, h3)))
+    k = tl.reshape(k, [m, n // 32, 4, 2, 2, 2])  # (i, g, q, e, c0, c1)
+    k = tl.permute(k, [0, 1, 5, 4, 2, 3])  # (i, g, c1, c0, q, e): key 32 g + 16 c1 + 8 c0 + 2 q + e
+    return tl.reshape(k, [m, n])
 
 
 @triton.jit

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -99,7 +99,16 @@ def single_pass_backward(block_d: int, causal: bool) -> bool:
     return ("fused", _ceiling(block_d), causal) in _OVERRIDES or (_ceiling(block_d), causal) in _SINGLE_PASS
 
 
-def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> AttnConfig:
+def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype, dropout: bool = False) -> AttnConfig:
+    """The tile shape of ``kernel``; with ``dropout`` at least 32 keys a tile (``ioattn.dropout`` draws its
+    keep mask per group of 32 keys)."""
+    cfg = _get_config(kernel, block_d, causal, dtype)
+    if dropout and cfg.block_n < 32:
+        cfg = replace(cfg, block_n=32)
+    return cfg
+
+
+def _get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> AttnConfig:
     ceiling = _ceiling(block_d)
     key = (kernel, ceiling, causal)
     if key in _OVERRIDES:
@@ -206,7 +215,7 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
     """Returns (out, lse): out like q (contiguous), lse float32 of ``lse_shape``."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape(q, prob.varlen), dtype=torch.float32, device=q.device)
-    cfg = get_config("fwd", _block_d(prob.headdim), prob.causal, q.dtype)
+    cfg = get_config("fwd", _block_d(prob.headdim), prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) == 0:
         return out, lse
@@ -289,7 +298,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                                                            softcap=prob.softcap,
                                                            window_size=(prob.window_left, prob.window_right))
 
-    cfg = get_config("dq", bd, prob.causal, q.dtype)
+    cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) > 0:
         attn_bwd_preprocess_kernel[grid](
@@ -314,7 +323,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 FAST_TANH=bd > 64 or prob.causal, **flags,
             )
-    cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype)
+    cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
     if fused:
         tma = _tma_reduce_available(q)

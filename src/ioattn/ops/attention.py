@@ -26,16 +26,16 @@ def flash_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, seed): seed is a CPU int64 scalar tensor (0 without dropout).
 
-    On Hopper the forward without dropout (dense or varlen, any mask, softcap, ALiBi, GQA) takes the Gluon
-    kernel (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster;
-    ``IOATTN_GLUON=0`` turns it off."""
+    On Hopper the forward (dense or varlen, any mask, softcap, ALiBi, GQA, dropout) takes the Gluon kernel
+    (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0``
+    turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
+    seed = draw_seed() if dropout_p > 0 else 0
     if gluon_forward_supported(q, k, v, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                dropout_p=dropout_p, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q):
         out, lse = gluon_forward(q, k, v, softmax_scale, window, softcap, alibi_slopes, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return out, lse, torch.tensor(0, dtype=torch.int64)
-    seed = draw_seed() if dropout_p > 0 else 0
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed)
+        return out, lse, torch.tensor(seed, dtype=torch.int64)
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
     out, lse = attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed)
