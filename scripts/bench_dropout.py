@@ -47,6 +47,13 @@ IMPLS = {"ioattn": _ioattn(False), "ioattn-portable": _ioattn(True), "sdpa-flash
          "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"), "sdpa-cudnn": _sdpa("CUDNN_ATTENTION")}
 
 
+def _time(fn, q, k, v, dout, causal, p) -> tuple[float, float]:
+    """(forward ms, forward + backward ms), medians after warm-up."""
+    fwd = median_ms(lambda: fn(q, k, v, causal, p), "cuda", FULL, grad_to_none=(q, k, v))
+    both = median_ms(lambda: fn(q, k, v, causal, p).backward(dout), "cuda", FULL, grad_to_none=(q, k, v))
+    return fwd, both
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--headdims", default="64,128")
@@ -68,9 +75,7 @@ def main() -> None:
                     fn = IMPLS[name]
                     for p in (0.0, args.p):
                         try:
-                            fwd = median_ms(lambda: fn(q, k, v, causal, p), "cuda", FULL, grad_to_none=(q, k, v))
-                            both = median_ms(lambda: fn(q, k, v, causal, p).backward(dout), "cuda", FULL,
-                                             grad_to_none=(q, k, v))
+                            fwd, both = _time(fn, q, k, v, dout, causal, p)
                         except Exception as e:  # noqa: BLE001 - a peer without this case is reported
                             print(f"{name} d={d} s={seqlen} causal={causal} p={p}: {type(e).__name__}: {e}"[:200])
                             continue

@@ -10,24 +10,29 @@ import triton.language as tl
 from conftest import DEVICE
 
 from ioattn.dropout import counters_per_row, draw_seed, dropout_keep_mask, keep_threshold, philox4x32
-from ioattn.kernels.common import dropout_keep, dropout_keep_t, philox_grid
+from ioattn.kernels.common import dropout_keep, dropout_keep_t, philox, philox_grid
 
 
 @triton.jit
-def _tl_words_kernel(out_ptr, offset_ptr, seed, n, BLOCK: tl.constexpr):
+def _tl_words_kernel(out_ptr, offset_ptr, seed, n, BLOCK: tl.constexpr, N_ROUNDS: tl.constexpr,
+                     OURS: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
     offset = tl.load(offset_ptr + idx, mask=inside, other=0)
-    r0, r1, r2, r3 = tl.randint4x(seed, offset)
+    if OURS:  # the kernels' Philox (mul.wide products), always PHILOX_ROUNDS
+        r0, r1, r2, r3 = philox(seed, offset)
+    else:
+        r0, r1, r2, r3 = tl.randint4x(seed, offset, N_ROUNDS)
     tl.store(out_ptr + idx * 4, r0.to(tl.int64) & 0xFFFFFFFF, mask=inside)
     tl.store(out_ptr + idx * 4 + 1, r1.to(tl.int64) & 0xFFFFFFFF, mask=inside)
     tl.store(out_ptr + idx * 4 + 2, r2.to(tl.int64) & 0xFFFFFFFF, mask=inside)
     tl.store(out_ptr + idx * 4 + 3, r3.to(tl.int64) & 0xFFFFFFFF, mask=inside)
 
 
-def _tl_words(seed: int, offset: torch.Tensor) -> torch.Tensor:
+def _tl_words(seed: int, offset: torch.Tensor, n_rounds: int = 7, ours: bool = False) -> torch.Tensor:
     out = torch.full((*offset.shape, 4), -1, dtype=torch.int64, device=offset.device)
-    _tl_words_kernel[(triton.cdiv(offset.numel(), 256),)](out, offset, seed, offset.numel(), BLOCK=256)
+    _tl_words_kernel[(triton.cdiv(offset.numel(), 256),)](out, offset, seed, offset.numel(), BLOCK=256,
+                                                          N_ROUNDS=n_rounds, OURS=ours)
     return out
 
 
@@ -45,8 +50,10 @@ def _tile_mask_kernel(out_ptr, seed, bh, max_seqlen_q, max_seqlen_k, row0, col0,
     tl.store(out_ptr + offs, keep.to(tl.int8))
 
 
+@pytest.mark.parametrize("impl", ["tl.randint4x-7", "tl.randint4x-10", "kernels"])
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 7, 2**32 + 3, 2**62 - 1, 3_141_592_653_589_793_238])
-def test_philox_bit_exact_with_tl_randint4x(seed):
+def test_philox_bit_exact_with_tl_randint4x(seed, impl):
+    """The torch port against Triton's Philox (seven and ten rounds) and the kernels' own Philox."""
     gen = torch.Generator().manual_seed(seed % 1000)
     offset = torch.cat([
         torch.arange(0, 600),
@@ -55,8 +62,9 @@ def test_philox_bit_exact_with_tl_randint4x(seed):
         torch.randint(2**32, 2**62, (400,), generator=gen),
         torch.tensor([2**63 - 1]),
     ]).to(device=DEVICE, dtype=torch.int64)
-    expected = _tl_words(seed, offset)
-    got = philox4x32(seed, offset)
+    n_rounds = 10 if impl == "tl.randint4x-10" else 7
+    expected = _tl_words(seed, offset, n_rounds, ours=impl == "kernels")
+    got = philox4x32(seed, offset, n_rounds)
     assert got.shape == (offset.numel(), 4)
     mismatched = int((got != expected).sum())
     print(f"seed {seed}: {mismatched} of {offset.numel()} differ")

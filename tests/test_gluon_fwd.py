@@ -428,11 +428,11 @@ def test_dropout(seqlens, opts, d):
 
 @pytest.mark.parametrize("p", [0.0001, 0.5, 0.9])
 def test_dropout_probabilities_and_seeds(p):
-    """Kept fraction near 1 - p through the kernel; another seed drops other elements; the same seed
-    repeats bit for bit."""
+    """Kept fraction near 1 - p through the kernel; another seed drops other elements (seed 1 is a
+    constant the JIT specialises); the same seed repeats bit for bit."""
     q, k, v = _qkv(1, 512, 512, 2, 2, 128, torch.float16)
     a = _check_dropout(q, k, v, p, 5)
-    b = _check_dropout(q, k, v, p, 6)
+    b = _check_dropout(q, k, v, p, 1)
     assert not torch.equal(a, b)
     assert torch.equal(a, gluon_forward(q, k, v, 1 / math.sqrt(128), dropout_p=p, seed=5)[0])
     kept = dropout_keep_mask(5, 1, 2, 512, 512, p, "cuda").float().mean().item()

@@ -2,7 +2,8 @@
 
 The keep mask is a pure function of ``(seed, b, h, i, j)`` on a (batch, nheads, seqlen_q, seqlen_k) grid.
 Keys are taken in groups of 32 (``j = 32 g + 8 c + 2 q + e``, with ``c``, ``q`` in 0..3 and ``e`` in 0..1),
-and one Philox-4x32-10 call (Triton's ``tl.randint4x``) serves the eight keys of a group that share ``q``:
+and one Philox-4x32-7 call (Triton's ``tl.randint4x`` with seven rounds, FlashAttention-2's choice of rounds)
+serves the eight keys of a group that share ``q``:
 its output word ``c`` holds two 16-bit uniforms, the low half for ``e = 0`` and the high half for ``e = 1``.
 The call's int64 counter is ``row * 4 * cdiv(seqlen_k, 32) + 4 g + q`` with
 ``row = (b * nheads + h) * seqlen_q + i``. Element ``(b, h, i, j)`` is kept when its 16-bit value ``u``
@@ -27,8 +28,9 @@ import math
 
 import torch
 
-#: Keys per counter group, Philox calls per group (one per ``q``), keys per call.
+#: Keys per counter group, Philox calls per group (one per ``q``); Philox rounds.
 GROUP_KEYS, CALLS_PER_GROUP = 32, 4
+PHILOX_ROUNDS = 7
 
 
 def draw_seed() -> int:
@@ -47,7 +49,7 @@ def counters_per_row(seqlen_k: int) -> int:
     return CALLS_PER_GROUP * ((seqlen_k + GROUP_KEYS - 1) // GROUP_KEYS)
 
 
-# Philox-4x32-10 constants, as in triton/language/random.py.
+# Philox-4x32 constants, as in triton/language/random.py.
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
 _PHILOX_ROUND_A = 0xD2511F53
@@ -67,13 +69,15 @@ def _mul32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
 
 
-def philox4x32(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    """The four uint32 outputs of ``tl.randint4x(seed, offset)`` (Triton 3.6), in plain torch, bit for bit.
+def philox4x32(seed: int, offset: torch.Tensor, n_rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
+    """The four uint32 outputs of ``tl.randint4x(seed, offset, n_rounds)`` (Triton 3.6), in plain torch,
+    bit for bit.
 
     Arguments:
         seed: int in [0, 2**63); its low / high 32 bits are the Philox key.
         offset: int64 tensor of any shape, values in [0, 2**63); its low / high 32 bits are the first two
             Philox counter words, the other two are 0.
+        n_rounds: Philox rounds (the dropout mask's are ``PHILOX_ROUNDS``).
     Returns:
         int64 tensor of shape ``offset.shape + (4,)`` holding the words, each in [0, 2**32).
     """
@@ -82,7 +86,7 @@ def philox4x32(seed: int, offset: torch.Tensor) -> torch.Tensor:
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    for _ in range(n_rounds):
         hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
         c0 = hi_b ^ c1 ^ k0

@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -46,6 +45,7 @@ from .common import (
     kv_block_range,
     launch_order,
     order_section,
+    philox,
     philox_grid,
     seq_bounds,
     tanh,
@@ -75,7 +75,7 @@ def dropout_keep_wgmma(seed, philox_rows, cols, dropout_p):
     calls, _ = gl.split(calls)
     calls, _ = gl.split(calls)
     calls, _ = gl.split(calls)  # (i, g, q): one counter per call
-    w0, w1, w2, w3 = tl.randint4x(seed, calls)
+    w0, w1, w2, w3 = philox(seed, calls)
     l0, h0 = dropout_halves_kept(w0, dropout_p)
     l1, h1 = dropout_halves_kept(w1, dropout_p)
     l2, h2 = dropout_halves_kept(w2, dropout_p)

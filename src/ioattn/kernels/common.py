@@ -15,8 +15,11 @@ from ..backend import interpreting
 # scheduler: 32 MB of the H100's / H200's 50 MB).
 L2_SECTION_BYTES = 32 << 20
 
-# Inline PTX does not run in the interpreter: there ``tanh`` always takes the precise formula.
-_ASM_TANH = tl.constexpr(not interpreting())
+# Inline PTX does not run in the interpreter: there ``tanh`` always takes the precise formula and Philox's
+# products take tl.umulhi and a wrapping multiply.
+_INLINE_PTX = tl.constexpr(not interpreting())
+# ioattn.dropout's Philox-4x32 rounds (FlashAttention-2's choice; Triton's default is ten).
+PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
@@ -25,7 +28,7 @@ def tanh(x, FAST: tl.constexpr = False):
     ``tanh.approx.f32`` (max relative error ~2^-11) instead of an exp, a precise fp32 division and two
     adds. Otherwise, and always in the interpreter, 1 - 2 / (e^{2x} + 1): saturates to +-1 without
     overflow NaNs (e^{2x} = inf gives 1, 0 gives -1)."""
-    if FAST and _ASM_TANH:
+    if FAST and _INLINE_PTX:
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                       pack=1)
     else:
@@ -97,6 +100,43 @@ def philox_grid(bh, max_seqlen_q, max_seqlen_k):
 
 
 @triton.jit
+def _mulhilo(a, b: tl.constexpr):
+    """(high, low) 32 bits of the uint32 product a * b: one ``mul.wide.u32`` (a single IMAD.WIDE.U32 on
+    sm_90, against IMAD.HI + IMAD for tl.umulhi and a multiply)."""
+    if _INLINE_PTX:
+        hi, lo = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }",
+                                           "=r,=r,r,r", [a, a * 0 + b], dtype=(tl.uint32, tl.uint32),
+                                           is_pure=True, pack=1)
+    else:
+        hi = tl.umulhi(a, a * 0 + b)
+        lo = a * b
+    return hi, lo
+
+
+@triton.jit
+def philox(seed, offset):
+    """``tl.randint4x(seed, offset, PHILOX_ROUNDS)`` bit for bit (four uint32 words; int64 offset), with
+    each round's two products as ``mul.wide.u32``."""
+    seed = tl.core.to_tensor(seed).to(tl.uint64)  # a constexpr when the JIT specialises seed = 1
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = offset.to(tl.uint32)
+    c1 = (offset >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(PHILOX_ROUNDS):
+        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def dropout_halves_kept(word, dropout_p):
     """(low, high) 16-bit halves of a uint32 Philox word kept: ``u >= ceil(dropout_p * 65536)``."""
     threshold = tl.math.ceil(dropout_p * 65536.0).to(tl.uint32)
@@ -114,7 +154,7 @@ def dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
     calls = tl.max(tl.reshape(4 * (cols // 32) + (cols % 8) // 2, [n // 32, 4, 4, 2]), axis=3)
     calls = tl.reshape(tl.max(calls, axis=1), [n // 8])  # (g, q) flattened
     offs = philox_base + rows.to(tl.int64)[:, None] * philox_row_stride + calls[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, offs)
+    w0, w1, w2, w3 = philox(seed, offs)
     l0, h0 = dropout_halves_kept(w0, dropout_p)
     l1, h1 = dropout_halves_kept(w1, dropout_p)
     l2, h2 = dropout_halves_kept(w2, dropout_p)
