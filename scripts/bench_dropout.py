@@ -1,7 +1,8 @@
-"""Dropout's cost, in one process: ioattn (Gluon forward on Hopper, portable backward), ioattn with the
-portable forward (``IOATTN_GLUON=0``) and SDPA's flash / efficient / cuDNN backends, each with and without
-dropout, forward and backward (fwd+bwd minus fwd, as the fa2 suite times them). bf16, batch x seqlen = 16k
-tokens, hidden 2048, the fa2 suite's shapes; TFLOPs/s count every (query, key) pair (half for causal).
+"""Dropout's cost, in one process: ioattn (Gluon forward on Hopper, portable backward), ioattn with the portable
+forward (``IOATTN_GLUON=0``), ioattn with dropout's backward in two passes, and SDPA's flash / efficient /
+cuDNN backends, each with and without dropout, forward and backward (fwd+bwd minus fwd, as the fa2 suite times
+them). bf16, batch x seqlen = 16k tokens, hidden 2048, the fa2 suite's shapes; TFLOPs/s count every (query,
+key) pair (half for causal).
 
     PYTHONPATH=src python scripts/bench_dropout.py [--headdims 64,128] [--seqlens 4096,16384] [--p 0.1]
         [--json out.json]
@@ -19,18 +20,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ioattn
 from ioattn.bench.timing import FULL, median_ms
+from ioattn.kernels import launch
 
 TOKENS, HIDDEN = 16384, 2048
 
 
-def _ioattn(portable: bool):
+def _ioattn(portable: bool = False, two_pass: bool = False):
+    """portable: the portable forward (IOATTN_GLUON=0); two_pass: dropout's backward in two passes (the rule
+    before launch.DROPOUT_SINGLE_PASS)."""
     def run(q, k, v, causal, p):
         if portable:
             os.environ["IOATTN_GLUON"] = "0"
+        launch.DROPOUT_SINGLE_PASS = not two_pass
         try:
             return ioattn.flash_attn_func(q, k, v, dropout_p=p, causal=causal)
         finally:
             os.environ.pop("IOATTN_GLUON", None)
+            launch.DROPOUT_SINGLE_PASS = True
     return run
 
 
@@ -43,7 +49,8 @@ def _sdpa(backend: str):
     return run
 
 
-IMPLS = {"ioattn": _ioattn(False), "ioattn-portable": _ioattn(True), "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+IMPLS = {"ioattn": _ioattn(), "ioattn-portable": _ioattn(portable=True), "ioattn-twopass": _ioattn(two_pass=True),
+         "sdpa-flash": _sdpa("FLASH_ATTENTION"),
          "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"), "sdpa-cudnn": _sdpa("CUDNN_ATTENTION")}
 
 

@@ -117,9 +117,11 @@ def _mulhilo(a, b: tl.constexpr):
 def philox(seed, offset):
     """``tl.randint4x(seed, offset, PHILOX_ROUNDS)`` bit for bit (four uint32 words; int64 offset), with
     each round's two products as ``mul.wide.u32``."""
-    seed = tl.core.to_tensor(seed).to(tl.uint64)  # a constexpr when the JIT specialises seed = 1
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (seed >> 32).to(tl.uint32)
+    # The key as a tile (seed is a constexpr when the JIT specialises seed = 1): every element holds the
+    # same value, which the compiler keeps once.
+    key = offset.to(tl.uint64) * 0 + seed
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (key >> 32).to(tl.uint32)
     c0 = offset.to(tl.uint32)
     c1 = (offset >> 32).to(tl.uint32)
     c2 = c0 * 0

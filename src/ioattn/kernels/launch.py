@@ -70,6 +70,10 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
 # (head dim ceiling, causal) where the single pass is faster on an H200 (benchmarks/NOTES.md, Backward v4):
 # d=128 causal (+5% at 16k, even at 2k-4k); at d=64 and d=128 non-causal it lost 4-11%.
 _SINGLE_PASS = {(128, True)}
+# With dropout the mask's Philox work dominates a backward tile, and the two-pass backward draws it twice (the
+# dK/dV and the dQ programs); the single pass draws it once, so dropout takes it wherever a "fused" row exists.
+# False restores the rule above (for A/B runs: scripts/bench_dropout.py).
+DROPOUT_SINGLE_PASS = True
 # Softcap's tanh in the backward: tanh.approx (the kernels take it for 16-bit inputs only) except in the
 # non-causal dQ kernel at head dims up to 64, whose (128, 64, 8, 2) build ptxas (CUDA 12.8, bundled with
 # Triton 3.6) schedules with a cp.async address hazard when tanh.approx is in it: it faulted at d = 48 on an
@@ -94,9 +98,11 @@ def _ceiling(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def single_pass_backward(block_d: int, causal: bool) -> bool:
+def single_pass_backward(block_d: int, causal: bool, dropout: bool = False) -> bool:
     """Whether the non-deterministic backward takes the single pass (an override forces it, for sweeps)."""
-    return ("fused", _ceiling(block_d), causal) in _OVERRIDES or (_ceiling(block_d), causal) in _SINGLE_PASS
+    ceiling = _ceiling(block_d)
+    return (("fused", ceiling, causal) in _OVERRIDES or (ceiling, causal) in _SINGLE_PASS
+            or (dropout and DROPOUT_SINGLE_PASS and ceiling <= 128))
 
 
 def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype, dropout: bool = False) -> AttnConfig:
@@ -267,13 +273,14 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     """Returns (dq, dk, dv), contiguous, in the inputs' dtype.
 
     ``deterministic=False`` (flash-attn's default) takes FA2's single pass where it measured faster
-    (``_SINGLE_PASS``; always under the interpreter, so CI covers it): the dK/dV programs also add dQ's
-    share into an fp32 buffer (one TMA reduce-add per tile on sm_90, fp32 atomics elsewhere), five
-    products per tile instead of seven; the order of those additions varies from run to run, so dQ may
-    differ in its last bits. Otherwise, and always with ``deterministic=True``, a separate dQ pass runs:
-    no atomics, bitwise reproducible. On sm_90 the non-deterministic backward takes the Gluon
-    warp-specialised single pass where it measured faster (d = 128, and d = 64 causal; ``attn_bwd_gluon.py``, its
-    ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD`` changes that).
+    (``_SINGLE_PASS``, and with dropout; always under the interpreter, so CI covers it): the dK/dV programs also
+    add dQ's share into an fp32 buffer (one TMA reduce-add per tile on sm_90, fp32 atomics elsewhere), five
+    products per tile instead of seven, one draw of the dropout mask instead of two; the order of those
+    additions varies from run to run, so dQ may differ in its last bits. Otherwise, and always with
+    ``deterministic=True``, a separate dQ pass runs: no atomics, bitwise reproducible. On sm_90 the non-
+    deterministic backward takes the Gluon warp-specialised single pass where it measured faster (d = 128, and d
+    = 64 causal; ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD``
+    changes that).
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -292,7 +299,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                seed)
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
-    fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal))
+    fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
     gluon = not deterministic and gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p,
                                                            alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
                                                            softcap=prob.softcap,
