@@ -28,12 +28,15 @@ TOKENS, HIDDEN = 16384, 2048
 def _ioattn(portable: bool = False, two_pass: bool = False):
     """portable: the portable forward (IOATTN_GLUON=0); two_pass: dropout's backward in two passes (the rule
     before launch.DROPOUT_SINGLE_PASS)."""
-    def run(q, k, v, causal, p):
+    def run(q, k, v, causal, p, dout=None):
         if portable:
             os.environ["IOATTN_GLUON"] = "0"
         launch.DROPOUT_SINGLE_PASS = not two_pass
         try:
-            return ioattn.flash_attn_func(q, k, v, dropout_p=p, causal=causal)
+            out = ioattn.flash_attn_func(q, k, v, dropout_p=p, causal=causal)
+            if dout is not None:  # the backward runs under the same routing
+                out.backward(dout)
+            return out
         finally:
             os.environ.pop("IOATTN_GLUON", None)
             launch.DROPOUT_SINGLE_PASS = True
@@ -41,11 +44,13 @@ def _ioattn(portable: bool = False, two_pass: bool = False):
 
 
 def _sdpa(backend: str):
-    def run(q, k, v, causal, p):
+    def run(q, k, v, causal, p, dout=None):
         with sdpa_kernel(getattr(SDPBackend, backend)):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 dropout_p=p, is_causal=causal)
-        return out.transpose(1, 2)
+                                                 dropout_p=p, is_causal=causal).transpose(1, 2)
+            if dout is not None:
+                out.backward(dout)
+        return out
     return run
 
 
@@ -57,7 +62,7 @@ IMPLS = {"ioattn": _ioattn(), "ioattn-portable": _ioattn(portable=True), "ioattn
 def _time(fn, q, k, v, dout, causal, p) -> tuple[float, float]:
     """(forward ms, forward + backward ms), medians after warm-up."""
     fwd = median_ms(lambda: fn(q, k, v, causal, p), "cuda", FULL, grad_to_none=(q, k, v))
-    both = median_ms(lambda: fn(q, k, v, causal, p).backward(dout), "cuda", FULL, grad_to_none=(q, k, v))
+    both = median_ms(lambda: fn(q, k, v, causal, p, dout), "cuda", FULL, grad_to_none=(q, k, v))
     return fwd, both
 
 

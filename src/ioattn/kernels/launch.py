@@ -71,8 +71,8 @@ _CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {
 # d=128 causal (+5% at 16k, even at 2k-4k); at d=64 and d=128 non-causal it lost 4-11%.
 _SINGLE_PASS = {(128, True)}
 # With dropout the mask's Philox work dominates a backward tile, and the two-pass backward draws it twice (the
-# dK/dV and the dQ programs); the single pass draws it once, so dropout takes it wherever a "fused" row exists.
-# False restores the rule above (for A/B runs: scripts/bench_dropout.py).
+# dK/dV and the dQ programs); the single pass draws it once: with dropout it takes d = 64 (+34-40% on an H200;
+# d = 128 non-causal lost 14%: benchmarks/NOTES.md, "Dropout backward"). False restores the rule above (A/B).
 DROPOUT_SINGLE_PASS = True
 # Softcap's tanh in the backward: tanh.approx (the kernels take it for 16-bit inputs only) except in the
 # non-causal dQ kernel at head dims up to 64, whose (128, 64, 8, 2) build ptxas (CUDA 12.8, bundled with
@@ -102,7 +102,7 @@ def single_pass_backward(block_d: int, causal: bool, dropout: bool = False) -> b
     """Whether the non-deterministic backward takes the single pass (an override forces it, for sweeps)."""
     ceiling = _ceiling(block_d)
     return (("fused", ceiling, causal) in _OVERRIDES or (ceiling, causal) in _SINGLE_PASS
-            or (dropout and DROPOUT_SINGLE_PASS and ceiling <= 128))
+            or (dropout and DROPOUT_SINGLE_PASS and ceiling == 64))
 
 
 def get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype, dropout: bool = False) -> AttnConfig:
