@@ -41,7 +41,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ..backend import interpreting
 from .common import (
     allowed,
-    dropout_halves_kept,
+    dropout_words_kept,
     kv_block_range,
     launch_order,
     order_section,
@@ -75,12 +75,7 @@ def dropout_keep_wgmma(seed, philox_rows, cols, dropout_p):
     calls, _ = gl.split(calls)
     calls, _ = gl.split(calls)
     calls, _ = gl.split(calls)  # (i, g, q): one counter per call
-    w0, w1, w2, w3 = philox(seed, calls)
-    l0, h0 = dropout_halves_kept(w0, dropout_p)
-    l1, h1 = dropout_halves_kept(w1, dropout_p)
-    l2, h2 = dropout_halves_kept(w2, dropout_p)
-    l3, h3 = dropout_halves_kept(w3, dropout_p)
-    keep = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
+    keep = dropout_words_kept(*philox(seed, calls), dropout_p)  # (i, g, q, e, c0, c1)
     keep = gl.reshape(gl.permute(keep, [0, 1, 5, 4, 2, 3]), [BM, BN])  # (i, g, q, e, c0, c1) -> key order
     return gl.convert_layout(keep, philox_rows.type.layout.parent)
 

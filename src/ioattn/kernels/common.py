@@ -139,10 +139,15 @@ def philox(seed, offset):
 
 
 @triton.jit
-def dropout_halves_kept(word, dropout_p):
-    """(low, high) 16-bit halves of a uint32 Philox word kept: ``u >= ceil(dropout_p * 65536)``."""
+def dropout_words_kept(w0, w1, w2, w3, dropout_p):
+    """Keep flags of the eight 16-bit halves of one Philox call's words (``u >= ceil(dropout_p * 65536)``),
+    joined as (..., e, c0, c1): half e of word c = 2 c1 + c0, each join appending an axis."""
     threshold = tl.math.ceil(dropout_p * 65536.0).to(tl.uint32)
-    return (word & 0xFFFF) >= threshold, (word >> 16) >= threshold
+    k0 = tl.join((w0 & 0xFFFF) >= threshold, (w0 >> 16) >= threshold)
+    k1 = tl.join((w1 & 0xFFFF) >= threshold, (w1 >> 16) >= threshold)
+    k2 = tl.join((w2 & 0xFFFF) >= threshold, (w2 >> 16) >= threshold)
+    k3 = tl.join((w3 & 0xFFFF) >= threshold, (w3 >> 16) >= threshold)
+    return tl.join(tl.join(k0, k1), tl.join(k2, k3))
 
 
 @triton.jit
@@ -156,13 +161,7 @@ def dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
     calls = tl.max(tl.reshape(4 * (cols // 32) + (cols % 8) // 2, [n // 32, 4, 4, 2]), axis=3)
     calls = tl.reshape(tl.max(calls, axis=1), [n // 8])  # (g, q) flattened
     offs = philox_base + rows.to(tl.int64)[:, None] * philox_row_stride + calls[None, :]
-    w0, w1, w2, w3 = philox(seed, offs)
-    l0, h0 = dropout_halves_kept(w0, dropout_p)
-    l1, h1 = dropout_halves_kept(w1, dropout_p)
-    l2, h2 = dropout_halves_kept(w2, dropout_p)
-    l3, h3 = dropout_halves_kept(w3, dropout_p)
-    # Each join appends an axis: (i, 4 g + q) -> e (half) -> c0 -> c1, word c = 2 c1 + c0.
-    k = tl.join(tl.join(tl.join(l0, h0), tl.join(l1, h1)), tl.join(tl.join(l2, h2), tl.join(l3, h3)))
+    k = dropout_words_kept(*philox(seed, offs), dropout_p)  # (i, 4 g + q, e, c0, c1)
     k = tl.reshape(k, [m, n // 32, 4, 2, 2, 2])  # (i, g, q, e, c0, c1)
     k = tl.permute(k, [0, 1, 5, 4, 2, 3])  # (i, g, c1, c0, q, e): key 32 g + 16 c1 + 8 c0 + 2 q + e
     return tl.reshape(k, [m, n])
