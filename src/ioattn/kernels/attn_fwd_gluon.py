@@ -46,7 +46,7 @@ from .common import (
     launch_order,
     order_section,
     philox,
-    philox_grid,
+    philox_rows,
     seq_bounds,
     tanh,
 )
@@ -215,9 +215,8 @@ def attn_fwd_gluon_kernel(
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-    philox_base, philox_stride = philox_grid(bh, max_seqlen_q, max_seqlen_k)
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
-            philox_base + rows.to(gl.int64) * philox_stride, dropout_p)
+            philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), dropout_p)
 
     mbarrier.wait(q_bar, 0)
     if OVERLAP:
@@ -478,9 +477,8 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
-    philox_base, philox_stride = philox_grid(b * nheads + h, max_seqlen_q, max_seqlen_k)
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
-            philox_base + rows.to(gl.int64) * philox_stride, dropout_p)
+            philox_rows(b * nheads + h, rows, max_seqlen_q, max_seqlen_k), dropout_p)
     if n_blocks > 0:
         mbarrier.wait(k_ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
         if PINGPONG:

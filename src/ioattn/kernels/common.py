@@ -100,6 +100,14 @@ def philox_grid(bh, max_seqlen_q, max_seqlen_k):
 
 
 @triton.jit
+def philox_rows(bh, rows, max_seqlen_q, max_seqlen_k):
+    """int64 Philox counter of each query row's first key group in plane ``bh`` (``base + row * stride``
+    of ``philox_grid``)."""
+    base, stride = philox_grid(bh, max_seqlen_q, max_seqlen_k)
+    return base + rows.to(tl.int64) * stride
+
+
+@triton.jit
 def _mulhilo(a, b: tl.constexpr):
     """(high, low) 32 bits of the uint32 product a * b: one ``mul.wide.u32`` (a single IMAD.WIDE.U32 on
     sm_90, against IMAD.HI + IMAD for tl.umulhi and a multiply)."""
