@@ -4,8 +4,8 @@ and SDPA's cuDNN and flash backends, in one process on the same inputs, in the F
 
     PYTHONPATH=src python scripts/bench_gluon_bwd.py [--headdims 64,128] [--seqlens 2048,...] [--json F]
 
-``--softcap X`` times ioattn with that softcap and the plain case beside it (``plain``; SDPA has no softcap, so
-the peers are skipped).
+``--softcap X`` (or ``--alibi``: slopes uniform in [0, 0.1)) times ioattn with that option and the plain case
+beside it (``plain``; SDPA has neither, so the peers are skipped).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
     ap.add_argument("--json")
     ap.add_argument("--softcap", type=float, default=0.0)
+    ap.add_argument("--alibi", action="store_true")
     ap.add_argument("--alt", default="",
                     help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages]|...;...': also time these configs")
     args = ap.parse_args()
@@ -65,10 +66,13 @@ def main() -> None:
                 q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
                            for _ in range(3))
                 qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
-                ours = functools.partial(ioattn.flash_attn_func, causal=causal, softcap=args.softcap)
+                slopes = torch.rand(h, device="cuda") * 0.1 if args.alibi else None
+                ours = functools.partial(ioattn.flash_attn_func, causal=causal, softcap=args.softcap,
+                                         alibi_slopes=slopes)
+                extra = args.softcap or args.alibi
                 flops = 2.5 * 4 * s * s * d * h * b / (2 if causal else 1)
                 ms = {"gluon": _time_bwd(ours, q, k, v, "1"), "tl": _time_bwd(ours, q, k, v, "0")}
-                if args.softcap:
+                if extra:
                     plain = functools.partial(ioattn.flash_attn_func, causal=causal)
                     ms["plain"] = _time_bwd(plain, q, k, v, "1")
                 shipped = attn_bwd_gluon._CONFIGS[d]
@@ -78,8 +82,8 @@ def main() -> None:
                 attn_bwd_gluon._CONFIGS[d] = shipped
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     try:
-                        if args.softcap:
-                            raise RuntimeError("no softcap in SDPA")
+                        if extra:
+                            raise RuntimeError("no softcap or ALiBi in SDPA")
                         ms[name] = _time_bwd(functools.partial(_sdpa, backend=backend, causal=causal), qt, kt, vt)
                     except RuntimeError:
                         ms[name] = float("nan")

@@ -50,7 +50,7 @@ SHAPES = [
 ]
 OPTS = [{}, {"causal": True}, {"window_size": (100, 30)}, {"window_size": (-1, 64)},
         {"softcap": 5.0}, {"window_size": (100, 30), "softcap": 8.0}, {"alibi": True},
-        {"causal": True, "softcap": 8.0, "alibi": True}]
+        {"causal": True, "softcap": 8.0, "alibi": True}, {"window_size": (100, 30), "alibi": True}]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -103,8 +103,8 @@ def test_gluon_backward_not_taken(opts, gluon_calls):
 
 @pytest.mark.parametrize("env", [None, "0", "1"])
 def test_gluon_backward_routing(env, monkeypatch):
-    """By default the Gluon backward takes d = 128 (where it measured faster) without softcap, and d = 64 only
-    causal; IOATTN_GLUON_BWD=1 gives it every head dim it has and softcap, =0 none."""
+    """By default the Gluon backward takes d = 64 and 128 (where it measured faster) but not d = 128 causal
+    with softcap; IOATTN_GLUON_BWD=1 gives it that too, =0 nothing."""
     if env is None:
         monkeypatch.delenv("IOATTN_GLUON_BWD", raising=False)
     else:
@@ -113,7 +113,8 @@ def test_gluon_backward_routing(env, monkeypatch):
     real = launch.gluon_backward
     monkeypatch.setattr(launch, "gluon_backward", lambda *a, **kw: calls.append(a[1].shape[-1]) or real(*a, **kw))
     for d, opts in ((64, {}), (128, {}), (128, {"softcap": 5.0}), (64, {"causal": True}),
-                    (64, {"causal": True, "window_size": (100, -1)})):
+                    (64, {"causal": True, "window_size": (100, -1)}), (128, {"causal": True, "softcap": 5.0}),
+                    (64, {"causal": True, "softcap": 5.0})):
         q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
         ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
-    assert calls == {None: [128, 64], "0": [], "1": [64, 128, 128, 64, 64]}[env]
+    assert calls == {None: [64, 128, 128, 64, 64, 64], "0": [], "1": [64, 128, 128, 64, 64, 128, 64]}[env]

@@ -75,16 +75,37 @@ def _issue_scores(k_smem, v_smem, q_smem, do_smem, stage, zero):
 
 
 @gluon.jit
-def _step_stats(Lse, Delta, alibi_slopes, b, h, q_start, rows, seqlen_q, stride_lb, stride_lh, stride_ab,
-                HAS_ALIBI: gl.constexpr):
-    """lse (log2 units, +inf for rows without keys or past the sequence), delta and ALiBi slope (log2
-    units) of head h's query rows."""
+def _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, h, q_start, start_m, start_n,
+                    seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, HAS_ALIBI: gl.constexpr):
+    """The load warp's share of a step: head h's query block at start_m, into the ring's stats slot (read by
+    the consumers from shared memory just where they need them, so neither holds them in registers across
+    the step's waits). Rows: lse (log2 units, +inf for rows without keys or past the sequence), delta.
+
+    With ALiBi, per consumer warpgroup (keys n0 .. n0 + 63) its lse row and a key row: off the diagonal,
+    -slope |p - j| (p = i + diag) = s (j - n0) - s (p - n0) with s = +slope if the block's keys sit at or
+    below the query positions and -slope if above; the query term goes into the warpgroup's lse and the key
+    term s (j - n0), which the consumer adds to the scores (the blocks that cross the diagonal are masked
+    and take the rest there). Offsets from n0 keep both terms as small as the bias, so they cancel as
+    exactly as |p - j| would. Rows then: lse of warpgroup 0, of warpgroup 1, delta, key row 0, key row 1."""
+    BLOCK_M: gl.constexpr = stats_smem.type.shape[1]
+    ROWS: gl.constexpr = 5 if HAS_ALIBI else 2
+    layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     stats = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
-    lse2, delta = _row_stats(Lse + stats, Delta + stats, rows, seqlen_q)
-    alibi_slope2 = 0.0
+    offs = gl.arange(0, BLOCK_M, layout)
+    lse2, delta = _row_stats(Lse + stats, Delta + stats, start_m + offs, seqlen_q)
     if HAS_ALIBI:
-        alibi_slope2 = gl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
-    return lse2, delta, alibi_slope2
+        slope2 = gl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
+        pos0 = start_m + seqlen_k - seqlen_q
+        for wg in gl.static_range(2):
+            n0 = start_n + wg * BLOCK_M
+            s = gl.where(n0 > pos0, -slope2, slope2)
+            stats_smem.index(ROWS * stage + wg).store(lse2 + s * (offs + (pos0 - n0)).to(gl.float32))
+            stats_smem.index(ROWS * stage + 3 + wg).store(s * offs.to(gl.float32))
+        stats_smem.index(ROWS * stage + 2).store(delta)
+    else:
+        stats_smem.index(ROWS * stage).store(lse2)
+        stats_smem.index(ROWS * stage + 1).store(delta)
+    mbarrier.arrive(stats_full.index(stage))  # lowered after a barrier of the warp: every row is written
 
 
 @gluon.jit
@@ -96,10 +117,12 @@ def _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh, BLOCK_M: 
 
 
 @gluon.jit
-def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, qdo_full, qdo_empty,
-               kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh, stride_vh, stride_qh, stride_doh):
-    """The load warp: K and V of the key block once, then Q and dO of every step into the ring, a stage
-    refilled as soon as both consumers have released it."""
+def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar, qdo_full,
+               qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab, b, q_start,
+               seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh, stride_vh,
+               stride_qh, stride_doh, HAS_ALIBI: gl.constexpr):
+    """The load warp: K and V of the key block once, then Q and dO of every step into the ring (and the
+    step's lse and delta rows beside them), a stage refilled as soon as both consumers have released it."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     NUM_STAGES: gl.constexpr = q_smem.type.shape[0]
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -109,8 +132,11 @@ def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
         stage = t % NUM_STAGES
         # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
         mbarrier.wait(qdo_empty.index(stage), ((t // NUM_STAGES) & 1) ^ 1)
-        _, _, row, q_col, do_col = _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh, BLOCK_M)
+        h, start_m, row, q_col, do_col = _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh,
+                                                      BLOCK_M)
         _issue_qdo_load(q_desc, do_desc, q_smem, do_smem, qdo_full, stage, row, q_col, do_col, True)
+        _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, h, q_start, start_m, start_n,
+                        seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, HAS_ALIBI)
 
 
 @gluon.jit
@@ -134,14 +160,15 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, hk, q_row0, lo, n_m, n_ste
 
 @gluon.jit
 def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem,
-             dq_smem, qdo_full, qdo_empty, ds_ready, ds_free, dq_full, dq_free, Lse, Delta, alibi_slopes,
-             stride_lb, stride_lh, stride_ab, b, q_start, seqlen_q, seqlen_k, cols, softmax_scale, qk_scale,
-             softcap2, window_left, window_right, WG: gl.constexpr, SOFTCAP: gl.constexpr,
+             dq_smem, stats_smem, qdo_full, qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free,
+             alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, key_lo, softmax_scale,
+             qk_scale, softcap2, window_left, window_right, WG: gl.constexpr, SOFTCAP: gl.constexpr,
              HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """Step t (query block start_m of head h) of one consumer warpgroup: its five products. ``masked``: the
-    block crosses the band's edges or the sequence's end. (Two copies of the step, masked and not, spilled
-    more at 240 registers than this branch around the masking alone; so did issuing the next step's S^T
-    before waiting for this step's last products: benchmarks/NOTES.md, "Gluon backward v2".)"""
+    block crosses the band's edges or the sequence's end (with ALiBi, also the diagonal). (Two copies of the
+    step, masked and not, spilled more at 240 registers than this branch around the masking alone; so did
+    issuing the next step's S^T before waiting for this step's last products: benchmarks/NOTES.md, "Gluon
+    backward v2".)"""
     NUM_STAGES: gl.constexpr = q_smem.type.shape[0]
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     HALF_N: gl.constexpr = k_mine.type.shape[0]
@@ -151,23 +178,37 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
                                                         instr_shape=[16, BLOCK_M, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
     stage = t % NUM_STAGES
-    rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(0, st_layout))
-    lse2, delta, alibi_slope2 = _step_stats(Lse, Delta, alibi_slopes, b, h, q_start, rows, seqlen_q,
-                                            stride_lb, stride_lh, stride_ab, HAS_ALIBI)
+    row_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+    ROWS: gl.constexpr = 5 if HAS_ALIBI else 2  # the stats slot's rows: _put_step_stats
+    slot = ROWS * stage
     mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
-    st, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
-    qkt = warpgroup_mma_wait(1, deps=(st,))
-    st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
-    if masked:
-        st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, alibi_slope2, window_left,
-                             window_right, HAS_ALIBI, True, HAS_LEFT, HAS_RIGHT)
+    st_acc, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
+    mbarrier.wait(stats_full.index(stage), (t // NUM_STAGES) & 1)
+    qkt = warpgroup_mma_wait(1, deps=(st_acc,))
+    if SOFTCAP:
+        st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
+        if HAS_ALIBI:
+            st = st + stats_smem.index(slot + 3 + WG).load(gl.SliceLayout(1, st_layout))[:, None]
     elif HAS_ALIBI:
-        st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, alibi_slope2, window_left,
-                             window_right, HAS_ALIBI, False, HAS_LEFT, HAS_RIGHT)
-    pt = gl.exp2(st - lse2[None, :])
+        key_term = stats_smem.index(slot + 3 + WG).load(gl.SliceLayout(1, st_layout))
+        st = gl.fma(qkt, qk_scale, gl.broadcast(key_term[:, None], qkt)[0])
+    else:
+        st = qkt * qk_scale  # (one FMA with lse measured 1-2% slower: benchmarks/NOTES.md, Gluon backward v3)
+    if masked:
+        diag = seqlen_k - seqlen_q
+        rows = start_m + gl.arange(0, BLOCK_M, row_layout)
+        if HAS_ALIBI:
+            # pairs on the other side of the diagonal from the block's first key: -2 slope |p - j| back
+            slope2 = gl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
+            jp = (cols[:, None] - (rows + diag)[None, :]).to(gl.float32)
+            side = gl.where(key_lo > start_m + diag, -1.0, 1.0)
+            st = st - (2.0 * slope2) * gl.maximum(side * jp, 0.0)
+        st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, 0.0, window_left, window_right, False, True,
+                             HAS_LEFT, HAS_RIGHT)
+    pt = gl.exp2(st - stats_smem.index(slot + WG * HAS_ALIBI).load(row_layout)[None, :])
     dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
     dpt = warpgroup_mma_wait(1, deps=(dpt,))
-    dst = pt * (dpt - delta[None, :])
+    dst = pt * (dpt - stats_smem.index(slot + 1 + HAS_ALIBI).load(row_layout)[None, :])
     if SOFTCAP:
         dst = dst * (1.0 - tt * tt)  # d(softcap * tanh(x)) / dx, the softmax scale applied last
     dst16 = dst.to(dtype)
@@ -196,10 +237,10 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
 
 
 @gluon.jit
-def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_full, qdo_empty, ds_ready,
-                 ds_free, dq_full, dq_free, Lse, Delta, DK, DV, alibi_slopes,
-                 stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-                 stride_ab, b, hk, q_start, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m,
+def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full, qdo_empty,
+                 stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
+                 stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                 stride_ab, b, hk, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m,
                  n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right,
                  WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
@@ -223,20 +264,25 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_
     k_dq = k_smem.slice(WG * HALF_D, HALF_D, dim=1)
     dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, kv_layout)
-    cols = start_n + WG * HALF_N + gl.arange(0, HALF_N, gl.SliceLayout(1, st_layout))
+    key_lo = start_n + WG * HALF_N
+    cols = key_lo + gl.arange(0, HALF_N, gl.SliceLayout(1, st_layout))
     st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, st_layout)
     dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32,
                        gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                  instr_shape=[16, HALF_D, 16]))
-    common = (k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem, dq_smem, qdo_full, qdo_empty, ds_ready, ds_free,
-              dq_full, dq_free, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab, b, q_start, seqlen_q,
-              seqlen_k, cols, softmax_scale, qk_scale, softcap2, window_left, window_right)
+    common = (k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem, dq_smem, stats_smem, qdo_full, qdo_empty,
+              stats_full, ds_ready, ds_free, dq_full, dq_free, alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols,
+              key_lo, softmax_scale, qk_scale, softcap2, window_left, window_right)
 
     mbarrier.wait(kv_bar, 0)
     for t in range(n_steps):
         h = hk * group + t // n_m
         start_m = lo + (t % n_m) * BLOCK_M
         masked = (start_m < full_lo) | (start_m >= full_hi)
+        if HAS_ALIBI:
+            # blocks crossing the diagonal take |p - j| as it comes (the masked path)
+            pos = start_m + seqlen_k - seqlen_q
+            masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
         dk, dv = _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP, HAS_ALIBI,
                           HAS_LEFT, HAS_RIGHT)
 
@@ -305,9 +351,13 @@ def attn_bwd_gluon_kernel(
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
     dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_STAGES, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
+    gl.static_assert(not HAS_ALIBI or BLOCK_N == 2 * BLOCK_M, "ALiBi's key rows are BLOCK_M long")
+    stats_smem = gl.allocate_shared_memory(gl.float32, [(5 if HAS_ALIBI else 2) * NUM_STAGES, BLOCK_M],
+                                           gl.SwizzledSharedLayout(1, 1, 1, [0]))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     qdo_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    stats_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq_full = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
@@ -316,6 +366,7 @@ def attn_bwd_gluon_kernel(
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(qdo_full.index(i), count=1)
         mbarrier.init(qdo_empty.index(i), count=2)
+        mbarrier.init(stats_full.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)
         mbarrier.init(ds_free.index(i), count=2)
@@ -325,21 +376,22 @@ def attn_bwd_gluon_kernel(
     fence_async_shared()
 
     gl.warp_specialize([
-        (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_full, qdo_empty,
-                        ds_ready, ds_free, dq_full, dq_free, Lse, Delta, DK, DV, alibi_slopes, stride_dkb,
-                        stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-                        stride_ab, b, hk, q_start, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi,
-                        n_m, n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right,
+        (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full,
+                        qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
+                        stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
+                        seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
+                        softmax_scale, qk_scale, softcap2, window_left, window_right,
                         0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
-        (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, kv_bar, qdo_full, qdo_empty,
-                        ds_ready, ds_free, dq_full, dq_free, Lse, Delta, DK, DV, alibi_slopes, stride_dkb,
-                        stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-                        stride_ab, b, hk, q_start, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi,
-                        n_m, n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right,
+        (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full,
+                        qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
+                        stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
+                        seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
+                        softmax_scale, qk_scale, softcap2, window_left, window_right,
                         1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
-        (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, qdo_full,
-                      qdo_empty, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh, stride_vh, stride_qh,
-                      stride_doh)),
+        (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
+                      qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
+                      b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
+                      stride_kh, stride_vh, stride_qh, stride_doh, HAS_ALIBI)),
         (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, hk, q_row0, lo, n_m, n_steps, group)),
     ], [4, 1, 1], [240, 24, 24])
 
@@ -357,26 +409,24 @@ class BwdConfig(NamedTuple):
 
 # By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
 _CONFIGS = {64: BwdConfig(64, 128, 2, 2), 128: BwdConfig(64, 128, 2, 1)}
-# Head dims routed here by default: d = 128 always, d = 64 causal only (without a left window; non-causal
-# the portable backward is 7-10% faster there, causal the Gluon one 1-8%: benchmarks/NOTES.md).
-_ROUTED_HEAD_DIMS = (128,)
-_ROUTED_CAUSAL_HEAD_DIMS = (64,)
+# Head dims routed here by default: both (1.1-1.5x the portable backward on an H200 since lse and delta come
+# through shared memory: benchmarks/NOTES.md, "Gluon backward v3").
+_ROUTED_HEAD_DIMS = (64, 128)
 
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
                              cu_seqlens_q: torch.Tensor | None = None, softcap: float = 0.0,
                              window_size: tuple[int, int] = (-1, -1)) -> bool:
-    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, and in
-    ``_ROUTED_CAUSAL_HEAD_DIMS`` when causal without a left window, without softcap (where it measured
-    faster than the portable backward on an H200; with softcap the portable backward ran 1.07-1.6x faster);
-    every head dim of ``_CONFIGS`` and softcap too with ``IOATTN_GLUON_BWD=1``, none with
+    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, except causal
+    with softcap at d = 128 (where the portable backward measured faster on an H200, at 16k); every head
+    dim of ``_CONFIGS`` and every case with ``IOATTN_GLUON_BWD=1``, none with
     ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
     windows, softcap, ALiBi, GQA; not dropout), with a TMA-describable dO."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or choice == "0":
         return False
-    routed = _ROUTED_HEAD_DIMS + (_ROUTED_CAUSAL_HEAD_DIMS if tuple(window_size) == (-1, 0) else ())
-    if choice != "1" and (q.shape[-1] not in routed or softcap > 0):
+    if choice != "1" and (q.shape[-1] not in _ROUTED_HEAD_DIMS
+                          or softcap > 0 and q.shape[-1] > 64 and window_size[1] == 0):
         return False
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False

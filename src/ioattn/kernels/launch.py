@@ -278,9 +278,9 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     products per tile instead of seven, one draw of the dropout mask instead of two; the order of those
     additions varies from run to run, so dQ may differ in its last bits. Otherwise, and always with
     ``deterministic=True``, a separate dQ pass runs: no atomics, bitwise reproducible. On sm_90 the non-
-    deterministic backward takes the Gluon warp-specialised single pass where it measured faster (d = 128, and d
-    = 64 causal; ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD``
-    changes that).
+    deterministic backward takes the Gluon warp-specialised single pass where it measured faster (d = 64 and
+    128, except d = 128 causal with softcap; ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says
+    where and how ``IOATTN_GLUON_BWD`` changes that).
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
