@@ -16,9 +16,10 @@ and dK += dS^T Q with the left operand straight from registers, and half of the 
 dS K from dS^T in shared memory (both consumers' halves: they meet there once per step, on an mbarrier).
 Transposed tiles (keys x queries) let every product take its operands as the previous one left them.
 Ring stages, dS^T and dQ buffers are handed over by mbarriers; no CTA-wide barrier runs in the loop.
-On an H200 at d = 128 it runs at 1.04-1.20x the portable two-pass backward (routed there by default); at
-d = 64 it is faster causal (routed there) and slower non-causal (opt in with ``IOATTN_GLUON_BWD=1``).
-benchmarks/NOTES.md, "Gluon backward v2", has the measurements and the variants that lost.
+The load warp also brings each step's lse and delta rows (and ALiBi's row and key terms) into shared memory,
+so the consumers hold none of them across their waits. On an H200 it runs at 1.1-1.5x the portable backward
+at d = 64 and 128 (routed there by default). benchmarks/NOTES.md, "Gluon backward v2" and "v3", has the
+measurements and the variants that lost.
 Varlen, causal and sliding windows (bottom-right), softcap, ALiBi and GQA are compile-time flags; rows of
 a tile past a sequence read the next one's rows (or TMA's zero fill): their lse is +inf, so P = dS = 0;
 such key rows of dK, dV are never written, and such query rows add exact zeros to dQ.
