@@ -76,6 +76,12 @@ def _issue_scores(k_smem, v_smem, q_smem, do_smem, stage, zero):
 
 
 @gluon.jit
+def _alibi_slope2(alibi_slopes, b, h, stride_ab):
+    """Head h's ALiBi slope in log2 units (slopes (nheads,) with stride_ab = 0, or (batch, nheads))."""
+    return gl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
+
+
+@gluon.jit
 def _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, h, q_start, start_m, start_n,
                     seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, HAS_ALIBI: gl.constexpr):
     """The load warp's share of a step: head h's query block at start_m, into the ring's stats slot (read by
@@ -89,13 +95,13 @@ def _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, 
     and take the rest there). Offsets from n0 keep both terms as small as the bias, so they cancel as
     exactly as |p - j| would. Rows then: lse of warpgroup 0, of warpgroup 1, delta, key row 0, key row 1."""
     BLOCK_M: gl.constexpr = stats_smem.type.shape[1]
-    ROWS: gl.constexpr = 5 if HAS_ALIBI else 2
+    ROWS: gl.constexpr = stats_smem.type.shape[0] // stats_full.type.shape[0]
     layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     stats = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
     offs = gl.arange(0, BLOCK_M, layout)
     lse2, delta = _row_stats(Lse + stats, Delta + stats, start_m + offs, seqlen_q)
     if HAS_ALIBI:
-        slope2 = gl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
+        slope2 = _alibi_slope2(alibi_slopes, b, h, stride_ab)
         pos0 = start_m + seqlen_k - seqlen_q
         for wg in gl.static_range(2):
             n0 = start_n + wg * BLOCK_M
@@ -180,7 +186,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
     stage = t % NUM_STAGES
     row_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
-    ROWS: gl.constexpr = 5 if HAS_ALIBI else 2  # the stats slot's rows: _put_step_stats
+    ROWS: gl.constexpr = stats_smem.type.shape[0] // NUM_STAGES  # the stats slot's rows: _put_step_stats
     slot = ROWS * stage
     mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
     st_acc, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
@@ -200,7 +206,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
         rows = start_m + gl.arange(0, BLOCK_M, row_layout)
         if HAS_ALIBI:
             # pairs on the other side of the diagonal from the block's first key: -2 slope |p - j| back
-            slope2 = gl.load(alibi_slopes + b * stride_ab + h) * 1.4426950408889634
+            slope2 = _alibi_slope2(alibi_slopes, b, h, stride_ab)
             jp = (cols[:, None] - (rows + diag)[None, :]).to(gl.float32)
             side = gl.where(key_lo > start_m + diag, -1.0, 1.0)
             st = st - (2.0 * slope2) * gl.maximum(side * jp, 0.0)
