@@ -209,12 +209,13 @@ def scoreboard_hazards(cubin: bytes) -> list[str]:
 
 
 def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
-    """flags: any of compile_gluon_fwd.FLAGS (default False)."""
+    """flags: any of compile_gluon_fwd.FLAGS or DETERMINISTIC (default False)."""
     cfg = config or GLUON_CONFIGS[d]
     block_m, block_n = cfg.block_m, cfg.block_n
     ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,
-              "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS}, "num_warps": 4}
+              "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS},
+              "DETERMINISTIC": flags.get("DETERMINISTIC", False), "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:
         if name in consts:
@@ -227,7 +228,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
             sig[name] = ty
         elif name in F32_PTR_ARGS:
             sig[name] = "*fp32"
-        elif name in I32_PTR_ARGS:
+        elif name in I32_PTR_ARGS or name == "dq_lock":
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
@@ -235,6 +236,11 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
             sig[name] = "i32"
     src = GluonASTSource(attn_bwd_gluon_kernel, sig, consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+# The Gluon backward's variants: the forward's without dropout, and the ordered dQ of deterministic=True.
+BWD_VARIANTS = {**VARIANTS, "deterministic": {"DETERMINISTIC": True},
+                "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True}}
 
 
 CANDIDATES = {
@@ -265,7 +271,7 @@ def main() -> None:
     if args.gluon:
         config = BwdConfig(*(int(x) for x in args.config.split(","))) if args.config else None
         for d in (int(x) for x in args.headdims.split(",")):
-            for name, flags in VARIANTS.items():
+            for name, flags in BWD_VARIANTS.items():
                 k = compile_gluon_variant(d, config, **flags)
                 report(k, f"gluon d={d} {name}", args.dump, f"gluon_d{d}_{name}")
         return

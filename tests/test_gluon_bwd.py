@@ -92,13 +92,62 @@ def test_gluon_backward_varlen(lens, causal, gluon_calls):
     check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal)
 
 
-@pytest.mark.parametrize("opts", [{"deterministic": True}, {"dropout_p": 0.1}], ids=str)
-def test_gluon_backward_not_taken(opts, gluon_calls):
-    """deterministic=True needs the atomics-free two-pass backward; dropout stays on the portable kernels."""
+def test_gluon_backward_not_taken_with_dropout(gluon_calls):
+    """Dropout stays on the portable kernels."""
     q, k, v = _qkv(1, 256, 256, 2, 2, 128, torch.bfloat16)
-    out = ioattn.flash_attn_func(q, k, v, **opts)
+    out = ioattn.flash_attn_func(q, k, v, dropout_p=0.1)
     out.sum().backward()
     assert not gluon_calls
+
+
+# deterministic=True: the key blocks take turns on each dQ block, last first. Windows (key blocks whose
+# range starts after the first query block, or ends before the last), GQA (turns per query head), rows
+# without keys, and one row of 160 key blocks (more programs than an H200 has SMs: a program waits only
+# on programs launched before it).
+DETERMINISTIC_CASES = [
+    ((2, 1025, 1025, 4, 4, 64), {"causal": True}),
+    ((1, 777, 2048, 8, 2, 128), {"window_size": (300, 40)}),
+    ((2, 1500, 700, 4, 1, 128), {"causal": True, "softcap": 5.0, "alibi": True}),
+    ((1, 333, 1027, 4, 2, 64), {"window_size": (-1, 64)}),
+    ((1, 300, 20480, 1, 1, 64), {}),
+]
+
+
+@pytest.mark.parametrize("shape,opts", DETERMINISTIC_CASES, ids=str)
+def test_gluon_backward_deterministic(shape, opts, gluon_calls):
+    """Against attention_ref, and bitwise equal gradients over repeated calls."""
+    torch.manual_seed(sum(shape))
+    q, k, v = _qkv(*shape, torch.bfloat16)
+    opts = dict(opts, deterministic=True)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
+    _, _, grads = check_against_ref(q, k, v, **opts)
+    assert gluon_calls and all(c["deterministic"] for c in gluon_calls)
+    out = ioattn.flash_attn_func(q, k, v, **opts)
+    dout = torch.randn_like(out)
+    first = _grads(out, (q, k, v), dout)
+    for _ in range(10):
+        out = ioattn.flash_attn_func(q, k, v, **opts)
+        for a, b in zip(first, _grads(out, (q, k, v), dout), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_deterministic_varlen(causal, gluon_calls):
+    """Varlen: each sequence's key blocks take turns on its own dQ blocks (empty sequences included)."""
+    torch.manual_seed(5)
+    lens_q, lens_k = [0, 37, 1, 1500, 0, 129], [3, 41, 1, 0, 900, 1200]
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, 4, 2, 128, torch.bfloat16)
+    args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+    out = ioattn.flash_attn_varlen_func(*args, causal=causal, deterministic=True)
+    dout = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), dout)
+    assert gluon_calls and all(c["deterministic"] for c in gluon_calls)
+    check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal)
+    for _ in range(5):
+        out = ioattn.flash_attn_varlen_func(*args, causal=causal, deterministic=True)
+        for a, b in zip(grads, _grads(out, (q, k, v), dout), strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("env", [None, "0", "1"])

@@ -72,7 +72,8 @@ def flash_attn_func(
         alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
         deterministic: flash-attn's switch for a bitwise-reproducible backward. False takes the single-pass
             backward, whose dQ is summed with fp32 atomics (its last bits may vary between runs); True
-            runs a separate dQ pass without atomics (bitwise reproducible, somewhat slower).
+            sums dQ in a fixed order (the Hopper kernel: key blocks take turns) or runs a separate dQ pass
+            without atomics (elsewhere): bitwise reproducible, somewhat slower.
         return_attn_probs: also return the log-sum-exp (and None in place of the probabilities).
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype.

@@ -7,8 +7,9 @@ One program per (key block of 128, batch x KV head) keeps K and V in shared memo
 * a load warp that streams the Q and dO blocks of every query head of the GQA group through a
   ``NUM_STAGES`` ring with the bulk tensor copy engine;
 * a dQ warp that adds each step's dQ share into an fp32 buffer with bulk tensor reduce-adds (FA2 Alg. 2
-  line 21, FA3's dQ accumulation), so the order of additions, and dQ's last bits, vary from run to run.
-  ``deterministic=True`` never comes here.
+  line 21, FA3's dQ accumulation), so the order of additions, and dQ's last bits, vary from run to run;
+  with ``deterministic=True`` the key blocks take turns on each query block, in a fixed order
+  (``_ws_dq_writer``), and dQ is bitwise reproducible.
 
 Per query block a consumer computes S^T = K Q^T and dP^T = V dO^T (async wgmma from shared memory),
 P^T = exp2(S^T - lse) and dS^T = P^T (dP^T - delta) in registers (FA2 Alg. 2 lines 13-16), dV += P^T dO
@@ -147,21 +148,66 @@ def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
 
 
 @gluon.jit
-def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, hk, q_row0, lo, n_m, n_steps, group):
+def _count_wait(lock, target):
+    """Spins until the count at ``lock`` reaches ``target`` (an acquire read each turn)."""
+    count = gl.atomic_add(lock, 0, sem="acquire", scope="gpu")
+    while count < target:
+        count = gl.atomic_add(lock, 0, sem="acquire", scope="gpu")
+
+
+@gluon.jit
+def _count_arrive(lock):
+    gl.atomic_add(lock, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _bulk_writes_done():
+    """In a one-warp partition: waits until the warp's bulk copies have written global memory
+    (``tma.store_wait`` waits only until they have read shared memory) and returns 0, for an address that
+    must not be formed before. Each lane waits for its own copies; the reduction over the lanes makes the
+    one that issued them finish waiting before any lane goes on."""
+    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
+    done = gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tmov.u32 $0, $1;", "=r,r", [lanes * 0],
+                                     dtype=gl.int32, is_pure=False, pack=1)
+    return gl.max(done, axis=0)
+
+
+@gluon.jit
+def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, lock_target, b, hk, nheads, q_row0, lo, n_m,
+                  n_steps, group, n_mblocks, DETERMINISTIC: gl.constexpr):
     """The dQ warp: once both consumers have put their half of a step's dQ share in shared memory, adds it
     into the fp32 buffer (the queries' layout, viewed as (rows, nheads * d)) with bulk tensor reduce-adds,
-    waits for them to read the tile and frees it."""
+    waits for them to read the tile and frees it.
+
+    ``DETERMINISTIC``: the key blocks of a sequence add into each query block in a fixed order, the last key
+    block first (FA3's semaphores, in the other direction). ``dq_lock`` counts, per (batch, head, query
+    block), the key blocks done with it; this one adds once the count is ``lock_target`` (the key blocks
+    after it), then counts itself. Key blocks also count themselves on the query blocks before their range
+    (so that a block waits only on later ones, which the launch order runs first: no wait on a program not
+    yet resident); every later key block's range reaches at least as far as this one's, so after its range
+    nothing waits on it."""
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
     DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] // 2
+    locks = dq_lock + (b * nheads + hk * group) * n_mblocks
+    if DETERMINISTIC:
+        for i in range(group * (lo // BLOCK_M)):
+            _count_arrive(locks + (i // (lo // BLOCK_M)) * n_mblocks + i % (lo // BLOCK_M))
     for t in range(n_steps):
         buf = t % DQ_STAGES
+        lock = locks + (t // n_m) * n_mblocks + lo // BLOCK_M + t % n_m
+        if DETERMINISTIC:
+            _count_wait(lock, lock_target)
         mbarrier.wait(dq_full.index(buf), (t // DQ_STAGES) & 1)
         col = (hk * group + t // n_m) * (2 * HALF_D)
         row = q_row0 + lo + (t % n_m) * BLOCK_M
         _tma_reduce_add(dq_desc, [row, col], dq_smem.index(2 * buf))
         _tma_reduce_add(dq_desc, [row, col + HALF_D], dq_smem.index(2 * buf + 1))
-        tma.store_wait(0)
+        if DETERMINISTIC:
+            # the next key block may add once these additions are in memory, not merely issued
+            _count_arrive(lock + _bulk_writes_done())
+        else:
+            tma.store_wait(0)
         mbarrier.arrive(dq_free.index(buf))
 
 
@@ -312,13 +358,14 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
 @gluon.jit(do_not_specialize=["section"])
 def attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ab,
+    dq_lock, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ab,
     stride_kh, stride_vh, stride_qh, stride_doh,
-    nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
+    nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, n_mblocks,
     softmax_scale, qk_scale, softcap2, window_left, window_right, section,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
-    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr,
+    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DETERMINISTIC: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
     queries' (contiguous) layout, viewed as (batch * seqlen_q dense or total_q varlen, nheads * HEAD_DIM).
@@ -330,9 +377,10 @@ def attn_bwd_gluon_kernel(
     dtype: gl.constexpr = q_desc.dtype
     pid_n = gl.program_id(0)
     bhk = gl.program_id(1)
-    if HAS_RIGHT:
+    if HAS_RIGHT or DETERMINISTIC:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
-        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, False)
+        # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, DETERMINISTIC)
     start_n = pid_n * BLOCK_N
     b = bhk // nheads_k
     hk = bhk % nheads_k
@@ -399,7 +447,8 @@ def attn_bwd_gluon_kernel(
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
                       stride_kh, stride_vh, stride_qh, stride_doh, HAS_ALIBI)),
-        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, hk, q_row0, lo, n_m, n_steps, group)),
+        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, dq_lock, gl.cdiv(seqlen_k, BLOCK_N) - 1 - pid_n, b,
+                         hk, nheads, q_row0, lo, n_m, n_steps, group, n_mblocks, DETERMINISTIC)),
     ], [4, 1, 1], [240, 24, 24])
 
 
@@ -460,9 +509,11 @@ def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int) -> TensorDes
 
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
-                   softcap2: float, window_size: tuple[int, int], config: BwdConfig | None = None) -> None:
+                   softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
+                   config: BwdConfig | None = None) -> None:
     """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (zeroed contiguous fp32 of q's shape,
-    so that one contiguous copy makes dQ of it).
+    so that one contiguous copy makes dQ of it). ``deterministic``: the key blocks add into each query block
+    in a fixed order (bitwise reproducible dQ).
     ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``."""
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
@@ -485,18 +536,21 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         slopes = alibi_slopes.contiguous()
         stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
     left, right = window_size
+    n_mblocks = triton.cdiv(max_seqlen_q, block_m)
+    # per (batch, head, query block): how many key blocks are done with it (deterministic only)
+    locks = torch.zeros(batch * nheads * n_mblocks if deterministic else 1, dtype=torch.int32, device=q.device)
     # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
     group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
     section = order_section(grid[1], group_bytes)
     attn_bwd_gluon_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
         dq_descriptor(dq_acc, block_m, d // 2), lse, delta, dk, dv,
-        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes,
+        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes, locks,
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
-        nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k,
+        nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks,
         softmax_scale, qk_scale, softcap2, left, right, section,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
-        HAS_RIGHT=right >= 0, num_warps=4,
+        HAS_RIGHT=right >= 0, DETERMINISTIC=deterministic, num_warps=4,
     )

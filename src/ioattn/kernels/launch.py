@@ -277,10 +277,11 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     add dQ's share into an fp32 buffer (one TMA reduce-add per tile on sm_90, fp32 atomics elsewhere), five
     products per tile instead of seven, one draw of the dropout mask instead of two; the order of those
     additions varies from run to run, so dQ may differ in its last bits. Otherwise, and always with
-    ``deterministic=True``, a separate dQ pass runs: no atomics, bitwise reproducible. On sm_90 the non-
-    deterministic backward takes the Gluon warp-specialised single pass where it measured faster (d = 64 and
-    128, except d = 128 causal with softcap; ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says
-    where and how ``IOATTN_GLUON_BWD`` changes that).
+    ``deterministic=True``, a separate dQ pass runs: no atomics, bitwise reproducible. On sm_90 the
+    backward takes the Gluon warp-specialised single pass where it measured faster (d = 64 and 128, except
+    d = 128 causal with softcap; ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says where and how
+    ``IOATTN_GLUON_BWD`` changes that); with ``deterministic=True`` its key blocks add into each dQ block
+    in a fixed order, so it is bitwise reproducible too.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -300,7 +301,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
     fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
-    gluon = not deterministic and gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p,
+    gluon = gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p,
                                                            alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
                                                            softcap=prob.softcap,
                                                            window_size=(prob.window_left, prob.window_right))
@@ -320,7 +321,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                            batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
                            softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
-                           window_size=(prob.window_left, prob.window_right))
+                           window_size=(prob.window_left, prob.window_right), deterministic=deterministic)
             return dq.copy_(dq_acc), dk, dv
         if not fused:
             attn_bwd_dq_kernel[grid](
