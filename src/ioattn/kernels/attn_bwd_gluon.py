@@ -173,31 +173,33 @@ def _bulk_writes_done():
 
 
 @gluon.jit
-def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, lock_target, b, hk, nheads, q_row0, lo, n_m,
-                  n_steps, group, n_mblocks, DETERMINISTIC: gl.constexpr):
+def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, reach, b, hk, nheads, q_row0, lo,
+                  n_m, n_steps, group, n_mblocks, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                  DETERMINISTIC: gl.constexpr):
     """The dQ warp: once both consumers have put their half of a step's dQ share in shared memory, adds it
     into the fp32 buffer (the queries' layout, viewed as (rows, nheads * d)) with bulk tensor reduce-adds,
     waits for them to read the tile and frees it.
 
-    ``DETERMINISTIC``: the key blocks of a sequence add into each query block in a fixed order, the last key
-    block first (FA3's semaphores, in the other direction). ``dq_lock`` counts, per (batch, head, query
-    block), the key blocks done with it; this one adds once the count is ``lock_target`` (the key blocks
-    after it), then counts itself. Key blocks also count themselves on the query blocks before their range
-    (so that a block waits only on later ones, which the launch order runs first: no wait on a program not
-    yet resident); every later key block's range reaches at least as far as this one's, so after its range
-    nothing waits on it."""
+    ``DETERMINISTIC``: the key blocks of a sequence add into each query block in a fixed order, the last one
+    first (the order in which causal key blocks reach a query block; FA3's semaphores run the other way).
+    ``dq_lock`` counts, per (batch, head, query block), the key blocks done with it; this one (``pid_n``)
+    adds once the count equals the number of later key blocks that receive that query block, then counts
+    itself. Those are all up to ``last_n``, or with a right window bound only the first ``cdiv(start_m +
+    BLOCK_M + reach, BLOCK_N)`` key blocks (``q_block_range``'s lo, inverted; ``reach`` = seqlen_k -
+    seqlen_q + window_right). A program waits only on later key blocks, which the launch order runs first:
+    never on a program not yet resident."""
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
     DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] // 2
     locks = dq_lock + (b * nheads + hk * group) * n_mblocks
-    if DETERMINISTIC:
-        for i in range(group * (lo // BLOCK_M)):
-            _count_arrive(locks + (i // (lo // BLOCK_M)) * n_mblocks + i % (lo // BLOCK_M))
     for t in range(n_steps):
         buf = t % DQ_STAGES
         lock = locks + (t // n_m) * n_mblocks + lo // BLOCK_M + t % n_m
         if DETERMINISTIC:
-            _count_wait(lock, lock_target)
+            later = last_n - pid_n
+            if HAS_RIGHT:
+                later = gl.minimum(gl.cdiv(lo + (t % n_m + 1) * BLOCK_M + reach, BLOCK_N) - 1, last_n) - pid_n
+            _count_wait(lock, later)
         mbarrier.wait(dq_full.index(buf), (t // DQ_STAGES) & 1)
         col = (hk * group + t // n_m) * (2 * HALF_D)
         row = q_row0 + lo + (t % n_m) * BLOCK_M
@@ -447,8 +449,9 @@ def attn_bwd_gluon_kernel(
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
                       stride_kh, stride_vh, stride_qh, stride_doh, HAS_ALIBI)),
-        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, dq_lock, gl.cdiv(seqlen_k, BLOCK_N) - 1 - pid_n, b,
-                         hk, nheads, q_row0, lo, n_m, n_steps, group, n_mblocks, DETERMINISTIC)),
+        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, gl.cdiv(seqlen_k, BLOCK_N) - 1,
+                         seqlen_k - seqlen_q + window_right, b, hk, nheads, q_row0, lo, n_m, n_steps, group,
+                         n_mblocks, BLOCK_N, HAS_RIGHT, DETERMINISTIC)),
     ], [4, 1, 1], [240, 24, 24])
 
 
