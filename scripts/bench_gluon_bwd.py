@@ -4,9 +4,9 @@ and SDPA's cuDNN and flash backends, in one process on the same inputs, in the F
 
     PYTHONPATH=src python scripts/bench_gluon_bwd.py [--headdims 64,128] [--seqlens 2048,...] [--json F]
 
-``--softcap X`` (or ``--alibi``: slopes uniform in [0, 0.1); or ``--deterministic``) times ioattn with that
-option and the plain case beside it (``plain``; SDPA has none of them, so the peers are skipped); ``tl`` is then
-the portable backward with the option (with ``--deterministic``, the two-pass backward).
+``--softcap X`` (or ``--alibi``: slopes uniform in [0, 0.1); ``--deterministic``; ``--dropout P``) times ioattn
+with that option and the plain case beside it (``plain``; SDPA has none of them, so the peers are skipped);
+``tl`` is then the portable backward with the option (with ``--deterministic``, the two-pass backward).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--softcap", type=float, default=0.0)
     ap.add_argument("--alibi", action="store_true")
     ap.add_argument("--deterministic", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--alt", default="",
                     help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages]|...;...': also time these configs")
     args = ap.parse_args()
@@ -70,8 +71,9 @@ def main() -> None:
                 qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
                 slopes = torch.rand(h, device="cuda") * 0.1 if args.alibi else None
                 ours = functools.partial(ioattn.flash_attn_func, causal=causal, softcap=args.softcap,
-                                         alibi_slopes=slopes, deterministic=args.deterministic)
-                extra = args.softcap or args.alibi or args.deterministic
+                                         alibi_slopes=slopes, deterministic=args.deterministic,
+                                         dropout_p=args.dropout)
+                extra = args.softcap or args.alibi or args.deterministic or args.dropout
                 flops = 2.5 * 4 * s * s * d * h * b / (2 if causal else 1)
                 ms = {"gluon": _time_bwd(ours, q, k, v, "1"), "tl": _time_bwd(ours, q, k, v, "0")}
                 if extra:
@@ -85,7 +87,7 @@ def main() -> None:
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     try:
                         if extra:
-                            raise RuntimeError("no softcap, ALiBi or deterministic switch in SDPA")
+                            raise RuntimeError("no softcap, ALiBi, dropout or deterministic switch here")
                         ms[name] = _time_bwd(functools.partial(_sdpa, backend=backend, causal=causal), qt, kt, vt)
                     except RuntimeError:
                         ms[name] = float("nan")

@@ -27,7 +27,7 @@ import tempfile
 
 import torch
 import triton
-from compile_gluon_fwd import FLAGS, VARIANTS, _desc_type, ptxas_report  # one reading for every report
+from compile_gluon_fwd import FLAGS, FWD_VARIANTS, _desc_type, ptxas_report  # one reading for every report
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -209,13 +209,14 @@ def scoreboard_hazards(cubin: bytes) -> list[str]:
 
 
 def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
-    """flags: any of compile_gluon_fwd.FLAGS or DETERMINISTIC (default False)."""
+    """flags: any of compile_gluon_fwd.FLAGS, DETERMINISTIC or DROPOUT (default False)."""
     cfg = config or GLUON_CONFIGS[d]
     block_m, block_n = cfg.block_m, cfg.block_n
     ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,
               "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS},
-              "DETERMINISTIC": flags.get("DETERMINISTIC", False), "num_warps": 4}
+              "DETERMINISTIC": flags.get("DETERMINISTIC", False), "DROPOUT": flags.get("DROPOUT", False),
+              "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:
         if name in consts:
@@ -232,14 +233,16 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
         else:
             sig[name] = "i32"
     src = GluonASTSource(attn_bwd_gluon_kernel, sig, consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-# The Gluon backward's variants: the forward's without dropout, and the ordered dQ of deterministic=True.
-BWD_VARIANTS = {**VARIANTS, "deterministic": {"DETERMINISTIC": True},
+# The Gluon backward's variants: the forward's, and the ordered dQ of deterministic=True.
+BWD_VARIANTS = {**FWD_VARIANTS, "deterministic": {"DETERMINISTIC": True},
                 "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True}}
 
 

@@ -19,6 +19,7 @@ if torch.cuda.get_device_capability() != (9, 0):
 from test_flash_attn import _grads, _qkv, _varlen_case, check_against_ref, check_varlen_grads  # noqa: E402
 
 import ioattn  # noqa: E402
+from ioattn.dropout import draw_seed, dropout_keep_mask  # noqa: E402
 from ioattn.kernels import launch  # noqa: E402
 
 
@@ -92,12 +93,22 @@ def test_gluon_backward_varlen(lens, causal, gluon_calls):
     check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal)
 
 
-def test_gluon_backward_not_taken_with_dropout(gluon_calls):
-    """Dropout stays on the portable kernels."""
-    q, k, v = _qkv(1, 256, 256, 2, 2, 128, torch.bfloat16)
-    out = ioattn.flash_attn_func(q, k, v, dropout_p=0.1)
-    out.sum().backward()
-    assert not gluon_calls
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window_size": (100, 30), "softcap": 8.0},
+                                  {"causal": True, "alibi": True}, {"deterministic": True}], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], (1, 1024, 1024, 2, 2, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gluon_backward_dropout(shape, opts, gluon_calls):
+    """The forward's dropout mask drawn again in the S^T layout: against attention_ref with that mask."""
+    torch.manual_seed(sum(shape) + len(opts))
+    q, k, v = _qkv(*shape, torch.bfloat16)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
+    p = 0.17
+    torch.manual_seed(1234)
+    mask = dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda")
+    check_against_ref(q, k, v, dropout_p=p, dropout_mask=mask, seed=1234, **opts)
+    assert len(gluon_calls) == 1 and gluon_calls[0]["dropout_p"] == p
 
 
 # deterministic=True: the key blocks take turns on each dQ block, last first. Windows (key blocks whose

@@ -47,8 +47,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from ..backend import interpreting
 from .attn_bwd import _row_stats
-from .attn_fwd_gluon import _GL_DTYPES, TensorDescriptor, _descriptor, _tma_describable
-from .common import apply_softcap, bias_and_mask_t, launch_order, order_section, q_block_range, seq_bounds
+from .attn_fwd_gluon import _GL_DTYPES, TensorDescriptor, _descriptor, _tma_describable, dropout_keep_wgmma
+from .common import (
+    apply_softcap,
+    bias_and_mask_t,
+    launch_order,
+    order_section,
+    philox_rows,
+    q_block_range,
+    seq_bounds,
+)
 
 
 @gluon.jit
@@ -214,11 +222,26 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, re
 
 
 @gluon.jit
+def _keep_t(seed, bh, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout: gl.constexpr,
+            BLOCK_M: gl.constexpr, HALF_N: gl.constexpr):
+    """The forward's dropout keep mask of queries [start_m, + BLOCK_M) and keys [key_lo, + HALF_N) in plane
+    ``bh``, transposed into the S^T layout: drawn where each thread's Philox calls serve only its own
+    elements (a wgmma accumulator of queries x keys, ``dropout_keep_wgmma``), then moved."""
+    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HALF_N, 16])
+    rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, qk_layout))
+    cols = key_lo + gl.arange(0, HALF_N, gl.SliceLayout(0, qk_layout))
+    keep = dropout_keep_wgmma(seed, philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), cols, dropout_p)
+    return gl.convert_layout(gl.permute(keep.to(gl.int8), [1, 0]), st_layout) != 0
+
+
+@gluon.jit
 def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem,
              dq_smem, stats_smem, qdo_full, qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free,
              alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, key_lo, softmax_scale,
-             qk_scale, softcap2, window_left, window_right, WG: gl.constexpr, SOFTCAP: gl.constexpr,
-             HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+             qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q, max_seqlen_k, dropout_p,
+             WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+             HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr):
     """Step t (query block start_m of head h) of one consumer warpgroup: its five products. ``masked``: the
     block crosses the band's edges or the sequence's end (with ALiBi, also the diagonal). (Two copies of the
     step, masked and not, spilled more at 240 registers than this branch around the masking alone; so did
@@ -261,8 +284,18 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
         st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, 0.0, window_left, window_right, False, True,
                              HAS_LEFT, HAS_RIGHT)
     pt = gl.exp2(st - stats_smem.index(slot + WG * HAS_ALIBI).load(row_layout)[None, :])
-    dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
-    dpt = warpgroup_mma_wait(1, deps=(dpt,))
+    if DROPOUT:
+        # the forward's mask: dV takes the dropped, rescaled P^T, and dP^T passes the same mask (FA2 Alg. 4)
+        keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout,
+                       BLOCK_M, HALF_N)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        dv = warpgroup_mma(gl.convert_layout(gl.where(keep, pt * inv_keep, 0.0).to(dtype), op_layout),
+                           do_smem.index(stage), dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=(dpt,))
+        dpt = gl.where(keep, dpt * inv_keep, 0.0)
+    else:
+        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=(dpt,))
     dst = pt * (dpt - stats_smem.index(slot + 1 + HAS_ALIBI).load(row_layout)[None, :])
     if SOFTCAP:
         dst = dst * (1.0 - tt * tt)  # d(softcap * tanh(x)) / dx, the softmax scale applied last
@@ -296,9 +329,10 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
                  stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                  stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                  stride_ab, b, hk, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m,
-                 n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right,
-                 WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+                 n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads,
+                 max_seqlen_q, max_seqlen_k, dropout_p, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
+                 SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                 DROPOUT: gl.constexpr):
     """One consumer warpgroup: keys [WG * 64, WG * 64 + 64) of the block, dK and dV of them in registers,
     and columns [WG * d / 2, (WG + 1) * d / 2) of each step's dQ share (which needs both halves of dS^T:
     the consumers meet on an mbarrier once per step, and on nothing else). Per head of the GQA group the
@@ -327,7 +361,8 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
                                                  instr_shape=[16, HALF_D, 16]))
     common = (k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem, dq_smem, stats_smem, qdo_full, qdo_empty,
               stats_full, ds_ready, ds_free, dq_full, dq_free, alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols,
-              key_lo, softmax_scale, qk_scale, softcap2, window_left, window_right)
+              key_lo, softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
+              max_seqlen_k, dropout_p)
 
     mbarrier.wait(kv_bar, 0)
     for t in range(n_steps):
@@ -339,7 +374,7 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
             pos = start_m + seqlen_k - seqlen_q
             masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
         dk, dv = _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP, HAS_ALIBI,
-                          HAS_LEFT, HAS_RIGHT)
+                          HAS_LEFT, HAS_RIGHT, DROPOUT)
 
     # Coalesced 16-byte stores of this warpgroup's dK, dV rows; key rows past the sequence are never written.
     TPW_D: gl.constexpr = HEAD_DIM // 8
@@ -363,11 +398,11 @@ def attn_bwd_gluon_kernel(
     dq_lock, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ab,
     stride_kh, stride_vh, stride_qh, stride_doh,
     nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, n_mblocks,
-    softmax_scale, qk_scale, softcap2, window_left, window_right, section,
+    softmax_scale, qk_scale, softcap2, window_left, window_right, section, seed, dropout_p,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
-    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DETERMINISTIC: gl.constexpr,
-    num_warps: gl.constexpr,
+    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
+    DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
     queries' (contiguous) layout, viewed as (batch * seqlen_q dense or total_q varlen, nheads * HEAD_DIM).
@@ -437,14 +472,14 @@ def attn_bwd_gluon_kernel(
                         qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
-                        softmax_scale, qk_scale, softcap2, window_left, window_right,
-                        0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
+                        softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
+                        max_seqlen_k, dropout_p, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT)),
         (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full,
                         qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
-                        softmax_scale, qk_scale, softcap2, window_left, window_right,
-                        1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
+                        softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
+                        max_seqlen_k, dropout_p, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT)),
         (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
@@ -495,7 +530,7 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
         return False
     if q.shape[-1] not in _CONFIGS or any(t.shape[-1] != q.shape[-1] for t in (k, v, dout)):
         return False
-    if dropout_p != 0 or 0 in q.shape or 0 in k.shape:
+    if 0 in q.shape or 0 in k.shape:
         return False
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
         return False
@@ -513,10 +548,11 @@ def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int) -> TensorDes
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
                    softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
-                   config: BwdConfig | None = None) -> None:
+                   dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None) -> None:
     """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (zeroed contiguous fp32 of q's shape,
     so that one contiguous copy makes dQ of it). ``deterministic``: the key blocks add into each query block
-    in a fixed order (bitwise reproducible dQ).
+    in a fixed order (bitwise reproducible dQ). ``dropout_p``, ``seed``: the forward's dropout (its mask is
+    drawn again from the same Philox counters).
     ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``."""
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
@@ -552,8 +588,8 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
         nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks,
-        softmax_scale, qk_scale, softcap2, left, right, section,
+        softmax_scale, qk_scale, softcap2, left, right, section, seed, dropout_p,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
-        HAS_RIGHT=right >= 0, DETERMINISTIC=deterministic, num_warps=4,
+        HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, num_warps=4,
     )

@@ -321,7 +321,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                            batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
                            softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
-                           window_size=(prob.window_left, prob.window_right), deterministic=deterministic)
+                           window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
+                           dropout_p=prob.dropout_p, seed=seed)
             return dq.copy_(dq_acc), dk, dv
         if not fused:
             attn_bwd_dq_kernel[grid](
