@@ -241,7 +241,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
              alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, key_lo, softmax_scale,
              qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q, max_seqlen_k, dropout_p,
              WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-             HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr):
+             HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr):
     """Step t (query block start_m of head h) of one consumer warpgroup: its five products. ``masked``: the
     block crosses the band's edges or the sequence's end (with ALiBi, also the diagonal). (Two copies of the
     step, masked and not, spilled more at 240 registers than this branch around the masking alone; so did
@@ -261,6 +261,10 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     slot = ROWS * stage
     mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
     st_acc, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
+    if DROPOUT and EARLY_MASK:
+        # the forward's mask, drawn while the tensor cores compute S^T and dP^T
+        keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout,
+                       BLOCK_M, HALF_N)
     mbarrier.wait(stats_full.index(stage), (t // NUM_STAGES) & 1)
     qkt = warpgroup_mma_wait(1, deps=(st_acc,))
     if SOFTCAP:
@@ -285,9 +289,11 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
                              HAS_LEFT, HAS_RIGHT)
     pt = gl.exp2(st - stats_smem.index(slot + WG * HAS_ALIBI).load(row_layout)[None, :])
     if DROPOUT:
-        # the forward's mask: dV takes the dropped, rescaled P^T, and dP^T passes the same mask (FA2 Alg. 4)
-        keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout,
-                       BLOCK_M, HALF_N)
+        if not EARLY_MASK:
+            # the forward's mask, drawn while the tensor cores compute dP^T
+            keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p,
+                           st_layout, BLOCK_M, HALF_N)
+        # dV takes the dropped, rescaled P^T, and dP^T passes the same mask (FA2 Alg. 4)
         inv_keep = 1.0 / (1.0 - dropout_p)
         dv = warpgroup_mma(gl.convert_layout(gl.where(keep, pt * inv_keep, 0.0).to(dtype), op_layout),
                            do_smem.index(stage), dv, is_async=True)
@@ -332,7 +338,7 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
                  n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads,
                  max_seqlen_q, max_seqlen_k, dropout_p, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
                  SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 DROPOUT: gl.constexpr):
+                 DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr):
     """One consumer warpgroup: keys [WG * 64, WG * 64 + 64) of the block, dK and dV of them in registers,
     and columns [WG * d / 2, (WG + 1) * d / 2) of each step's dQ share (which needs both halves of dS^T:
     the consumers meet on an mbarrier once per step, and on nothing else). Per head of the GQA group the
@@ -374,7 +380,7 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
             pos = start_m + seqlen_k - seqlen_q
             masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
         dk, dv = _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP, HAS_ALIBI,
-                          HAS_LEFT, HAS_RIGHT, DROPOUT)
+                          HAS_LEFT, HAS_RIGHT, DROPOUT, EARLY_MASK)
 
     # Coalesced 16-byte stores of this warpgroup's dK, dV rows; key rows past the sequence are never written.
     TPW_D: gl.constexpr = HEAD_DIM // 8
@@ -402,7 +408,7 @@ def attn_bwd_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
-    DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
+    EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
     queries' (contiguous) layout, viewed as (batch * seqlen_q dense or total_q varlen, nheads * HEAD_DIM).
@@ -473,13 +479,15 @@ def attn_bwd_gluon_kernel(
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
-                        max_seqlen_k, dropout_p, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT)),
+                        max_seqlen_k, dropout_p, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                        EARLY_MASK)),
         (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full,
                         qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
-                        max_seqlen_k, dropout_p, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT)),
+                        max_seqlen_k, dropout_p, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                        EARLY_MASK)),
         (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
@@ -493,12 +501,14 @@ def attn_bwd_gluon_kernel(
 class BwdConfig(NamedTuple):
     """Tiles of ``attn_bwd_gluon_kernel``: ``block_n`` keys per program over its two consumer warpgroups,
     ``block_m`` queries a step through a ring of ``stages`` Q/dO tiles, ``dq_stages`` fp32 dQ tiles in
-    shared memory for the dQ warp."""
+    shared memory for the dQ warp; with dropout, ``early_mask`` draws the mask while S^T and dP^T are
+    computed (else while dP^T is: fewer registers held across the S^T wait)."""
 
     block_m: int
     block_n: int
     stages: int
     dq_stages: int = 1
+    early_mask: int = 0
 
 
 # By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
@@ -591,5 +601,6 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         softmax_scale, qk_scale, softcap2, left, right, section, seed, dropout_p,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
-        HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic, num_warps=4,
+        HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask), DETERMINISTIC=deterministic,
+        num_warps=4,
     )
