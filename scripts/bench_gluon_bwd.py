@@ -5,7 +5,7 @@ and SDPA's cuDNN and flash backends, in one process on the same inputs, in the F
     PYTHONPATH=src python scripts/bench_gluon_bwd.py [--headdims 64,128] [--seqlens 2048,...] [--json F]
 
 ``--softcap X`` (or ``--alibi``: slopes uniform in [0, 0.1); ``--deterministic``; ``--dropout P``) times ioattn
-with that option and the plain case beside it (``plain``; SDPA has none of them, so the peers are skipped);
+with that option and the plain case beside it (``plain``; SDPA's peers run with dropout, not the others);
 ``tl`` is then the portable backward with the option (with ``--deterministic``, the two-pass backward).
 """
 
@@ -35,9 +35,9 @@ def _time_bwd(fn, q, k, v, env: str | None = None) -> float:
     return ms
 
 
-def _sdpa(q, k, v, *, backend, causal):
+def _sdpa(q, k, v, *, backend, causal, dropout_p=0.0):
     with sdpa_kernel(backend):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
 def _config(text: str) -> attn_bwd_gluon.BwdConfig:
@@ -86,9 +86,10 @@ def main() -> None:
                 attn_bwd_gluon._CONFIGS[d] = shipped
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     try:
-                        if extra:
-                            raise RuntimeError("no softcap, ALiBi, dropout or deterministic switch here")
-                        ms[name] = _time_bwd(functools.partial(_sdpa, backend=backend, causal=causal), qt, kt, vt)
+                        if args.softcap or args.alibi or args.deterministic:
+                            raise RuntimeError("no softcap, ALiBi or deterministic switch here")
+                        ms[name] = _time_bwd(functools.partial(_sdpa, backend=backend, causal=causal,
+                                                               dropout_p=args.dropout), qt, kt, vt)
                     except RuntimeError:
                         ms[name] = float("nan")
                 tf = {n: flops / t * 1e-9 for n, t in ms.items()}

@@ -512,7 +512,9 @@ class BwdConfig(NamedTuple):
 
 
 # By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
-_CONFIGS = {64: BwdConfig(64, 128, 2, 2), 128: BwdConfig(64, 128, 2, 1)}
+# The early dropout mask measured 2-4% faster at d = 128 and 3-4% slower at d = 64 (H200; NOTES, "Gluon
+# backward with dropout").
+_CONFIGS = {64: BwdConfig(64, 128, 2, 2), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
 # Head dims routed here by default: both (1.1-1.5x the portable backward on an H200 since lse and delta come
 # through shared memory: benchmarks/NOTES.md, "Gluon backward v3").
 _ROUTED_HEAD_DIMS = (64, 128)
