@@ -21,7 +21,8 @@ The load warp also brings each step's lse and delta rows (and ALiBi's row and ke
 so the consumers hold none of them across their waits. On an H200 it runs at 1.1-1.5x the portable backward
 at d = 64 and 128 (routed there by default). benchmarks/NOTES.md, "Gluon backward v2" and "v3", has the
 measurements and the variants that lost.
-Varlen, causal and sliding windows (bottom-right), softcap, ALiBi and GQA are compile-time flags; rows of
+Varlen, causal and sliding windows (bottom-right), softcap, ALiBi, GQA, dropout (the forward's mask drawn
+again, ``_keep_t``) and the deterministic dQ order are compile-time flags; rows of
 a tile past a sequence read the next one's rows (or TMA's zero fill): their lse is +inf, so P = dS = 0;
 such key rows of dK, dV are never written, and such query rows add exact zeros to dQ.
 """
@@ -527,7 +528,8 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     with softcap at d = 128 (where the portable backward measured faster on an H200, at 16k); every head
     dim of ``_CONFIGS`` and every case with ``IOATTN_GLUON_BWD=1``, none with
     ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
-    windows, softcap, ALiBi, GQA; not dropout), with a TMA-describable dO."""
+    windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO. ``deterministic=True`` changes
+    nothing here (``gluon_backward`` orders the dQ additions)."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or choice == "0":
         return False
