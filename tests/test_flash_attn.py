@@ -258,7 +258,8 @@ if ON_GPU:
 @pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window_size": (5, 2), "alibi": True},
                                   {"dropout_p": 0.5, "softcap": 4.0}], ids=str)
 @pytest.mark.parametrize("lens", VARLEN_LENS, ids=lambda x: str(x[0]))
-def test_varlen(lens, opts, dtype):
+@pytest.mark.parametrize("headdim", [40, 128] if ON_GPU else [40])  # 128: the Hopper (Gluon) kernels
+def test_varlen(lens, opts, dtype, headdim):
     """Each packed sequence against attention_ref on that sequence alone (its own bottom-right alignment,
     its own slice of the dropout grid)."""
     # dropout_p 0.5: with seqlen_k 1 the exact dq is 0, and 1 / (1 - p) = 2 keeps the fp16 output (hence
@@ -266,7 +267,7 @@ def test_varlen(lens, opts, dtype):
     torch.manual_seed(8)
     lens_q, lens_k = lens
     nheads, nheads_k = (4, 2) if ON_GPU else (2, 1)
-    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, nheads, nheads_k, 40, dtype)
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, nheads, nheads_k, headdim, dtype)
     opts = dict(opts)
     batch, mq, mk = len(lens_q), max(lens_q), max(lens_k)
     if opts.pop("alibi", False):
