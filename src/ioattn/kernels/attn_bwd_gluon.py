@@ -200,11 +200,10 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, re
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
     DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] // 2
-    locks = dq_lock + (b * nheads + hk * group) * n_mblocks
     for t in range(n_steps):
         buf = t % DQ_STAGES
-        lock = locks + (t // n_m) * n_mblocks + lo // BLOCK_M + t % n_m
         if DETERMINISTIC:
+            lock = dq_lock + (b * nheads + hk * group + t // n_m) * n_mblocks + lo // BLOCK_M + t % n_m
             later = last_n - pid_n
             if HAS_RIGHT:
                 later = gl.minimum(gl.cdiv(lo + (t % n_m + 1) * BLOCK_M + reach, BLOCK_N) - 1, last_n) - pid_n
@@ -591,7 +590,8 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     left, right = window_size
     n_mblocks = triton.cdiv(max_seqlen_q, block_m)
     # per (batch, head, query block): how many key blocks are done with it (deterministic only)
-    locks = torch.zeros(batch * nheads * n_mblocks if deterministic else 1, dtype=torch.int32, device=q.device)
+    # (an unused pointer otherwise, as cu_seqlens for dense inputs: no buffer to fill on every call)
+    locks = torch.zeros(batch * nheads * n_mblocks, dtype=torch.int32, device=q.device) if deterministic else lse
     # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
     group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
     section = order_section(grid[1], group_bytes)
