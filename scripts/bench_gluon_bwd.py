@@ -41,7 +41,7 @@ def _sdpa(q, k, v, *, backend, causal, dropout_p=0.0):
 
 
 def _config(text: str) -> attn_bwd_gluon.BwdConfig:
-    """'BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask]]'."""
+    """'BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs]]]'."""
     return attn_bwd_gluon.BwdConfig(*(int(x) for x in text.split(",")))
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--alt", default="",
-                    help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask]]|...;...': also time these configs")
+                    help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs]]]|...;...': also time these")
     args = ap.parse_args()
     alt = {int(d): [_config(c) for c in cs.split("|")] for d, cs in (item.split(":") for item in args.alt.split(";")
                                                                      if item)}

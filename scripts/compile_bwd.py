@@ -216,7 +216,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,
               "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS},
               "DETERMINISTIC": flags.get("DETERMINISTIC", False), "DROPOUT": flags.get("DROPOUT", False),
-              "EARLY_MASK": bool(cfg.early_mask),
+              "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": bool(cfg.kv_regs),
               "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:
@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--dump", type=pathlib.Path)
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--gluon", action="store_true", help="the Gluon backward's feature variants")
-    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages[,dq_stages] for --gluon")
+    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs]]] for --gluon")
     ap.add_argument("--dq", action="store_true", help="the two-pass dQ kernel's rows with softcap, fast tanh")
     args = ap.parse_args()
     if args.dq:

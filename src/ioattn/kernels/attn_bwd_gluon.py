@@ -338,7 +338,7 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
                  n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads,
                  max_seqlen_q, max_seqlen_k, dropout_p, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
                  SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr):
+                 DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr, KV_REGS: gl.constexpr):
     """One consumer warpgroup: keys [WG * 64, WG * 64 + 64) of the block, dK and dV of them in registers,
     and columns [WG * d / 2, (WG + 1) * d / 2) of each step's dQ share (which needs both halves of dS^T:
     the consumers meet on an mbarrier once per step, and on nothing else). Per head of the GQA group the
@@ -371,6 +371,10 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
               max_seqlen_k, dropout_p)
 
     mbarrier.wait(kv_bar, 0)
+    if KV_REGS:
+        # S^T's and dP^T's left operands from registers: the products read only Q^T, dO^T from shared memory
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
+        common = (k_mine.load(a_layout), v_mine.load(a_layout)) + common[2:]
     for t in range(n_steps):
         h = hk * group + t // n_m
         start_m = lo + (t % n_m) * BLOCK_M
@@ -408,7 +412,7 @@ def attn_bwd_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
-    EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
+    EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, KV_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
     queries' (contiguous) layout, viewed as (batch * seqlen_q dense or total_q varlen, nheads * HEAD_DIM).
@@ -480,14 +484,14 @@ def attn_bwd_gluon_kernel(
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
                         max_seqlen_k, dropout_p, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                        EARLY_MASK)),
+                        EARLY_MASK, KV_REGS)),
         (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full,
                         qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
                         max_seqlen_k, dropout_p, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                        EARLY_MASK)),
+                        EARLY_MASK, KV_REGS)),
         (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
@@ -509,6 +513,7 @@ class BwdConfig(NamedTuple):
     stages: int
     dq_stages: int = 1
     early_mask: int = 0
+    kv_regs: int = 0
 
 
 # By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
@@ -606,5 +611,5 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask), DETERMINISTIC=deterministic,
-        num_warps=4,
+        KV_REGS=bool(cfg.kv_regs), num_warps=4,
     )
