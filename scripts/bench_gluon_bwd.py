@@ -4,9 +4,10 @@ and SDPA's cuDNN and flash backends, in one process on the same inputs, in the F
 
     PYTHONPATH=src python scripts/bench_gluon_bwd.py [--headdims 64,128] [--seqlens 2048,...] [--json F]
 
-``--softcap X`` (or ``--alibi``: slopes uniform in [0, 0.1); ``--deterministic``; ``--dropout P``) times ioattn
-with that option and the plain case beside it (``plain``; SDPA's peers run with dropout, not the others);
-``tl`` is then the portable backward with the option (with ``--deterministic``, the two-pass backward).
+``--softcap X`` (or ``--alibi``: slopes uniform in [0, 0.1); ``--deterministic``; ``--dropout P``;
+``--window L,R``) times ioattn with that option and the plain case beside it (``plain``; SDPA's peers run
+with dropout, not the others); ``tl`` is then the portable backward with the option (with
+``--deterministic``, the two-pass backward).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def main() -> None:
     ap.add_argument("--alibi", action="store_true")
     ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--window", default="", help="'LEFT,RIGHT': a sliding window (SDPA's peers not timed)")
     ap.add_argument("--alt", default="",
                     help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs]]]|...;...': also time these")
     args = ap.parse_args()
+    window = tuple(int(x) for x in args.window.split(",")) if args.window else (-1, -1)
     alt = {int(d): [_config(c) for c in cs.split("|")] for d, cs in (item.split(":") for item in args.alt.split(";")
                                                                      if item)}
     rows = []
@@ -72,22 +75,22 @@ def main() -> None:
                 slopes = torch.rand(h, device="cuda") * 0.1 if args.alibi else None
                 ours = functools.partial(ioattn.flash_attn_func, causal=causal, softcap=args.softcap,
                                          alibi_slopes=slopes, deterministic=args.deterministic,
-                                         dropout_p=args.dropout)
-                extra = args.softcap or args.alibi or args.deterministic or args.dropout
+                                         dropout_p=args.dropout, window_size=window)
+                extra = args.softcap or args.alibi or args.deterministic or args.dropout or args.window
                 flops = 2.5 * 4 * s * s * d * h * b / (2 if causal else 1)
                 ms = {"gluon": _time_bwd(ours, q, k, v, "1"), "tl": _time_bwd(ours, q, k, v, "0")}
                 if extra:
                     plain = functools.partial(ioattn.flash_attn_func, causal=causal)
                     ms["plain"] = _time_bwd(plain, q, k, v, "1")
-                shipped = attn_bwd_gluon._CONFIGS[d]
+                select = attn_bwd_gluon.select_config
                 for i, cfg in enumerate(alt.get(d, [])):
-                    attn_bwd_gluon._CONFIGS[d] = cfg
+                    attn_bwd_gluon.select_config = lambda *_, cfg=cfg: cfg
                     ms[f"alt{i}"] = _time_bwd(ours, q, k, v, "1")
-                attn_bwd_gluon._CONFIGS[d] = shipped
+                attn_bwd_gluon.select_config = select
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     try:
-                        if args.softcap or args.alibi or args.deterministic:
-                            raise RuntimeError("no softcap, ALiBi or deterministic switch here")
+                        if args.softcap or args.alibi or args.deterministic or args.window:
+                            raise RuntimeError("no softcap, ALiBi, window or deterministic switch here")
                         ms[name] = _time_bwd(functools.partial(_sdpa, backend=backend, causal=causal,
                                                                dropout_p=args.dropout), qt, kt, vt)
                     except RuntimeError:

@@ -216,7 +216,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,
               "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS},
               "DETERMINISTIC": flags.get("DETERMINISTIC", False), "DROPOUT": flags.get("DROPOUT", False),
-              "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": bool(cfg.kv_regs),
+              "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": cfg.kv_regs,
               "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:

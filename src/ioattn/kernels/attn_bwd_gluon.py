@@ -270,9 +270,9 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     if SOFTCAP:
         st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
         if HAS_ALIBI:
-            st = st + stats_smem.index(slot + 3 + WG).load(gl.SliceLayout(1, st_layout))[:, None]
+            st = st + stats_smem.index(slot + 3 + WG).slice(0, HALF_N).load(gl.SliceLayout(1, st_layout))[:, None]
     elif HAS_ALIBI:
-        key_term = stats_smem.index(slot + 3 + WG).load(gl.SliceLayout(1, st_layout))
+        key_term = stats_smem.index(slot + 3 + WG).slice(0, HALF_N).load(gl.SliceLayout(1, st_layout))
         st = gl.fma(qkt, qk_scale, gl.broadcast(key_term[:, None], qkt)[0])
     else:
         st = qkt * qk_scale  # (one FMA with lse measured 1-2% slower: benchmarks/NOTES.md, Gluon backward v3)
@@ -371,10 +371,13 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
               max_seqlen_k, dropout_p)
 
     mbarrier.wait(kv_bar, 0)
-    if KV_REGS:
-        # S^T's and dP^T's left operands from registers: the products read only Q^T, dO^T from shared memory
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
-        common = (k_mine.load(a_layout), v_mine.load(a_layout)) + common[2:]
+    # KV_REGS & 1 (& 2): S^T's (dP^T's) left operand, K (V), from registers; the product then reads only
+    # Q^T (dO^T) from shared memory
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
+    if KV_REGS & 1:
+        common = (k_mine.load(a_layout), ) + common[1:]
+    if KV_REGS & 2:
+        common = common[:1] + (v_mine.load(a_layout), ) + common[2:]
     for t in range(n_steps):
         h = hk * group + t // n_m
         start_m = lo + (t % n_m) * BLOCK_M
@@ -453,7 +456,7 @@ def attn_bwd_gluon_kernel(
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
     dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_STAGES, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
-    gl.static_assert(not HAS_ALIBI or BLOCK_N == 2 * BLOCK_M, "ALiBi's key rows are BLOCK_M long")
+    gl.static_assert(not HAS_ALIBI or BLOCK_N <= 2 * BLOCK_M, "ALiBi's key rows are BLOCK_M long")
     stats_smem = gl.allocate_shared_memory(gl.float32, [(5 if HAS_ALIBI else 2) * NUM_STAGES, BLOCK_M],
                                            gl.SwizzledSharedLayout(1, 1, 1, [0]))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -519,7 +522,18 @@ class BwdConfig(NamedTuple):
 # By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
 # The early dropout mask measured 2-4% faster at d = 128 and 3-4% slower at d = 64 (H200; NOTES, "Gluon
 # backward with dropout").
-_CONFIGS = {64: BwdConfig(64, 128, 2, 2), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
+# d = 64 takes 128 queries a step (half the meetings and ring waits per FLOP); with softcap or dropout, whose
+# extra registers spill there, 64 queries a step with K and V as register operands (NOTES, "Gluon backward at
+# d = 64: K and V as register operands").
+_CONFIGS = {64: BwdConfig(128, 128, 2, 1), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
+_SCORE_MOD_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3)}
+
+
+def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
+    """The shipped config for head dim d (softcap, dropout: whether the call has them)."""
+    if (softcap or dropout) and d in _SCORE_MOD_CONFIGS:
+        return _SCORE_MOD_CONFIGS[d]
+    return _CONFIGS[d]
 # Head dims routed here by default: both (1.1-1.5x the portable backward on an H200 since lse and delta come
 # through shared memory: benchmarks/NOTES.md, "Gluon backward v3").
 _ROUTED_HEAD_DIMS = (64, 128)
@@ -575,7 +589,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
     nheads_k = k.shape[-2]
-    cfg = config or _CONFIGS[d]
+    cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
     block_m, block_n = cfg.block_m, cfg.block_n
     grid = (triton.cdiv(max_seqlen_k, block_n), batch * nheads_k)
     if grid[0] * grid[1] == 0:
@@ -611,5 +625,5 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask), DETERMINISTIC=deterministic,
-        KV_REGS=bool(cfg.kv_regs), num_warps=4,
+        KV_REGS=cfg.kv_regs, num_warps=4,
     )
