@@ -35,8 +35,7 @@ from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ioattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
-from ioattn.kernels.attn_bwd_gluon import _CONFIGS as GLUON_CONFIGS
-from ioattn.kernels.attn_bwd_gluon import BwdConfig, attn_bwd_gluon_kernel, dq_descriptor
+from ioattn.kernels.attn_bwd_gluon import BwdConfig, attn_bwd_gluon_kernel, dq_descriptor, select_config
 from ioattn.kernels.launch import _CONFIGS, AttnConfig
 
 PTR_ARGS = {"Q", "K", "V", "DOut", "DK", "DV"}
@@ -210,7 +209,7 @@ def scoreboard_hazards(cubin: bytes) -> list[str]:
 
 def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
     """flags: any of compile_gluon_fwd.FLAGS, DETERMINISTIC or DROPOUT (default False)."""
-    cfg = config or GLUON_CONFIGS[d]
+    cfg = config or select_config(d, flags.get("SOFTCAP", False), flags.get("DROPOUT", False))
     block_m, block_n = cfg.block_m, cfg.block_n
     ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,

@@ -93,12 +93,13 @@ def _alibi_slope2(alibi_slopes, b, h, stride_ab):
 
 @gluon.jit
 def _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, h, q_start, start_m, start_n,
-                    seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, HAS_ALIBI: gl.constexpr):
+                    seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, HALF_N: gl.constexpr,
+                    HAS_ALIBI: gl.constexpr):
     """The load warp's share of a step: head h's query block at start_m, into the ring's stats slot (read by
     the consumers from shared memory just where they need them, so neither holds them in registers across
     the step's waits). Rows: lse (log2 units, +inf for rows without keys or past the sequence), delta.
 
-    With ALiBi, per consumer warpgroup (keys n0 .. n0 + 63) its lse row and a key row: off the diagonal,
+    With ALiBi, per consumer warpgroup (keys n0 .. n0 + HALF_N - 1) its lse row and a key row: off the diagonal,
     -slope |p - j| (p = i + diag) = s (j - n0) - s (p - n0) with s = +slope if the block's keys sit at or
     below the query positions and -slope if above; the query term goes into the warpgroup's lse and the key
     term s (j - n0), which the consumer adds to the scores (the blocks that cross the diagonal are masked
@@ -114,7 +115,7 @@ def _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, 
         slope2 = _alibi_slope2(alibi_slopes, b, h, stride_ab)
         pos0 = start_m + seqlen_k - seqlen_q
         for wg in gl.static_range(2):
-            n0 = start_n + wg * BLOCK_M
+            n0 = start_n + wg * HALF_N
             s = gl.where(n0 > pos0, -slope2, slope2)
             stats_smem.index(ROWS * stage + wg).store(lse2 + s * (offs + (pos0 - n0)).to(gl.float32))
             stats_smem.index(ROWS * stage + 3 + wg).store(s * offs.to(gl.float32))
@@ -153,7 +154,7 @@ def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
                                                       BLOCK_M)
         _issue_qdo_load(q_desc, do_desc, q_smem, do_smem, qdo_full, stage, row, q_col, do_col, True)
         _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, h, q_start, start_m, start_n,
-                        seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, HAS_ALIBI)
+                        seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, k_smem.type.shape[0] // 2, HAS_ALIBI)
 
 
 @gluon.jit
@@ -522,17 +523,20 @@ class BwdConfig(NamedTuple):
 # By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
 # The early dropout mask measured 2-4% faster at d = 128 and 3-4% slower at d = 64 (H200; NOTES, "Gluon
 # backward with dropout").
-# d = 64 takes 128 queries a step (half the meetings and ring waits per FLOP); with softcap or dropout, whose
-# extra registers spill there, 64 queries a step with K and V as register operands (NOTES, "Gluon backward at
-# d = 64: K and V as register operands").
+# d = 64 takes 128 queries a step (half the meetings and ring waits per FLOP); softcap and dropout, whose
+# extra registers spill there, take 64 queries a step, softcap with K and V as register operands (NOTES,
+# "Gluon backward at d = 64: K and V as register operands"; dropout measured 1-2% slower with them).
 _CONFIGS = {64: BwdConfig(128, 128, 2, 1), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
-_SCORE_MOD_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3)}
+_SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3)}
+_DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2)}
 
 
 def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
     """The shipped config for head dim d (softcap, dropout: whether the call has them)."""
-    if (softcap or dropout) and d in _SCORE_MOD_CONFIGS:
-        return _SCORE_MOD_CONFIGS[d]
+    if dropout and d in _DROPOUT_CONFIGS:
+        return _DROPOUT_CONFIGS[d]
+    if softcap and d in _SOFTCAP_CONFIGS:
+        return _SOFTCAP_CONFIGS[d]
     return _CONFIGS[d]
 # Head dims routed here by default: both (1.1-1.5x the portable backward on an H200 since lse and delta come
 # through shared memory: benchmarks/NOTES.md, "Gluon backward v3").
