@@ -525,24 +525,19 @@ class BwdConfig(NamedTuple):
 # backward with dropout").
 # d = 64 takes 128 queries a step (half the meetings and ring waits per FLOP); softcap and dropout, whose
 # extra registers spill there, take 64 queries a step, softcap with K and V as register operands (NOTES,
-# "Gluon backward at d = 64: K and V as register operands"; dropout measured 1-2% slower with them); so do
-# short sequences (up to _SHORT_SEQLEN queries, causal or not), where the coarser steps measured slower.
+# "Gluon backward at d = 64: K and V as register operands"; dropout measured 1-2% slower with them). Short
+# sequences measured no slower with 128-query steps (512-2k, same process).
 _CONFIGS = {64: BwdConfig(128, 128, 2, 1), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
 _SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3)}
 _DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2)}
-_SHORT_CONFIGS = {64: BwdConfig(64, 128, 2, 2)}
-_SHORT_SEQLEN = {True: 1024, False: 512}
 
 
-def select_config(d: int, softcap: bool, dropout: bool, seqlen_q: int = 1 << 30, causal: bool = False) -> BwdConfig:
-    """The shipped config for head dim d: softcap, dropout, causal (any right window) as the call has them,
-    seqlen_q its longest query sequence."""
+def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
+    """The shipped config for head dim d (softcap, dropout: whether the call has them)."""
     if dropout and d in _DROPOUT_CONFIGS:
         return _DROPOUT_CONFIGS[d]
     if softcap and d in _SOFTCAP_CONFIGS:
         return _SOFTCAP_CONFIGS[d]
-    if seqlen_q <= _SHORT_SEQLEN[causal] and d in _SHORT_CONFIGS:
-        return _SHORT_CONFIGS[d]
     return _CONFIGS[d]
 # Head dims routed here by default: both (1.1-1.5x the portable backward on an H200 since lse and delta come
 # through shared memory: benchmarks/NOTES.md, "Gluon backward v3").
@@ -599,7 +594,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2:]
     nheads_k = k.shape[-2]
-    cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0, max_seqlen_q, window_size[1] >= 0)
+    cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
     block_m, block_n = cfg.block_m, cfg.block_n
     grid = (triton.cdiv(max_seqlen_k, block_n), batch * nheads_k)
     if grid[0] * grid[1] == 0:
