@@ -520,7 +520,7 @@ class BwdConfig(NamedTuple):
     kv_regs: int = 0
 
 
-# By head dim: 128 keys over two warpgroups, 64 queries a step; at d = 128 two dQ tiles do not fit (227 KB).
+# By head dim: 128 keys over two warpgroups; at d = 128 64 queries a step (two dQ tiles do not fit: 227 KB).
 # The early dropout mask measured 2-4% faster at d = 128 and 3-4% slower at d = 64 (H200; NOTES, "Gluon
 # backward with dropout").
 # d = 64 takes 128 queries a step (half the meetings and ring waits per FLOP); softcap and dropout, whose
@@ -539,6 +539,8 @@ def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
     if softcap and d in _SOFTCAP_CONFIGS:
         return _SOFTCAP_CONFIGS[d]
     return _CONFIGS[d]
+
+
 # Head dims routed here by default: both (1.1-1.5x the portable backward on an H200 since lse and delta come
 # through shared memory: benchmarks/NOTES.md, "Gluon backward v3").
 _ROUTED_HEAD_DIMS = (64, 128)

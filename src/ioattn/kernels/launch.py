@@ -301,10 +301,9 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
                       *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
     fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
-    gluon = gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p,
-                                                           alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-                                                           softcap=prob.softcap,
-                                                           window_size=(prob.window_left, prob.window_right))
+    gluon = gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p, alibi_slopes=alibi_slopes,
+                                     cu_seqlens_q=cu_seqlens_q, softcap=prob.softcap,
+                                     window_size=(prob.window_left, prob.window_right))
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
