@@ -42,7 +42,7 @@ def _sdpa(q, k, v, *, backend, causal, dropout_p=0.0):
 
 
 def _config(text: str) -> attn_bwd_gluon.BwdConfig:
-    """'BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs]]]'."""
+    """'BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle]]]]'."""
     return attn_bwd_gluon.BwdConfig(*(int(x) for x in text.split(",")))
 
 
@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--window", default="", help="'LEFT,RIGHT': a sliding window (SDPA's peers not timed)")
     ap.add_argument("--alt", default="",
-                    help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs]]]|...;...': also time these")
+                    help="'d:BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle]]]]|...;...': "
+                         "also time these")
     args = ap.parse_args()
     window = tuple(int(x) for x in args.window.split(",")) if args.window else (-1, -1)
     alt = {int(d): [_config(c) for c in cs.split("|")] for d, cs in (item.split(":") for item in args.alt.split(";")

@@ -222,7 +222,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
         if name in consts:
             sig[name] = "constexpr"
         elif name == "dq_desc":
-            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, 2, d), block_m, d // 2))
+            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, 2, d), block_m, d // 2, cfg.dq_swizzle))
         elif name.endswith("_desc"):
             sig[name] = _desc_type(dtype, block_n if name[0] in "kv" else block_m, d)
         elif name in ("DK", "DV"):
@@ -258,7 +258,8 @@ def main() -> None:
     ap.add_argument("--dump", type=pathlib.Path)
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--gluon", action="store_true", help="the Gluon backward's feature variants")
-    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs]]] for --gluon")
+    ap.add_argument("--config",
+                    help="BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle]]]] for --gluon")
     ap.add_argument("--dq", action="store_true", help="the two-pass dQ kernel's rows with softcap, fast tanh")
     args = ap.parse_args()
     if args.dq:

@@ -510,7 +510,8 @@ class BwdConfig(NamedTuple):
     """Tiles of ``attn_bwd_gluon_kernel``: ``block_n`` keys per program over its two consumer warpgroups,
     ``block_m`` queries a step through a ring of ``stages`` Q/dO tiles, ``dq_stages`` fp32 dQ tiles in
     shared memory for the dQ warp; with dropout, ``early_mask`` draws the mask while S^T and dP^T are
-    computed (else while dP^T is: fewer registers held across the S^T wait)."""
+    computed (else while dP^T is: fewer registers held across the S^T wait); ``kv_regs``: K (bit 0) and V
+    (bit 1) as register operands; ``dq_swizzle``: the dQ tiles' shared-memory swizzle (``dq_descriptor``)."""
 
     block_m: int
     block_n: int
@@ -518,6 +519,7 @@ class BwdConfig(NamedTuple):
     dq_stages: int = 1
     early_mask: int = 0
     kv_regs: int = 0
+    dq_swizzle: int = 128
 
 
 # By head dim: 128 keys over two warpgroups; at d = 128 64 queries a step (two dQ tiles do not fit: 227 KB).
@@ -576,11 +578,13 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     return all(_tma_describable(t) for t in (q, k, v, dout))
 
 
-def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int) -> TensorDescriptor:
+def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int, swizzle: int = 128) -> TensorDescriptor:
     """The contiguous fp32 dQ buffer, (..., nheads, d), as (rows, nheads * d) for the bulk reduce-add of
-    (block_m, block_d) tiles."""
+    (block_m, block_d) tiles. The tile's shared-memory layout is the descriptor's: ``swizzle`` bytes (the
+    consumers' stores from the wgmma accumulator layout hit 8 banks 8 ways in unswizzled rows of 128 or 256
+    bytes, and 2 wavefronts a store with 128-byte swizzling; the copy engine then moves 32 columns a box)."""
     cols = dq_acc.shape[-2] * dq_acc.shape[-1]
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=32, rank=2)
     return TensorDescriptor(dq_acc, [dq_acc.numel() // cols, cols], [cols, 1], [block_m, block_d], layout)
 
 
@@ -623,7 +627,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     section = order_section(grid[1], group_bytes)
     attn_bwd_gluon_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
-        dq_descriptor(dq_acc, block_m, d // 2), lse, delta, dk, dv,
+        dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle), lse, delta, dk, dv,
         cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes, locks,
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
