@@ -29,6 +29,7 @@ such key rows of dK, dV are never written, and such query rows add exact zeros t
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -584,8 +585,13 @@ def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int, swizzle: int
     consumers' stores from the wgmma accumulator layout hit 8 banks 8 ways in unswizzled rows of 128 or 256
     bytes, and 2 wavefronts a store with 128-byte swizzling; the copy engine then moves 32 columns a box)."""
     cols = dq_acc.shape[-2] * dq_acc.shape[-1]
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=32, rank=2)
-    return TensorDescriptor(dq_acc, [dq_acc.numel() // cols, cols], [cols, 1], [block_m, block_d], layout)
+    return TensorDescriptor(dq_acc, [dq_acc.numel() // cols, cols], [cols, 1], [block_m, block_d],
+                            _dq_layout(swizzle))
+
+
+@functools.cache
+def _dq_layout(swizzle: int) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=32, rank=2)
 
 
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,

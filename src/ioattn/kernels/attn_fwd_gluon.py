@@ -821,13 +821,17 @@ def _tile_counter(device: torch.device) -> torch.Tensor:
     return counter
 
 
+@functools.cache
+def _tile_layout(block_rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for([block_rows, d], _GL_DTYPES[dtype])
+
+
 def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     """(batch * seqlen or total, columns) view: head h starts at column h * stride_h."""
     nheads, d = t.shape[-2:]
     rows = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, d], _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, [rows, (nheads - 1) * t.stride(-2) + d], [t.stride(-3), 1], [block_rows, d],
-                            layout)
+                            _tile_layout(block_rows, d, t.dtype))
 
 
 def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,

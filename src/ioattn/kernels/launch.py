@@ -290,20 +290,21 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     bd = _block_d(prob.headdim)
-    flags = prob.flags(q.dtype, alibi_slopes is not None)
     lse_strides = _lse_strides(lse, prob.varlen)
-    slopes, stride_ab = _alibi_args(alibi_slopes, q)
     qk_scale, softcap2 = prob.log2_units()
     cu_q = cu_seqlens_q if prob.varlen else q
-    cu_k = cu_seqlens_k if prob.varlen else q
-    scalars = (prob.softmax_scale, qk_scale, softcap2, prob.window_left, prob.window_right, prob.dropout_p,
-               seed)
-    qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
-                      *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
-    fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
     gluon = gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p, alibi_slopes=alibi_slopes,
                                      cu_seqlens_q=cu_seqlens_q, softcap=prob.softcap,
                                      window_size=(prob.window_left, prob.window_right))
+    if not gluon:  # (the portable kernels' arguments: host time the Gluon path does not spend)
+        flags = prob.flags(q.dtype, alibi_slopes is not None)
+        slopes, stride_ab = _alibi_args(alibi_slopes, q)
+        cu_k = cu_seqlens_k if prob.varlen else q
+        scalars = (prob.softmax_scale, qk_scale, softcap2, prob.window_left, prob.window_right, prob.dropout_p,
+                   seed)
+        qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
+                          *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
+        fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
@@ -313,16 +314,17 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             *lse_strides, prob.nheads, prob.max_seqlen_q,
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
         )
-        if gluon:
-            # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py), dQ summed in an fp32 buffer laid out
-            # as dq, so that its conversion is one contiguous copy.
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-                           batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
-                           softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
-                           window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
-                           dropout_p=prob.dropout_p, seed=seed)
-            return dq.copy_(dq_acc), dk, dv
+    if gluon:
+        # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py), dQ summed in an fp32 buffer laid out as
+        # dq, so that its conversion is one contiguous copy.
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                       batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
+                       softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
+                       window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
+                       dropout_p=prob.dropout_p, seed=seed)
+        return dq.copy_(dq_acc), dk, dv
+    if math.prod(grid) > 0:
         if not fused:
             attn_bwd_dq_kernel[grid](
                 q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,

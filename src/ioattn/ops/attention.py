@@ -13,12 +13,12 @@ import torch
 from ..dropout import draw_seed
 from ..kernels.attn_fwd_gluon import gluon_forward, gluon_forward_supported
 from ..kernels.launch import attn_bwd, attn_fwd, lse_shape, make_problem
+from ._dispatch import call
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
 
 
-@torch.library.custom_op("ioattn::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(
+def _flash_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
@@ -42,6 +42,9 @@ def flash_attn_fwd(
     return out, lse, torch.tensor(seed, dtype=torch.int64)
 
 
+flash_attn_fwd = torch.library.custom_op("ioattn::flash_attn_fwd", _flash_attn_fwd, mutates_args=())
+
+
 @flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
       window_right, softcap, alibi_slopes, dropout_p):
@@ -50,8 +53,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
     return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
 
 
-@torch.library.custom_op("ioattn::flash_attn_bwd", mutates_args=())
-def flash_attn_bwd(
+def _flash_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
@@ -62,6 +64,9 @@ def flash_attn_bwd(
                         window_right, softcap, dropout_p)
     return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed),
                     deterministic)
+
+
+flash_attn_bwd = torch.library.custom_op("ioattn::flash_attn_bwd", _flash_attn_bwd, mutates_args=())
 
 
 @flash_attn_bwd.register_fake
@@ -80,9 +85,9 @@ class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                 window_left, window_right, softcap, alibi_slopes, dropout_p, deterministic):
-        out, lse, seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                                        dropout_p)
+        out, lse, seed = call(flash_attn_fwd, _flash_attn_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                              dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
         ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                       dropout_p, deterministic)
@@ -94,9 +99,9 @@ class FlashAttnFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
         (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
          deterministic) = ctx.params
-        dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                                    alibi_slopes, dropout_p, seed, deterministic)
+        dq, dk, dv = call(flash_attn_bwd, _flash_attn_bwd, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                          max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                          alibi_slopes, dropout_p, seed, deterministic)
         return dq, dk, dv, *([None] * 11)
 
 
