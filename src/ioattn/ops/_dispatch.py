@@ -23,6 +23,16 @@ def direct(*args) -> bool:
     return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
 
 
-def call(op, impl, *args):
-    """``impl(*args)`` where ``direct`` allows it, else the registered custom op ``op(*args)``."""
-    return impl(*args) if direct(*args) else op(*args)
+class EagerOp:
+    """A ``torch.library`` custom op (``op``) over the function ``fn``; a call runs ``fn`` itself where
+    ``direct`` allows it, else the op."""
+
+    def __init__(self, name: str, fn, mutates_args=()):
+        self.fn = fn
+        self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+
+    def __call__(self, *args):
+        return self.fn(*args) if direct(*args) else self.op(*args)
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)

@@ -13,7 +13,7 @@ import torch
 from ..dropout import draw_seed
 from ..kernels.attn_fwd_gluon import gluon_forward, gluon_forward_supported
 from ..kernels.launch import attn_bwd, attn_fwd, lse_shape, make_problem
-from ._dispatch import call
+from ._dispatch import EagerOp
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
 
@@ -42,7 +42,7 @@ def _flash_attn_fwd(
     return out, lse, torch.tensor(seed, dtype=torch.int64)
 
 
-flash_attn_fwd = torch.library.custom_op("ioattn::flash_attn_fwd", _flash_attn_fwd, mutates_args=())
+flash_attn_fwd = EagerOp("ioattn::flash_attn_fwd", _flash_attn_fwd)
 
 
 @flash_attn_fwd.register_fake
@@ -66,7 +66,7 @@ def _flash_attn_bwd(
                     deterministic)
 
 
-flash_attn_bwd = torch.library.custom_op("ioattn::flash_attn_bwd", _flash_attn_bwd, mutates_args=())
+flash_attn_bwd = EagerOp("ioattn::flash_attn_bwd", _flash_attn_bwd)
 
 
 @flash_attn_bwd.register_fake
@@ -85,9 +85,9 @@ class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                 window_left, window_right, softcap, alibi_slopes, dropout_p, deterministic):
-        out, lse, seed = call(flash_attn_fwd, _flash_attn_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                              dropout_p)
+        out, lse, seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                                        dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
         ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                       dropout_p, deterministic)
@@ -99,9 +99,9 @@ class FlashAttnFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
         (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
          deterministic) = ctx.params
-        dq, dk, dv = call(flash_attn_bwd, _flash_attn_bwd, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                          max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                          alibi_slopes, dropout_p, seed, deterministic)
+        dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                                    alibi_slopes, dropout_p, seed, deterministic)
         return dq, dk, dv, *([None] * 11)
 
 

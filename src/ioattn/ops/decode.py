@@ -17,7 +17,7 @@ from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch
 from ..kernels import kv_write as kvw
 from ..kernels.combine import combine_kernel
 from ..kernels.decode import decode_kernel
-from ._dispatch import call
+from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -190,16 +190,10 @@ def _kvcache_attention(
                    rotary_interleaved, rotary_per_row, num_splits)
 
 
-_kvcache_attention_op = torch.library.custom_op("ioattn::kvcache_attention", _kvcache_attention, mutates_args=())
+kvcache_attention = EagerOp("ioattn::kvcache_attention", _kvcache_attention)
 
 
-def kvcache_attention(*args):
-    """The ``ioattn::kvcache_attention`` op (``_kvcache_attention``'s arguments); plain eager calls run it
-    without the dispatcher (``ops._dispatch``)."""
-    return call(_kvcache_attention_op, _kvcache_attention, *args)
-
-
-@_kvcache_attention_op.register_fake
+@kvcache_attention.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
       alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap, rotary_interleaved,
       rotary_per_row, num_splits):
@@ -207,7 +201,7 @@ def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_c
     return torch.empty_like(q), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
 
 
-def _kv_write_op_impl(
+def _kv_write_op(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
     block_table: torch.Tensor | None, cache_batch_idx: torch.Tensor | None,
@@ -221,16 +215,10 @@ def _kv_write_op_impl(
           rotary_cos, rotary_sin, rotary_interleaved)
 
 
-_kv_write_op = torch.library.custom_op("ioattn::kv_write", _kv_write_op_impl, mutates_args=("k_cache", "v_cache"))
+kv_write = EagerOp("ioattn::kv_write", _kv_write_op, mutates_args=("k_cache", "v_cache"))
 
 
-def kv_write(*args) -> None:
-    """The ``ioattn::kv_write`` op (``_kv_write_op_impl``'s arguments); plain eager calls run it without the
-    dispatcher (``ops._dispatch``)."""
-    return call(_kv_write_op, _kv_write_op_impl, *args)
-
-
-@_kv_write_op.register_fake
+@kv_write.register_fake
 def _(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx, rotary_cos,
       rotary_sin, rotary_interleaved):
     return None
