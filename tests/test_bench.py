@@ -209,10 +209,10 @@ class WrongPeer(Peer):
         return torch.zeros_like(q) + 0 * q
 
 
-def _measure(peers, modes=("fwd", "bwd", "fwdbwd")):
-    progress = R.Progress(len(peers), enabled=False)
+def _measure(peers, modes=("fwd", "bwd", "fwdbwd"), rounds=1):
+    progress = R.Progress(len(peers) * rounds, enabled=False)
     cfg = Config(headdim=32, causal=True, seqlen=64, batch=2, nheads=2)
-    rows = measure_config(cfg, peers, modes, torch.device("cpu"), torch.float32, QUICK, progress)
+    rows = measure_config(cfg, peers, modes, torch.device("cpu"), torch.float32, QUICK, progress, rounds)
     return rows, progress.notes
 
 
@@ -252,6 +252,38 @@ def test_unavailable_and_unfit_peers_are_skipped_with_reasons():
     assert not ok and "CUDA" in why
 
 
+class CountingPeer(ChunkedPeer):
+    """Its n-th timing takes 10 n ms more: with rounds the median over the rounds is reported."""
+
+    def __init__(self):
+        self.calls = {"fwd": 0, "fwdbwd": 0}
+        self.timings = {"fwd": 0, "fwdbwd": 0}
+
+    def make_fn(self, q, k, v, causal, mode, dout=None):
+        self.timings[mode] += 1
+        n = self.timings[mode]
+        inner = super().make_fn(q, k, v, causal, mode, dout)
+
+        def fn():
+            self.calls[mode] += 1
+            time.sleep(n * 1e-2)
+            return inner()
+        return fn
+
+
+def test_rounds_time_every_peer_again_and_keep_the_median():
+    counting, failing = CountingPeer(), BackwardOOMPeer()
+    rows, notes = _measure([counting, ExplodingPeer(), failing], rounds=3)
+    assert counting.timings == {"fwd": 3, "fwdbwd": 3}
+    by = {(r["impl"], r["mode"]): r["ms"] for r in rows}
+    assert set(by) == {("chunked", "fwd"), ("chunked", "bwd"), ("chunked", "fwdbwd"), ("sdpa-math", "fwd")}
+    assert 20.0 <= by[("chunked", "fwd")] < 29.0  # sleeps of 10, 20 and 30 ms: the median round's 20
+    assert by[("chunked", "bwd")] == pytest.approx(by[("chunked", "fwdbwd")] - by[("chunked", "fwd")])
+    # the peer that failed once is not tried again; the one whose backward failed keeps its forward only
+    assert sum("kernel exploded" in n for n in notes) == 1
+    assert sum("OutOfMemoryError" in n for n in notes) == 1
+
+
 def test_cpu_timing_returns_the_median():
     ms = median_ms(lambda: time.sleep(0.002), "cpu", QUICK)
     assert 2.0 <= ms < 20.0
@@ -262,6 +294,8 @@ def test_bad_options_are_refused():
         main(["fa2", "--peers", "sdpa-flash,nonesuch", "--device", "cpu"])
     with pytest.raises(SystemExit):
         main(["--modes", "sideways", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        main(["fa2", "--rounds", "0", "--device", "cpu"])
 
 
 def test_default_results_path_names_device_and_date():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ioattn.bench import features, report
+from ioattn.bench.timing import QUICK
 from ioattn.reference import allowed_mask
 
 
@@ -33,3 +34,30 @@ def test_rows_validate_against_the_layout():
            "ms": 1.0, "tflops": 400.0, "relative": 0.97}
     report.validate_document(report.make_document(meta, [row]))
     assert "gqa-4" in report.format_table([row])
+
+
+def test_measure_times_features_in_rounds_and_keeps_medians(monkeypatch):
+    """Features are timed in turn, round after round; each keeps its median fwd and fwd + bwd times; a
+    feature whose case cannot be made, or whose timing fails, is noted and left out."""
+    scripted = {"plain": iter([(4.0, 1.0), (12.0, 9.0), (8.0, 2.0)]), "causal": iter([(20.0, 5.0)] * 3)}
+    order = []
+
+    def fake_time(call, leaves, device, budget):
+        feature = call()
+        order.append(feature)
+        if feature == "softcap":
+            raise RuntimeError("kernel failed")
+        return next(scripted[feature])
+
+    def make(feature):
+        if feature == "window":
+            raise ValueError("no such case")
+        return (lambda: feature), (), 123.0
+
+    monkeypatch.setattr(features, "_time", fake_time)
+    out, notes = features.measure(["plain", "causal", "window", "softcap"], make, "cpu", QUICK, rounds=3)
+    assert order == ["plain", "causal", "softcap", "plain", "causal", "plain", "causal"]
+    assert set(out) == {"plain", "causal"}
+    assert out["plain"] == (8.0, 10.0 - 8.0, 123.0)  # medians of fwd (4, 12, 8) and fwd + bwd (5, 21, 10)
+    assert out["causal"] == (20.0, 5.0, 123.0)
+    assert len(notes) == 2 and "no such case" in notes[0] and "kernel failed" in notes[1]

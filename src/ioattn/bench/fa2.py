@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -129,11 +130,29 @@ def _reference_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     return "SDPA", out.transpose(1, 2)
 
 
+def _peer_times(peer: Peer, cfg: Config, inputs: tuple[torch.Tensor, ...], backward: bool,
+                device: torch.device, budget: TimingBudget, progress: Progress) -> dict[str, float]:
+    """The peer's median times (fwd, and fwdbwd with ``backward``); what fails is noted and left out."""
+    q, k, v, dout = inputs
+    times: dict[str, float] = {}
+    fwd = _attempt(progress, peer.name, "forward", cfg, lambda: median_ms(
+        peer.make_fn(q, k, v, cfg.causal, "fwd"), device, budget, grad_to_none=(q, k, v)))
+    if fwd is None:
+        return times
+    times["fwd"] = fwd
+    if backward:
+        fwdbwd = _attempt(progress, peer.name, "forward+backward", cfg, lambda: median_ms(
+            peer.make_fn(q, k, v, cfg.causal, "fwdbwd", dout), device, budget, grad_to_none=(q, k, v)))
+        if fwdbwd is not None:
+            times["fwdbwd"] = fwdbwd
+    return times
+
+
 def _time_peer(peer: Peer, cfg: Config, inputs: tuple[torch.Tensor, ...], backward: bool,
                device: torch.device, budget: TimingBudget, progress: Progress
                ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """The peer's output (for the agreement check) and its median times; what fails is noted and left out."""
-    q, k, v, dout = inputs
+    q, k, v, _ = inputs
 
     def first_output() -> torch.Tensor:
         # The first call (with autograd, as timed) also compiles whatever the peer compiles.
@@ -141,32 +160,32 @@ def _time_peer(peer: Peer, cfg: Config, inputs: tuple[torch.Tensor, ...], backwa
         synchronize(device)
         return out
 
-    times: dict[str, float] = {}
     out = _attempt(progress, peer.name, "forward", cfg, first_output)
     if out is None:
-        return None, times
-    fwd = _attempt(progress, peer.name, "forward", cfg, lambda: median_ms(
-        peer.make_fn(q, k, v, cfg.causal, "fwd"), device, budget, grad_to_none=(q, k, v)))
-    if fwd is None:
-        return out, times
-    times["fwd"] = fwd
-    if backward:
-        fwdbwd = _attempt(progress, peer.name, "forward+backward", cfg, lambda: median_ms(
-            peer.make_fn(q, k, v, cfg.causal, "fwdbwd", dout), device, budget, grad_to_none=(q, k, v)))
-        if fwdbwd is not None:
-            times["fwdbwd"] = fwdbwd
-    return out, times
+        return None, {}
+    return out, _peer_times(peer, cfg, inputs, backward, device, budget, progress)
+
+
+def _release(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device: torch.device) -> None:
+    q.grad = k.grad = v.grad = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def measure_config(cfg: Config, peers: Sequence[Peer], modes: Sequence[str], device: torch.device,
-                   dtype: torch.dtype, budget: TimingBudget, progress: Progress) -> list[dict]:
-    """Time every peer on one configuration's fresh inputs; a peer that fails is noted and skipped."""
+                   dtype: torch.dtype, budget: TimingBudget, progress: Progress, rounds: int = 1) -> list[dict]:
+    """Time every peer on one configuration's fresh inputs; a peer that fails is noted and skipped.
+
+    ``rounds`` > 1: after the first round (which also checks each output against SDPA's) every peer that ran
+    is timed again, peer after peer, ``rounds - 1`` more times; each time is the median over the rounds, so
+    a drift of clocks or temperature during one peer's turn weighs once, not on every cell."""
     shape = (cfg.batch, cfg.seqlen, cfg.nheads, cfg.headdim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(shape, device=device, dtype=dtype)
     backward = any(m != "fwd" for m in modes)
     baseline = _reference_output(q, k, v, cfg.causal, device)
-    rows: list[dict] = []
+    measured: dict[str, dict[str, list[float]]] = {}
+    ran: list[Peer] = []
     for peer in peers:
         ok, why = peer.available(device, dtype, cfg.headdim)
         if ok:
@@ -185,9 +204,24 @@ def measure_config(cfg: Config, peers: Sequence[Peer], modes: Sequence[str], dev
                 if not err <= _AGREE_ATOL.get(dtype, 3e-2):
                     progress.note(f"{peer.name} disagrees with {baseline[0]} at {cfg}: max |diff| {err:.3g}")
             del out
-        q.grad = k.grad = v.grad = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _release(q, k, v, device)
+        if times:
+            measured[peer.name] = {mode: [ms] for mode, ms in times.items()}
+            ran.append(peer)
+        progress.step(f"{peer.name} {cfg}")
+    for r in range(1, rounds):
+        for peer in peers:
+            if peer in ran:
+                # a mode that failed in the first round is not tried again
+                times = _peer_times(peer, cfg, (q, k, v, dout), "fwdbwd" in measured[peer.name], device, budget,
+                                    progress)
+                for mode, ms in times.items():
+                    measured[peer.name][mode].append(ms)
+                _release(q, k, v, device)
+            progress.step(f"{peer.name} {cfg} (round {r + 1})")
+    rows: list[dict] = []
+    for peer in ran:
+        times = {mode: statistics.median(ms) for mode, ms in measured[peer.name].items()}
         if "bwd" in modes and "fwdbwd" in times:
             times["bwd"] = times["fwdbwd"] - times["fwd"]
             if times["bwd"] <= 0:
@@ -196,7 +230,6 @@ def measure_config(cfg: Config, peers: Sequence[Peer], modes: Sequence[str], dev
                 del times["bwd"]
         rows.extend(_row(peer.name, mode, cfg, times[mode]) for mode in MODES
                     if mode in modes and mode in times)
-        progress.step(f"{peer.name} {cfg}")
     return rows
 
 
@@ -217,6 +250,16 @@ def _csv(kind: type, choices: Sequence | None = None):
     return parse
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The fa2 suite's options (those shared by every suite are added by ``ioattn.bench``)."""
     parser.add_argument("--modes", type=_csv(str, MODES), default=MODES, help="fwd,bwd,fwdbwd (default all)")
@@ -232,6 +275,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None,
                         help=f"batch × seqlen (default {TOKENS}, the paper's; --quick on CPU uses "
                              f"{QUICK_CPU['tokens']})")
+    parser.add_argument("--rounds", type=_positive, default=1,
+                        help="time every peer this many times per configuration, peer after peer, and keep the "
+                             "median (default 1)")
     parser.add_argument("--hidden", type=int, default=None,
                         help=f"nheads × headdim (default {HIDDEN}; --quick on CPU uses "
                              f"{QUICK_CPU['hidden']})")
@@ -258,7 +304,7 @@ def run(args: argparse.Namespace, device: torch.device, progress_enabled: bool =
     configs, dtype, budget = plan(args, device)
     peers = [p for name, p in all_peers().items() if name in args.peers]
     torch.manual_seed(args.seed)
-    progress = Progress(len(configs) * len(peers), desc="fa2", enabled=progress_enabled)
+    progress = Progress(len(configs) * len(peers) * args.rounds, desc="fa2", enabled=progress_enabled)
     rows: list[dict] = []
     threads = torch.get_num_threads()
     if device.type == "cpu" and args.quick:
@@ -267,7 +313,7 @@ def run(args: argparse.Namespace, device: torch.device, progress_enabled: bool =
         torch.set_num_threads(1)
     try:
         for cfg in configs:
-            rows.extend(measure_config(cfg, peers, args.modes, device, dtype, budget, progress))
+            rows.extend(measure_config(cfg, peers, args.modes, device, dtype, budget, progress, args.rounds))
     finally:
         torch.set_num_threads(threads)
         progress.close()

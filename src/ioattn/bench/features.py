@@ -8,6 +8,8 @@ Shapes as in the fa2 suite: batch × seqlen = 16k tokens, hidden 2048 (nheads = 
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -84,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headdims", default="128", help="comma-separated head dims (default 128)")
     parser.add_argument("--seqlens", default="4096,16384", help="comma-separated seqlens (default 4096,16384)")
     parser.add_argument("--features", default=",".join(FEATURES), help=f"subset of {','.join(FEATURES)}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the features in turn this many times and keep each one's median (default 1)")
 
 
 def _time(call: Callable[[], torch.Tensor], leaves, device, budget) -> tuple[float, float]:
@@ -93,6 +97,37 @@ def _time(call: Callable[[], torch.Tensor], leaves, device, budget) -> tuple[flo
     fwd = median_ms(call, device, budget)
     both = median_ms(lambda: call().backward(dout), device, budget, grad_to_none=list(leaves))
     return fwd, both - fwd
+
+
+def measure(features, make: Callable, device, budget, rounds: int = 1) -> tuple[dict, list[str]]:
+    """{feature: (fwd ms, bwd ms, flops)} for one (head dim, seqlen): ``make(feature)`` gives (call, leaves,
+    flops). With ``rounds`` > 1 the features are timed in turn, ``rounds`` times, and each keeps its median
+    fwd and fwd + bwd times (a drift during one feature's turn weighs once). A feature that fails is noted and
+    left out."""
+    cases, notes = {}, []
+    for feature in features:
+        try:
+            cases[feature] = make(feature)
+        except Exception as e:  # noqa: BLE001 - a failing feature is reported, the rest still run
+            notes.append(f"{feature}: {type(e).__name__}: {e}")
+    times: dict[str, list[tuple[float, float]]] = {f: [] for f in cases}
+    for _ in range(rounds):
+        for feature, (call, leaves, _) in list(cases.items()):
+            try:
+                times[feature].append(_time(call, leaves, device, budget))
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"{feature}: {type(e).__name__}: {e}")
+                del cases[feature]
+    out = {}
+    for feature, (_, _, flops) in cases.items():
+        fwd = statistics.median(t[0] for t in times[feature])
+        both = statistics.median(t[0] + t[1] for t in times[feature])
+        out[feature] = (fwd, both - fwd, flops)
+    return out, notes
+
+
+def _make_at(feature: str, *, seqlen: int, headdim: int, device: torch.device):
+    return make_case(feature, seqlen, headdim, device, torch.bfloat16)
 
 
 def run(args: argparse.Namespace, device: torch.device, progress_enabled: bool = True):
@@ -106,25 +141,21 @@ def run(args: argparse.Namespace, device: torch.device, progress_enabled: bool =
         raise SystemExit(f"ioattn bench features: unknown features {unknown}; choose from {FEATURES}")
     budget = QUICK if args.quick else FULL
     rows, notes = [], []
-    progress = Progress(len(headdims) * len(seqlens) * len(features), NAME, progress_enabled)
+    progress = Progress(len(headdims) * len(seqlens), NAME, progress_enabled)
     torch.manual_seed(args.seed)
     for headdim in headdims:
         for seqlen in seqlens:
-            plain: dict[str, float] = {}
-            for feature in features:
-                progress.step(f"{feature} d={headdim} seqlen={seqlen}")
-                try:
-                    call, leaves, flops = make_case(feature, seqlen, headdim, device, torch.bfloat16)
-                    times = _time(call, leaves, device, budget)
-                except Exception as e:  # noqa: BLE001 - a failing feature is reported, the rest still run
-                    notes.append(f"{feature} d={headdim} seqlen={seqlen}: {type(e).__name__}: {e}")
-                    continue
-                for mode, ms, mult in (("feature-fwd", times[0], 1.0), ("feature-bwd", times[1], 2.5)):
+            progress.step(f"d={headdim} seqlen={seqlen}")
+            make = functools.partial(_make_at, seqlen=seqlen, headdim=headdim, device=device)
+            measured, failed = measure(features, make, device, budget, args.rounds)
+            notes.extend(f"d={headdim} seqlen={seqlen} {n}" for n in failed)
+            if "plain" not in measured:  # nothing to compare against
+                continue
+            plain = {}
+            for feature, (fwd, bwd, flops) in measured.items():
+                for mode, ms, mult in (("feature-fwd", fwd, 1.0), ("feature-bwd", bwd, 2.5)):
                     tflops = mult * flops / (ms * 1e-3) / 1e12
-                    if feature == "plain":
-                        plain[mode] = tflops
-                    if mode not in plain:  # the plain case failed: nothing to compare against
-                        continue
+                    plain.setdefault(mode, tflops)  # plain comes first
                     rows.append({"impl": "ioattn", "mode": mode, "feature": feature, "headdim": headdim,
                                  "seqlen": seqlen, "ms": ms, "tflops": tflops, "relative": tflops / plain[mode]})
     progress.close()
