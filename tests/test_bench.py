@@ -319,3 +319,33 @@ def test_cli_merge_adds_a_second_run_to_the_same_file(tmp_path):
     assert main(common + ["--seqlens", "256", "--merge"]) == 0
     rows = json.loads(path.read_text())["rows"]
     assert sorted((r["impl"], r["seqlen"]) for r in rows) == [("sdpa-math", 128), ("sdpa-math", 256)]
+
+
+def test_decode_rounds_keep_each_peers_median(monkeypatch):
+    """The decode suite times the peers that ran in turn, round after round, and reports each one's median;
+    a failing or unavailable peer is noted once and left out."""
+    from ioattn.bench import decode
+
+    scripted = {"ioattn": iter([3.0, 1.0, 2.0]), "sdpa-cudnn": iter([5.0, 4.0, 6.0])}
+    order = []
+
+    def peer(name):
+        def fn():
+            order.append(name)
+            if name == "flex":
+                raise RuntimeError("compile failed")
+            return torch.zeros(2, 1, 4, 8)
+        fn.peer = name
+        return fn
+
+    monkeypatch.setattr(decode, "_peer_fns", lambda q, k, v, paged, names, device: {
+        "ioattn": peer("ioattn"), "sdpa-flash": "not on CPU", "sdpa-cudnn": peer("sdpa-cudnn"), "flex": peer("flex")})
+    monkeypatch.setattr(decode, "median_ms", lambda fn, device, budget: next(scripted[fn.peer]))
+    progress = R.Progress(4, enabled=False)
+    rows = decode.run_decode_suite(torch.device("cpu"), seqlens=(64,), tokens=128, nheads=4, nheads_k=2,
+                                   headdim=8, dtype=torch.float32, progress=progress, rounds=3)
+    assert [(r["impl"], r["ms"]) for r in rows] == [("ioattn", 2.0), ("sdpa-cudnn", 5.0)]
+    assert order == ["ioattn", "sdpa-cudnn", "flex"]  # the first call of each; the timings are scripted
+    assert len(progress.notes) == 2 and "not on CPU" in progress.notes[0] and "compile failed" in progress.notes[1]
+    R.validate_document(R.make_document({"device": "cpu", "date": "2026-11-21", "commit": "c", "torch": "t",
+                                         "triton": "t"}, rows))

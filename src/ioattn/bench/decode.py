@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="batch × KV length (default 262144)")
     parser.add_argument("--peers", type=lambda t: t.split(","), default=list(PEERS),
                         help=f"comma-separated subset of {','.join(PEERS)}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every peer in turn this many times per KV length and keep the median (default 1)")
 
 
 def _inputs(batch: int, seqlen_k: int, nheads: int, nheads_k: int, headdim: int, dtype, device, gen):
@@ -124,9 +127,11 @@ def _flashinfer(q, paged, seqlen_k, device) -> Callable[[], torch.Tensor] | str:
 def run_decode_suite(device: torch.device, *, seqlens: Sequence[int] = SEQLENS, tokens: int = TOKENS,
                      nheads: int = 32, nheads_k: int = 8, headdim: int = 128, dtype=torch.bfloat16,
                      peers: Sequence[str] = PEERS, budget: TimingBudget = FULL, seed: int = 0,
-                     progress: Progress | None = None) -> list[dict]:
+                     progress: Progress | None = None, rounds: int = 1) -> list[dict]:
     """Time every peer at every KV length (batch = tokens // seqlen_k) and return the rows of
-    :data:`DECODE_LAYOUT`; a peer that cannot run or fails is noted on ``progress`` and left out."""
+    :data:`DECODE_LAYOUT`; a peer that cannot run or fails is noted on ``progress`` and left out.
+    ``rounds`` > 1: the peers that ran are timed again in turn, ``rounds - 1`` more times, and each keeps its
+    median (a drift during one peer's turn weighs once)."""
     progress = progress or Progress(len(seqlens) * len(peers), NAME, enabled=False)
     gen = torch.Generator(device=device).manual_seed(seed)
     rows: list[dict] = []
@@ -136,8 +141,9 @@ def run_decode_suite(device: torch.device, *, seqlens: Sequence[int] = SEQLENS, 
         paged = _paged(k, v, gen)
         kv_bytes = 2 * k.numel() * k.element_size()
         baseline: torch.Tensor | None = None
+        where = f"seqlen_k={seqlen_k} batch={batch}"
+        timed: dict[str, tuple[Callable[[], torch.Tensor], list[float]]] = {}
         for name, fn in _peer_fns(q, k, v, paged, peers, device).items():
-            where = f"seqlen_k={seqlen_k} batch={batch}"
             if isinstance(fn, str):
                 progress.note(f"{name} skipped: {fn}")
                 progress.step(f"{name} {where}")
@@ -158,12 +164,20 @@ def run_decode_suite(device: torch.device, *, seqlens: Sequence[int] = SEQLENS, 
                 err = (out.float() - baseline).abs().max().item()
                 if not err <= _AGREE_ATOL.get(dtype, 3e-2):
                     progress.note(f"{name} disagrees with the first peer at {where}: max |diff| {err:.3g}")
+            timed[name] = (fn, [ms])
+            progress.step(f"{name} {where}")
+        for _ in range(rounds - 1):
+            for fn, times in timed.values():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    times.append(median_ms(fn, device, budget))
+        for name, (_, times) in timed.items():
+            ms = statistics.median(times)
             rows.append({"impl": name, "mode": "decode", "headdim": headdim, "nheads": nheads,
                          "nheads_k": nheads_k, "batch": batch, "seqlen_k": seqlen_k,
                          "block_size": PAGE if name in ("ioattn-paged", "flashinfer") else 0,
                          "ms": ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9})
-            progress.step(f"{name} {where}")
-        del q, k, v, paged, baseline
+        del q, k, v, paged, baseline, timed
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -190,7 +204,7 @@ def run(args: argparse.Namespace, device: torch.device, progress_enabled: bool =
         rows = run_decode_suite(device, seqlens=shape["seqlens"], tokens=shape["tokens"],
                                 nheads=shape["nheads"], nheads_k=shape["nheads_k"], headdim=shape["headdim"],
                                 dtype=dtype, peers=args.peers, budget=QUICK if args.quick else FULL,
-                                seed=args.seed, progress=progress)
+                                seed=args.seed, progress=progress, rounds=args.rounds)
     finally:
         progress.close()
     return rows, progress.notes
