@@ -21,10 +21,6 @@ import ioattn
 from ioattn.kernels import attn_bwd_gluon
 
 
-def _config(text: str) -> attn_bwd_gluon.BwdConfig:
-    return attn_bwd_gluon.BwdConfig(*(int(x) for x in text.split(",")))
-
-
 def _time_cell(d: int, causal: bool, s: int, cfgs, rounds: int, rep: int) -> list[list[float]]:
     """Milliseconds per config and round (the configs in turn within each round)."""
     b, h = 16384 // s, 2048 // d
@@ -53,7 +49,7 @@ def main() -> None:
     ap.add_argument("--control", action="store_true", help="time the first config twice per round")
     ap.add_argument("--json")
     args = ap.parse_args()
-    configs = {int(d): [_config(c) for c in cs.split("|")]
+    configs = {int(d): [attn_bwd_gluon.BwdConfig.parse(c) for c in cs.split("|")]
                for d, cs in (x.split(":") for x in args.configs.split(";"))}
     rows = []
     for cell in args.cells.split(","):

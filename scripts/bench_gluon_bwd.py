@@ -41,11 +41,6 @@ def _sdpa(q, k, v, *, backend, causal, dropout_p=0.0):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
-def _config(text: str) -> attn_bwd_gluon.BwdConfig:
-    """'BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle]]]]'."""
-    return attn_bwd_gluon.BwdConfig(*(int(x) for x in text.split(",")))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--headdims", default="64,128")
@@ -61,8 +56,8 @@ def main() -> None:
                          "also time these")
     args = ap.parse_args()
     window = tuple(int(x) for x in args.window.split(",")) if args.window else (-1, -1)
-    alt = {int(d): [_config(c) for c in cs.split("|")] for d, cs in (item.split(":") for item in args.alt.split(";")
-                                                                     if item)}
+    alt = {int(d): [attn_bwd_gluon.BwdConfig.parse(c) for c in cs.split("|")]
+           for d, cs in (item.split(":") for item in args.alt.split(";") if item)}
     rows = []
     print(f"{'d':>4} {'causal':>6} {'seqlen':>6} | {'gluon':>6} {'tl':>6} {'cudnn':>6} {'flash':>6} | "
           f"{'g/tl':>5} {'g/cudnn':>7} {'g/flash':>7}")

@@ -9,7 +9,7 @@ from ioattn.kernels import attn_bwd_gluon
 _FORCED = {}
 for item in filter(None, os.environ.get("BWD_CFG", "").split(";")):
     d, spec = item.split(":")
-    _FORCED[int(d)] = attn_bwd_gluon.BwdConfig(*(int(x) for x in spec.split(",")))
+    _FORCED[int(d)] = attn_bwd_gluon.BwdConfig.parse(spec)
 _shipped = attn_bwd_gluon.select_config
 
 

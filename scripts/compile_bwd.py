@@ -273,7 +273,7 @@ def main() -> None:
                     report(k, label, args.dump, f"dq_d{d}_{int(causal)}_{int(fast)}")
         return
     if args.gluon:
-        config = BwdConfig(*(int(x) for x in args.config.split(","))) if args.config else None
+        config = BwdConfig.parse(args.config) if args.config else None
         for d in (int(x) for x in args.headdims.split(",")):
             for name, flags in BWD_VARIANTS.items():
                 k = compile_gluon_variant(d, config, **flags)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .report import DECODE_LAYOUT, Progress
-from .timing import FULL, QUICK, TimingBudget, median_ms, synchronize
+from .timing import FULL, QUICK, TimingBudget, median_ms, rounds_count, synchronize
 
 NAME = "decode"
 DESCRIPTION = "decode attention over a KV cache: GB/s of K+V read against KV length"
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="batch × KV length (default 262144)")
     parser.add_argument("--peers", type=lambda t: t.split(","), default=list(PEERS),
                         help=f"comma-separated subset of {','.join(PEERS)}")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=rounds_count, default=1,
                         help="time every peer in turn this many times per KV length and keep the median (default 1)")
 
 
@@ -167,10 +167,13 @@ def run_decode_suite(device: torch.device, *, seqlens: Sequence[int] = SEQLENS, 
             timed[name] = (fn, [ms])
             progress.step(f"{name} {where}")
         for _ in range(rounds - 1):
-            for fn, times in timed.values():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    times.append(median_ms(fn, device, budget))
+            for name, (fn, times) in timed.items():
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        times.append(median_ms(fn, device, budget))
+                except Exception as exc:  # as in the first round; the rounds it ran keep their times
+                    progress.note(f"{name} failed at {where}: {type(exc).__name__}: {str(exc)[:200]}")
         for name, (_, times) in timed.items():
             ms = statistics.median(times)
             rows.append({"impl": name, "mode": "decode", "headdim": headdim, "nheads": nheads,

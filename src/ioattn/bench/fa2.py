@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .peers import PEER_NAMES, Peer, all_peers
 from .report import FA2_LAYOUT, Progress
-from .timing import FULL, QUICK, TimingBudget, median_ms, synchronize
+from .timing import FULL, QUICK, TimingBudget, median_ms, rounds_count, synchronize
 
 T = TypeVar("T")
 
@@ -250,16 +250,6 @@ def _csv(kind: type, choices: Sequence | None = None):
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The fa2 suite's options (those shared by every suite are added by ``ioattn.bench``)."""
     parser.add_argument("--modes", type=_csv(str, MODES), default=MODES, help="fwd,bwd,fwdbwd (default all)")
@@ -275,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None,
                         help=f"batch × seqlen (default {TOKENS}, the paper's; --quick on CPU uses "
                              f"{QUICK_CPU['tokens']})")
-    parser.add_argument("--rounds", type=_positive, default=1,
+    parser.add_argument("--rounds", type=rounds_count, default=1,
                         help="time every peer this many times per configuration, peer after peer, and keep the "
                              "median (default 1)")
     parser.add_argument("--hidden", type=int, default=None,

@@ -16,7 +16,7 @@ import torch
 
 from ..interface import flash_attn_func, flash_attn_varlen_func
 from .report import FEATURES_LAYOUT, Progress
-from .timing import FULL, QUICK, median_ms
+from .timing import FULL, QUICK, median_ms, rounds_count
 
 NAME = "features"
 DESCRIPTION = "ioattn with each feature on (varlen, GQA, masks, softcap, ALiBi, dropout) against the plain case"
@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headdims", default="128", help="comma-separated head dims (default 128)")
     parser.add_argument("--seqlens", default="4096,16384", help="comma-separated seqlens (default 4096,16384)")
     parser.add_argument("--features", default=",".join(FEATURES), help=f"subset of {','.join(FEATURES)}")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=rounds_count, default=1,
                         help="time the features in turn this many times and keep each one's median (default 1)")
 
 

@@ -7,6 +7,7 @@ calls, warm-up and repeat counts derived from a first estimate of the call's tim
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -100,3 +101,14 @@ def free_memory_bytes(device: torch.device | str) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def rounds_count(text: str) -> int:
+    """``--rounds``: a positive integer (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

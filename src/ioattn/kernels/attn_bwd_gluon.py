@@ -238,6 +238,12 @@ def _keep_t(seed, bh, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st
 
 
 @gluon.jit
+def _alibi_key_term(stats_smem, slot, WG: gl.constexpr, HALF_N: gl.constexpr, st_layout: gl.constexpr):
+    """The consumer's ALiBi key row of the step in ``slot`` (``_put_step_stats``), one value per key of S^T."""
+    return stats_smem.index(slot + 3 + WG).slice(0, HALF_N).load(gl.SliceLayout(1, st_layout))
+
+
+@gluon.jit
 def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem,
              dq_smem, stats_smem, qdo_full, qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free,
              alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, key_lo, softmax_scale,
@@ -272,9 +278,9 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     if SOFTCAP:
         st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
         if HAS_ALIBI:
-            st = st + stats_smem.index(slot + 3 + WG).slice(0, HALF_N).load(gl.SliceLayout(1, st_layout))[:, None]
+            st = st + _alibi_key_term(stats_smem, slot, WG, HALF_N, st_layout)[:, None]
     elif HAS_ALIBI:
-        key_term = stats_smem.index(slot + 3 + WG).slice(0, HALF_N).load(gl.SliceLayout(1, st_layout))
+        key_term = _alibi_key_term(stats_smem, slot, WG, HALF_N, st_layout)
         st = gl.fma(qkt, qk_scale, gl.broadcast(key_term[:, None], qkt)[0])
     else:
         st = qkt * qk_scale  # (one FMA with lse measured 1-2% slower: benchmarks/NOTES.md, Gluon backward v3)
@@ -521,6 +527,11 @@ class BwdConfig(NamedTuple):
     early_mask: int = 0
     kv_regs: int = 0
     dq_swizzle: int = 128
+
+    @classmethod
+    def parse(cls, text: str) -> BwdConfig:
+        """From 'block_m,block_n,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle]]]]' (the scripts' options)."""
+        return cls(*(int(x) for x in text.split(",")))
 
 
 # By head dim: 128 keys over two warpgroups; at d = 128 64 queries a step (two dQ tiles do not fit: 227 KB).

@@ -296,15 +296,6 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     gluon = gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p, alibi_slopes=alibi_slopes,
                                      cu_seqlens_q=cu_seqlens_q, softcap=prob.softcap,
                                      window_size=(prob.window_left, prob.window_right))
-    if not gluon:  # (the portable kernels' arguments: host time the Gluon path does not spend)
-        flags = prob.flags(q.dtype, alibi_slopes is not None)
-        slopes, stride_ab = _alibi_args(alibi_slopes, q)
-        cu_k = cu_seqlens_k if prob.varlen else q
-        scalars = (prob.softmax_scale, qk_scale, softcap2, prob.window_left, prob.window_right, prob.dropout_p,
-                   seed)
-        qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
-                          *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
-        fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
@@ -324,6 +315,14 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                        window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
                        dropout_p=prob.dropout_p, seed=seed)
         return dq.copy_(dq_acc), dk, dv
+    # The portable kernels' arguments (host time the Gluon path does not spend).
+    flags = prob.flags(q.dtype, alibi_slopes is not None)
+    slopes, stride_ab = _alibi_args(alibi_slopes, q)
+    cu_k = cu_seqlens_k if prob.varlen else q
+    scalars = (prob.softmax_scale, qk_scale, softcap2, prob.window_left, prob.window_right, prob.dropout_p, seed)
+    qkv_do_strides = (*_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen),
+                      *_seq_strides(v, prob.varlen), *_seq_strides(dout, prob.varlen))
+    fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
     if math.prod(grid) > 0:
         if not fused:
             attn_bwd_dq_kernel[grid](
