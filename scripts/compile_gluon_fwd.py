@@ -95,12 +95,9 @@ def main() -> None:
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--variants", default=",".join(FWD_VARIANTS))
     ap.add_argument("--overlap", action="store_true", help="also the other loop (overlapped or not)")
-    ap.add_argument("--config", help="BLOCK_M,BLOCK_N,stages,warps[,schedule] instead of the shipped table")
+    ap.add_argument("--config", help="FwdConfig.parse's text instead of the shipped table")
     args = ap.parse_args()
-    config = None
-    if args.config:
-        fields = args.config.split(",")
-        config = FwdConfig(*(int(x) for x in fields[:4]), *fields[4:])
+    config = FwdConfig.parse(args.config) if args.config else None
     for d in (int(x) for x in args.headdims.split(",")):
         base = (config or _CONFIGS[d]).overlap
         for name in args.variants.split(","):
@@ -112,7 +109,8 @@ def main() -> None:
                 counts = {n: len(re.findall(pat, ptx)) for n, pat in
                           (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"),
                            ("mbarrier", r"mbarrier\."), ("bar.sync", r"bar\.sync"),
-                           ("tanh.approx", r"tanh\.approx"), ("setmaxnreg", r"setmaxnreg"))}
+                           ("tanh.approx", r"tanh\.approx"), ("ex2.approx", r"ex2\.approx"),
+                           ("setmaxnreg", r"setmaxnreg"))}
                 print(f"d={d} {name} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
                       f"{ptxas_report(ptx)}, {counts}", flush=True)
                 if args.dump:

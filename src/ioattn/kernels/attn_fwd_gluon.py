@@ -744,6 +744,14 @@ class FwdConfig(NamedTuple):
     dynamic: bool = False
     tma_store: bool = False
 
+    @classmethod
+    def parse(cls, text: str) -> FwdConfig:
+        """From 'block_m,block_n,stages,warps[,schedule[,overlap,persistent,dynamic,tma_store]]' (the scripts'
+        options; flags as 0 / 1)."""
+        fields = text.split(",")
+        ints = [int(x) for x in fields[:4] + fields[5:]]
+        return cls(*ints[:4], *fields[4:5], *(bool(x) for x in ints[4:]))
+
 
 # By head dim. d=64: one warpgroup on 64 query rows, three programs (74 KB, 154 registers) per SM, so one's
 # softmax runs under another's wgmma; 1.14-1.26x the portable kernel on an H200 (benchmarks/NOTES.md,
