@@ -86,7 +86,8 @@ VARIANTS = {
     "alibi": {"HAS_ALIBI": True}, "all": {f: True for f in FLAGS},
 }
 # The forward's variants: the backward has no dropout.
-FWD_VARIANTS = {**VARIANTS, "dropout": {"DROPOUT": True}, "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True}}
+FWD_VARIANTS = {**VARIANTS, "softcap-fixed-max": {"SOFTCAP": 2}, "dropout": {"DROPOUT": True},
+                "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True}}
 
 
 def main() -> None:

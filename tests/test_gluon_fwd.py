@@ -25,6 +25,7 @@ from test_flash_attn import with_alibi_slopes  # noqa: E402
 from ioattn.kernels.attn_fwd_gluon import (  # noqa: E402
     _ROUTED_HEAD_DIMS,
     FwdConfig,
+    _softcap_mode,
     gluon_forward,
     gluon_forward_supported,
 )
@@ -472,3 +473,35 @@ def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
     mask = dropout_keep_mask(draw_seed(), b, h, sq, sk, p, "cuda")
     check_against_ref(q, k, v, dropout_p=p, dropout_mask=mask, seed=99, **opts)
     assert calls == [1]
+
+
+
+# The max held at softcap's bound (with the row sums on the tensor cores) on both loops of the consumers.
+FIXED_MAX_CONFIGS = [FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True),
+                     FwdConfig(64, 128, 2, 4, "pingpong", fixed_max=True)]
+
+
+@pytest.mark.parametrize("config", FIXED_MAX_CONFIGS, ids=lambda c: _ws_id(c) + "-fixedmax")
+@pytest.mark.parametrize("softcap", [2.0, 40.0, 50.0])
+@pytest.mark.parametrize("scores", ["random", "far-below-bound", "one-key"])
+def test_softcap_fixed_max(scores, softcap, config):
+    """bf16 with softcap <= 40 holds the softmax's max at tanh's bound (no row max, no rescaling); 50, fp16,
+    ALiBi and dropout keep the online max. "far-below-bound": every score of every row near -softcap (tanh
+    near -1), so p sits near 2^-115 at 40 and the output is a weighted mean of V; "one-key": rows with a
+    single allowed key must give that key's value (P as rounded for PV is what the rows sum). Causal and a
+    window with sq < sk, so rows differ in length."""
+    bf16 = torch.bfloat16
+    assert _softcap_mode(softcap, bf16, False, 0.0, config) == (2 if softcap <= 40 else 1)
+    assert _softcap_mode(softcap, torch.float16, False, 0.0, config) == 1
+    assert _softcap_mode(softcap, bf16, True, 0.0, config) == 1
+    assert _softcap_mode(softcap, bf16, False, 0.1, config) == 1
+    assert _softcap_mode(softcap, bf16, False, 0.0, config._replace(fixed_max=False)) == 1
+    torch.manual_seed(int(softcap))
+    q, k, v = _qkv(2, 300, 777, 4, 2, 128, bf16)
+    if scores == "far-below-bound":
+        q, k = -q.abs() * 3, k.abs() + 1
+    if scores == "one-key":
+        _check(q, k, v, softcap=softcap, window_size=(0, 0), config=config)
+        return
+    _check(q, k, v, softcap=softcap, causal=True, config=config)
+    _check(q, k, v, softcap=softcap, window_size=(100, 40), config=config)

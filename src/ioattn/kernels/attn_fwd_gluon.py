@@ -90,9 +90,12 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
     Scores stay in "units" u whose log2-logit is ``u * score_scale``: raw q.k without softcap, tanh(q.k *
     tanh_scale) with it; the running max is kept in u so one FMA per element feeds ``exp2``. ALiBi's slope
     comes in u units too. Only blocks outside [full_lo, full_hi) are masked (bounds, window, causal); a row
-    with no key yet keeps m = -inf and p = 0. With DROPOUT the returned p (for PV) is dropped, l sums the
-    undropped p (the lse is that of the scores before dropout). Returns (p, alpha, m, l)."""
+    with no key yet keeps m = -inf and p = 0. SOFTCAP 2 (warp-specialised kernels only): the max is held at
+    tanh's bound 1 instead, alpha is meaningless (the caller does not rescale) and l is returned as given
+    (the caller sums P's rows on the tensor cores). With DROPOUT the returned p (for PV) is dropped, l sums
+    the undropped p (the lse is that of the scores before dropout). Returns (p, alpha, m, l)."""
     cols = start_n + offs_n
+    FIXED_MAX: gl.constexpr = SOFTCAP == 2
     if SOFTCAP:
         s = tanh(s * tanh_scale, FAST_TANH)
     if HAS_ALIBI:
@@ -103,11 +106,20 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
     if (start_n < full_lo) | (start_n >= full_hi):
         ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = gl.where(ok, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
-    m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * score_scale)
-    p = gl.exp2(s * score_scale - m_scaled[:, None])
-    alpha = gl.exp2(m_i * score_scale - m_scaled)
-    l_new = l_i * alpha + gl.sum(p, axis=1)
+    if FIXED_MAX:
+        # The max held at tanh's bound 1 (m_i = 1 throughout): p = 2^((u - 1) * score_scale) lies in
+        # [2^-(2 * score_scale), 1], normal in bf16 and fp32 for the softcaps the host sends here, so no
+        # row max and no rescaling of l and of the output.
+        m_new = m_i
+        alpha = m_i
+        l_new = l_i
+        p = gl.exp2(s * score_scale - score_scale)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * score_scale)
+        p = gl.exp2(s * score_scale - m_scaled[:, None])
+        alpha = gl.exp2(m_i * score_scale - m_scaled)
+        l_new = l_i * alpha + gl.sum(p, axis=1)
     if DROPOUT:
         p = gl.where(dropout_keep_wgmma(seed, philox_rows, cols, dropout_p), p, 0.0)
     return p, alpha, m_new, l_new
@@ -209,7 +221,7 @@ def attn_fwd_gluon_kernel(
         _issue_kv_load(k_desc, k_smem, k_bars, i, kv_row + i * BLOCK_N, k_col, i < n_blocks)
         _issue_kv_load(v_desc, v_smem, v_bars, i, kv_row + i * BLOCK_N, v_col, i < n_blocks)
 
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    m_i = gl.full([BLOCK_M], 1.0 if SOFTCAP == 2 else float("-inf"), gl.float32, row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
@@ -237,7 +249,8 @@ def attn_fwd_gluon_kernel(
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 acc = warpgroup_mma_wait(1, deps=(acc,))  # PV of block j-1 done; QK^T j+1 may still run
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                if SOFTCAP != 2:
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 mbarrier.wait(v_bars.index(stage), (j // NUM_STAGES) & 1)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
                 s, acc = warpgroup_mma_wait(1, deps=(s_tok, acc_tok))  # QK^T j+1 done; PV j in flight
@@ -252,7 +265,8 @@ def attn_fwd_gluon_kernel(
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if SOFTCAP != 2:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             mbarrier.wait(v_bars.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -274,7 +288,8 @@ def attn_fwd_gluon_kernel(
 
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi, *mods,
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if SOFTCAP != 2:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
             mbarrier.wait(v_bars.index(stage), phase)
@@ -442,15 +457,17 @@ def _store_tile_tma(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_smem, o_des
 
 
 @gluon.jit
-def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other, o_smem, o_desc,
-                     Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
+def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other, o_smem,
+                     o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
                      score_scale, tanh_scale, window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
                      max_seqlen_k, b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, lo, full_lo, full_hi, n_blocks,
                      it, tp, WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                      HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
                      O_TMA: gl.constexpr):
     """Consumer WG's half of one tile (its Q tile has landed); returns the ring position and issue turns
-    after it."""
+    after it. SOFTCAP 2 (the max held at softcap's bound): each PV product comes with P times a (BLOCK_N, 8)
+    block of ones (``ones_smem``, transposed), so the tensor cores sum the rows of P as rounded for PV (no
+    add per score, and a row dominated by one key gives that key's value though no p is exactly 1)."""
     NUM_WARPS: gl.constexpr = 4
     BLOCK_M: gl.constexpr = q.type.shape[0]
     HEAD_DIM: gl.constexpr = q.type.shape[1]
@@ -465,15 +482,20 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, 8, 16])
+    pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
+    ROWSUM: gl.constexpr = SOFTCAP == 2
 
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     start_m = start_m + WG * BLOCK_M
     diag = seqlen_k - seqlen_q
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    m_i = gl.full([BLOCK_M], 1.0 if SOFTCAP == 2 else float("-inf"), gl.float32, row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
@@ -506,28 +528,41 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                if ROWSUM:
+                    l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l,
+                                          is_async=True)
             else:
                 acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                if ROWSUM:
+                    l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l,
+                                          is_async=True)
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
             if PINGPONG:
                 mbarrier.arrive(other)
             if OVERLAP:
-                s = warpgroup_mma_wait(1, deps=(s_tok,))
+                s = warpgroup_mma_wait(2 if ROWSUM else 1, deps=(s_tok,))
                 mbarrier.arrive(k_empty.index(stage))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
                                                     *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                                                     FAST_TANH, DROPOUT)
-                acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+                if ROWSUM:
+                    acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
+                else:
+                    acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
                 mbarrier.arrive(v_empty.index(prev))
             else:
-                s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
+                if ROWSUM:
+                    s, acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, l_tok, p_op))
+                else:
+                    s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
                 mbarrier.arrive(k_empty.index(stage))
                 mbarrier.arrive(v_empty.index(prev))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
                                                     *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                                                     FAST_TANH, DROPOUT)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if SOFTCAP != 2:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         mbarrier.arrive(q_empty)  # every QK^T of this tile is done: the next tile's Q may load
         last = it + n_blocks - 1
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -535,9 +570,16 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
         if PINGPONG:
             mbarrier.wait(me, (tp + n_blocks) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
+        if ROWSUM:
+            l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l,
+                                  is_async=True)
         if PINGPONG:
             mbarrier.arrive(other)
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+        if ROWSUM:
+            acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
+            l_i = gl.convert_layout(gl.sum(acc_l, axis=1) * 0.125, row_s)  # eight equal columns
+        else:
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(v_empty.index(last % NUM_STAGES))
         it += n_blocks
         tp += n_blocks + 1
@@ -558,10 +600,10 @@ def _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_em
 
 
 @gluon.jit
-def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty, v_empty,
-                 turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os, stride_oh,
-                 stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
-                 window_left, window_right, seed, dropout_p, num_m, num_tiles, section, WG: gl.constexpr,
+def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
+                 v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os,
+                 stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale,
+                 tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, section, WG: gl.constexpr,
                  IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                  HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
                  DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
@@ -590,8 +632,8 @@ def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_r
             b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
                 t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, True)
-            it, tp = _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other,
-                                      o_buf, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh,
+            it, tp = _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me,
+                                      other, o_buf, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh,
                                       stride_lb, stride_lh, stride_ab, score_scale, tanh_scale, window_left,
                                       window_right, seed, dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h,
                                       start_m, q_start, seqlen_q, seqlen_k, q_row0, lo, full_lo, full_hi, n_blocks,
@@ -607,7 +649,7 @@ def _ws_consumer(q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_r
                 window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False)
             if start_m < seqlen_q:
                 mbarrier.wait(q_full, qi & 1)
-                it, tp = _ws_consume_tile(q, k_smem, v_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me,
+                it, tp = _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me,
                                           other, o_buf, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os,
                                           stride_oh, stride_lb, stride_lh, stride_ab, score_scale, tanh_scale,
                                           window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
@@ -638,6 +680,14 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
         o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, BLOCK_M, HEAD_DIM], o_desc.layout)
     else:
         o_smem = tile_smem
+    if SOFTCAP == 2:
+        # B operand of the row-sum products, transposed (8 rows of BLOCK_N ones).
+        ones_smem = gl.allocate_shared_memory(q_desc.dtype, [8, BLOCK_N],
+                                              gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], q_desc.dtype))
+        ones_smem.store(gl.full([8, BLOCK_N], 1.0, q_desc.dtype,
+                                gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])))
+    else:
+        ones_smem = tile_smem
     q_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -657,14 +707,14 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
     fence_async_shared()
 
     gl.warp_specialize([
-        (_ws_consumer, (q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
-                        v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
+        (_ws_consumer, (q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready,
+                        k_empty, v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
                         DYNAMIC, O_TMA)),
-        (_ws_consumer, (q_smem, k_smem, v_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
-                        v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
+        (_ws_consumer, (q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready,
+                        k_empty, v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
@@ -732,7 +782,8 @@ class FwdConfig(NamedTuple):
     first within sections of heads whose K/V fit in L2 (FA3's dynamic persistent scheduler). Varlen keeps
     one tile per program and the block scheduler's balancing. ``tma_store`` (ws schedules, dense inputs
     whose query length is a multiple of block_m, or one batch): the output goes through shared memory and
-    a bulk tensor store instead of register stores."""
+    a bulk tensor store instead of register stores. ``fixed_max`` (ws schedules, bf16 softcap <= 40 without
+    ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P summed on the tensor cores."""
 
     block_m: int
     block_n: int
@@ -743,11 +794,12 @@ class FwdConfig(NamedTuple):
     persistent: bool = False
     dynamic: bool = False
     tma_store: bool = False
+    fixed_max: bool = False
 
     @classmethod
     def parse(cls, text: str) -> FwdConfig:
-        """From 'block_m,block_n,stages,warps[,schedule[,overlap,persistent,dynamic,tma_store]]' (the scripts'
-        options; flags as 0 / 1)."""
+        """From 'block_m,block_n,stages,warps[,schedule[,overlap,persistent,dynamic,tma_store,fixed_max]]' (the
+        scripts' options; flags as 0 / 1)."""
         fields = text.split(",")
         ints = [int(x) for x in fields[:4] + fields[5:]]
         return cls(*ints[:4], *fields[4:5], *(bool(x) for x in ints[4:]))
@@ -760,7 +812,27 @@ class FwdConfig(NamedTuple):
 # applies: 1.06-1.19x the one-warpgroup (64, 64) tiles on an H200 (same notes, "Gluon forward v3"); the
 # dynamic schedule for causal: +11 / +9 / +5% at 2k / 4k / 8k, -1% at 16k (scatter level) over one tile per
 # program (same notes, "Gluon forward v4"). The bulk store of O measured -3 to +1%: not shipped.
-_CONFIGS = {64: FwdConfig(64, 128, 2, 4), 128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True)}
+# Softcap's max held at its bound, with P's row sums on the tensor cores: +7-8% for softcap at d = 128 (same
+# notes, "softcap's max held at its bound"); the row sums alone, with the online max, measured 3-8% slower.
+_CONFIGS = {64: FwdConfig(64, 128, 2, 4),
+            128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True)}
+# Largest softcap whose scores take the fixed max (bf16): p >= 2^(-2 * softcap * log2(e)) stays a normal
+# float (> 2^-126, which ex2.approx.ftz would flush) up to 43.6.
+_FIXED_MAX_SOFTCAP = 40.0
+
+
+def _softcap_mode(softcap: float, dtype: torch.dtype, alibi: bool, dropout_p: float, cfg: FwdConfig) -> int:
+    """The kernels' SOFTCAP flag: 0 off; 1 tanh with the online max; 2 tanh with the max held at the bound
+    (``FwdConfig.fixed_max``, warp-specialised schedules, whose consumers sum P's rows on the tensor cores):
+    bf16 only, as in fp16 P far below 1 would flush to zero; not with ALiBi, whose bias takes scores below -1;
+    not with dropout (l sums P before the drop, PV takes it after)."""
+    if softcap <= 0:
+        return 0
+    fixed = (cfg.fixed_max and cfg.schedule != "single" and dropout_p == 0 and dtype == torch.bfloat16
+             and not alibi and softcap <= _FIXED_MAX_SOFTCAP)
+    return 2 if fixed else 1
+
+
 # Head dims routed here by the predicate.
 _ROUTED_HEAD_DIMS = (64, 128)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -889,7 +961,8 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
             nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, left, right, seed,
             dropout_p)
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=varlen,
-                 SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                 SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, dropout_p, cfg),
+                 HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                  DROPOUT=dropout_p > 0, OVERLAP=overlap, num_warps=cfg.warps)
     if single:
         attn_fwd_gluon_kernel[(num_m, batch * nheads)](*args, **flags)
