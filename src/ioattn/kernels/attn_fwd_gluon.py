@@ -90,10 +90,11 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
     Scores stay in "units" u whose log2-logit is ``u * score_scale``: raw q.k without softcap, tanh(q.k *
     tanh_scale) with it; the running max is kept in u so one FMA per element feeds ``exp2``. ALiBi's slope
     comes in u units too. Only blocks outside [full_lo, full_hi) are masked (bounds, window, causal); a row
-    with no key yet keeps m = -inf and p = 0. SOFTCAP 2 (warp-specialised kernels only): the max is held at
-    tanh's bound 1 instead, alpha is meaningless (the caller does not rescale) and l is returned as given
-    (the caller sums P's rows on the tensor cores). With DROPOUT the returned p (for PV) is dropped, l sums
-    the undropped p (the lse is that of the scores before dropout). Returns (p, alpha, m, l)."""
+    with no key yet keeps m = -inf and p = 0. SOFTCAP 2 (the warp-specialised kernels only; the host never
+    sends it to the one-warpgroup kernel): the max is held at tanh's bound 1 instead, alpha is meaningless
+    (the caller does not rescale) and l is returned as given (the caller sums P's rows on the tensor cores).
+    With DROPOUT the returned p (for PV) is dropped, l sums the undropped p (the lse is that of the scores
+    before dropout). Returns (p, alpha, m, l)."""
     cols = start_n + offs_n
     FIXED_MAX: gl.constexpr = SOFTCAP == 2
     if SOFTCAP:
@@ -221,7 +222,7 @@ def attn_fwd_gluon_kernel(
         _issue_kv_load(k_desc, k_smem, k_bars, i, kv_row + i * BLOCK_N, k_col, i < n_blocks)
         _issue_kv_load(v_desc, v_smem, v_bars, i, kv_row + i * BLOCK_N, v_col, i < n_blocks)
 
-    m_i = gl.full([BLOCK_M], 1.0 if SOFTCAP == 2 else float("-inf"), gl.float32, row_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
@@ -249,8 +250,7 @@ def attn_fwd_gluon_kernel(
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 acc = warpgroup_mma_wait(1, deps=(acc,))  # PV of block j-1 done; QK^T j+1 may still run
-                if SOFTCAP != 2:
-                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 mbarrier.wait(v_bars.index(stage), (j // NUM_STAGES) & 1)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
                 s, acc = warpgroup_mma_wait(1, deps=(s_tok, acc_tok))  # QK^T j+1 done; PV j in flight
@@ -265,8 +265,7 @@ def attn_fwd_gluon_kernel(
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            if SOFTCAP != 2:
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             mbarrier.wait(v_bars.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -288,8 +287,7 @@ def attn_fwd_gluon_kernel(
 
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi, *mods,
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
-            if SOFTCAP != 2:
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
             mbarrier.wait(v_bars.index(stage), phase)
