@@ -475,7 +475,6 @@ def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
     assert calls == [1]
 
 
-
 # The max held at softcap's bound (with the row sums on the tensor cores) on both loops of the consumers.
 FIXED_MAX_CONFIGS = [FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True),
                      FwdConfig(64, 128, 2, 4, "pingpong", fixed_max=True)]

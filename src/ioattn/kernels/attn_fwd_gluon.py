@@ -455,6 +455,14 @@ def _store_tile_tma(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_smem, o_des
 
 
 @gluon.jit
+def _row_sum_mma(p_op, ones_smem, acc_l):
+    """Issues acc_l += P times the (BLOCK_N, 8) ones (``ones_smem`` holds them transposed): every column of
+    acc_l sums P's rows as rounded for PV. Returns the wgmma token."""
+    pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l.type.layout, k_width=2)
+    return warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l, is_async=True)
+
+
+@gluon.jit
 def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other, o_smem,
                      o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
                      score_scale, tanh_scale, window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
@@ -482,8 +490,7 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, 8, 16])
-    pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
-    ROWSUM: gl.constexpr = SOFTCAP == 2
+    FIXED_MAX: gl.constexpr = SOFTCAP == 2  # and with it the row sums on the tensor cores
 
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
@@ -493,7 +500,7 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
-    m_i = gl.full([BLOCK_M], 1.0 if SOFTCAP == 2 else float("-inf"), gl.float32, row_s)
+    m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
@@ -526,31 +533,29 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                if ROWSUM:
-                    l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l,
-                                          is_async=True)
+                if FIXED_MAX:
+                    l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
             else:
                 acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                if ROWSUM:
-                    l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l,
-                                          is_async=True)
+                if FIXED_MAX:
+                    l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
             if PINGPONG:
                 mbarrier.arrive(other)
             if OVERLAP:
-                s = warpgroup_mma_wait(2 if ROWSUM else 1, deps=(s_tok,))
+                s = warpgroup_mma_wait(2 if FIXED_MAX else 1, deps=(s_tok,))
                 mbarrier.arrive(k_empty.index(stage))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
                                                     *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                                                     FAST_TANH, DROPOUT)
-                if ROWSUM:
+                if FIXED_MAX:
                     acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
                 else:
                     acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
                 mbarrier.arrive(v_empty.index(prev))
             else:
-                if ROWSUM:
+                if FIXED_MAX:
                     s, acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, l_tok, p_op))
                 else:
                     s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
@@ -559,7 +564,7 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
                                                     *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                                                     FAST_TANH, DROPOUT)
-            if SOFTCAP != 2:
+            if not FIXED_MAX:
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         mbarrier.arrive(q_empty)  # every QK^T of this tile is done: the next tile's Q may load
         last = it + n_blocks - 1
@@ -568,12 +573,11 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
         if PINGPONG:
             mbarrier.wait(me, (tp + n_blocks) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
-        if ROWSUM:
-            l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l,
-                                  is_async=True)
+        if FIXED_MAX:
+            l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
         if PINGPONG:
             mbarrier.arrive(other)
-        if ROWSUM:
+        if FIXED_MAX:
             acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
             l_i = gl.convert_layout(gl.sum(acc_l, axis=1) * 0.125, row_s)  # eight equal columns
         else:
