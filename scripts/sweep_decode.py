@@ -35,9 +35,19 @@ dev = torch.device("cuda")
 parser = argparse.ArgumentParser()
 parser.add_argument("json", nargs="?")
 parser.add_argument("--baseline", type=Path, default=None)
-parser.add_argument("--tiles", action="store_true", help=f"also time the tiles {TILES}")
+parser.add_argument("--tiles", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
+                    help=f"also time these tiles (no value: {TILES}), each at every split count")
+parser.add_argument("--splits", nargs="*", default=None, metavar="SEQLEN:S,S",
+                    help="split counts to time beside the rule's, per KV length (default: "
+                         + " ".join(f"{n}:{','.join(map(str, s))}" for n, s in SPLITS.items()) + ")")
+parser.add_argument("--seqlens", default=",".join(map(str, SEQLENS)))
 parser.add_argument("--rounds", type=int, default=ROUNDS)
 args = parser.parse_args()
+if args.tiles is not None:
+    TILES = [tuple(int(x) for x in t.split(",")) for t in args.tiles] if args.tiles else TILES
+if args.splits is not None:
+    SPLITS = {int(n): tuple(int(x) for x in s.split(",")) for n, s in (item.split(":") for item in args.splits)}
+SEQLENS = tuple(int(n) for n in args.seqlens.split(","))
 
 
 def bench(fn):
@@ -73,11 +83,15 @@ def variants(n, layout):
     out = {"now": (splits, None, None)}
     if baseline_kernel is not None:
         out["baseline"] = (splits, None, baseline_kernel)
-    for tiles in TILES if args.tiles else ():
-        out[f"tiles={tiles[1:]}"] = (splits, tiles, None)
     for alt in SPLITS.get(n, ()):
         if alt != splits:
             out[f"splits={alt}"] = (alt, None, None)
+    for tiles in TILES if args.tiles is not None else ():
+        name = "tiles=" + ",".join(map(str, tiles[1:]))
+        out[name] = (splits, tiles, None)
+        for alt in SPLITS.get(n, ()):
+            if alt != splits:
+                out[f"{name} splits={alt}"] = (alt, tiles, None)
     return out
 
 
@@ -121,7 +135,7 @@ for n in SEQLENS:
         row = {"seqlen": n, "layout": layout, "variant": name, "ms": ms,
                "tbps": kv_bytes / statistics.median(ms) * 1e-9, "vs_cudnn": statistics.median(ratios)}
         results["rows"].append(row)
-        print(f"n={n:5d} {layout:6s} {name:22s} {row['tbps']:.3f} TB/s  {row['vs_cudnn']:.3f} x cuDNN  "
+        print(f"n={n:5d} {layout:6s} {name:26s} {row['tbps']:.3f} TB/s  {row['vs_cudnn']:.3f} x cuDNN  "
               f"spread {(max(ms) - min(ms)) / statistics.median(ms):.1%}", flush=True)
     del q, k, v, caches, fns
     torch.cuda.empty_cache()
@@ -138,4 +152,4 @@ for layout, name in sorted(keys):
         row = next((r for r in results["rows"] if (r["layout"], r["variant"], r["seqlen"]) == (layout, name, n)),
                    None)
         cells.append(f"{row['tbps']:.2f} ({row['vs_cudnn']:.3f})" if row else "-")
-    print(f"  {layout:6s} {name:22s} " + "  ".join(cells))
+    print(f"  {layout:6s} {name:26s} " + "  ".join(cells))
