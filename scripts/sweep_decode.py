@@ -23,13 +23,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ioattn.ops.decode as ops
 from ioattn.bench.decode import _paged
-from ioattn.ops.decode import _decode, choose_num_splits
+from ioattn.kernels.decode_gluon import DecodeConfig
+from ioattn.ops.decode import _decode
 
 TOKENS, NHEADS, NHEADS_K, D = 1 << 18, 32, 8, 128
 SEQLENS = (1024, 4096, 16384, 65536)
 ROUNDS = 5
 TILES = [(16, 32, 4, 4), (16, 64, 4, 2)]  # beside the default (16, 32, 4, 3): (BLOCK_M, BLOCK_N, warps, stages)
-SPLITS = {16384: (3, 4), 65536: (12, 16)}  # three and four programs per SM
+SPLITS = {}  # split counts beside each kernel's rule, per KV length (--splits)
 dev = torch.device("cuda")
 
 parser = argparse.ArgumentParser()
@@ -41,6 +42,8 @@ parser.add_argument("--splits", nargs="*", default=None, metavar="SEQLEN:S,S",
                     help="split counts to time beside the rule's, per KV length (default: "
                          + " ".join(f"{n}:{','.join(map(str, s))}" for n, s in SPLITS.items()) + ")")
 parser.add_argument("--seqlens", default=",".join(map(str, SEQLENS)))
+parser.add_argument("--gluon", nargs="*", default=(), metavar="BLOCK_N,STAGES",
+                    help="Gluon decode configs to time, each at the rule's and the other split counts")
 parser.add_argument("--rounds", type=int, default=ROUNDS)
 args = parser.parse_args()
 if args.tiles is not None:
@@ -65,33 +68,35 @@ def load_baseline(path: Path):
 baseline_kernel = load_baseline(args.baseline) if args.baseline is not None else None
 
 
-def decode(q, kc, vc, seqlens, table, splits, tiles, kernel):
-    """The library's launch, with ``kernel`` in place of today's decode kernel when given."""
+def decode(q, kc, vc, seqlens, table, splits, tiles, kernel, gluon):
+    """The library's launch (splits 0: the rule of the kernel that runs), with ``kernel`` in place of today's
+    portable decode kernel when given; ``gluon`` False: the portable kernel, a DecodeConfig: the Gluon one."""
     current = ops.decode_kernel
     ops.decode_kernel = kernel or current
     try:
         return _decode(q, kc, vc, seqlens, table, None, None, None, None, 0, D ** -0.5, -1, -1, 0.0, False, False,
-                       splits, tiles=tiles)
+                       splits, tiles=tiles, gluon=gluon)
     finally:
         ops.decode_kernel = current
 
 
-def variants(n, layout):
-    """name -> (splits, tiles or None, kernel or None) for this length and layout."""
-    paged = layout == "paged"
-    splits = choose_num_splits(dev, TOKENS // n, NHEADS, NHEADS_K, 1, n, D, paged=paged)
-    out = {"now": (splits, None, None)}
+def variants(n):
+    """name -> (splits, tiles or None, kernel or None, gluon) for this length."""
+    out = {"now": (0, None, None, None), "portable": (0, None, None, False)}
     if baseline_kernel is not None:
-        out["baseline"] = (splits, None, baseline_kernel)
+        out["baseline"] = (0, None, baseline_kernel, False)
     for alt in SPLITS.get(n, ()):
-        if alt != splits:
-            out[f"splits={alt}"] = (alt, None, None)
+        out[f"portable splits={alt}"] = (alt, None, None, False)
     for tiles in TILES if args.tiles is not None else ():
         name = "tiles=" + ",".join(map(str, tiles[1:]))
-        out[name] = (splits, tiles, None)
+        out[name] = (0, tiles, None, False)
         for alt in SPLITS.get(n, ()):
-            if alt != splits:
-                out[f"{name} splits={alt}"] = (alt, tiles, None)
+            out[f"{name} splits={alt}"] = (alt, tiles, None, False)
+    for text in args.gluon:
+        cfg = DecodeConfig(*(int(x) for x in text.split(",")))
+        out[f"gluon={text}"] = (0, None, None, cfg)
+        for alt in SPLITS.get(n, ()):
+            out[f"gluon={text} splits={alt}"] = (alt, None, None, cfg)
     return out
 
 
@@ -119,9 +124,9 @@ for n in SEQLENS:
     caches = {"contig": (k, v, None), "paged": _paged(k, v, gen)}
     fns = {("cudnn", "-"): cudnn}
     for layout, (kc, vc, table) in caches.items():
-        for name, (splits, tiles, kernel) in variants(n, layout).items():
-            fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits, tiles=tiles, kernel=kernel:
-                  decode(q, kc, vc, seqlens, table, splits, tiles, kernel))
+        for name, (splits, tiles, kernel, gluon) in variants(n).items():
+            fn = (lambda q=q, kc=kc, vc=vc, seqlens=seqlens, table=table, splits=splits, tiles=tiles, kernel=kernel,
+                  gluon=gluon: decode(q, kc, vc, seqlens, table, splits, tiles, kernel, gluon))
             err = (fn()[0].float() - ref).abs().max().item()
             if not err < 3e-2:
                 raise AssertionError(f"{layout} n={n} {name}: max |diff| {err}")

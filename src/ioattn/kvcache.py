@@ -207,14 +207,11 @@ def flash_attn_with_kvcache(
         raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
     rotary_per_row = left >= 0 or right >= 0
-    from .ops.decode import choose_num_splits, kv_write, kvcache_attention
+    from .ops.decode import kv_write, kvcache_attention
 
     if k is not None:
         kv_write(k, v, k_cache, v_cache, None, seqlens, block_table, cache_batch_idx,
                  rotary_cos, rotary_sin, bool(rotary_interleaved))
-    if num_splits == 0:
-        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim,
-                                       paged=block_table is not None)
     out, lse = kvcache_attention(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, rotary_cos,
                                  rotary_sin, alibi_slopes, seqlen_new, scale, left, right, float(softcap),
                                  bool(rotary_interleaved), rotary_per_row, num_splits)

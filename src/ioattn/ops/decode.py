@@ -17,6 +17,8 @@ from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch
 from ..kernels import kv_write as kvw
 from ..kernels.combine import combine_kernel
 from ..kernels.decode import decode_kernel
+from ..kernels.decode_gluon import CONFIG as GLUON_CONFIG
+from ..kernels.decode_gluon import DecodeConfig, gluon_decode, gluon_decode_supported, gluon_num_splits
 from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
@@ -68,11 +70,24 @@ def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
             alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
-            rotary_interleaved, rotary_per_row, num_splits, tiles=None):
-    """``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of ``decode_tiles`` (the sweep's knob)."""
+            rotary_interleaved, rotary_per_row, num_splits, tiles=None, gluon=None):
+    """``num_splits`` 0: the rule of the kernel that runs. ``tiles``: (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) of the portable kernel in place of ``decode_tiles``; ``gluon``: False forces the portable
+    kernel, a ``DecodeConfig`` the Gluon one with that config (the sweep's knobs)."""
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
+    paged = block_table is not None
+    use_gluon = tiles is None and gluon is not False and gluon_decode_supported(
+        q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale, softcap)
+    gluon_cfg = gluon if isinstance(gluon, DecodeConfig) else None
+    if num_splits == 0 and use_gluon:
+        num_splits = gluon_num_splits(q.device, batch, nheads_k, k_cache.shape[1] * (block_table.shape[1]
+                                      if paged else 1), headdim, gluon_cfg or GLUON_CONFIG, MAX_SPLITS)
+    elif num_splits == 0:
+        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q,
+                                       k_cache.shape[1] * (block_table.shape[1] if paged else 1), headdim,
+                                       paged=paged)
     block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
     block_d = max(16, triton.next_power_of_2(headdim))
     out = q.new_empty(batch, seqlen_q, nheads, headdim)
@@ -87,8 +102,14 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         out_part, lse_part = out, lse
         o_strides = (0, *out.stride()[:3])
         l_strides = (0, *lse.stride())
+    if use_gluon:
+        gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
+                     softmax_scale, window_left, window_right, softcap, num_splits, out_part, lse_part, o_strides,
+                     l_strides, gluon_cfg)
+        if num_splits > 1:
+            _combine(out_part, lse_part, out, lse)
+        return out, lse
     qk_scale, softcap2 = _scales(softmax_scale, softcap)
-    paged = block_table is not None
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
     dummy = cache_seqlens
     grid = (batch * nheads_k, triton.cdiv(group * seqlen_q, block_m), num_splits)

@@ -1,0 +1,396 @@
+"""Split-KV decoding for Hopper (sm_90) in Gluon: a load warp streams K/V tiles by TMA, paged or contiguous.
+
+``decode.py``'s kernel leaves the loads to Triton's software pipeliner, which keeps two tiles in flight per
+program and needs several programs per SM (hence key splits and a combine launch) to cover DRAM latency.
+Here one warp only issues copies: bulk tensor copies (TMA) of K and V tiles into a ``NUM_STAGES`` ring, each
+stage with a ready and an empty mbarrier per tensor, so a program keeps NUM_STAGES - 1 tiles in flight (96
+KB and more at d = 128) while one warpgroup computes. One program per (batch, KV head) then streams at the
+rate several did, and long caches need few or no splits.
+
+- Rows: the GQA group's query heads times the query tokens, packed as ``decode.py`` packs them (row r is
+  token r // GROUP, head hk * GROUP + r % GROUP) and padded to the 64 rows of a wgmma.
+- Paged caches: a tile of BLOCK_N keys is BLOCK_N // BOX boxes of BOX = min(page_size, BLOCK_N) rows, each
+  inside one page; the load warp reads the block table 32 entries at a time, the next 32 prefetched, so no
+  table read sits between two copies. A contiguous cache is a tile per box.
+- Keys past the sequence (the last tile's tail, read from the clamped last page or the next rows): their
+  scores are masked, and the consumer zeroes their V rows in shared memory before PV, so whatever unused
+  slots hold (NaN included) never reaches the output.
+- Scores, masks (causal and windows aligned bottom-right), softcap and ALiBi come from the Gluon forward's
+  ``_softmax_block``; outputs and log-sum-exps are ``decode.py``'s, per split, merged by ``combine.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ..backend import interpreting
+from .attn_fwd_gluon import LOG2E, _softmax_block
+
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _page_of(ids, ids_next, chunk, idx, bt_row, last_page):
+    """Page id of logical page ``idx`` from the table chunk held one per lane (pages chunk .. chunk + 31),
+    moving to the prefetched next chunk (and prefetching the one after) when idx passes the held one."""
+    lanes = gl.arange(0, 32, ids.type.layout)
+    if idx >= chunk + 32:
+        chunk = chunk + 32
+        ids = ids_next
+        nxt = chunk + 32 + lanes
+        ids_next = gl.load(bt_row + gl.minimum(nxt, last_page))
+    page = gl.sum(gl.where(lanes == idx - chunk, ids, 0), axis=0)
+    return page, ids, ids_next, chunk
+
+
+@gluon.jit
+def _load_tile(desc, ring, ready, stage, key, ids, ids_next, chunk, bt_row, last_page, row0, col,
+               BLOCK_N: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """Copies of one tensor's tile at ``key`` into ring stage ``stage``: boxes of BOX rows by 64 columns
+    (a 128-byte swizzle span) into the stage's column blocks, all counted on ``ready``."""
+    BOX: gl.constexpr = desc.block_type.shape[0]
+    CB: gl.constexpr = ring.type.shape[0] // (ready.type.shape[0])  # column blocks per stage
+    NB: gl.constexpr = BLOCK_N // BOX
+    mbarrier.expect(ready.index(stage), NB * CB * desc.block_type.nbytes)
+    for i in gl.static_range(NB):
+        if PAGED:
+            # Boxes past the sequence read its last page again (their rows are masked and zeroed).
+            idx = gl.minimum((key + i * BOX) // PAGE_SIZE, last_page)
+            page, ids, ids_next, chunk = _page_of(ids, ids_next, chunk, idx, bt_row, last_page)
+            row = page * PAGE_SIZE + (key + i * BOX) % PAGE_SIZE
+        else:
+            row = row0 + key
+        for c in gl.static_range(CB):
+            tma.async_copy_global_to_shared(desc, [row, col + 64 * c], ready.index(stage),
+                                            ring.index(stage * CB + c).slice(i * BOX, BOX))
+    return ids, ids_next, chunk
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, BlockTable, row0, col_k, col_v,
+              bt_row_off, start, n_tiles, seqlen_k, BLOCK_N: gl.constexpr, PAGED: gl.constexpr,
+              PAGE_SIZE: gl.constexpr):
+    """The load warp: K and V of tiles start, start + BLOCK_N, ... into the ring (paged: box by box, each
+    box's page from the table; contiguous: rows row0 + key)."""
+    NUM_STAGES: gl.constexpr = k_ready.type.shape[0]
+    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
+    bt_row = BlockTable + bt_row_off
+    last_page = gl.maximum(seqlen_k - 1, 0) // PAGE_SIZE
+    chunk = start // PAGE_SIZE
+    if PAGED:
+        ids = gl.load(bt_row + gl.minimum(chunk + lanes, last_page))
+        ids_next = gl.load(bt_row + gl.minimum(chunk + 32 + lanes, last_page))
+    else:
+        ids = lanes
+        ids_next = lanes
+    for j in range(n_tiles):
+        stage = j % NUM_STAGES
+        free_phase = ((j // NUM_STAGES) & 1) ^ 1  # a fresh mbarrier passes the phase before phase 0
+        key = start + j * BLOCK_N
+        mbarrier.wait(k_empty.index(stage), free_phase)
+        ids, ids_next, chunk = _load_tile(k_desc, k_ring, k_ready, stage, key, ids, ids_next, chunk, bt_row,
+                                          last_page, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
+        mbarrier.wait(v_empty.index(stage), free_phase)
+        ids, ids_next, chunk = _load_tile(v_desc, v_ring, v_ready, stage, key, ids, ids_next, chunk, bt_row,
+                                          last_page, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
+
+
+@gluon.jit
+def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, zero_bar,
+              b, hk, split, start, n_tiles, seqlen_k, seqlen_q, diag, full_lo, full_hi,
+              stride_qb, stride_qs, stride_qh, stride_osplit, stride_ob, stride_os, stride_oh,
+              stride_lsplit, stride_lb, stride_lh, stride_ls, stride_ab,
+              score_scale, tanh_scale, window_left, window_right,
+              GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SOFTCAP: gl.constexpr,
+              HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """One warpgroup: S = Q K^T and O += P V by wgmma over the ring's tiles, the online softmax between."""
+    BLOCK_M: gl.constexpr = 64
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    q_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    TPW_D: gl.constexpr = HEAD_DIM // 8
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+
+    # Q: the packed rows (zero past the group's last token), from global memory into wgmma's A registers.
+    num_rows = seqlen_q * GROUP
+    io_r = gl.arange(0, BLOCK_M, gl.SliceLayout(1, io_layout))
+    io_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))
+    io_ok = (io_r < num_rows)[:, None]
+    q_rows = b.to(gl.int64) * stride_qb + (io_r // GROUP) * stride_qs + (hk * GROUP + io_r % GROUP) * stride_qh
+    q = gl.load(Q + q_rows[:, None] + io_d[None, :], mask=io_ok, other=0.0)
+    q_op = gl.convert_layout(q, q_op_layout)
+
+    r = gl.arange(0, BLOCK_M, row_s)
+    rows = r // GROUP  # query token of each packed row
+    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        slope = gl.load(Alibi + b * stride_ab + hk * GROUP + r % GROUP, mask=r < num_rows, other=0.0)
+        alibi_slope = (slope * (1.4426950408889634 / score_scale))[:, None]
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    v_r = gl.arange(0, BLOCK_N, gl.SliceLayout(1, io_layout))
+    mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, 0, rows,
+            0.0)
+    if n_tiles > 0:
+        # The first tile's scores alone (as the forward's consumer: its accumulator only joins from the
+        # first PV), then per tile j: PV of tile j - 1 and QK^T of tile j in flight together.
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(0))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, start, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
+                                            HAS_LEFT, HAS_RIGHT, SOFTCAP, False)
+        for j in range(1, n_tiles):
+            prev = (j - 1) % NUM_STAGES
+            stage = j % NUM_STAGES
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
+            acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            mbarrier.wait(k_ready.index(stage), (j // NUM_STAGES) & 1)
+            s_tok = warpgroup_mma(q_op, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s, acc = warpgroup_mma_wait(0, deps=(s_tok, acc_tok))
+            mbarrier.arrive(k_empty.index(stage))
+            mbarrier.arrive(v_empty.index(prev))
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, start + j * BLOCK_N, full_lo, full_hi, *mods,
+                                                SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, SOFTCAP, False)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        last = (n_tiles - 1) % NUM_STAGES
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // NUM_STAGES) & 1)
+        if start + n_tiles * BLOCK_N > seqlen_k:
+            # The last tile runs past the sequence: zero those V rows (P is 0 there, but 0 * NaN is not 0).
+            v_tile = v_smem.index(last).load(io_layout)
+            keep = (start + (n_tiles - 1) * BLOCK_N + v_r < seqlen_k)[:, None]
+            v_smem.index(last).store(gl.where(keep, v_tile, 0.0))
+            fence_async_shared()
+            mbarrier.arrive(zero_bar)  # lowered after a barrier of this warpgroup: every row is written
+            mbarrier.wait(zero_bar, 0)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+
+    # Normalise; a row with no allowed key gives 0 and lse -inf (decode.py's outputs, one split's part).
+    m_o = gl.convert_layout(m_i, row_o)
+    l_o = gl.convert_layout(l_i, row_o)
+    empty = l_o == 0.0
+    l_safe = gl.where(empty, 1.0, l_o)
+    out = gl.convert_layout(acc / l_safe[:, None], io_layout)
+    o_ptrs = (Out + split.to(gl.int64) * stride_osplit + b.to(gl.int64) * stride_ob + (io_r // GROUP) * stride_os
+              + (hk * GROUP + io_r % GROUP) * stride_oh)
+    gl.store(o_ptrs[:, None] + io_d[None, :], out.to(Out.dtype.element_ty), mask=io_ok)
+    ro = gl.arange(0, BLOCK_M, row_o)
+    lse = gl.where(empty, float("-inf"), (m_o * score_scale + gl.log2(l_safe)) * LN2)
+    l_ptrs = (Lse + split.to(gl.int64) * stride_lsplit + b.to(gl.int64) * stride_lb
+              + (hk * GROUP + ro % GROUP) * stride_lh + (ro // GROUP) * stride_ls)
+    gl.store(l_ptrs, lse, mask=ro < num_rows)
+
+
+@gluon.jit
+def decode_gluon_kernel(
+    k_desc, v_desc, Q, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi,
+    stride_qb, stride_qs, stride_qh, stride_kh, stride_vh,
+    stride_osplit, stride_ob, stride_os, stride_oh, stride_lsplit, stride_lb, stride_lh, stride_ls,
+    stride_btb, stride_ab, capacity, nheads_k, seqlen_q, seqlen_new, num_splits,
+    score_scale, tanh_scale, window_left, window_right,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, HAS_BATCH_IDX: gl.constexpr, SOFTCAP: gl.constexpr,
+    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+):
+    """One program per (batch x KV head, split): a load warp and a consumer warpgroup (module docstring)."""
+    pid_bh = gl.program_id(0)
+    split = gl.program_id(1)
+    b = pid_bh // nheads_k
+    hk = pid_bh % nheads_k
+    seqlen_k = gl.load(CacheSeqlens + b) + seqlen_new
+    diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
+
+    # Keys any row may see, [lo, hi), and the whole tiles every row sees, [full_lo, full_hi) (decode.py's).
+    pos_first = diag
+    pos_last = seqlen_q - 1 + diag
+    lo = 0
+    hi = seqlen_k
+    first_full = 0
+    last_full = seqlen_k
+    if HAS_LEFT:
+        lo = (gl.maximum(pos_first - window_left, 0) // BLOCK_N) * BLOCK_N
+        first_full = pos_last - window_left
+    if HAS_RIGHT:
+        hi = gl.minimum(pos_last + window_right + 1, seqlen_k)
+        last_full = gl.minimum(pos_first + window_right + 1, seqlen_k)
+    hi = gl.maximum(hi, lo)
+    full_lo = lo + gl.maximum(gl.cdiv(first_full - lo, BLOCK_N), 0) * BLOCK_N
+    full_hi = full_lo + gl.maximum((last_full - full_lo) // BLOCK_N, 0) * BLOCK_N
+    tiles_per_split = gl.cdiv(gl.cdiv(hi - lo, BLOCK_N), num_splits)
+    start = gl.minimum(lo + split * tiles_per_split * BLOCK_N, hi)
+    n_tiles = gl.cdiv(gl.minimum(start + tiles_per_split * BLOCK_N, hi) - start, BLOCK_N)
+
+    cache_row = b
+    if HAS_BATCH_IDX:
+        cache_row = gl.load(CacheBatchIdx + b)
+    row0 = cache_row * capacity  # contiguous: the cache's rows of this sequence start here
+
+    # The ring as TMA fills it: per stage, HEAD_DIM / 64 column blocks of (BLOCK_N, 64) (128-byte swizzle),
+    # which is byte for byte the (BLOCK_N, HEAD_DIM) tile the wgmma reads (the same swizzle, column-blocked).
+    dtype: gl.constexpr = k_desc.dtype
+    CB: gl.constexpr = HEAD_DIM // 64
+    ring_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], dtype)
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    k_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES * CB, BLOCK_N, 64], ring_layout)
+    v_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES * CB, BLOCK_N, 64], ring_layout)
+    k_smem = k_ring._reinterpret(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], tile_layout)
+    v_smem = v_ring._reinterpret(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], tile_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    zero_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    mbarrier.init(zero_bar, count=1)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_consumer, (Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, zero_bar,
+                     b, hk, split, start, n_tiles, seqlen_k, seqlen_q, diag, full_lo, full_hi,
+                     stride_qb, stride_qs, stride_qh, stride_osplit, stride_ob, stride_os, stride_oh,
+                     stride_lsplit, stride_lb, stride_lh, stride_ls, stride_ab,
+                     score_scale, tanh_scale, window_left, window_right,
+                     GROUP, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
+        (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, BlockTable, row0,
+                     hk * stride_kh, hk * stride_vh, b.to(gl.int64) * stride_btb, start, n_tiles, seqlen_k,
+                     BLOCK_N, PAGED, PAGE_SIZE)),
+    ], [1], [48])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+BLOCK_M = 64  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
+SMEM_PER_SM = 227 * 1024
+
+
+class DecodeConfig(NamedTuple):
+    block_n: int = 64
+    stages: int = 4
+
+    def smem_bytes(self, headdim: int, elem: int = 2) -> int:
+        return 2 * self.stages * self.block_n * headdim * elem + 1024
+
+
+CONFIG = DecodeConfig()
+
+
+def _describable(cache: torch.Tensor) -> bool:
+    """A (num_blocks or batch, page or capacity, nheads_k, d) cache as one 2D (rows, columns) TMA view:
+    unit d-stride, rows laid end to end, 16-byte aligned base and strides."""
+    elem = cache.element_size()
+    return (cache.stride(-1) == 1 and cache.stride(0) == cache.shape[1] * cache.stride(1)
+            and cache.data_ptr() % 16 == 0 and all((cache.stride(i) * elem) % 16 == 0 for i in (1, 2)))
+
+
+def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale: float,
+                           softcap: float) -> bool:
+    """Whether ``gluon_decode`` runs this call: sm_90, 16-bit, d = 64 or 128, GQA group x query tokens
+    <= 64, no rotary, pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or interpreting():
+        return False
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return False
+    batch, seqlen_q, nheads, d = q.shape
+    if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M or rotary_cos is not None:
+        return False
+    if block_table is not None and k_cache.shape[1] < 16:
+        return False
+    if softcap == 0 and not softmax_scale > 0:
+        return False
+    if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
+        return False
+    return _describable(k_cache) and _describable(v_cache)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gluon_num_splits(device: torch.device, batch: int, nheads_k: int, capacity: int, headdim: int,
+                     config: DecodeConfig = CONFIG, max_splits: int = 64) -> int:
+    """Splits so the (batch x KV head) programs fill each SM once with the programs that fit there (one
+    program streams at the rate of several pipelined ones, so no more), each split >= 4 tiles."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    per_sm = max(1, SMEM_PER_SM // config.smem_bytes(headdim))
+    wanted = per_sm * _num_sms(index) // max(batch * nheads_k, 1)
+    return max(1, min(wanted, -(-capacity // (4 * config.block_n)), max_splits))
+
+
+@functools.cache
+def _box_layout(box: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for([box, 64], _GL_DTYPES[dtype])
+
+
+def _descriptor(cache: torch.Tensor, box: int) -> TensorDescriptor:
+    nheads_k, d = cache.shape[2:]
+    return TensorDescriptor(cache, [cache.shape[0] * cache.shape[1], (nheads_k - 1) * cache.stride(2) + d],
+                            [cache.stride(1), 1], [box, 64], _box_layout(box, cache.dtype))
+
+
+def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new: int,
+                 softmax_scale: float, window_left: int, window_right: int, softcap: float, num_splits: int,
+                 out_part, lse_part, o_strides, l_strides, config: DecodeConfig | None = None) -> None:
+    """Writes ``decode.py``'s per-split outputs (or the final ones, one split) into out_part / lse_part with
+    the given (split, batch, token, head) / (split, batch, head, token) strides."""
+    cfg = config or CONFIG
+    batch, seqlen_q, nheads, d = q.shape
+    nheads_k = k_cache.shape[2]
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else 1
+    box = min(page, cfg.block_n) if paged else cfg.block_n
+    if softcap > 0:
+        score_scale, tanh_scale = softcap * LOG2E, softmax_scale / softcap
+    else:
+        score_scale, tanh_scale = softmax_scale * LOG2E, 1.0
+    dummy = cache_seqlens
+    decode_gluon_kernel[(batch * nheads_k, num_splits)](
+        _descriptor(k_cache, box), _descriptor(v_cache, box), q, out_part, lse_part, cache_seqlens,
+        block_table if paged else dummy, cache_batch_idx if cache_batch_idx is not None else dummy,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(2), v_cache.stride(2),
+        *o_strides, *l_strides,
+        block_table.stride(0) if paged else 0,
+        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        0 if paged else k_cache.shape[1], nheads_k, seqlen_q, seqlen_new, num_splits,
+        score_scale, tanh_scale, window_left, window_right,
+        GROUP=nheads // nheads_k, HEAD_DIM=d, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages,
+        PAGED=paged, PAGE_SIZE=page, HAS_BATCH_IDX=cache_batch_idx is not None,
+        SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, num_warps=4,
+    )
