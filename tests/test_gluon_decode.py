@@ -50,6 +50,18 @@ def test_which_calls_take_it(monkeypatch):
     assert not _supported()
 
 
+def test_default_where_the_programs_fit_at_once(gluon_calls):
+    """More (batch x KV head) programs than SMs: the portable kernel (several per SM overlap their starts)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = sms // 2 + 1  # x 2 KV heads: one program over
+    run_case(lens=[50] * batch, seqlen_q=1, nheads=8, nheads_k=2, dtype=torch.bfloat16, block_size=16,
+             num_splits=0)
+    assert gluon_calls == []
+    run_case(lens=[50] * (batch - 1), seqlen_q=1, nheads=8, nheads_k=2, dtype=torch.bfloat16, block_size=16,
+             num_splits=0)
+    assert gluon_calls == [True]
+
+
 def test_num_splits_rule():
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -79,7 +91,8 @@ def test_splits(num_splits, block_size, gluon_calls):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("config", [DecodeConfig(64, 3), DecodeConfig(128, 2), DecodeConfig(64, 6)])
+@pytest.mark.parametrize("config", [DecodeConfig(64, 3), DecodeConfig(64, 4), DecodeConfig(128, 3),
+                                    DecodeConfig(64, 6)])
 def test_configs(d, config, gluon_calls, monkeypatch):
     monkeypatch.setattr(decode_ops, "GLUON_CONFIG", config)
     monkeypatch.setattr("ioattn.kernels.decode_gluon.CONFIG", config)

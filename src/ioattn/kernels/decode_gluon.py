@@ -297,8 +297,8 @@ SMEM_PER_SM = 227 * 1024
 
 
 class DecodeConfig(NamedTuple):
-    block_n: int = 64
-    stages: int = 4
+    block_n: int = 128
+    stages: int = 2
 
     def smem_bytes(self, headdim: int, elem: int = 2) -> int:
         return 2 * self.stages * self.block_n * headdim * elem + 1024
@@ -340,6 +340,15 @@ def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_s
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gluon_decode_preferred(device: torch.device, batch: int, nheads_k: int) -> bool:
+    """The Gluon kernel is the default where the (batch x KV head) programs fit on the SMs at once, the
+    long-cache regime where the portable kernel needs key splits (and a combine) to keep DRAM busy; with more
+    programs the portable kernel, several per SM, overlaps their starts better (H200, benchmarks/NOTES.md,
+    Decode v6)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return batch * nheads_k <= _num_sms(index)
 
 
 def gluon_num_splits(device: torch.device, batch: int, nheads_k: int, capacity: int, headdim: int,

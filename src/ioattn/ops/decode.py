@@ -18,7 +18,13 @@ from ..kernels import kv_write as kvw
 from ..kernels.combine import combine_kernel
 from ..kernels.decode import decode_kernel
 from ..kernels.decode_gluon import CONFIG as GLUON_CONFIG
-from ..kernels.decode_gluon import DecodeConfig, gluon_decode, gluon_decode_supported, gluon_num_splits
+from ..kernels.decode_gluon import (
+    DecodeConfig,
+    gluon_decode,
+    gluon_decode_preferred,
+    gluon_decode_supported,
+    gluon_num_splits,
+)
 from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
@@ -79,7 +85,8 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     group = nheads // nheads_k
     paged = block_table is not None
     use_gluon = tiles is None and gluon is not False and gluon_decode_supported(
-        q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale, softcap)
+        q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale, softcap) and (
+        gluon is not None or gluon_decode_preferred(q.device, batch, nheads_k))
     gluon_cfg = gluon if isinstance(gluon, DecodeConfig) else None
     if num_splits == 0 and use_gluon:
         num_splits = gluon_num_splits(q.device, batch, nheads_k, k_cache.shape[1] * (block_table.shape[1]
