@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import re
 
 import torch
 import triton
-from compile_gluon_fwd import ptxas_report
+from compile_gluon_fwd import hopper_counts, ptxas_report
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
-from ioattn.kernels.decode_gluon import DecodeConfig, _descriptor, decode_gluon_kernel
+from ioattn.kernels.decode_gluon import CONFIG, DecodeConfig, _descriptor, decode_gluon_kernel
 
 
 def compile_variant(d: int, page: int, cfg: DecodeConfig, dtype=torch.bfloat16, **flags):
@@ -46,7 +45,7 @@ def main() -> None:
     ap.add_argument("--dump", type=pathlib.Path)
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--pages", default="0,16,64,256")
-    ap.add_argument("--config", default="64,4", help="BLOCK_N,STAGES")
+    ap.add_argument("--config", default=f"{CONFIG.block_n},{CONFIG.stages}", help="BLOCK_N,STAGES")
     ap.add_argument("--features", action="store_true", help="also softcap + ALiBi + window + batch index")
     args = ap.parse_args()
     cfg = DecodeConfig(*(int(x) for x in args.config.split(",")))
@@ -59,9 +58,7 @@ def main() -> None:
             for flags in variants:
                 k = compile_variant(d, page, cfg, **flags)
                 ptx = k.asm["ptx"]
-                counts = {n: len(re.findall(pat, ptx)) for n, pat in
-                          (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"),
-                           ("mbarrier", r"mbarrier\."), ("setmaxnreg", r"setmaxnreg"))}
+                counts = hopper_counts(ptx)
                 name = f"d={d} page={page or 'contig'} {cfg} {'features' if flags else 'plain'}"
                 print(f"{name}: smem {k.metadata.shared} B, {ptxas_report(ptx)}, {counts}", flush=True)
                 if args.dump:

@@ -80,6 +80,16 @@ def ptxas_report(ptx: str) -> str:
     return f"regs {regs.group(1) if regs else '?'}, spill stores {spill.group(1) if spill else '?'} B"
 
 
+HOPPER_PATTERNS = (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"), ("mbarrier", r"mbarrier\."),
+                   ("bar.sync", r"bar\.sync"), ("tanh.approx", r"tanh\.approx"), ("ex2.approx", r"ex2\.approx"),
+                   ("setmaxnreg", r"setmaxnreg"))
+
+
+def hopper_counts(ptx: str) -> dict[str, int]:
+    """How many of each Hopper instruction (and the softmax's MUFU ops) the PTX holds."""
+    return {name: len(re.findall(pat, ptx)) for name, pat in HOPPER_PATTERNS}
+
+
 VARIANTS = {
     "plain": {}, "causal": {"HAS_RIGHT": True}, "window": {"HAS_LEFT": True, "HAS_RIGHT": True},
     "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True}, "softcap": {"SOFTCAP": True},
@@ -110,11 +120,7 @@ def main() -> None:
                     continue
                 k = compile_variant(d, dtype, overlap, config, **FWD_VARIANTS[name])
                 ptx = k.asm["ptx"]
-                counts = {n: len(re.findall(pat, ptx)) for n, pat in
-                          (("wgmma", r"wgmma\.mma_async"), ("tma", r"cp\.async\.bulk\.tensor"),
-                           ("mbarrier", r"mbarrier\."), ("bar.sync", r"bar\.sync"),
-                           ("tanh.approx", r"tanh\.approx"), ("ex2.approx", r"ex2\.approx"),
-                           ("setmaxnreg", r"setmaxnreg"))}
+                counts = hopper_counts(ptx)
                 print(f"d={d} {name} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
                       f"{ptxas_report(ptx)}, {counts}", flush=True)
                 if args.dump:

@@ -3,8 +3,10 @@ process, medians of triton.testing.do_bench, TB/s of K + V read.
 
 Every variant runs on the same inputs as sdpa-cudnn, contiguous and paged (block 16), in ROUNDS interleaved
 rounds (each round times every variant once); the table shows the median over rounds and, against cuDNN,
-the median of the per-round ratios. Variants: ``now`` is the library's default path; the others change one
-knob of it (split count; tile shapes with ``--tiles``). With ``--baseline FILE`` holding a previous
+the median of the per-round ratios. Variants: ``now`` is the library's default path, ``portable`` the portable
+kernel at its own split rule; the others change one knob (split counts with ``--splits``; portable tile shapes
+with ``--tiles``; Gluon configs with ``--gluon``, each at the Gluon rule's split count and the ``--splits``
+ones). With ``--baseline FILE`` holding a previous
 ``kernels/decode.py`` with today's signature (e.g. ``git show HEAD~1:src/ioattn/kernels/decode.py``),
 ``baseline`` times that kernel through today's launcher. Every variant's output is checked against cuDNN's
 before it is timed. Writes JSON to the first argument if given; prints a short table last.

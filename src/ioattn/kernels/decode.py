@@ -70,6 +70,24 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, start, en
 
 
 @triton.jit
+def key_range(pos_first, pos_last, seqlen_k, window_left, window_right, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """For query rows at key positions [pos_first, pos_last] (bottom-right aligned): the keys any of them may
+    see, [lo, hi) with lo on a tile boundary, and those every one sees, [first_full, last_full)."""
+    lo = 0
+    hi = seqlen_k
+    first_full = 0
+    last_full = seqlen_k
+    if HAS_LEFT:
+        lo = (tl.maximum(pos_first - window_left, 0) // BLOCK_N) * BLOCK_N
+        first_full = pos_last - window_left
+    if HAS_RIGHT:
+        hi = tl.minimum(pos_last + window_right + 1, seqlen_k)
+        last_full = tl.minimum(pos_first + window_right + 1, seqlen_k)
+    return lo, tl.maximum(hi, lo), first_full, last_full
+
+
+@triton.jit
 def decode_kernel(
     Q, K, V, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, Cos, Sin,
     stride_qb, stride_qs, stride_qh,
@@ -125,17 +143,8 @@ def decode_kernel(
     # Keys any row of this block may see, [lo, hi), and those every row sees, [first_full, last_full).
     pos_first = pid_m * BLOCK_M // GROUP + diag
     pos_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1) // GROUP + diag
-    lo = 0
-    hi = seqlen_k
-    first_full = 0
-    last_full = seqlen_k
-    if HAS_LEFT:
-        lo = (tl.maximum(pos_first - window_left, 0) // BLOCK_N) * BLOCK_N
-        first_full = pos_last - window_left
-    if HAS_RIGHT:
-        hi = tl.minimum(pos_last + window_right + 1, seqlen_k)
-        last_full = tl.minimum(pos_first + window_right + 1, seqlen_k)
-    hi = tl.maximum(hi, lo)
+    lo, hi, first_full, last_full = key_range(pos_first, pos_last, seqlen_k, window_left, window_right, BLOCK_N,
+                                              HAS_LEFT, HAS_RIGHT)
 
     # This split's run of whole tiles.
     tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)

@@ -39,6 +39,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..backend import interpreting
 from .attn_fwd_gluon import LOG2E, _softmax_block
+from .decode import key_range
 
 LN2 = gl.constexpr(0.6931471805599453)
 
@@ -227,20 +228,9 @@ def decode_gluon_kernel(
     seqlen_k = gl.load(CacheSeqlens + b) + seqlen_new
     diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
 
-    # Keys any row may see, [lo, hi), and the whole tiles every row sees, [full_lo, full_hi) (decode.py's).
-    pos_first = diag
-    pos_last = seqlen_q - 1 + diag
-    lo = 0
-    hi = seqlen_k
-    first_full = 0
-    last_full = seqlen_k
-    if HAS_LEFT:
-        lo = (gl.maximum(pos_first - window_left, 0) // BLOCK_N) * BLOCK_N
-        first_full = pos_last - window_left
-    if HAS_RIGHT:
-        hi = gl.minimum(pos_last + window_right + 1, seqlen_k)
-        last_full = gl.minimum(pos_first + window_right + 1, seqlen_k)
-    hi = gl.maximum(hi, lo)
+    # Keys any row may see, [lo, hi), and the whole tiles every row sees, [full_lo, full_hi).
+    lo, hi, first_full, last_full = key_range(diag, seqlen_q - 1 + diag, seqlen_k, window_left, window_right,
+                                              BLOCK_N, HAS_LEFT, HAS_RIGHT)
     full_lo = lo + gl.maximum(gl.cdiv(first_full - lo, BLOCK_N), 0) * BLOCK_N
     full_hi = full_lo + gl.maximum((last_full - full_lo) // BLOCK_N, 0) * BLOCK_N
     tiles_per_split = gl.cdiv(gl.cdiv(hi - lo, BLOCK_N), num_splits)
