@@ -88,13 +88,12 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale, softcap) and (
         gluon is not None or gluon_decode_preferred(q.device, batch, nheads_k))
     gluon_cfg = gluon if isinstance(gluon, DecodeConfig) else None
+    capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     if num_splits == 0 and use_gluon:
-        num_splits = gluon_num_splits(q.device, batch, nheads_k, k_cache.shape[1] * (block_table.shape[1]
-                                      if paged else 1), headdim, gluon_cfg or GLUON_CONFIG, MAX_SPLITS)
+        num_splits = gluon_num_splits(q.device, batch, nheads_k, capacity, headdim, gluon_cfg or GLUON_CONFIG,
+                                      MAX_SPLITS)
     elif num_splits == 0:
-        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q,
-                                       k_cache.shape[1] * (block_table.shape[1] if paged else 1), headdim,
-                                       paged=paged)
+        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim, paged=paged)
     block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
     block_d = max(16, triton.next_power_of_2(headdim))
     out = q.new_empty(batch, seqlen_q, nheads, headdim)
