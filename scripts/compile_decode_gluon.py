@@ -8,7 +8,7 @@ import pathlib
 
 import torch
 import triton
-from compile_gluon_fwd import hopper_counts, ptxas_report
+from compile_gluon_fwd import report
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
@@ -57,15 +57,8 @@ def main() -> None:
         for page in (int(x) for x in args.pages.split(",")):
             for flags in variants:
                 k = compile_variant(d, page, cfg, **flags)
-                ptx = k.asm["ptx"]
-                counts = hopper_counts(ptx)
-                name = f"d={d} page={page or 'contig'} {cfg} {'features' if flags else 'plain'}"
-                print(f"{name}: smem {k.metadata.shared} B, {ptxas_report(ptx)}, {counts}", flush=True)
-                if args.dump:
-                    args.dump.mkdir(parents=True, exist_ok=True)
-                    stem = f"d{d}_p{page}_{'f' if flags else 'p'}"
-                    (args.dump / f"{stem}.ttgir").write_text(k.asm["ttgir"])
-                    (args.dump / f"{stem}.ptx").write_text(ptx)
+                report(k, f"d={d} page={page or 'contig'} {cfg} {'features' if flags else 'plain'}", args.dump,
+                       f"d{d}_p{page}_{'f' if flags else 'p'}")
 
 
 if __name__ == "__main__":

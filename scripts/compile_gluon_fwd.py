@@ -90,6 +90,17 @@ def hopper_counts(ptx: str) -> dict[str, int]:
     return {name: len(re.findall(pat, ptx)) for name, pat in HOPPER_PATTERNS}
 
 
+def report(kernel, label: str, dump: pathlib.Path | None, stem: str) -> None:
+    """One line per compiled variant (shared memory, registers, spills, instruction counts); with ``dump``,
+    its TTGIR and PTX written there as ``stem``.ttgir / .ptx."""
+    ptx = kernel.asm["ptx"]
+    print(f"{label}: smem {kernel.metadata.shared} B, {ptxas_report(ptx)}, {hopper_counts(ptx)}", flush=True)
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{stem}.ttgir").write_text(kernel.asm["ttgir"])
+        (dump / f"{stem}.ptx").write_text(ptx)
+
+
 VARIANTS = {
     "plain": {}, "causal": {"HAS_RIGHT": True}, "window": {"HAS_LEFT": True, "HAS_RIGHT": True},
     "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True}, "softcap": {"SOFTCAP": True},
@@ -119,15 +130,8 @@ def main() -> None:
                 if overlap != base and not args.overlap or dtype == torch.float16 and name != "plain":
                     continue
                 k = compile_variant(d, dtype, overlap, config, **FWD_VARIANTS[name])
-                ptx = k.asm["ptx"]
-                counts = hopper_counts(ptx)
-                print(f"d={d} {name} {str(dtype)[6:]} overlap={overlap}: smem {k.metadata.shared} B, "
-                      f"{ptxas_report(ptx)}, {counts}", flush=True)
-                if args.dump:
-                    args.dump.mkdir(parents=True, exist_ok=True)
-                    stem = f"d{d}_{name}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}"
-                    (args.dump / f"{stem}.ttgir").write_text(k.asm["ttgir"])
-                    (args.dump / f"{stem}.ptx").write_text(ptx)
+                report(k, f"d={d} {name} {str(dtype)[6:]} overlap={overlap}", args.dump,
+                       f"d{d}_{name}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}")
 
 
 if __name__ == "__main__":

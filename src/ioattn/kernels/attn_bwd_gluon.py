@@ -47,9 +47,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ..backend import interpreting
 from .attn_bwd import _row_stats
-from .attn_fwd_gluon import _GL_DTYPES, TensorDescriptor, _descriptor, _tma_describable, dropout_keep_wgmma
+from .attn_fwd_gluon import (
+    _GL_DTYPES,
+    TensorDescriptor,
+    _descriptor,
+    _tma_describable,
+    dropout_keep_wgmma,
+    gluon_enabled_on,
+)
 from .common import (
     apply_softcap,
     bias_and_mask_t,
@@ -570,12 +576,12 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO. ``deterministic=True`` changes
     nothing here (``gluon_backward`` orders the dQ additions)."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
-    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or choice == "0":
+    if choice == "0":
         return False
     if choice != "1" and (q.shape[-1] not in _ROUTED_HEAD_DIMS
                           or softcap > 0 and q.shape[-1] > 64 and window_size[1] == 0):
         return False
-    if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not gluon_enabled_on(q):
         return False
     if q.dtype not in _GL_DTYPES or any(t.dtype != q.dtype for t in (k, v, dout)):
         return False

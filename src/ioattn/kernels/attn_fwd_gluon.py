@@ -852,14 +852,28 @@ def _tma_describable(t: torch.Tensor) -> bool:
     return ok
 
 
+def gluon_enabled_on(*tensors: torch.Tensor) -> bool:
+    """The gate every Gluon kernel shares: ``IOATTN_GLUON`` is not 0, Triton runs compiled (not interpreted),
+    and the tensors are on an sm_90 device."""
+    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or interpreting():
+        return False
+    return all(t.is_cuda for t in tensors) and torch.cuda.get_device_capability(tensors[0].device) == (9, 0)
+
+
+def gluon_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """(score_scale, tanh_scale) of ``_softmax_block``'s score units: the log2-logit of a unit, and what tanh
+    takes q.k times (1 without softcap)."""
+    if softcap > 0:
+        return softcap * LOG2E, softmax_scale / softcap
+    return softmax_scale * LOG2E, 1.0
+
+
 def gluon_forward_supported(q, k, v, *, window_size: tuple[int, int], softcap: float, alibi_slopes,
                             dropout_p: float, softmax_scale: float | None = None,
                             cu_seqlens_q: torch.Tensor | None = None) -> bool:
     """Whether ``gluon_forward`` computes this forward: dense (b, s, h, d) or varlen (total, h, d) with
     cu_seqlens, any window / causal, softcap, ALiBi, GQA, dropout. ``IOATTN_GLUON=0`` turns it off."""
-    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or interpreting():
-        return False
-    if not (q.is_cuda and k.is_cuda and v.is_cuda) or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not gluon_enabled_on(q, k, v):
         return False
     if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -947,10 +961,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     num_m = triton.cdiv(max_seqlen_q, cfg.block_m if single else 2 * cfg.block_m)
     if num_m * batch * nheads == 0:
         return out, lse
-    if softcap > 0:
-        score_scale, tanh_scale = softcap * LOG2E, softmax_scale / softcap
-    else:
-        score_scale, tanh_scale = softmax_scale * LOG2E, 1.0
+    score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
     slopes, stride_ab = q, 0
     if alibi_slopes is not None:
         slopes = alibi_slopes.contiguous()  # (nheads,) or (batch, nheads) float32

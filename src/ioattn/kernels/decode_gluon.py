@@ -22,7 +22,6 @@ streams at about the rate several pipelined ones did, so long caches need few or
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -37,11 +36,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..backend import interpreting
-from .attn_fwd_gluon import LOG2E, _softmax_block
+from .attn_fwd_gluon import _GL_DTYPES, _num_sms, _softmax_block, gluon_enabled_on, gluon_scales
 from .decode import key_range
 
 LN2 = gl.constexpr(0.6931471805599453)
+BLOCK_M = gl.constexpr(64)  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
 
 
 @gluon.jit
@@ -119,7 +118,6 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SOFTCAP: gl.constexpr,
               HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """One warpgroup: S = Q K^T and O += P V by wgmma over the ring's tiles, the online softmax between."""
-    BLOCK_M: gl.constexpr = 64
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -281,8 +279,6 @@ def decode_gluon_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Host side
 
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-BLOCK_M = 64  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
 SMEM_PER_SM = 227 * 1024
 
 
@@ -310,14 +306,12 @@ def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_s
                            softcap: float) -> bool:
     """Whether ``gluon_decode`` runs this call: sm_90, 16-bit, d = 64 or 128, GQA group x query tokens
     <= 64, no rotary, pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
-    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or interpreting():
-        return False
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not gluon_enabled_on(q):
         return False
     if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return False
     batch, seqlen_q, nheads, d = q.shape
-    if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M or rotary_cos is not None:
+    if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M.value or rotary_cos is not None:
         return False
     if block_table is not None and k_cache.shape[1] < 16:
         return False
@@ -328,27 +322,20 @@ def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_s
     return _describable(k_cache) and _describable(v_cache)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def gluon_decode_preferred(device: torch.device, batch: int, nheads_k: int) -> bool:
     """The Gluon kernel is the default where the (batch x KV head) programs fit on the SMs at once, the
     long-cache regime where the portable kernel needs key splits (and a combine) to keep DRAM busy; with more
     programs the portable kernel, several per SM, overlaps their starts better (H200, benchmarks/NOTES.md,
     Decode v6)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return batch * nheads_k <= _num_sms(index)
+    return batch * nheads_k <= _num_sms(device)
 
 
 def gluon_num_splits(device: torch.device, batch: int, nheads_k: int, capacity: int, headdim: int,
                      config: DecodeConfig = CONFIG, max_splits: int = 64) -> int:
     """Splits so the (batch x KV head) programs fill each SM once with the programs that fit there (one
     program streams at the rate of several pipelined ones, so no more), each split >= 4 tiles."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
     per_sm = max(1, SMEM_PER_SM // config.smem_bytes(headdim))
-    wanted = per_sm * _num_sms(index) // max(batch * nheads_k, 1)
+    wanted = per_sm * _num_sms(device) // max(batch * nheads_k, 1)
     return max(1, min(wanted, -(-capacity // (4 * config.block_n)), max_splits))
 
 
@@ -374,10 +361,7 @@ def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_id
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 1
     box = min(page, cfg.block_n) if paged else cfg.block_n
-    if softcap > 0:
-        score_scale, tanh_scale = softcap * LOG2E, softmax_scale / softcap
-    else:
-        score_scale, tanh_scale = softmax_scale * LOG2E, 1.0
+    score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
     dummy = cache_seqlens
     decode_gluon_kernel[(batch * nheads_k, num_splits)](
         _descriptor(k_cache, box), _descriptor(v_cache, box), q, out_part, lse_part, cache_seqlens,

@@ -94,8 +94,6 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                                       MAX_SPLITS)
     elif num_splits == 0:
         num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim, paged=paged)
-    block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
-    block_d = max(16, triton.next_power_of_2(headdim))
     out = q.new_empty(batch, seqlen_q, nheads, headdim)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     if num_splits > 1:
@@ -115,6 +113,8 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         if num_splits > 1:
             _combine(out_part, lse_part, out, lse)
         return out, lse
+    block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
+    block_d = max(16, triton.next_power_of_2(headdim))
     qk_scale, softcap2 = _scales(softmax_scale, softcap)
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
     dummy = cache_seqlens
