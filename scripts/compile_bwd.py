@@ -242,7 +242,9 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
 
 
 # The Gluon backward's variants: the forward's, and the ordered dQ of deterministic=True.
-BWD_VARIANTS = {**FWD_VARIANTS, "deterministic": {"DETERMINISTIC": True},
+# (The forward's ALiBi split, HAS_ALIBI 2, is the forward's alone.)
+BWD_VARIANTS = {**{k: v for k, v in FWD_VARIANTS.items() if not k.startswith("alibi-sides")},
+                "deterministic": {"DETERMINISTIC": True},
                 "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True}}
 
 

@@ -108,7 +108,8 @@ VARIANTS = {
 }
 # The forward's variants: the backward has no dropout.
 FWD_VARIANTS = {**VARIANTS, "softcap-fixed-max": {"SOFTCAP": 2}, "dropout": {"DROPOUT": True},
-                "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True}}
+                "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True}, "alibi-sides": {"HAS_ALIBI": 2},
+                "alibi-sides-causal": {"HAS_ALIBI": 2, "HAS_RIGHT": True}}
 
 
 def main() -> None:

@@ -504,3 +504,39 @@ def test_softcap_fixed_max(scores, softcap, config):
         return
     _check(q, k, v, softcap=softcap, causal=True, config=config)
     _check(q, k, v, softcap=softcap, window_size=(100, 40), config=config)
+
+
+# ALiBi split by sides (HAS_ALIBI 2, FwdConfig.alibi_sides): key blocks wholly left or right of a tile's rows
+# take one FMA per score and a row term, blocks across the diagonal the exact |i - j| form, on both loops of
+# the consumers.
+ALIBI_SIDES_CONFIGS = [FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, alibi_sides=True),
+                       FwdConfig(64, 128, 2, 4, "pingpong", alibi_sides=True)]
+
+
+@pytest.mark.parametrize("config", ALIBI_SIDES_CONFIGS, ids=lambda c: _ws_id(c) + "-alibisides")
+@pytest.mark.parametrize("case", [
+    {"seqlens": (2048, 2048)}, {"seqlens": (300, 3000)}, {"seqlens": (3000, 300)}, {"seqlens": (1000, 1000)},
+    {"seqlens": (2048, 2048), "causal": True}, {"seqlens": (777, 1500), "window_size": (200, 50)},
+    {"seqlens": (1500, 777), "window_size": (-1, 300)}, {"seqlens": (129, 129), "causal": True},
+], ids=str)
+@pytest.mark.parametrize("slopes", ["alibi", "strong", "weak"])
+def test_alibi_sides(case, slopes, config):
+    """Against the reference, and the exact form everywhere (HAS_ALIBI 1) within rounding: "alibi" the
+    paper's geometric slopes (2^-1 ... 2^-4 for four heads, per batch scaled), "strong" slopes near 1 (a row
+    sees a few keys), "weak" 2^-10 (the bias spans the whole sequence)."""
+    case = dict(case)
+    torch.manual_seed(sum(case["seqlens"]) + len(slopes))
+    batch, nheads = 2, 4
+    q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, 2, 128, torch.bfloat16)
+    base = {"alibi": 2.0 ** -torch.arange(1, nheads + 1, device="cuda"),
+            "strong": torch.rand(nheads, device="cuda") * 0.2 + 0.8,
+            "weak": torch.full((nheads,), 2.0 ** -10, device="cuda")}[slopes]
+    alibi = (base[None, :] * torch.tensor([[1.0], [0.5]], device="cuda")).contiguous()
+    out, lse = _check(q, k, v, config=config, alibi_slopes=alibi, **case)
+    window = _window(case.get("causal", False), case.get("window_size"))
+    exact, exact_lse = gluon_forward(q, k, v, 1.0 / math.sqrt(128), window, 0.0, alibi,
+                                     config=config._replace(alibi_sides=False))
+    assert (out.float() - exact.float()).abs().max().item() < 2e-2
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] - exact_lse[finite]).abs().max().item() < 1e-3

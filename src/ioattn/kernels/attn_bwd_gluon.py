@@ -302,6 +302,11 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
         st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, 0.0, window_left, window_right, False, True,
                              HAS_LEFT, HAS_RIGHT)
     pt = gl.exp2(st - stats_smem.index(slot + WG * HAS_ALIBI).load(row_layout)[None, :])
+    pd = pt
+    if SOFTCAP:
+        # P times d(softcap * tanh(x)) / dx (the softmax scale applied last), formed before dP^T's wait so
+        # one tile, not P and tanh, stays live across it
+        pd = pt * (1.0 - tt * tt)
     if DROPOUT:
         if not EARLY_MASK:
             # the forward's mask, drawn while the tensor cores compute dP^T
@@ -316,9 +321,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     else:
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=(dpt,))
-    dst = pt * (dpt - stats_smem.index(slot + 1 + HAS_ALIBI).load(row_layout)[None, :])
-    if SOFTCAP:
-        dst = dst * (1.0 - tt * tt)  # d(softcap * tanh(x)) / dx, the softmax scale applied last
+    dst = pd * (dpt - stats_smem.index(slot + 1 + HAS_ALIBI).load(row_layout)[None, :])
     dst16 = dst.to(dtype)
     dk = warpgroup_mma(gl.convert_layout(dst16, op_layout), q_smem.index(stage), dk, is_async=True)
 

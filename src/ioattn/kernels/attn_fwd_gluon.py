@@ -82,7 +82,7 @@ def dropout_keep_wgmma(seed, philox_rows, cols, dropout_p):
 
 @gluon.jit
 def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_k, diag, score_scale,
-                   tanh_scale, alibi_slope, window_left, window_right, seed, philox_rows, dropout_p,
+                   tanh_scale, alibi_slope, window_left, window_right, seed, philox_rows, dropout_p, pos_lo, pos_hi,
                    SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                    HAS_RIGHT: gl.constexpr, FAST_TANH: gl.constexpr, DROPOUT: gl.constexpr):
     """Score mods and the online softmax step (FA2 Alg. 1 lines 9-10) for the key block at start_n.
@@ -97,16 +97,37 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
     before dropout). Returns (p, alpha, m, l)."""
     cols = start_n + offs_n
     FIXED_MAX: gl.constexpr = SOFTCAP == 2
+    ALIBI_SIDES: gl.constexpr = HAS_ALIBI == 2
     if SOFTCAP:
         s = tanh(s * tanh_scale, FAST_TANH)
-    if HAS_ALIBI:
-        # -slope * |i + diag - j| in fp32 (exact below 2^24): an add with |.| and an FMA per element,
-        # where the integer form would add a conversion (quarter-rate) per element.
+    edge = (start_n < full_lo) | (start_n >= full_hi)
+    if ALIBI_SIDES:
+        # A block wholly left of every row's position (keys <= pos_lo) or right of it (keys >= pos_hi) takes
+        # -slope |p - j| = sigma slope (j - start_n) - sigma slope (p - start_n), sigma = +1 left, -1 right:
+        # one FMA per element and a row term (``shift``, joined per row in the max and exp2's offset); blocks
+        # across the diagonal take the exact form with the masked blocks.
+        BLOCK_N: gl.constexpr = offs_n.shape[0]
+        left = start_n + BLOCK_N - 1 <= pos_lo
+        edge = edge | ((start_n + BLOCK_N - 1 > pos_lo) & (start_n < pos_hi))
         pos = (rows + diag).to(gl.float32)
-        s = s - alibi_slope * gl.abs(pos[:, None] - cols.to(gl.float32)[None, :])
-    if (start_n < full_lo) | (start_n >= full_hi):
-        ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-        s = gl.where(ok, s, float("-inf"))
+        if edge:
+            s = s - alibi_slope * gl.abs(pos[:, None] - cols.to(gl.float32)[None, :])
+            ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = gl.where(ok, s, float("-inf"))
+            shift = pos * 0.0
+        else:
+            sigma_slope = gl.where(left, alibi_slope, -alibi_slope)
+            s = gl.fma(gl.broadcast(sigma_slope, s)[0], gl.broadcast(offs_n.to(gl.float32)[None, :], s)[0], s)
+            shift = sigma_slope * (start_n - pos)
+    else:
+        if HAS_ALIBI:
+            # -slope * |i + diag - j| in fp32 (exact below 2^24): an add with |.| and an FMA per element,
+            # where the integer form would add a conversion (quarter-rate) per element.
+            pos = (rows + diag).to(gl.float32)
+            s = s - alibi_slope * gl.abs(pos[:, None] - cols.to(gl.float32)[None, :])
+        if edge:
+            ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = gl.where(ok, s, float("-inf"))
     if FIXED_MAX:
         # The max held at tanh's bound 1 (m_i = 1 throughout): p = 2^((u - 1) * score_scale) lies in
         # [2^-(2 * score_scale), 1], normal in bf16 and fp32 for the softcaps the host sends here, so no
@@ -115,6 +136,12 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
         alpha = m_i
         l_new = l_i
         p = gl.exp2(s * score_scale - score_scale)
+    elif ALIBI_SIDES:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) + shift)
+        m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * score_scale)
+        p = gl.exp2(s * score_scale - (m_scaled - shift * score_scale)[:, None])
+        alpha = gl.exp2(m_i * score_scale - m_scaled)
+        l_new = l_i * alpha + gl.sum(p, axis=1)
     else:
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
         m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * score_scale)
@@ -229,7 +256,7 @@ def attn_fwd_gluon_kernel(
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
-            philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), dropout_p)
+            philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), dropout_p, 0, 0)
 
     mbarrier.wait(q_bar, 0)
     if OVERLAP:
@@ -505,7 +532,8 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
-            philox_rows(b * nheads + h, rows, max_seqlen_q, max_seqlen_k), dropout_p)
+            philox_rows(b * nheads + h, rows, max_seqlen_q, max_seqlen_k), dropout_p, start_m + diag,
+            start_m + BLOCK_M - 1 + diag)
     if n_blocks > 0:
         mbarrier.wait(k_ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
         if PINGPONG:
@@ -785,7 +813,9 @@ class FwdConfig(NamedTuple):
     one tile per program and the block scheduler's balancing. ``tma_store`` (ws schedules, dense inputs
     whose query length is a multiple of block_m, or one batch): the output goes through shared memory and
     a bulk tensor store instead of register stores. ``fixed_max`` (ws schedules, bf16 softcap <= 40 without
-    ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P summed on the tensor cores."""
+    ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P summed on the tensor cores.
+    ``alibi_sides`` (ws schedules): ALiBi's bias on key blocks wholly on one side of the tile's diagonal as one
+    FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact."""
 
     block_m: int
     block_n: int
@@ -797,11 +827,12 @@ class FwdConfig(NamedTuple):
     dynamic: bool = False
     tma_store: bool = False
     fixed_max: bool = False
+    alibi_sides: bool = False
 
     @classmethod
     def parse(cls, text: str) -> FwdConfig:
-        """From 'block_m,block_n,stages,warps[,schedule[,overlap,persistent,dynamic,tma_store,fixed_max]]' (the
-        scripts' options; flags as 0 / 1)."""
+        """From 'block_m,block_n,stages,warps[,schedule[,overlap,persistent,dynamic,tma_store,fixed_max,
+        alibi_sides]]' (the scripts' options; flags as 0 / 1)."""
         fields = text.split(",")
         ints = [int(x) for x in fields[:4] + fields[5:]]
         return cls(*ints[:4], *fields[4:5], *(bool(x) for x in ints[4:]))
@@ -817,7 +848,7 @@ class FwdConfig(NamedTuple):
 # Softcap's max held at its bound, with P's row sums on the tensor cores: +7-8% for softcap at d = 128 (same
 # notes, "softcap's max held at its bound"); the row sums alone, with the online max, measured 3-8% slower.
 _CONFIGS = {64: FwdConfig(64, 128, 2, 4),
-            128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True)}
+            128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True, alibi_sides=True)}
 # Largest softcap whose scores take the fixed max (bf16): p >= 2^(-2 * softcap * log2(e)) stays a normal
 # float (> 2^-126, which ex2.approx.ftz would flush) up to 43.6.
 _FIXED_MAX_SOFTCAP = 40.0
@@ -975,7 +1006,8 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
             dropout_p)
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=varlen,
                  SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, dropout_p, cfg),
-                 HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                 HAS_ALIBI=0 if alibi_slopes is None else 2 if cfg.alibi_sides and not single else 1,
+                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                  DROPOUT=dropout_p > 0, OVERLAP=overlap, num_warps=cfg.warps)
     if single:
         attn_fwd_gluon_kernel[(num_m, batch * nheads)](*args, **flags)

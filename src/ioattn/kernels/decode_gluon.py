@@ -153,7 +153,7 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     v_r = gl.arange(0, BLOCK_N, gl.SliceLayout(1, io_layout))
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, 0, rows,
-            0.0)
+            0.0, 0, 0)
     if n_tiles > 0:
         # The first tile's scores alone (as the forward's consumer: its accumulator only joins from the
         # first PV), then per tile j: PV of tile j - 1 and QK^T of tile j in flight together.
