@@ -273,56 +273,72 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     row_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
     ROWS: gl.constexpr = stats_smem.type.shape[0] // NUM_STAGES  # the stats slot's rows: _put_step_stats
     slot = ROWS * stage
-    mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
-    st_acc, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
-    if DROPOUT and EARLY_MASK:
-        # the forward's mask, drawn while the tensor cores compute S^T and dP^T
-        keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout,
-                       BLOCK_M, HALF_N)
-    mbarrier.wait(stats_full.index(stage), (t // NUM_STAGES) & 1)
-    qkt = warpgroup_mma_wait(1, deps=(st_acc,))
-    if SOFTCAP:
-        st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
-        if HAS_ALIBI:
-            st = st + _alibi_key_term(stats_smem, slot, WG, HALF_N, st_layout)[:, None]
-    elif HAS_ALIBI:
-        key_term = _alibi_key_term(stats_smem, slot, WG, HALF_N, st_layout)
-        st = gl.fma(qkt, qk_scale, gl.broadcast(key_term[:, None], qkt)[0])
+    # With a band (causal, windows), a half whose keys no query of the step may see (right of the right
+    # edge, left of the left one, past the sequence) adds nothing to dK, dV or dS^T: it skips S^T, dP^T, dV
+    # and the softmax, so the other half's run on the whole tensor cores, and gives zeros to dK's product and
+    # the dQ product. (An async product cannot leave a branch: dV is waited for inside, dK issued after.)
+    diag = seqlen_k - seqlen_q
+    BAND: gl.constexpr = HAS_LEFT or HAS_RIGHT
+    dead = masked & (key_lo >= seqlen_k)
+    if HAS_RIGHT:
+        dead = dead | (key_lo > start_m + BLOCK_M - 1 + diag + window_right)
+    if HAS_LEFT:
+        dead = dead | (key_lo + HALF_N - 1 < start_m + diag - window_left)
+    if BAND and dead:
+        mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
+        dst16 = gl.zeros([HALF_N, BLOCK_M], dtype, st_layout)
     else:
-        st = qkt * qk_scale  # (one FMA with lse measured 1-2% slower: benchmarks/NOTES.md, Gluon backward v3)
-    if masked:
-        diag = seqlen_k - seqlen_q
-        rows = start_m + gl.arange(0, BLOCK_M, row_layout)
-        if HAS_ALIBI:
-            # pairs on the other side of the diagonal from the block's first key: -2 slope |p - j| back
-            slope2 = _alibi_slope2(alibi_slopes, b, h, stride_ab)
-            jp = (cols[:, None] - (rows + diag)[None, :]).to(gl.float32)
-            side = gl.where(key_lo > start_m + diag, -1.0, 1.0)
-            st = st - (2.0 * slope2) * gl.maximum(side * jp, 0.0)
-        st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, 0.0, window_left, window_right, False, True,
-                             HAS_LEFT, HAS_RIGHT)
-    pt = gl.exp2(st - stats_smem.index(slot + WG * HAS_ALIBI).load(row_layout)[None, :])
-    pd = pt
-    if SOFTCAP:
-        # P times d(softcap * tanh(x)) / dx (the softmax scale applied last), formed before dP^T's wait so
-        # one tile, not P and tanh, stays live across it
-        pd = pt * (1.0 - tt * tt)
-    if DROPOUT:
-        if not EARLY_MASK:
-            # the forward's mask, drawn while the tensor cores compute dP^T
-            keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p,
-                           st_layout, BLOCK_M, HALF_N)
-        # dV takes the dropped, rescaled P^T, and dP^T passes the same mask (FA2 Alg. 4)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        dv = warpgroup_mma(gl.convert_layout(gl.where(keep, pt * inv_keep, 0.0).to(dtype), op_layout),
-                           do_smem.index(stage), dv, is_async=True)
-        dpt = warpgroup_mma_wait(1, deps=(dpt,))
-        dpt = gl.where(keep, dpt * inv_keep, 0.0)
-    else:
-        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
-        dpt = warpgroup_mma_wait(1, deps=(dpt,))
-    dst = pd * (dpt - stats_smem.index(slot + 1 + HAS_ALIBI).load(row_layout)[None, :])
-    dst16 = dst.to(dtype)
+        mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
+        st_acc, dpt = _issue_scores(k_mine, v_mine, q_smem, do_smem, stage, st_zero)
+        if DROPOUT and EARLY_MASK:
+            # the forward's mask, drawn while the tensor cores compute S^T and dP^T
+            keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout,
+                           BLOCK_M, HALF_N)
+        mbarrier.wait(stats_full.index(stage), (t // NUM_STAGES) & 1)
+        qkt = warpgroup_mma_wait(1, deps=(st_acc,))
+        if SOFTCAP:
+            st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
+            if HAS_ALIBI:
+                st = st + _alibi_key_term(stats_smem, slot, WG, HALF_N, st_layout)[:, None]
+        elif HAS_ALIBI:
+            key_term = _alibi_key_term(stats_smem, slot, WG, HALF_N, st_layout)
+            st = gl.fma(qkt, qk_scale, gl.broadcast(key_term[:, None], qkt)[0])
+        else:
+            st = qkt * qk_scale  # (one FMA with lse measured 1-2% slower: benchmarks/NOTES.md, Gluon backward v3)
+        if masked:
+            rows = start_m + gl.arange(0, BLOCK_M, row_layout)
+            if HAS_ALIBI:
+                # pairs on the other side of the diagonal from the block's first key: -2 slope |p - j| back
+                slope2 = _alibi_slope2(alibi_slopes, b, h, stride_ab)
+                jp = (cols[:, None] - (rows + diag)[None, :]).to(gl.float32)
+                side = gl.where(key_lo > start_m + diag, -1.0, 1.0)
+                st = st - (2.0 * slope2) * gl.maximum(side * jp, 0.0)
+            st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, 0.0, window_left, window_right, False, True,
+                                 HAS_LEFT, HAS_RIGHT)
+        pt = gl.exp2(st - stats_smem.index(slot + WG * HAS_ALIBI).load(row_layout)[None, :])
+        pd = pt
+        if SOFTCAP:
+            # P times d(softcap * tanh(x)) / dx (the softmax scale applied last), formed before dP^T's wait so
+            # one tile, not P and tanh, stays live across it
+            pd = pt * (1.0 - tt * tt)
+        if DROPOUT:
+            if not EARLY_MASK:
+                # the forward's mask, drawn while the tensor cores compute dP^T
+                keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p,
+                               st_layout, BLOCK_M, HALF_N)
+            # dV takes the dropped, rescaled P^T, and dP^T passes the same mask (FA2 Alg. 4)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv = warpgroup_mma(gl.convert_layout(gl.where(keep, pt * inv_keep, 0.0).to(dtype), op_layout),
+                               do_smem.index(stage), dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=(dpt,))
+            dpt = gl.where(keep, dpt * inv_keep, 0.0)
+        else:
+            dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_smem.index(stage), dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=(dpt,))
+        dst = pd * (dpt - stats_smem.index(slot + 1 + HAS_ALIBI).load(row_layout)[None, :])
+        dst16 = dst.to(dtype)
+        if BAND:
+            dv = warpgroup_mma_wait(0, deps=(dv,))
     dk = warpgroup_mma(gl.convert_layout(dst16, op_layout), q_smem.index(stage), dk, is_async=True)
 
     # dS^T of this step into its buffer (free once both consumers' dQ products of step t - 2 are done),
