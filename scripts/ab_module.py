@@ -1,0 +1,84 @@
+"""A/B of a kernel module's code in one process: this tree's Gluon forward or backward against a baseline
+file of the same module (e.g. ``git show HEAD~1:src/ioattn/kernels/attn_bwd_gluon.py > /tmp/base.py``),
+timed in turn per round through the public API, with cuDNN beside them for plain and causal forwards.
+
+    PYTHONPATH=src python scripts/ab_module.py --pass bwd --base /tmp/base.py \\
+        --cells 128:causal:4096,128:plain:4096 [--rounds 5]
+
+Cells are ``ioattn bench features`` cases (bf16, 16k tokens, hidden 2048): ``d:feature:seqlen``. Prints, per
+cell, TFLOPs/s of each side and the median of the per-round speed ratios new / base (and new / cuDNN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ioattn.kernels.launch as launch
+import ioattn.ops.attention as attention
+from ioattn.bench.features import make_case
+
+# Where the public API looks each kernel's launcher up, and the module the baseline file stands for.
+TARGETS = {"fwd": (attention, "gluon_forward", "attn_fwd_gluon"), "bwd": (launch, "gluon_backward", "attn_bwd_gluon")}
+
+
+def load_baseline(path: str, module: str):
+    """The file as a module of ``ioattn.kernels`` (its relative imports resolve as the library's do)."""
+    spec = importlib.util.spec_from_file_location(f"ioattn.kernels.{module}_base", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pass", dest="direction", choices=("fwd", "bwd"), default="bwd")
+    ap.add_argument("--base", required=True, help="baseline file of the pass's kernel module")
+    ap.add_argument("--cells", required=True, help="'d:feature:seqlen,...'")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    owner, name, module = TARGETS[args.direction]
+    new_fn = getattr(owner, name)
+    base_fn = getattr(load_baseline(args.base, module), name)
+    for cell in args.cells.split(","):
+        d, feature, s = cell.split(":")
+        call, leaves, flops = make_case(feature, int(s), int(d), torch.device("cuda"), torch.bfloat16)
+        if args.direction == "fwd":
+            def timed(call=call):
+                with torch.no_grad():
+                    return call()
+            q, k, v = (t.detach().transpose(1, 2) for t in leaves)
+
+            def cudnn(q=q, k=k, v=v, causal=feature == "causal"):
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.no_grad():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            # cuDNN runs the same problem only without score mods or varlen
+            sides = {"new": new_fn, "base": base_fn, **({"cudnn": None} if feature in ("plain", "causal") else {})}
+        else:
+            out = call()
+            dout = torch.randn_like(out)
+
+            def timed(out=out, leaves=leaves, dout=dout):
+                return torch.autograd.grad(out, leaves, dout, retain_graph=True)
+            flops *= 2.5
+            sides = {"new": new_fn, "base": base_fn}
+        times = {side: [] for side in sides}
+        for _ in range(args.rounds):
+            for side, fn in sides.items():
+                setattr(owner, name, fn or new_fn)
+                times[side].append(triton.testing.do_bench(cudnn if fn is None else timed, warmup=25, rep=150))
+        setattr(owner, name, new_fn)
+        tf = " ".join(f"{side} {flops / statistics.median(t) * 1e-9:.0f}" for side, t in times.items())
+        ratios = " ".join(f"new/{side} {statistics.median(b / a for a, b in zip(times['new'], t, strict=True)):.3f}"
+                          for side, t in times.items() if side != "new")
+        print(f"{args.direction} {cell}: TFLOPs/s {tf} | {ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
