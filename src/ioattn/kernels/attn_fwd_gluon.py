@@ -40,7 +40,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..backend import interpreting
 from .common import (
-    allowed,
+    bias_and_mask,
     dropout_words_kept,
     kv_block_range,
     launch_order,
@@ -111,23 +111,19 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
         edge = edge | ((start_n + BLOCK_N - 1 > pos_lo) & (start_n < pos_hi))
         pos = (rows + diag).to(gl.float32)
         if edge:
-            s = s - alibi_slope * gl.abs(pos[:, None] - cols.to(gl.float32)[None, :])
-            ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            s = gl.where(ok, s, float("-inf"))
+            s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope, window_left, window_right, True, True,
+                              HAS_LEFT, HAS_RIGHT)
             shift = pos * 0.0
         else:
             sigma_slope = gl.where(left, alibi_slope, -alibi_slope)
             s = gl.fma(gl.broadcast(sigma_slope, s)[0], gl.broadcast(offs_n.to(gl.float32)[None, :], s)[0], s)
             shift = sigma_slope * (start_n - pos)
     else:
-        if HAS_ALIBI:
-            # -slope * |i + diag - j| in fp32 (exact below 2^24): an add with |.| and an FMA per element,
-            # where the integer form would add a conversion (quarter-rate) per element.
-            pos = (rows + diag).to(gl.float32)
-            s = s - alibi_slope * gl.abs(pos[:, None] - cols.to(gl.float32)[None, :])
+        s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope, window_left, window_right, HAS_ALIBI, False,
+                          HAS_LEFT, HAS_RIGHT)
         if edge:
-            ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            s = gl.where(ok, s, float("-inf"))
+            s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope, window_left, window_right, False, True,
+                              HAS_LEFT, HAS_RIGHT)
     if FIXED_MAX:
         # The max held at tanh's bound 1 (m_i = 1 throughout): p = 2^((u - 1) * score_scale) lies in
         # [2^-(2 * score_scale), 1], normal in bf16 and fp32 for the softcaps the host sends here, so no
