@@ -44,19 +44,26 @@ def _installed(direction: str, d: int, cfg):
             attn_bwd_gluon.select_config = shipped
 
 
-def _time_cell(direction: str, d: int, feature: str, s: int, cfgs, rounds: int, rep: int):
-    """(milliseconds per config and round, the configs in turn within each round; forward FLOPs)."""
-    call, leaves, flops = make_case(feature, s, d, torch.device("cuda"), torch.bfloat16)
+def timed_call(direction: str, call, leaves):
+    """What a cell times: the forward without autograd ("fwd"), or the backward alone through
+    ``torch.autograd.grad`` on one forward's output ("bwd")."""
     if direction == "fwd":
         def fn():
             with torch.no_grad():
                 return call()
-    else:
-        out = call()
-        dout = torch.randn_like(out)
+        return fn
+    out = call()
+    dout = torch.randn_like(out)
 
-        def fn():
-            return torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    def fn():
+        return torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    return fn
+
+
+def _time_cell(direction: str, d: int, feature: str, s: int, cfgs, rounds: int, rep: int):
+    """(milliseconds per config and round, the configs in turn within each round; forward FLOPs)."""
+    call, leaves, flops = make_case(feature, s, d, torch.device("cuda"), torch.bfloat16)
+    fn = timed_call(direction, call, leaves)
     times = [[] for _ in cfgs]
     for _ in range(rounds):
         for i, cfg in enumerate(cfgs):

@@ -18,6 +18,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+from ab_gluon import timed_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ioattn.kernels.launch as launch
@@ -49,10 +50,8 @@ def main() -> None:
     for cell in args.cells.split(","):
         d, feature, s = cell.split(":")
         call, leaves, flops = make_case(feature, int(s), int(d), torch.device("cuda"), torch.bfloat16)
+        timed = timed_call(args.direction, call, leaves)
         if args.direction == "fwd":
-            def timed(call=call):
-                with torch.no_grad():
-                    return call()
             q, k, v = (t.detach().transpose(1, 2) for t in leaves)
 
             def cudnn(q=q, k=k, v=v, causal=feature == "causal"):
@@ -61,11 +60,6 @@ def main() -> None:
             # cuDNN runs the same problem only without score mods or varlen
             sides = {"new": new_fn, "base": base_fn, **({"cudnn": None} if feature in ("plain", "causal") else {})}
         else:
-            out = call()
-            dout = torch.randn_like(out)
-
-            def timed(out=out, leaves=leaves, dout=dout):
-                return torch.autograd.grad(out, leaves, dout, retain_graph=True)
             flops *= 2.5
             sides = {"new": new_fn, "base": base_fn}
         times = {side: [] for side in sides}

@@ -132,16 +132,16 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
         alpha = m_i
         l_new = l_i
         p = gl.exp2(s * score_scale - score_scale)
-    elif ALIBI_SIDES:
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) + shift)
-        m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * score_scale)
-        p = gl.exp2(s * score_scale - (m_scaled - shift * score_scale)[:, None])
-        alpha = gl.exp2(m_i * score_scale - m_scaled)
-        l_new = l_i * alpha + gl.sum(p, axis=1)
     else:
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        row_max = gl.max(s, axis=1)
+        if ALIBI_SIDES:
+            row_max = row_max + shift
+        m_new = gl.maximum(m_i, row_max)
         m_scaled = gl.where(m_new == float("-inf"), 0.0, m_new * score_scale)
-        p = gl.exp2(s * score_scale - m_scaled[:, None])
+        offset = m_scaled
+        if ALIBI_SIDES:
+            offset = m_scaled - shift * score_scale  # the row term joins exp2's per-row offset
+        p = gl.exp2(s * score_scale - offset[:, None])
         alpha = gl.exp2(m_i * score_scale - m_scaled)
         l_new = l_i * alpha + gl.sum(p, axis=1)
     if DROPOUT:
