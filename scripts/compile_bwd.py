@@ -39,7 +39,7 @@ from ioattn.kernels.attn_bwd_gluon import BwdConfig, attn_bwd_gluon_kernel, dq_d
 from ioattn.kernels.launch import _CONFIGS, AttnConfig
 
 PTR_ARGS = {"Q", "K", "V", "DOut", "DK", "DV"}
-F32_PTR_ARGS = {"Lse", "Delta", "DQacc", "alibi_slopes"}
+F32_PTR_ARGS = {"Lse", "Delta", "DQacc", "alibi_slopes", "Parts"}
 I32_PTR_ARGS = {"cu_seqlens_q", "cu_seqlens_k"}
 FLOAT_ARGS = {"softmax_scale", "qk_scale", "softcap2", "dropout_p"}
 
@@ -208,14 +208,14 @@ def scoreboard_hazards(cubin: bytes) -> list[str]:
 
 
 def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
-    """flags: any of compile_gluon_fwd.FLAGS, DETERMINISTIC or DROPOUT (default False)."""
+    """flags: any of compile_gluon_fwd.FLAGS, DETERMINISTIC, DROPOUT or TAIL (default False)."""
     cfg = config or select_config(d, flags.get("SOFTCAP", False), flags.get("DROPOUT", False))
     block_m, block_n = cfg.block_m, cfg.block_n
     ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,
               "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS},
               "DETERMINISTIC": flags.get("DETERMINISTIC", False), "DROPOUT": flags.get("DROPOUT", False),
-              "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": cfg.kv_regs,
+              "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": cfg.kv_regs, "TAIL": flags.get("TAIL", False),
               "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:
@@ -245,7 +245,9 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
 # (The forward's ALiBi split, HAS_ALIBI 2, is the forward's alone.)
 BWD_VARIANTS = {**{k: v for k, v in FWD_VARIANTS.items() if not k.startswith("alibi-sides")},
                 "deterministic": {"DETERMINISTIC": True},
-                "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True}}
+                "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True},
+                "tail": {"TAIL": True}, "tail-softcap": {"TAIL": True, "SOFTCAP": True},
+                "tail-dropout": {"TAIL": True, "DROPOUT": True}}
 
 
 CANDIDATES = {

@@ -180,3 +180,40 @@ def test_gluon_backward_routing(env, monkeypatch):
         q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
         ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
     assert calls == {None: [64, 128, 128, 64, 64, 64], "0": [], "1": [64, 128, 128, 64, 64, 128, 64]}[env]
+
+
+# The last wave's key blocks split over their steps (dense, no window, not deterministic), forced on small
+# shapes by pretending the device has five SMs (and on at d = 64, where the shipped configs leave it off):
+# pieces that cross GQA heads and end mid-head, a partial last key block and query block, and each of the
+# step's paths (softcap, ALiBi, dropout).
+TAIL_CASES = [
+    ((1, 2048, 2048, 4, 1, 128), {}),
+    ((2, 2100, 1100, 4, 2, 64), {}),
+    ((2, 1500, 1000, 4, 2, 128), {"softcap": 5.0, "alibi": True}),
+    ((1, 1100, 700, 8, 2, 64), {"softcap": 5.0}),
+    ((1, 1024, 2000, 4, 1, 128), {"dropout": 0.17}),
+]
+
+
+@pytest.mark.parametrize("shape,opts", TAIL_CASES, ids=str)
+def test_gluon_backward_tail_split(shape, opts, gluon_calls, monkeypatch):
+    from ioattn.kernels import attn_bwd_gluon
+
+    splits = []
+    real_split = attn_bwd_gluon.tail_split
+    real_select = attn_bwd_gluon.select_config
+    monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(tail=1))
+    monkeypatch.setattr(attn_bwd_gluon, "_num_sms", lambda device: 5)
+    monkeypatch.setattr(attn_bwd_gluon, "tail_split", lambda *a: splits.append(real_split(*a)) or splits[-1])
+    torch.manual_seed(sum(shape))
+    q, k, v = _qkv(*shape, torch.bfloat16)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
+    p = opts.pop("dropout", 0.0)
+    if p:
+        torch.manual_seed(1234)
+        opts.update(dropout_p=p, seed=1234,
+                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
+    check_against_ref(q, k, v, **opts)
+    assert len(gluon_calls) == 1 and splits and splits[0] > 1, splits

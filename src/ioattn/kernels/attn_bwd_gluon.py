@@ -21,6 +21,9 @@ The load warp also brings each step's lse and delta rows (and ALiBi's row and ke
 so the consumers hold none of them across their waits. On an H200 it runs at 1.1-1.5x the portable backward
 at d = 64 and 128 (routed there by default). benchmarks/NOTES.md, "Gluon backward v2" and "v3", has the
 measurements and the variants that lost.
+Dense inputs without a window (not deterministic) can run the key blocks of the last, partial wave as
+pieces over their query steps, so every SM has work to the end (``tail_split``; the pieces' dK, dV are
+summed by ``tail_sum_kernel``); shipped at d = 128.
 Varlen, causal and sliding windows (bottom-right), softcap, ALiBi, GQA, dropout (the forward's mask drawn
 again, ``_keep_t``) and the deterministic dQ order are compile-time flags; rows of
 a tile past a sequence read the next one's rows (or TMA's zero fill): their lse is +inf, so P = dS = 0;
@@ -35,6 +38,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -52,6 +56,7 @@ from .attn_fwd_gluon import (
     _GL_DTYPES,
     TensorDescriptor,
     _descriptor,
+    _num_sms,
     _tma_describable,
     dropout_keep_wgmma,
     gluon_enabled_on,
@@ -145,9 +150,10 @@ def _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh, BLOCK_M: 
 def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar, qdo_full,
                qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab, b, q_start,
                seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh, stride_vh,
-               stride_qh, stride_doh, HAS_ALIBI: gl.constexpr):
+               stride_qh, stride_doh, t0, HAS_ALIBI: gl.constexpr, TAIL: gl.constexpr):
     """The load warp: K and V of the key block once, then Q and dO of every step into the ring (and the
-    step's lse and delta rows beside them), a stage refilled as soon as both consumers have released it."""
+    step's lse and delta rows beside them), a stage refilled as soon as both consumers have released it.
+    TAIL: the program's steps are t0, t0 + 1, ... of its key block (a piece of it)."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     NUM_STAGES: gl.constexpr = q_smem.type.shape[0]
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -157,8 +163,8 @@ def _ws_loader(q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem,
         stage = t % NUM_STAGES
         # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
         mbarrier.wait(qdo_empty.index(stage), ((t // NUM_STAGES) & 1) ^ 1)
-        h, start_m, row, q_col, do_col = _step_origin(t, n_m, lo, q_row0, hk, group, stride_qh, stride_doh,
-                                                      BLOCK_M)
+        h, start_m, row, q_col, do_col = _step_origin(t + t0 if TAIL else t, n_m, lo, q_row0, hk, group, stride_qh,
+                                                      stride_doh, BLOCK_M)
         _issue_qdo_load(q_desc, do_desc, q_smem, do_smem, qdo_full, stage, row, q_col, do_col, True)
         _put_step_stats(Lse, Delta, alibi_slopes, stats_smem, stats_full, stage, b, h, q_start, start_m, start_n,
                         seqlen_q, seqlen_k, stride_lb, stride_lh, stride_ab, k_smem.type.shape[0] // 2, HAS_ALIBI)
@@ -191,8 +197,8 @@ def _bulk_writes_done():
 
 @gluon.jit
 def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, reach, b, hk, nheads, q_row0, lo,
-                  n_m, n_steps, group, n_mblocks, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                  DETERMINISTIC: gl.constexpr):
+                  n_m, n_steps, group, n_mblocks, t0, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                  DETERMINISTIC: gl.constexpr, TAIL: gl.constexpr):
     """The dQ warp: once both consumers have put their half of a step's dQ share in shared memory, adds it
     into the fp32 buffer (the queries' layout, viewed as (rows, nheads * d)) with bulk tensor reduce-adds,
     waits for them to read the tile and frees it.
@@ -217,8 +223,9 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, re
                 later = gl.minimum(gl.cdiv(lo + (t % n_m + 1) * BLOCK_M + reach, BLOCK_N) - 1, last_n) - pid_n
             _count_wait(lock, later)
         mbarrier.wait(dq_full.index(buf), (t // DQ_STAGES) & 1)
-        col = (hk * group + t // n_m) * (2 * HALF_D)
-        row = q_row0 + lo + (t % n_m) * BLOCK_M
+        u = t + t0 if TAIL else t  # the step of the key block (TAIL: this piece's steps start at t0)
+        col = (hk * group + u // n_m) * (2 * HALF_D)
+        row = q_row0 + lo + (u % n_m) * BLOCK_M
         _tma_reduce_add(dq_desc, [row, col], dq_smem.index(2 * buf))
         _tma_reduce_add(dq_desc, [row, col + HALF_D], dq_smem.index(2 * buf + 1))
         if DETERMINISTIC:
@@ -369,13 +376,15 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
                  stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                  stride_ab, b, hk, seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m,
                  n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads,
-                 max_seqlen_q, max_seqlen_k, dropout_p, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
+                 max_seqlen_q, max_seqlen_k, dropout_p, t0, piece, Parts, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
                  SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr, KV_REGS: gl.constexpr):
+                 DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr, KV_REGS: gl.constexpr, TAIL: gl.constexpr):
     """One consumer warpgroup: keys [WG * 64, WG * 64 + 64) of the block, dK and dV of them in registers,
     and columns [WG * d / 2, (WG + 1) * d / 2) of each step's dQ share (which needs both halves of dS^T:
     the consumers meet on an mbarrier once per step, and on nothing else). Per head of the GQA group the
-    query blocks run in the loader's order."""
+    query blocks run in the loader's order. TAIL: steps t0, t0 + 1, ... of the key block; a piece of a split
+    key block (``piece`` >= 0) puts dK (scaled) and dV in fp32 into its slot of ``Parts`` for
+    ``tail_sum_kernel``."""
     NUM_WARPS: gl.constexpr = 4
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
@@ -412,8 +421,9 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
     if KV_REGS & 2:
         common = common[:1] + (v_mine.load(a_layout), ) + common[2:]
     for t in range(n_steps):
-        h = hk * group + t // n_m
-        start_m = lo + (t % n_m) * BLOCK_M
+        u = t + t0 if TAIL else t  # the step of the key block
+        h = hk * group + u // n_m
+        start_m = lo + (u % n_m) * BLOCK_M
         masked = (start_m < full_lo) | (start_m >= full_hi)
         if HAS_ALIBI:
             # blocks crossing the diagonal take |p - j| as it comes (the masked path)
@@ -434,21 +444,34 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
     hk64 = hk.to(gl.int64)
     dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + n0.to(gl.int64)[:, None] * stride_dks + out_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + n0.to(gl.int64)[:, None] * stride_dvs + out_d[None, :]
-    gl.store(dk_ptrs, gl.convert_layout((dk * softmax_scale).to(dtype), st_out), mask=row_ok)
-    gl.store(dv_ptrs, gl.convert_layout(dv.to(dtype), st_out), mask=row_ok)
+    if TAIL:
+        if piece >= 0:
+            # a piece of a split key block: fp32 partial sums into its slot (n_pieces, 2, BLOCK_N, d) of
+            # Parts, every row (the sum masks them)
+            local = WG * HALF_N + gl.arange(0, HALF_N, gl.SliceLayout(1, st_out))
+            part = Parts + piece.to(gl.int64) * (4 * HALF_N * HEAD_DIM) + local[:, None] * HEAD_DIM + out_d[None, :]
+            gl.store(part, gl.convert_layout(dk * softmax_scale, st_out))
+            gl.store(part + 2 * HALF_N * HEAD_DIM, gl.convert_layout(dv, st_out))
+        else:
+            gl.store(dk_ptrs, gl.convert_layout((dk * softmax_scale).to(dtype), st_out), mask=row_ok)
+            gl.store(dv_ptrs, gl.convert_layout(dv.to(dtype), st_out), mask=row_ok)
+    else:
+        gl.store(dk_ptrs, gl.convert_layout((dk * softmax_scale).to(dtype), st_out), mask=row_ok)
+        gl.store(dv_ptrs, gl.convert_layout(dv.to(dtype), st_out), mask=row_ok)
 
 
 @gluon.jit(do_not_specialize=["section"])
 def attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-    dq_lock, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ab,
-    stride_kh, stride_vh, stride_qh, stride_doh,
+    dq_lock, Parts, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    stride_ab, stride_kh, stride_vh, stride_qh, stride_doh,
     nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, n_mblocks,
-    softmax_scale, qk_scale, softcap2, window_left, window_right, section, seed, dropout_p,
+    softmax_scale, qk_scale, softcap2, window_left, window_right, section, seed, dropout_p, n_whole, split,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
-    EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, KV_REGS: gl.constexpr, num_warps: gl.constexpr,
+    EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, KV_REGS: gl.constexpr, TAIL: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
     queries' (contiguous) layout, viewed as (batch * seqlen_q dense or total_q varlen, nheads * HEAD_DIM).
@@ -456,10 +479,26 @@ def attn_bwd_gluon_kernel(
     64 keys each; one load warp fills the Q/dO ring; one dQ warp issues the bulk reduce-adds of dQ's
     shares. The consumers never issue TMA or wait for a reduce, and meet each other once per step (dS^T's
     halves). Scores in log2 units: ``qk_scale`` and ``softcap2`` as the portable kernels take them
-    (``Problem.log2_units``)."""
+    (``Problem.log2_units``).
+
+    TAIL (dense, no window, not deterministic; a 1D grid): programs [0, n_whole) run key blocks whole, in
+    the 2D grid's order (key blocks fastest); each later key block runs as ``split`` programs, pieces of its
+    (head, query block) steps in order, whose dK, dV go to ``Parts`` in fp32 (``tail_sum_kernel`` adds them
+    into DK, DV): the last wave's key blocks spread over every SM."""
     dtype: gl.constexpr = q_desc.dtype
-    pid_n = gl.program_id(0)
-    bhk = gl.program_id(1)
+    if TAIL:
+        n_kb = gl.cdiv(max_seqlen_k, BLOCK_N)
+        tile = gl.program_id(0)
+        piece = tile * 0 - 1
+        if tile >= n_whole:
+            piece = tile - n_whole
+            tile = n_whole + piece // split
+        pid_n = tile % n_kb
+        bhk = tile // n_kb
+    else:
+        pid_n = gl.program_id(0)
+        bhk = gl.program_id(1)
+        piece = 0
     if HAS_RIGHT or DETERMINISTIC:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
@@ -481,6 +520,13 @@ def attn_bwd_gluon_kernel(
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     n_m = gl.cdiv(hi - lo, BLOCK_M)
     n_steps = group * n_m
+    t0 = 0
+    if TAIL:
+        if piece >= 0:
+            # piece p of the key block: steps [p * n_steps // split, (p + 1) * n_steps // split)
+            part = piece % split
+            t0 = part * n_steps // split
+            n_steps = (part + 1) * n_steps // split - t0
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -519,22 +565,22 @@ def attn_bwd_gluon_kernel(
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
-                        max_seqlen_k, dropout_p, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                        EARLY_MASK, KV_REGS)),
+                        max_seqlen_k, dropout_p, t0, piece, Parts, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                        HAS_RIGHT, DROPOUT, EARLY_MASK, KV_REGS, TAIL)),
         (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full,
                         qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
-                        max_seqlen_k, dropout_p, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                        EARLY_MASK, KV_REGS)),
+                        max_seqlen_k, dropout_p, t0, piece, Parts, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                        HAS_RIGHT, DROPOUT, EARLY_MASK, KV_REGS, TAIL)),
         (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
-                      stride_kh, stride_vh, stride_qh, stride_doh, HAS_ALIBI)),
+                      stride_kh, stride_vh, stride_qh, stride_doh, t0, HAS_ALIBI, TAIL)),
         (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, gl.cdiv(seqlen_k, BLOCK_N) - 1,
                          seqlen_k - seqlen_q + window_right, b, hk, nheads, q_row0, lo, n_m, n_steps, group,
-                         n_mblocks, BLOCK_N, HAS_RIGHT, DETERMINISTIC)),
+                         n_mblocks, t0, BLOCK_N, HAS_RIGHT, DETERMINISTIC, TAIL)),
     ], [4, 1, 1], [240, 24, 24])
 
 
@@ -543,7 +589,9 @@ class BwdConfig(NamedTuple):
     ``block_m`` queries a step through a ring of ``stages`` Q/dO tiles, ``dq_stages`` fp32 dQ tiles in
     shared memory for the dQ warp; with dropout, ``early_mask`` draws the mask while S^T and dP^T are
     computed (else while dP^T is: fewer registers held across the S^T wait); ``kv_regs``: K (bit 0) and V
-    (bit 1) as register operands; ``dq_swizzle``: the dQ tiles' shared-memory swizzle (``dq_descriptor``)."""
+    (bit 1) as register operands; ``dq_swizzle``: the dQ tiles' shared-memory swizzle (``dq_descriptor``);
+    ``tail``: the last wave's key blocks split over their steps where ``tail_split`` finds it pays (dense
+    inputs without a window, not deterministic)."""
 
     block_m: int
     block_n: int
@@ -552,10 +600,12 @@ class BwdConfig(NamedTuple):
     early_mask: int = 0
     kv_regs: int = 0
     dq_swizzle: int = 128
+    tail: int = 1
 
     @classmethod
     def parse(cls, text: str) -> BwdConfig:
-        """From 'block_m,block_n,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle]]]]' (the scripts' options)."""
+        """From 'block_m,block_n,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle[,tail]]]]]' (the scripts'
+        options)."""
         return cls(*(int(x) for x in text.split(",")))
 
 
@@ -566,9 +616,12 @@ class BwdConfig(NamedTuple):
 # extra registers spill there, take 64 queries a step, softcap with K and V as register operands (NOTES,
 # "Gluon backward at d = 64: K and V as register operands"; dropout measured 1-2% slower with them). Short
 # sequences measured no slower with 128-query steps (512-2k, same process).
-_CONFIGS = {64: BwdConfig(128, 128, 2, 1), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
-_SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3)}
-_DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2)}
+# The tail split: d = 128 non-causal +1.0 / +1.8 / +0.6% at 16k / 8k / 4k; d = 64 (32 waves of shorter blocks,
+# whose ends have spread by the last wave) 1.00 / 0.995 at 16k / 8k: off there (NOTES, "the last wave's key
+# blocks split").
+_CONFIGS = {64: BwdConfig(128, 128, 2, 1, tail=0), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
+_SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0)}
+_DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0)}
 
 
 def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
@@ -615,6 +668,57 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     return all(_tma_describable(t) for t in (q, k, v, dout))
 
 
+# A piece of a split key block pays about this many steps for its start and its end (K/V load, ring fill,
+# dK/dV store), and runs at least MIN_PIECE_STEPS steps.
+PIECE_COST_STEPS, MIN_PIECE_STEPS, MAX_SPLIT = 4, 16, 8
+
+
+def tail_split(tiles: int, sms: int, steps: int) -> int:
+    """Pieces per key block of the last wave (1: no split) for ``tiles`` equal key blocks of ``steps``
+    steps each, one program per SM at a time (the consumers' 240 registers a thread leave room for one):
+    the ``tiles % sms`` blocks left after the whole waves run as ``split`` pieces each, which take
+    ceil(rest * split / sms) rounds of (steps / split + PIECE_COST_STEPS) steps, against one round of
+    ``steps``; the split with the shortest tail, if it saves at least 2 steps in 100 of a tile."""
+    rest = tiles % sms
+    if rest == 0 or tiles < sms:
+        return 1
+    best, best_time = 1, float(steps)
+    for split in range(2, min(MAX_SPLIT, steps // MIN_PIECE_STEPS) + 1):
+        time = -(-rest * split // sms) * (steps / split + PIECE_COST_STEPS)
+        if time < best_time:
+            best, best_time = split, time
+    return best if best_time <= 0.98 * steps else 1
+
+
+@triton.jit
+def tail_sum_kernel(Parts, DK, DV, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                    n_whole, split, n_kb, nheads_k, seqlen_k,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """dK, dV of the split key blocks: key block ``n_whole + r`` (r the first program id) is the sum of its
+    ``split`` pieces' fp32 slots in ``Parts`` ((pieces, 2, BLOCK_N, HEAD_DIM): dK scaled, dV), ROWS of its
+    keys per program (the second id); keys past seqlen_k are not written."""
+    r = tl.program_id(0)
+    tile = n_whole + r
+    pid_n = tile % n_kb
+    b = (tile // n_kb) // nheads_k
+    hk = (tile // n_kb) % nheads_k
+    local = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, HEAD_DIM)
+    src = Parts + (r * split).to(tl.int64) * (2 * BLOCK_N * HEAD_DIM) + local[:, None] * HEAD_DIM + d[None, :]
+    dk = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    dv = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for _ in range(split):
+        dk += tl.load(src)
+        dv += tl.load(src + BLOCK_N * HEAD_DIM)
+        src += 2 * BLOCK_N * HEAD_DIM
+    n = (pid_n * BLOCK_N + local).to(tl.int64)
+    ok = (n < seqlen_k)[:, None]
+    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + n[:, None] * stride_dks + d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + n[:, None] * stride_dvs + d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
+
+
 def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int, swizzle: int = 128) -> TensorDescriptor:
     """The contiguous fp32 dQ buffer, (..., nheads, d), as (rows, nheads * d) for the bulk reduce-add of
     (block_m, block_d) tiles. The tile's shared-memory layout is the descriptor's: ``swizzle`` bytes (the
@@ -644,7 +748,8 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     nheads_k = k.shape[-2]
     cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
     block_m, block_n = cfg.block_m, cfg.block_n
-    grid = (triton.cdiv(max_seqlen_k, block_n), batch * nheads_k)
+    grid_n = triton.cdiv(max_seqlen_k, block_n)
+    grid = (grid_n, batch * nheads_k)
     if grid[0] * grid[1] == 0:
         return
     if varlen:
@@ -667,16 +772,31 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
     group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
     section = order_section(grid[1], group_bytes)
+    tiles = grid[0] * grid[1]
+    split = 1
+    if cfg.tail and not (varlen or deterministic or left >= 0 or right >= 0):
+        split = tail_split(tiles, _num_sms(q.device), (nheads // nheads_k) * n_mblocks)
+    n_whole = tiles - tiles % _num_sms(q.device) if split > 1 else tiles
+    parts = lse
+    if split > 1:
+        # (pieces, dK / dV, keys, d) fp32, every element written by the pieces
+        parts = torch.empty(((tiles - n_whole) * split, 2, block_n, d), dtype=torch.float32, device=q.device)
+        grid = (n_whole + (tiles - n_whole) * split,)
     attn_bwd_gluon_kernel[grid](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
         dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle), lse, delta, dk, dv,
-        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes, locks,
+        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes, locks, parts,
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
         nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks,
-        softmax_scale, qk_scale, softcap2, left, right, section, seed, dropout_p,
+        softmax_scale, qk_scale, softcap2, left, right, section, seed, dropout_p, n_whole, split,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask), DETERMINISTIC=deterministic,
-        KV_REGS=cfg.kv_regs, num_warps=4,
+        KV_REGS=cfg.kv_regs, TAIL=split > 1, num_warps=4,
     )
+    if split > 1:
+        rows = 32
+        tail_sum_kernel[(tiles - n_whole, block_n // rows)](
+            parts, dk, dv, *dk_strides, *dv_strides, n_whole, split, grid_n, nheads_k, max_seqlen_k,
+            BLOCK_N=block_n, HEAD_DIM=d, ROWS=rows, num_warps=4)
