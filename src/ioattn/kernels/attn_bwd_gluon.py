@@ -23,7 +23,7 @@ at d = 64 and 128 (routed there by default). benchmarks/NOTES.md, "Gluon backwar
 measurements and the variants that lost.
 Dense inputs without a window (not deterministic) can run the key blocks of the last, partial wave as
 pieces over their query steps, so every SM has work to the end (``tail_split``; the pieces' dK, dV are
-summed by ``tail_sum_kernel``); shipped at d = 128.
+summed by ``tail_sum_kernel``); shipped at d = 128 without softcap.
 Varlen, causal and sliding windows (bottom-right), softcap, ALiBi, GQA, dropout (the forward's mask drawn
 again, ``_keep_t``) and the deterministic dQ order are compile-time flags; rows of
 a tile past a sequence read the next one's rows (or TMA's zero fill): their lse is +inf, so P = dS = 0;
@@ -617,10 +617,10 @@ class BwdConfig(NamedTuple):
 # "Gluon backward at d = 64: K and V as register operands"; dropout measured 1-2% slower with them). Short
 # sequences measured no slower with 128-query steps (512-2k, same process).
 # The tail split: d = 128 non-causal +1.0 / +1.8 / +0.6% at 16k / 8k / 4k; d = 64 (32 waves of shorter blocks,
-# whose ends have spread by the last wave) 1.00 / 0.995 at 16k / 8k: off there (NOTES, "the last wave's key
-# blocks split").
+# whose ends have spread by the last wave) 1.00 / 0.995 at 16k / 8k, and d = 128 softcap 0.94 / 0.95 at 4k /
+# 16k (the build with the split runs its steps slower): off there (NOTES, "the last wave's key blocks split").
 _CONFIGS = {64: BwdConfig(128, 128, 2, 1, tail=0), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
-_SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0)}
+_SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0), 128: _CONFIGS[128]._replace(tail=0)}
 _DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0)}
 
 
