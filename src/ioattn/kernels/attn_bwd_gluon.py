@@ -775,8 +775,9 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     tiles = grid[0] * grid[1]
     split = 1
     if cfg.tail and not (varlen or deterministic or left >= 0 or right >= 0):
-        split = tail_split(tiles, _num_sms(q.device), (nheads // nheads_k) * n_mblocks)
-    n_whole = tiles - tiles % _num_sms(q.device) if split > 1 else tiles
+        sms = _num_sms(q.device)
+        split = tail_split(tiles, sms, (nheads // nheads_k) * n_mblocks)
+    n_whole = tiles - tiles % sms if split > 1 else tiles
     parts = lse
     if split > 1:
         # (pieces, dK / dV, keys, d) fp32, every element written by the pieces

@@ -150,6 +150,16 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
 
 
 @gluon.jit
+def normalized_rows(acc, m_i, l_i, score_scale):
+    """FA2 Alg. 1 line 12: (acc / l, the rows' lse in natural log) from the online softmax's m (score units)
+    and l, both in acc's row layout. A row with no allowed key has l = 0: output 0, lse -inf."""
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453)
+    return acc / l_safe[:, None], lse
+
+
+@gluon.jit
 def _store_tile(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_base, stride_os, lse_base,
                 num_warps: gl.constexpr):
     """FA2 Alg. 1 line 12: normalise once and store the rows of the query tile at start_m that lie below
@@ -158,10 +168,7 @@ def _store_tile(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_base, stride_os
     BLOCK_M: gl.constexpr = acc.shape[0]
     HEAD_DIM: gl.constexpr = acc.shape[1]
     rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, acc.type.layout))
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    lse = gl.where(empty, float("-inf"), (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453)
-    out = acc / l_safe[:, None]
+    out, lse = normalized_rows(acc, m_i, l_i, score_scale)
     # Coalesced 16-byte stores: each thread writes 8 consecutive elements of a row. Rows past the
     # sequence (the next sequence's rows, for varlen) are never written.
     TPW_D: gl.constexpr = HEAD_DIM // 8
@@ -464,10 +471,8 @@ def _store_tile_tma(acc, m_i, l_i, start_m, seqlen_q, score_scale, o_smem, o_des
     the sequence's end: no row of another sequence in the box). Waits for this buffer's previous store."""
     BLOCK_M: gl.constexpr = acc.shape[0]
     rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, acc.type.layout))
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    lse = gl.where(empty, float("-inf"), (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453)
-    out = (acc / l_safe[:, None]).to(o_smem.dtype)
+    out, lse = normalized_rows(acc, m_i, l_i, score_scale)
+    out = out.to(o_smem.dtype)
     tma.store_wait(0)
     gl.thread_barrier()
     o_smem.store(out)

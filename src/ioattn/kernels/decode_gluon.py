@@ -36,10 +36,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .attn_fwd_gluon import _GL_DTYPES, _num_sms, _softmax_block, gluon_enabled_on, gluon_scales
+from .attn_fwd_gluon import _GL_DTYPES, _num_sms, _softmax_block, gluon_enabled_on, gluon_scales, normalized_rows
 from .decode import key_range
 
-LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = gl.constexpr(64)  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
 
 
@@ -192,16 +191,12 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
         acc = warpgroup_mma_wait(0, deps=(acc,))
 
     # Normalise; a row with no allowed key gives 0 and lse -inf (decode.py's outputs, one split's part).
-    m_o = gl.convert_layout(m_i, row_o)
-    l_o = gl.convert_layout(l_i, row_o)
-    empty = l_o == 0.0
-    l_safe = gl.where(empty, 1.0, l_o)
-    out = gl.convert_layout(acc / l_safe[:, None], io_layout)
+    out, lse = normalized_rows(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o), score_scale)
+    out = gl.convert_layout(out, io_layout)
     o_ptrs = (Out + split.to(gl.int64) * stride_osplit + b.to(gl.int64) * stride_ob + (io_r // GROUP) * stride_os
               + (hk * GROUP + io_r % GROUP) * stride_oh)
     gl.store(o_ptrs[:, None] + io_d[None, :], out.to(Out.dtype.element_ty), mask=io_ok)
     ro = gl.arange(0, BLOCK_M, row_o)
-    lse = gl.where(empty, float("-inf"), (m_o * score_scale + gl.log2(l_safe)) * LN2)
     l_ptrs = (Lse + split.to(gl.int64) * stride_lsplit + b.to(gl.int64) * stride_lb
               + (hk * GROUP + ro % GROUP) * stride_lh + (ro // GROUP) * stride_ls)
     gl.store(l_ptrs, lse, mask=ro < num_rows)
