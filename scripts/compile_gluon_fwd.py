@@ -60,6 +60,7 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
         kernel = attn_fwd_gluon_ws_kernel
         sig["num_tiles"] = "i32"
         consts["PINGPONG"] = cfg.schedule == "pingpong"
+        consts["CHAIN"] = cfg.chain
     for k in consts:
         sig[k] = "constexpr"
     src = GluonASTSource(kernel, sig, consts)

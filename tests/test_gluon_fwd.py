@@ -191,12 +191,19 @@ WS_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, persistent, dynamic, t
                   ("pingpong", False, True, False, False), ("pingpong", True, True, False, False),
                   ("pingpong", True, True, True, False), ("pingpong", True, True, True, True),
                   ("ws", True, False, True, True))]
+# Chained tiles (FwdConfig.chain: the persistent static schedule, dense inputs without a right window; with
+# one these configs take the dynamic schedule unchained): the ping-pong and free-running consumers, with
+# and without the overlap, the bulk store.
+CHAIN_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, True, True, tma_store, chain=True)
+                 for schedule, overlap, tma_store in (("pingpong", True, False), ("pingpong", False, False),
+                                                      ("ws", True, False), ("pingpong", True, True))]
+WS_CONFIGS += CHAIN_CONFIGS
 DYNAMIC_CONFIGS = [cfg for cfg in WS_CONFIGS if cfg.dynamic]
 
 
 def _ws_id(cfg):
     return cfg.schedule + ("-overlap" if cfg.overlap else "") + ("-persistent" if cfg.persistent else "") + (
-        "-dynamic" if cfg.dynamic else "") + ("-tmastore" if cfg.tma_store else "")
+        "-dynamic" if cfg.dynamic else "") + ("-tmastore" if cfg.tma_store else "") + ("-chain" if cfg.chain else "")
 
 
 @pytest.mark.parametrize("config", WS_CONFIGS, ids=_ws_id)
@@ -540,3 +547,38 @@ def test_alibi_sides(case, slopes, config):
     finite = torch.isfinite(exact_lse)
     assert torch.equal(finite, torch.isfinite(lse))
     assert (lse[finite] - exact_lse[finite]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("config", CHAIN_CONFIGS + [
+    FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True, alibi_sides=True, chain=True)],
+    ids=_ws_id)
+@pytest.mark.parametrize("case", [
+    {"seqlens": (2048, 2048)}, {"seqlens": (1000, 1000)}, {"seqlens": (1500, 100)}, {"seqlens": (700, 2000)},
+    {"seqlens": (1100, 600), "window_size": (130, -1)}, {"seqlens": (900, 1300), "window_size": (0, -1)},
+    {"seqlens": (640, 640), "batch": 1}, {"seqlens": (1000, 1000), "causal": True},
+    {"seqlens": (1100, 600), "causal": True}, {"seqlens": (1000, 1300), "softcap": 30.0},
+    {"seqlens": (1200, 1200), "softcap": 60.0}, {"seqlens": (800, 1000), "alibi": True},
+    {"seqlens": (800, 1000), "alibi": True, "window_size": (300, -1)},
+    {"seqlens": (1000, 1000), "dropout": 0.2}, {"seqlens": (777, 900), "dropout": 0.1, "window_size": (50, -1)},
+], ids=str)
+def test_chain(case, config, monkeypatch):
+    """Chained tiles over many tiles a program: the device pretends to have 3 SMs, so each program runs
+    its tiles back to back (the last PV of one with the first QK^T of the next, both Q slots in turn).
+    One key block a tile (sk = 100) or many, partial query tiles, left windows, softcap (held max where bf16
+    allows), ALiBi by sides, dropout; with a right window (causal, sq > sk with tiles without keys) the same
+    configs run the dynamic schedule unchained, as the host routes them."""
+    from ioattn.kernels import attn_fwd_gluon
+
+    monkeypatch.setattr(attn_fwd_gluon, "_num_sms", lambda device: 3)
+    case = dict(case)
+    torch.manual_seed(sum(case["seqlens"]) + 7)
+    batch, nheads = case.pop("batch", 2), 4
+    q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, 2, 128, torch.bfloat16)
+    if case.pop("alibi", False):
+        case["alibi_slopes"] = torch.rand(batch, nheads, device="cuda") * 0.3 + 0.01
+    p = case.pop("dropout", 0.0)
+    if p:
+        window = _window(case.pop("causal", False), case.pop("window_size", None))
+        _check_dropout(q, k, v, p, 2**33 + 5, window, config=config, **case)
+    else:
+        _check(q, k, v, config=config, **case)

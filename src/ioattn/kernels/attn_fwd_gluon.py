@@ -375,6 +375,15 @@ def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_
 
 
 @gluon.jit
+def _q_slot(qi, Q_STAGES: gl.constexpr):
+    """(Q slot, mbarrier phase) of the program's tile number qi: Q_STAGES slots in turn."""
+    if Q_STAGES == 1:
+        return 0, qi & 1
+    else:
+        return qi % Q_STAGES, (qi // Q_STAGES) & 1
+
+
+@gluon.jit
 def _write_tile_id(tile_smem, slot, t):
     """The load warp hands a tile index to the consumers through shared memory (two slots: a slot is
     rewritten two tiles later, after both consumers have been through the epilogue of the tile between)."""
@@ -392,18 +401,21 @@ def _read_tile_id(tile_smem, slot, NUM_WARPS: gl.constexpr):
 def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
                   k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh, q_row, kv_row, n_blocks, it, qi,
                   DYNAMIC: gl.constexpr):
-    """Loads of one tile: both consumers' Q tiles (with DYNAMIC, the tile index first), then its key
-    blocks through the ring. Returns the ring position after the tile."""
+    """Loads of one tile: both consumers' Q tiles into Q slot qi mod Q_STAGES (with DYNAMIC, the tile index
+    first), then its key blocks through the ring. Returns the ring position after the tile."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    Q_STAGES: gl.constexpr = q_full.type.shape[0]
+    slot, q_phase = _q_slot(qi, Q_STAGES)
     # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
-    mbarrier.wait(q_empty, (qi & 1) ^ 1)
+    mbarrier.wait(q_empty.index(slot), q_phase ^ 1)
     if DYNAMIC:
         _write_tile_id(tile_smem, qi & 1, t)
-    mbarrier.expect(q_full, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, h * stride_qh], q_full, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, h * stride_qh], q_full, q_smem.index(1))
+    mbarrier.expect(q_full.index(slot), 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, h * stride_qh], q_full.index(slot), q_smem.index(2 * slot))
+    tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, h * stride_qh], q_full.index(slot),
+                                    q_smem.index(2 * slot + 1))
     hk = h // group
     for j in range(n_blocks):
         c = it + j
@@ -446,9 +458,10 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
                                q_row0 + start_m, kv_row0 + lo, n_blocks, it, qi, True)
             qi += 1
             t = nprog + gl.atomic_add(tile_counter, 1)
-        mbarrier.wait(q_empty, (qi & 1) ^ 1)
+        slot, q_phase = _q_slot(qi, q_full.type.shape[0])
+        mbarrier.wait(q_empty.index(slot), q_phase ^ 1)
         _write_tile_id(tile_smem, qi & 1, num_tiles)
-        mbarrier.arrive(q_full)
+        mbarrier.arrive(q_full.index(slot))
         if gl.atomic_add(tile_counter + 1, 1) == nprog - 1:
             # Every program has taken its last index (acq_rel atomics): back to zero for the next launch.
             gl.atomic_xchg(tile_counter, 0)
@@ -491,6 +504,116 @@ def _row_sum_mma(p_op, ones_smem, acc_l):
 
 
 @gluon.jit
+def _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
+                  nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n, rows,
+                  HAS_ALIBI: gl.constexpr):
+    """``_softmax_block``'s arguments after (s, m, l, start_n, full_lo, full_hi) for the query ``rows`` from
+    start_m (one consumer's half of a tile)."""
+    BLOCK_M: gl.constexpr = rows.shape[0]
+    diag = seqlen_k - seqlen_q
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
+    return (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
+            philox_rows(b * nheads + h, rows, max_seqlen_q, max_seqlen_k), dropout_p, start_m + diag,
+            start_m + BLOCK_M - 1 + diag)
+
+
+@gluon.jit
+def _ws_first_qk(q, k_smem, k_ready, k_empty, me, other, s_zero, c, turn, PINGPONG: gl.constexpr):
+    """QK^T of a tile's first key block (ring position c) alone, on issue turn ``turn``; releases its K."""
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    mbarrier.wait(k_ready.index(c % NUM_STAGES), (c // NUM_STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(me, turn & 1)
+    s_tok = warpgroup_mma(q, k_smem.index(c % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(other)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    mbarrier.arrive(k_empty.index(c % NUM_STAGES))
+    return s
+
+
+@gluon.jit
+def _ws_step(q, k_smem, v_smem, ones_smem, k_ready, v_ready, k_empty, v_empty, me, other, s_zero, p, acc, acc_l,
+             m_i, l_i, c, turn, start_n, full_lo, full_hi, mods, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
+             OVERLAP: gl.constexpr):
+    """One steady step of a consumer: PV of ring position c - 1 (P of the previous block) and QK^T of c (key
+    block start_n) on issue turn ``turn``, their waits and releases, and the softmax of c. Returns (p, acc,
+    acc_l, m, l)."""
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    FIXED_MAX: gl.constexpr = SOFTCAP == 2
+    FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    prev = (c - 1) % NUM_STAGES
+    stage = c % NUM_STAGES
+    p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+    mbarrier.wait(v_ready.index(prev), ((c - 1) // NUM_STAGES) & 1)
+    mbarrier.wait(k_ready.index(stage), (c // NUM_STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(me, turn & 1)
+    if OVERLAP:
+        # FA3 Alg. 2 (intra-warpgroup overlap): QK^T of this block first, then PV of the
+        # previous one, which stays in flight under this block's softmax.
+        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        if FIXED_MAX:
+            l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
+    else:
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        if FIXED_MAX:
+            l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
+        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(other)
+    if OVERLAP:
+        s = warpgroup_mma_wait(2 if FIXED_MAX else 1, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(stage))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
+                                            HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
+        if FIXED_MAX:
+            acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
+        else:
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+        mbarrier.arrive(v_empty.index(prev))
+    else:
+        if FIXED_MAX:
+            s, acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, l_tok, p_op))
+        else:
+            s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
+        mbarrier.arrive(k_empty.index(stage))
+        mbarrier.arrive(v_empty.index(prev))
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
+                                            HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
+    if not FIXED_MAX:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    return p, acc, acc_l, m_i, l_i
+
+
+@gluon.jit
+def _ws_store(acc, m_i, l_i, o_smem, o_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              score_scale, dropout_p, b, h, start_m, q_start, seqlen_q, q_row0, DROPOUT: gl.constexpr,
+              O_TMA: gl.constexpr):
+    """A consumer's epilogue: its half of the tile (rows from start_m) normalised and stored, with its lse;
+    m_i and l_i in the softmax's row layout."""
+    row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    m_o = gl.convert_layout(m_i, row_o)
+    l_o = gl.convert_layout(l_i, row_o)
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
+    if O_TMA:
+        _store_tile_tma(acc, m_o, l_o, start_m, seqlen_q, score_scale, o_smem, o_desc, q_row0 + start_m,
+                        h * stride_oh, lse_base)
+    else:
+        o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
+        _store_tile(acc, m_o, l_o, start_m, seqlen_q, score_scale, o_base, stride_os, lse_base, 4)
+
+
+@gluon.jit
 def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other, o_smem,
                      o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
                      score_scale, tanh_scale, window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
@@ -502,99 +625,42 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
     after it. SOFTCAP 2 (the max held at softcap's bound): each PV product comes with P times a (BLOCK_N, 8)
     block of ones (``ones_smem``, transposed), so the tensor cores sum the rows of P as rounded for PV (no
     add per score, and a row dominated by one key gives that key's value though no p is exactly 1)."""
-    NUM_WARPS: gl.constexpr = 4
     BLOCK_M: gl.constexpr = q.type.shape[0]
     HEAD_DIM: gl.constexpr = q.type.shape[1]
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     dtype: gl.constexpr = q.dtype
     FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, 8, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, 8, 16])
     FIXED_MAX: gl.constexpr = SOFTCAP == 2  # and with it the row sums on the tensor cores
 
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     start_m = start_m + WG * BLOCK_M
-    diag = seqlen_k - seqlen_q
-    alibi_slope = 0.0
-    if HAS_ALIBI:
-        alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
     m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
-    mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
-            philox_rows(b * nheads + h, rows, max_seqlen_q, max_seqlen_k), dropout_p, start_m + diag,
-            start_m + BLOCK_M - 1 + diag)
+    mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
+                         dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n,
+                         rows, HAS_ALIBI)
     if n_blocks > 0:
-        mbarrier.wait(k_ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(me, tp & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(it % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(other)
-        s = warpgroup_mma_wait(0, deps=(s_tok,))
-        mbarrier.arrive(k_empty.index(it % NUM_STAGES))
+        s = _ws_first_qk(q, k_smem, k_ready, k_empty, me, other, s_zero, it, tp, PINGPONG)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
                                             HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
         for j in range(1, n_blocks):
-            c = it + j
-            prev = (c - 1) % NUM_STAGES
-            stage = c % NUM_STAGES
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_ready.index(prev), ((c - 1) // NUM_STAGES) & 1)
-            mbarrier.wait(k_ready.index(stage), (c // NUM_STAGES) & 1)
-            if PINGPONG:
-                mbarrier.wait(me, (tp + j) & 1)
-            if OVERLAP:
-                # FA3 Alg. 2 (intra-warpgroup overlap): QK^T of this block first, then PV of the
-                # previous one, which stays in flight under this block's softmax.
-                s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-                acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                if FIXED_MAX:
-                    l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
-            else:
-                acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                if FIXED_MAX:
-                    l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
-                s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(other)
-            if OVERLAP:
-                s = warpgroup_mma_wait(2 if FIXED_MAX else 1, deps=(s_tok,))
-                mbarrier.arrive(k_empty.index(stage))
-                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
-                                                    *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                                                    FAST_TANH, DROPOUT)
-                if FIXED_MAX:
-                    acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
-                else:
-                    acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
-                mbarrier.arrive(v_empty.index(prev))
-            else:
-                if FIXED_MAX:
-                    s, acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, l_tok, p_op))
-                else:
-                    s, acc, p_op = warpgroup_mma_wait(0, deps=(s_tok, acc_tok, p_op))
-                mbarrier.arrive(k_empty.index(stage))
-                mbarrier.arrive(v_empty.index(prev))
-                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi,
-                                                    *mods, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                                                    FAST_TANH, DROPOUT)
-            if not FIXED_MAX:
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p, acc, acc_l, m_i, l_i = _ws_step(q, k_smem, v_smem, ones_smem, k_ready, v_ready, k_empty, v_empty, me,
+                                               other, s_zero, p, acc, acc_l, m_i, l_i, it + j, tp + j,
+                                               lo + j * BLOCK_N, full_lo, full_hi, mods, SOFTCAP, HAS_ALIBI,
+                                               HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP)
         mbarrier.arrive(q_empty)  # every QK^T of this tile is done: the next tile's Q may load
         last = it + n_blocks - 1
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -616,18 +682,104 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
         tp += n_blocks + 1
     else:
         mbarrier.arrive(q_empty)
-    m_o = gl.convert_layout(m_i, row_o)
-    l_o = gl.convert_layout(l_i, row_o)
-    if DROPOUT:
-        acc = acc * (1.0 / (1.0 - dropout_p))
-    lse_base = Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
-    if O_TMA:
-        _store_tile_tma(acc, m_o, l_o, start_m, seqlen_q, score_scale, o_smem, o_desc, q_row0 + start_m,
-                        h * stride_oh, lse_base)
-    else:
-        o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
-        _store_tile(acc, m_o, l_o, start_m, seqlen_q, score_scale, o_base, stride_os, lse_base, NUM_WARPS)
+    _ws_store(acc, m_i, l_i, o_smem, o_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              score_scale, dropout_p, b, h, start_m, q_start, seqlen_q, q_row0, DROPOUT, O_TMA)
     return it, tp
+
+
+@gluon.jit
+def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty, k_ready, v_ready,
+                      k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                      stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q,
+                      max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m,
+                      num_tiles, section, WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
+                      PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, O_TMA: gl.constexpr):
+    """One consumer warpgroup over its program's tiles, chained (CHAIN: the persistent static schedule, dense
+    inputs without a right window, two Q slots): a tile's last PV goes out together with the next tile's
+    first QK^T (its Q already in the other slot), and the tile's epilogue runs under both. The tensor cores
+    then see one step per key block and no per-tile ramp (the first QK^T and softmax without a PV under them, the
+    last PV and the store without a softmax), except at the program's first and last tile. After the last
+    tile that QK^T is issued on stale shared memory (no wait, no release) and its scores are dropped."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
+    FIXED_MAX: gl.constexpr = SOFTCAP == 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, 8, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    num_bh = num_tiles // num_m
+    nprog = gl.num_programs(0)
+    it = gl.program_id(0) * 0  # key blocks consumed so far: ring stage and phase
+    qi = it  # tiles begun so far: Q slot and phase
+    mbarrier.wait(q_full.index(0), 0)
+    t = gl.program_id(0)
+    s = _ws_first_qk(q_smem.index(WG), k_smem, k_ready, k_empty, me, other, s_zero, it, it, PINGPONG)
+    tp = it + 1  # issue turns taken so far
+    while t < num_tiles:
+        b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+            t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            window_left, window_right, 2 * BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, False)
+        q = q_smem.index(2 * (qi % 2) + WG)
+        start_m = start_m + WG * BLOCK_M
+        rows = start_m + gl.arange(0, BLOCK_M, row_s)
+        mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
+                             dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k,
+                             offs_n, rows, HAS_ALIBI)
+        m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
+                                            HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
+        for j in range(1, n_blocks):
+            p, acc, acc_l, m_i, l_i = _ws_step(q, k_smem, v_smem, ones_smem, k_ready, v_ready, k_empty, v_empty, me,
+                                               other, s_zero, p, acc, acc_l, m_i, l_i, it + j, tp + j - 1,
+                                               lo + j * BLOCK_N, full_lo, full_hi, mods, SOFTCAP, HAS_ALIBI,
+                                               HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP)
+        mbarrier.arrive(q_empty.index(qi % 2))  # every QK^T of this tile is done: its Q slot may refill
+        # The next tile and its Q slot.
+        next_slot = (qi + 1) % 2
+        t_next = t + nprog
+        has_next = t_next < num_tiles
+        mbarrier.wait(q_full.index(next_slot), ((qi + 1) // 2) & 1, pred=has_next)
+        last = it + n_blocks - 1
+        first = last + 1  # the next tile's first key block
+        p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+        mbarrier.wait(v_ready.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
+        mbarrier.wait(k_ready.index(first % NUM_STAGES), (first // NUM_STAGES) & 1, pred=has_next)
+        if PINGPONG:
+            mbarrier.wait(me, (tp + n_blocks - 1) & 1)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
+        if FIXED_MAX:
+            l_tok = _row_sum_mma(p_op, ones_smem, acc_l)
+        s_tok = warpgroup_mma(q_smem.index(2 * next_slot + WG), k_smem.index(first % NUM_STAGES).permute((1, 0)),
+                              s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(other)
+        if FIXED_MAX:
+            acc, acc_l, p_op = warpgroup_mma_wait(1, deps=(acc_tok, l_tok, p_op))
+            l_i = gl.convert_layout(gl.sum(acc_l, axis=1) * 0.125, row_s)  # eight equal columns
+        else:
+            acc, p_op = warpgroup_mma_wait(1, deps=(acc_tok, p_op))
+        mbarrier.arrive(v_empty.index(last % NUM_STAGES))
+        _ws_store(acc, m_i, l_i, o_smem, o_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                  score_scale, dropout_p, b, h, start_m, q_start, seqlen_q, q_row0, DROPOUT, O_TMA)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(first % NUM_STAGES), pred=has_next)
+        it += n_blocks
+        tp += n_blocks
+        qi += 1
+        t = t_next
 
 
 @gluon.jit
@@ -637,13 +789,14 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
                  tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, section, WG: gl.constexpr,
                  IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                  HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
+                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr):
     """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
 
     Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
     stages and runs the softmax. With PINGPONG the two consumers take turns issuing (an mbarrier per
     consumer, arrived on by the other once it has issued): one's softmax runs under the other's products
-    (FA3 Sec. 3.1, ping-pong scheduling). With DYNAMIC the tile index comes from the load warp."""
+    (FA3 Sec. 3.1, ping-pong scheduling). With DYNAMIC the tile index comes from the load warp. With CHAIN
+    the tiles run back to back (``_ws_consume_chain``)."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     q = q_smem.index(WG)
@@ -652,6 +805,18 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
     other = turns.index(1 - WG)
     if PINGPONG and WG == 1:
         mbarrier.arrive(other)  # consumer 0 issues first
+    if CHAIN:
+        _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_buf, q_full, q_empty, k_ready, v_ready,
+                          k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                          stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q,
+                          max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m,
+                          num_tiles, section, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG,
+                          OVERLAP, O_TMA)
+        if O_TMA:
+            tma.store_wait(0)
+        return
+    q_full = q_full.index(0)
+    q_empty = q_empty.index(0)
     num_bh = num_tiles // num_m
     it = gl.program_id(0) * 0  # key blocks consumed so far: ring stage and phase
     tp = it  # issue turns taken so far
@@ -699,10 +864,12 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
              dropout_p, num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
-             OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr):
-    """Shared memory, mbarriers and the three partitions of the warp-specialised forward."""
+             OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr):
+    """Shared memory, mbarriers and the three partitions of the warp-specialised forward. Q slots: one
+    (both consumers' Q tiles), two with CHAIN (the next tile's Q loads while this one runs)."""
+    Q_STAGES: gl.constexpr = 2 if CHAIN else 1
     num_m = gl.cdiv(max_seqlen_q, 2 * BLOCK_M)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * Q_STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -719,15 +886,16 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
                                 gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])))
     else:
         ones_smem = tile_smem
-    q_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_full = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_full, count=1)
-    mbarrier.init(q_empty, count=2)
+    for i in gl.static_range(Q_STAGES):
+        mbarrier.init(q_full.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
     for i in gl.static_range(NUM_STAGES):
@@ -743,13 +911,13 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA)),
+                        DYNAMIC, O_TMA, CHAIN)),
         (_ws_consumer, (q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready,
                         k_empty, v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA)),
+                        DYNAMIC, O_TMA, CHAIN)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready,
                         v_ready, k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group,
                         stride_qh, stride_kh, stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right,
@@ -765,7 +933,7 @@ def attn_fwd_gluon_ws_kernel(
     num_tiles, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
     HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-    num_warps: gl.constexpr,
+    CHAIN: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Warp-specialised forward (FA3 Sec. 3.1), static schedule: a program walks tiles of 2 x BLOCK_M query
     rows (tile t, t + programs, ...: one per program when the grid covers them all, persistent when it
@@ -776,7 +944,7 @@ def attn_fwd_gluon_ws_kernel(
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
              dropout_p, num_tiles, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
-             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False)
+             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False, CHAIN)
 
 
 @gluon.jit(do_not_specialize=["section"])
@@ -787,7 +955,7 @@ def attn_fwd_gluon_ws_sched_kernel(
     num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
-    OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, num_warps: gl.constexpr,
+    OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, num_warps: gl.constexpr,
 ):
     """``attn_fwd_gluon_ws_kernel`` with the dynamic persistent schedule (DYNAMIC: tiles from the global
     counter ``tile_counter``, int32[2], zero before the launch and left zero after it, in sections of
@@ -797,7 +965,7 @@ def attn_fwd_gluon_ws_sched_kernel(
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
              dropout_p, num_tiles, section, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
-             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA)
+             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN)
 
 
 class FwdConfig(NamedTuple):
@@ -816,7 +984,9 @@ class FwdConfig(NamedTuple):
     a bulk tensor store instead of register stores. ``fixed_max`` (ws schedules, bf16 softcap <= 40 without
     ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P summed on the tensor cores.
     ``alibi_sides`` (ws schedules): ALiBi's bias on key blocks wholly on one side of the tile's diagonal as one
-    FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact."""
+    FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact. ``chain``
+    (the persistent static schedule, dense inputs without a right window): a program's tiles run back to
+    back, each tile's last PV issued with the next one's first QK^T and its store under them (two Q slots)."""
 
     block_m: int
     block_n: int
@@ -829,11 +999,12 @@ class FwdConfig(NamedTuple):
     tma_store: bool = False
     fixed_max: bool = False
     alibi_sides: bool = False
+    chain: bool = False
 
     @classmethod
     def parse(cls, text: str) -> FwdConfig:
         """From 'block_m,block_n,stages,warps[,schedule[,overlap,persistent,dynamic,tma_store,fixed_max,
-        alibi_sides]]' (the scripts' options; flags as 0 / 1)."""
+        alibi_sides,chain]]' (the scripts' options; flags as 0 / 1)."""
         fields = text.split(",")
         ints = [int(x) for x in fields[:4] + fields[5:]]
         return cls(*ints[:4], *fields[4:5], *(bool(x) for x in ints[4:]))
@@ -848,8 +1019,10 @@ class FwdConfig(NamedTuple):
 # program (same notes, "Gluon forward v4"). The bulk store of O measured -3 to +1%: not shipped.
 # Softcap's max held at its bound, with P's row sums on the tensor cores: +7-8% for softcap at d = 128 (same
 # notes, "softcap's max held at its bound"); the row sums alone, with the online max, measured 3-8% slower.
+# Chained tiles (static schedule): softcap +3-4%, dropout +5%, plain +1% (same notes, "chained tiles").
 _CONFIGS = {64: FwdConfig(64, 128, 2, 4),
-            128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True, alibi_sides=True)}
+            128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True, alibi_sides=True,
+                           chain=True)}
 # Largest softcap whose scores take the fixed max (bf16): p >= 2^(-2 * softcap * log2(e)) stays a normal
 # float (> 2^-126, which ex2.approx.ftz would flush) up to 43.6.
 _FIXED_MAX_SOFTCAP = 40.0
@@ -1019,6 +1192,9 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     o_tma = cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0)
     grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
     flags["PINGPONG"] = cfg.schedule == "pingpong"
+    # Chained tiles on the static schedule only (no right window: every tile holds a key block). On the
+    # dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
+    flags["CHAIN"] = cfg.chain and persistent and not dynamic
     if not (dynamic or o_tma):
         attn_fwd_gluon_ws_kernel[grid](*args, num_tiles, **flags)
         return out, lse
