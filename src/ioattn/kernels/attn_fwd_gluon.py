@@ -980,9 +980,10 @@ class FwdConfig(NamedTuple):
     right window: causal, sliding windows): one program per SM takes tiles from a global counter, longest
     first within sections of heads whose K/V fit in L2 (FA3's dynamic persistent scheduler). Varlen keeps
     one tile per program and the block scheduler's balancing. ``tma_store`` (ws schedules, dense inputs
-    whose query length is a multiple of block_m, or one batch): the output goes through shared memory and
-    a bulk tensor store instead of register stores. ``fixed_max`` (ws schedules, bf16 softcap <= 40 without
-    ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P summed on the tensor cores.
+    whose query length is a multiple of block_m, or one batch; not with softcap or dropout): the output goes
+    through shared memory and a bulk tensor store instead of register stores. ``fixed_max`` (ws schedules,
+    bf16 softcap <= 40 without ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P
+    summed on the tensor cores.
     ``alibi_sides`` (ws schedules): ALiBi's bias on key blocks wholly on one side of the tile's diagonal as one
     FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact. ``chain``
     (the persistent static schedule, dense inputs without a right window): a program's tiles run back to
@@ -1016,13 +1017,15 @@ class FwdConfig(NamedTuple):
 # saturates the shared-memory port) under the ping-pong schedule with the overlap, persistent where it
 # applies: 1.06-1.19x the one-warpgroup (64, 64) tiles on an H200 (same notes, "Gluon forward v3"); the
 # dynamic schedule for causal: +11 / +9 / +5% at 2k / 4k / 8k, -1% at 16k (scatter level) over one tile per
-# program (same notes, "Gluon forward v4"). The bulk store of O measured -3 to +1%: not shipped.
+# program (same notes, "Gluon forward v4"). The bulk store of O measured -3 to +1% then (unchained).
 # Softcap's max held at its bound, with P's row sums on the tensor cores: +7-8% for softcap at d = 128 (same
 # notes, "softcap's max held at its bound"); the row sums alone, with the online max, measured 3-8% slower.
-# Chained tiles (static schedule): softcap +3-4%, dropout +5%, plain +1% (same notes, "chained tiles").
+# Chained tiles (static schedule): softcap +3-4%, dropout +5%, plain +1% (same notes, "chained tiles"); with
+# them the bulk store of O, without softcap or dropout: +2-3% at 2k-4k plain, causal, ALiBi (same notes, "the
+# chained epilogue through a bulk tensor store").
 _CONFIGS = {64: FwdConfig(64, 128, 2, 4),
-            128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True, alibi_sides=True,
-                           chain=True)}
+            128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, tma_store=True, fixed_max=True,
+                           alibi_sides=True, chain=True)}
 # Largest softcap whose scores take the fixed max (bf16): p >= 2^(-2 * softcap * log2(e)) stays a normal
 # float (> 2^-126, which ex2.approx.ftz would flush) up to 43.6.
 _FIXED_MAX_SOFTCAP = 40.0
@@ -1189,7 +1192,10 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     num_tiles = num_m * batch * nheads
     dynamic = cfg.dynamic and not varlen and right >= 0
     persistent = not varlen and (dynamic or (cfg.persistent and right < 0))
-    o_tma = cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0)
+    # The bulk store slowed softcap's and dropout's consumers (chained, 4k: 0.96 / 0.92; notebook, "the
+    # chained epilogue through a bulk tensor store"): they keep the register stores.
+    o_tma = (cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0) and softcap <= 0
+             and dropout_p == 0)
     grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
     flags["PINGPONG"] = cfg.schedule == "pingpong"
     # Chained tiles on the static schedule only (no right window: every tile holds a key block). On the
