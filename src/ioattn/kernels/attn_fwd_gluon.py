@@ -503,6 +503,24 @@ def _row_sum_mma(p_op, ones_smem, acc_l):
     return warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_smem.permute((1, 0)), acc_l, is_async=True)
 
 
+@gluon.constexpr_function
+def consumer_acc_layout(n):
+    """Layout of a (rows, n) wgmma accumulator of one 4-warp consumer warpgroup."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _ws_fresh(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, FIXED_MAX: gl.constexpr):
+    """A consumer's softmax state at a tile's start: (m, l) in the score rows' layout, the output and
+    row-sum accumulators zero; m starts at the held max (1) with FIXED_MAX."""
+    row_s: gl.constexpr = gl.SliceLayout(1, consumer_acc_layout(BLOCK_N))
+    m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, consumer_acc_layout(HEAD_DIM))
+    acc_l = gl.zeros([BLOCK_M, 8], gl.float32, consumer_acc_layout(8))
+    return m_i, l_i, acc, acc_l
+
+
 @gluon.jit
 def _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
                   nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n, rows,
@@ -631,23 +649,16 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     dtype: gl.constexpr = q.dtype
     FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, 8, 16])
+    s_layout: gl.constexpr = consumer_acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = consumer_acc_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     FIXED_MAX: gl.constexpr = SOFTCAP == 2  # and with it the row sums on the tensor cores
 
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     start_m = start_m + WG * BLOCK_M
-    m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    m_i, l_i, acc, acc_l = _ws_fresh(BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_MAX)
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
     mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
                          dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n,
@@ -707,12 +718,8 @@ def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
     FIXED_MAX: gl.constexpr = SOFTCAP == 2
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, 8, 16])
+    s_layout: gl.constexpr = consumer_acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = consumer_acc_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
@@ -735,10 +742,7 @@ def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty
         mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
                              dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k,
                              offs_n, rows, HAS_ALIBI)
-        m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
-        l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-        acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
+        m_i, l_i, acc, acc_l = _ws_fresh(BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_MAX)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
                                             HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
         for j in range(1, n_blocks):
