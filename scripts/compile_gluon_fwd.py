@@ -60,7 +60,9 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
         kernel = attn_fwd_gluon_ws_kernel
         sig["num_tiles"] = "i32"
         consts["PINGPONG"] = cfg.schedule == "pingpong"
-        consts["CHAIN"] = cfg.chain
+        # Chained tiles as the host routes them: the persistent static schedule, dense, no right window.
+        consts["CHAIN"] = (cfg.chain and cfg.persistent and not flags.get("IS_VARLEN", False)
+                           and not flags.get("HAS_RIGHT", False))
     for k in consts:
         sig[k] = "constexpr"
     src = GluonASTSource(kernel, sig, consts)

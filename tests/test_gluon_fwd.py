@@ -23,6 +23,7 @@ if torch.cuda.get_device_capability() != (9, 0):
 from test_flash_attn import with_alibi_slopes  # noqa: E402
 
 from ioattn.kernels.attn_fwd_gluon import (  # noqa: E402
+    _CONFIGS,
     _ROUTED_HEAD_DIMS,
     FwdConfig,
     _softcap_mode,
@@ -198,7 +199,7 @@ CHAIN_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, True, True, tma_sto
                  for schedule, overlap, tma_store in (("pingpong", True, False), ("pingpong", False, False),
                                                       ("ws", True, False), ("pingpong", True, True))]
 WS_CONFIGS += CHAIN_CONFIGS
-DYNAMIC_CONFIGS = [cfg for cfg in WS_CONFIGS if cfg.dynamic]
+DYNAMIC_CONFIGS = [cfg for cfg in WS_CONFIGS if cfg.dynamic and not cfg.chain]  # causal: never chained
 
 
 def _ws_id(cfg):
@@ -549,9 +550,20 @@ def test_alibi_sides(case, slopes, config):
     assert (lse[finite] - exact_lse[finite]).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("config", CHAIN_CONFIGS + [
-    FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True, alibi_sides=True, chain=True)],
-    ids=_ws_id)
+class _LaunchSpy:
+    """Stands in for a kernel: records each launch's CHAIN flag, then launches."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs.get("CHAIN"))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("config", CHAIN_CONFIGS + [_CONFIGS[128]], ids=_ws_id)
 @pytest.mark.parametrize("case", [
     {"seqlens": (2048, 2048)}, {"seqlens": (1000, 1000)}, {"seqlens": (1500, 100)}, {"seqlens": (700, 2000)},
     {"seqlens": (1100, 600), "window_size": (130, -1)}, {"seqlens": (900, 1300), "window_size": (0, -1)},
@@ -560,16 +572,22 @@ def test_alibi_sides(case, slopes, config):
     {"seqlens": (1200, 1200), "softcap": 60.0}, {"seqlens": (800, 1000), "alibi": True},
     {"seqlens": (800, 1000), "alibi": True, "window_size": (300, -1)},
     {"seqlens": (1000, 1000), "dropout": 0.2}, {"seqlens": (777, 900), "dropout": 0.1, "window_size": (50, -1)},
+    # Whole 64-row query tiles (the bulk store applies): ALiBi, a left window.
+    {"seqlens": (1024, 1024), "alibi": True}, {"seqlens": (1024, 1536), "window_size": (200, -1)},
 ], ids=str)
 def test_chain(case, config, monkeypatch):
     """Chained tiles over many tiles a program: the device pretends to have 3 SMs, so each program runs
     its tiles back to back (the last PV of one with the first QK^T of the next, both Q slots in turn).
     One key block a tile (sk = 100) or many, partial query tiles, left windows, softcap (held max where bf16
-    allows), ALiBi by sides, dropout; with a right window (causal, sq > sk with tiles without keys) the same
-    configs run the dynamic schedule unchained, as the host routes them."""
+    allows), ALiBi by sides, dropout, the bulk store (shipped config); with a right window (causal, sq > sk
+    with tiles without keys) the same configs run the dynamic schedule unchained, as the host routes them."""
     from ioattn.kernels import attn_fwd_gluon
 
     monkeypatch.setattr(attn_fwd_gluon, "_num_sms", lambda device: 3)
+    launched = []
+    for name in ("attn_fwd_gluon_ws_kernel", "attn_fwd_gluon_ws_sched_kernel"):
+        monkeypatch.setattr(attn_fwd_gluon, name, _LaunchSpy(getattr(attn_fwd_gluon, name), launched))
+    right_window = case.get("causal", False) or case.get("window_size", (-1, -1))[1] >= 0
     case = dict(case)
     torch.manual_seed(sum(case["seqlens"]) + 7)
     batch, nheads = case.pop("batch", 2), 4
@@ -582,3 +600,4 @@ def test_chain(case, config, monkeypatch):
         _check_dropout(q, k, v, p, 2**33 + 5, window, config=config, **case)
     else:
         _check(q, k, v, config=config, **case)
+    assert launched == [not right_window]

@@ -433,9 +433,10 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
                  k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh,
                  stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right, num_m, num_tiles, section,
                  IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr):
-    """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles, once the previous tile's
-    last QK^T has read them, then its K and V blocks into the ring; a stage is refilled as soon as both
-    consumers have released it, so the next tile's first blocks load under this tile's last products.
+    """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles into the tile's Q slot, once
+    the last QK^T of the tile Q_STAGES before has read it, then its K and V blocks into the ring; a stage is
+    refilled as soon as both consumers have released it, so the next tile's first blocks load under this
+    tile's last products.
 
     Static: tiles t, t + programs, ... DYNAMIC (FA3's dynamic persistent scheduler): the first tile is the
     program's id, each next one comes from a global counter, taken once this tile's loads are all issued
@@ -700,11 +701,10 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
 
 @gluon.jit
 def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty, k_ready, v_ready,
-                      k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                      stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q,
-                      max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m,
-                      num_tiles, section, WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
+                      k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh,
+                      stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
+                      window_left, seed, dropout_p, num_m, num_tiles, WG: gl.constexpr, SOFTCAP: gl.constexpr,
+                      HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, DROPOUT: gl.constexpr,
                       PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, O_TMA: gl.constexpr):
     """One consumer warpgroup over its program's tiles, chained (CHAIN: the persistent static schedule, dense
     inputs without a right window, two Q slots): a tile's last PV goes out together with the next tile's
@@ -734,28 +734,29 @@ def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty
     tp = it + 1  # issue turns taken so far
     while t < num_tiles:
         b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
-            t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            window_left, window_right, 2 * BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, False)
-        q = q_smem.index(2 * (qi % 2) + WG)
+            t, num_m, num_bh, 1, nheads, Lse, Lse, max_seqlen_q, max_seqlen_k, window_left, -1, 2 * BLOCK_M,
+            BLOCK_N, False, HAS_LEFT, False, False)
+        slot, _ = _q_slot(qi, 2)
+        q = q_smem.index(2 * slot + WG)
         start_m = start_m + WG * BLOCK_M
         rows = start_m + gl.arange(0, BLOCK_M, row_s)
-        mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
-                             dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k,
-                             offs_n, rows, HAS_ALIBI)
+        mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, -1, seed, dropout_p,
+                             nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n, rows,
+                             HAS_ALIBI)
         m_i, l_i, acc, acc_l = _ws_fresh(BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_MAX)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
-                                            HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
+                                            HAS_LEFT, False, FAST_TANH, DROPOUT)
         for j in range(1, n_blocks):
             p, acc, acc_l, m_i, l_i = _ws_step(q, k_smem, v_smem, ones_smem, k_ready, v_ready, k_empty, v_empty, me,
                                                other, s_zero, p, acc, acc_l, m_i, l_i, it + j, tp + j - 1,
                                                lo + j * BLOCK_N, full_lo, full_hi, mods, SOFTCAP, HAS_ALIBI,
-                                               HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP)
-        mbarrier.arrive(q_empty.index(qi % 2))  # every QK^T of this tile is done: its Q slot may refill
+                                               HAS_LEFT, False, DROPOUT, PINGPONG, OVERLAP)
+        mbarrier.arrive(q_empty.index(slot))  # every QK^T of this tile is done: its Q slot may refill
         # The next tile and its Q slot.
-        next_slot = (qi + 1) % 2
+        next_slot, next_phase = _q_slot(qi + 1, 2)
         t_next = t + nprog
         has_next = t_next < num_tiles
-        mbarrier.wait(q_full.index(next_slot), ((qi + 1) // 2) & 1, pred=has_next)
+        mbarrier.wait(q_full.index(next_slot), next_phase, pred=has_next)
         last = it + n_blocks - 1
         first = last + 1  # the next tile's first key block
         p_op = gl.convert_layout(p.to(q.dtype), p_layout)
@@ -810,12 +811,13 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
     if PINGPONG and WG == 1:
         mbarrier.arrive(other)  # consumer 0 issues first
     if CHAIN:
+        gl.static_assert(not (DYNAMIC or IS_VARLEN or HAS_RIGHT), "chained tiles: the static schedule, dense, "
+                         "no right window")
         _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_buf, q_full, q_empty, k_ready, v_ready,
-                          k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                          stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q,
-                          max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m,
-                          num_tiles, section, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG,
-                          OVERLAP, O_TMA)
+                          k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os,
+                          stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
+                          score_scale, tanh_scale, window_left, seed, dropout_p, num_m, num_tiles, WG, SOFTCAP,
+                          HAS_ALIBI, HAS_LEFT, DROPOUT, PINGPONG, OVERLAP, O_TMA)
         if O_TMA:
             tma.store_wait(0)
         return
@@ -991,7 +993,8 @@ class FwdConfig(NamedTuple):
     ``alibi_sides`` (ws schedules): ALiBi's bias on key blocks wholly on one side of the tile's diagonal as one
     FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact. ``chain``
     (the persistent static schedule, dense inputs without a right window): a program's tiles run back to
-    back, each tile's last PV issued with the next one's first QK^T and its store under them (two Q slots)."""
+    back, each tile's last PV issued with the next one's first QK^T and its store under them (two Q slots:
+    213 KB of shared memory at d = 128 with two stages, so no more stages there)."""
 
     block_m: int
     block_n: int
@@ -1024,9 +1027,10 @@ class FwdConfig(NamedTuple):
 # program (same notes, "Gluon forward v4"). The bulk store of O measured -3 to +1% then (unchained).
 # Softcap's max held at its bound, with P's row sums on the tensor cores: +7-8% for softcap at d = 128 (same
 # notes, "softcap's max held at its bound"); the row sums alone, with the online max, measured 3-8% slower.
-# Chained tiles (static schedule): softcap +3-4%, dropout +5%, plain +1% (same notes, "chained tiles"); with
-# them the bulk store of O, without softcap or dropout: +2-3% at 2k-4k plain, causal, ALiBi (same notes, "the
-# chained epilogue through a bulk tensor store").
+# Chained tiles (static schedule): softcap +3-4%, dropout +5%, plain +1% (same notes, "chained tiles"). The
+# bulk store of O, without softcap or dropout, chained (plain, ALiBi, GQA) or not (the dynamic schedule:
+# causal, windows): +2-3% at 2k-4k plain, causal, ALiBi, windows (same notes, "the chained epilogue through a
+# bulk tensor store").
 _CONFIGS = {64: FwdConfig(64, 128, 2, 4),
             128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, tma_store=True, fixed_max=True,
                            alibi_sides=True, chain=True)}
@@ -1204,7 +1208,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     flags["PINGPONG"] = cfg.schedule == "pingpong"
     # Chained tiles on the static schedule only (no right window: every tile holds a key block). On the
     # dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
-    flags["CHAIN"] = cfg.chain and persistent and not dynamic
+    flags["CHAIN"] = cfg.chain and persistent and not dynamic and max_seqlen_k > 0
     if not (dynamic or o_tma):
         attn_fwd_gluon_ws_kernel[grid](*args, num_tiles, **flags)
         return out, lse
