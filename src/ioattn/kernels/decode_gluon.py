@@ -36,7 +36,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .attn_fwd_gluon import _GL_DTYPES, _num_sms, _softmax_block, gluon_enabled_on, gluon_scales, normalized_rows
+from .attn_fwd_gluon import (
+    _GL_DTYPES,
+    _num_sms,
+    _softmax_block,
+    _ws_first_qk,
+    _ws_fresh,
+    consumer_acc_layout,
+    gluon_enabled_on,
+    gluon_scales,
+    normalized_rows,
+)
 from .decode import key_range
 
 BLOCK_M = gl.constexpr(64)  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
@@ -119,10 +129,8 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
     """One warpgroup: S = Q K^T and O += P V by wgmma over the ring's tiles, the online softmax between."""
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = consumer_acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = consumer_acc_layout(HEAD_DIM)
     q_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -146,9 +154,7 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
     if HAS_ALIBI:
         slope = gl.load(Alibi + b * stride_ab + hk * GROUP + r % GROUP, mask=r < num_rows, other=0.0)
         alibi_slope = (slope * (1.4426950408889634 / score_scale))[:, None]
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    m_i, l_i, acc, _ = _ws_fresh(BLOCK_M, BLOCK_N, HEAD_DIM, False)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     v_r = gl.arange(0, BLOCK_N, gl.SliceLayout(1, io_layout))
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, 0, rows,
@@ -156,10 +162,7 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
     if n_tiles > 0:
         # The first tile's scores alone (as the forward's consumer: its accumulator only joins from the
         # first PV), then per tile j: PV of tile j - 1 and QK^T of tile j in flight together.
-        mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s_tok,))
-        mbarrier.arrive(k_empty.index(0))
+        s = _ws_first_qk(q_op, k_smem, k_ready, k_empty, zero_bar, zero_bar, s_zero, 0, 0, False)  # no turns
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, start, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
                                             HAS_LEFT, HAS_RIGHT, SOFTCAP, False)
         for j in range(1, n_tiles):
