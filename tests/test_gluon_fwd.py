@@ -81,7 +81,7 @@ def _qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seqlen", [1, 17, 128, 1000, 1025, 4096])
 def test_square(seqlen, causal, d, dtype):
@@ -100,7 +100,7 @@ def test_overlap_variant(seqlens, causal, d):
 # (seqlen_q, seqlen_k): bottom-right causal; sq > sk leaves the first sq - sk rows without keys.
 @pytest.mark.parametrize("seqlens", [(1, 1000), (17, 300), (300, 17), (1000, 129), (513, 2048), (128, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_seqlen_q_ne_k(seqlens, causal, d):
     _check(*_qkv(2, *seqlens, 4, 4, d, torch.bfloat16), causal)
 
@@ -111,7 +111,7 @@ def test_gqa(nheads_k, causal):
     _check(*_qkv(2, 333, 517, 8, nheads_k, 128, torch.bfloat16), causal)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_qkv_strides(d, causal):
     qkv = torch.randn(3, 777, 3, 6, d, device="cuda", dtype=torch.bfloat16)
@@ -162,11 +162,13 @@ def test_score_mods(seqlens, opts, dtype):
     {"alibi": "batch_heads", "causal": True}, {"softcap": 30.0, "alibi": "heads", "window_size": (90, 0)},
 ], ids=str)
 @pytest.mark.parametrize("seqlens", [(17, 17), (1025, 1000), (300, 2000), (2000, 300)], ids=str)
-def test_features_d64(seqlens, opts):
-    """d=64 runs its own tiles (one warpgroup, 64 rows): the feature paths again at that shape."""
+@pytest.mark.parametrize("d", [64, 256])
+def test_features_other_head_dims(seqlens, opts, d):
+    """d=64 (one warpgroup, 64 rows) and d=256 (64-key blocks) run their own tiles: the feature paths again
+    at those shapes (softcap 5 takes d=256's held max, 30 the online one with ALiBi)."""
     torch.manual_seed(seqlens[1])
     batch, nheads = 2, 4
-    q, k, v = _qkv(batch, *seqlens, nheads, 1, 64, torch.bfloat16)
+    q, k, v = _qkv(batch, *seqlens, nheads, 1, d, torch.bfloat16)
     _check(q, k, v, **with_alibi_slopes(opts, batch, nheads))
 
 
@@ -286,6 +288,7 @@ VARLEN_LENS = [
 ], ids=str)
 @pytest.mark.parametrize("lens", VARLEN_LENS, ids=lambda x: str(x[0]))
 @pytest.mark.parametrize("d,config", [(128, None), (128, FwdConfig(64, 64, 2, 4, "single", True)), (64, None),
+                                      (256, None),
                                       *((128, cfg) for cfg in WS_CONFIGS)],
                          ids=lambda x: str(x) if not isinstance(x, FwdConfig) else _ws_id(x))
 def test_varlen(lens, opts, d, config):
@@ -422,7 +425,7 @@ def _check_dropout(q, k, v, p, seed, window=(-1, -1), cu=None, lens=None, config
     return out
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("opts", [{}, {"window": (-1, 0)}, {"window": (100, 30)}, {"softcap": 20.0},
                                   {"alibi": True, "window": (-1, 0)}], ids=str)
 @pytest.mark.parametrize("seqlens", [(1, 70), (200, 200), (1025, 777)])
@@ -448,7 +451,7 @@ def test_dropout_probabilities_and_seeds(p):
     assert abs(kept - (1 - p)) < 0.01
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_varlen(d, causal):
     torch.manual_seed(12)

@@ -1031,9 +1031,14 @@ class FwdConfig(NamedTuple):
 # bulk store of O, without softcap or dropout, chained (plain, ALiBi, GQA) or not (the dynamic schedule:
 # causal, windows): +2-3% at 2k-4k plain, causal, ALiBi, windows (same notes, "the chained epilogue through a
 # bulk tensor store").
+# d = 256: the d = 128 kernel's warp-specialised tiles on 64-key blocks (Q, two K/V stages and the epilogue's
+# layout change take 224 KB of shared memory, so no bulk store and no chain), free-running consumers:
+# 1.9-2.0x the portable kernel on an H200, 613 / 640 / 654 TFLOPs/s at 2k / 4k / 16k non-causal (notebook,
+# "the Gluon forward at d = 256").
 _CONFIGS = {64: FwdConfig(64, 128, 2, 4),
             128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, tma_store=True, fixed_max=True,
-                           alibi_sides=True, chain=True)}
+                           alibi_sides=True, chain=True),
+            256: FwdConfig(64, 64, 2, 4, "ws", True, True, True, fixed_max=True, alibi_sides=True)}
 # Largest softcap whose scores take the fixed max (bf16): p >= 2^(-2 * softcap * log2(e)) stays a normal
 # float (> 2^-126, which ex2.approx.ftz would flush) up to 43.6.
 _FIXED_MAX_SOFTCAP = 40.0
@@ -1052,7 +1057,7 @@ def _softcap_mode(softcap: float, dtype: torch.dtype, alibi: bool, dropout_p: fl
 
 
 # Head dims routed here by the predicate.
-_ROUTED_HEAD_DIMS = (64, 128)
+_ROUTED_HEAD_DIMS = (64, 128, 256)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
