@@ -4,13 +4,15 @@ under other schedules, interleaved in rounds. TFLOPs/s count only the allowed (q
 
     PYTHONPATH=src python scripts/probe_band.py [--rounds 5] [--json out.json]
 
-A case is ``name:seqlen_q:seqlen_k:left:right:config`` (config: ``FwdConfig.parse`` text, or ``-`` for the
-shipped d = 128 config); ``--cases`` replaces the default set.
+A case is ``name:seqlen_q:seqlen_k:left:right:config[:section]`` (config: ``FwdConfig.parse`` text, or ``-``
+for the shipped d = 128 config; section: heads a section of the dynamic schedule, instead of the L2 rule);
+``--cases`` replaces the default set.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 
@@ -48,6 +50,18 @@ def allowed_pairs(sq: int, sk: int, left: int, right: int) -> int:
     return int((hi - lo + 1).clamp(min=0).sum())
 
 
+@contextlib.contextmanager
+def _section(heads: int | None):
+    """The dynamic schedule's section size forced to ``heads`` while the block runs (None: the L2 rule)."""
+    shipped = attn_fwd_gluon.order_section
+    if heads is not None:
+        attn_fwd_gluon.order_section = lambda rows, row_bytes: min(heads, rows)
+    try:
+        yield
+    finally:
+        attn_fwd_gluon.order_section = shipped
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=";".join(DEFAULT_CASES))
@@ -59,14 +73,16 @@ def main() -> None:
     d, nheads = 128, 16
     cases = []
     for text in args.cases.split(";"):
-        name, sq, sk, left, right, cfg = text.split(":")
+        name, sq, sk, left, right, cfg, *section = text.split(":")
         sq, sk, left, right = int(sq), int(sk), int(left), int(right)
+        section = int(section[0]) if section else None
         batch = max(args.tokens // sq, 1)
         q = torch.randn(batch, sq, nheads, d, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, sk, nheads, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         config = None if cfg == SHIPPED else attn_fwd_gluon.FwdConfig.parse(cfg)
-        fn = (lambda q=q, k=k, v=v, w=(left, right), c=config:
-              attn_fwd_gluon.gluon_forward(q, k, v, d ** -0.5, window_size=w, config=c))
+        def fn(q=q, k=k, v=v, w=(left, right), c=config, heads=section):
+            with _section(heads):
+                return attn_fwd_gluon.gluon_forward(q, k, v, d ** -0.5, window_size=w, config=c)
         flops = 4.0 * d * nheads * batch * allowed_pairs(sq, sk, left, right)
         cases.append((name, fn, flops))
     times = {name: [] for name, _, _ in cases}
