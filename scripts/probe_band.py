@@ -68,9 +68,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rep", type=int, default=100, help="ms per timing")
     ap.add_argument("--tokens", type=int, default=16384, help="batch x seqlen_q")
+    ap.add_argument("--headdim", type=int, default=128)
     ap.add_argument("--json")
     args = ap.parse_args()
-    d, nheads = 128, 16
+    d = args.headdim
+    nheads = 2048 // d
     cases = []
     for text in args.cases.split(";"):
         name, sq, sk, left, right, cfg, *section = text.split(":")
