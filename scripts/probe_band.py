@@ -2,11 +2,11 @@
 shapes with the same key blocks a tile as a sliding window but without its masks, or with the window
 under other schedules, interleaved in rounds. TFLOPs/s count only the allowed (query, key) pairs.
 
-    PYTHONPATH=src python scripts/probe_band.py [--rounds 5] [--json out.json]
+    PYTHONPATH=src python scripts/probe_band.py [--headdim 128] [--rounds 5] [--graph] [--json out.json]
 
 A case is ``name:seqlen_q:seqlen_k:left:right:config[:section]`` (config: ``FwdConfig.parse`` text, or ``-``
-for the shipped d = 128 config; section: heads a section of the dynamic schedule, instead of the L2 rule);
-``--cases`` replaces the default set.
+for the shipped config of ``--headdim``; section: heads a section of the dynamic schedule, instead of the L2
+rule); ``--cases`` replaces the default set, which is d = 128's (128-key blocks, its configs).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import statistics
 import torch
 import triton
 
+from ioattn.bench.features import allowed_pairs
 from ioattn.kernels import attn_fwd_gluon
 
 SHIPPED = "-"
@@ -42,14 +43,6 @@ DEFAULT_CASES = [
 ]
 
 
-def allowed_pairs(sq: int, sk: int, left: int, right: int) -> int:
-    """(query, key) pairs a bottom-right aligned (left, right) window allows (-1 = unbounded)."""
-    pos = torch.arange(sq, dtype=torch.int64) + (sk - sq)
-    lo = (pos - left).clamp(min=0) if left >= 0 else torch.zeros_like(pos)
-    hi = (pos + right).clamp(max=sk - 1) if right >= 0 else torch.full_like(pos, sk - 1)
-    return int((hi - lo + 1).clamp(min=0).sum())
-
-
 @contextlib.contextmanager
 def _section(heads: int | None):
     """The dynamic schedule's section size forced to ``heads`` while the block runs (None: the L2 rule)."""
@@ -69,8 +62,12 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100, help="ms per timing")
     ap.add_argument("--tokens", type=int, default=16384, help="batch x seqlen_q")
     ap.add_argument("--headdim", type=int, default=128)
+    ap.add_argument("--graph", action="store_true",
+                    help="time a CUDA graph of the call (triton.testing.do_bench_cudagraph: no host time)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.headdim != 128 and args.cases == ";".join(DEFAULT_CASES):
+        ap.error("the default cases are d = 128's (128-key blocks and d = 128 configs): give --cases")
     d = args.headdim
     nheads = 2048 // d
     cases = []
@@ -85,12 +82,15 @@ def main() -> None:
         def fn(q=q, k=k, v=v, w=(left, right), c=config, heads=section):
             with _section(heads):
                 return attn_fwd_gluon.gluon_forward(q, k, v, d ** -0.5, window_size=w, config=c)
-        flops = 4.0 * d * nheads * batch * allowed_pairs(sq, sk, left, right)
+        flops = 4.0 * d * nheads * batch * allowed_pairs(sq, (left, right), sk)
         cases.append((name, fn, flops))
     times = {name: [] for name, _, _ in cases}
     for _ in range(args.rounds):
         for name, fn, _ in cases:
-            times[name].append(triton.testing.do_bench(fn, warmup=25, rep=args.rep))
+            if args.graph:
+                times[name].append(triton.testing.do_bench_cudagraph(fn, rep=args.rep))
+            else:
+                times[name].append(triton.testing.do_bench(fn, warmup=25, rep=args.rep))
     rows = []
     for name, _, flops in cases:
         ms = statistics.median(times[name])

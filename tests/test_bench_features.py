@@ -15,6 +15,15 @@ def test_allowed_pairs_counts_the_reference_mask(n, window):
     assert features.allowed_pairs(n, window) == expected
 
 
+@pytest.mark.parametrize("sq,sk,window", [(30, 70, (-1, 0)), (70, 30, (-1, 0)), (40, 90, (5, 7)), (90, 40, (0, 0)),
+                                          (13, 50, (3, -1))])
+def test_allowed_pairs_with_other_key_counts(sq, sk, window):
+    """seqlen_q != seqlen_k: the reference mask's bottom-right alignment."""
+    mask = allowed_mask(sq, sk, window_size=window)
+    expected = sq * sk if mask is None else int(mask.sum())
+    assert features.allowed_pairs(sq, window, sk) == expected
+
+
 def test_mixed_lengths_cover_the_tokens_and_vary():
     lengths = features._mixed_lengths(16384, 2048)
     assert sum(lengths) == 16384 and min(lengths) > 0 and len(set(lengths)) > 1

@@ -465,7 +465,7 @@ def test_dropout_varlen(d, causal):
 
 
 @pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (70, 20)}, {}], ids=str)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
     """flash_attn_func with dropout: the Gluon forward and the portable backward regenerate one mask;
     output, lse and gradients against attention_ref with that mask (test_flash_attn's rule)."""
@@ -486,20 +486,27 @@ def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
     assert calls == [1]
 
 
-# The max held at softcap's bound (with the row sums on the tensor cores) on both loops of the consumers.
-FIXED_MAX_CONFIGS = [FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True),
-                     FwdConfig(64, 128, 2, 4, "pingpong", fixed_max=True)]
+# The max held at softcap's bound (with the row sums on the tensor cores) on both loops of the consumers, and
+# d = 256's shipped config (64-key blocks: the row sums' ones tile is 64 keys).
+FIXED_MAX_CONFIGS = [(128, FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True)),
+                     (128, FwdConfig(64, 128, 2, 4, "pingpong", fixed_max=True)), (256, _CONFIGS[256])]
 
 
-@pytest.mark.parametrize("config", FIXED_MAX_CONFIGS, ids=lambda c: _ws_id(c) + "-fixedmax")
+def _d_config_id(dc):
+    d, cfg = dc
+    return f"d{d}-{_ws_id(cfg)}-{cfg.block_n}keys"
+
+
+@pytest.mark.parametrize("d_config", FIXED_MAX_CONFIGS, ids=_d_config_id)
 @pytest.mark.parametrize("softcap", [2.0, 40.0, 50.0])
 @pytest.mark.parametrize("scores", ["random", "far-below-bound", "one-key"])
-def test_softcap_fixed_max(scores, softcap, config):
+def test_softcap_fixed_max(scores, softcap, d_config):
     """bf16 with softcap <= 40 holds the softmax's max at tanh's bound (no row max, no rescaling); 50, fp16,
     ALiBi and dropout keep the online max. "far-below-bound": every score of every row near -softcap (tanh
     near -1), so p sits near 2^-115 at 40 and the output is a weighted mean of V; "one-key": rows with a
     single allowed key must give that key's value (P as rounded for PV is what the rows sum). Causal and a
     window with sq < sk, so rows differ in length."""
+    d, config = d_config
     bf16 = torch.bfloat16
     assert _softcap_mode(softcap, bf16, False, 0.0, config) == (2 if softcap <= 40 else 1)
     assert _softcap_mode(softcap, torch.float16, False, 0.0, config) == 1
@@ -507,7 +514,7 @@ def test_softcap_fixed_max(scores, softcap, config):
     assert _softcap_mode(softcap, bf16, False, 0.1, config) == 1
     assert _softcap_mode(softcap, bf16, False, 0.0, config._replace(fixed_max=False)) == 1
     torch.manual_seed(int(softcap))
-    q, k, v = _qkv(2, 300, 777, 4, 2, 128, bf16)
+    q, k, v = _qkv(2, 300, 777, 4, 2, d, bf16)
     if scores == "far-below-bound":
         q, k = -q.abs() * 3, k.abs() + 1
     if scores == "one-key":
@@ -519,33 +526,34 @@ def test_softcap_fixed_max(scores, softcap, config):
 
 # ALiBi split by sides (HAS_ALIBI 2, FwdConfig.alibi_sides): key blocks wholly left or right of a tile's rows
 # take one FMA per score and a row term, blocks across the diagonal the exact |i - j| form, on both loops of
-# the consumers.
-ALIBI_SIDES_CONFIGS = [FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, alibi_sides=True),
-                       FwdConfig(64, 128, 2, 4, "pingpong", alibi_sides=True)]
+# the consumers; d = 256's shipped config splits 64-key blocks.
+ALIBI_SIDES_CONFIGS = [(128, FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, alibi_sides=True)),
+                       (128, FwdConfig(64, 128, 2, 4, "pingpong", alibi_sides=True)), (256, _CONFIGS[256])]
 
 
-@pytest.mark.parametrize("config", ALIBI_SIDES_CONFIGS, ids=lambda c: _ws_id(c) + "-alibisides")
+@pytest.mark.parametrize("d_config", ALIBI_SIDES_CONFIGS, ids=_d_config_id)
 @pytest.mark.parametrize("case", [
     {"seqlens": (2048, 2048)}, {"seqlens": (300, 3000)}, {"seqlens": (3000, 300)}, {"seqlens": (1000, 1000)},
     {"seqlens": (2048, 2048), "causal": True}, {"seqlens": (777, 1500), "window_size": (200, 50)},
     {"seqlens": (1500, 777), "window_size": (-1, 300)}, {"seqlens": (129, 129), "causal": True},
 ], ids=str)
 @pytest.mark.parametrize("slopes", ["alibi", "strong", "weak"])
-def test_alibi_sides(case, slopes, config):
+def test_alibi_sides(case, slopes, d_config):
     """Against the reference, and the exact form everywhere (HAS_ALIBI 1) within rounding: "alibi" the
     paper's geometric slopes (2^-1 ... 2^-4 for four heads, per batch scaled), "strong" slopes near 1 (a row
     sees a few keys), "weak" 2^-10 (the bias spans the whole sequence)."""
+    d, config = d_config
     case = dict(case)
     torch.manual_seed(sum(case["seqlens"]) + len(slopes))
     batch, nheads = 2, 4
-    q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, 2, 128, torch.bfloat16)
+    q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, 2, d, torch.bfloat16)
     base = {"alibi": 2.0 ** -torch.arange(1, nheads + 1, device="cuda"),
             "strong": torch.rand(nheads, device="cuda") * 0.2 + 0.8,
             "weak": torch.full((nheads,), 2.0 ** -10, device="cuda")}[slopes]
     alibi = (base[None, :] * torch.tensor([[1.0], [0.5]], device="cuda")).contiguous()
     out, lse = _check(q, k, v, config=config, alibi_slopes=alibi, **case)
     window = _window(case.get("causal", False), case.get("window_size"))
-    exact, exact_lse = gluon_forward(q, k, v, 1.0 / math.sqrt(128), window, 0.0, alibi,
+    exact, exact_lse = gluon_forward(q, k, v, 1.0 / math.sqrt(d), window, 0.0, alibi,
                                      config=config._replace(alibi_sides=False))
     assert (out.float() - exact.float()).abs().max().item() < 2e-2
     finite = torch.isfinite(exact_lse)

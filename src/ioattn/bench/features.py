@@ -26,11 +26,13 @@ FEATURES = ("plain", "causal", "varlen", "varlen-mixed", "gqa-4", "window", "sof
             "deterministic")
 
 
-def allowed_pairs(seqlen: int, window: tuple[int, int]) -> int:
-    """Number of (query, key) pairs a (left, right) window allows at seqlen_q = seqlen_k (-1 = unbounded)."""
-    i = torch.arange(seqlen, dtype=torch.int64)
+def allowed_pairs(seqlen: int, window: tuple[int, int], seqlen_k: int | None = None) -> int:
+    """Number of (query, key) pairs a bottom-right aligned (left, right) window allows (-1 = unbounded) for
+    ``seqlen`` queries and ``seqlen_k`` keys (default: as many as queries)."""
+    seqlen_k = seqlen if seqlen_k is None else seqlen_k
+    i = torch.arange(seqlen, dtype=torch.int64) + (seqlen_k - seqlen)
     lo = (i - window[0]).clamp(min=0) if window[0] >= 0 else torch.zeros_like(i)
-    hi = (i + window[1]).clamp(max=seqlen - 1) if window[1] >= 0 else torch.full_like(i, seqlen - 1)
+    hi = (i + window[1]).clamp(max=seqlen_k - 1) if window[1] >= 0 else torch.full_like(i, seqlen_k - 1)
     return int((hi - lo + 1).clamp(min=0).sum())
 
 

@@ -1032,9 +1032,9 @@ class FwdConfig(NamedTuple):
 # causal, windows): +2-3% at 2k-4k plain, causal, ALiBi, windows (same notes, "the chained epilogue through a
 # bulk tensor store").
 # d = 256: the d = 128 kernel's warp-specialised tiles on 64-key blocks (Q, two K/V stages and the epilogue's
-# layout change take 224 KB of shared memory, so no bulk store and no chain), free-running consumers:
-# 1.9-2.0x the portable kernel on an H200, 613 / 640 / 654 TFLOPs/s at 2k / 4k / 16k non-causal (notebook,
-# "the Gluon forward at d = 256").
+# layout change take 224 KiB of shared memory, so no bulk store and no chain), free-running consumers:
+# 1.9-2.0x the portable kernel on an H200, 613 / 640 / 654 TFLOPs/s at 2k / 4k / 16k non-causal
+# (benchmarks/NOTES.md, "the Gluon forward at d = 256").
 _CONFIGS = {64: FwdConfig(64, 128, 2, 4),
             128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, tma_store=True, fixed_max=True,
                            alibi_sides=True, chain=True),
