@@ -222,7 +222,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
         if name in consts:
             sig[name] = "constexpr"
         elif name == "dq_desc":
-            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, 2, d), block_m, d // 2, cfg.dq_swizzle))
+            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, 2, d), block_m, d // 2, cfg.dq_swizzle).real())
         elif name.endswith("_desc"):
             sig[name] = _desc_type(dtype, block_n if name[0] in "kv" else block_m, d)
         elif name in ("DK", "DV"):

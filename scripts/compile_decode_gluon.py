@@ -21,7 +21,7 @@ def compile_variant(d: int, page: int, cfg: DecodeConfig, dtype=torch.bfloat16, 
     paged = page > 0
     box = min(page, cfg.block_n) if paged else cfg.block_n
     cache = torch.empty(64, page if paged else 1024, 8, d, dtype=dtype)
-    desc = mangle_type(_descriptor(cache, box))
+    desc = mangle_type(_descriptor(cache, box).real())
     elem = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"k_desc": desc, "v_desc": desc, "Q": elem, "Out": elem, "Lse": "*fp32", "CacheSeqlens": "*i32",
            "BlockTable": "*i32", "CacheBatchIdx": "*i32", "Alibi": "*fp32"}

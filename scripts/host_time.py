@@ -4,12 +4,16 @@ GPU never waits, so the queue never fills and the time is the host's (Python, di
     PYTHONPATH=src python scripts/host_time.py [--headdim 128] [--seqlen 128] [--batch 4] [--heads 16]
 
 Prints forward, backward through autograd, forward+backward through autograd (with and without the autograd
-engine's device thread), SDPA's cuDNN backend beside them, and one KV-cache decode call.
+engine's device thread), SDPA's cuDNN backend beside them, and one KV-cache decode call. ``--pieces`` also times
+the parts of a Gluon forward call (Triton's launch path, descriptors, allocations), ``--profile N`` prints the
+N costliest functions (cProfile, own time) of a forward, a forward+backward and a decode call.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -38,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--pieces", action="store_true", help="also time the parts of a Gluon forward call")
+    ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions of each call")
     args = ap.parse_args()
     shape = (args.batch, args.seqlen, args.heads, args.headdim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -58,8 +64,14 @@ def main() -> None:
     vc = torch.randn_like(kc)
     qd = torch.randn(64, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((64,), 1000, device="cuda", dtype=torch.int32)
+    def sdpa_fwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt.detach(), kt.detach(), vt.detach(), is_causal=True)
+
     cases = {
         "forward (no grad)": lambda: ioattn.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True),
+        "forward (inputs require grad)": lambda: ioattn.flash_attn_func(q, k, v, causal=True),
+        "sdpa-cudnn forward (no grad)": sdpa_fwd,
         "backward (autograd)": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
         "forward+backward (autograd)": fwd_bwd,
         "sdpa-cudnn forward+backward": sdpa_fwd_bwd,
@@ -69,6 +81,90 @@ def main() -> None:
         print(f"{name:36s} {host_us(fn)[0]:8.1f} us host")
     with torch.autograd.set_multithreading_enabled(False):
         print(f"{'forward+backward, calling thread':36s} {host_us(fwd_bwd)[0]:8.1f} us host")
+    if args.pieces:
+        pieces(q.detach(), k.detach(), v.detach())
+    if args.profile:
+        for name in ("forward (no grad)", "decode (flash_attn_with_kvcache)"):
+            profile(name, cases[name], args.profile)
+        with torch.autograd.set_multithreading_enabled(False):
+            profile("forward+backward, calling thread", fwd_bwd, args.profile)
+
+
+def profile(name: str, fn, top: int, n: int = 300) -> None:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"\n--- {name}: {n} calls, own time (tottime) ---")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
+def pieces(q, k, v) -> None:
+    """The parts of one Gluon forward call (d = q's head dim, causal), each timed alone."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    from ioattn.kernels import attn_fwd_gluon as G
+    from ioattn.kernels.fastlaunch import TmaDesc
+
+    d = q.shape[-1]
+    cfg = G._CONFIGS[d]
+    scale = d ** -0.5
+    rows = []
+
+    def add(name, fn):
+        rows.append((name, host_us(fn, 2000)[0]))
+
+    add("gluon_forward (direct)", lambda: G.gluon_forward(q, k, v, scale, (-1, 0)))
+    add("gluon_forward_supported", lambda: G.gluon_forward_supported(
+        q, k, v, window_size=(-1, 0), softcap=0.0, alibi_slopes=None, dropout_p=0.0, softmax_scale=scale))
+    add("gluon_enabled_on", lambda: G.gluon_enabled_on(q, k, v))
+    add("torch.cuda.get_device_capability", lambda: torch.cuda.get_device_capability(q.device))
+    add("torch.empty (out)", lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device))
+    add("torch.tensor(0) (seed)", lambda: torch.tensor(0, dtype=torch.int64))
+    add("descriptor (one TmaDesc)", lambda: G._descriptor(q, cfg.block_m))
+    add("descriptor (one TensorDescriptor)", lambda: G._descriptor(q, cfg.block_m).real())
+    add("_tile_counter", lambda: G._tile_counter(q.device))
+    # Triton's launch path with the arguments built once: the binder, the cache key, the launcher.
+    out = torch.empty_like(q)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    descs = (G._descriptor(q, cfg.block_m), G._descriptor(k, cfg.block_n), G._descriptor(v, cfg.block_n))
+    sargs = (*descs, descs[0], out, lse, lse, lse, q, G._tile_counter(q.device),
+             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), 0,
+             q.stride(-2), k.stride(-2), v.stride(-2), q.shape[2], 1, q.shape[1], k.shape[1],
+             scale * 1.4426950408889634, 1.0, -1, 0, 0, 0.0)
+    num_m = -(-q.shape[1] // (2 * cfg.block_m))
+    num_tiles = num_m * q.shape[0] * q.shape[2]
+    grid = (min(num_tiles, G._num_sms(q.device)),)
+    flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=False,
+                 SOFTCAP=0, HAS_ALIBI=0, HAS_LEFT=False, HAS_RIGHT=True, DROPOUT=False, OVERLAP=cfg.overlap,
+                 num_warps=cfg.warps, PINGPONG=cfg.schedule == "pingpong", CHAIN=False, DYNAMIC=True, O_TMA=False)
+    add("Launcher (cached compiled kernel)", lambda: G._launch_sched(grid, *sargs, num_tiles, 1, **flags))
+    sargs = tuple(a.real() if isinstance(a, TmaDesc) else a for a in sargs)
+    kern = G.attn_fwd_gluon_ws_sched_kernel
+    compiled = kern[grid](*sargs, num_tiles, 1, **flags)
+    add("kernel[grid](...) (Triton's run)", lambda: kern[grid](*sargs, num_tiles, 1, **flags))
+    device = driver.active.get_current_device()
+    binder = kern.device_caches[device][4]
+    add("  binder (specialisation)", lambda: binder(*sargs, num_tiles, 1, **flags))
+    bound, spec, options = binder(*sargs, num_tiles, 1, **flags)
+    print("specialisation:", spec)
+    add("  str(options)", lambda: str(options))
+    values = tuple(bound.values())
+    stream = driver.active.get_current_stream(device)
+    add("  get_current_device + stream", lambda: driver.active.get_current_stream(driver.active.get_current_device()))
+    add("  compiled.run (launcher)", lambda: compiled.run(grid[0], 1, 1, stream, compiled.function,
+                                                          compiled.packed_metadata, None,
+                                                          knobs.runtime.launch_enter_hook,
+                                                          knobs.runtime.launch_exit_hook, *values))
+    print()
+    for name, us in rows:
+        print(f"{name:40s} {us:8.1f} us")
 
 
 if __name__ == "__main__":

@@ -415,10 +415,9 @@ def test_single_pass_and_two_pass_backward(shape, opts, single_pass):
     bd = max(16, 1 << (shape[-1] - 1).bit_length())
     table = {("fused", launch._ceiling(bd), causal): launch.get_config("fused", bd, causal, dtype)}
     calls = []
-    real = launch.attn_bwd_dq_kernel
-    wrapped = type("Spy", (), {"__getitem__": lambda self, grid: calls.append(grid) or real[grid]})()
+    real = launch._launch_dq
     with launch.configs_overridden(table if single_pass else {}), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(launch, "attn_bwd_dq_kernel", wrapped)
+        mp.setattr(launch, "_launch_dq", lambda grid, *a, **kw: calls.append(grid) or real(grid, *a, **kw))
         mp.setenv("IOATTN_GLUON_BWD", "0")  # the portable single pass; test_gluon_bwd.py covers the Gluon one
         mask = None
         if dropout_p:

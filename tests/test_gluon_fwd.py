@@ -562,16 +562,14 @@ def test_alibi_sides(case, slopes, d_config):
 
 
 class _LaunchSpy:
-    """Stands in for a kernel: records each launch's CHAIN flag, then launches."""
+    """Stands in for a kernel's launcher: records each launch's CHAIN flag, then launches."""
 
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
+    def __init__(self, launcher, seen):
+        self.launcher, self.seen = launcher, seen
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.append(kwargs.get("CHAIN"))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
+    def __call__(self, grid, *args, **kwargs):
+        self.seen.append(kwargs.get("CHAIN"))
+        return self.launcher(grid, *args, **kwargs)
 
 
 @pytest.mark.parametrize("config", CHAIN_CONFIGS + [_CONFIGS[128]], ids=_ws_id)
@@ -596,7 +594,7 @@ def test_chain(case, config, monkeypatch):
 
     monkeypatch.setattr(attn_fwd_gluon, "_num_sms", lambda device: 3)
     launched = []
-    for name in ("attn_fwd_gluon_ws_kernel", "attn_fwd_gluon_ws_sched_kernel"):
+    for name in ("_launch_ws", "_launch_sched"):
         monkeypatch.setattr(attn_fwd_gluon, name, _LaunchSpy(getattr(attn_fwd_gluon, name), launched))
     right_window = case.get("causal", False) or case.get("window_size", (-1, -1))[1] >= 0
     case = dict(case)

@@ -60,6 +60,9 @@ def check_qkv(
 ) -> tuple[int, int, int]:
     """Checks q, k, v of rank 4 (batch, seqlen, nheads, d) or rank 3 (total, nheads, d) for varlen.
     Returns (nheads, nheads_k, headdim)."""
+    fast = _qkv_valid(q, k, v, rank)
+    if fast is not None:
+        return fast
     names = ("q", "k", "v")
     layout = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total_tokens, nheads, headdim)"
     for name, t in zip(names, (q, k, v), strict=True):
@@ -88,6 +91,28 @@ def check_qkv(
         raise ValueError(f"v's headdim must equal q's ({headdim}), got {v.shape[-1]}")
     if not 1 <= headdim <= MAX_HEADDIM:
         raise ValueError(f"headdim must be between 1 and {MAX_HEADDIM}, got {headdim}")
+    return nheads, nheads_k, headdim
+
+
+def _qkv_valid(q, k, v, rank: int) -> tuple[int, int, int] | None:
+    """``check_qkv``'s answer for arguments that pass every one of its checks, in few operations (it runs
+    on every call); None for anything else, which the full checks then explain."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    dtype = q.dtype
+    if not (len(qs) == rank and len(ks) == rank and len(vs) == rank and dtype in SUPPORTED_DTYPES
+            and k.dtype == dtype and v.dtype == dtype and q.device == k.device and q.device == v.device):
+        return None
+    nheads, headdim = qs[-2], qs[-1]
+    nheads_k = ks[-2]
+    if not (vs[-3] == ks[-3] and vs[-2] == nheads_k and nheads_k > 0 and nheads % nheads_k == 0
+            and ks[-1] == headdim and vs[-1] == headdim and 1 <= headdim <= MAX_HEADDIM):
+        return None
+    if rank == 4 and not (ks[0] == qs[0] and vs[0] == qs[0]):
+        return None
+    if headdim > 1 and not (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1):
+        return None
     return nheads, nheads_k, headdim
 
 

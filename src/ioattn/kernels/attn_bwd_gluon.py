@@ -54,7 +54,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from .attn_bwd import _row_stats
 from .attn_fwd_gluon import (
     _GL_DTYPES,
-    TensorDescriptor,
     _descriptor,
     _num_sms,
     _tma_describable,
@@ -70,6 +69,7 @@ from .common import (
     q_block_range,
     seq_bounds,
 )
+from .fastlaunch import Launcher, TmaDesc
 
 
 @gluon.jit
@@ -719,14 +719,17 @@ def tail_sum_kernel(Parts, DK, DV, stride_dkb, stride_dks, stride_dkh, stride_dv
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int, swizzle: int = 128) -> TensorDescriptor:
+def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int, swizzle: int = 128) -> TmaDesc:
     """The contiguous fp32 dQ buffer, (..., nheads, d), as (rows, nheads * d) for the bulk reduce-add of
     (block_m, block_d) tiles. The tile's shared-memory layout is the descriptor's: ``swizzle`` bytes (the
     consumers' stores from the wgmma accumulator layout hit 8 banks 8 ways in unswizzled rows of 128 or 256
     bytes, and 2 wavefronts a store with 128-byte swizzling; the copy engine then moves 32 columns a box)."""
     cols = dq_acc.shape[-2] * dq_acc.shape[-1]
-    return TensorDescriptor(dq_acc, [dq_acc.numel() // cols, cols], [cols, 1], [block_m, block_d],
-                            _dq_layout(swizzle))
+    return TmaDesc(dq_acc, (dq_acc.numel() // cols, cols), (cols, 1), (block_m, block_d), _dq_layout(swizzle))
+
+
+_launch_bwd = Launcher(attn_bwd_gluon_kernel)
+_launch_tail_sum = Launcher(tail_sum_kernel)
 
 
 @functools.cache
@@ -748,7 +751,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     nheads_k = k.shape[-2]
     cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
     block_m, block_n = cfg.block_m, cfg.block_n
-    grid_n = triton.cdiv(max_seqlen_k, block_n)
+    grid_n = -(-max_seqlen_k // block_n)
     grid = (grid_n, batch * nheads_k)
     if grid[0] * grid[1] == 0:
         return
@@ -765,7 +768,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         slopes = alibi_slopes.contiguous()
         stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
     left, right = window_size
-    n_mblocks = triton.cdiv(max_seqlen_q, block_m)
+    n_mblocks = -(-max_seqlen_q // block_m)
     # per (batch, head, query block): how many key blocks are done with it (deterministic only)
     # (an unused pointer otherwise, as cu_seqlens for dense inputs: no buffer to fill on every call)
     locks = torch.zeros(batch * nheads * n_mblocks, dtype=torch.int32, device=q.device) if deterministic else lse
@@ -783,14 +786,14 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         # (pieces, dK / dV, keys, d) fp32, every element written by the pieces
         parts = torch.empty(((tiles - n_whole) * split, 2, block_n, d), dtype=torch.float32, device=q.device)
         grid = (n_whole + (tiles - n_whole) * split,)
-    attn_bwd_gluon_kernel[grid](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
+    _launch_bwd(
+        grid, _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
         dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle), lse, delta, dk, dv,
         cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes, locks, parts,
         *dk_strides, *dv_strides, *lse_strides, stride_ab,
         k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
         nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks,
-        softmax_scale, qk_scale, softcap2, left, right, section, seed, dropout_p, n_whole, split,
+        softmax_scale, qk_scale, softcap2, left, right, section, seed, float(dropout_p), n_whole, split,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
         IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask), DETERMINISTIC=deterministic,
@@ -798,6 +801,6 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     )
     if split > 1:
         rows = 32
-        tail_sum_kernel[(tiles - n_whole, block_n // rows)](
-            parts, dk, dv, *dk_strides, *dv_strides, n_whole, split, grid_n, nheads_k, max_seqlen_k,
-            BLOCK_N=block_n, HEAD_DIM=d, ROWS=rows, num_warps=4)
+        _launch_tail_sum(
+            (tiles - n_whole, block_n // rows), parts, dk, dv, *dk_strides, *dv_strides, n_whole, split, grid_n,
+            nheads_k, max_seqlen_k, BLOCK_N=block_n, HEAD_DIM=d, ROWS=rows, num_warps=4)

@@ -26,7 +26,6 @@ import os
 from typing import NamedTuple
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -36,7 +35,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..backend import interpreting
 from .common import (
@@ -50,6 +48,7 @@ from .common import (
     seq_bounds,
     tanh,
 )
+from .fastlaunch import Launcher, TmaDesc
 
 LOG2E = 1.4426950408889634
 
@@ -1065,20 +1064,28 @@ def _tma_describable(t: torch.Tensor) -> bool:
     """The 2D (rows, columns) view needs unit d-stride, 16-byte aligned base and row stride, and, for
     dense (batch, seqlen, nheads, d) inputs, batches laid end to end along the sequence (or one batch).
     Varlen (total, nheads, d) inputs are one run of rows already."""
-    elem = t.element_size()
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(-3) * elem) % 16 == 0
-    if t.dim() == 4:
+    strides = t.stride()
+    ok = strides[-1] == 1 and t.data_ptr() % 16 == 0 and (strides[-3] * t.element_size()) % 16 == 0
+    if len(strides) == 4:
         batch, seqlen = t.shape[:2]
-        ok = ok and (batch == 1 or t.stride(0) == seqlen * t.stride(1))
+        ok = ok and (batch == 1 or strides[0] == seqlen * strides[1])
     return ok
+
+
+@functools.cache
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability (cached: torch's lookup costs microseconds a call)."""
+    return torch.cuda.get_device_capability(device)
 
 
 def gluon_enabled_on(*tensors: torch.Tensor) -> bool:
     """The gate every Gluon kernel shares: ``IOATTN_GLUON`` is not 0, Triton runs compiled (not interpreted),
     and the tensors are on an sm_90 device."""
+    if not all(t.is_cuda for t in tensors):
+        return False
     if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or interpreting():
         return False
-    return all(t.is_cuda for t in tensors) and torch.cuda.get_device_capability(tensors[0].device) == (9, 0)
+    return device_capability(tensors[0].device) == (9, 0)
 
 
 def gluon_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
@@ -1131,7 +1138,7 @@ def _tile_counter(device: torch.device) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, torch.cuda.current_stream(index).cuda_stream)
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
     counter = _TILE_COUNTERS.get(key)
     if counter is None:
         counter = _TILE_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
@@ -1143,12 +1150,18 @@ def _tile_layout(block_rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedL
     return gl.NVMMASharedLayout.get_default_for([block_rows, d], _GL_DTYPES[dtype])
 
 
-def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+def _descriptor(t: torch.Tensor, block_rows: int) -> TmaDesc:
     """(batch * seqlen or total, columns) view: head h starts at column h * stride_h."""
-    nheads, d = t.shape[-2:]
-    rows = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
-    return TensorDescriptor(t, [rows, (nheads - 1) * t.stride(-2) + d], [t.stride(-3), 1], [block_rows, d],
-                            _tile_layout(block_rows, d, t.dtype))
+    shape, strides = t.shape, t.stride()
+    nheads, d = shape[-2:]
+    rows = shape[0] * shape[1] if len(shape) == 4 else shape[0]
+    return TmaDesc(t, (rows, (nheads - 1) * strides[-2] + d), (strides[-3], 1), (block_rows, d),
+                   _tile_layout(block_rows, d, t.dtype))
+
+
+_launch_ws = Launcher(attn_fwd_gluon_ws_kernel)
+_launch_sched = Launcher(attn_fwd_gluon_ws_sched_kernel)
+_launch_single = Launcher(attn_fwd_gluon_kernel)
 
 
 def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
@@ -1163,23 +1176,26 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     for ``seed``. Call only where ``gluon_forward_supported`` is True.
     ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap."""
     varlen = cu_seqlens_q is not None
-    nheads, d = q.shape[-2:]
+    shape = q.shape
+    nheads, d = shape[-2:]
     nheads_k = k.shape[-2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(shape, dtype=q.dtype, device=q.device)
+    # out and lse are fresh and contiguous: their strides follow from the shapes.
     if varlen:
         batch = cu_seqlens_q.shape[0] - 1
-        lse = torch.empty((nheads, q.shape[0]), dtype=torch.float32, device=q.device)
-        stride_ob, stride_os, stride_oh = 0, out.stride(0), out.stride(1)
-        stride_lb, stride_lh = 0, lse.stride(0)
+        lse = torch.empty((nheads, shape[0]), dtype=torch.float32, device=q.device)
+        stride_ob, stride_os, stride_oh = 0, nheads * d, d
+        stride_lb, stride_lh = 0, shape[0]
     else:
-        batch, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        batch, max_seqlen_q, max_seqlen_k = shape[0], shape[1], k.shape[1]
         lse = torch.empty((batch, nheads, max_seqlen_q), dtype=torch.float32, device=q.device)
-        stride_ob, stride_os, stride_oh = out.stride(0), out.stride(1), out.stride(2)
-        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+        stride_ob, stride_os, stride_oh = max_seqlen_q * nheads * d, nheads * d, d
+        stride_lb, stride_lh = nheads * max_seqlen_q, max_seqlen_q
     cfg = config or _CONFIGS[d]
     overlap = cfg.overlap if overlap is None else overlap
     single = cfg.schedule == "single"
-    num_m = triton.cdiv(max_seqlen_q, cfg.block_m if single else 2 * cfg.block_m)
+    rows = cfg.block_m if single else 2 * cfg.block_m
+    num_m = -(-max_seqlen_q // rows)
     if num_m * batch * nheads == 0:
         return out, lse
     score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
@@ -1193,14 +1209,14 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
             stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
             q.stride(-2), k.stride(-2), v.stride(-2),
             nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, left, right, seed,
-            dropout_p)
+            float(dropout_p))
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=varlen,
                  SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, dropout_p, cfg),
                  HAS_ALIBI=0 if alibi_slopes is None else 2 if cfg.alibi_sides and not single else 1,
                  HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                  DROPOUT=dropout_p > 0, OVERLAP=overlap, num_warps=cfg.warps)
     if single:
-        attn_fwd_gluon_kernel[(num_m, batch * nheads)](*args, **flags)
+        _launch_single((num_m, batch * nheads), *args, **flags)
         return out, lse
     num_tiles = num_m * batch * nheads
     dynamic = cfg.dynamic and not varlen and right >= 0
@@ -1215,13 +1231,13 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     # dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
     flags["CHAIN"] = cfg.chain and persistent and not dynamic and max_seqlen_k > 0
     if not (dynamic or o_tma):
-        attn_fwd_gluon_ws_kernel[grid](*args, num_tiles, **flags)
+        _launch_ws(grid, *args, num_tiles, **flags)
         return out, lse
     # Sections of the dynamic schedule: KV heads whose K and V fit in L2 (common.py's L2_SECTION_BYTES), times
     # the query heads sharing each.
     section = order_section(batch * nheads_k, max_seqlen_k * d * 2 * q.element_size()) * (nheads // nheads_k)
     counter = _tile_counter(q.device) if dynamic else lse
     o_desc = _descriptor(out, cfg.block_m) if o_tma else args[0]
-    attn_fwd_gluon_ws_sched_kernel[grid](*args[:3], o_desc, *args[3:8], counter, *args[8:], num_tiles, section,
-                                         **flags, DYNAMIC=dynamic, O_TMA=o_tma)
+    _launch_sched(grid, *args[:3], o_desc, *args[3:8], counter, *args[8:], num_tiles, section,
+                  **flags, DYNAMIC=dynamic, O_TMA=o_tma)
     return out, lse

@@ -34,7 +34,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .attn_fwd_gluon import (
     _GL_DTYPES,
@@ -48,6 +47,7 @@ from .attn_fwd_gluon import (
     normalized_rows,
 )
 from .decode import key_range
+from .fastlaunch import Launcher, TmaDesc
 
 BLOCK_M = gl.constexpr(64)  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
 
@@ -342,10 +342,13 @@ def _box_layout(box: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([box, 64], _GL_DTYPES[dtype])
 
 
-def _descriptor(cache: torch.Tensor, box: int) -> TensorDescriptor:
-    nheads_k, d = cache.shape[2:]
-    return TensorDescriptor(cache, [cache.shape[0] * cache.shape[1], (nheads_k - 1) * cache.stride(2) + d],
-                            [cache.stride(1), 1], [box, 64], _box_layout(box, cache.dtype))
+def _descriptor(cache: torch.Tensor, box: int) -> TmaDesc:
+    shape, strides = cache.shape, cache.stride()
+    return TmaDesc(cache, (shape[0] * shape[1], (shape[2] - 1) * strides[2] + shape[3]), (strides[1], 1),
+                   (box, 64), _box_layout(box, cache.dtype))
+
+
+_launch = Launcher(decode_gluon_kernel)
 
 
 def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new: int,
@@ -361,8 +364,9 @@ def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_id
     box = min(page, cfg.block_n) if paged else cfg.block_n
     score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
     dummy = cache_seqlens
-    decode_gluon_kernel[(batch * nheads_k, num_splits)](
-        _descriptor(k_cache, box), _descriptor(v_cache, box), q, out_part, lse_part, cache_seqlens,
+    _launch(
+        (batch * nheads_k, num_splits), _descriptor(k_cache, box), _descriptor(v_cache, box), q, out_part, lse_part,
+        cache_seqlens,
         block_table if paged else dummy, cache_batch_idx if cache_batch_idx is not None else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(2), v_cache.stride(2),

@@ -14,14 +14,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 
 from ..backend import interpreting
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
+from .fastlaunch import Launcher, TmaDesc, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
+
+
+_launch_fwd = Launcher(attn_fwd_kernel)
+_launch_preprocess = Launcher(attn_bwd_preprocess_kernel)
+_launch_dq = Launcher(attn_bwd_dq_kernel)
+_launch_dkdv = Launcher(attn_bwd_dkdv_kernel)
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ def _get_config(kernel: str, block_d: int, causal: bool, dtype: torch.dtype) -> 
 
 def _block_d(headdim: int) -> int:
     # tl.dot needs every dimension >= 16; lanes past headdim are masked in the kernel, never padded here.
-    return max(16, triton.next_power_of_2(headdim))
+    return max(16, next_power_of_2(headdim))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -222,13 +228,13 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape(q, prob.varlen), dtype=torch.float32, device=q.device)
     cfg = get_config("fwd", _block_d(prob.headdim), prob.causal, q.dtype, prob.dropout_p > 0)
-    grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
+    grid = (cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) == 0:
         return out, lse
     slopes, stride_ab = _alibi_args(alibi_slopes, q)
     qk_scale, softcap2 = prob.log2_units()
-    attn_fwd_kernel[grid](
-        q, k, v, out, lse,
+    _launch_fwd(
+        grid, q, k, v, out, lse,
         cu_seqlens_q if prob.varlen else q, cu_seqlens_k if prob.varlen else q, slopes,
         *_seq_strides(q, prob.varlen), *_seq_strides(k, prob.varlen), *_seq_strides(v, prob.varlen),
         *_seq_strides(out, prob.varlen), *_lse_strides(lse, prob.varlen), stride_ab,
@@ -248,9 +254,7 @@ def _fused_dq_buffer(q: torch.Tensor, prob: Problem, block_d: int, block_m: int,
     acc = torch.zeros((z, rows, block_d), dtype=torch.float32, device=q.device)
     desc = None
     if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), [1, block_m, block_d])
+        desc = TmaDesc(acc, tuple(acc.shape), acc.stride(), (1, block_m, block_d))
     return acc, rows, desc
 
 
@@ -298,10 +302,10 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                                      window_size=(prob.window_left, prob.window_right))
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
-    grid = (triton.cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
+    grid = (cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
     if math.prod(grid) > 0:
-        attn_bwd_preprocess_kernel[grid](
-            out, dout, delta, cu_q, *_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen),
+        _launch_preprocess(
+            grid, out, dout, delta, cu_q, *_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen),
             *lse_strides, prob.nheads, prob.max_seqlen_q,
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
         )
@@ -325,23 +329,23 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     fused = not deterministic and (interpreting() or single_pass_backward(bd, prob.causal, prob.dropout_p > 0))
     if math.prod(grid) > 0:
         if not fused:
-            attn_bwd_dq_kernel[grid](
-                q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
+            _launch_dq(
+                grid, q, k, v, dout, lse, delta, dq, cu_q, cu_k, slopes,
                 *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
                 prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 FAST_TANH=bd > 64 or prob.causal, **flags,
             )
     cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype, prob.dropout_p > 0)
-    grid = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
+    grid = (cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
     if fused:
         tma = _tma_reduce_available(q)
         dq_acc, dq_rows, dq_desc = _fused_dq_buffer(q, prob, bd, cfg.block_m, tma)
     else:
         tma, dq_acc, dq_rows, dq_desc = False, q, 0, None
     if math.prod(grid) > 0:
-        attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, dq_acc, dq_desc, cu_q, cu_k, slopes,
+        _launch_dkdv(
+            grid, q, k, v, dout, lse, delta, dk, dv, dq_acc, dq_desc, cu_q, cu_k, slopes,
             *qkv_do_strides, *_seq_strides(dk, prob.varlen), *_seq_strides(dv, prob.varlen),
             *lse_strides, stride_ab,
             prob.nheads, prob.nheads_k, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,

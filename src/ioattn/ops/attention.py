@@ -105,13 +105,26 @@ class FlashAttnFunction(torch.autograd.Function):
         return dq, dk, dv, *([None] * 11)
 
 
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left, right,
+               softcap, alibi_slopes, dropout_p, deterministic):
+    """FlashAttnFunction where autograd will want a backward; otherwise the forward op alone (inference: no
+    autograd node to record, which is host time a call)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+            alibi_slopes is not None and alibi_slopes.requires_grad)):
+        return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       softmax_scale, left, right, softcap, alibi_slopes, dropout_p, deterministic)
+    out, lse, _seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     softmax_scale, left, right, softcap, alibi_slopes, dropout_p)
+    return out, lse
+
+
 def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size: tuple[int, int],
                     softcap: float, alibi_slopes, dropout_p: float, deterministic: bool):
     """Dense attention: q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out like q, lse float32 (b, h, sq)).
     ``window_size`` already has right = 0 when ``causal``; ``deterministic`` picks the backward."""
     left, right = window_size
-    return FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale, left, right,
-                                   softcap, alibi_slopes, dropout_p, deterministic)
+    return _attention(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale, left, right, softcap,
+                      alibi_slopes, dropout_p, deterministic)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
@@ -121,5 +134,5 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     cu_seqlens are read only on the device; the grid comes from max_seqlen_q. ``deterministic`` picks the
     backward."""
     left, right = window_size
-    return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   softmax_scale, left, right, softcap, alibi_slopes, dropout_p, deterministic)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left, right,
+                      softcap, alibi_slopes, dropout_p, deterministic)

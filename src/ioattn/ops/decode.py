@@ -10,7 +10,6 @@ a function of shapes only, so the ops run under ``torch.compile`` and inside CUD
 import functools
 
 import torch
-import triton
 
 from ..backend import select_backend
 from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch
@@ -25,10 +24,14 @@ from ..kernels.decode_gluon import (
     gluon_decode_supported,
     gluon_num_splits,
 )
+from ..kernels.fastlaunch import Launcher, cdiv, next_power_of_2
 from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+_launch_decode = Launcher(decode_kernel)
+_launch_combine = Launcher(combine_kernel)
+_launch_kv_write = Launcher(kvw.kv_write_kernel)
 
 
 @functools.cache
@@ -40,7 +43,7 @@ def _sm_count(device: torch.device) -> int:
 
 def decode_tiles(device: torch.device, rows: int, headdim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``rows`` = query heads per group x seqlen_q."""
-    block_m = max(16, triton.next_power_of_2(rows))
+    block_m = max(16, next_power_of_2(rows))
     if device.type != "cuda":
         return min(block_m, 32), 16, 4, 1
     block_m = min(block_m, 64)
@@ -62,9 +65,9 @@ def choose_num_splits(device: torch.device, batch: int, nheads: int, nheads_k: i
     programs in flight).
     """
     block_m, block_n, _, _ = decode_tiles(device, (nheads // nheads_k) * seqlen_q, headdim)
-    programs = batch * nheads_k * triton.cdiv((nheads // nheads_k) * seqlen_q, block_m)
+    programs = batch * nheads_k * cdiv((nheads // nheads_k) * seqlen_q, block_m)
     wanted = (4 if paged else 3) * _sm_count(device) // max(programs, 1)
-    return max(1, min(wanted, triton.cdiv(max_seqlen_k, 4 * block_n), MAX_SPLITS))
+    return max(1, min(wanted, cdiv(max_seqlen_k, 4 * block_n), MAX_SPLITS))
 
 
 def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
@@ -114,13 +117,13 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             _combine(out_part, lse_part, out, lse)
         return out, lse
     block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
-    block_d = max(16, triton.next_power_of_2(headdim))
+    block_d = max(16, next_power_of_2(headdim))
     qk_scale, softcap2 = _scales(softmax_scale, softcap)
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
     dummy = cache_seqlens
-    grid = (batch * nheads_k, triton.cdiv(group * seqlen_q, block_m), num_splits)
-    decode_kernel[grid](
-        q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
+    grid = (batch * nheads_k, cdiv(group * seqlen_q, block_m), num_splits)
+    _launch_decode(
+        grid, q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
         block_table if paged else dummy,
         cache_batch_idx if cache_batch_idx is not None else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,
@@ -150,10 +153,10 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
 
 def _combine(out_part, lse_part, out, lse):
     num_splits, batch, seqlen_q, nheads, headdim = out_part.shape
-    block_s = max(2, triton.next_power_of_2(num_splits))
-    block_d = max(16, triton.next_power_of_2(headdim))
-    combine_kernel[(batch * seqlen_q, nheads)](
-        out_part, lse_part, out, lse,
+    block_s = max(2, next_power_of_2(num_splits))
+    block_d = max(16, next_power_of_2(headdim))
+    _launch_combine(
+        (batch * seqlen_q, nheads), out_part, lse_part, out, lse,
         *out_part.stride()[:4], *lse_part.stride(),
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
         seqlen_q, num_splits,
@@ -173,14 +176,14 @@ def _kv_write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, 
     batch, seqlen_new, nheads_k, headdim = k.shape
     if batch * seqlen_new == 0:
         return
-    block_d = max(16, triton.next_power_of_2(headdim))
-    block_h = min(triton.next_power_of_2(nheads_k), max(1, 4096 // block_d))
+    block_d = max(16, next_power_of_2(headdim))
+    block_h = min(next_power_of_2(nheads_k), max(1, 4096 // block_d))
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
     paged = addressing != kvw.APPEND_CONTIGUOUS.value
     dummy = k_cache
-    grid = (batch * seqlen_new, triton.cdiv(nheads_k, block_h))
-    kvw.kv_write_kernel[grid](
-        k, v, k_cache, v_cache,
+    grid = (batch * seqlen_new, cdiv(nheads_k, block_h))
+    _launch_kv_write(
+        grid, k, v, k_cache, v_cache,
         slot_mapping if slot_mapping is not None else dummy,
         cache_seqlens if cache_seqlens is not None else dummy,
         block_table if block_table is not None else dummy,

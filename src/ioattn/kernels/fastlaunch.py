@@ -1,0 +1,138 @@
+"""Kernel launches with less host time than ``kernel[grid](...)``.
+
+Triton's launch path (``JITFunction.run``) binds the arguments, specialises each one, builds a cache key
+(a string of the options among it) and then calls the compiled kernel's launcher; Gluon kernels also take
+host ``TensorDescriptor`` objects, whose construction validates every field and whose specialisation prints
+their shared-memory layout. On an H200's host that is ~40 us of a forward call's ~100 (``scripts/host_time.py
+--pieces``).
+
+``Launcher`` keeps, per kernel, the compiled kernels it has launched, keyed by exactly what Triton
+specialises on: each argument's specialisation (Triton's own ``native_specialize_impl`` for ints and
+tensors; dtype, block shape and layout for a descriptor), the constexpr keyword arguments and the current
+device. A key seen before launches the compiled kernel directly; a new key goes through ``kernel[grid]``
+once (which compiles or finds the kernel) and records it. Descriptors are ``TmaDesc`` tuples: the fields
+Triton's launcher reads, plus the block shape and layout that a real descriptor is made from on a miss.
+
+The direct launch is used only where it applies: compiled Triton (not the interpreter), no launch hooks
+registered (profilers get Triton's own path and its launch metadata), and ``IOATTN_FAST_LAUNCH`` not 0 when
+ioattn is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import torch
+from triton import knobs
+
+try:  # Triton's own specialisation of one argument (C++), the function its binder calls
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction
+except ImportError:  # pragma: no cover - another Triton layout: every launch takes kernel[grid]
+    native_specialize_impl = None
+    JITFunction = None
+
+
+class TmaDesc(NamedTuple):
+    """A host tensor descriptor as Triton's launcher reads it (``base``, ``shape``, ``strides``,
+    ``padding``), with the ``block_shape`` and shared-memory ``layout`` of the descriptor it stands for.
+    ``layout`` None: a ``tl`` kernel's descriptor (``triton.tools.tensor_descriptor``)."""
+
+    base: torch.Tensor
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    layout: Any = None
+    padding: str = "zero"
+
+    def real(self):
+        """The Triton descriptor object this stands for (what ``kernel[grid]`` takes)."""
+        if self.layout is None:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            return TensorDescriptor(self.base, list(self.shape), list(self.strides), list(self.block_shape),
+                                    padding=self.padding)
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        return TensorDescriptor(self.base, list(self.shape), list(self.strides), list(self.block_shape),
+                                self.layout, padding=self.padding)
+
+
+# Read once, at import: ``IOATTN_FAST_LAUNCH=0`` sends every launch through Triton's own path.
+_ENABLED = os.environ.get("IOATTN_FAST_LAUNCH", "1").strip() != "0"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: microseconds a host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), for host code, like ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length()
+
+
+def arg_specs(args) -> tuple:
+    """What Triton's binder specialises each argument on (its compile-time identity): Triton's own
+    function for everything but our descriptors, whose dtype, block shape and layout make their type."""
+    spec = native_specialize_impl
+    return tuple([(a.base.dtype, a.block_shape, id(a.layout), a.padding) if type(a) is TmaDesc
+                  else spec(BaseBackend, a, False, True, True) for a in args])
+
+
+class Launcher:
+    """``Launcher(kernel)(grid, *args, **constexprs)`` launches like ``kernel[grid](*args, **constexprs)``,
+    with ``TmaDesc`` in place of descriptor objects. ``args`` are the kernel's leading parameters (every
+    non-constexpr one, in order); ``constexprs`` the rest, by name, as the kernel call would take them."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled: dict[tuple, tuple[Any, tuple]] = {}
+        self.direct = JITFunction is not None and isinstance(kernel, JITFunction)
+
+    def __call__(self, grid, *args, **constexprs):
+        if self.direct and _ENABLED:
+            hooks = _hooks()
+            if not (hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls):
+                return self._direct(grid, args, constexprs)
+        return self.kernel[grid](*(a.real() if type(a) is TmaDesc else a for a in args), **constexprs)
+
+    def _direct(self, grid, args, constexprs):
+        device = torch.cuda.current_device()
+        key = (device, tuple(constexprs.items()), arg_specs(args))
+        entry = self.compiled.get(key)
+        if entry is None:
+            return self._miss(key, grid, args, constexprs)
+        kernel, tail = entry
+        stream = _raw_stream(device)
+        hooks = _hooks()
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   kernel.function, kernel.packed_metadata, None, hooks.launch_enter_hook, hooks.launch_exit_hook,
+                   *args, *tail)
+        return kernel
+
+    def _miss(self, key, grid, args, constexprs):
+        real = [a.real() if type(a) is TmaDesc else a for a in args]
+        kernel = self.kernel[grid](*real, **constexprs)
+        if hasattr(kernel, "result"):  # an asynchronous compile's future
+            kernel = kernel.result()
+        # The compiled launcher takes every parameter in order, constexprs included: bind once to find the
+        # constexprs' values (defaults too) after the leading arguments.
+        binder = self.kernel.device_caches[key[0]][4]
+        bound, _spec, _options = binder(*real, **constexprs)
+        values = tuple(bound.values())
+        head = values[:len(real)]
+        if len(head) == len(real) and all(v is r for v, r in zip(head, real, strict=True)):
+            self.compiled[key] = (kernel, values[len(real):])
+        return kernel
+
+
+def _hooks():
+    return knobs.runtime
+
+
+def _raw_stream(device: int) -> int:
+    """The current stream's handle, as Triton's launch path reads it."""
+    return torch._C._cuda_getCurrentRawStream(device)

@@ -1,0 +1,89 @@
+"""The direct launch path (``ioattn.kernels.fastlaunch``): a compiled kernel is reused only for arguments
+that Triton would specialise the same way, and the host helpers agree with Triton's."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from ioattn.backend import interpreting
+from ioattn.kernels import fastlaunch
+from ioattn.kernels.fastlaunch import Launcher, cdiv, next_power_of_2
+
+CUDA = torch.cuda.is_available() and not interpreting()
+
+
+def test_host_helpers_match_triton():
+    for n in range(1, 3000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+    for a in range(0, 300, 7):
+        for b in (1, 2, 16, 64, 129):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+
+
+@triton.jit
+def _axpy_kernel(X, Y, n, stride, alpha, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(X + offs * stride, mask=mask)
+    tl.store(Y + offs, x * alpha + 1.0, mask=mask)
+
+
+def test_interpreter_falls_back():
+    """Under the interpreter (CI) there is no compiled kernel: every launch takes ``kernel[grid]``."""
+    if not interpreting():
+        pytest.skip("interpreter only")
+    launcher = Launcher(_axpy_kernel)
+    assert not launcher.direct
+    x = torch.arange(40, dtype=torch.float32)
+    y = torch.empty(40)
+    launcher((1,), x, y, 40, 1, 2.0, BLOCK=64)
+    torch.testing.assert_close(y, x * 2 + 1)
+    assert not launcher.compiled
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled Triton on a CUDA device")
+def test_specialisations_get_their_own_kernels():
+    """n = 1 (a constant), n divisible by 16, n not; unit and other strides; a 16-byte aligned and an
+    unaligned pointer: each variant gets the kernel Triton compiles for it, and a repeated variant with new
+    data reuses its kernel."""
+    launcher = Launcher(_axpy_kernel)
+    base = torch.randn(4096, device="cuda")
+    variants = [(base, 1, 1), (base, 16, 1), (base, 17, 1), (base, 33, 3), (base[1:], 48, 1), (base[1:], 1, 2),
+                (base, 1000, 2)]
+    for x, n, stride in variants:
+        for alpha in (2.0, -0.5):
+            y = torch.full((n,), float("nan"), device="cuda")
+            launcher((cdiv(n, 64),), x, y, n, stride, alpha, BLOCK=64)
+            torch.testing.assert_close(y, x[: n * stride: stride] * alpha + 1)
+    keys = list(launcher.compiled)
+    assert len(keys) == len({(n == 1, n % 16 == 0, s == 1, s % 16 == 0, x.data_ptr() % 16 == 0)
+                             for x, n, s in variants})
+    # The same variants again, with fresh data: no new kernels.
+    for x, n, stride in variants:
+        x = x.clone() if x.data_ptr() % 16 == 0 else torch.randn(4097, device="cuda")[1:]
+        y = torch.empty(n, device="cuda")
+        launcher((cdiv(n, 64),), x, y, n, stride, 3.0, BLOCK=64)
+        torch.testing.assert_close(y, x[: n * stride: stride] * 3 + 1)
+    assert list(launcher.compiled) == keys
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled Triton on a CUDA device")
+def test_direct_and_triton_paths_agree(monkeypatch):
+    """The attention forward and the deterministic backward give the same bits through the cached kernels
+    (second and later calls of a shape) as through Triton's own launch path (``IOATTN_FAST_LAUNCH=0``)."""
+    import ioattn
+
+    torch.manual_seed(0)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(fastlaunch, "_ENABLED", fast)
+        torch.manual_seed(0)
+        for _ in range(3):  # the first call of a shape may compile; the later ones launch directly
+            q, k, v = (torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            out = ioattn.flash_attn_func(q, k, v, causal=True, deterministic=True)
+            out.backward(torch.ones_like(out))
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
