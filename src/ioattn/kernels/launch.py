@@ -289,7 +289,6 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
@@ -318,7 +317,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                        softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
                        window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
                        dropout_p=prob.dropout_p, seed=seed)
-        return dq.copy_(dq_acc), dk, dv
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # The portable kernels' arguments (host time the Gluon path does not spend).
     flags = prob.flags(q.dtype, alibi_slopes is not None)
     slopes, stride_ab = _alibi_args(alibi_slopes, q)
