@@ -57,3 +57,39 @@ def test_flash_attn_same_result_with_or_without_the_dispatcher(monkeypatch):
     torch.testing.assert_close(out, out_direct, atol=0, rtol=0)
     for g, gd in zip(grads, grads_direct, strict=True):
         torch.testing.assert_close(g, gd, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_calls_skip_autograd_with_the_same_numbers(monkeypatch):
+    """Without a derivative to record (no grad mode, or no input requiring grad) the forward op runs without
+    the autograd.Function: same output and lse, nothing attached to autograd. A forward-AD level still takes
+    the Function (which refuses forward mode, as before)."""
+    import torch.autograd.forward_ad as fwAD
+
+    import ioattn.ops.attention as ops
+
+    torch.manual_seed(1)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    q, k, v = (torch.randn(2, 33, 2, 32, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    out, lse, _ = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert out.requires_grad
+    applied = []
+    real_apply = ops.FlashAttnFunction.apply
+    monkeypatch.setattr(ops.FlashAttnFunction, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    for plain in (lambda t: t.detach(), lambda t: t):
+        with torch.no_grad() if plain(q) is q else torch.enable_grad():
+            out2, lse2, _ = ioattn.flash_attn_func(plain(q), plain(k), plain(v), causal=True,
+                                                   return_attn_probs=True)
+        assert not out2.requires_grad and out2.grad_fn is None
+        torch.testing.assert_close(out2, out.detach(), atol=0, rtol=0)
+        torch.testing.assert_close(lse2, lse, atol=0, rtol=0)
+    assert not applied
+    with torch.inference_mode():
+        ioattn.flash_attn_func(q.detach(), k.detach(), v.detach())
+    assert not applied
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q.detach(), torch.ones_like(q))
+        try:
+            ioattn.flash_attn_func(dual, k.detach(), v.detach())
+        except (NotImplementedError, RuntimeError):
+            pass
+    assert applied

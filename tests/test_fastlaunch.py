@@ -68,22 +68,43 @@ def test_specialisations_get_their_own_kernels():
     assert list(launcher.compiled) == keys
 
 
-@pytest.mark.skipif(not CUDA, reason="compiled Triton on a CUDA device")
-def test_direct_and_triton_paths_agree(monkeypatch):
-    """The attention forward and the deterministic backward give the same bits through the cached kernels
-    (second and later calls of a shape) as through Triton's own launch path (``IOATTN_FAST_LAUNCH=0``)."""
+def _attention_calls():
+    """Forward and deterministic backward of dense and varlen inputs (several shapes, so that launches hit
+    the cache with new descriptor shapes and strides), and decode over contiguous and paged caches."""
     import ioattn
 
-    torch.manual_seed(0)
     results = []
+    for shape, causal in (((2, 300, 4, 128), True), ((1, 517, 4, 128), False), ((2, 300, 8, 64), True)):
+        for _ in range(2):  # the first call of a shape may compile; the second launches directly
+            q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            out = ioattn.flash_attn_func(q, k, v, causal=causal, deterministic=True)
+            out.backward(torch.ones_like(out))
+            results += [out.detach(), q.grad, k.grad, v.grad]
+    cu = torch.tensor([0, 100, 101, 357], device="cuda", dtype=torch.int32)
+    for _ in range(2):
+        q, k, v = (torch.randn(357, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        out = ioattn.flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True, deterministic=True)
+        out.backward(torch.ones_like(out))
+        results += [out.detach(), q.grad, k.grad, v.grad]
+    for _ in range(2):
+        kc, vc = (torch.randn(4, 2048, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        qd = torch.randn(4, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+        lens = torch.tensor([1, 700, 2048, 1500], device="cuda", dtype=torch.int32)
+        results.append(ioattn.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lens))
+        table = torch.randperm(4 * 128, device="cuda", dtype=torch.int32).view(4, 128)
+        pages = (kc.view(-1, 16, 2, 128)[table.flatten().argsort()], vc.view(-1, 16, 2, 128)[table.flatten().argsort()])
+        results.append(ioattn.flash_attn_with_kvcache(qd, *pages, cache_seqlens=lens, block_table=table))
+    return results
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled Triton on a CUDA device")
+def test_direct_and_triton_paths_agree(monkeypatch):
+    """The same bits through the cached kernels as through Triton's own launch path
+    (``IOATTN_FAST_LAUNCH=0``), for the attention forward, the deterministic backward and decode."""
+    runs = []
     for fast in (True, False):
         monkeypatch.setattr(fastlaunch, "_ENABLED", fast)
         torch.manual_seed(0)
-        for _ in range(3):  # the first call of a shape may compile; the later ones launch directly
-            q, k, v = (torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            out = ioattn.flash_attn_func(q, k, v, causal=True, deterministic=True)
-            out.backward(torch.ones_like(out))
-        results.append((out.detach(), q.grad, k.grad, v.grad))
-    for a, b in zip(*results, strict=True):
+        runs.append(_attention_calls())
+    for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

@@ -122,3 +122,36 @@ def test_backend_env_error(monkeypatch):
     monkeypatch.setenv("IOATTN_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="IOATTN_BACKEND"):
         ioattn.flash_attn_func(*_qkv())
+
+
+def test_qkv_fast_path_accepts_only_what_the_full_checks_accept(monkeypatch):
+    """``check_qkv`` answers valid arguments in one pass (``_qkv_valid``): for valid and invalid arguments
+    alike, whatever it accepts the full checks accept with the same answer, and every valid case takes it."""
+    from ioattn import validation as V
+
+    def t(*shape, dtype=torch.float16, device="cpu", stride_last=True):
+        x = torch.zeros(*shape[:-1], shape[-1] * (1 if stride_last else 2), dtype=dtype, device=device)
+        return x if stride_last else x[..., ::2]
+
+    base = ((2, 8, 4, 16), (2, 9, 2, 16), (2, 9, 2, 16))
+    cases = [tuple(t(*s) for s in base)]
+    for i in range(3):  # one argument changed at a time
+        for bad in (t(3, *base[i][1:]), t(*base[i][:-1], 32), t(*base[i][:2], 3, 16), t(*base[i][:1], 7, 2, 16),
+                    t(*base[i], dtype=torch.int32), t(*base[i], dtype=torch.float32), t(*base[i], stride_last=False),
+                    t(*base[i][1:]), "not a tensor"):
+            args = list(cases[0])
+            args[i] = bad
+            cases.append(tuple(args))
+    cases += [(t(2, 8, 4, 300), t(2, 9, 2, 300), t(2, 9, 2, 300)), (t(2, 8, 4, 1), t(2, 9, 2, 1), t(2, 9, 2, 1)),
+              (t(2, 8, 4, 16), t(2, 9, 0, 16), t(2, 9, 0, 16))]
+    for q, k, v in cases:
+        rank = q.dim() if isinstance(q, torch.Tensor) else 4
+        fast = V._qkv_valid(q, k, v, rank)
+        with monkeypatch.context() as mp:
+            mp.setattr(V, "_qkv_valid", lambda *a: None)
+            try:
+                full = V.check_qkv(q, k, v, rank=rank)
+            except (TypeError, ValueError):
+                full = None
+        assert fast is None or fast == full, (q, k, v)
+        assert (fast is None) == (full is None), "a valid case missed the fast path"

@@ -69,7 +69,7 @@ from .common import (
     q_block_range,
     seq_bounds,
 )
-from .fastlaunch import Launcher, TmaDesc
+from .fastlaunch import Launcher, TmaDesc, cdiv
 
 
 @gluon.jit
@@ -684,7 +684,7 @@ def tail_split(tiles: int, sms: int, steps: int) -> int:
         return 1
     best, best_time = 1, float(steps)
     for split in range(2, min(MAX_SPLIT, steps // MIN_PIECE_STEPS) + 1):
-        time = -(-rest * split // sms) * (steps / split + PIECE_COST_STEPS)
+        time = cdiv(rest * split, sms) * (steps / split + PIECE_COST_STEPS)
         if time < best_time:
             best, best_time = split, time
     return best if best_time <= 0.98 * steps else 1
@@ -751,7 +751,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     nheads_k = k.shape[-2]
     cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
     block_m, block_n = cfg.block_m, cfg.block_n
-    grid_n = -(-max_seqlen_k // block_n)
+    grid_n = cdiv(max_seqlen_k, block_n)
     grid = (grid_n, batch * nheads_k)
     if grid[0] * grid[1] == 0:
         return
@@ -768,7 +768,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         slopes = alibi_slopes.contiguous()
         stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
     left, right = window_size
-    n_mblocks = -(-max_seqlen_q // block_m)
+    n_mblocks = cdiv(max_seqlen_q, block_m)
     # per (batch, head, query block): how many key blocks are done with it (deterministic only)
     # (an unused pointer otherwise, as cu_seqlens for dense inputs: no buffer to fill on every call)
     locks = torch.zeros(batch * nheads * n_mblocks, dtype=torch.int32, device=q.device) if deterministic else lse

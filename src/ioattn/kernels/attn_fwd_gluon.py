@@ -48,7 +48,7 @@ from .common import (
     seq_bounds,
     tanh,
 )
-from .fastlaunch import Launcher, TmaDesc
+from .fastlaunch import Launcher, TmaDesc, cdiv
 
 LOG2E = 1.4426950408889634
 
@@ -1195,7 +1195,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     overlap = cfg.overlap if overlap is None else overlap
     single = cfg.schedule == "single"
     rows = cfg.block_m if single else 2 * cfg.block_m
-    num_m = -(-max_seqlen_q // rows)
+    num_m = cdiv(max_seqlen_q, rows)
     if num_m * batch * nheads == 0:
         return out, lse
     score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)

@@ -47,7 +47,7 @@ from .attn_fwd_gluon import (
     normalized_rows,
 )
 from .decode import key_range
-from .fastlaunch import Launcher, TmaDesc
+from .fastlaunch import Launcher, TmaDesc, cdiv
 
 BLOCK_M = gl.constexpr(64)  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
 
@@ -334,7 +334,7 @@ def gluon_num_splits(device: torch.device, batch: int, nheads_k: int, capacity: 
     program streams at the rate of several pipelined ones, so no more), each split >= 4 tiles."""
     per_sm = max(1, SMEM_PER_SM // config.smem_bytes(headdim))
     wanted = per_sm * _num_sms(device) // max(batch * nheads_k, 1)
-    return max(1, min(wanted, -(-capacity // (4 * config.block_n)), max_splits))
+    return max(1, min(wanted, cdiv(capacity, 4 * config.block_n), max_splits))
 
 
 @functools.cache

@@ -93,21 +93,23 @@ class Launcher:
         self.direct = JITFunction is not None and isinstance(kernel, JITFunction)
 
     def __call__(self, grid, *args, **constexprs):
-        if self.direct and _ENABLED:
-            hooks = _hooks()
-            if not (hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls):
+        if self.direct and _ENABLED and not self.kernel.pre_run_hooks:
+            hooks = knobs.runtime
+            if not (_hook_active(hooks.launch_enter_hook) or _hook_active(hooks.launch_exit_hook)):
                 return self._direct(grid, args, constexprs)
         return self.kernel[grid](*(a.real() if type(a) is TmaDesc else a for a in args), **constexprs)
 
     def _direct(self, grid, args, constexprs):
         device = torch.cuda.current_device()
-        key = (device, tuple(constexprs.items()), arg_specs(args))
+        # Triton's options also take its debug and instrumentation knobs (JITFunction.run).
+        key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(constexprs.items()),
+               arg_specs(args))
         entry = self.compiled.get(key)
         if entry is None:
             return self._miss(key, grid, args, constexprs)
-        kernel, tail = entry
+        kernel, tail, _layouts = entry
         stream = _raw_stream(device)
-        hooks = _hooks()
+        hooks = knobs.runtime
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                    kernel.function, kernel.packed_metadata, None, hooks.launch_enter_hook, hooks.launch_exit_hook,
                    *args, *tail)
@@ -118,6 +120,10 @@ class Launcher:
         kernel = self.kernel[grid](*real, **constexprs)
         if hasattr(kernel, "result"):  # an asynchronous compile's future
             kernel = kernel.result()
+        # Only constexprs and compile options by keyword: a runtime argument there would be keyed by value.
+        params = {p.name: p for p in self.kernel.params}
+        if any(name in params and not params[name].is_constexpr for name in constexprs):
+            return kernel
         # The compiled launcher takes every parameter in order, constexprs included: bind once to find the
         # constexprs' values (defaults too) after the leading arguments.
         binder = self.kernel.device_caches[key[0]][4]
@@ -125,12 +131,15 @@ class Launcher:
         values = tuple(bound.values())
         head = values[:len(real)]
         if len(head) == len(real) and all(v is r for v, r in zip(head, real, strict=True)):
-            self.compiled[key] = (kernel, values[len(real):])
+            # The layouts are keyed by id(): the entry holds them, so no other object can take their ids.
+            layouts = tuple(a.layout for a in args if type(a) is TmaDesc)
+            self.compiled[key] = (kernel, values[len(real):], layouts)
         return kernel
 
 
-def _hooks():
-    return knobs.runtime
+def _hook_active(hook) -> bool:
+    """Whether a launch hook would do something (Triton 3.6 keeps a chain of them, empty by default)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _raw_stream(device: int) -> int:

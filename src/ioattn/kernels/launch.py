@@ -339,7 +339,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
     if fused:
-        tma = _tma_reduce_available(q)
+        # No bulk reduce-add into an empty buffer (seqlen_q = 0): a descriptor needs rows.
+        tma = _tma_reduce_available(q) and (q.shape[0] if prob.varlen else prob.max_seqlen_q) > 0
         dq_acc, dq_rows, dq_desc = _fused_dq_buffer(q, prob, bd, cfg.block_m, tma)
     else:
         tma, dq_acc, dq_rows, dq_desc = False, q, 0, None

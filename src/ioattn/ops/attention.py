@@ -105,12 +105,19 @@ class FlashAttnFunction(torch.autograd.Function):
         return dq, dk, dv, *([None] * 11)
 
 
+def _forward_ad_level() -> int:
+    """The innermost active forward-mode AD level, -1 when none."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1)
+
+
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left, right,
                softcap, alibi_slopes, dropout_p, deterministic):
-    """FlashAttnFunction where autograd will want a backward; otherwise the forward op alone (inference: no
-    autograd node to record, which is host time a call)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
-            alibi_slopes is not None and alibi_slopes.requires_grad)):
+    """FlashAttnFunction where autograd may want a derivative (grad mode with an input that requires grad, or
+    a forward-AD level, which the Function refuses with its own error); otherwise the forward op alone
+    (inference: no autograd node to record, which is host time a call)."""
+    if _forward_ad_level() >= 0 or torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or (alibi_slopes is not None and alibi_slopes.requires_grad)):
         return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        softmax_scale, left, right, softcap, alibi_slopes, dropout_p, deterministic)
     out, lse, _seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
