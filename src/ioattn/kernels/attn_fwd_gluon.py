@@ -48,7 +48,7 @@ from .common import (
     seq_bounds,
     tanh,
 )
-from .fastlaunch import Launcher, TmaDesc, cdiv
+from .fastlaunch import Launcher, TmaDesc, cdiv, raw_stream
 
 LOG2E = 1.4426950408889634
 
@@ -1138,7 +1138,7 @@ def _tile_counter(device: torch.device) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    key = (index, raw_stream(index))
     counter = _TILE_COUNTERS.get(key)
     if counter is None:
         counter = _TILE_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)

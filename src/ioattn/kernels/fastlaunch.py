@@ -97,7 +97,7 @@ class Launcher:
             hooks = knobs.runtime
             if not (_hook_active(hooks.launch_enter_hook) or _hook_active(hooks.launch_exit_hook)):
                 return self._direct(grid, args, constexprs)
-        return self.kernel[grid](*(a.real() if type(a) is TmaDesc else a for a in args), **constexprs)
+        return self.kernel[grid](*_real(args), **constexprs)
 
     def _direct(self, grid, args, constexprs):
         device = torch.cuda.current_device()
@@ -108,7 +108,7 @@ class Launcher:
         if entry is None:
             return self._miss(key, grid, args, constexprs)
         kernel, tail, _layouts = entry
-        stream = _raw_stream(device)
+        stream = raw_stream(device)
         hooks = knobs.runtime
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                    kernel.function, kernel.packed_metadata, None, hooks.launch_enter_hook, hooks.launch_exit_hook,
@@ -116,7 +116,7 @@ class Launcher:
         return kernel
 
     def _miss(self, key, grid, args, constexprs):
-        real = [a.real() if type(a) is TmaDesc else a for a in args]
+        real = _real(args)
         kernel = self.kernel[grid](*real, **constexprs)
         if hasattr(kernel, "result"):  # an asynchronous compile's future
             kernel = kernel.result()
@@ -137,11 +137,16 @@ class Launcher:
         return kernel
 
 
+def _real(args) -> list:
+    """The arguments as ``kernel[grid]`` takes them: each ``TmaDesc`` as the descriptor it stands for."""
+    return [a.real() if type(a) is TmaDesc else a for a in args]
+
+
 def _hook_active(hook) -> bool:
     """Whether a launch hook would do something (Triton 3.6 keeps a chain of them, empty by default)."""
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _raw_stream(device: int) -> int:
+def raw_stream(device: int) -> int:
     """The current stream's handle, as Triton's launch path reads it."""
     return torch._C._cuda_getCurrentRawStream(device)

@@ -19,6 +19,7 @@ from ..backend import interpreting
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
+from .attn_fwd_gluon import device_capability
 from .fastlaunch import Launcher, TmaDesc, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
@@ -269,7 +270,7 @@ def _fused_dq_out(acc: torch.Tensor, dq: torch.Tensor, prob: Problem) -> torch.T
 
 
 def _tma_reduce_available(t: torch.Tensor) -> bool:
-    return t.is_cuda and not interpreting() and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return t.is_cuda and not interpreting() and device_capability(t.device)[0] >= 9
 
 
 def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int,
