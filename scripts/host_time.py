@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
+import statistics
 import time
 
 import torch
@@ -23,17 +25,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import ioattn
 
 
-def host_us(fn, n: int = 300) -> tuple[float, float]:
-    """(host microseconds a call, microseconds a call including the final synchronisation)."""
+def host_us(fn, n: int = 300, blocks: int = 15) -> tuple[float, float]:
+    """(host microseconds a call, microseconds a call including the final synchronisation): the median over
+    ``blocks`` blocks of ``n // blocks`` calls each (a busy host's stalls fall in a few blocks)."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return host, (time.perf_counter() - t) / n * 1e6
+    per = max(1, n // blocks)
+    hosts, totals = [], []
+    for _ in range(blocks):
+        t = time.perf_counter()
+        for _ in range(per):
+            fn()
+        hosts.append((time.perf_counter() - t) / per * 1e6)
+        torch.cuda.synchronize()
+        totals.append((time.perf_counter() - t) / per * 1e6)
+    return statistics.median(hosts), statistics.median(totals)
 
 
 def main() -> None:
@@ -44,6 +51,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--pieces", action="store_true", help="also time the parts of a Gluon forward call")
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions of each call")
+    ap.add_argument("--threads", action="store_true",
+                    help="also split a forward+backward's time between the calling and the autograd device thread")
     args = ap.parse_args()
     shape = (args.batch, args.seqlen, args.heads, args.headdim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -83,6 +92,8 @@ def main() -> None:
         print(f"{'forward+backward, calling thread':36s} {host_us(fwd_bwd)[0]:8.1f} us host")
     if args.pieces:
         pieces(q.detach(), k.detach(), v.detach())
+    if args.threads:
+        threads(q, k, v, dout)
     if args.profile:
         for name in ("forward (no grad)", "decode (flash_attn_with_kvcache)"):
             profile(name, cases[name], args.profile)
@@ -100,8 +111,122 @@ def profile(name: str, fn, top: int, n: int = 300) -> None:
         fn()
     prof.disable()
     torch.cuda.synchronize()
-    print(f"\n--- {name}: {n} calls, own time (tottime) ---")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    for key in ("tottime", "cumtime"):
+        print(f"\n--- {name}: {n} calls, by {key} ---")
+        pstats.Stats(prof).sort_stats(key).print_stats(top)
+
+
+def _py_work(n: int = 2000) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def threads(q, k, v, dout) -> None:
+    """Where a forward+backward's host time goes when autograd runs the backward on its device thread: the
+    hand-off there and back, and the backward's own Python on each thread (with and without multithreading)."""
+    from ioattn.ops import attention as A
+
+    marks: dict[str, list[float]] = {"enter": [], "exit": []}
+    original = A.FlashAttnFunction.backward
+
+    def timed_backward(ctx, *grads):
+        marks["enter"].append(time.perf_counter())
+        out = original(ctx, *grads)
+        marks["exit"].append(time.perf_counter())
+        return out
+
+    from ioattn.kernels.attn_bwd_gluon import gluon_backward_supported
+    from ioattn.kernels.launch import make_problem
+
+    def glue():  # the backward's kind of Python (library functions, tensor metadata), no CUDA call
+        for _ in range(10):
+            gluon_backward_supported(q, k, v, dout, dropout_p=0.0, alibi_slopes=None)
+            make_problem(q, k, None, 0, 0, 0.1, -1, 0, 0.0, 0.0)
+
+    def launches():  # eight small kernels launched from C++ (torch ops), little Python
+        y = torch.empty_like(dout)
+        for _ in range(8):
+            y.fill_(1.0)
+
+    class Work(torch.autograd.Function):
+        """A clone whose backward runs ``Work.body`` (pure Python, library glue, or launches)."""
+        body = staticmethod(_py_work)
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            marks["enter"].append(time.perf_counter())
+            Work.body()
+            marks["exit"].append(time.perf_counter())
+            return g
+
+    x = torch.randn(16, device="cuda", requires_grad=True)
+    gx = torch.ones(16, device="cuda")
+    def clone_grad():
+        y = Work.apply(x)
+        marks["forward"] = time.perf_counter()
+        return torch.autograd.grad(y, (x,), gx)
+
+    def ioattn_grad():
+        out = A.flash_attention(q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=True, window_size=(-1, 0),
+                                softcap=0.0, alibi_slopes=None, dropout_p=0.0, deterministic=False)[0]
+        marks["forward"] = time.perf_counter()
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    def body(fn):
+        def call():
+            Work.body = staticmethod(fn)
+            return clone_grad()
+        return call
+
+    cases = {
+        "python work, main thread": lambda: _py_work(),
+        "clone+backward (py work)": body(_py_work),
+        "library glue, main thread": glue,
+        "clone+backward (glue)": body(glue),
+        "8 launches, main thread": launches,
+        "clone+backward (launches)": body(launches),
+        "ioattn forward+backward": ioattn_grad,
+    }
+    A.FlashAttnFunction.backward = staticmethod(timed_backward)
+    try:
+        for mt in (True, False):
+            for name, fn in cases.items():
+                n = 300
+                with torch.autograd.set_multithreading_enabled(mt):
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
+                    spans = []
+                    for _ in range(n):
+                        marks["enter"].clear()
+                        marks["exit"].clear()
+                        t0 = time.perf_counter()
+                        fn()
+                        t1 = time.perf_counter()
+                        if marks["enter"]:
+                            spans.append((t0, marks["forward"], marks["enter"][0], marks["exit"][0], t1))
+                    torch.cuda.synchronize()
+                if spans:
+                    us = [sum(s[i + 1] - s[i] for s in spans) / len(spans) * 1e6 for i in range(4)]
+                    total = sum(s[4] - s[0] for s in spans) / len(spans) * 1e6
+                    print(f"{name:28s} multithreading={mt!s:5s} total {total:7.1f} us: forward {us[0]:6.1f},"
+                          f" to backward {us[1]:6.1f}, in backward {us[2]:6.1f}, after {us[3]:6.1f}")
+                else:
+                    print(f"{name:28s} multithreading={mt!s:5s} total {host_us(fn)[0]:7.1f} us")
+                torch.cuda.synchronize()
+        gc.disable()
+        try:
+            print(f"{'ioattn forward+backward, gc off':40s} {host_us(ioattn_grad)[0]:7.1f} us")
+        finally:
+            gc.enable()
+    finally:
+        A.FlashAttnFunction.backward = original
 
 
 def pieces(q, k, v) -> None:

@@ -21,6 +21,44 @@ def test_host_helpers_match_triton():
             assert cdiv(a, b) == triton.cdiv(a, b)
 
 
+def test_arg_specs_key_what_triton_specialises():
+    """Leading descriptors are keyed by dtype, block shape, layout and padding; every other argument by
+    Triton's own specialisation, also where a descriptor comes after other arguments."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from ioattn.kernels.fastlaunch import TmaDesc, arg_specs
+
+    t = torch.zeros(64, 64)
+    desc = TmaDesc(t, (64, 64), (64, 1), (16, 64), None)
+
+    def spec(a):
+        return native_specialize_impl(BaseBackend, a, False, True, True)
+
+    plain = (t, t.view(-1)[1:], 1, 16, 17, 2.5, None)
+    assert arg_specs(plain) == ((), tuple(spec(a) for a in plain))
+    assert arg_specs((desc, *plain)) == (((torch.float32, (16, 64), id(None), "zero"),), tuple(map(spec, plain)))
+    assert arg_specs((desc, *plain)) != arg_specs((desc._replace(block_shape=(32, 64)), *plain))
+    assert arg_specs((desc, *plain)) != arg_specs((desc._replace(padding="nan"), *plain))
+    assert arg_specs((desc, 16)) != arg_specs((desc, 17)) != arg_specs((desc, 1))
+    later = arg_specs((t, desc, 16))
+    assert later == (spec(t), (torch.float32, (16, 64), id(None), "zero"), spec(16))
+    assert later != arg_specs((t.view(-1)[1:], desc, 16))
+
+
+def test_expand_matches_tritons_descriptor_arguments():
+    """A descriptor of a kernel that lowered it to pointers expands as Triton's driver expands its own."""
+    pytest.importorskip("triton.backends.nvidia.driver")
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+
+    from ioattn.kernels.fastlaunch import TmaDesc, _expand
+
+    t = torch.zeros(64, 64)
+    for padding in ("zero", "nan"):
+        desc = TmaDesc(t, (64, 48), (64, 1), (16, 64), None, padding)
+        assert _expand(desc, None) == make_tensordesc_arg(desc, None)
+
+
 @triton.jit
 def _axpy_kernel(X, Y, n, stride, alpha, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -108,3 +146,18 @@ def test_direct_and_triton_paths_agree(monkeypatch):
         runs.append(_attention_calls())
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled Triton on a CUDA device")
+def test_library_launches_call_tritons_launcher_directly():
+    """Every kernel the attention calls launched took the compiled C launcher itself (descriptors expanded
+    by ``_expand``), none fell back to ``kernel.run``."""
+    import importlib
+
+    _attention_calls()
+    launchers = [obj for name in ("kernels.attn_fwd_gluon", "kernels.attn_bwd_gluon", "kernels.launch",
+                                  "kernels.decode_gluon", "ops.decode")
+                 for obj in vars(importlib.import_module(f"ioattn.{name}")).values() if isinstance(obj, Launcher)]
+    entries = [entry for launcher in launchers for entry in launcher.compiled.values()]
+    assert len(entries) >= 6
+    assert all(entry[3] is not None for entry in entries)

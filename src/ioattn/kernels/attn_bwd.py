@@ -38,11 +38,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    Out, DOut, Delta, cu_seqlens_q,
+    Out, DOut, Delta, cu_seqlens_q, DQ,
     stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh,
-    nheads, max_seqlen_q,
+    stride_qb, stride_qs, stride_qh, nheads, max_seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ZERO_DQ: tl.constexpr = False,
 ):
+    """delta = rowsum(O * dO) for BLOCK_M rows of one (batch, head); with ZERO_DQ, also zeroes the same rows
+    of the fp32 dQ buffer ``DQ`` (strides ``stride_q*``), so the backward needs no separate fill."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // nheads
@@ -63,6 +66,9 @@ def attn_bwd_preprocess_kernel(
                  + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + b64 * stride_lb + h64 * stride_lh + row0 + offs_m, delta, mask=row_ok)
+    if ZERO_DQ:
+        tl.store(DQ + b64 * stride_qb + h64 * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs
+                 + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=mask)
 
 
 @triton.jit

@@ -655,17 +655,19 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
         return False
     if not gluon_enabled_on(q):
         return False
-    if q.dtype not in _GL_DTYPES or any(t.dtype != q.dtype for t in (k, v, dout)):
+    dtype, shape = q.dtype, q.shape
+    if dtype not in _GL_DTYPES or k.dtype != dtype or v.dtype != dtype or dout.dtype != dtype:
         return False
-    if q.dim() != (3 if cu_seqlens_q is not None else 4) or any(t.dim() != q.dim() for t in (k, v, dout)):
+    rank, d = (3 if cu_seqlens_q is not None else 4), shape[-1]
+    if len(shape) != rank or k.dim() != rank or v.dim() != rank or dout.dim() != rank:
         return False
-    if q.shape[-1] not in _CONFIGS or any(t.shape[-1] != q.shape[-1] for t in (k, v, dout)):
+    if d not in _CONFIGS or k.shape[-1] != d or v.shape[-1] != d or dout.shape[-1] != d:
         return False
-    if 0 in q.shape or 0 in k.shape:
+    if 0 in shape or 0 in k.shape:
         return False
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
         return False
-    return all(_tma_describable(t) for t in (q, k, v, dout))
+    return _tma_describable(q) and _tma_describable(k) and _tma_describable(v) and _tma_describable(dout)
 
 
 # A piece of a split key block pays about this many steps for its start and its end (K/V load, ring fill,

@@ -1081,9 +1081,10 @@ def device_capability(device: torch.device) -> tuple[int, int]:
 def gluon_enabled_on(*tensors: torch.Tensor) -> bool:
     """The gate every Gluon kernel shares: ``IOATTN_GLUON`` is not 0, Triton runs compiled (not interpreted),
     and the tensors are on an sm_90 device."""
-    if not all(t.is_cuda for t in tensors):
-        return False
-    if os.environ.get("IOATTN_GLUON", "1").strip() == "0" or interpreting():
+    for t in tensors:
+        if not t.is_cuda:
+            return False
+    if interpreting() or os.environ.get("IOATTN_GLUON", "1").strip() == "0":
         return False
     return device_capability(tensors[0].device) == (9, 0)
 
@@ -1103,11 +1104,13 @@ def gluon_forward_supported(q, k, v, *, window_size: tuple[int, int], softcap: f
     cu_seqlens, any window / causal, softcap, ALiBi, GQA, dropout. ``IOATTN_GLUON=0`` turns it off."""
     if not gluon_enabled_on(q, k, v):
         return False
-    if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    dtype, shape = q.dtype, q.shape
+    if dtype not in _GL_DTYPES or k.dtype != dtype or v.dtype != dtype:
         return False
-    if q.dim() != (3 if cu_seqlens_q is not None else 4) or k.dim() != q.dim() or v.dim() != q.dim():
+    rank = 3 if cu_seqlens_q is not None else 4
+    if len(shape) != rank or k.dim() != rank or v.dim() != rank:
         return False
-    if q.shape[-1] not in _ROUTED_HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+    if shape[-1] not in _ROUTED_HEAD_DIMS or k.shape[-1] != shape[-1] or v.shape[-1] != shape[-1]:
         return False
     if not 0 <= dropout_p < 1:
         return False
@@ -1118,9 +1121,9 @@ def gluon_forward_supported(q, k, v, *, window_size: tuple[int, int], softcap: f
         return False
     if len(window_size) != 2:
         return False
-    if 0 in q.shape or 0 in k.shape:
+    if 0 in shape or 0 in k.shape:
         return False
-    return all(_tma_describable(t) for t in (q, k, v))
+    return _tma_describable(q) and _tma_describable(k) and _tma_describable(v)
 
 
 @functools.cache

@@ -21,6 +21,7 @@ ioattn is imported.
 from __future__ import annotations
 
 import os
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import torch
@@ -76,10 +77,19 @@ def next_power_of_2(n: int) -> int:
 
 def arg_specs(args) -> tuple:
     """What Triton's binder specialises each argument on (its compile-time identity): Triton's own
-    function for everything but our descriptors, whose dtype, block shape and layout make their type."""
-    spec = native_specialize_impl
-    return tuple([(a.base.dtype, a.block_shape, id(a.layout), a.padding) if type(a) is TmaDesc
-                  else spec(BaseBackend, a, False, True, True) for a in args])
+    function for everything but our descriptors, whose dtype, block shape and layout make their type.
+    Leading descriptors are keyed apart and the rest go through one ``map`` (no Python frame an argument)."""
+    n = 0
+    while n < len(args) and type(args[n]) is TmaDesc:
+        n += 1
+    head = tuple([(a.base.dtype, a.block_shape, id(a.layout), a.padding) for a in args[:n]])
+    try:
+        return head, tuple(map(native_specialize_impl, repeat(BaseBackend), args[n:], repeat(False), repeat(True),
+                               repeat(True)))
+    except TypeError:  # a descriptor after other arguments
+        spec = native_specialize_impl
+        return tuple([(a.base.dtype, a.block_shape, id(a.layout), a.padding) if type(a) is TmaDesc
+                      else spec(BaseBackend, a, False, True, True) for a in args])
 
 
 class Launcher:
@@ -107,12 +117,21 @@ class Launcher:
         entry = self.compiled.get(key)
         if entry is None:
             return self._miss(key, grid, args, constexprs)
-        kernel, tail, _layouts = entry
+        kernel, tail, _layouts, launch = entry
         stream = raw_stream(device)
-        hooks = knobs.runtime
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                   kernel.function, kernel.packed_metadata, None, hooks.launch_enter_hook, hooks.launch_exit_hook,
-                   *args, *tail)
+        gx, gy, gz = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+        if launch is None:
+            hooks = knobs.runtime
+            kernel.run(gx, gy, gz, stream, kernel.function, kernel.packed_metadata, None, hooks.launch_enter_hook,
+                       hooks.launch_exit_hook, *args, *tail)
+            return kernel
+        c_launch, head, descs = launch
+        # Triton's launcher with the descriptors expanded as its wrapper would (no hooks are active here)
+        if descs:
+            args = list(args)
+            for i, meta in descs:
+                args[i:i + 1] = _expand(args[i], meta)
+        c_launch(gx, gy, gz, stream, *head, *args, *tail)
         return kernel
 
     def _miss(self, key, grid, args, constexprs):
@@ -133,8 +152,65 @@ class Launcher:
         if len(head) == len(real) and all(v is r for v, r in zip(head, real, strict=True)):
             # The layouts are keyed by id(): the entry holds them, so no other object can take their ids.
             layouts = tuple(a.layout for a in args if type(a) is TmaDesc)
-            self.compiled[key] = (kernel, values[len(real):], layouts)
+            self.compiled[key] = (kernel, values[len(real):], layouts, _direct_launch(kernel, args))
         return kernel
+
+
+def _direct_launch(kernel, args) -> tuple | None:
+    """(C launch function, its leading arguments after the grid and stream, [(position, descriptor metadata)],
+    in descending position) for Triton's NVIDIA launcher (``CudaLauncher``): its compiled ``launch`` and, where
+    the kernel takes descriptors, the metadata its ``wrap_handle_tensordesc`` wrapper expands them with.
+    None where the launcher is another (the kernel then goes through ``kernel.run``), or needs scratch memory
+    allocated a launch."""
+    try:
+        run = kernel.run
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        launch = run.launch
+        positions = [i for i, a in enumerate(args) if type(a) is TmaDesc]
+        metas: list = []
+        if getattr(launch, "__name__", "") == "inner" and launch.__closure__:
+            cells = dict(zip(launch.__code__.co_freevars, (c.cell_contents for c in launch.__closure__),
+                             strict=True))
+            if sorted(cells["tensordesc_indices"]) != positions:
+                return None
+            metas = list(cells["tensordesc_meta"])
+            launch = cells["launcher"]
+        elif positions:
+            return None
+        if not callable(launch) or any(m is not None and m.get("fp4_padded") for m in metas):
+            return None
+        descs = []
+        if metas:
+            from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST as host_dtype
+
+            descs = [(i, None if m is None else (m["swizzle"], m["elem_size"], host_dtype[m["elem_type"]],
+                                                 m["block_size"])) for i, m in zip(positions, metas, strict=True)]
+        head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
+                None, None, None)
+    except (AttributeError, ImportError, KeyError, TypeError, ValueError):
+        return None
+    return launch, head, descs[::-1]
+
+
+def _expand(d: TmaDesc, meta) -> list:
+    """A descriptor as Triton's launcher takes it (``driver.make_tensordesc_arg``): the CUtensorMap made for
+    its base, then its shape and strides; or, for a kernel that lowered it to pointers (no metadata), the base,
+    shape, strides, the NaN-padding flag, shape and strides again."""
+    if meta is None:
+        return [d.base, *d.shape, *d.strides, d.padding == "nan", *d.shape, *d.strides]
+    swizzle, elem_size, elem_type, block = meta
+    tensor_map = _fill_tma(d.base.data_ptr(), swizzle, elem_size, elem_type, block, d.shape, d.strides,
+                           1 if d.padding == "nan" else 0)
+    return [tensor_map, *d.shape, *d.strides]
+
+
+def _fill_tma(*args):
+    from triton.runtime import driver
+
+    global _fill_tma
+    _fill_tma = driver.active.utils.fill_tma_descriptor
+    return _fill_tma(*args)
 
 
 def _real(args) -> list:

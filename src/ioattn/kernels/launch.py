@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -156,9 +157,9 @@ def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-@dataclass(frozen=True)
-class Problem:
-    """Everything a launch needs besides the tensors, derived once from the inputs."""
+class Problem(NamedTuple):
+    """Everything a launch needs besides the tensors, derived once from the inputs (a tuple: made every call,
+    in a fraction of a frozen dataclass's time)."""
 
     batch: int
     nheads: int
@@ -303,16 +304,20 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
+    # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py) sums dQ in an fp32 buffer laid out as dq, so
+    # that its conversion is one contiguous copy. Dense rows are all covered by the preprocess grid, which
+    # zeroes them; varlen rows past the last sequence would not be.
+    zero_dq = gluon and not prob.varlen and math.prod(grid) > 0
+    if gluon:
+        dq_acc = (torch.empty if zero_dq else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
     if math.prod(grid) > 0:
         _launch_preprocess(
-            grid, out, dout, delta, cu_q, *_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen),
-            *lse_strides, prob.nheads, prob.max_seqlen_q,
-            HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
+            grid, out, dout, delta, cu_q, dq_acc if zero_dq else delta,
+            *_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen), *lse_strides,
+            *(_seq_strides(dq_acc, False) if zero_dq else (0, 0, 0)), prob.nheads, prob.max_seqlen_q,
+            HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen, ZERO_DQ=zero_dq,
         )
     if gluon:
-        # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py), dQ summed in an fp32 buffer laid out as
-        # dq, so that its conversion is one contiguous copy.
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                        batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
                        softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,

@@ -20,7 +20,10 @@ def direct(*args) -> bool:
         return False
     if _get_current_dispatch_mode() is not None:
         return False
-    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
+            return False
+    return True
 
 
 class EagerOp:

@@ -92,10 +92,13 @@ class FlashAttnFunction(torch.autograd.Function):
         ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                       dropout_p, deterministic)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # lse's gradient is never used: no zeros made for it
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if dout is None:  # grads are not materialised: nothing reached out
+            return (None,) * 14
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
         (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
          deterministic) = ctx.params
