@@ -9,9 +9,11 @@ their shared-memory layout. On an H200's host that is ~40 us of a forward call's
 ``Launcher`` keeps, per kernel, the compiled kernels it has launched, keyed by exactly what Triton
 specialises on: each argument's specialisation (Triton's own ``native_specialize_impl`` for ints and
 tensors; dtype, block shape and layout for a descriptor), the constexpr keyword arguments and the current
-device. A key seen before launches the compiled kernel directly; a new key goes through ``kernel[grid]``
-once (which compiles or finds the kernel) and records it. Descriptors are ``TmaDesc`` tuples: the fields
-Triton's launcher reads, plus the block shape and layout that a real descriptor is made from on a miss.
+device. A key seen before calls the compiled kernel's C launch function itself (Triton's ``CudaLauncher``
+and its descriptor wrapper are Python a launch: the descriptors are expanded here as that wrapper would);
+a new key goes through ``kernel[grid]`` once (which compiles or finds the kernel) and records it. Descriptors
+are ``TmaDesc`` tuples: the fields Triton's launcher reads, plus the block shape and layout that a real
+descriptor is made from on a miss.
 
 The direct launch is used only where it applies: compiled Triton (not the interpreter), no launch hooks
 registered (profilers get Triton's own path and its launch metadata), and ``IOATTN_FAST_LAUNCH`` not 0 when
