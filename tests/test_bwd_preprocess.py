@@ -16,15 +16,17 @@ def test_preprocess_delta_and_dq_zeroing(zero_dq, d, block_d):
     b, s, h, block_m = 2, 37, 3, 16
     out, dout = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.float16) for _ in range(2))
     delta = torch.full((b, h, s), float("nan"), device=DEVICE)
-    dq = torch.full((b, s, h, d), float("nan"), device=DEVICE)
-    dq_strides = (dq.stride(0), dq.stride(1), dq.stride(2)) if zero_dq else (0, 0, 0)
+    # dQ as a view with strides of its own (not out's) inside a NaN buffer: what lies outside must stay NaN
+    buf = torch.full((b, h, s, d + 8), float("nan"), device=DEVICE)
+    dq = buf.transpose(1, 2)[..., :d]
     _launch_preprocess(
-        (cdiv(s, block_m), b * h), out, dout, delta, out, dq if zero_dq else delta,
+        (cdiv(s, block_m), b * h), out, dout, delta, out, dq,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        delta.stride(0), delta.stride(1), *dq_strides, h, s,
+        delta.stride(0), delta.stride(1), dq.stride(0), dq.stride(1), dq.stride(2), h, s,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, IS_VARLEN=False, ZERO_DQ=zero_dq)
     want = (out.float() * dout.float()).sum(-1).transpose(1, 2)
     torch.testing.assert_close(delta, want, rtol=1e-4, atol=1e-3)
+    assert buf[..., d:].isnan().all()
     if zero_dq:
         assert torch.equal(dq, torch.zeros_like(dq))
     else:

@@ -59,6 +59,46 @@ def test_expand_matches_tritons_descriptor_arguments():
         assert _expand(desc, None) == make_tensordesc_arg(desc, None)
 
 
+@pytest.mark.parametrize("with_meta", [True, False])
+def test_direct_launch_passes_what_tritons_launcher_passes(monkeypatch, with_meta):
+    """Three descriptors between other arguments: the C launch function gets from ``_call_direct`` exactly
+    the arguments Triton's ``CudaLauncher`` and descriptor wrapper give it (a stand-in for the C function and
+    for the CUtensorMap maker, so this runs without a GPU); a launcher needing scratch is not taken."""
+    from types import SimpleNamespace
+
+    import triton.runtime
+
+    nvidia = pytest.importorskip("triton.backends.nvidia.driver")
+    from ioattn.kernels.fastlaunch import TmaDesc, _call_direct, _direct_launch
+
+    def fill(*a):
+        return ("tensor map", a)
+
+    monkeypatch.setattr(fastlaunch, "_fill_tma", fill)
+    fake_driver = SimpleNamespace(utils=SimpleNamespace(fill_tma_descriptor=fill))
+    monkeypatch.setattr(triton.runtime.driver, "_active", fake_driver)
+    t = torch.zeros(64, 64)
+    args = (TmaDesc(t, (64, 48), (64, 1), (16, 64), None), 7, TmaDesc(t, (32, 64), (128, 1), (8, 32), None, "nan"),
+            t, TmaDesc(t, (64, 64), (64, 1), (64, 64), None), 2.5)
+    signature = {"a": "tensordesc<bf16[16,64]>", "n": "i32", "b": "tensordesc<fp16[8,32]>", "p": "*fp32",
+                 "c": "tensordesc<bf16[64,64]>", "x": "fp32", "BLOCK": "constexpr"}
+    metas = [dict(swizzle=128, elem_size=2, elem_type=t_, block_size=[16, 64], fp4_padded=False)
+             for t_ in (10, 9, 8)] if with_meta else []
+    calls = []
+    run = object.__new__(nvidia.CudaLauncher)
+    run.__dict__.update(launch=nvidia.wrap_handle_tensordesc(lambda *a: calls.append(a), signature, metas),
+                        num_ctas=1, global_scratch_size=0, profile_scratch_size=0, global_scratch_align=1,
+                        profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=True)
+    kernel = SimpleNamespace(run=run, function=1234, packed_metadata=(4, 1, 0))
+    tail = (64,)
+    run(3, 2, 1, 99, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+    _call_direct(_direct_launch(kernel, args), 3, 2, 1, 99, args, tail)
+    assert len(calls) == 2
+    assert calls[0] == calls[1]
+    run.global_scratch_size = 16
+    assert _direct_launch(kernel, args) is None
+
+
 @triton.jit
 def _axpy_kernel(X, Y, n, stride, alpha, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

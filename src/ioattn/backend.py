@@ -16,13 +16,8 @@ import torch
 BACKENDS = ("triton", "chunked")
 
 
-# Triton decides whether its kernels run interpreted when they are decorated, at ioattn's import; so does this.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def interpreting() -> bool:
-    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET`` as it was at import)."""
-    return _INTERPRETING
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_available() -> tuple[bool, str]:

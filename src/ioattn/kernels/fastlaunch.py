@@ -9,8 +9,8 @@ their shared-memory layout. On an H200's host that is ~40 us of a forward call's
 ``Launcher`` keeps, per kernel, the compiled kernels it has launched, keyed by exactly what Triton
 specialises on: each argument's specialisation (Triton's own ``native_specialize_impl`` for ints and
 tensors; dtype, block shape and layout for a descriptor), the constexpr keyword arguments and the current
-device. A key seen before calls the compiled kernel's C launch function itself (Triton's ``CudaLauncher``
-and its descriptor wrapper are Python a launch: the descriptors are expanded here as that wrapper would);
+device. A key seen before calls the compiled kernel's C launch function itself, skipping the Python of
+Triton's ``CudaLauncher`` and of its descriptor wrapper (the descriptors are expanded here as it would);
 a new key goes through ``kernel[grid]`` once (which compiles or finds the kernel) and records it. Descriptors
 are ``TmaDesc`` tuples: the fields Triton's launcher reads, plus the block shape and layout that a real
 descriptor is made from on a miss.
@@ -101,7 +101,8 @@ class Launcher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.compiled: dict[tuple, tuple[Any, tuple]] = {}
+        # key -> (compiled kernel, constexpr tail, layouts held, ``_direct_launch``'s answer)
+        self.compiled: dict[tuple, tuple[Any, tuple, tuple, tuple | None]] = {}
         self.direct = JITFunction is not None and isinstance(kernel, JITFunction)
 
     def __call__(self, grid, *args, **constexprs):
@@ -127,13 +128,7 @@ class Launcher:
             kernel.run(gx, gy, gz, stream, kernel.function, kernel.packed_metadata, None, hooks.launch_enter_hook,
                        hooks.launch_exit_hook, *args, *tail)
             return kernel
-        c_launch, head, descs = launch
-        # Triton's launcher with the descriptors expanded as its wrapper would (no hooks are active here)
-        if descs:
-            args = list(args)
-            for i, meta in descs:
-                args[i:i + 1] = _expand(args[i], meta)
-        c_launch(gx, gy, gz, stream, *head, *args, *tail)
+        _call_direct(launch, gx, gy, gz, stream, args, tail)
         return kernel
 
     def _miss(self, key, grid, args, constexprs):
@@ -158,6 +153,17 @@ class Launcher:
         return kernel
 
 
+def _call_direct(launch: tuple, gx: int, gy: int, gz: int, stream: int, args, tail) -> None:
+    """Triton's C launch function (``_direct_launch``'s answer) with the descriptors expanded as its wrapper
+    would; no hooks (the direct path runs only where none is active)."""
+    c_launch, head, descs = launch
+    if descs:
+        args = list(args)
+        for i, meta in descs:
+            args[i:i + 1] = _expand(args[i], meta)
+    c_launch(gx, gy, gz, stream, *head, *args, *tail)
+
+
 def _direct_launch(kernel, args) -> tuple | None:
     """(C launch function, its leading arguments after the grid and stream, [(position, descriptor metadata)],
     in descending position) for Triton's NVIDIA launcher (``CudaLauncher``): its compiled ``launch`` and, where
@@ -165,7 +171,12 @@ def _direct_launch(kernel, args) -> tuple | None:
     None where the launcher is another (the kernel then goes through ``kernel.run``), or needs scratch memory
     allocated a launch."""
     try:
+        from triton.backends.nvidia import driver as nvidia
+
         run = kernel.run
+        # The argument layout below is Triton 3.6's NVIDIA launcher's (other launchers keep kernel.run).
+        if not isinstance(run, nvidia.CudaLauncher) or nvidia._BASE_ARGS_FORMAT != "iiiKKppOOOOOO":
+            return None
         if run.global_scratch_size or run.profile_scratch_size:
             return None
         launch = run.launch
@@ -182,12 +193,9 @@ def _direct_launch(kernel, args) -> tuple | None:
             return None
         if not callable(launch) or any(m is not None and m.get("fp4_padded") for m in metas):
             return None
-        descs = []
-        if metas:
-            from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST as host_dtype
-
-            descs = [(i, None if m is None else (m["swizzle"], m["elem_size"], host_dtype[m["elem_type"]],
-                                                 m["block_size"])) for i, m in zip(positions, metas, strict=True)]
+        host_dtype = nvidia.TMA_DTYPE_DEVICE_TO_HOST
+        descs = [(i, None if m is None else (m["swizzle"], m["elem_size"], host_dtype[m["elem_type"]],
+                                             m["block_size"])) for i, m in zip(positions, metas, strict=True)]
         head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
                 None, None, None)
     except (AttributeError, ImportError, KeyError, TypeError, ValueError):
