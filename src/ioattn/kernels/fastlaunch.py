@@ -84,14 +84,18 @@ def arg_specs(args) -> tuple:
     n = 0
     while n < len(args) and type(args[n]) is TmaDesc:
         n += 1
-    head = tuple([(a.base.dtype, a.block_shape, id(a.layout), a.padding) for a in args[:n]])
+    head = tuple([_desc_key(a) for a in args[:n]])
     try:
         return head, tuple(map(native_specialize_impl, repeat(BaseBackend), args[n:], repeat(False), repeat(True),
                                repeat(True)))
     except TypeError:  # a descriptor after other arguments
         spec = native_specialize_impl
-        return tuple([(a.base.dtype, a.block_shape, id(a.layout), a.padding) if type(a) is TmaDesc
-                      else spec(BaseBackend, a, False, True, True) for a in args])
+        return tuple([_desc_key(a) if type(a) is TmaDesc else spec(BaseBackend, a, False, True, True) for a in args])
+
+
+def _desc_key(d: TmaDesc) -> tuple:
+    """What makes a descriptor's type for Triton: dtype, block shape, layout (by identity), padding."""
+    return d.base.dtype, d.block_shape, id(d.layout), d.padding
 
 
 class Launcher:
