@@ -35,7 +35,13 @@ from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ioattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
-from ioattn.kernels.attn_bwd_gluon import BwdConfig, attn_bwd_gluon_kernel, dq_descriptor, select_config
+from ioattn.kernels.attn_bwd_gluon import (
+    BwdConfig,
+    attn_bwd_gluon_kernel,
+    attn_bwd_gluon_wide_kernel,
+    dq_descriptor,
+    select_config,
+)
 from ioattn.kernels.launch import _CONFIGS, AttnConfig
 
 PTR_ARGS = {"Q", "K", "V", "DOut", "DK", "DV"}
@@ -241,6 +247,38 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
+def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
+    """The wide (d = 256) Gluon backward; flags: any of IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT."""
+    cfg = config or select_config(d, flags.get("SOFTCAP", False), False)
+    consts = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.stages,
+              "BUFS": cfg.dq_stages, **{f: flags.get(f, False) for f in WIDE_FLAGS}, "num_warps": 4}
+    sig = {}
+    for name in attn_bwd_gluon_wide_kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "dq_desc":
+            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, 2, d), cfg.block_m, d // 2, cfg.dq_swizzle).real())
+        elif name.endswith("_desc"):
+            sig[name] = _desc_type(dtype, cfg.block_n if name[0] in "kv" else cfg.block_m, d)
+        elif name in ("DK", "DV"):
+            sig[name] = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+        elif name in F32_PTR_ARGS:
+            sig[name] = "*fp32"
+        elif name in I32_PTR_ARGS:
+            sig[name] = "*i32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    src = GluonASTSource(attn_bwd_gluon_wide_kernel, sig, consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+WIDE_FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_LEFT", "HAS_RIGHT")
+WIDE_VARIANTS = {"plain": {}, "causal": {"HAS_RIGHT": True}, "window": {"HAS_LEFT": True, "HAS_RIGHT": True},
+                 "softcap": {"SOFTCAP": True}, "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True}}
+
+
 # The Gluon backward's variants: the forward's, and the ordered dQ of deterministic=True.
 # (The forward's ALiBi split, HAS_ALIBI 2, is the forward's alone.)
 BWD_VARIANTS = {**{k: v for k, v in FWD_VARIANTS.items() if not k.startswith("alibi-sides")},
@@ -262,6 +300,7 @@ def main() -> None:
     ap.add_argument("--dump", type=pathlib.Path)
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--gluon", action="store_true", help="the Gluon backward's feature variants")
+    ap.add_argument("--wide", action="store_true", help="the wide (d = 256) Gluon backward's variants")
     ap.add_argument("--config",
                     help="BLOCK_M,BLOCK_N,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle]]]] for --gluon")
     ap.add_argument("--dq", action="store_true", help="the two-pass dQ kernel's rows with softcap, fast tanh")
@@ -275,6 +314,12 @@ def main() -> None:
                     k = compile_dq_variant(d, causal, cfg, fast_tanh=fast)
                     label = f"dq d={d} {tuple(vars(cfg).values())} causal={causal} softcap fast_tanh={fast}"
                     report(k, label, args.dump, f"dq_d{d}_{int(causal)}_{int(fast)}")
+        return
+    if args.wide:
+        config = BwdConfig.parse(args.config) if args.config else None
+        for name, flags in WIDE_VARIANTS.items():
+            k = compile_gluon_wide_variant(256, config, **flags)
+            report(k, f"gluon wide d=256 {name}", args.dump, f"gluon_wide_{name}")
         return
     if args.gluon:
         config = BwdConfig.parse(args.config) if args.config else None

@@ -217,3 +217,54 @@ def test_gluon_backward_tail_split(shape, opts, gluon_calls, monkeypatch):
                     dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
     check_against_ref(q, k, v, **opts)
     assert len(gluon_calls) == 1 and splits and splits[0] > 1, splits
+
+
+# The wide kernel (d = 256: dK, dV split along the head dim, S^T and dP^T along the queries): odd lengths,
+# seqlen_q != seqlen_k both ways, GQA and MQA, a single query and a single key, in both 16-bit dtypes.
+WIDE_SHAPES = [
+    (2, 1025, 1025, 4, 4, 256),
+    (2, 333, 1027, 8, 2, 256),
+    (1, 1027, 200, 4, 1, 256),
+    (3, 1, 77, 2, 2, 256),
+    (2, 130, 1, 2, 1, 256),
+]
+WIDE_OPTS = [{}, {"causal": True}, {"window_size": (100, 30)}, {"window_size": (-1, 64)}, {"softcap": 5.0},
+             {"window_size": (100, 30), "softcap": 8.0}, {"window_size": (0, 0)}, {"window_size": (10, -1)}]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("opts", WIDE_OPTS, ids=str)
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gluon_backward_wide(shape, opts, dtype, gluon_calls):
+    torch.manual_seed(sum(shape) + len(opts))
+    q, k, v = _qkv(*shape, dtype)
+    check_against_ref(q, k, v, **opts)
+    assert len(gluon_calls) == 1, "the Gluon backward did not run"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_wide_varlen(causal, gluon_calls):
+    """d = 256 varlen: each packed sequence against attention_ref alone (empty sequences; tiles running into
+    the next sequence's rows, whose dQ rows the kernel must leave alone)."""
+    torch.manual_seed(7)
+    lens_q, lens_k = [0, 37, 1, 500, 0, 129], [3, 41, 1, 0, 9, 200]
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, 4, 2, 256, torch.bfloat16)
+    out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+    dout = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), dout)
+    assert gluon_calls
+    check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal)
+
+
+@pytest.mark.parametrize("opts", [{"alibi": True}, {"dropout_p": 0.1}, {"deterministic": True}], ids=str)
+def test_gluon_backward_wide_declines(opts, gluon_calls):
+    """What the wide kernel does not take (ALiBi, dropout, the deterministic dQ order) runs the portable
+    backward at d = 256, even with IOATTN_GLUON_BWD=1."""
+    torch.manual_seed(11)
+    q, k, v = _qkv(1, 300, 300, 2, 2, 256, torch.bfloat16)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(1, 2, device="cuda") * 0.3 + 0.05
+    ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
+    assert not gluon_calls
+    assert q.grad is not None and torch.isfinite(q.grad).all()

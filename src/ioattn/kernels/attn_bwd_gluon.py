@@ -19,8 +19,9 @@ Transposed tiles (keys x queries) let every product take its operands as the pre
 Ring stages, dS^T and dQ buffers are handed over by mbarriers; no CTA-wide barrier runs in the loop.
 The load warp also brings each step's lse and delta rows (and ALiBi's row and key terms) into shared memory,
 so the consumers hold none of them across their waits. On an H200 it runs at 1.1-1.5x the portable backward
-at d = 64 and 128 (routed there by default). benchmarks/NOTES.md, "Gluon backward v2" and "v3", has the
-measurements and the variants that lost.
+at d = 64 and 128 (routed there by default). At d = 256 ``attn_bwd_gluon_wide_kernel`` takes its place: the
+two consumers share 64 keys and split dK, dV along the head dim (see there; 1.6-1.9x the portable backward).
+benchmarks/NOTES.md, "Gluon backward v2" and "v3", has the measurements and the variants that lost.
 Dense inputs without a window (not deterministic) can run the key blocks of the last, partial wave as
 pieces over their query steps, so every SM has work to the end (``tail_split``; the pieces' dK, dV are
 summed by ``tail_sum_kernel``); shipped at d = 128 without softcap.
@@ -196,9 +197,9 @@ def _bulk_writes_done():
 
 
 @gluon.jit
-def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, reach, b, hk, nheads, q_row0, lo,
-                  n_m, n_steps, group, n_mblocks, t0, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                  DETERMINISTIC: gl.constexpr, TAIL: gl.constexpr):
+def _ws_dq_writer(dq_desc, dq_smem, dq_smem_hi, dq_full, dq_free, dq_lock, pid_n, last_n, reach, b, hk, nheads,
+                  q_row0, lo, n_m, n_steps, group, n_mblocks, t0, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                  DETERMINISTIC: gl.constexpr, TAIL: gl.constexpr, WIDE: gl.constexpr):
     """The dQ warp: once both consumers have put their half of a step's dQ share in shared memory, adds it
     into the fp32 buffer (the queries' layout, viewed as (rows, nheads * d)) with bulk tensor reduce-adds,
     waits for them to read the tile and frees it.
@@ -213,7 +214,9 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, re
     never on a program not yet resident."""
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
-    DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] // 2
+    # WIDE: step t's two tiles are dq_smem[t % stages] and dq_smem_hi[t % stages] (the wide kernel's Q and dO
+    # rings); else dq_smem[2 (t % DQ_STAGES)] and the next
+    DQ_STAGES: gl.constexpr = dq_smem.type.shape[0] if WIDE else dq_smem.type.shape[0] // 2
     for t in range(n_steps):
         buf = t % DQ_STAGES
         if DETERMINISTIC:
@@ -226,8 +229,12 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, last_n, re
         u = t + t0 if TAIL else t  # the step of the key block (TAIL: this piece's steps start at t0)
         col = (hk * group + u // n_m) * (2 * HALF_D)
         row = q_row0 + lo + (u % n_m) * BLOCK_M
-        _tma_reduce_add(dq_desc, [row, col], dq_smem.index(2 * buf))
-        _tma_reduce_add(dq_desc, [row, col + HALF_D], dq_smem.index(2 * buf + 1))
+        if WIDE:
+            _tma_reduce_add(dq_desc, [row, col], dq_smem.index(buf))
+            _tma_reduce_add(dq_desc, [row, col + HALF_D], dq_smem_hi.index(buf))
+        else:
+            _tma_reduce_add(dq_desc, [row, col], dq_smem.index(2 * buf))
+            _tma_reduce_add(dq_desc, [row, col + HALF_D], dq_smem.index(2 * buf + 1))
         if DETERMINISTIC:
             # the next key block may add once these additions are in memory, not merely issued
             _count_arrive(lock + _bulk_writes_done())
@@ -578,9 +585,235 @@ def attn_bwd_gluon_kernel(
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
                       stride_kh, stride_vh, stride_qh, stride_doh, t0, HAS_ALIBI, TAIL)),
-        (_ws_dq_writer, (dq_desc, dq_smem, dq_full, dq_free, dq_lock, pid_n, gl.cdiv(seqlen_k, BLOCK_N) - 1,
+        (_ws_dq_writer, (dq_desc, dq_smem, dq_smem, dq_full, dq_free, dq_lock, pid_n, gl.cdiv(seqlen_k, BLOCK_N) - 1,
                          seqlen_k - seqlen_q + window_right, b, hk, nheads, q_row0, lo, n_m, n_steps, group,
-                         n_mblocks, t0, BLOCK_N, HAS_RIGHT, DETERMINISTIC, TAIL)),
+                         n_mblocks, t0, BLOCK_N, HAS_RIGHT, DETERMINISTIC, TAIL, False)),
+    ], [4, 1, 1], [240, 24, 24])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wide head dims (d = 256): dK and dV split along the head dim.
+#
+# At d = 256 one warpgroup cannot hold dK and dV of 64 keys (256 fp32 registers a thread). Here both consumer
+# warpgroups work on the same 64 keys: warpgroup w holds columns [w * d/2, (w + 1) * d/2) of dK and dV, and
+# computes S^T and dP^T for half of each step's queries (keys x 32 queries), so the tensor cores do each
+# product once. P and dS meet in shared memory, each warpgroup storing its half of the query rows; every
+# warpgroup then takes the whole tiles for its columns of dV += P^T dO, dK += dS^T Q and dQ = dS K. K, V, two
+# stages of Q and dO, and two P and dS buffers fill the shared memory, so dQ's share goes to the dQ warp
+# through the step's own Q and dO tiles, once both warpgroups' products have read them (warpgroup 0's columns
+# in the Q tile, warpgroup 1's in the dO tile; the stage returns to the load warp when the bulk reduce-adds
+# have read it).
+
+
+@gluon.jit
+def _wide_step(t, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem,
+               ds_smem, stats_smem, qdo_full, stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free,
+               seqlen_q, seqlen_k, cols, softmax_scale, qk_scale, softcap2, window_left, window_right,
+               WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """Step t (query block start_m) of consumer warpgroup WG of the wide backward; ``dq_smem``: its dQ tiles
+    (the Q or dO ring seen as fp32 tiles of half the head dim)."""
+    NUM_STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    HALF_M: gl.constexpr = BLOCK_M // 2
+    HALF_D: gl.constexpr = HEAD_DIM // 2
+    BUFS: gl.constexpr = p_smem.type.shape[0]
+    dtype: gl.constexpr = q_smem.dtype
+    row_layout: gl.constexpr = gl.SliceLayout(0, st_zero.type.layout)
+    stage = t % NUM_STAGES
+    ring_phase = (t // NUM_STAGES) & 1
+    slot = 2 * stage  # the stats slot's rows: lse, delta (_put_step_stats)
+
+    mbarrier.wait(qdo_full.index(stage), ring_phase)
+    q_mine = q_smem.index(stage).slice(WG * HALF_M, HALF_M)
+    do_mine = do_smem.index(stage).slice(WG * HALF_M, HALF_M)
+    st_acc = warpgroup_mma(k_smem, q_mine.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    dpt = warpgroup_mma(v_smem, do_mine.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    mbarrier.wait(stats_full.index(stage), ring_phase)
+    qkt = warpgroup_mma_wait(1, deps=(st_acc,))
+    st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
+    if masked:
+        rows = start_m + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+        st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, 0.0, window_left, window_right, False,
+                             True, HAS_LEFT, HAS_RIGHT)
+    pt = gl.exp2(st - stats_smem.index(slot).slice(WG * HALF_M, HALF_M).load(row_layout)[None, :])
+    pd = pt
+    if SOFTCAP:
+        pd = pt * (1.0 - tt * tt)
+    # This warpgroup's query rows of P into the shared tile (queries x keys), once both warpgroups' dV
+    # products of the step that last used the buffer are done; then dS likewise.
+    buf = t % BUFS
+    phase = (t // BUFS) & 1
+    mbarrier.wait(p_free.index(buf), phase ^ 1)
+    p_smem.index(buf).slice(WG * HALF_M, HALF_M).store(gl.permute(pt.to(dtype), [1, 0]))
+    fence_async_shared()
+    mbarrier.arrive(p_ready.index(buf))  # lowered after a barrier of this warpgroup: every part is written
+    dpt = warpgroup_mma_wait(0, deps=(dpt,))
+    dst = pd * (dpt - stats_smem.index(slot + 1).slice(WG * HALF_M, HALF_M).load(row_layout)[None, :])
+    mbarrier.wait(ds_free.index(buf), phase ^ 1)
+    ds_smem.index(buf).slice(WG * HALF_M, HALF_M).store(gl.permute(dst.to(dtype), [1, 0]))
+    fence_async_shared()
+    mbarrier.arrive(ds_ready.index(buf))
+
+    mbarrier.wait(p_ready.index(buf), phase)
+    dv = warpgroup_mma(p_smem.index(buf).permute((1, 0)), do_smem.index(stage).slice(WG * HALF_D, HALF_D, dim=1), dv,
+                       is_async=True)
+    mbarrier.wait(ds_ready.index(buf), phase)
+    dk = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), q_smem.index(stage).slice(WG * HALF_D, HALF_D, dim=1), dk,
+                       is_async=True)
+    dq = warpgroup_mma(ds_smem.index(buf), k_smem.slice(WG * HALF_D, HALF_D, dim=1), dq_zero, use_acc=False,
+                       is_async=True)
+    dq, dk, dv = warpgroup_mma_wait(0, deps=(dq, dk, dv))
+    mbarrier.arrive(p_free.index(buf))
+    mbarrier.arrive(ds_free.index(buf))
+    # This warpgroup's columns of the step's dQ share, into its tile once both warpgroups are done reading
+    # the stage's Q and dO, for the dQ warp.
+    mbarrier.arrive(read_done.index(stage))
+    mbarrier.wait(read_done.index(stage), ring_phase)
+    dq_smem.index(stage).store(dq * softmax_scale)
+    fence_async_shared()
+    mbarrier.arrive(dq_full.index(stage))
+    return dk, dv
+
+
+@gluon.jit
+def _wide_consumer(k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem, ds_smem, stats_smem, kv_bar, qdo_full,
+                   stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, stride_dkb, stride_dks,
+                   stride_dkh, stride_dvb, stride_dvs, stride_dvh, b, hk, seqlen_q, seqlen_k, kv_row, start_n, lo,
+                   full_lo, full_hi, n_m, n_steps, softmax_scale, qk_scale, softcap2, window_left, window_right,
+                   WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_LEFT: gl.constexpr,
+                   HAS_RIGHT: gl.constexpr):
+    """Consumer warpgroup WG of the wide backward: columns [WG * d/2, (WG + 1) * d/2) of dK and dV of the key
+    block in registers, S^T and dP^T of the query rows [WG * BLOCK_M/2, (WG + 1) * BLOCK_M/2) of each step."""
+    NUM_WARPS: gl.constexpr = 4
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    HALF_D: gl.constexpr = HEAD_DIM // 2
+    dtype: gl.constexpr = q_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, BLOCK_M // 2, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                        instr_shape=[16, HALF_D, 16])
+    dk = gl.zeros([BLOCK_N, HALF_D], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HALF_D], gl.float32, kv_layout)
+    cols = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st_layout))
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M // 2], gl.float32, st_layout)
+    dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, kv_layout)
+    mbarrier.wait(kv_bar, 0)
+    for t in range(n_steps):
+        start_m = lo + (t % n_m) * BLOCK_M
+        masked = (start_m < full_lo) | (start_m >= full_hi)
+        dk, dv = _wide_step(t, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_smem, do_smem, dq_smem,
+                            p_smem, ds_smem, stats_smem, qdo_full, stats_full, read_done, dq_full, p_ready, p_free,
+                            ds_ready, ds_free, seqlen_q, seqlen_k, cols, softmax_scale, qk_scale, softcap2,
+                            window_left, window_right, WG, SOFTCAP, HAS_LEFT, HAS_RIGHT)
+
+    # This warpgroup's columns of dK, dV stored as the products left them (no layout change: no shared
+    # memory is left for one); key rows past the sequence are never written.
+    out_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, kv_layout))
+    out_d = WG * HALF_D + gl.arange(0, HALF_D, gl.SliceLayout(0, kv_layout))
+    row_ok = gl.broadcast((out_n < seqlen_k)[:, None], dk)[0]
+    n0 = ((kv_row - start_n if IS_VARLEN else 0) + out_n).to(gl.int64)[:, None]  # varlen: a packed row
+    dk_ptrs = DK + b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh + n0 * stride_dks + out_d[None, :]
+    dv_ptrs = DV + b.to(gl.int64) * stride_dvb + hk.to(gl.int64) * stride_dvh + n0 * stride_dvs + out_d[None, :]
+    gl.store(dk_ptrs, (dk * softmax_scale).to(dtype), mask=row_ok)
+    gl.store(dv_ptrs, dv.to(dtype), mask=row_ok)
+
+
+@gluon.jit(do_not_specialize=["section"])
+def attn_bwd_gluon_wide_kernel(
+    q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    stride_kh, stride_vh, stride_qh, stride_doh, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
+    softmax_scale, qk_scale, softcap2, window_left, window_right, section,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    BUFS: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_LEFT: gl.constexpr,
+    HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr,
+):
+    """dK, dV of one key block of BLOCK_N (64) keys, and its share of dQ added through ``dq_desc`` into the fp32
+    buffer in the queries' (contiguous) layout, viewed as (rows, nheads * HEAD_DIM). Two consumer warpgroups
+    (240 registers each) split dK, dV along the head dim and each step's S^T, dP^T along the queries
+    (``_wide_consumer``); one load warp fills the Q/dO ring and the stats (``_ws_loader``); one dQ warp issues
+    the bulk reduce-adds of dQ's shares from the ring's tiles (``_ws_dq_writer``). Scores in log2 units, as
+    the other kernels take them."""
+    dtype: gl.constexpr = q_desc.dtype
+    pid_n = gl.program_id(0)
+    bhk = gl.program_id(1)
+    if HAS_RIGHT:
+        # Causal: the first key blocks receive the most queries; launch them first (longest work first).
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, False)
+    start_n = pid_n * BLOCK_N
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
+                                                       max_seqlen_k, IS_VARLEN)
+    if start_n >= seqlen_k:
+        return
+    if IS_VARLEN:
+        q_row0 = q_start
+        kv_row = k_start + start_n
+    else:
+        q_row0 = b * seqlen_q
+        kv_row = b * seqlen_k + start_n
+    lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    n_m = gl.cdiv(hi - lo, BLOCK_M)
+    n_steps = group * n_m
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    # the same rings as fp32 tiles of half the head dim: warpgroup 0's dQ columns in Q's, 1's in dO's
+    gl.static_assert(dtype.primitive_bitwidth == 16, "a dQ tile fills a 16-bit Q / dO stage")
+    q32_smem = q_smem._reinterpret(gl.float32, [NUM_STAGES, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
+    do32_smem = do_smem._reinterpret(gl.float32, [NUM_STAGES, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
+    pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    p_smem = gl.allocate_shared_memory(dtype, [BUFS, BLOCK_M, BLOCK_N], pds_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BUFS, BLOCK_M, BLOCK_N], pds_layout)
+    stats_smem = gl.allocate_shared_memory(gl.float32, [2 * NUM_STAGES, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    qdo_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    stats_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    read_done = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    p_ready = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+    p_free = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(qdo_full.index(i), count=1)
+        mbarrier.init(qdo_empty.index(i), count=1)  # the dQ warp, once its reduce-adds have read the stage
+        mbarrier.init(stats_full.index(i), count=1)
+        mbarrier.init(read_done.index(i), count=2)
+        mbarrier.init(dq_full.index(i), count=2)
+    for i in gl.static_range(BUFS):
+        mbarrier.init(p_ready.index(i), count=2)
+        mbarrier.init(p_free.index(i), count=2)
+        mbarrier.init(ds_ready.index(i), count=2)
+        mbarrier.init(ds_free.index(i), count=2)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_wide_consumer, (k_smem, v_smem, q_smem, do_smem, q32_smem, p_smem, ds_smem, stats_smem, kv_bar, qdo_full,
+                          stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, stride_dkb,
+                          stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, b, hk, seqlen_q, seqlen_k,
+                          kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, softmax_scale, qk_scale, softcap2,
+                          window_left, window_right, 0, IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT)),
+        (_wide_consumer, (k_smem, v_smem, q_smem, do_smem, do32_smem, p_smem, ds_smem, stats_smem, kv_bar, qdo_full,
+                          stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, stride_dkb,
+                          stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, b, hk, seqlen_q, seqlen_k,
+                          kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, softmax_scale, qk_scale, softcap2,
+                          window_left, window_right, 1, IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT)),
+        (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
+                      qdo_full, qdo_empty, stats_full, Lse, Delta, Lse, stride_lb, stride_lh, 0, b, q_start,
+                      seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh,
+                      stride_vh, stride_qh, stride_doh, 0, False, False)),
+        (_ws_dq_writer, (dq_desc, q32_smem, do32_smem, dq_full, qdo_empty, Lse, pid_n, 0, 0, b, hk, nheads, q_row0, lo,
+                         n_m, n_steps, group, 0, 0, BLOCK_N, HAS_RIGHT, False, False, True)),
     ], [4, 1, 1], [240, 24, 24])
 
 
@@ -591,7 +824,9 @@ class BwdConfig(NamedTuple):
     computed (else while dP^T is: fewer registers held across the S^T wait); ``kv_regs``: K (bit 0) and V
     (bit 1) as register operands; ``dq_swizzle``: the dQ tiles' shared-memory swizzle (``dq_descriptor``);
     ``tail``: the last wave's key blocks split over their steps where ``tail_split`` finds it pays (dense
-    inputs without a window, not deterministic)."""
+    inputs without a window, not deterministic). Head dims above 128 run ``attn_bwd_gluon_wide_kernel``, where
+    ``dq_stages`` counts the buffers of the shared P and dS tiles (it has no dQ tiles) and only
+    ``block_m``, ``block_n`` and ``stages`` apply besides."""
 
     block_m: int
     block_n: int
@@ -619,7 +854,8 @@ class BwdConfig(NamedTuple):
 # The tail split: d = 128 non-causal +1.0 / +1.8 / +0.6% at 16k / 8k / 4k; d = 64 (32 waves of shorter blocks,
 # whose ends have spread by the last wave) 1.00 / 0.995 at 16k / 8k, and d = 128 softcap 0.94 / 0.95 at 4k /
 # 16k (the build with the split runs its steps slower): off there (NOTES, "the last wave's key blocks split").
-_CONFIGS = {64: BwdConfig(128, 128, 2, 1, tail=0), 128: BwdConfig(64, 128, 2, 1, early_mask=1)}
+_CONFIGS = {64: BwdConfig(128, 128, 2, 1, tail=0), 128: BwdConfig(64, 128, 2, 1, early_mask=1),
+            256: BwdConfig(64, 64, 2, 2, tail=0)}
 _SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0), 128: _CONFIGS[128]._replace(tail=0)}
 _DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0)}
 
@@ -633,20 +869,22 @@ def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
     return _CONFIGS[d]
 
 
-# Head dims routed here by default: both (1.1-1.5x the portable backward on an H200 since lse and delta come
-# through shared memory: benchmarks/NOTES.md, "Gluon backward v3").
-_ROUTED_HEAD_DIMS = (64, 128)
+# Head dims routed here by default: all three (1.1-1.5x the portable backward on an H200 at d = 64 and 128 since
+# lse and delta come through shared memory, benchmarks/NOTES.md, "Gluon backward v3"; the wide kernel 1.6-1.9x
+# at d = 256, "Gluon backward at d = 256").
+_ROUTED_HEAD_DIMS = (64, 128, 256)
 
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
                              cu_seqlens_q: torch.Tensor | None = None, softcap: float = 0.0,
-                             window_size: tuple[int, int] = (-1, -1)) -> bool:
+                             window_size: tuple[int, int] = (-1, -1), deterministic: bool = False) -> bool:
     """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, except causal
-    with softcap at d = 128 (where the portable backward measured faster on an H200, at 16k); every head
+    with softcap at d >= 128 (where the portable backward measured faster on an H200, at 16k); every head
     dim of ``_CONFIGS`` and every case with ``IOATTN_GLUON_BWD=1``, none with
     ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
     windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO. ``deterministic=True`` changes
-    nothing here (``gluon_backward`` orders the dQ additions)."""
+    nothing here at d <= 128 (``gluon_backward`` orders the dQ additions); the wide kernel (d = 256) takes no
+    ALiBi, dropout or deterministic order."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if choice == "0":
         return False
@@ -664,6 +902,8 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     if d not in _CONFIGS or k.shape[-1] != d or v.shape[-1] != d or dout.shape[-1] != d:
         return False
     if 0 in shape or 0 in k.shape:
+        return False
+    if d > 128 and (alibi_slopes is not None or dropout_p > 0 or deterministic):
         return False
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
         return False
@@ -739,6 +979,35 @@ def _dq_layout(swizzle: int) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=32, rank=2)
 
 
+_launch_wide = Launcher(attn_bwd_gluon_wide_kernel)
+
+
+def _wide_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, cfg: BwdConfig, grid,
+                   max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float, softcap2: float,
+                   window_size: tuple[int, int]) -> None:
+    """``gluon_backward`` at head dims above 128: ``attn_bwd_gluon_wide_kernel``."""
+    varlen = cu_seqlens_q is not None
+    nheads, d = q.shape[-2:]
+    nheads_k = k.shape[-2]
+    if varlen:
+        dkv_strides = (0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1))
+        lse_strides = (0, lse.stride(0))
+    else:
+        dkv_strides = (*dk.stride()[:3], *dv.stride()[:3])
+        lse_strides = (lse.stride(0), lse.stride(1))
+    left, right = window_size
+    group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
+    _launch_wide(
+        grid, _descriptor(q, cfg.block_m), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n),
+        _descriptor(dout, cfg.block_m), dq_descriptor(dq_acc, cfg.block_m, d // 2, cfg.dq_swizzle), lse, delta, dk,
+        dv, cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, *dkv_strides, *lse_strides,
+        k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2), nheads, nheads_k, nheads // nheads_k,
+        max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, left, right, order_section(grid[1], group_bytes),
+        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
+        IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, num_warps=4,
+    )
+
+
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
                    softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
@@ -756,6 +1025,10 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     grid_n = cdiv(max_seqlen_k, block_n)
     grid = (grid_n, batch * nheads_k)
     if grid[0] * grid[1] == 0:
+        return
+    if d > 128:
+        _wide_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, cfg, grid,
+                       max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, window_size)
         return
     if varlen:
         dk_strides = (0, dk.stride(0), dk.stride(1))
