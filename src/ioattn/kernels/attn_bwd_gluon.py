@@ -982,32 +982,6 @@ def _dq_layout(swizzle: int) -> gl.NVMMASharedLayout:
 _launch_wide = Launcher(attn_bwd_gluon_wide_kernel)
 
 
-def _wide_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, cfg: BwdConfig, grid,
-                   max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float, softcap2: float,
-                   window_size: tuple[int, int]) -> None:
-    """``gluon_backward`` at head dims above 128: ``attn_bwd_gluon_wide_kernel``."""
-    varlen = cu_seqlens_q is not None
-    nheads, d = q.shape[-2:]
-    nheads_k = k.shape[-2]
-    if varlen:
-        dkv_strides = (0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1))
-        lse_strides = (0, lse.stride(0))
-    else:
-        dkv_strides = (*dk.stride()[:3], *dv.stride()[:3])
-        lse_strides = (lse.stride(0), lse.stride(1))
-    left, right = window_size
-    group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
-    _launch_wide(
-        grid, _descriptor(q, cfg.block_m), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n),
-        _descriptor(dout, cfg.block_m), dq_descriptor(dq_acc, cfg.block_m, d // 2, cfg.dq_swizzle), lse, delta, dk,
-        dv, cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, *dkv_strides, *lse_strides,
-        k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2), nheads, nheads_k, nheads // nheads_k,
-        max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, left, right, order_section(grid[1], group_bytes),
-        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
-        IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, num_warps=4,
-    )
-
-
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
                    softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
@@ -1025,10 +999,6 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     grid_n = cdiv(max_seqlen_k, block_n)
     grid = (grid_n, batch * nheads_k)
     if grid[0] * grid[1] == 0:
-        return
-    if d > 128:
-        _wide_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, cfg, grid,
-                       max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, window_size)
         return
     if varlen:
         dk_strides = (0, dk.stride(0), dk.stride(1))
@@ -1050,6 +1020,18 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
     group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
     section = order_section(grid[1], group_bytes)
+    if d > 128:
+        # the wide kernel (no ALiBi, dropout, deterministic order or tail split: gluon_backward_supported)
+        _launch_wide(
+            grid, _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+            _descriptor(dout, block_m), dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle), lse, delta, dk, dv,
+            cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, *dk_strides, *dv_strides,
+            *lse_strides, k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2), nheads, nheads_k,
+            nheads // nheads_k, max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, left, right, section,
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
+            IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, num_warps=4,
+        )
+        return
     tiles = grid[0] * grid[1]
     split = 1
     if cfg.tail and not (varlen or deterministic or left >= 0 or right >= 0):
