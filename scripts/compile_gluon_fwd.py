@@ -27,6 +27,7 @@ from ioattn.kernels.attn_fwd_gluon import (
     FwdConfig,
     attn_fwd_gluon_kernel,
     attn_fwd_gluon_ws_kernel,
+    attn_fwd_gluon_ws_sched_kernel,
 )
 
 
@@ -39,8 +40,11 @@ def _desc_type(dtype: torch.dtype, rows: int, d: int) -> str:
 FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT")
 
 
-def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig | None = None, **flags: bool):
-    """flags: any of FLAGS or DROPOUT (default False); causal is HAS_RIGHT alone, a sliding window both."""
+def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig | None = None, sched: bool = False,
+                    **flags: bool):
+    """flags: any of FLAGS or DROPOUT (default False); causal is HAS_RIGHT alone, a sliding window both.
+    ``sched``: the warp-specialised kernel the host launches for a dense input of whole query tiles
+    (``attn_fwd_gluon_ws_sched_kernel`` where it takes the dynamic or paired schedule or the bulk store)."""
     cfg = config or _CONFIGS[d]
     block_m, block_n, stages, warps = cfg.block_m, cfg.block_n, cfg.stages, cfg.warps
     elem = "*bf16" if dtype == torch.bfloat16 else "*fp16"
@@ -63,6 +67,19 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
         # Chained tiles as the host routes them: the persistent static schedule, dense, no right window.
         consts["CHAIN"] = (cfg.chain and cfg.persistent and not flags.get("IS_VARLEN", False)
                            and not flags.get("HAS_RIGHT", False))
+        if sched and not flags.get("IS_VARLEN", False):
+            right, left = flags.get("HAS_RIGHT", False), flags.get("HAS_LEFT", False)
+            paired = getattr(cfg, "paired", False) and cfg.chain and right and not left
+            dynamic = cfg.dynamic and right and not paired
+            o_tma = cfg.tma_store and not flags.get("SOFTCAP", False) and not flags.get("DROPOUT", False)
+            if dynamic or paired or o_tma:
+                kernel = attn_fwd_gluon_ws_sched_kernel
+                sig = {**dict(list(sig.items())[:3]), "o_desc": _desc_type(dtype, block_m, d),
+                       **dict(list(sig.items())[3:8]), "tile_counter": "*i32", **dict(list(sig.items())[8:]),
+                       "section": "i32"}
+                consts.update(DYNAMIC=dynamic, O_TMA=o_tma, CHAIN=cfg.chain and not dynamic)
+                if "PAIRED" in kernel.arg_names:
+                    consts["PAIRED"] = paired
     for k in consts:
         sig[k] = "constexpr"
     src = GluonASTSource(kernel, sig, consts)
@@ -122,6 +139,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(FWD_VARIANTS))
     ap.add_argument("--overlap", action="store_true", help="also the other loop (overlapped or not)")
     ap.add_argument("--config", help="FwdConfig.parse's text instead of the shipped table")
+    ap.add_argument("--sched", action="store_true", help="the kernel the host routes dense whole tiles to")
     args = ap.parse_args()
     config = FwdConfig.parse(args.config) if args.config else None
     for d in (int(x) for x in args.headdims.split(",")):
@@ -133,7 +151,7 @@ def main() -> None:
             for dtype, overlap in ((torch.bfloat16, base), (torch.float16, base), (torch.bfloat16, not base)):
                 if overlap != base and not args.overlap or dtype == torch.float16 and name != "plain":
                     continue
-                k = compile_variant(d, dtype, overlap, config, **FWD_VARIANTS[name])
+                k = compile_variant(d, dtype, overlap, config, args.sched, **FWD_VARIANTS[name])
                 report(k, f"d={d} {name} {str(dtype)[6:]} overlap={overlap}", args.dump,
                        f"d{d}_{name}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}")
 

@@ -200,6 +200,8 @@ WS_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, persistent, dynamic, t
 CHAIN_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, True, True, tma_store, chain=True)
                  for schedule, overlap, tma_store in (("pingpong", True, False), ("pingpong", False, False),
                                                       ("ws", True, False), ("pingpong", True, True))]
+# The chained static schedule over pairs of query blocks for causal-shaped inputs (bulk store or not).
+PAIRED_CONFIGS = [cfg._replace(paired=True) for cfg in CHAIN_CONFIGS[::3]]
 WS_CONFIGS += CHAIN_CONFIGS
 DYNAMIC_CONFIGS = [cfg for cfg in WS_CONFIGS if cfg.dynamic and not cfg.chain]  # causal: never chained
 
@@ -562,14 +564,34 @@ def test_alibi_sides(case, slopes, d_config):
 
 
 class _LaunchSpy:
-    """Stands in for a kernel's launcher: records each launch's CHAIN flag, then launches."""
+    """Stands in for a kernel's launcher: records each launch's (CHAIN, PAIRED) flags, then launches."""
 
     def __init__(self, launcher, seen):
         self.launcher, self.seen = launcher, seen
 
     def __call__(self, grid, *args, **kwargs):
-        self.seen.append(kwargs.get("CHAIN"))
+        self.seen.append((kwargs.get("CHAIN"), kwargs.get("PAIRED", False)))
         return self.launcher(grid, *args, **kwargs)
+
+
+def _spy_launches(monkeypatch, sms=3):
+    """The (CHAIN, PAIRED) flags of each warp-specialised forward launched from here on, on a device that
+    pretends to have ``sms`` SMs (so each persistent program walks many tiles)."""
+    from ioattn.kernels import attn_fwd_gluon
+
+    monkeypatch.setattr(attn_fwd_gluon, "_num_sms", lambda device: sms)
+    launched = []
+    for name in ("_launch_ws", "_launch_sched"):
+        monkeypatch.setattr(attn_fwd_gluon, name, _LaunchSpy(getattr(attn_fwd_gluon, name), launched))
+    return launched
+
+
+def _expected_route(config, seqlen_q, seqlen_k, window):
+    """(CHAIN, PAIRED) as the host should route a dense input: chained without a right window, and with one
+    on the paired schedule (causal-shaped: no left window, every query block seeing a key)."""
+    left, right = window
+    paired = config.paired and config.chain and right >= 0 and left < 0 and seqlen_q <= seqlen_k
+    return right < 0 or paired, paired
 
 
 @pytest.mark.parametrize("config", CHAIN_CONFIGS + [_CONFIGS[128]], ids=_ws_id)
@@ -589,14 +611,10 @@ def test_chain(case, config, monkeypatch):
     its tiles back to back (the last PV of one with the first QK^T of the next, both Q slots in turn).
     One key block a tile (sk = 100) or many, partial query tiles, left windows, softcap (held max where bf16
     allows), ALiBi by sides, dropout, the bulk store (shipped config); with a right window (causal, sq > sk
-    with tiles without keys) the same configs run the dynamic schedule unchained, as the host routes them."""
-    from ioattn.kernels import attn_fwd_gluon
-
-    monkeypatch.setattr(attn_fwd_gluon, "_num_sms", lambda device: 3)
-    launched = []
-    for name in ("_launch_ws", "_launch_sched"):
-        monkeypatch.setattr(attn_fwd_gluon, name, _LaunchSpy(getattr(attn_fwd_gluon, name), launched))
-    right_window = case.get("causal", False) or case.get("window_size", (-1, -1))[1] >= 0
+    with tiles without keys) the same configs run the dynamic schedule unchained, as the host routes them,
+    or, with ``paired`` (the shipped config), causal inputs whose queries all see a key the paired one."""
+    launched = _spy_launches(monkeypatch)
+    expected = _expected_route(config, *case["seqlens"], _window(case.get("causal", False), case.get("window_size")))
     case = dict(case)
     torch.manual_seed(sum(case["seqlens"]) + 7)
     batch, nheads = case.pop("batch", 2), 4
@@ -609,4 +627,38 @@ def test_chain(case, config, monkeypatch):
         _check_dropout(q, k, v, p, 2**33 + 5, window, config=config, **case)
     else:
         _check(q, k, v, config=config, **case)
-    assert launched == [not right_window]
+    assert launched == [expected]
+
+
+@pytest.mark.parametrize("config", PAIRED_CONFIGS + [_CONFIGS[128]], ids=_ws_id)
+@pytest.mark.parametrize("case", [
+    # num_m = cdiv(sq, 256) even and odd (the middle block alone), one block, sq < sk, GQA / MQA, one batch.
+    {"seqlens": (2048, 2048)}, {"seqlens": (1100, 1100)}, {"seqlens": (1300, 1300), "nheads_k": 1},
+    {"seqlens": (200, 200)}, {"seqlens": (700, 2000)}, {"seqlens": (640, 640), "batch": 1},
+    {"seqlens": (1000, 1300), "window_size": (-1, 100)}, {"seqlens": (1024, 1024), "window_size": (-1, 0)},
+    {"seqlens": (1000, 1000), "softcap": 30.0}, {"seqlens": (1000, 1200), "softcap": 60.0},
+    {"seqlens": (1024, 1024), "alibi": True}, {"seqlens": (900, 1000), "dropout": 0.2},
+    # Not paired: queries past the keys (blocks with no key), a left window too (a band).
+    {"seqlens": (1100, 600)}, {"seqlens": (1000, 1000), "window_size": (200, 0)},
+], ids=str)
+def test_paired(case, config, monkeypatch):
+    """Causal-shaped inputs on the chained static schedule over pairs of query blocks (the long block
+    num_m - 1 - j with the short block j of one head), many pairs a program (3 SMs): every block computed
+    once, both Q slots in turn across the pairs, the odd middle block alone; the routes it must not take."""
+    launched = _spy_launches(monkeypatch)
+    case = dict(case)
+    window = _window(True, None) if "window_size" not in case else case["window_size"]
+    expected = _expected_route(config, *case["seqlens"], window)
+    assert config.paired and expected[1] == (window[0] < 0 and case["seqlens"][0] <= case["seqlens"][1])
+    torch.manual_seed(sum(case["seqlens"]) + 11)
+    batch, nheads = case.pop("batch", 2), 4
+    q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, case.pop("nheads_k", 2), 128, torch.bfloat16)
+    if case.pop("alibi", False):
+        case["alibi_slopes"] = torch.rand(batch, nheads, device="cuda") * 0.3 + 0.01
+    case["window_size"] = window
+    p = case.pop("dropout", 0.0)
+    if p:
+        _check_dropout(q, k, v, p, 2**33 + 9, case.pop("window_size"), config=config, **case)
+    else:
+        _check(q, k, v, config=config, **case)
+    assert launched == [expected]

@@ -340,15 +340,25 @@ def attn_fwd_gluon_kernel(
 @gluon.jit
 def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
              window_right, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr,
-             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr):
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr, PAIRED: gl.constexpr = False):
     """Tile t of the (query block of TILE_M rows, batch x head) grid. Static order: query blocks run fastest,
     so the tiles in flight at once share a head's K/V in L2; with a right window the last query blocks (the
     most keys) come first. DYNAMIC order: sections of ``section`` heads (chosen so that their K/V fit in L2),
-    within a section query block by query block, longest first with a right window, heads fastest. Returns
+    within a section query block by query block, longest first with a right window, heads fastest. PAIRED
+    order (``_paired_next``): t = 2 u + second, unit u of a head pairs query block num_m - 1 - j (second 0)
+    with block j (second 1), j = u mod cdiv(num_m, 2), so a causal unit holds num_m + 1 blocks' worth of keys
+    whatever j is; units run j fastest, so the tiles in flight share heads' K/V in L2. Returns
     (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks): q_row0 /
     kv_row0 are the sequence's first rows in the 2D views."""
     if DYNAMIC:
         pid_m, bh = launch_order(t % num_m, t // num_m, num_m, num_bh, section, HAS_RIGHT)
+    elif PAIRED:
+        half = (num_m + 1) // 2
+        u = t // 2
+        bh = u // half
+        j = u % half
+        second = t % 2
+        pid_m = second * j + (1 - second) * (num_m - 1 - j)
     else:
         pid_m = t % num_m
         bh = t // num_m
@@ -380,6 +390,29 @@ def _q_slot(qi, Q_STAGES: gl.constexpr):
         return 0, qi & 1
     else:
         return qi % Q_STAGES, (qi // Q_STAGES) & 1
+
+
+@gluon.jit
+def _static_tiles(num_m, num_tiles, PAIRED: gl.constexpr):
+    """(first tile, end) of the program's walk on the persistent static schedule: tiles t, t + programs, ...
+    below num_tiles, or with PAIRED the units u, u + programs, ... (``_ws_tile``), t = 2 u + second below
+    2 x units."""
+    if PAIRED:
+        return 2 * gl.program_id(0), 2 * (num_tiles // num_m) * ((num_m + 1) // 2)
+    else:
+        return gl.program_id(0), num_tiles
+
+
+@gluon.jit
+def _static_next(t, num_m, PAIRED: gl.constexpr):
+    """The program's tile after t on the persistent static schedule (``_static_tiles``): with PAIRED a unit's
+    short block after its long one, unless they are the same (the middle block of an odd num_m)."""
+    if PAIRED:
+        u = t // 2
+        more = ((t % 2 == 0) & (2 * (u % ((num_m + 1) // 2)) + 1 < num_m)).to(gl.int32)
+        return more * (t + 1) + (1 - more) * (2 * (u + gl.num_programs(0)))
+    else:
+        return t + gl.num_programs(0)
 
 
 @gluon.jit
@@ -431,7 +464,8 @@ def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_f
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
                  k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh,
                  stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right, num_m, num_tiles, section,
-                 IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr):
+                 IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr,
+                 PAIRED: gl.constexpr):
     """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles into the tile's Q slot, once
     the last QK^T of the tile Q_STAGES before has read it, then its K and V blocks into the ring; a stage is
     refilled as soon as both consumers have released it, so the next tile's first blocks load under this
@@ -440,7 +474,8 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
     Static: tiles t, t + programs, ... DYNAMIC (FA3's dynamic persistent scheduler): the first tile is the
     program's id, each next one comes from a global counter, taken once this tile's loads are all issued
     (about two key blocks before the consumers need it); the index goes to the consumers with the Q tiles,
-    and an index past the last tile ends them. The last program out resets the counter for the next launch."""
+    and an index past the last tile ends them. The last program out resets the counter for the next launch.
+    PAIRED: the static schedule over pairs of query blocks (``_ws_tile``), every tile holding a key block."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     num_bh = num_tiles // num_m
@@ -466,6 +501,17 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
             # Every program has taken its last index (acq_rel atomics): back to zero for the next launch.
             gl.atomic_xchg(tile_counter, 0)
             gl.atomic_xchg(tile_counter + 1, 0)
+    elif PAIRED:
+        t, end = _static_tiles(num_m, num_tiles, True)
+        while t < end:
+            b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
+                t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False, True)
+            it = _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready,
+                               v_ready, k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh,
+                               q_row0 + start_m, kv_row0 + lo, n_blocks, it, qi, False)
+            qi += 1
+            t = _static_next(t, num_m, True)
     else:
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
@@ -702,15 +748,17 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
 def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty, k_ready, v_ready,
                       k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh,
                       stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale,
-                      window_left, seed, dropout_p, num_m, num_tiles, WG: gl.constexpr, SOFTCAP: gl.constexpr,
-                      HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, DROPOUT: gl.constexpr,
-                      PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, O_TMA: gl.constexpr):
+                      window_left, window_right, seed, dropout_p, num_m, num_tiles, WG: gl.constexpr,
+                      SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+                      HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
+                      OVERLAP: gl.constexpr, O_TMA: gl.constexpr, PAIRED: gl.constexpr):
     """One consumer warpgroup over its program's tiles, chained (CHAIN: the persistent static schedule, dense
-    inputs without a right window, two Q slots): a tile's last PV goes out together with the next tile's
-    first QK^T (its Q already in the other slot), and the tile's epilogue runs under both. The tensor cores
-    then see one step per key block and no per-tile ramp (the first QK^T and softmax without a PV under them, the
-    last PV and the store without a softmax), except at the program's first and last tile. After the last
-    tile that QK^T is issued on stale shared memory (no wait, no release) and its scores are dropped."""
+    inputs without a right window or, PAIRED, with one and every tile holding a key block; two Q slots): a
+    tile's last PV goes out together with the next tile's first QK^T (its Q already in the other slot), and
+    the tile's epilogue runs under both. The tensor cores then see one step per key block and no per-tile
+    ramp (the first QK^T and softmax without a PV under them, the last PV and the store without a softmax),
+    except at the program's first and last tile. After the last tile that QK^T is issued on stale shared
+    memory (no wait, no release) and its scores are dropped."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -724,37 +772,36 @@ def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     num_bh = num_tiles // num_m
-    nprog = gl.num_programs(0)
     it = gl.program_id(0) * 0  # key blocks consumed so far: ring stage and phase
     qi = it  # tiles begun so far: Q slot and phase
     mbarrier.wait(q_full.index(0), 0)
-    t = gl.program_id(0)
+    t, end = _static_tiles(num_m, num_tiles, PAIRED)
     s = _ws_first_qk(q_smem.index(WG), k_smem, k_ready, k_empty, me, other, s_zero, it, it, PINGPONG)
     tp = it + 1  # issue turns taken so far
-    while t < num_tiles:
+    while t < end:
         b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
-            t, num_m, num_bh, 1, nheads, Lse, Lse, max_seqlen_q, max_seqlen_k, window_left, -1, 2 * BLOCK_M,
-            BLOCK_N, False, HAS_LEFT, False, False)
+            t, num_m, num_bh, 1, nheads, Lse, Lse, max_seqlen_q, max_seqlen_k, window_left, window_right,
+            2 * BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, False, PAIRED)
         slot, _ = _q_slot(qi, 2)
         q = q_smem.index(2 * slot + WG)
         start_m = start_m + WG * BLOCK_M
         rows = start_m + gl.arange(0, BLOCK_M, row_s)
-        mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, -1, seed, dropout_p,
-                             nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n, rows,
-                             HAS_ALIBI)
+        mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
+                             dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k,
+                             offs_n, rows, HAS_ALIBI)
         m_i, l_i, acc, acc_l = _ws_fresh(BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_MAX)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
-                                            HAS_LEFT, False, FAST_TANH, DROPOUT)
+                                            HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
         for j in range(1, n_blocks):
             p, acc, acc_l, m_i, l_i = _ws_step(q, k_smem, v_smem, ones_smem, k_ready, v_ready, k_empty, v_empty, me,
                                                other, s_zero, p, acc, acc_l, m_i, l_i, it + j, tp + j - 1,
                                                lo + j * BLOCK_N, full_lo, full_hi, mods, SOFTCAP, HAS_ALIBI,
-                                               HAS_LEFT, False, DROPOUT, PINGPONG, OVERLAP)
+                                               HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP)
         mbarrier.arrive(q_empty.index(slot))  # every QK^T of this tile is done: its Q slot may refill
         # The next tile and its Q slot.
         next_slot, next_phase = _q_slot(qi + 1, 2)
-        t_next = t + nprog
-        has_next = t_next < num_tiles
+        t_next = _static_next(t, num_m, PAIRED)
+        has_next = t_next < end
         mbarrier.wait(q_full.index(next_slot), next_phase, pred=has_next)
         last = it + n_blocks - 1
         first = last + 1  # the next tile's first key block
@@ -793,7 +840,7 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
                  tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, section, WG: gl.constexpr,
                  IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                  HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr):
+                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr):
     """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
 
     Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
@@ -809,14 +856,15 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
     other = turns.index(1 - WG)
     if PINGPONG and WG == 1:
         mbarrier.arrive(other)  # consumer 0 issues first
+    gl.static_assert(CHAIN or not PAIRED, "paired tiles: chained only")
     if CHAIN:
-        gl.static_assert(not (DYNAMIC or IS_VARLEN or HAS_RIGHT), "chained tiles: the static schedule, dense, "
-                         "no right window")
+        gl.static_assert(not (DYNAMIC or IS_VARLEN or (HAS_RIGHT and not PAIRED)),
+                         "chained tiles: the static schedule, dense, a right window only when paired")
         _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_buf, q_full, q_empty, k_ready, v_ready,
                           k_empty, v_empty, me, other, o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os,
                           stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
-                          score_scale, tanh_scale, window_left, seed, dropout_p, num_m, num_tiles, WG, SOFTCAP,
-                          HAS_ALIBI, HAS_LEFT, DROPOUT, PINGPONG, OVERLAP, O_TMA)
+                          score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, WG,
+                          SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, O_TMA, PAIRED)
         if O_TMA:
             tma.store_wait(0)
         return
@@ -869,7 +917,8 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
              dropout_p, num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
-             OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr):
+             OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr,
+             PAIRED: gl.constexpr):
     """Shared memory, mbarriers and the three partitions of the warp-specialised forward. Q slots: one
     (both consumers' Q tiles), two with CHAIN (the next tile's Q loads while this one runs)."""
     Q_STAGES: gl.constexpr = 2 if CHAIN else 1
@@ -916,17 +965,17 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA, CHAIN)),
+                        DYNAMIC, O_TMA, CHAIN, PAIRED)),
         (_ws_consumer, (q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready,
                         k_empty, v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA, CHAIN)),
+                        DYNAMIC, O_TMA, CHAIN, PAIRED)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready,
                         v_ready, k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group,
                         stride_qh, stride_kh, stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right,
-                        num_m, num_tiles, section, IS_VARLEN, HAS_LEFT, HAS_RIGHT, DYNAMIC)),
+                        num_m, num_tiles, section, IS_VARLEN, HAS_LEFT, HAS_RIGHT, DYNAMIC, PAIRED)),
     ], [4, 1], [240, 24])
 
 
@@ -949,7 +998,7 @@ def attn_fwd_gluon_ws_kernel(
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
              dropout_p, num_tiles, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
-             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False, CHAIN)
+             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False, CHAIN, False)
 
 
 @gluon.jit(do_not_specialize=["section"])
@@ -960,17 +1009,19 @@ def attn_fwd_gluon_ws_sched_kernel(
     num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
-    OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, num_warps: gl.constexpr,
+    OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """``attn_fwd_gluon_ws_kernel`` with the dynamic persistent schedule (DYNAMIC: tiles from the global
     counter ``tile_counter``, int32[2], zero before the launch and left zero after it, in sections of
-    ``section`` heads) and / or the output through shared memory and a bulk tensor store (O_TMA, o_desc a
-    2D view of Out like q_desc's of q)."""
+    ``section`` heads) or the static one over pairs of query blocks (PAIRED, chained: ``_ws_tile``), and / or
+    the output through shared memory and a bulk tensor store (O_TMA, o_desc a 2D view of Out like q_desc's
+    of q)."""
     _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
              dropout_p, num_tiles, section, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
-             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN)
+             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN, PAIRED)
 
 
 class FwdConfig(NamedTuple):
@@ -993,7 +1044,10 @@ class FwdConfig(NamedTuple):
     FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact. ``chain``
     (the persistent static schedule, dense inputs without a right window): a program's tiles run back to
     back, each tile's last PV issued with the next one's first QK^T and its store under them (two Q slots:
-    213 KB of shared memory at d = 128 with two stages, so no more stages there)."""
+    213 KB of shared memory at d = 128 with two stages, so no more stages there). ``paired`` (with chain;
+    dense inputs with a right window and no left one, seqlen_q <= seqlen_k: causal): the chained static
+    schedule over units of two query blocks of one head, the (num_m - 1 - j)-th and the j-th, which hold
+    equal work under a causal mask, in place of the dynamic schedule."""
 
     block_m: int
     block_n: int
@@ -1007,11 +1061,12 @@ class FwdConfig(NamedTuple):
     fixed_max: bool = False
     alibi_sides: bool = False
     chain: bool = False
+    paired: bool = False
 
     @classmethod
     def parse(cls, text: str) -> FwdConfig:
         """From 'block_m,block_n,stages,warps[,schedule[,overlap,persistent,dynamic,tma_store,fixed_max,
-        alibi_sides,chain]]' (the scripts' options; flags as 0 / 1)."""
+        alibi_sides,chain,paired]]' (the scripts' options; flags as 0 / 1)."""
         fields = text.split(",")
         ints = [int(x) for x in fields[:4] + fields[5:]]
         return cls(*ints[:4], *fields[4:5], *(bool(x) for x in ints[4:]))
@@ -1036,7 +1091,7 @@ class FwdConfig(NamedTuple):
 # (benchmarks/NOTES.md, "the Gluon forward at d = 256").
 _CONFIGS = {64: FwdConfig(64, 128, 2, 4),
             128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, tma_store=True, fixed_max=True,
-                           alibi_sides=True, chain=True),
+                           alibi_sides=True, chain=True, paired=True),
             256: FwdConfig(64, 64, 2, 4, "ws", True, True, True, fixed_max=True, alibi_sides=True)}
 # Largest softcap whose scores take the fixed max (bf16): p >= 2^(-2 * softcap * log2(e)) stays a normal
 # float (> 2^-126, which ex2.approx.ftz would flush) up to 43.6.
@@ -1222,8 +1277,12 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         _launch_single((num_m, batch * nheads), *args, **flags)
         return out, lse
     num_tiles = num_m * batch * nheads
-    dynamic = cfg.dynamic and not varlen and right >= 0
-    persistent = not varlen and (dynamic or (cfg.persistent and right < 0))
+    # Causal-shaped inputs (the keys a query block sees grow linearly with it; each sees one at least): pairs
+    # of query blocks on the chained static schedule.
+    paired = (cfg.paired and cfg.chain and not varlen and right >= 0 and left < 0
+              and max_seqlen_q <= max_seqlen_k)
+    dynamic = cfg.dynamic and not varlen and right >= 0 and not paired
+    persistent = not varlen and (dynamic or paired or (cfg.persistent and right < 0))
     # The bulk store slowed softcap's and dropout's consumers (chained, 4k: 0.96 / 0.92; notebook, "the
     # chained epilogue through a bulk tensor store"): they keep the register stores.
     o_tma = (cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0) and softcap <= 0
@@ -1233,7 +1292,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     # Chained tiles on the static schedule only (no right window: every tile holds a key block). On the
     # dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
     flags["CHAIN"] = cfg.chain and persistent and not dynamic and max_seqlen_k > 0
-    if not (dynamic or o_tma):
+    if not (dynamic or o_tma or paired):
         _launch_ws(grid, *args, num_tiles, **flags)
         return out, lse
     # Sections of the dynamic schedule: KV heads whose K and V fit in L2 (common.py's L2_SECTION_BYTES), times
@@ -1242,5 +1301,5 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     counter = _tile_counter(q.device) if dynamic else lse
     o_desc = _descriptor(out, cfg.block_m) if o_tma else args[0]
     _launch_sched(grid, *args[:3], o_desc, *args[3:8], counter, *args[8:], num_tiles, section,
-                  **flags, DYNAMIC=dynamic, O_TMA=o_tma)
+                  **flags, DYNAMIC=dynamic, O_TMA=o_tma, PAIRED=paired)
     return out, lse
