@@ -641,11 +641,14 @@ def test_chain(case, config, monkeypatch):
     # Not paired: queries past the keys (blocks with no key), a left window too (a band).
     {"seqlens": (1100, 600)}, {"seqlens": (1000, 1000), "window_size": (200, 0)},
 ], ids=str)
-def test_paired(case, config, monkeypatch):
+@pytest.mark.parametrize("sms", [3, 4096])
+def test_paired(case, config, sms, monkeypatch):
     """Causal-shaped inputs on the chained static schedule over pairs of query blocks (the long block
-    num_m - 1 - j with the short block j of one head), many pairs a program (3 SMs): every block computed
-    once, both Q slots in turn across the pairs, the odd middle block alone; the routes it must not take."""
-    launched = _spy_launches(monkeypatch)
+    num_m - 1 - j with the short block j of one head), many pairs a program (3 SMs) or one each (more SMs
+    than pairs: no program without a pair, whose consumers would wait for a Q tile forever): every block
+    computed once, both Q slots in turn across the pairs, the odd middle block alone; the routes it must
+    not take."""
+    launched = _spy_launches(monkeypatch, sms)
     case = dict(case)
     window = _window(True, None) if "window_size" not in case else case["window_size"]
     expected = _expected_route(config, *case["seqlens"], window)

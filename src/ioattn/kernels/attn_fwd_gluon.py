@@ -1287,7 +1287,10 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     # chained epilogue through a bulk tensor store"): they keep the register stores.
     o_tma = (cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0) and softcap <= 0
              and dropout_p == 0)
-    grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
+    # A persistent program walks one tile at least (a consumer waits for its first Q before the loop): no
+    # more programs than tiles, or than pairs of query blocks when paired.
+    units = batch * nheads * ((num_m + 1) // 2) if paired else num_tiles
+    grid = (min(units, _num_sms(q.device)) if persistent else num_tiles,)
     flags["PINGPONG"] = cfg.schedule == "pingpong"
     # Chained tiles on the static schedule only (no right window: every tile holds a key block). On the
     # dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
