@@ -588,9 +588,11 @@ def _spy_launches(monkeypatch, sms=3):
 
 def _expected_route(config, seqlen_q, seqlen_k, window):
     """(CHAIN, PAIRED) as the host should route a dense input: chained without a right window, and with one
-    on the paired schedule (causal-shaped: no left window, every query block seeing a key)."""
+    on the paired schedule (causal-shaped: no left window, every query block seeing a key, 8 tiles of
+    queries or more)."""
     left, right = window
-    paired = config.paired and config.chain and right >= 0 and left < 0 and seqlen_q <= seqlen_k
+    paired = (config.paired and config.chain and right >= 0 and left < 0 and seqlen_q <= seqlen_k
+              and -(-seqlen_q // (2 * config.block_m)) >= 8)
     return right < 0 or paired, paired
 
 
@@ -632,14 +634,16 @@ def test_chain(case, config, monkeypatch):
 
 @pytest.mark.parametrize("config", PAIRED_CONFIGS + [_CONFIGS[128]], ids=_ws_id)
 @pytest.mark.parametrize("case", [
-    # num_m = cdiv(sq, 256) even and odd (the middle block alone), one block, sq < sk, GQA / MQA, one batch.
+    # num_m = cdiv(sq, 128) even and odd (the middle block alone), sq < sk, GQA / MQA, one batch.
     {"seqlens": (2048, 2048)}, {"seqlens": (1100, 1100)}, {"seqlens": (1300, 1300), "nheads_k": 1},
-    {"seqlens": (200, 200)}, {"seqlens": (700, 2000)}, {"seqlens": (640, 640), "batch": 1},
+    {"seqlens": (1000, 2000)}, {"seqlens": (1200, 1200), "batch": 1},
     {"seqlens": (1000, 1300), "window_size": (-1, 100)}, {"seqlens": (1024, 1024), "window_size": (-1, 0)},
     {"seqlens": (1000, 1000), "softcap": 30.0}, {"seqlens": (1000, 1200), "softcap": 60.0},
     {"seqlens": (1024, 1024), "alibi": True}, {"seqlens": (900, 1000), "dropout": 0.2},
-    # Not paired: queries past the keys (blocks with no key), a left window too (a band).
-    {"seqlens": (1100, 600)}, {"seqlens": (1000, 1000), "window_size": (200, 0)},
+    # Not paired: queries past the keys (blocks with no key), a left window too (a band), fewer than 8
+    # query tiles.
+    {"seqlens": (1100, 600)}, {"seqlens": (1000, 1000), "window_size": (200, 0)}, {"seqlens": (200, 200)},
+    {"seqlens": (640, 640), "batch": 1}, {"seqlens": (700, 2000)},
 ], ids=str)
 @pytest.mark.parametrize("sms", [3, 4096])
 def test_paired(case, config, sms, monkeypatch):
@@ -652,7 +656,8 @@ def test_paired(case, config, sms, monkeypatch):
     case = dict(case)
     window = _window(True, None) if "window_size" not in case else case["window_size"]
     expected = _expected_route(config, *case["seqlens"], window)
-    assert config.paired and expected[1] == (window[0] < 0 and case["seqlens"][0] <= case["seqlens"][1])
+    sq, sk = case["seqlens"]
+    assert config.paired and expected[1] == (window[0] < 0 and sq <= sk and sq > 7 * 128)
     torch.manual_seed(sum(case["seqlens"]) + 11)
     batch, nheads = case.pop("batch", 2), 4
     q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, case.pop("nheads_k", 2), 128, torch.bfloat16)

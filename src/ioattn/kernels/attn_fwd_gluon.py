@@ -1045,7 +1045,8 @@ class FwdConfig(NamedTuple):
     (the persistent static schedule, dense inputs without a right window): a program's tiles run back to
     back, each tile's last PV issued with the next one's first QK^T and its store under them (two Q slots:
     213 KB of shared memory at d = 128 with two stages, so no more stages there). ``paired`` (with chain;
-    dense inputs with a right window and no left one, seqlen_q <= seqlen_k: causal): the chained static
+    dense inputs with a right window and no left one, seqlen_q <= seqlen_k, 8 tiles of queries or more:
+    causal): the chained static
     schedule over units of two query blocks of one head, the (num_m - 1 - j)-th and the j-th, which hold
     equal work under a causal mask, in place of the dynamic schedule."""
 
@@ -1277,10 +1278,11 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         _launch_single((num_m, batch * nheads), *args, **flags)
         return out, lse
     num_tiles = num_m * batch * nheads
-    # Causal-shaped inputs (the keys a query block sees grow linearly with it; each sees one at least): pairs
-    # of query blocks on the chained static schedule.
+    # Causal-shaped inputs (the keys a query block sees grow linearly with it; each sees one at least) of 8
+    # query blocks or more: pairs of query blocks on the chained static schedule. Shorter ones keep the
+    # dynamic schedule (paired 0.94x at 512, 1.01x at 1k; benchmarks/NOTES.md, "query blocks in pairs").
     paired = (cfg.paired and cfg.chain and not varlen and right >= 0 and left < 0
-              and max_seqlen_q <= max_seqlen_k)
+              and max_seqlen_q <= max_seqlen_k and num_m >= 8)
     dynamic = cfg.dynamic and not varlen and right >= 0 and not paired
     persistent = not varlen and (dynamic or paired or (cfg.persistent and right < 0))
     # The bulk store slowed softcap's and dropout's consumers (chained, 4k: 0.96 / 0.92; notebook, "the
