@@ -311,6 +311,20 @@ def test_merge_replaces_rows_measured_again_and_keeps_the_rest(tmp_path):
         (1024, False, 364.0), (512, False, 200.0), (1024, True, 250.0)]
 
 
+def test_merge_replaces_feature_rows_whose_ratio_moved():
+    """A features row measured again replaces the old one though its ratio to plain moved too."""
+    def feature(name, seqlen, tflops, relative):
+        return {"impl": "ioattn", "mode": "feature-fwd", "feature": name, "headdim": 128, "seqlen": seqlen,
+                "ms": 1.0, "tflops": tflops, "relative": relative}
+
+    old = [feature("plain", 4096, 598.0, 1.0), feature("causal", 4096, 527.0, 0.882),
+           feature("window", 4096, 432.0, 0.723)]
+    new = [feature("plain", 4096, 605.0, 1.0), feature("causal", 4096, 557.0, 0.921)]
+    merged = R.merge_rows(old, new)
+    assert [(r["feature"], r["tflops"], r["relative"]) for r in merged] == [
+        ("plain", 605.0, 1.0), ("causal", 557.0, 0.921), ("window", 432.0, 0.723)]
+
+
 def test_cli_merge_adds_a_second_run_to_the_same_file(tmp_path):
     path = tmp_path / "r.json"
     common = ["--quick", "--device", "cpu", "--json", str(path), "--no-plot", "--no-progress",

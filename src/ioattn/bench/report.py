@@ -218,11 +218,12 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def merge_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
-    """``old`` with the rows that ``new`` measures again replaced (same keys but the time and metric),
-    then the rest of ``new``: several shorter runs add up to one results file."""
+    """``old`` with the rows that ``new`` measures again replaced (same keys but the measured floats: time,
+    metric and, for features, both TFLOPs/s and the ratio), then the rest of ``new``: several shorter runs
+    add up to one results file."""
     def key(row: dict) -> tuple:
         layout = layout_for_mode(row["mode"])
-        return tuple(row[k] for k in layout.schema if k not in ("ms", layout.metric))
+        return tuple(row[k] for k, kind in layout.schema.items() if kind is not float)
 
     fresh = {key(r): r for r in new}
     merged = [fresh.pop(key(r), r) for r in old]
