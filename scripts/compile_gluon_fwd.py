@@ -64,22 +64,25 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
         kernel = attn_fwd_gluon_ws_kernel
         sig["num_tiles"] = "i32"
         consts["PINGPONG"] = cfg.schedule == "pingpong"
-        # Chained tiles as the host routes them: the persistent static schedule, dense, no right window.
+        # Chained tiles as the host routes them to this kernel: the persistent static schedule, dense, no
+        # right window.
         consts["CHAIN"] = (cfg.chain and cfg.persistent and not flags.get("IS_VARLEN", False)
                            and not flags.get("HAS_RIGHT", False))
         if sched and not flags.get("IS_VARLEN", False):
+            # gluon_forward's routing of a dense input of whole query tiles (seqlen_q <= seqlen_k, 8 tiles or
+            # more): the dynamic or paired schedule, the bulk store.
             right, left = flags.get("HAS_RIGHT", False), flags.get("HAS_LEFT", False)
-            paired = getattr(cfg, "paired", False) and cfg.chain and right and not left
+            paired = cfg.paired and cfg.chain and right and not left
             dynamic = cfg.dynamic and right and not paired
+            persistent = dynamic or paired or (cfg.persistent and not right)
             o_tma = cfg.tma_store and not flags.get("SOFTCAP", False) and not flags.get("DROPOUT", False)
             if dynamic or paired or o_tma:
                 kernel = attn_fwd_gluon_ws_sched_kernel
                 sig = {**dict(list(sig.items())[:3]), "o_desc": _desc_type(dtype, block_m, d),
                        **dict(list(sig.items())[3:8]), "tile_counter": "*i32", **dict(list(sig.items())[8:]),
                        "section": "i32"}
-                consts.update(DYNAMIC=dynamic, O_TMA=o_tma, CHAIN=cfg.chain and not dynamic)
-                if "PAIRED" in kernel.arg_names:
-                    consts["PAIRED"] = paired
+                consts.update(DYNAMIC=dynamic, O_TMA=o_tma, PAIRED=paired,
+                              CHAIN=cfg.chain and persistent and not dynamic)
     for k in consts:
         sig[k] = "constexpr"
     src = GluonASTSource(kernel, sig, consts)

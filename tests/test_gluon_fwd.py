@@ -200,15 +200,16 @@ WS_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, persistent, dynamic, t
 CHAIN_CONFIGS = [FwdConfig(64, 128, 2, 4, schedule, overlap, True, True, tma_store, chain=True)
                  for schedule, overlap, tma_store in (("pingpong", True, False), ("pingpong", False, False),
                                                       ("ws", True, False), ("pingpong", True, True))]
-# The chained static schedule over pairs of query blocks for causal-shaped inputs (bulk store or not).
-PAIRED_CONFIGS = [cfg._replace(paired=True) for cfg in CHAIN_CONFIGS[::3]]
+# The chained static schedule over pairs of query blocks for causal-shaped inputs: ping-pong with the bulk
+# store or not, free-running consumers.
+PAIRED_CONFIGS = [CHAIN_CONFIGS[i]._replace(paired=True) for i in (0, 2, 3)]
 WS_CONFIGS += CHAIN_CONFIGS
 DYNAMIC_CONFIGS = [cfg for cfg in WS_CONFIGS if cfg.dynamic and not cfg.chain]  # causal: never chained
 
 
 def _ws_id(cfg):
-    return cfg.schedule + ("-overlap" if cfg.overlap else "") + ("-persistent" if cfg.persistent else "") + (
-        "-dynamic" if cfg.dynamic else "") + ("-tmastore" if cfg.tma_store else "") + ("-chain" if cfg.chain else "")
+    flags = ("overlap", "persistent", "dynamic", "tma_store", "chain", "fixed_max", "alibi_sides", "paired")
+    return "-".join([cfg.schedule] + [name.replace("_", "") for name in flags if getattr(cfg, name)])
 
 
 @pytest.mark.parametrize("config", WS_CONFIGS, ids=_ws_id)
@@ -587,13 +588,15 @@ def _spy_launches(monkeypatch, sms=3):
 
 
 def _expected_route(config, seqlen_q, seqlen_k, window):
-    """(CHAIN, PAIRED) as the host should route a dense input: chained without a right window, and with one
-    on the paired schedule (causal-shaped: no left window, every query block seeing a key, 8 tiles of
-    queries or more)."""
+    """(CHAIN, PAIRED) as gluon_forward routes a dense input: the paired schedule with a right window and no
+    left one, every query block seeing a key and 8 query tiles or more; chained on a persistent schedule that
+    is not the dynamic one."""
     left, right = window
     paired = (config.paired and config.chain and right >= 0 and left < 0 and seqlen_q <= seqlen_k
               and -(-seqlen_q // (2 * config.block_m)) >= 8)
-    return right < 0 or paired, paired
+    dynamic = config.dynamic and right >= 0 and not paired
+    persistent = dynamic or paired or (config.persistent and right < 0)
+    return config.chain and persistent and not dynamic, paired
 
 
 @pytest.mark.parametrize("config", CHAIN_CONFIGS + [_CONFIGS[128]], ids=_ws_id)
@@ -643,7 +646,7 @@ def test_chain(case, config, monkeypatch):
     # Not paired: queries past the keys (blocks with no key), a left window too (a band), fewer than 8
     # query tiles.
     {"seqlens": (1100, 600)}, {"seqlens": (1000, 1000), "window_size": (200, 0)}, {"seqlens": (200, 200)},
-    {"seqlens": (640, 640), "batch": 1}, {"seqlens": (700, 2000)},
+    {"seqlens": (640, 640), "batch": 1}, {"seqlens": (700, 2000)}, {"seqlens": (896, 896)},
 ], ids=str)
 @pytest.mark.parametrize("sms", [3, 4096])
 def test_paired(case, config, sms, monkeypatch):

@@ -468,13 +468,12 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
 
 
 @gluon.jit
-def _key_block(pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, window_left,
-               window_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr,
-               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+def _key_block(pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k,
+               BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr):
     """Where a backward program's key block pid_n of (batch x KV head) bhk lies: (start_n, b, hk, q_start,
-    seqlen_q, seqlen_k, q_row0, kv_row, lo, full_lo, full_hi, n_m), q_row0 / kv_row the sequence's first query
-    row and the block's first key row in the 2D views, [lo, lo + n_m BLOCK_M) the query blocks that see it
-    (``q_block_range``'s masked and full ranges). start_n >= seqlen_k: a block past its sequence's keys."""
+    seqlen_q, seqlen_k, q_row0, kv_row), q_row0 / kv_row the sequence's first query row and the block's first
+    key row in the 2D views. start_n >= seqlen_k: a block past its sequence's keys (the caller returns before
+    it computes the block's query range)."""
     start_n = pid_n * BLOCK_N
     b = bhk // nheads_k
     hk = bhk % nheads_k
@@ -486,9 +485,7 @@ def _key_block(pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, m
     else:
         q_row0 = b * seqlen_q
         kv_row = b * seqlen_k + start_n
-    lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    return start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row, lo, full_lo, full_hi, gl.cdiv(hi - lo, BLOCK_M)
+    return start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row
 
 
 @gluon.jit(do_not_specialize=["section"])
@@ -534,11 +531,13 @@ def attn_bwd_gluon_kernel(
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
         pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, DETERMINISTIC)
-    start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row, lo, full_lo, full_hi, n_m = _key_block(
-        pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
-        BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT)
+    start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
+        pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:
         return
+    lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    n_m = gl.cdiv(hi - lo, BLOCK_M)
     n_steps = group * n_m
     t0 = 0
     if TAIL:
@@ -756,11 +755,13 @@ def attn_bwd_gluon_wide_kernel(
     if HAS_RIGHT:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, False)
-    start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row, lo, full_lo, full_hi, n_m = _key_block(
-        pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
-        BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT)
+    start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
+        pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:
         return
+    lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    n_m = gl.cdiv(hi - lo, BLOCK_M)
     n_steps = group * n_m
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)

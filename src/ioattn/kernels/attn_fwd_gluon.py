@@ -345,15 +345,17 @@ def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_
     so the tiles in flight at once share a head's K/V in L2; with a right window the last query blocks (the
     most keys) come first. DYNAMIC order: sections of ``section`` heads (chosen so that their K/V fit in L2),
     within a section query block by query block, longest first with a right window, heads fastest. PAIRED
-    order (``_paired_next``): t = 2 u + second, unit u of a head pairs query block num_m - 1 - j (second 0)
-    with block j (second 1), j = u mod cdiv(num_m, 2), so a causal unit holds num_m + 1 blocks' worth of keys
-    whatever j is; units run j fastest, so the tiles in flight share heads' K/V in L2. Returns
+    order (``_static_tiles``, ``_static_next``): t = 2 u + second, unit u of a head pairs query block
+    num_m - 1 - j (second 0) with block j (second 1), j = u mod cdiv(num_m, 2), so under a causal mask every
+    unit holds the same number of key blocks (num_m + 1 tiles' worth, plus the offset of seqlen_k past
+    seqlen_q), but for the middle block of an odd num_m, alone in its unit; units run j fastest, so the tiles
+    in flight share heads' K/V in L2. Returns
     (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks): q_row0 /
     kv_row0 are the sequence's first rows in the 2D views."""
     if DYNAMIC:
         pid_m, bh = launch_order(t % num_m, t // num_m, num_m, num_bh, section, HAS_RIGHT)
     elif PAIRED:
-        half = (num_m + 1) // 2
+        half = _pairs(num_m)
         u = t // 2
         bh = u // half
         j = u % half
@@ -393,12 +395,19 @@ def _q_slot(qi, Q_STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _pairs(num_m):
+    """Units of the PAIRED order a head holds (``_ws_tile``): its query blocks two by two, the middle one of an
+    odd count alone."""
+    return (num_m + 1) // 2
+
+
+@gluon.jit
 def _static_tiles(num_m, num_tiles, PAIRED: gl.constexpr):
     """(first tile, end) of the program's walk on the persistent static schedule: tiles t, t + programs, ...
     below num_tiles, or with PAIRED the units u, u + programs, ... (``_ws_tile``), t = 2 u + second below
     2 x units."""
     if PAIRED:
-        return 2 * gl.program_id(0), 2 * (num_tiles // num_m) * ((num_m + 1) // 2)
+        return 2 * gl.program_id(0), 2 * (num_tiles // num_m) * _pairs(num_m)
     else:
         return gl.program_id(0), num_tiles
 
@@ -409,7 +418,7 @@ def _static_next(t, num_m, PAIRED: gl.constexpr):
     short block after its long one, unless they are the same (the middle block of an odd num_m)."""
     if PAIRED:
         u = t // 2
-        more = ((t % 2 == 0) & (2 * (u % ((num_m + 1) // 2)) + 1 < num_m)).to(gl.int32)
+        more = ((t % 2 == 0) & (2 * (u % _pairs(num_m)) + 1 < num_m)).to(gl.int32)
         return more * (t + 1) + (1 - more) * (2 * (u + gl.num_programs(0)))
     else:
         return t + gl.num_programs(0)
@@ -1042,11 +1051,11 @@ class FwdConfig(NamedTuple):
     summed on the tensor cores.
     ``alibi_sides`` (ws schedules): ALiBi's bias on key blocks wholly on one side of the tile's diagonal as one
     FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact. ``chain``
-    (the persistent static schedule, dense inputs without a right window): a program's tiles run back to
-    back, each tile's last PV issued with the next one's first QK^T and its store under them (two Q slots:
-    213 KB of shared memory at d = 128 with two stages, so no more stages there). ``paired`` (with chain;
-    dense inputs with a right window and no left one, seqlen_q <= seqlen_k, 8 tiles of queries or more:
-    causal): the chained static
+    (the persistent static schedule: dense inputs without a right window, or paired): a program's tiles run
+    back to back, each tile's last PV issued with the next one's first QK^T and its store under them (two Q
+    slots: 213 KB of shared memory at d = 128 with two stages, so no more stages there). ``paired`` (with
+    chain; dense inputs with a right window and no left one, seqlen_q <= seqlen_k, 8 tiles of queries or
+    more: causal, where each query block sees key 0 and the keys it sees grow with it): the chained static
     schedule over units of two query blocks of one head, the (num_m - 1 - j)-th and the j-th, which hold
     equal work under a causal mask, in place of the dynamic schedule."""
 
@@ -1278,9 +1287,10 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         _launch_single((num_m, batch * nheads), *args, **flags)
         return out, lse
     num_tiles = num_m * batch * nheads
-    # Causal-shaped inputs (the keys a query block sees grow linearly with it; each sees one at least) of 8
-    # query blocks or more: pairs of query blocks on the chained static schedule. Shorter ones keep the
-    # dynamic schedule (paired 0.94x at 512, 1.01x at 1k; benchmarks/NOTES.md, "query blocks in pairs").
+    # A right window and no left one with seqlen_q <= seqlen_k (causal, or a right window of any width: every
+    # query block sees key 0, and the keys it sees grow with it), 8 query blocks or more: pairs of query blocks
+    # on the chained static schedule. Shorter ones keep the dynamic schedule (paired 0.94x at 512, 1.01x at 1k;
+    # benchmarks/NOTES.md, "query blocks in pairs").
     paired = (cfg.paired and cfg.chain and not varlen and right >= 0 and left < 0
               and max_seqlen_q <= max_seqlen_k and num_m >= 8)
     dynamic = cfg.dynamic and not varlen and right >= 0 and not paired
@@ -1291,11 +1301,11 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
              and dropout_p == 0)
     # A persistent program walks one tile at least (a consumer waits for its first Q before the loop): no
     # more programs than tiles, or than pairs of query blocks when paired.
-    units = batch * nheads * ((num_m + 1) // 2) if paired else num_tiles
+    units = batch * nheads * ((num_m + 1) // 2) if paired else num_tiles  # _pairs(num_m) a head when paired
     grid = (min(units, _num_sms(q.device)) if persistent else num_tiles,)
     flags["PINGPONG"] = cfg.schedule == "pingpong"
-    # Chained tiles on the static schedule only (no right window: every tile holds a key block). On the
-    # dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
+    # Chained tiles on the static schedule only (no right window, or paired: every tile holds a key block). On
+    # the dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
     flags["CHAIN"] = cfg.chain and persistent and not dynamic and max_seqlen_k > 0
     if not (dynamic or o_tma or paired):
         _launch_ws(grid, *args, num_tiles, **flags)
