@@ -268,7 +268,8 @@ def pieces(q, k, v) -> None:
     grid = (min(num_tiles, G._num_sms(q.device)),)
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=False,
                  SOFTCAP=0, HAS_ALIBI=0, HAS_LEFT=False, HAS_RIGHT=True, DROPOUT=False, OVERLAP=cfg.overlap,
-                 num_warps=cfg.warps, PINGPONG=cfg.schedule == "pingpong", CHAIN=False, DYNAMIC=True, O_TMA=False)
+                 num_warps=cfg.warps, PINGPONG=cfg.schedule == "pingpong", CHAIN=False, DYNAMIC=True, O_TMA=False,
+                 PAIRED=False)
     add("Launcher (cached compiled kernel)", lambda: G._launch_sched(grid, *sargs, num_tiles, 1, **flags))
     sargs = tuple(a.real() if isinstance(a, TmaDesc) else a for a in sargs)
     kern = G.attn_fwd_gluon_ws_sched_kernel
