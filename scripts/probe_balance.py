@@ -1,8 +1,8 @@
 """Load balance of the Gluon kernels across SMs, for `ncu`: one call of each case between
 cudaProfilerStart/Stop, so that
 
-    ncu --profile-from-start off -k regex:gluon --metrics gpu__time_duration.sum,sm__cycles_active.avg,\
-sm__cycles_active.max,sm__cycles_active.min --csv python scripts/probe_balance.py CASES
+    PYTHONPATH=src:scripts ncu --profile-from-start off -k regex:gluon --metrics gpu__time_duration.sum,\
+sm__cycles_active.avg,sm__cycles_active.max,sm__cycles_active.min --csv python scripts/probe_balance.py CASES
 
 reports per kernel the time and the SMs' active cycles: avg / max is the share of the kernel's span the SMs
 were busy on average (1.0: balanced to the last cycle). CASES: 'pass:d:feature:seqlen,...' (pass fwd or bwd,
@@ -16,6 +16,8 @@ from ab_gluon import timed_call
 
 from ioattn.bench.features import make_case
 
+if len(sys.argv) != 2:
+    sys.exit(__doc__)
 cases = sys.argv[1].split(",")
 for case in cases:
     direction, d, feature, s = case.split(":")

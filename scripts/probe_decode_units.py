@@ -5,6 +5,8 @@ bytes per program with 128 and 132 programs (GQA 16/4 with batch 32 and 33; the 
 beside), contiguous and paged (block 16), and sdpa-cudnn on the same inputs; five interleaved rounds, medians,
 TB/s of K + V. If 132 programs read ~132/128 of 128's rate, spreading the tiles over every SM (a flat tile
 partition) is worth building; if the rate is flat, DRAM is what holds it.
+
+    PYTHONPATH=src python scripts/probe_decode_units.py [SEQLENS, default 16384,65536]
 """
 
 import statistics

@@ -1,9 +1,12 @@
 """Probe: the d = 128 causal forward at 512-2k, where an H100 read 0.47-0.71x cuDNN in the FA2 bench.
 
-Per cell (bf16, 16k tokens, 16 heads of 128; causal and not; ioattn and sdpa-cudnn): the bench's timing
-(``do_bench``, a cache flush before each call), back-to-back calls timed by CUDA events (no flush: the GPU's
-time when the queue stays full), and the host's time to enqueue a call (perf_counter over calls without a
-synchronisation; the host's time if the host is the slower side). Microseconds a call.
+Per cell (bf16, 16k tokens, 16 heads of 128; causal and not; ioattn and sdpa-cudnn): ``do_bench`` as the
+bench calls it, a cache flush before each call (its default mean here, where the bench takes the median),
+back-to-back calls timed by CUDA events (no flush: the GPU's time when the queue stays full), and the host's
+time to enqueue a call (perf_counter over calls without a synchronisation; the host's time if the host is the
+slower side). Microseconds a call.
+
+    PYTHONPATH=src python scripts/probe_short_causal.py
 """
 
 import time
