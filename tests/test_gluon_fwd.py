@@ -345,21 +345,37 @@ def test_varlen_packed_qkv_strides():
                  *attention_ref(qb, kb, vb, causal=True, upcast=False), torch.bfloat16)
 
 
+def _count_gluon_forwards(monkeypatch) -> list:
+    """A list that gets an entry for each public-API forward from here on that runs the Gluon kernel: through
+    ``gluon_forward`` or through a plan an earlier call like it left (``gluon_forward_planned``)."""
+    from ioattn.ops import attention
+
+    calls = []
+    real, planned = attention.gluon_forward, attention.gluon_forward_planned
+
+    def counted_planned(*a, **kw):
+        res = planned(*a, **kw)
+        if res is not None:
+            calls.append(1)
+        return res
+
+    monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(attention, "gluon_forward_planned", counted_planned)
+    return calls
+
+
 @pytest.mark.parametrize("opts", [
     {"causal": True}, {"window_size": (64, 64)}, {"softcap": 30.0}, {"alibi_slopes": True},
 ], ids=str)
 def test_public_api_routes_here(opts, monkeypatch):
     """flash_attn_func and flash_attn_varlen_func take this kernel for every feature, dropout included."""
     import ioattn
-    from ioattn.ops import attention
 
     opts = dict(opts)
     if opts.get("alibi_slopes"):
         opts["alibi_slopes"] = torch.rand(8, device="cuda") * 0.2
     q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
-    calls = []
-    real = attention.gluon_forward
-    monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_gluon_forwards(monkeypatch)
     cu = torch.tensor([0, 1000, 2000], dtype=torch.int32, device="cuda")
     outs = [ioattn.flash_attn_func(q, k, v, **opts),
             ioattn.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 1000, 1000,
@@ -475,11 +491,8 @@ def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
     from test_flash_attn import check_against_ref
 
     from ioattn.dropout import draw_seed
-    from ioattn.ops import attention
 
-    calls = []
-    real = attention.gluon_forward
-    monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_gluon_forwards(monkeypatch)
     torch.manual_seed(13)
     b, sq, sk, h, p = 2, 600, 650, 4, 0.25
     q, k, v = (t.requires_grad_() for t in _qkv(b, sq, sk, h, 2, d, torch.bfloat16))
@@ -673,3 +686,102 @@ def test_paired(case, config, sms, monkeypatch):
     else:
         _check(q, k, v, config=config, **case)
     assert launched == [expected]
+
+
+# Plans: a dense forward records one (``gluon_forward``); the next call like it launches through it
+# (``gluon_forward_planned``, which the op's forward tries first). Shapes of every launch kind: the
+# one-warpgroup kernel (d = 64), the persistent chained one with the bulk store (d = 128), paired and dynamic
+# causal, a band, held-max softcap, d = 256; dropout with seeds that Triton specialises differently (1, a
+# multiple of 16, neither, past 32 bits), the second call's seed another of the same kind.
+PLAN_CASES = [
+    (64, 1000, {}), (128, 1024, {}), (128, 1000, {}), (128, 1024, {"causal": True}), (128, 600, {"causal": True}),
+    (128, 900, {"window": (100, 50)}), (128, 1000, {"softcap": 30.0}), (256, 700, {"causal": True}),
+    (128, 800, {"p": 0.2, "seeds": (1, 1)}), (128, 800, {"p": 0.2, "seeds": (32, 4096)}),
+    (128, 800, {"p": 0.2, "seeds": (17, 12345)}), (64, 800, {"p": 0.1, "seeds": (2**40 + 3, 2**41 + 7)}),
+]
+
+
+@pytest.mark.parametrize("d, seqlen, opts", PLAN_CASES, ids=str)
+def test_plan_matches_the_whole_path(d, seqlen, opts, monkeypatch):
+    """The second call like the first launches through its plan, on new tensors, and gives what
+    ``gluon_forward`` gives for those tensors bit for bit; another shape, or a seed Triton specialises
+    otherwise, finds no plan."""
+    from ioattn.kernels import attn_fwd_gluon
+
+    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {})
+    window = opts.get("window", (-1, 0) if opts.get("causal") else (-1, -1))
+    softcap, p = opts.get("softcap", 0.0), opts.get("p", 0.0)
+    seeds = opts.get("seeds", (0, 0))
+    scale = d ** -0.5
+    torch.manual_seed(seqlen + d)
+    first = _qkv(2, seqlen, seqlen, 4, 2, d, torch.bfloat16)
+    assert attn_fwd_gluon.gluon_forward_planned(*first, scale, window, softcap, p, seeds[0]) is None
+    attn_fwd_gluon.gluon_forward(*first, scale, window, softcap, dropout_p=p, seed=seeds[0])
+    assert len(attn_fwd_gluon._FWD_PLANS) == 1
+    q, k, v = _qkv(2, seqlen, seqlen, 4, 2, d, torch.bfloat16)
+    res = attn_fwd_gluon.gluon_forward_planned(q, k, v, scale, window, softcap, p, seeds[1])
+    assert res is not None
+    ref_out, ref_lse = attn_fwd_gluon.gluon_forward(q, k, v, scale, window, softcap, dropout_p=p, seed=seeds[1])
+    assert torch.equal(res[0], ref_out) and torch.equal(res[1], ref_lse)
+    if not p:
+        _compare(*res, *attention_ref(q, k, v, window_size=window, softcap=softcap),
+                 *attention_ref(q, k, v, window_size=window, softcap=softcap, upcast=False), q.dtype)
+    else:
+        from ioattn.kernels.fastlaunch import int_spec
+
+        other = next(x for x in (1, 16, 7, 2**40 + 1) if int_spec(x) != int_spec(seeds[1]))
+        assert attn_fwd_gluon.gluon_forward_planned(q, k, v, scale, window, softcap, p, other) is None
+    longer = _qkv(2, seqlen + 1, seqlen + 1, 4, 2, d, torch.bfloat16)
+    assert attn_fwd_gluon.gluon_forward_planned(*longer, scale, window, softcap, p, seeds[1]) is None
+
+
+def test_public_api_takes_the_plan(monkeypatch):
+    """flash_attn_func's second call like its first goes through the plan (the op's forward tries it before
+    the support check), and its result is right."""
+    import ioattn
+    from ioattn.kernels import attn_fwd_gluon
+    from ioattn.ops import attention
+
+    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {})
+    calls = []
+    real = attention.gluon_forward
+    monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
+    ioattn.flash_attn_func(q, k, v, causal=True)
+    assert calls == [1]
+    q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
+    out, lse, _ = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert calls == [1]
+    _compare(out, lse, *attention_ref(q, k, v, causal=True), *attention_ref(q, k, v, causal=True, upcast=False),
+             q.dtype)
+
+
+def test_plan_declines_what_it_cannot_take(monkeypatch):
+    """With a plan recorded: a misaligned q (same shape and strides, data 2 bytes off) finds none and the
+    op sends it to the portable kernel; ``IOATTN_GLUON=0`` declines it; a config patched in (as the A/B
+    scripts do) or another SM count (as tests pretend) looks for another plan."""
+    from ioattn.kernels import attn_fwd_gluon
+    from ioattn.ops import attention
+
+    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {})
+    planned = attn_fwd_gluon.gluon_forward_planned
+    scale = 128 ** -0.5
+    q, k, v = _qkv(1, 512, 512, 4, 4, 128, torch.bfloat16)
+    attn_fwd_gluon.gluon_forward(q, k, v, scale)
+    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is not None
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    q_off = buf[1:].view(q.shape).copy_(q)
+    assert q_off.data_ptr() % 16 and q_off.stride() == q.stride()
+    assert planned(q_off, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None
+    out, lse, _ = attention._flash_attn_fwd(q_off, k, v, None, None, 512, 512, scale, -1, -1, 0.0, None, 0.0)
+    _compare(out, lse, *attention_ref(q, k, v), *attention_ref(q, k, v, upcast=False), q.dtype)
+    monkeypatch.setenv("IOATTN_GLUON", "0")
+    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None
+    monkeypatch.delenv("IOATTN_GLUON")
+    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is not None
+    shipped = attn_fwd_gluon._CONFIGS[128]
+    monkeypatch.setitem(attn_fwd_gluon._CONFIGS, 128, shipped._replace(chain=False))
+    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None
+    monkeypatch.setitem(attn_fwd_gluon._CONFIGS, 128, shipped)
+    monkeypatch.setattr(attn_fwd_gluon, "_num_sms", lambda device: 7)
+    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None

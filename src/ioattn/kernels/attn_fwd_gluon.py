@@ -26,6 +26,7 @@ import os
 from typing import NamedTuple
 
 import torch
+from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -48,7 +49,7 @@ from .common import (
     seq_bounds,
     tanh,
 )
-from .fastlaunch import Launcher, TmaDesc, cdiv, raw_stream
+from .fastlaunch import Launcher, TmaDesc, cdiv, int_spec, raw_stream
 
 LOG2E = 1.4426950408889634
 
@@ -1244,8 +1245,12 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     q (total_q, h, d), k/v (total_k, h_k, d) with int32 cu_seqlens -> (out, lse float32 (h, total_q)).
     ``window_size`` is resolved (causal = (left, 0)). ``dropout_p`` > 0 drops with ``ioattn.dropout``'s mask
     for ``seed``. Call only where ``gluon_forward_supported`` is True.
-    ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap."""
+    ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap. A dense call without ALiBi, config
+    or overlap records a plan that ``gluon_forward_planned`` launches for the next calls like it."""
     varlen = cu_seqlens_q is not None
+    plan_key = None
+    if _PLANS_ENABLED and not varlen and alibi_slopes is None and config is None and overlap is None:
+        plan_key = _plan_key(q, k, v, softmax_scale, window_size, softcap, dropout_p, seed)
     shape = q.shape
     nheads, d = shape[-2:]
     nheads_k = k.shape[-2]
@@ -1274,49 +1279,128 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         slopes = alibi_slopes.contiguous()  # (nheads,) or (batch, nheads) float32
         stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
     left, right = window_size
-    args = (_descriptor(q, cfg.block_m), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), out, lse,
-            cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes,
-            stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
-            q.stride(-2), k.stride(-2), v.stride(-2),
-            nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, left, right, seed,
-            float(dropout_p))
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=varlen,
                  SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, dropout_p, cfg),
                  HAS_ALIBI=0 if alibi_slopes is None else 2 if cfg.alibi_sides and not single else 1,
                  HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                  DROPOUT=dropout_p > 0, OVERLAP=overlap, num_warps=cfg.warps)
-    if single:
-        _launch_single((num_m, batch * nheads), *args, **flags)
-        return out, lse
     num_tiles = num_m * batch * nheads
-    # A right window and no left one with seqlen_q <= seqlen_k (causal, or a right window of any width: every
-    # query block sees key 0, and the keys it sees grow with it), 8 query blocks or more: pairs of query blocks
-    # on the chained static schedule. Shorter ones keep the dynamic schedule (paired 0.94x at 512, 1.01x at 1k;
-    # benchmarks/NOTES.md, "query blocks in pairs").
-    paired = (cfg.paired and cfg.chain and not varlen and right >= 0 and left < 0
-              and max_seqlen_q <= max_seqlen_k and num_m >= 8)
-    dynamic = cfg.dynamic and not varlen and right >= 0 and not paired
-    persistent = not varlen and (dynamic or paired or (cfg.persistent and right < 0))
-    # The bulk store slowed softcap's and dropout's consumers (chained, 4k: 0.96 / 0.92; notebook, "the
-    # chained epilogue through a bulk tensor store"): they keep the register stores.
-    o_tma = (cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0) and softcap <= 0
-             and dropout_p == 0)
-    # A persistent program walks one tile at least (a consumer waits for its first Q before the loop): no
-    # more programs than tiles, or than pairs of query blocks when paired.
-    units = batch * nheads * ((num_m + 1) // 2) if paired else num_tiles  # _pairs(num_m) a head when paired
-    grid = (min(units, _num_sms(q.device)) if persistent else num_tiles,)
-    flags["PINGPONG"] = cfg.schedule == "pingpong"
-    # Chained tiles on the static schedule only (no right window, or paired: every tile holds a key block). On
-    # the dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
-    flags["CHAIN"] = cfg.chain and persistent and not dynamic and max_seqlen_k > 0
-    if not (dynamic or o_tma or paired):
-        _launch_ws(grid, *args, num_tiles, **flags)
-        return out, lse
-    # Sections of the dynamic schedule: KV heads whose K and V fit in L2 (common.py's L2_SECTION_BYTES), times
-    # the query heads sharing each.
-    section = order_section(batch * nheads_k, max_seqlen_k * d * 2 * q.element_size()) * (nheads // nheads_k)
+    if single:
+        launcher, grid, kind, dynamic, o_tma, section = _launch_single, (num_m, batch * nheads), 0, False, False, 0
+    else:
+        # A right window and no left one with seqlen_q <= seqlen_k (causal, or a right window of any width:
+        # every query block sees key 0, and the keys it sees grow with it), 8 query blocks or more: pairs of
+        # query blocks on the chained static schedule. Shorter ones keep the dynamic schedule (paired 0.94x at
+        # 512, 1.01x at 1k; benchmarks/NOTES.md, "query blocks in pairs").
+        paired = (cfg.paired and cfg.chain and not varlen and right >= 0 and left < 0
+                  and max_seqlen_q <= max_seqlen_k and num_m >= 8)
+        dynamic = cfg.dynamic and not varlen and right >= 0 and not paired
+        persistent = not varlen and (dynamic or paired or (cfg.persistent and right < 0))
+        # The bulk store slowed softcap's and dropout's consumers (chained, 4k: 0.96 / 0.92; notebook, "the
+        # chained epilogue through a bulk tensor store"): they keep the register stores.
+        o_tma = (cfg.tma_store and not varlen and (batch == 1 or max_seqlen_q % cfg.block_m == 0) and softcap <= 0
+                 and dropout_p == 0)
+        # A persistent program walks one tile at least (a consumer waits for its first Q before the loop): no
+        # more programs than tiles, or than pairs of query blocks when paired.
+        units = batch * nheads * ((num_m + 1) // 2) if paired else num_tiles  # _pairs(num_m) a head when paired
+        grid = (min(units, _num_sms(q.device)) if persistent else num_tiles,)
+        flags["PINGPONG"] = cfg.schedule == "pingpong"
+        # Chained tiles on the static schedule only (no right window, or paired: every tile holds a key block).
+        # On the dynamic one they measured 0.97-0.99x at causal 2k-16k (benchmarks/NOTES.md, "chained tiles").
+        flags["CHAIN"] = cfg.chain and persistent and not dynamic and max_seqlen_k > 0
+        kind = 2 if dynamic or o_tma or paired else 1
+        section = 0
+        if kind == 2:
+            flags.update(DYNAMIC=dynamic, O_TMA=o_tma, PAIRED=paired)
+            # Sections of the dynamic schedule: KV heads whose K and V fit in L2 (common.py's
+            # L2_SECTION_BYTES), times the query heads sharing each.
+            section = order_section(batch * nheads_k, max_seqlen_k * d * 2 * q.element_size()) * (nheads // nheads_k)
+        launcher = _launch_sched if kind == 2 else _launch_ws
+    build = _arg_builder(kind, _descriptor(q, cfg.block_m)[1:], _descriptor(k, cfg.block_n)[1:],
+                         _descriptor(v, cfg.block_n)[1:], _descriptor(out, cfg.block_m)[1:] if o_tma else None,
+                         (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, q.stride(-2),
+                          k.stride(-2), v.stride(-2), nheads, nheads // nheads_k, max_seqlen_q, max_seqlen_k,
+                          score_scale, tanh_scale, left, right), num_tiles, section)
     counter = _tile_counter(q.device) if dynamic else lse
-    o_desc = _descriptor(out, cfg.block_m) if o_tma else args[0]
-    _launch_sched(grid, *args[:3], o_desc, *args[3:8], counter, *args[8:], num_tiles, section,
-                  **flags, DYNAMIC=dynamic, O_TMA=o_tma, PAIRED=paired)
+    args = build(q, k, v, out, lse, counter, slopes, cu_seqlens_q if varlen else lse,
+                 cu_seqlens_k if varlen else lse, seed, float(dropout_p))
+    launcher(grid, *args, **flags)
+    if plan_key is not None:
+        entry = launcher.entry(args, flags)
+        if entry is not None:
+            if len(_FWD_PLANS) >= _MAX_PLANS:
+                _FWD_PLANS.clear()
+            _FWD_PLANS[plan_key] = _FwdPlan(launcher, entry, grid, build, lse.shape, dynamic)
+    return out, lse
+
+
+def _arg_builder(kind: int, qd: tuple, kd: tuple, vd: tuple, od: tuple | None, statics: tuple, num_tiles: int,
+                 section: int):
+    """The launch's positional arguments from the tensors of one call: ``kind`` 0 the one-warpgroup kernel,
+    1 the warp-specialised one, 2 its scheduled variant; ``qd``, ``kd``, ``vd``, ``od`` the descriptors'
+    fields after the base (od None: no bulk output store); ``statics`` the strides, sizes, scales and window
+    between the pointers and the seed. Holds no tensor, so a plan keeps none alive."""
+
+    def build(q, k, v, out, lse, counter, slopes, cu_q, cu_k, seed, dropout_p):
+        descs = (TmaDesc(q, *qd), TmaDesc(k, *kd), TmaDesc(v, *vd))
+        if kind == 0:
+            return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p)
+        if kind == 1:
+            return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p, num_tiles)
+        o_desc = descs[0] if od is None else TmaDesc(out, *od)
+        return (*descs, o_desc, out, lse, cu_q, cu_k, slopes, counter, *statics, seed, dropout_p, num_tiles,
+                section)
+
+    return build
+
+
+class _FwdPlan(NamedTuple):
+    """A dense forward's launch with everything but its tensors worked out (``gluon_forward_planned``)."""
+
+    launcher: Launcher
+    entry: tuple
+    grid: tuple
+    build: object
+    lse_shape: tuple
+    dynamic: bool
+
+
+# Plans by what decides a launch (``_plan_key``); cleared when full (shapes that keep changing). Read once, at
+# import: ``IOATTN_FWD_PLANS=0`` records none (every call takes the whole path).
+_FWD_PLANS: dict[tuple, _FwdPlan] = {}
+_MAX_PLANS = 1024
+_PLANS_ENABLED = os.environ.get("IOATTN_FWD_PLANS", "1").strip() != "0"
+
+
+def _plan_key(q, k, v, softmax_scale: float, window_size, softcap: float, dropout_p: float, seed: int) -> tuple:
+    """Everything a dense forward's launch depends on but its tensors' data: the current device and Triton's
+    debug and instrumentation knobs (``Launcher``'s key), shapes, strides, dtypes and devices, the scale,
+    window and softcap, with dropout the seed's specialisation (Triton specialises ints on 1 and on multiples
+    of 16), and the config and SM count the host reads (so a config or SM count patched in, as the A/B
+    scripts and tests do, makes new plans). The tensors' alignment is checked a call
+    (``gluon_forward_planned``)."""
+    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+            q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, softmax_scale, tuple(window_size), softcap, dropout_p > 0,
+            int_spec(seed) if dropout_p > 0 else None, _CONFIGS.get(q.shape[-1]), _num_sms(q.device))
+
+
+def gluon_forward_planned(q, k, v, softmax_scale: float, window_size, softcap: float, dropout_p: float,
+                          seed: int):
+    """A dense forward without ALiBi through the plan an earlier call with the same ``_plan_key`` left (its
+    support check, config, grid, descriptors' layouts and Triton's specialisation of the arguments are that
+    call's), or None where there is none or it does not apply now (unaligned data, the Gluon path or the
+    direct launch off); ``gluon_forward`` records plans, and a plan implies ``gluon_forward_supported``."""
+    if not _FWD_PLANS or not 0 <= dropout_p < 1:
+        return None
+    plan = _FWD_PLANS.get(_plan_key(q, k, v, softmax_scale, window_size, softcap, dropout_p, seed))
+    if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
+        return None
+    if not (gluon_enabled_on(q, k, v) and plan.launcher.direct_ok()):
+        return None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
+    counter = _tile_counter(q.device) if plan.dynamic else lse
+    plan.launcher.launch_entry(plan.entry, plan.grid,
+                               plan.build(q, k, v, out, lse, counter, q, lse, lse, seed, float(dropout_p)))
     return out, lse

@@ -110,20 +110,38 @@ class Launcher:
         self.direct = JITFunction is not None and isinstance(kernel, JITFunction)
 
     def __call__(self, grid, *args, **constexprs):
-        if self.direct and _ENABLED and not self.kernel.pre_run_hooks:
-            hooks = knobs.runtime
-            if not (_hook_active(hooks.launch_enter_hook) or _hook_active(hooks.launch_exit_hook)):
-                return self._direct(grid, args, constexprs)
+        if self.direct_ok():
+            return self._direct(grid, args, constexprs)
         return self.kernel[grid](*_real(args), **constexprs)
+
+    def direct_ok(self) -> bool:
+        """Whether a launch now takes the direct path: compiled Triton, the fast launch on, no launch hooks."""
+        if not (self.direct and _ENABLED and not self.kernel.pre_run_hooks):
+            return False
+        hooks = knobs.runtime
+        return not (_hook_active(hooks.launch_enter_hook) or _hook_active(hooks.launch_exit_hook))
+
+    def entry(self, args, constexprs) -> tuple | None:
+        """The recorded compiled kernel these arguments launch (None before their key's first launch, or where
+        it is launched through Triton's path). Calls that specialise like these, on the device current now,
+        can launch it with ``launch_entry`` and skip the key."""
+        return self.compiled.get(_launch_key(args, constexprs)) if self.direct else None
+
+    def launch_entry(self, entry: tuple, grid, args) -> None:
+        """Launches ``entry`` (from ``entry``) with ``args``: call only where ``direct_ok`` holds and the
+        arguments specialise as the ones the entry was found for (Triton's specialisation of each, the device)."""
+        self._run(entry, torch.cuda.current_device(), grid, args)
 
     def _direct(self, grid, args, constexprs):
         device = torch.cuda.current_device()
-        # Triton's options also take its debug and instrumentation knobs (JITFunction.run).
-        key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(constexprs.items()),
-               arg_specs(args))
+        key = _launch_key(args, constexprs, device)
         entry = self.compiled.get(key)
         if entry is None:
             return self._miss(key, grid, args, constexprs)
+        return self._run(entry, device, grid, args)
+
+    @staticmethod
+    def _run(entry: tuple, device: int, grid, args):
         kernel, tail, _layouts, launch = entry
         stream = raw_stream(device)
         gx, gy, gz = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
@@ -155,6 +173,23 @@ class Launcher:
             layouts = tuple(a.layout for a in args if type(a) is TmaDesc)
             self.compiled[key] = (kernel, values[len(real):], layouts, _direct_launch(kernel, args))
         return kernel
+
+
+def _launch_key(args, constexprs, device: int | None = None) -> tuple:
+    """What ``Launcher`` keys its compiled kernels by: the device, Triton's debug and instrumentation knobs
+    (its options take them, JITFunction.run), the constexprs and each argument's specialisation."""
+    if device is None:
+        device = torch.cuda.current_device()
+    return (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(constexprs.items()),
+            arg_specs(args))
+
+
+def int_spec(value: int) -> Any:
+    """Triton's specialisation of one int argument (its type and whether it is 1 or a multiple of 16); None
+    under a Triton without ``native_specialize_impl`` (every launch then takes ``kernel[grid]``)."""
+    if native_specialize_impl is None:
+        return None
+    return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
 def _call_direct(launch: tuple, gx: int, gy: int, gz: int, stream: int, args, tail) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..dropout import draw_seed
-from ..kernels.attn_fwd_gluon import gluon_forward, gluon_forward_supported
+from ..kernels.attn_fwd_gluon import gluon_forward, gluon_forward_planned, gluon_forward_supported
 from ..kernels.launch import attn_bwd, attn_fwd, lse_shape, make_problem
 from ._dispatch import EagerOp
 
@@ -31,6 +31,11 @@ def _flash_attn_fwd(
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
     seed = draw_seed() if dropout_p > 0 else 0
+    if cu_seqlens_q is None and alibi_slopes is None:
+        # A dense call like an earlier one takes that call's plan: no support check, config or key again.
+        planned = gluon_forward_planned(q, k, v, softmax_scale, window, softcap, dropout_p, seed)
+        if planned is not None:
+            return planned[0], planned[1], torch.tensor(seed, dtype=torch.int64)
     if gluon_forward_supported(q, k, v, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                dropout_p=dropout_p, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q):
         out, lse = gluon_forward(q, k, v, softmax_scale, window, softcap, alibi_slopes, cu_seqlens_q,
