@@ -28,6 +28,7 @@ def gluon_calls(monkeypatch):
     """Opts in to the Gluon backward at every head dim it has; the list of its launches made while the
     test runs."""
     monkeypatch.setenv("IOATTN_GLUON_BWD", "1")
+    monkeypatch.setattr(launch, "_BWD_PLANS", {})  # each backward of the test takes the whole path once
     calls = []
     real = launch.gluon_backward
 
@@ -171,6 +172,7 @@ def test_gluon_backward_routing(env, monkeypatch):
         monkeypatch.delenv("IOATTN_GLUON_BWD", raising=False)
     else:
         monkeypatch.setenv("IOATTN_GLUON_BWD", env)
+    monkeypatch.setattr(launch, "_BWD_PLANS", {})
     calls = []
     real = launch.gluon_backward
     monkeypatch.setattr(launch, "gluon_backward", lambda *a, **kw: calls.append(a[1].shape[-1]) or real(*a, **kw))
@@ -268,3 +270,89 @@ def test_gluon_backward_wide_declines(opts, gluon_calls):
     ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
     assert not gluon_calls
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# Plans: a dense backward (no ALiBi, not deterministic) records its launches; the next backward like it makes
+# its buffers and launches them (``launch.gluon_backward_planned``, which the op's backward tries first).
+# d = 64, 128 and the wide kernel at 256, causal, a window, softcap, dropout, and the last wave's split (the
+# device pretends to have 5 SMs, so the plan holds the split and the sum of its pieces).
+BWD_PLAN_CASES = [
+    ((2, 1025, 1025, 4, 4, 64), {}), ((1, 2048, 2048, 4, 1, 128), {"causal": True}),
+    ((2, 333, 1027, 8, 2, 128), {"window_size": (100, 30)}), ((2, 700, 700, 4, 2, 128), {"softcap": 5.0}),
+    ((2, 1025, 1025, 4, 4, 256), {"causal": True}), ((1, 1024, 2000, 4, 1, 128), {"dropout": 0.17}),
+    ((1, 2048, 2048, 4, 1, 128), {"sms": 5}),
+]
+
+
+def _op_pass(q, k, v, dout, opts, seed):
+    """The op's forward, then its backward on dout: (out, lse, (dq, dk, dv)), with the forward's seed."""
+    from ioattn.ops import attention
+
+    causal = opts.get("causal", False)
+    left, right = opts.get("window_size", (-1, 0 if causal else -1))
+    scale = q.shape[-1] ** -0.5
+    args = (q.shape[1], k.shape[1], scale, left, right, opts.get("softcap", 0.0), None, opts.get("dropout", 0.0))
+    torch.manual_seed(seed)
+    out, lse, seed_t = attention._flash_attn_fwd(q, k, v, None, None, *args)
+    return out, lse, seed_t, args
+
+
+@pytest.mark.parametrize("shape,opts", BWD_PLAN_CASES, ids=str)
+def test_backward_plan_matches_the_whole_path(shape, opts, monkeypatch):
+    """The second backward like the first goes through its plan, on new tensors: dK and dV bit for bit
+    what the whole path gives for them, dQ (summed by reduce-adds in any order) to its last bits; another
+    length finds no plan."""
+    from ioattn.kernels import attn_bwd_gluon
+    from ioattn.ops import attention
+
+    monkeypatch.setattr(launch, "_BWD_PLANS", {})
+    if "sms" in opts:
+        real_select = attn_bwd_gluon.select_config
+        monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(tail=1))
+        monkeypatch.setattr(attn_bwd_gluon, "_num_sms", lambda device: opts["sms"])
+    torch.manual_seed(sum(shape))
+    for i in range(2):
+        q, k, v = _qkv(*shape, torch.bfloat16)
+        out, lse, seed_t, args = _op_pass(q, k, v, None, opts, 100)  # one dropout seed: one plan key
+        dout = torch.randn_like(out)
+        prob_args = (None, *args[:5], args[5], args[7])
+        planned = launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, int(seed_t))
+        if i == 0:
+            assert planned is None
+            attention._flash_attn_bwd(dout, q, k, v, out, lse, None, None, *args, seed_t, False)
+            assert len(launch._BWD_PLANS) == 1
+    assert planned is not None
+    prob = launch.make_problem(q, k, *prob_args)
+    dq, dk, dv = launch.attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, int(seed_t))
+    assert torch.equal(planned[1], dk) and torch.equal(planned[2], dv)
+    assert (planned[0].float() - dq.float()).abs().max() <= 1e-2 * dq.float().abs().max()
+    q2, k2, v2 = _qkv(shape[0], shape[1] + 1, shape[2] + 1, *shape[3:], torch.bfloat16)
+    out2, lse2, seed2, args2 = _op_pass(q2, k2, v2, None, opts, 7)
+    assert launch.gluon_backward_planned(torch.randn_like(out2), q2, k2, v2, out2, lse2,
+                                         (None, *args2[:5], args2[5], args2[7]), int(seed2)) is None
+
+
+def test_backward_plan_declines_what_it_cannot_take(monkeypatch):
+    """With a plan recorded: dO off by 2 bytes (same shape and strides), IOATTN_GLUON_BWD=0 and a patched
+    config find none; the op's backward then gives the right gradients by the whole path."""
+    from ioattn.kernels import attn_bwd_gluon
+    from ioattn.ops import attention
+
+    monkeypatch.setattr(launch, "_BWD_PLANS", {})
+    torch.manual_seed(5)
+    q, k, v = _qkv(2, 512, 512, 4, 2, 128, torch.bfloat16)
+    out, lse, seed_t, args = _op_pass(q, k, v, None, {}, 1)
+    dout = torch.randn_like(out)
+    prob_args = (None, *args[:5], args[5], args[7])
+    attention._flash_attn_bwd(dout, q, k, v, out, lse, None, None, *args, seed_t, False)
+    assert launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, 0) is not None
+    buf = torch.empty(dout.numel() + 1, dtype=dout.dtype, device="cuda")
+    dout_off = buf[1:].view(dout.shape).copy_(dout)
+    assert dout_off.data_ptr() % 16 and dout_off.stride() == dout.stride()
+    assert launch.gluon_backward_planned(dout_off, q, k, v, out, lse, prob_args, 0) is None
+    monkeypatch.setenv("IOATTN_GLUON_BWD", "0")
+    assert launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, 0) is None
+    monkeypatch.delenv("IOATTN_GLUON_BWD")
+    real_select = attn_bwd_gluon.select_config
+    monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(stages=3))
+    assert launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, 0) is None

@@ -985,16 +985,25 @@ def _dq_layout(swizzle: int) -> gl.NVMMASharedLayout:
 _launch_wide = Launcher(attn_bwd_gluon_wide_kernel)
 
 
-def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-                   *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
-                   softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
-                   dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None) -> None:
-    """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (zeroed contiguous fp32 of q's shape,
-    so that one contiguous copy makes dQ of it). ``deterministic``: the key blocks add into each query block
-    in a fixed order (bitwise reproducible dQ). ``dropout_p``, ``seed``: the forward's dropout (its mask is
-    drawn again from the same Philox counters).
-    ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``."""
-    varlen = cu_seqlens_q is not None
+class BwdLaunch(NamedTuple):
+    """One launch of the Gluon backward, worked out from shapes: ``build(dout, q, k, v, lse, delta, dk, dv,
+    dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p)`` gives its positional arguments for one call's
+    tensors (it holds none)."""
+
+    launcher: Launcher
+    grid: tuple
+    flags: dict
+    build: object
+
+
+def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *, batch: int, max_seqlen_q: int,
+                            max_seqlen_k: int, varlen: bool, softmax_scale: float, qk_scale: float,
+                            softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
+                            dropout_p: float = 0.0, config: BwdConfig | None = None
+                            ) -> tuple[list[BwdLaunch], tuple | None, int]:
+    """``gluon_backward``'s launches in order (the key blocks' kernel, then the tail's sum when the last wave
+    splits), the shape of the fp32 ``Parts`` workspace the split needs (None: no split) and the length of the
+    deterministic order's lock array (0: none). Reads only shapes and strides of the tensors it is given."""
     nheads, d = q.shape[-2:]
     nheads_k = k.shape[-2]
     cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
@@ -1002,7 +1011,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     grid_n = cdiv(max_seqlen_k, block_n)
     grid = (grid_n, batch * nheads_k)
     if grid[0] * grid[1] == 0:
-        return
+        return [], None, 0
     if varlen:
         dk_strides = (0, dk.stride(0), dk.stride(1))
         dv_strides = (0, dv.stride(0), dv.stride(1))
@@ -1011,56 +1020,94 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         dk_strides = (dk.stride(0), dk.stride(1), dk.stride(2))
         dv_strides = (dv.stride(0), dv.stride(1), dv.stride(2))
         lse_strides = (lse.stride(0), lse.stride(1))
-    slopes, stride_ab = lse, 0
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.contiguous()
-        stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
+    stride_ab = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        stride_ab = alibi_slopes.stride(0)  # contiguous (batch, nheads): the caller passes it so
     left, right = window_size
     n_mblocks = cdiv(max_seqlen_q, block_m)
-    # per (batch, head, query block): how many key blocks are done with it (deterministic only)
-    # (an unused pointer otherwise, as cu_seqlens for dense inputs: no buffer to fill on every call)
-    locks = torch.zeros(batch * nheads * n_mblocks, dtype=torch.int32, device=q.device) if deterministic else lse
     # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
     group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
     section = order_section(grid[1], group_bytes)
+    qd, kd, vd, dod = (_descriptor(q, block_m)[1:], _descriptor(k, block_n)[1:], _descriptor(v, block_n)[1:],
+                       _descriptor(dout, block_m)[1:])
+    dqd = dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle)[1:]
+    io_strides = (k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2))
     if d > 128:
         # the wide kernel (no ALiBi, dropout, deterministic order or tail split: gluon_backward_supported)
-        _launch_wide(
-            grid, _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-            _descriptor(dout, block_m), dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle), lse, delta, dk, dv,
-            cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, *dk_strides, *dv_strides,
-            *lse_strides, k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2), nheads, nheads_k,
-            nheads // nheads_k, max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, left, right, section,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
-            IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, num_warps=4,
-        )
-        return
+        statics = (*dk_strides, *dv_strides, *lse_strides, *io_strides, nheads, nheads_k, nheads // nheads_k,
+                   max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, left, right, section)
+
+        def build_wide(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p):
+            return (TmaDesc(q, *qd), TmaDesc(k, *kd), TmaDesc(v, *vd), TmaDesc(dout, *dod), TmaDesc(dq_acc, *dqd),
+                    lse, delta, dk, dv, cu_q, cu_k, *statics)
+
+        flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
+                     IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                     num_warps=4)
+        return [BwdLaunch(_launch_wide, grid, flags, build_wide)], None, 0
     tiles = grid[0] * grid[1]
     split = 1
     if cfg.tail and not (varlen or deterministic or left >= 0 or right >= 0):
         sms = _num_sms(q.device)
         split = tail_split(tiles, sms, (nheads // nheads_k) * n_mblocks)
     n_whole = tiles - tiles % sms if split > 1 else tiles
-    parts = lse
+    parts_shape = None
     if split > 1:
         # (pieces, dK / dV, keys, d) fp32, every element written by the pieces
-        parts = torch.empty(((tiles - n_whole) * split, 2, block_n, d), dtype=torch.float32, device=q.device)
+        parts_shape = ((tiles - n_whole) * split, 2, block_n, d)
         grid = (n_whole + (tiles - n_whole) * split,)
-    _launch_bwd(
-        grid, _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
-        dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle), lse, delta, dk, dv,
-        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, slopes, locks, parts,
-        *dk_strides, *dv_strides, *lse_strides, stride_ab,
-        k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2),
-        nheads, nheads_k, nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks,
-        softmax_scale, qk_scale, softcap2, left, right, section, seed, float(dropout_p), n_whole, split,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
-        IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
-        HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask), DETERMINISTIC=deterministic,
-        KV_REGS=cfg.kv_regs, TAIL=split > 1, num_warps=4,
-    )
+    statics = (*dk_strides, *dv_strides, *lse_strides, stride_ab, *io_strides, nheads, nheads_k,
+               nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks, softmax_scale, qk_scale, softcap2, left,
+               right, section)
+
+    def build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p):
+        return (TmaDesc(q, *qd), TmaDesc(k, *kd), TmaDesc(v, *vd), TmaDesc(dout, *dod), TmaDesc(dq_acc, *dqd),
+                lse, delta, dk, dv, cu_q, cu_k, slopes, locks, parts, *statics, seed, dropout_p, n_whole, split)
+
+    flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
+                 IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
+                 HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask),
+                 DETERMINISTIC=deterministic, KV_REGS=cfg.kv_regs, TAIL=split > 1, num_warps=4)
+    launches = [BwdLaunch(_launch_bwd, grid, flags, build)]
     if split > 1:
         rows = 32
-        _launch_tail_sum(
-            (tiles - n_whole, block_n // rows), parts, dk, dv, *dk_strides, *dv_strides, n_whole, split, grid_n,
-            nheads_k, max_seqlen_k, BLOCK_N=block_n, HEAD_DIM=d, ROWS=rows, num_warps=4)
+        sum_statics = (*dk_strides, *dv_strides, n_whole, split, grid_n, nheads_k, max_seqlen_k)
+
+        def build_sum(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p):
+            return (parts, dk, dv, *sum_statics)
+
+        launches.append(BwdLaunch(_launch_tail_sum, (tiles - n_whole, block_n // rows),
+                                  dict(BLOCK_N=block_n, HEAD_DIM=d, ROWS=rows, num_warps=4), build_sum))
+    return launches, parts_shape, batch * nheads * n_mblocks if deterministic else 0
+
+
+def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                   *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
+                   softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
+                   dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None) -> list[tuple]:
+    """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (zeroed contiguous fp32 of q's shape,
+    so that one contiguous copy makes dQ of it). ``deterministic``: the key blocks add into each query block
+    in a fixed order (bitwise reproducible dQ). ``dropout_p``, ``seed``: the forward's dropout (its mask is
+    drawn again from the same Philox counters).
+    ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``.
+    Returns the launches it made as (``BwdLaunch``, its arguments), in order."""
+    varlen = cu_seqlens_q is not None
+    slopes = lse
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.contiguous()
+    launches, parts_shape, n_locks = gluon_backward_launches(
+        dout, q, k, v, lse, dk, dv, dq_acc, None if alibi_slopes is None else slopes, batch=batch,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, varlen=varlen, softmax_scale=softmax_scale,
+        qk_scale=qk_scale, softcap2=softcap2, window_size=window_size, deterministic=deterministic,
+        dropout_p=dropout_p, config=config)
+    # per (batch, head, query block): how many key blocks are done with it (deterministic only)
+    # (an unused pointer otherwise, as cu_seqlens for dense inputs: no buffer to fill on every call)
+    locks = torch.zeros(n_locks, dtype=torch.int32, device=q.device) if n_locks else lse
+    parts = lse if parts_shape is None else torch.empty(parts_shape, dtype=torch.float32, device=q.device)
+    made = []
+    for launch in launches:
+        args = launch.build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes,
+                            cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, seed, float(dropout_p))
+        launch.launcher(launch.grid, *args, **launch.flags)
+        made.append((launch, args))
+    return made

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
+from triton import knobs
 
 from ..backend import interpreting
+from . import attn_bwd_gluon
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
-from .attn_fwd_gluon import device_capability
-from .fastlaunch import Launcher, TmaDesc, cdiv, next_power_of_2
+from .attn_fwd_gluon import device_capability, gluon_enabled_on
+from .fastlaunch import Launcher, TmaDesc, cdiv, int_spec, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -320,11 +323,14 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen, ZERO_DQ=zero_dq,
         )
     if gluon:
-        gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-                       batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
-                       softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
-                       window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
-                       dropout_p=prob.dropout_p, seed=seed)
+        made = gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                              batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
+                              softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
+                              window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
+                              dropout_p=prob.dropout_p, seed=seed)
+        if _PLANS_ENABLED and zero_dq and alibi_slopes is None and not deterministic:
+            _record_bwd_plan(_bwd_plan_key(dout, q, k, v, out, lse, prob, seed), grid, cfg, bd, prob, q, out, dout,
+                             delta, dq_acc, lse_strides, made)
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # The portable kernels' arguments (host time the Gluon path does not spend).
@@ -365,3 +371,98 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     if fused:
         _fused_dq_out(dq_acc, dq, prob)
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward plans: a dense Gluon backward (no ALiBi, not deterministic) records its launches, worked out from
+# shapes, with the compiled kernels its launchers found; the next backward like it (``_bwd_plan_key``) makes
+# its buffers and launches them, with no support check, config, descriptor layout or specialisation key again.
+
+
+class _BwdPlan(NamedTuple):
+    launches: tuple  # ((launcher, compiled entry, grid, build), ...): the delta preprocess first
+    parts_shape: tuple | None
+
+
+_BWD_PLANS: dict[tuple, _BwdPlan] = {}
+_MAX_PLANS = 1024
+# Read once, at import: ``IOATTN_BWD_PLANS=0`` records none (every backward takes the whole path).
+_PLANS_ENABLED = os.environ.get("IOATTN_BWD_PLANS", "1").strip() != "0"
+
+
+def _bwd_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tuple | None:
+    """Everything a dense backward's launches depend on but its tensors' data: the current device and Triton's
+    knobs (``Launcher``'s key), every tensor's shape, strides and dtype, the problem's scalars, with dropout the
+    seed's specialisation, the configs and SM count the host reads (patched ones make new plans) and
+    ``IOATTN_GLUON_BWD`` (which routes some inputs). The tensors' alignment and the Gluon switches are
+    checked a call (``gluon_backward_planned``)."""
+    d = q.shape[-1]
+    if d not in attn_bwd_gluon._CONFIGS:
+        return None  # a head dim the Gluon backward never takes
+    dropout = prob.dropout_p > 0
+    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+            dout.shape, dout.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+            out.shape, out.stride(), lse.shape, lse.stride(), dout.dtype, q.dtype, k.dtype, v.dtype, out.dtype,
+            q.device, prob.softmax_scale, prob.window_left, prob.window_right, prob.softcap, dropout,
+            int_spec(seed) if dropout else None, attn_bwd_gluon.select_config(d, prob.softcap != 0.0, dropout),
+            get_config("dq", _block_d(d), prob.causal, q.dtype, dropout), attn_bwd_gluon._num_sms(q.device),
+            os.environ.get("IOATTN_GLUON_BWD", "").strip())
+
+
+def _record_bwd_plan(key, grid, cfg, bd, prob, q, out, dout, delta, dq_acc, lse_strides, made) -> None:
+    """Keeps the launches ``attn_bwd`` just made for ``key``, where every launcher found a compiled kernel."""
+    if key is None:
+        return
+    pre_statics = (*_seq_strides(out, False), *_seq_strides(dout, False), *lse_strides,
+                   *_seq_strides(dq_acc, False), prob.nheads, prob.max_seqlen_q)
+    pre_flags = dict(HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=False, ZERO_DQ=True)
+
+    def build_pre(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p,
+                  out=None):
+        return (out, dout, delta, q, dq_acc, *pre_statics)
+
+    pre_args = build_pre(dout, q, None, None, None, delta, None, None, dq_acc, None, None, None, None, None, 0,
+                         0.0, out=out)
+    launches = [(_launch_preprocess, _launch_preprocess.entry(pre_args, pre_flags), grid, build_pre)]
+    parts_shape = None
+    for launch, args in made:
+        launches.append((launch.launcher, launch.launcher.entry(args, launch.flags), launch.grid, launch.build))
+        if launch.launcher is attn_bwd_gluon._launch_tail_sum:
+            parts_shape = tuple(args[0].shape)
+    if any(entry is None for _, entry, _, _ in launches):
+        return
+    if len(_BWD_PLANS) >= _MAX_PLANS:
+        _BWD_PLANS.clear()
+    _BWD_PLANS[key] = _BwdPlan(tuple(launches), parts_shape)
+
+
+def gluon_backward_planned(dout, q, k, v, out, lse, prob_args: tuple, seed: int):
+    """(dq, dk, dv) of a dense backward through the plan an earlier backward with the same key left, or None
+    where there is none or it does not apply now (unaligned data, dO without unit d-stride, the Gluon
+    backward or the direct launch off). ``prob_args``: ``make_problem``'s arguments after q and k."""
+    if not _BWD_PLANS or dout.stride(-1) != 1:
+        return None
+    prob = make_problem(q, k, *prob_args)
+    key = _bwd_plan_key(dout, q, k, v, out, lse, prob, seed)
+    plan = None if key is None else _BWD_PLANS.get(key)
+    if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr() | out.data_ptr()
+                        | lse.data_ptr()) % 16:
+        return None
+    if not gluon_enabled_on(q, k, v, dout):  # IOATTN_GLUON_BWD is in the key
+        return None
+    if not all(launcher.direct_ok() for launcher, _, _, _ in plan.launches):
+        return None
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # the preprocess zeroes it
+    parts = lse if plan.parts_shape is None else torch.empty(plan.parts_shape, dtype=torch.float32,
+                                                               device=q.device)
+    p = float(prob.dropout_p)
+    (pre, pre_entry, pre_grid, build_pre), *rest = plan.launches
+    pre.launch_entry(pre_entry, pre_grid, build_pre(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, lse, lse, lse,
+                                                    lse, seed, p, out=out))
+    for launcher, entry, grid, build in rest:
+        launcher.launch_entry(entry, grid, build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, lse, lse, lse, lse,
+                                                 seed, p))
+    return dq_acc.to(q.dtype), dk, dv

@@ -12,7 +12,7 @@ import torch
 
 from ..dropout import draw_seed
 from ..kernels.attn_fwd_gluon import gluon_forward, gluon_forward_planned, gluon_forward_supported
-from ..kernels.launch import attn_bwd, attn_fwd, lse_shape, make_problem
+from ..kernels.launch import attn_bwd, attn_fwd, gluon_backward_planned, lse_shape, make_problem
 from ._dispatch import EagerOp
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
@@ -65,6 +65,13 @@ def _flash_attn_bwd(
     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if cu_seqlens_q is None and alibi_slopes is None and not deterministic:
+        # A dense backward like an earlier one takes that backward's plan (its launches worked out).
+        planned = gluon_backward_planned(dout, q, k, v, out, lse, (None, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                                                    window_left, window_right, softcap, dropout_p),
+                                         int(seed))
+        if planned is not None:
+            return planned
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
     return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed),
