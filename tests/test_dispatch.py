@@ -93,3 +93,20 @@ def test_inference_calls_skip_autograd_with_the_same_numbers(monkeypatch):
         except (NotImplementedError, RuntimeError):
             pass
     assert applied
+
+
+def test_launch_plans_decline_cpu_tensors(monkeypatch):
+    """Launch plans (recorded by dense Gluon calls on a GPU) never take CPU tensors, even with plans held: the
+    op's forward and backward then take their whole paths."""
+    from ioattn.kernels import attn_fwd_gluon, launch
+
+    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {"held": None})
+    monkeypatch.setattr(launch, "_BWD_PLANS", {"held": None})
+    q = torch.randn(1, 8, 2, 64)
+    assert attn_fwd_gluon.gluon_forward_planned(q, q, q, 0.125, (-1, -1), 0.0, 0.0, 0) is None
+    lse = torch.zeros(1, 2, 8)
+    assert launch.gluon_backward_planned(q, q, q, q, q, lse, (None, 8, 8, 0.125, -1, -1, 0.0, 0.0), 0) is None
+    if DEVICE == "cpu":
+        out = ioattn.flash_attn_func(q.requires_grad_(), q, q, causal=True)
+        out.sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -1391,7 +1391,7 @@ def gluon_forward_planned(q, k, v, softmax_scale: float, window_size, softcap: f
     support check, config, grid, descriptors' layouts and Triton's specialisation of the arguments are that
     call's), or None where there is none or it does not apply now (unaligned data, the Gluon path or the
     direct launch off); ``gluon_forward`` records plans, and a plan implies ``gluon_forward_supported``."""
-    if not _FWD_PLANS or not 0 <= dropout_p < 1:
+    if not _FWD_PLANS or not q.is_cuda or not 0 <= dropout_p < 1:
         return None
     plan = _FWD_PLANS.get(_plan_key(q, k, v, softmax_scale, window_size, softcap, dropout_p, seed))
     if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:

@@ -440,7 +440,7 @@ def gluon_backward_planned(dout, q, k, v, out, lse, prob_args: tuple, seed: int)
     """(dq, dk, dv) of a dense backward through the plan an earlier backward with the same key left, or None
     where there is none or it does not apply now (unaligned data, dO without unit d-stride, the Gluon
     backward or the direct launch off). ``prob_args``: ``make_problem``'s arguments after q and k."""
-    if not _BWD_PLANS or dout.stride(-1) != 1:
+    if not _BWD_PLANS or not q.is_cuda or dout.stride(-1) != 1:
         return None
     prob = make_problem(q, k, *prob_args)
     key = _bwd_plan_key(dout, q, k, v, out, lse, prob, seed)
