@@ -743,15 +743,17 @@ def test_public_api_takes_the_plan(monkeypatch):
     from ioattn.ops import attention
 
     monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {})
-    calls = []
-    real = attention.gluon_forward
+    calls, planned_runs = [], []
+    real, planned = attention.gluon_forward, attention.gluon_forward_planned
     monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(attention, "gluon_forward_planned",
+                        lambda *a, **kw: planned_runs.append(planned(*a, **kw)) or planned_runs[-1])
     q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
     ioattn.flash_attn_func(q, k, v, causal=True)
-    assert calls == [1]
+    assert calls == [1] and planned_runs == [None]
     q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
     out, lse, _ = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
-    assert calls == [1]
+    assert calls == [1] and len(planned_runs) == 2 and planned_runs[1] is not None
     _compare(out, lse, *attention_ref(q, k, v, causal=True), *attention_ref(q, k, v, causal=True, upcast=False),
              q.dtype)
 
