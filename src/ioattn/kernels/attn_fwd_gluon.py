@@ -1325,11 +1325,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     args = build(q, k, v, out, lse, counter, slopes, cu_seqlens_q if varlen else lse,
                  cu_seqlens_k if varlen else lse, seed, float(dropout_p))
     launcher(grid, *args, **flags)
-    # A plan for a key held already or taken through Triton's own path would add nothing; one is recorded
-    # only for inputs the op would send here (a direct caller may pass others).
-    if (plan_key is not None and plan_key not in _FWD_PLANS and launcher.direct_ok()
-            and gluon_forward_supported(q, k, v, window_size=window_size, softcap=softcap, alibi_slopes=None,
-                                        dropout_p=dropout_p, softmax_scale=softmax_scale)):
+    if plan_key is not None:
         entry = launcher.entry(args, flags)
         if entry is not None:
             if len(_FWD_PLANS) >= _MAX_PLANS:
@@ -1370,9 +1366,7 @@ class _FwdPlan(NamedTuple):
 
 
 # Plans by what decides a launch (``_plan_key``); cleared when full (shapes that keep changing). Read once, at
-# import: ``IOATTN_FWD_PLANS=0`` records none (every call takes the whole path). A plan keeps what the host's
-# rules gave when it was made: code that patches those rules (order_section, the tail split's constants,
-# _FIXED_MAX_SOFTCAP, L2_SECTION_BYTES; _CONFIGS and _num_sms are in the key) turns plans off first.
+# import: ``IOATTN_FWD_PLANS=0`` records none (every call takes the whole path).
 _FWD_PLANS: dict[tuple, _FwdPlan] = {}
 _MAX_PLANS = 1024
 _PLANS_ENABLED = os.environ.get("IOATTN_FWD_PLANS", "1").strip() != "0"

@@ -386,8 +386,7 @@ class _BwdPlan(NamedTuple):
 
 _BWD_PLANS: dict[tuple, _BwdPlan] = {}
 _MAX_PLANS = 1024
-# Read once, at import: ``IOATTN_BWD_PLANS=0`` records none (every backward takes the whole path). As in the
-# forward, code that patches the host's rules outside the key (order_section, tail_split) turns plans off.
+# Read once, at import: ``IOATTN_BWD_PLANS=0`` records none (every backward takes the whole path).
 _PLANS_ENABLED = os.environ.get("IOATTN_BWD_PLANS", "1").strip() != "0"
 
 
@@ -404,8 +403,7 @@ def _bwd_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tuple | 
     return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
             dout.shape, dout.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
             out.shape, out.stride(), lse.shape, lse.stride(), dout.dtype, q.dtype, k.dtype, v.dtype, out.dtype,
-            lse.dtype, q.device, k.device, v.device, dout.device, out.device, prob.softmax_scale,
-            prob.window_left, prob.window_right, prob.softcap, dropout,
+            q.device, prob.softmax_scale, prob.window_left, prob.window_right, prob.softcap, dropout,
             int_spec(seed) if dropout else None, attn_bwd_gluon.select_config(d, prob.softcap != 0.0, dropout),
             get_config("dq", _block_d(d), prob.causal, q.dtype, dropout), attn_bwd_gluon._num_sms(q.device),
             os.environ.get("IOATTN_GLUON_BWD", "").strip())
@@ -413,8 +411,8 @@ def _bwd_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tuple | 
 
 def _record_bwd_plan(key, grid, cfg, bd, prob, q, out, dout, delta, dq_acc, lse_strides, made) -> None:
     """Keeps the launches ``attn_bwd`` just made for ``key``, where every launcher found a compiled kernel."""
-    if key is None or key in _BWD_PLANS or not all(launch.launcher.direct_ok() for launch, _ in made):
-        return  # nothing to add, or launches that took Triton's own path
+    if key is None:
+        return
     pre_statics = (*_seq_strides(out, False), *_seq_strides(dout, False), *lse_strides,
                    *_seq_strides(dq_acc, False), prob.nheads, prob.max_seqlen_q)
     pre_flags = dict(HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=False, ZERO_DQ=True)
