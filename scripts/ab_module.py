@@ -21,16 +21,15 @@ import triton
 from ab_gluon import timed_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import ioattn.kernels.attn_fwd_gluon as attn_fwd_gluon
 import ioattn.kernels.launch as launch
 import ioattn.ops.attention as attention
 from ioattn.bench.features import make_case
+from ioattn.kernels.fastlaunch import set_plans
 
 # Where the public API looks each kernel's launcher up, and the module the baseline file stands for.
 TARGETS = {"fwd": (attention, "gluon_forward", "attn_fwd_gluon"), "bwd": (launch, "gluon_backward", "attn_bwd_gluon")}
 # Launch plans would replay this tree's launches for both sides: every call takes the whole path here.
-attn_fwd_gluon._PLANS_ENABLED = False
-launch._PLANS_ENABLED = False
+set_plans(False)
 
 
 def load_baseline(path: str, module: str):
@@ -51,6 +50,11 @@ def main() -> None:
     owner, name, module = TARGETS[args.direction]
     new_fn = getattr(owner, name)
     base_fn = getattr(load_baseline(args.base, module), name)
+    if args.direction == "fwd":
+        base_gluon_forward = base_fn
+
+        def base_fn(*a, plan_key=None, **kw):  # the op hands this tree's plan key (None here) on
+            return base_gluon_forward(*a, **kw)
     for cell in args.cells.split(","):
         d, feature, s = cell.split(":")
         call, leaves, flops = make_case(feature, int(s), int(d), torch.device("cuda"), torch.bfloat16)

@@ -4,7 +4,8 @@ GPU never waits, so the queue never fills and the time is the host's (Python, di
     PYTHONPATH=src python scripts/host_time.py [--headdim 128] [--seqlen 128] [--batch 4] [--heads 16]
 
 Prints forward, backward through autograd, forward+backward through autograd (with and without the autograd
-engine's device thread), SDPA's cuDNN backend beside them, and one KV-cache decode call. ``--pieces`` also times
+engine's device thread), SDPA's cuDNN backend beside them, a forward and a forward+backward whose shape changes
+every call (no launch plan ever hits), and one KV-cache decode call. ``--pieces`` also times
 the parts of a Gluon forward call (Triton's launch path, descriptors, allocations), ``--profile N`` prints the
 N costliest functions (cProfile, own time) of a forward, a forward+backward and a decode call.
 """
@@ -77,6 +78,23 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(qt.detach(), kt.detach(), vt.detach(), is_causal=True)
 
+    # Shapes that never repeat within a timing (more than a plan table holds): what a call costs where launch
+    # plans never hit (the key made and handed on, the sighting marked, no plan recorded).
+    many = 4096
+    qm, km, vm = (torch.randn(many, 16, 2, args.headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(3))
+    dm = torch.randn_like(qm)
+    turn = iter(range(10**9))
+
+    def new_shape_fwd():
+        b = 1 + next(turn) % many
+        return ioattn.flash_attn_func(qm[:b].detach(), km[:b].detach(), vm[:b].detach(), causal=True)
+
+    def new_shape_fwd_bwd():
+        b = 1 + next(turn) % many
+        qb, kb, vb = qm[:b], km[:b], vm[:b]
+        return torch.autograd.grad(ioattn.flash_attn_func(qb, kb, vb, causal=True), (qb, kb, vb), dm[:b])
+
     cases = {
         "forward (no grad)": lambda: ioattn.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True),
         "forward (inputs require grad)": lambda: ioattn.flash_attn_func(q, k, v, causal=True),
@@ -84,6 +102,8 @@ def main() -> None:
         "backward (autograd)": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
         "forward+backward (autograd)": fwd_bwd,
         "sdpa-cudnn forward+backward": sdpa_fwd_bwd,
+        "forward, a new shape each call": new_shape_fwd,
+        "forward+backward, a new shape each": new_shape_fwd_bwd,
         "decode (flash_attn_with_kvcache)": lambda: ioattn.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lens),
     }
     for name, fn in cases.items():

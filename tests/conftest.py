@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before triton.jit decorates anything, so this runs 
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -18,8 +19,16 @@ ON_GPU = DEVICE == "cuda"
 # blocks back after a test that left more than this reserved.
 _RESERVED_LIMIT = 1 << 30
 
+@pytest.fixture(autouse=True)
+def _no_plans_from_earlier_tests():
+    """Launch plans recorded by one test are not replayed in another (a test may patch a rule a plan's key
+    does not see)."""
+    from ioattn.kernels.fastlaunch import clear_plans
+
+    clear_plans()
+
+
 if ON_GPU:
-    import pytest
 
     @pytest.fixture(autouse=True)
     def _release_cached_gpu_memory():

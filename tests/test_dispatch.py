@@ -96,17 +96,48 @@ def test_inference_calls_skip_autograd_with_the_same_numbers(monkeypatch):
 
 
 def test_launch_plans_decline_cpu_tensors(monkeypatch):
-    """Launch plans (recorded by dense Gluon calls on a GPU) never take CPU tensors, even with plans held: the
-    op's forward and backward then take their whole paths."""
+    """Launch plans (recorded by dense Gluon calls on a GPU) never take CPU tensors: no key is made for them,
+    so the op's forward and backward take their whole paths."""
     from ioattn.kernels import attn_fwd_gluon, launch
 
-    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {"held": None})
-    monkeypatch.setattr(launch, "_BWD_PLANS", {"held": None})
     q = torch.randn(1, 8, 2, 64)
-    assert attn_fwd_gluon.gluon_forward_planned(q, q, q, 0.125, (-1, -1), 0.0, 0.0, 0) is None
+    assert attn_fwd_gluon.forward_plan_key(q, q, q, 0.125, (-1, -1), 0.0, 0.0, 0) is None
+    assert attn_fwd_gluon.gluon_forward_planned(None, q, q, q, 0.0, 0) is None
     lse = torch.zeros(1, 2, 8)
-    assert launch.gluon_backward_planned(q, q, q, q, q, lse, (None, 8, 8, 0.125, -1, -1, 0.0, 0.0), 0) is None
+    prob = launch.make_problem(q, q, None, 8, 8, 0.125, -1, -1, 0.0, 0.0)
+    assert launch.backward_plan_key(q, q, q, q, q, lse, prob, 0) is None
+    assert launch.gluon_backward_planned(None, q, q, q, q, q, lse, prob, 0) is None
     if DEVICE == "cpu":
         out = ioattn.flash_attn_func(q.requires_grad_(), q, q, causal=True)
         out.sum().backward()
         assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_plan_table_records_on_second_sighting():
+    """A plan table keeps a plan only when asked on a key's second sighting, forgets sightings and plans when
+    full, and ``set_plans`` switches every table and empties it."""
+    from ioattn.kernels import attn_fwd_gluon, fastlaunch, launch
+
+    states = [(t, t.enabled) for t in fastlaunch._TABLES]
+    table = fastlaunch.PlanTable("IOATTN_TEST_PLANS_UNSET", size=3)
+    try:
+        assert table.enabled and len(table) == 0
+        assert not table.second_sighting(("a",)) and table.second_sighting(("a",))
+        table.put(("a",), "plan a")
+        assert table.get(("a",)) == "plan a" and table.get(("b",)) is None
+        assert not table.second_sighting(("a",))  # recorded: its sighting starts again
+        for key in ("b", "c", "d"):  # the fourth sighting finds the map full: it starts again
+            table.second_sighting((key,))
+        assert not table.second_sighting(("b",))
+        for key in ("b", "c", "d"):
+            table.put((key,), key)
+        assert len(table) == 1 and table.get(("d",)) == "d"
+        fastlaunch.set_plans(False)
+        assert not table.enabled and len(table) == 0
+        assert not attn_fwd_gluon._FWD_PLANS.enabled and not launch._BWD_PLANS.enabled
+        fastlaunch.set_plans(True)
+        assert table.enabled and attn_fwd_gluon._FWD_PLANS.enabled and launch._BWD_PLANS.enabled
+    finally:
+        fastlaunch._TABLES.remove(table)
+        for t, enabled in states:
+            t.enabled = enabled

@@ -28,7 +28,7 @@ def gluon_calls(monkeypatch):
     """Opts in to the Gluon backward at every head dim it has; the list of its launches made while the
     test runs."""
     monkeypatch.setenv("IOATTN_GLUON_BWD", "1")
-    monkeypatch.setattr(launch, "_BWD_PLANS", {})  # each backward of the test takes the whole path once
+    monkeypatch.setattr(launch._BWD_PLANS, "enabled", False)  # every backward of the test takes the whole path
     calls = []
     real = launch.gluon_backward
 
@@ -172,7 +172,7 @@ def test_gluon_backward_routing(env, monkeypatch):
         monkeypatch.delenv("IOATTN_GLUON_BWD", raising=False)
     else:
         monkeypatch.setenv("IOATTN_GLUON_BWD", env)
-    monkeypatch.setattr(launch, "_BWD_PLANS", {})
+    monkeypatch.setattr(launch._BWD_PLANS, "enabled", False)
     calls = []
     real = launch.gluon_backward
     monkeypatch.setattr(launch, "gluon_backward", lambda *a, **kw: calls.append(a[1].shape[-1]) or real(*a, **kw))
@@ -297,30 +297,36 @@ def _op_pass(q, k, v, dout, opts, seed):
     return out, lse, seed_t, args
 
 
+def _planned_bwd(dout, q, k, v, out, lse, prob_args, seed):
+    """The op's planned backward for these arguments: its key, then the plan's launches (None: no plan)."""
+    prob = launch.make_problem(q, k, *prob_args)
+    key = launch.backward_plan_key(dout, q, k, v, out, lse, prob, seed)
+    return launch.gluon_backward_planned(key, dout, q, k, v, out, lse, prob, seed)
+
+
 @pytest.mark.parametrize("shape,opts", BWD_PLAN_CASES, ids=str)
 def test_backward_plan_matches_the_whole_path(shape, opts, monkeypatch):
-    """The second backward like the first goes through its plan, on new tensors: dK and dV bit for bit
-    what the whole path gives for them, dQ (summed by reduce-adds in any order) to its last bits; another
-    length finds no plan."""
+    """A plan is recorded on its key's second whole-path backward; the next backward like those goes through
+    it, on new tensors: dK and dV bit for bit what the whole path gives for them, dQ (summed by reduce-adds
+    in any order) to its last bits; another length finds no plan."""
     from ioattn.kernels import attn_bwd_gluon
     from ioattn.ops import attention
 
-    monkeypatch.setattr(launch, "_BWD_PLANS", {})
     if "sms" in opts:
         real_select = attn_bwd_gluon.select_config
         monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(tail=1))
         monkeypatch.setattr(attn_bwd_gluon, "_num_sms", lambda device: opts["sms"])
     torch.manual_seed(sum(shape))
-    for i in range(2):
+    for i in range(3):
         q, k, v = _qkv(*shape, torch.bfloat16)
         out, lse, seed_t, args = _op_pass(q, k, v, None, opts, 100)  # one dropout seed: one plan key
         dout = torch.randn_like(out)
         prob_args = (None, *args[:5], args[5], args[7])
-        planned = launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, int(seed_t))
-        if i == 0:
+        planned = _planned_bwd(dout, q, k, v, out, lse, prob_args, int(seed_t))
+        if i < 2:
             assert planned is None
             attention._flash_attn_bwd(dout, q, k, v, out, lse, None, None, *args, seed_t, False)
-            assert len(launch._BWD_PLANS) == 1
+            assert len(launch._BWD_PLANS) == i
     assert planned is not None
     prob = launch.make_problem(q, k, *prob_args)
     dq, dk, dv = launch.attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, int(seed_t))
@@ -328,31 +334,41 @@ def test_backward_plan_matches_the_whole_path(shape, opts, monkeypatch):
     assert (planned[0].float() - dq.float()).abs().max() <= 1e-2 * dq.float().abs().max()
     q2, k2, v2 = _qkv(shape[0], shape[1] + 1, shape[2] + 1, *shape[3:], torch.bfloat16)
     out2, lse2, seed2, args2 = _op_pass(q2, k2, v2, None, opts, 7)
-    assert launch.gluon_backward_planned(torch.randn_like(out2), q2, k2, v2, out2, lse2,
-                                         (None, *args2[:5], args2[5], args2[7]), int(seed2)) is None
+    assert _planned_bwd(torch.randn_like(out2), q2, k2, v2, out2, lse2, (None, *args2[:5], args2[5], args2[7]),
+                        int(seed2)) is None
 
 
 def test_backward_plan_declines_what_it_cannot_take(monkeypatch):
-    """With a plan recorded: dO off by 2 bytes (same shape and strides), IOATTN_GLUON_BWD=0 and a patched
-    config find none; the op's backward then gives the right gradients by the whole path."""
-    from ioattn.kernels import attn_bwd_gluon
+    """With a plan recorded: dO off by 2 bytes (same shape and strides), dO without unit d-stride,
+    IOATTN_GLUON_BWD=0, a patched config and the fast launch off find none; the op's backward then gives the
+    right gradients by the whole path."""
+    from ioattn.kernels import attn_bwd_gluon, fastlaunch
     from ioattn.ops import attention
 
-    monkeypatch.setattr(launch, "_BWD_PLANS", {})
     torch.manual_seed(5)
     q, k, v = _qkv(2, 512, 512, 4, 2, 128, torch.bfloat16)
     out, lse, seed_t, args = _op_pass(q, k, v, None, {}, 1)
     dout = torch.randn_like(out)
     prob_args = (None, *args[:5], args[5], args[7])
-    attention._flash_attn_bwd(dout, q, k, v, out, lse, None, None, *args, seed_t, False)
-    assert launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, 0) is not None
+    for _ in range(2):
+        attention._flash_attn_bwd(dout, q, k, v, out, lse, None, None, *args, seed_t, False)
+    assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is not None
     buf = torch.empty(dout.numel() + 1, dtype=dout.dtype, device="cuda")
     dout_off = buf[1:].view(dout.shape).copy_(dout)
     assert dout_off.data_ptr() % 16 and dout_off.stride() == dout.stride()
-    assert launch.gluon_backward_planned(dout_off, q, k, v, out, lse, prob_args, 0) is None
+    assert _planned_bwd(dout_off, q, k, v, out, lse, prob_args, 0) is None
+    dout_t = dout.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, d-stride != 1
+    assert _planned_bwd(dout_t, q, k, v, out, lse, prob_args, 0) is None
+    whole = attention._flash_attn_bwd(dout_t, q, k, v, out, lse, None, None, *args, seed_t, False)
+    planned = _planned_bwd(dout, q, k, v, out, lse, prob_args, 0)
+    assert torch.equal(whole[1], planned[1]) and torch.equal(whole[2], planned[2])
     monkeypatch.setenv("IOATTN_GLUON_BWD", "0")
-    assert launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, 0) is None
+    assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is None
     monkeypatch.delenv("IOATTN_GLUON_BWD")
+    monkeypatch.setattr(fastlaunch, "_ENABLED", False)
+    assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is None
+    monkeypatch.undo()
+    assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is not None
     real_select = attn_bwd_gluon.select_config
     monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(stages=3))
-    assert launch.gluon_backward_planned(dout, q, k, v, out, lse, prob_args, 0) is None
+    assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is None

@@ -701,25 +701,33 @@ PLAN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("d, seqlen, opts", PLAN_CASES, ids=str)
-def test_plan_matches_the_whole_path(d, seqlen, opts, monkeypatch):
-    """The second call like the first launches through its plan, on new tensors, and gives what
-    ``gluon_forward`` gives for those tensors bit for bit; another shape, or a seed Triton specialises
-    otherwise, finds no plan."""
+def _plan_key(q, k, v, scale, window=(-1, -1), softcap=0.0, p=0.0, seed=0):
     from ioattn.kernels import attn_fwd_gluon
 
-    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {})
+    return attn_fwd_gluon.forward_plan_key(q, k, v, scale, window, softcap, p, seed)
+
+
+@pytest.mark.parametrize("d, seqlen, opts", PLAN_CASES, ids=str)
+def test_plan_matches_the_whole_path(d, seqlen, opts):
+    """A plan is recorded on its key's second whole-path call; the next call like those launches through
+    it, on new tensors, and gives what ``gluon_forward`` gives for those tensors bit for bit; another shape,
+    or a seed Triton specialises otherwise, finds no plan."""
+    from ioattn.kernels import attn_fwd_gluon
+
     window = opts.get("window", (-1, 0) if opts.get("causal") else (-1, -1))
     softcap, p = opts.get("softcap", 0.0), opts.get("p", 0.0)
     seeds = opts.get("seeds", (0, 0))
     scale = d ** -0.5
     torch.manual_seed(seqlen + d)
     first = _qkv(2, seqlen, seqlen, 4, 2, d, torch.bfloat16)
-    assert attn_fwd_gluon.gluon_forward_planned(*first, scale, window, softcap, p, seeds[0]) is None
-    attn_fwd_gluon.gluon_forward(*first, scale, window, softcap, dropout_p=p, seed=seeds[0])
-    assert len(attn_fwd_gluon._FWD_PLANS) == 1
+    key = _plan_key(*first, scale, window, softcap, p, seeds[0])
+    for sighting in range(2):
+        assert attn_fwd_gluon.gluon_forward_planned(key, *first, p, seeds[0]) is None
+        attn_fwd_gluon.gluon_forward(*first, scale, window, softcap, dropout_p=p, seed=seeds[0], plan_key=key)
+        assert len(attn_fwd_gluon._FWD_PLANS) == sighting
     q, k, v = _qkv(2, seqlen, seqlen, 4, 2, d, torch.bfloat16)
-    res = attn_fwd_gluon.gluon_forward_planned(q, k, v, scale, window, softcap, p, seeds[1])
+    key = _plan_key(q, k, v, scale, window, softcap, p, seeds[1])
+    res = attn_fwd_gluon.gluon_forward_planned(key, q, k, v, p, seeds[1])
     assert res is not None
     ref_out, ref_lse = attn_fwd_gluon.gluon_forward(q, k, v, scale, window, softcap, dropout_p=p, seed=seeds[1])
     assert torch.equal(res[0], ref_out) and torch.equal(res[1], ref_lse)
@@ -730,60 +738,87 @@ def test_plan_matches_the_whole_path(d, seqlen, opts, monkeypatch):
         from ioattn.kernels.fastlaunch import int_spec
 
         other = next(x for x in (1, 16, 7, 2**40 + 1) if int_spec(x) != int_spec(seeds[1]))
-        assert attn_fwd_gluon.gluon_forward_planned(q, k, v, scale, window, softcap, p, other) is None
+        key = _plan_key(q, k, v, scale, window, softcap, p, other)
+        assert attn_fwd_gluon.gluon_forward_planned(key, q, k, v, p, other) is None
     longer = _qkv(2, seqlen + 1, seqlen + 1, 4, 2, d, torch.bfloat16)
-    assert attn_fwd_gluon.gluon_forward_planned(*longer, scale, window, softcap, p, seeds[1]) is None
+    key = _plan_key(*longer, scale, window, softcap, p, seeds[1])
+    assert attn_fwd_gluon.gluon_forward_planned(key, *longer, p, seeds[1]) is None
 
 
 def test_public_api_takes_the_plan(monkeypatch):
-    """flash_attn_func's second call like its first goes through the plan (the op's forward tries it before
-    the support check), and its result is right."""
+    """flash_attn_func's third call like its first two goes through the plan the second recorded (the op's
+    forward tries it before the support check), and its result is right."""
     import ioattn
-    from ioattn.kernels import attn_fwd_gluon
     from ioattn.ops import attention
 
-    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {})
     calls, planned_runs = [], []
     real, planned = attention.gluon_forward, attention.gluon_forward_planned
     monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(attention, "gluon_forward_planned",
                         lambda *a, **kw: planned_runs.append(planned(*a, **kw)) or planned_runs[-1])
-    q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
-    ioattn.flash_attn_func(q, k, v, causal=True)
-    assert calls == [1] and planned_runs == [None]
+    for _ in range(2):
+        q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
+        ioattn.flash_attn_func(q, k, v, causal=True)
+    assert calls == [1, 1] and planned_runs == [None, None]
     q, k, v = _qkv(2, 1000, 1000, 8, 2, 128, torch.bfloat16)
     out, lse, _ = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
-    assert calls == [1] and len(planned_runs) == 2 and planned_runs[1] is not None
+    assert calls == [1, 1] and len(planned_runs) == 3 and planned_runs[2] is not None
     _compare(out, lse, *attention_ref(q, k, v, causal=True), *attention_ref(q, k, v, causal=True, upcast=False),
              q.dtype)
+
+
+def test_plan_not_recorded_for_shapes_seen_once(monkeypatch):
+    """Shapes that change every call record no plan (the key is made once a call and handed to the whole
+    path, which only marks it seen), and each call is still right."""
+    import ioattn
+    from ioattn.kernels import attn_fwd_gluon, fastlaunch
+
+    entries = []
+    monkeypatch.setattr(fastlaunch.Launcher, "entry", lambda *a, **kw: entries.append(1) or None)
+    for s in (700, 701, 702):
+        q, k, v = _qkv(1, s, s, 4, 4, 128, torch.bfloat16)
+        out, lse, _ = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        _compare(out, lse, *attention_ref(q, k, v, causal=True), *attention_ref(q, k, v, causal=True, upcast=False),
+                 q.dtype)
+    assert entries == [] and len(attn_fwd_gluon._FWD_PLANS) == 0
 
 
 def test_plan_declines_what_it_cannot_take(monkeypatch):
     """With a plan recorded: a misaligned q (same shape and strides, data 2 bytes off) finds none and the
     op sends it to the portable kernel; ``IOATTN_GLUON=0`` declines it; a config patched in (as the A/B
-    scripts do) or another SM count (as tests pretend) looks for another plan."""
-    from ioattn.kernels import attn_fwd_gluon
+    scripts do) or another SM count (as tests pretend) makes another key; the fast launch off declines it;
+    plans off make no key."""
+    from ioattn.kernels import attn_fwd_gluon, fastlaunch
     from ioattn.ops import attention
 
-    monkeypatch.setattr(attn_fwd_gluon, "_FWD_PLANS", {})
     planned = attn_fwd_gluon.gluon_forward_planned
     scale = 128 ** -0.5
     q, k, v = _qkv(1, 512, 512, 4, 4, 128, torch.bfloat16)
-    attn_fwd_gluon.gluon_forward(q, k, v, scale)
-    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is not None
+    key = _plan_key(q, k, v, scale)
+    for _ in range(2):
+        attn_fwd_gluon.gluon_forward(q, k, v, scale, plan_key=key)
+    assert planned(key, q, k, v, 0.0, 0) is not None
     buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
     q_off = buf[1:].view(q.shape).copy_(q)
     assert q_off.data_ptr() % 16 and q_off.stride() == q.stride()
-    assert planned(q_off, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None
+    assert _plan_key(q_off, k, v, scale) == key and planned(key, q_off, k, v, 0.0, 0) is None
     out, lse, _ = attention._flash_attn_fwd(q_off, k, v, None, None, 512, 512, scale, -1, -1, 0.0, None, 0.0)
     _compare(out, lse, *attention_ref(q, k, v), *attention_ref(q, k, v, upcast=False), q.dtype)
     monkeypatch.setenv("IOATTN_GLUON", "0")
-    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None
+    assert planned(key, q, k, v, 0.0, 0) is None
     monkeypatch.delenv("IOATTN_GLUON")
-    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is not None
+    assert planned(key, q, k, v, 0.0, 0) is not None
+    assert planned(key, q, k, v, 1.0, 0) is None  # every element dropped: not the plan's kernel
     shipped = attn_fwd_gluon._CONFIGS[128]
     monkeypatch.setitem(attn_fwd_gluon._CONFIGS, 128, shipped._replace(chain=False))
-    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None
+    assert _plan_key(q, k, v, scale) != key
     monkeypatch.setitem(attn_fwd_gluon._CONFIGS, 128, shipped)
     monkeypatch.setattr(attn_fwd_gluon, "_num_sms", lambda device: 7)
-    assert planned(q, k, v, scale, (-1, -1), 0.0, 0.0, 0) is None
+    assert _plan_key(q, k, v, scale) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(fastlaunch, "_ENABLED", False)  # IOATTN_FAST_LAUNCH=0: no direct launch to replay
+    assert planned(key, q, k, v, 0.0, 0) is None
+    monkeypatch.undo()
+    assert planned(key, q, k, v, 0.0, 0) is not None
+    monkeypatch.setattr(attn_fwd_gluon._FWD_PLANS, "enabled", False)
+    assert _plan_key(q, k, v, scale) is None

@@ -49,7 +49,7 @@ from .common import (
     seq_bounds,
     tanh,
 )
-from .fastlaunch import Launcher, TmaDesc, cdiv, int_spec, raw_stream
+from .fastlaunch import Launcher, PlanTable, TmaDesc, cdiv, int_spec, raw_stream
 
 LOG2E = 1.4426950408889634
 
@@ -1240,17 +1240,18 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                   alibi_slopes: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
                   cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                   dropout_p: float = 0.0, seed: int = 0, *, config: FwdConfig | None = None,
-                  overlap: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  overlap: bool | None = None, plan_key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out contiguous like q, lse float32 (b, h, sq)); varlen
     q (total_q, h, d), k/v (total_k, h_k, d) with int32 cu_seqlens -> (out, lse float32 (h, total_q)).
     ``window_size`` is resolved (causal = (left, 0)). ``dropout_p`` > 0 drops with ``ioattn.dropout``'s mask
     for ``seed``. Call only where ``gluon_forward_supported`` is True.
-    ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap. A dense call without ALiBi, config
-    or overlap records a plan that ``gluon_forward_planned`` launches for the next calls like it."""
+    ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap. ``plan_key`` (``forward_plan_key``
+    of these arguments, from the op, which checked support) records, on the key's second sighting, a plan
+    that ``gluon_forward_planned`` launches for the next calls like this one (dense, without ALiBi, config
+    or overlap only)."""
     varlen = cu_seqlens_q is not None
-    plan_key = None
-    if _PLANS_ENABLED and not varlen and alibi_slopes is None and config is None and overlap is None:
-        plan_key = _plan_key(q, k, v, softmax_scale, window_size, softcap, dropout_p, seed)
+    if varlen or alibi_slopes is not None or config is not None or overlap is not None:
+        plan_key = None
     shape = q.shape
     nheads, d = shape[-2:]
     nheads_k = k.shape[-2]
@@ -1325,12 +1326,10 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     args = build(q, k, v, out, lse, counter, slopes, cu_seqlens_q if varlen else lse,
                  cu_seqlens_k if varlen else lse, seed, float(dropout_p))
     launcher(grid, *args, **flags)
-    if plan_key is not None:
+    if plan_key is not None and _FWD_PLANS.second_sighting(plan_key):
         entry = launcher.entry(args, flags)
         if entry is not None:
-            if len(_FWD_PLANS) >= _MAX_PLANS:
-                _FWD_PLANS.clear()
-            _FWD_PLANS[plan_key] = _FwdPlan(launcher, entry, grid, build, lse.shape, dynamic)
+            _FWD_PLANS.put(plan_key, _FwdPlan(launcher, entry, grid, build, lse.shape, dynamic))
     return out, lse
 
 
@@ -1365,35 +1364,36 @@ class _FwdPlan(NamedTuple):
     dynamic: bool
 
 
-# Plans by what decides a launch (``_plan_key``); cleared when full (shapes that keep changing). Read once, at
-# import: ``IOATTN_FWD_PLANS=0`` records none (every call takes the whole path).
-_FWD_PLANS: dict[tuple, _FwdPlan] = {}
-_MAX_PLANS = 1024
-_PLANS_ENABLED = os.environ.get("IOATTN_FWD_PLANS", "1").strip() != "0"
+# Plans by what decides a launch (``forward_plan_key``). ``IOATTN_FWD_PLANS=0`` at import: none (every call
+# takes the whole path).
+_FWD_PLANS = PlanTable("IOATTN_FWD_PLANS")
 
 
-def _plan_key(q, k, v, softmax_scale: float, window_size, softcap: float, dropout_p: float, seed: int) -> tuple:
+def forward_plan_key(q, k, v, softmax_scale: float, window_size, softcap: float, dropout_p: float,
+                     seed: int) -> tuple | None:
     """Everything a dense forward's launch depends on but its tensors' data: the current device and Triton's
     debug and instrumentation knobs (``Launcher``'s key), shapes, strides, dtypes and devices, the scale,
     window and softcap, with dropout the seed's specialisation (Triton specialises ints on 1 and on multiples
     of 16), and the config and SM count the host reads (so a config or SM count patched in, as the A/B
-    scripts and tests do, makes new plans). The tensors' alignment is checked a call
-    (``gluon_forward_planned``)."""
+    scripts and tests do, makes new plans). None where plans are off or q is not on a GPU. The tensors'
+    alignment is checked a call (``gluon_forward_planned``)."""
+    if not _FWD_PLANS.enabled or not q.is_cuda:
+        return None
     return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
             k.device, v.device, softmax_scale, tuple(window_size), softcap, dropout_p > 0,
             int_spec(seed) if dropout_p > 0 else None, _CONFIGS.get(q.shape[-1]), _num_sms(q.device))
 
 
-def gluon_forward_planned(q, k, v, softmax_scale: float, window_size, softcap: float, dropout_p: float,
-                          seed: int):
-    """A dense forward without ALiBi through the plan an earlier call with the same ``_plan_key`` left (its
-    support check, config, grid, descriptors' layouts and Triton's specialisation of the arguments are that
-    call's), or None where there is none or it does not apply now (unaligned data, the Gluon path or the
-    direct launch off); ``gluon_forward`` records plans, and a plan implies ``gluon_forward_supported``."""
-    if not _FWD_PLANS or not q.is_cuda or not 0 <= dropout_p < 1:
+def gluon_forward_planned(plan_key: tuple | None, q, k, v, dropout_p: float, seed: int):
+    """A dense forward without ALiBi through the plan an earlier call with the same ``plan_key``
+    (``forward_plan_key``) left (its support check, config, grid, descriptors' layouts and Triton's
+    specialisation of the arguments are that call's), or None where there is none or it does not apply now
+    (unaligned data, the Gluon path or the direct launch off); ``gluon_forward`` records plans, and a plan
+    implies ``gluon_forward_supported``."""
+    if plan_key is None or not 0 <= dropout_p < 1:
         return None
-    plan = _FWD_PLANS.get(_plan_key(q, k, v, softmax_scale, window_size, softcap, dropout_p, seed))
+    plan = _FWD_PLANS.get(plan_key)
     if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
         return None
     if not (gluon_enabled_on(q, k, v) and plan.launcher.direct_ok()):

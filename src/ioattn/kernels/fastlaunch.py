@@ -67,6 +67,63 @@ class TmaDesc(NamedTuple):
 _ENABLED = os.environ.get("IOATTN_FAST_LAUNCH", "1").strip() != "0"
 
 
+class PlanTable:
+    """Launch plans by key: the forward's (``attn_fwd_gluon``) and the backward's (``launch``). A call that
+    misses computes its key once and hands it to the whole path, which records the plan on the key's second
+    sighting: shapes seen once (a workload whose shapes keep changing) pay the key and no recording. Each map
+    is cleared when full. ``enabled`` is read from ``env`` at import (``0``: no keys, no plans);
+    ``set_plans`` switches every table."""
+
+    def __init__(self, env: str, size: int = 1024):
+        self.enabled = os.environ.get(env, "1").strip() != "0"
+        self.size = size
+        self.plans: dict[tuple, Any] = {}
+        self._seen: dict[tuple, None] = {}
+        _TABLES.append(self)
+
+    def get(self, key: tuple) -> Any:
+        return self.plans.get(key)
+
+    def second_sighting(self, key: tuple) -> bool:
+        """On the whole path: whether ``key`` was seen there before (record its plan then); marks it seen."""
+        if key in self._seen:
+            return True
+        if len(self._seen) >= self.size:
+            self._seen.clear()
+        self._seen[key] = None
+        return False
+
+    def put(self, key: tuple, plan: Any) -> None:
+        if len(self.plans) >= self.size:
+            self.plans.clear()
+        self.plans[key] = plan
+        self._seen.pop(key, None)
+
+    def clear(self) -> None:
+        self.plans.clear()
+        self._seen.clear()
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
+_TABLES: list[PlanTable] = []
+
+
+def set_plans(enabled: bool) -> None:
+    """Turns launch plans on or off in every table, and drops what they hold (scripts that patch rules a
+    plan's key does not see, such as ``common.L2_SECTION_BYTES``, turn them off)."""
+    for table in _TABLES:
+        table.enabled = enabled
+        table.clear()
+
+
+def clear_plans() -> None:
+    """Drops every recorded plan and sighting (tests start from none)."""
+    for table in _TABLES:
+        table.clear()
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: microseconds a host call)."""
     return -(-a // b)

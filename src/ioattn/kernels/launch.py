@@ -24,7 +24,7 @@ from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preproc
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
 from .attn_fwd_gluon import device_capability, gluon_enabled_on
-from .fastlaunch import Launcher, TmaDesc, cdiv, int_spec, next_power_of_2
+from .fastlaunch import Launcher, PlanTable, TmaDesc, cdiv, int_spec, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -277,8 +277,21 @@ def _tma_reduce_available(t: torch.Tensor) -> bool:
     return t.is_cuda and not interpreting() and device_capability(t.device)[0] >= 9
 
 
+def _preprocess_builder(out, dout, lse_strides: tuple, dq_acc, prob: Problem):
+    """The delta preprocess's positional arguments from one call's tensors, ``build(out, dout, delta, cu_q,
+    dq)``: ``dq`` the fp32 buffer it zeroes (``dq_acc`` here; None: it zeroes none, and ``dq`` is any tensor).
+    The strides are these tensors'; holds no tensor, so a plan keeps none alive."""
+    statics = (*_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen), *lse_strides,
+               *((0, 0, 0) if dq_acc is None else _seq_strides(dq_acc, False)), prob.nheads, prob.max_seqlen_q)
+
+    def build(out, dout, delta, cu_q, dq):
+        return (out, dout, delta, cu_q, dq, *statics)
+
+    return build
+
+
 def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int,
-             deterministic: bool = False):
+             deterministic: bool = False, *, plan_key: tuple | None = None):
     """Returns (dq, dk, dv), contiguous, in the inputs' dtype.
 
     ``deterministic=False`` (flash-attn's default) takes FA2's single pass where it measured faster
@@ -292,6 +305,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD`` changes
     that); with ``deterministic=True`` its key blocks add into each dQ block
     in a fixed order, so it is bitwise reproducible too.
+    ``plan_key`` (``backward_plan_key`` of these arguments) records, on the key's second sighting, a plan of a
+    dense Gluon backward's launches that ``gluon_backward_planned`` takes for the next backwards like it.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -316,21 +331,20 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     if gluon:
         dq_acc = (torch.empty if zero_dq else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
     if math.prod(grid) > 0:
-        _launch_preprocess(
-            grid, out, dout, delta, cu_q, dq_acc if zero_dq else delta,
-            *_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen), *lse_strides,
-            *(_seq_strides(dq_acc, False) if zero_dq else (0, 0, 0)), prob.nheads, prob.max_seqlen_q,
-            HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen, ZERO_DQ=zero_dq,
-        )
+        build_pre = _preprocess_builder(out, dout, lse_strides, dq_acc if zero_dq else None, prob)
+        pre_args = build_pre(out, dout, delta, cu_q, dq_acc if zero_dq else delta)
+        pre_flags = dict(HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
+                         ZERO_DQ=zero_dq)
+        _launch_preprocess(grid, *pre_args, **pre_flags)
     if gluon:
         made = gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
                               softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
                               window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
                               dropout_p=prob.dropout_p, seed=seed)
-        if _PLANS_ENABLED and zero_dq and alibi_slopes is None and not deterministic:
-            _record_bwd_plan(_bwd_plan_key(dout, q, k, v, out, lse, prob, seed), grid, cfg, bd, prob, q, out, dout,
-                             delta, dq_acc, lse_strides, made)
+        if (plan_key is not None and zero_dq and alibi_slopes is None and not deterministic
+                and _BWD_PLANS.second_sighting(plan_key)):
+            _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made)
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # The portable kernels' arguments (host time the Gluon path does not spend).
@@ -375,7 +389,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
 
 # ---------------------------------------------------------------------------------------------------------
 # Backward plans: a dense Gluon backward (no ALiBi, not deterministic) records its launches, worked out from
-# shapes, with the compiled kernels its launchers found; the next backward like it (``_bwd_plan_key``) makes
+# shapes, with the compiled kernels its launchers found; the next backward like it (``backward_plan_key``) makes
 # its buffers and launches them, with no support check, config, descriptor layout or specialisation key again.
 
 
@@ -384,67 +398,51 @@ class _BwdPlan(NamedTuple):
     parts_shape: tuple | None
 
 
-_BWD_PLANS: dict[tuple, _BwdPlan] = {}
-_MAX_PLANS = 1024
-# Read once, at import: ``IOATTN_BWD_PLANS=0`` records none (every backward takes the whole path).
-_PLANS_ENABLED = os.environ.get("IOATTN_BWD_PLANS", "1").strip() != "0"
+# Plans by what decides a backward's launches (``backward_plan_key``). ``IOATTN_BWD_PLANS=0`` at import: none
+# (every backward takes the whole path).
+_BWD_PLANS = PlanTable("IOATTN_BWD_PLANS")
 
 
-def _bwd_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tuple | None:
+def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tuple | None:
     """Everything a dense backward's launches depend on but its tensors' data: the current device and Triton's
-    knobs (``Launcher``'s key), every tensor's shape, strides and dtype, the problem's scalars, with dropout the
-    seed's specialisation, the configs and SM count the host reads (patched ones make new plans) and
-    ``IOATTN_GLUON_BWD`` (which routes some inputs). The tensors' alignment and the Gluon switches are
-    checked a call (``gluon_backward_planned``)."""
+    knobs (``Launcher``'s key), every tensor's shape, strides, dtype and device, the problem's scalars, with
+    dropout the seed's specialisation, the configs and SM count the host reads (patched ones make new plans)
+    and ``IOATTN_GLUON_BWD`` (which routes some inputs). None where plans are off, q is not on a GPU, dO has no
+    unit d-stride (``attn_bwd`` copies it) or the Gluon backward has no config for the head dim. The tensors'
+    alignment and the Gluon switches are checked a call (``gluon_backward_planned``)."""
     d = q.shape[-1]
-    if d not in attn_bwd_gluon._CONFIGS:
-        return None  # a head dim the Gluon backward never takes
+    if not _BWD_PLANS.enabled or not q.is_cuda or dout.stride(-1) != 1 or d not in attn_bwd_gluon._CONFIGS:
+        return None
     dropout = prob.dropout_p > 0
     return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
             dout.shape, dout.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
             out.shape, out.stride(), lse.shape, lse.stride(), dout.dtype, q.dtype, k.dtype, v.dtype, out.dtype,
-            q.device, prob.softmax_scale, prob.window_left, prob.window_right, prob.softcap, dropout,
-            int_spec(seed) if dropout else None, attn_bwd_gluon.select_config(d, prob.softcap != 0.0, dropout),
+            lse.dtype, dout.device, q.device, k.device, v.device, out.device, lse.device, prob.softmax_scale,
+            prob.window_left, prob.window_right, prob.softcap, dropout, int_spec(seed) if dropout else None,
+            attn_bwd_gluon.select_config(d, prob.softcap != 0.0, dropout),
             get_config("dq", _block_d(d), prob.causal, q.dtype, dropout), attn_bwd_gluon._num_sms(q.device),
             os.environ.get("IOATTN_GLUON_BWD", "").strip())
 
 
-def _record_bwd_plan(key, grid, cfg, bd, prob, q, out, dout, delta, dq_acc, lse_strides, made) -> None:
-    """Keeps the launches ``attn_bwd`` just made for ``key``, where every launcher found a compiled kernel."""
-    if key is None:
-        return
-    pre_statics = (*_seq_strides(out, False), *_seq_strides(dout, False), *lse_strides,
-                   *_seq_strides(dq_acc, False), prob.nheads, prob.max_seqlen_q)
-    pre_flags = dict(HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=False, ZERO_DQ=True)
-
-    def build_pre(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p,
-                  out=None):
-        return (out, dout, delta, q, dq_acc, *pre_statics)
-
-    pre_args = build_pre(dout, q, None, None, None, delta, None, None, dq_acc, None, None, None, None, None, 0,
-                         0.0, out=out)
-    launches = [(_launch_preprocess, _launch_preprocess.entry(pre_args, pre_flags), grid, build_pre)]
+def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
+    """Keeps the launches ``attn_bwd`` just made for ``key`` where every launcher found a compiled kernel:
+    ``pre`` the delta preprocess's (launcher, grid, flags, build, arguments), ``made`` ``gluon_backward``'s."""
+    launcher, grid, flags, build, args = pre
+    launches = [(launcher, launcher.entry(args, flags), grid, build)]
     parts_shape = None
     for launch, args in made:
         launches.append((launch.launcher, launch.launcher.entry(args, launch.flags), launch.grid, launch.build))
         if launch.launcher is attn_bwd_gluon._launch_tail_sum:
             parts_shape = tuple(args[0].shape)
-    if any(entry is None for _, entry, _, _ in launches):
-        return
-    if len(_BWD_PLANS) >= _MAX_PLANS:
-        _BWD_PLANS.clear()
-    _BWD_PLANS[key] = _BwdPlan(tuple(launches), parts_shape)
+    if all(entry is not None for _, entry, _, _ in launches):
+        _BWD_PLANS.put(key, _BwdPlan(tuple(launches), parts_shape))
 
 
-def gluon_backward_planned(dout, q, k, v, out, lse, prob_args: tuple, seed: int):
-    """(dq, dk, dv) of a dense backward through the plan an earlier backward with the same key left, or None
-    where there is none or it does not apply now (unaligned data, dO without unit d-stride, the Gluon
-    backward or the direct launch off). ``prob_args``: ``make_problem``'s arguments after q and k."""
-    if not _BWD_PLANS or not q.is_cuda or dout.stride(-1) != 1:
-        return None
-    prob = make_problem(q, k, *prob_args)
-    key = _bwd_plan_key(dout, q, k, v, out, lse, prob, seed)
-    plan = None if key is None else _BWD_PLANS.get(key)
+def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob: Problem, seed: int):
+    """(dq, dk, dv) of a dense backward through the plan earlier backwards with the same ``plan_key``
+    (``backward_plan_key``) left, or None where there is none or it does not apply now (unaligned data, the
+    Gluon backward or the direct launch off)."""
+    plan = None if plan_key is None else _BWD_PLANS.get(plan_key)
     if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr() | out.data_ptr()
                         | lse.data_ptr()) % 16:
         return None
@@ -460,8 +458,7 @@ def gluon_backward_planned(dout, q, k, v, out, lse, prob_args: tuple, seed: int)
                                                                device=q.device)
     p = float(prob.dropout_p)
     (pre, pre_entry, pre_grid, build_pre), *rest = plan.launches
-    pre.launch_entry(pre_entry, pre_grid, build_pre(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, lse, lse, lse,
-                                                    lse, seed, p, out=out))
+    pre.launch_entry(pre_entry, pre_grid, build_pre(out, dout, delta, q, dq_acc))
     for launcher, entry, grid, build in rest:
         launcher.launch_entry(entry, grid, build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, lse, lse, lse, lse,
                                                  seed, p))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..dropout import draw_seed
-from ..kernels.attn_fwd_gluon import gluon_forward, gluon_forward_planned, gluon_forward_supported
-from ..kernels.launch import attn_bwd, attn_fwd, gluon_backward_planned, lse_shape, make_problem
+from ..kernels.attn_fwd_gluon import forward_plan_key, gluon_forward, gluon_forward_planned, gluon_forward_supported
+from ..kernels.launch import attn_bwd, attn_fwd, backward_plan_key, gluon_backward_planned, lse_shape, make_problem
 from ._dispatch import EagerOp
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
@@ -31,15 +31,17 @@ def _flash_attn_fwd(
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
     seed = draw_seed() if dropout_p > 0 else 0
+    plan_key = None
     if cu_seqlens_q is None and alibi_slopes is None:
-        # A dense call like an earlier one takes that call's plan: no support check, config or key again.
-        planned = gluon_forward_planned(q, k, v, softmax_scale, window, softcap, dropout_p, seed)
+        # A dense call like earlier ones takes their plan: no support check, config or launch key again.
+        plan_key = forward_plan_key(q, k, v, softmax_scale, window, softcap, dropout_p, seed)
+        planned = gluon_forward_planned(plan_key, q, k, v, dropout_p, seed)
         if planned is not None:
             return planned[0], planned[1], torch.tensor(seed, dtype=torch.int64)
     if gluon_forward_supported(q, k, v, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                dropout_p=dropout_p, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q):
         out, lse = gluon_forward(q, k, v, softmax_scale, window, softcap, alibi_slopes, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed)
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, plan_key=plan_key)
         return out, lse, torch.tensor(seed, dtype=torch.int64)
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
@@ -65,17 +67,18 @@ def _flash_attn_bwd(
     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if cu_seqlens_q is None and alibi_slopes is None and not deterministic:
-        # A dense backward like an earlier one takes that backward's plan (its launches worked out).
-        planned = gluon_backward_planned(dout, q, k, v, out, lse, (None, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                                                    window_left, window_right, softcap, dropout_p),
-                                         int(seed))
-        if planned is not None:
-            return planned
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
-    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, int(seed),
-                    deterministic)
+    seed_value = int(seed)
+    plan_key = None
+    if cu_seqlens_q is None and alibi_slopes is None and not deterministic:
+        # A dense backward like earlier ones takes their plan (their launches worked out).
+        plan_key = backward_plan_key(dout, q, k, v, out, lse, prob, seed_value)
+        planned = gluon_backward_planned(plan_key, dout, q, k, v, out, lse, prob, seed_value)
+        if planned is not None:
+            return planned
+    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed_value,
+                    deterministic, plan_key=plan_key)
 
 
 flash_attn_bwd = EagerOp("ioattn::flash_attn_bwd", _flash_attn_bwd)
