@@ -63,7 +63,6 @@ from .attn_fwd_gluon import (
 )
 from .common import (
     apply_softcap,
-    band_order,
     bias_and_mask_t,
     launch_order,
     order_section,
@@ -532,9 +531,6 @@ def attn_bwd_gluon_kernel(
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
         pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, DETERMINISTIC)
-        if HAS_LEFT and not DETERMINISTIC:
-            # A window bounded on both sides: the blocks at the sequence's ends see fewer queries; run them last.
-            pid_n = band_order(pid_n, gl.num_programs(0))
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:
@@ -759,9 +755,6 @@ def attn_bwd_gluon_wide_kernel(
     if HAS_RIGHT:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, False)
-        if HAS_LEFT:
-            # A window bounded on both sides: the blocks at the sequence's ends see fewer queries; run them last.
-            pid_n = band_order(pid_n, gl.num_programs(0))
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:

@@ -321,16 +321,3 @@ def launch_order(pid0, pid1, n0, n1, section, REVERSE: tl.constexpr):
     if REVERSE:
         block = n0 - 1 - block
     return block, base + r % width
-
-
-@triton.jit
-def band_order(block, n0):
-    """The key block that position ``block`` of a row of ``n0`` computes under a window bounded on both sides:
-    middle-out (the middle block, then alternately the next one up and the next one down), so the blocks
-    whose query range the sequence's ends cut short run last in their section and fill the last wave. A greedy
-    model of 132 SMs running the windowed backward's programs (``launch_order``'s sections, bench windows of
-    seqlen / 8 a side) puts the SMs' busy share at 0.97 in the plain order (ncu measured 0.973 at 16k) and
-    0.98-0.99 in this one (benchmarks/NOTES.md, "two-sided windows middle-out")."""
-    mid = (n0 - 1) // 2
-    half = (block + 1) // 2
-    return mid + ((block % 2) * 2 - 1) * half
