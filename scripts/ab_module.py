@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 
 import torch
@@ -34,6 +35,8 @@ set_plans(False)
 
 def load_baseline(path: str, module: str):
     """The file as a module of ``ioattn.kernels`` (its relative imports resolve as the library's do)."""
+    # A baseline module reads its plan switch at import (``set_plans`` reaches only this tree's tables).
+    os.environ["IOATTN_FWD_PLANS"] = os.environ["IOATTN_BWD_PLANS"] = "0"
     spec = importlib.util.spec_from_file_location(f"ioattn.kernels.{module}_base", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -338,10 +338,36 @@ def test_backward_plan_matches_the_whole_path(shape, opts, monkeypatch):
                         int(seed2)) is None
 
 
+def test_backward_plan_on_a_side_stream():
+    """A recorded backward plan launched on a side stream (while the default stream sleeps) gives dK and dV
+    bit for bit as the whole path on the default stream: its buffers and launches follow the current stream."""
+    from ioattn.ops import attention
+
+    torch.manual_seed(9)
+    q, k, v = _qkv(2, 1000, 1000, 4, 2, 128, torch.bfloat16)
+    out, lse, seed_t, args = _op_pass(q, k, v, None, {"causal": True}, 3)
+    dout = torch.randn_like(out)
+    prob_args = (None, *args[:5], args[5], args[7])
+    for _ in range(2):
+        whole = attention._flash_attn_bwd(dout, q, k, v, out, lse, None, None, *args, seed_t, False)
+    whole = [t.float().cpu() for t in whole]
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # the default stream busy for tens of ms: work queued behind it is late
+    with torch.cuda.stream(side):
+        planned = _planned_bwd(dout, q, k, v, out, lse, prob_args, 0)
+        host = None if planned is None else [t.float().cpu() for t in planned]  # waits for the side stream only
+    assert not torch.cuda.current_stream().query(), "the sleep ended first: the stream check proves nothing"
+    torch.cuda.synchronize()
+    assert host is not None
+    assert torch.equal(host[1], whole[1]) and torch.equal(host[2], whole[2])
+    assert (host[0] - whole[0]).abs().max() <= 1e-2 * whole[0].abs().max()
+
+
 def test_backward_plan_declines_what_it_cannot_take(monkeypatch):
     """With a plan recorded: dO off by 2 bytes (same shape and strides), dO without unit d-stride,
-    IOATTN_GLUON_BWD=0, a patched config and the fast launch off find none; the op's backward then gives the
-    right gradients by the whole path."""
+    IOATTN_GLUON_BWD=0, IOATTN_GLUON=0, a patched config and the fast launch off find none; the op's backward
+    then gives the right gradients by the whole path."""
     from ioattn.kernels import attn_bwd_gluon, fastlaunch
     from ioattn.ops import attention
 
@@ -365,6 +391,9 @@ def test_backward_plan_declines_what_it_cannot_take(monkeypatch):
     monkeypatch.setenv("IOATTN_GLUON_BWD", "0")
     assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is None
     monkeypatch.delenv("IOATTN_GLUON_BWD")
+    monkeypatch.setenv("IOATTN_GLUON", "0")
+    assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is None
+    monkeypatch.delenv("IOATTN_GLUON")
     monkeypatch.setattr(fastlaunch, "_ENABLED", False)
     assert _planned_bwd(dout, q, k, v, out, lse, prob_args, 0) is None
     monkeypatch.undo()

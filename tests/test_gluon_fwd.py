@@ -783,9 +783,52 @@ def test_plan_not_recorded_for_shapes_seen_once(monkeypatch):
     assert entries == [] and len(attn_fwd_gluon._FWD_PLANS) == 0
 
 
+@pytest.mark.parametrize("seqlen", [600, 2048], ids=["dynamic", "paired"])
+def test_planned_forward_on_a_side_stream_and_in_a_graph(seqlen, monkeypatch):
+    """With a plan recorded, the public API's forward on a side stream (launched there, while the default
+    stream sleeps; the dynamic schedule's counter is that stream's) and captured in a CUDA graph (a zeroed
+    counter of its own; replayed on new inputs) goes through the plan and gives what ``gluon_forward`` gives,
+    bit for bit."""
+    import ioattn
+    from ioattn.kernels import attn_fwd_gluon
+    from ioattn.ops import attention
+
+    torch.manual_seed(seqlen)
+    q, k, v = _qkv(2, seqlen, seqlen, 8, 2, 128, torch.bfloat16)
+    ref_out, ref_lse = attn_fwd_gluon.gluon_forward(q, k, v, 128 ** -0.5, (-1, 0))
+    for _ in range(2):
+        ioattn.flash_attn_func(q, k, v, causal=True)
+    assert len(attn_fwd_gluon._FWD_PLANS) == 1
+    whole = []
+    real = attention.gluon_forward
+    monkeypatch.setattr(attention, "gluon_forward", lambda *a, **kw: whole.append(1) or real(*a, **kw))
+    ref_host = (ref_out.cpu(), ref_lse.cpu())
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # the default stream busy for tens of ms: work queued behind it is late
+    with torch.cuda.stream(side):
+        out, lse, _ = ioattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        host = (out.cpu(), lse.cpu())  # waits for the side stream only
+    assert not torch.cuda.current_stream().query(), "the sleep ended first: the stream check proves nothing"
+    torch.cuda.synchronize()
+    assert torch.equal(host[0], ref_host[0]) and torch.equal(host[1], ref_host[1])
+    static = [t.clone() for t in (q, k, v)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse, _ = ioattn.flash_attn_func(*static, causal=True, return_attn_probs=True)
+    assert whole == []
+    new = _qkv(2, seqlen, seqlen, 8, 2, 128, torch.bfloat16)
+    for dst, src in zip(static, new, strict=True):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    new_out, new_lse = attn_fwd_gluon.gluon_forward(*new, 128 ** -0.5, (-1, 0))
+    assert torch.equal(g_out, new_out) and torch.equal(g_lse, new_lse)
+
+
 def test_plan_declines_what_it_cannot_take(monkeypatch):
     """With a plan recorded: a misaligned q (same shape and strides, data 2 bytes off) finds none and the
-    op sends it to the portable kernel; ``IOATTN_GLUON=0`` declines it; a config patched in (as the A/B
+    op sends it to the portable kernel; ``IOATTN_GLUON=0`` makes no key; a config patched in (as the A/B
     scripts do) or another SM count (as tests pretend) makes another key; the fast launch off declines it;
     plans off make no key."""
     from ioattn.kernels import attn_fwd_gluon, fastlaunch
@@ -805,7 +848,7 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     out, lse, _ = attention._flash_attn_fwd(q_off, k, v, None, None, 512, 512, scale, -1, -1, 0.0, None, 0.0)
     _compare(out, lse, *attention_ref(q, k, v), *attention_ref(q, k, v, upcast=False), q.dtype)
     monkeypatch.setenv("IOATTN_GLUON", "0")
-    assert planned(key, q, k, v, 0.0, 0) is None
+    assert _plan_key(q, k, v, scale) is None  # no key: the op takes its whole path, which routes off Gluon
     monkeypatch.delenv("IOATTN_GLUON")
     assert planned(key, q, k, v, 0.0, 0) is not None
     assert planned(key, q, k, v, 1.0, 0) is None  # every element dropped: not the plan's kernel
@@ -817,7 +860,7 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     assert _plan_key(q, k, v, scale) != key
     monkeypatch.undo()
     monkeypatch.setattr(fastlaunch, "_ENABLED", False)  # IOATTN_FAST_LAUNCH=0: no direct launch to replay
-    assert planned(key, q, k, v, 0.0, 0) is None
+    assert _plan_key(q, k, v, scale) is None and planned(key, q, k, v, 0.0, 0) is None
     monkeypatch.undo()
     assert planned(key, q, k, v, 0.0, 0) is not None
     monkeypatch.setattr(attn_fwd_gluon._FWD_PLANS, "enabled", False)

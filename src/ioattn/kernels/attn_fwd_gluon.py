@@ -1375,9 +1375,10 @@ def forward_plan_key(q, k, v, softmax_scale: float, window_size, softcap: float,
     debug and instrumentation knobs (``Launcher``'s key), shapes, strides, dtypes and devices, the scale,
     window and softcap, with dropout the seed's specialisation (Triton specialises ints on 1 and on multiples
     of 16), and the config and SM count the host reads (so a config or SM count patched in, as the A/B
-    scripts and tests do, makes new plans). None where plans are off or q is not on a GPU. The tensors'
-    alignment is checked a call (``gluon_forward_planned``)."""
-    if not _FWD_PLANS.enabled or not q.is_cuda:
+    scripts and tests do, makes new plans). None where plans or the direct launch are off or the Gluon path
+    is (``gluon_enabled_on``: no plan could apply, so no key is made). The tensors' alignment and launch hooks
+    are checked a call (``gluon_forward_planned``)."""
+    if not (_FWD_PLANS.active() and gluon_enabled_on(q)):
         return None
     return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
@@ -1389,14 +1390,14 @@ def gluon_forward_planned(plan_key: tuple | None, q, k, v, dropout_p: float, see
     """A dense forward without ALiBi through the plan an earlier call with the same ``plan_key``
     (``forward_plan_key``) left (its support check, config, grid, descriptors' layouts and Triton's
     specialisation of the arguments are that call's), or None where there is none or it does not apply now
-    (unaligned data, the Gluon path or the direct launch off); ``gluon_forward`` records plans, and a plan
-    implies ``gluon_forward_supported``."""
+    (unaligned data, launch hooks); ``gluon_forward`` records plans, and a plan implies
+    ``gluon_forward_supported``. The key holds every tensor's device and is None with the Gluon path off."""
     if plan_key is None or not 0 <= dropout_p < 1:
         return None
     plan = _FWD_PLANS.get(plan_key)
     if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
         return None
-    if not (gluon_enabled_on(q, k, v) and plan.launcher.direct_ok()):
+    if not plan.launcher.direct_ok():
         return None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)

@@ -81,6 +81,10 @@ class PlanTable:
         self._seen: dict[tuple, None] = {}
         _TABLES.append(self)
 
+    def active(self) -> bool:
+        """Whether calls make keys: plans on and the direct launch (which plans replay) on."""
+        return self.enabled and _ENABLED
+
     def get(self, key: tuple) -> Any:
         return self.plans.get(key)
 
@@ -94,7 +98,7 @@ class PlanTable:
         return False
 
     def put(self, key: tuple, plan: Any) -> None:
-        if len(self.plans) >= self.size:
+        if key not in self.plans and len(self.plans) >= self.size:
             self.plans.clear()
         self.plans[key] = plan
         self._seen.pop(key, None)
@@ -182,7 +186,7 @@ class Launcher:
         """The recorded compiled kernel these arguments launch (None before their key's first launch, or where
         it is launched through Triton's path). Calls that specialise like these, on the device current now,
         can launch it with ``launch_entry`` and skip the key."""
-        return self.compiled.get(_launch_key(args, constexprs)) if self.direct else None
+        return self.compiled.get(_launch_key(args, constexprs)) if self.direct_ok() else None
 
     def launch_entry(self, entry: tuple, grid, args) -> None:
         """Launches ``entry`` (from ``entry``) with ``args``: call only where ``direct_ok`` holds and the

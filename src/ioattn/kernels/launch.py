@@ -407,11 +407,13 @@ def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tupl
     """Everything a dense backward's launches depend on but its tensors' data: the current device and Triton's
     knobs (``Launcher``'s key), every tensor's shape, strides, dtype and device, the problem's scalars, with
     dropout the seed's specialisation, the configs and SM count the host reads (patched ones make new plans)
-    and ``IOATTN_GLUON_BWD`` (which routes some inputs). None where plans are off, q is not on a GPU, dO has no
-    unit d-stride (``attn_bwd`` copies it) or the Gluon backward has no config for the head dim. The tensors'
-    alignment and the Gluon switches are checked a call (``gluon_backward_planned``)."""
+    and ``IOATTN_GLUON_BWD`` (which routes some inputs). None where plans or the direct launch are off, the Gluon
+    path is (``gluon_enabled_on``), dO has no unit d-stride (``attn_bwd`` copies it) or the Gluon backward has
+    no config for the head dim: no plan could apply. The tensors' alignment and launch hooks are checked a call
+    (``gluon_backward_planned``)."""
     d = q.shape[-1]
-    if not _BWD_PLANS.enabled or not q.is_cuda or dout.stride(-1) != 1 or d not in attn_bwd_gluon._CONFIGS:
+    if (not _BWD_PLANS.active() or dout.stride(-1) != 1 or d not in attn_bwd_gluon._CONFIGS
+            or not gluon_enabled_on(q)):
         return None
     dropout = prob.dropout_p > 0
     return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
@@ -440,13 +442,11 @@ def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
 
 def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob: Problem, seed: int):
     """(dq, dk, dv) of a dense backward through the plan earlier backwards with the same ``plan_key``
-    (``backward_plan_key``) left, or None where there is none or it does not apply now (unaligned data, the
-    Gluon backward or the direct launch off)."""
+    (``backward_plan_key``) left, or None where there is none or it does not apply now (unaligned data, launch
+    hooks). The key holds every tensor's device and ``IOATTN_GLUON_BWD``, and is None with the Gluon path off."""
     plan = None if plan_key is None else _BWD_PLANS.get(plan_key)
     if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr() | out.data_ptr()
                         | lse.data_ptr()) % 16:
-        return None
-    if not gluon_enabled_on(q, k, v, dout):  # IOATTN_GLUON_BWD is in the key
         return None
     if not all(launcher.direct_ok() for launcher, _, _, _ in plan.launches):
         return None
