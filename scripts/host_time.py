@@ -7,7 +7,8 @@ Prints forward, backward through autograd, forward+backward through autograd (wi
 engine's device thread), SDPA's cuDNN backend beside them, a forward and a forward+backward whose shape changes
 every call (no launch plan ever hits), and one KV-cache decode call. ``--pieces`` also times
 the parts of a Gluon forward call (Triton's launch path, descriptors, allocations), ``--profile N`` prints the
-N costliest functions (cProfile, own time) of a forward, a forward+backward and a decode call.
+N costliest functions (cProfile, own time) of a forward, a forward+backward and a decode call, ``--plans-ab R``
+times a few rows with launch plans off and on in turn, R rounds, in one process (hosts differ between processes).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--pieces", action="store_true", help="also time the parts of a Gluon forward call")
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions of each call")
+    ap.add_argument("--plans-ab", type=int, default=0, metavar="ROUNDS",
+                    help="also time some rows with launch plans off and on in turn, ROUNDS times, in this process")
     ap.add_argument("--threads", action="store_true",
                     help="also split a forward+backward's time between the calling and the autograd device thread")
     args = ap.parse_args()
@@ -111,15 +114,40 @@ def main() -> None:
         print(f"{name:36s} {host_us(fn)[0]:8.1f} us host")
     with torch.autograd.set_multithreading_enabled(False):
         print(f"{'forward+backward, calling thread':36s} {host_us(fwd_bwd)[0]:8.1f} us host")
+    if args.plans_ab:
+        plans_ab({name: cases[name] for name in ("forward (no grad)", "forward+backward (autograd)",
+                                                 "forward, a new shape each call",
+                                                 "forward+backward, a new shape each")}, args.plans_ab)
     if args.pieces:
         pieces(q.detach(), k.detach(), v.detach())
     if args.threads:
         threads(q, k, v, dout)
     if args.profile:
-        for name in ("forward (no grad)", "decode (flash_attn_with_kvcache)"):
+        for name in ("forward (no grad)", "forward, a new shape each call", "decode (flash_attn_with_kvcache)"):
             profile(name, cases[name], args.profile)
         with torch.autograd.set_multithreading_enabled(False):
             profile("forward+backward, calling thread", fwd_bwd, args.profile)
+
+
+def plans_ab(cases: dict, rounds: int) -> None:
+    """Each case with launch plans off and on in turn (``fastlaunch.set_plans``, which also drops the plans
+    held), ``rounds`` times in this process: the medians, and the median of the per-round differences."""
+    from ioattn.kernels.fastlaunch import set_plans
+
+    print(f"launch plans off / on in one process, {rounds} rounds (median us host; median of on - off):")
+    try:
+        for name, fn in cases.items():
+            off, on = [], []
+            for _ in range(rounds):
+                set_plans(False)
+                off.append(host_us(fn)[0])
+                set_plans(True)
+                on.append(host_us(fn)[0])
+            diff = statistics.median(b - a for a, b in zip(off, on, strict=True))
+            print(f"  {name:36s} off {statistics.median(off):7.1f}  on {statistics.median(on):7.1f}  "
+                  f"on - off {diff:+7.1f}")
+    finally:
+        set_plans(True)
 
 
 def profile(name: str, fn, top: int, n: int = 300) -> None:

@@ -111,27 +111,31 @@ def test_launch_plans_decline_cpu_tensors(monkeypatch):
         assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-def test_plan_table_records_on_second_sighting():
-    """A plan table keeps a plan only when asked on a key's second sighting, forgets sightings and plans when
-    full, and ``set_plans`` switches every table and empties it."""
+def test_plan_table_sightings_and_limits():
+    """A plan table marks shapes seen (a key is worth making from a shape's second call on), forgets seen
+    shapes and plans when full (a plan already held is replaced in place), and ``set_plans`` switches every
+    table and empties it."""
     from ioattn.kernels import attn_fwd_gluon, fastlaunch, launch
 
     states = [(t, t.enabled) for t in fastlaunch._TABLES]
     table = fastlaunch.PlanTable("IOATTN_TEST_PLANS_UNSET", size=3)
     try:
         assert table.enabled and len(table) == 0
-        assert not table.second_sighting(("a",)) and table.second_sighting(("a",))
+        assert not table.sighted(("a",)) and table.sighted(("a",)) and table.sighted(("a",))
+        for shapes in ("b", "c"):
+            assert not table.sighted((shapes,))
+        assert not table.sighted(("d",))  # the map was full: it starts again from d
+        assert not table.sighted(("a",)) and table.sighted(("d",))
         table.put(("a",), "plan a")
         assert table.get(("a",)) == "plan a" and table.get(("b",)) is None
-        assert not table.second_sighting(("a",))  # recorded: its sighting starts again
-        for key in ("b", "c", "d"):  # the fourth sighting finds the map full: it starts again
-            table.second_sighting((key,))
-        assert not table.second_sighting(("b",))
-        for key in ("b", "c", "d"):
+        for key in ("b", "c"):
             table.put((key,), key)
+        table.put(("a",), "plan a2")  # held: replaced, nothing dropped
+        assert len(table) == 3 and table.get(("a",)) == "plan a2"
+        table.put(("d",), "d")  # a new key in a full table: it starts again
         assert len(table) == 1 and table.get(("d",)) == "d"
         fastlaunch.set_plans(False)
-        assert not table.enabled and len(table) == 0
+        assert not table.enabled and len(table) == 0 and not table.sighted(("d",))
         assert not attn_fwd_gluon._FWD_PLANS.enabled and not launch._BWD_PLANS.enabled
         fastlaunch.set_plans(True)
         assert table.enabled and attn_fwd_gluon._FWD_PLANS.enabled and launch._BWD_PLANS.enabled

@@ -709,7 +709,7 @@ def _plan_key(q, k, v, scale, window=(-1, -1), softcap=0.0, p=0.0, seed=0):
 
 @pytest.mark.parametrize("d, seqlen, opts", PLAN_CASES, ids=str)
 def test_plan_matches_the_whole_path(d, seqlen, opts):
-    """A plan is recorded on its key's second whole-path call; the next call like those launches through
+    """No key for a shape's first call; the second records a plan; the next call like those launches through
     it, on new tensors, and gives what ``gluon_forward`` gives for those tensors bit for bit; another shape,
     or a seed Triton specialises otherwise, finds no plan."""
     from ioattn.kernels import attn_fwd_gluon
@@ -720,8 +720,9 @@ def test_plan_matches_the_whole_path(d, seqlen, opts):
     scale = d ** -0.5
     torch.manual_seed(seqlen + d)
     first = _qkv(2, seqlen, seqlen, 4, 2, d, torch.bfloat16)
-    key = _plan_key(*first, scale, window, softcap, p, seeds[0])
-    for sighting in range(2):
+    for sighting in range(2):  # as the op calls: the key (none for a shape's first call), the plan, the whole path
+        key = _plan_key(*first, scale, window, softcap, p, seeds[0])
+        assert (key is None) == (sighting == 0)
         assert attn_fwd_gluon.gluon_forward_planned(key, *first, p, seeds[0]) is None
         attn_fwd_gluon.gluon_forward(*first, scale, window, softcap, dropout_p=p, seed=seeds[0], plan_key=key)
         assert len(attn_fwd_gluon._FWD_PLANS) == sighting
@@ -741,8 +742,9 @@ def test_plan_matches_the_whole_path(d, seqlen, opts):
         key = _plan_key(q, k, v, scale, window, softcap, p, other)
         assert attn_fwd_gluon.gluon_forward_planned(key, q, k, v, p, other) is None
     longer = _qkv(2, seqlen + 1, seqlen + 1, 4, 2, d, torch.bfloat16)
+    assert _plan_key(*longer, scale, window, softcap, p, seeds[1]) is None  # a new shape: no key
     key = _plan_key(*longer, scale, window, softcap, p, seeds[1])
-    assert attn_fwd_gluon.gluon_forward_planned(key, *longer, p, seeds[1]) is None
+    assert key is not None and attn_fwd_gluon.gluon_forward_planned(key, *longer, p, seeds[1]) is None
 
 
 def test_public_api_takes_the_plan(monkeypatch):
@@ -768,8 +770,7 @@ def test_public_api_takes_the_plan(monkeypatch):
 
 
 def test_plan_not_recorded_for_shapes_seen_once(monkeypatch):
-    """Shapes that change every call record no plan (the key is made once a call and handed to the whole
-    path, which only marks it seen), and each call is still right."""
+    """Shapes that change every call make no key and record no plan, and each call is still right."""
     import ioattn
     from ioattn.kernels import attn_fwd_gluon, fastlaunch
 
@@ -837,9 +838,9 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     planned = attn_fwd_gluon.gluon_forward_planned
     scale = 128 ** -0.5
     q, k, v = _qkv(1, 512, 512, 4, 4, 128, torch.bfloat16)
-    key = _plan_key(q, k, v, scale)
     for _ in range(2):
-        attn_fwd_gluon.gluon_forward(q, k, v, scale, plan_key=key)
+        attn_fwd_gluon.gluon_forward(q, k, v, scale, plan_key=_plan_key(q, k, v, scale))
+    key = _plan_key(q, k, v, scale)
     assert planned(key, q, k, v, 0.0, 0) is not None
     buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
     q_off = buf[1:].view(q.shape).copy_(q)

@@ -1246,9 +1246,9 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     ``window_size`` is resolved (causal = (left, 0)). ``dropout_p`` > 0 drops with ``ioattn.dropout``'s mask
     for ``seed``. Call only where ``gluon_forward_supported`` is True.
     ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap. ``plan_key`` (``forward_plan_key``
-    of these arguments, from the op, which checked support) records, on the key's second sighting, a plan
-    that ``gluon_forward_planned`` launches for the next calls like this one (dense, without ALiBi, config
-    or overlap only)."""
+    of these arguments, from the op, which checked support) records a plan that
+    ``gluon_forward_planned`` launches for the next calls like this one (dense, without ALiBi, config or
+    overlap only)."""
     varlen = cu_seqlens_q is not None
     if varlen or alibi_slopes is not None or config is not None or overlap is not None:
         plan_key = None
@@ -1326,7 +1326,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     args = build(q, k, v, out, lse, counter, slopes, cu_seqlens_q if varlen else lse,
                  cu_seqlens_k if varlen else lse, seed, float(dropout_p))
     launcher(grid, *args, **flags)
-    if plan_key is not None and _FWD_PLANS.second_sighting(plan_key):
+    if plan_key is not None:
         entry = launcher.entry(args, flags)
         if entry is not None:
             _FWD_PLANS.put(plan_key, _FwdPlan(launcher, entry, grid, build, lse.shape, dynamic))
@@ -1375,10 +1375,11 @@ def forward_plan_key(q, k, v, softmax_scale: float, window_size, softcap: float,
     debug and instrumentation knobs (``Launcher``'s key), shapes, strides, dtypes and devices, the scale,
     window and softcap, with dropout the seed's specialisation (Triton specialises ints on 1 and on multiples
     of 16), and the config and SM count the host reads (so a config or SM count patched in, as the A/B
-    scripts and tests do, makes new plans). None where plans or the direct launch are off or the Gluon path
-    is (``gluon_enabled_on``: no plan could apply, so no key is made). The tensors' alignment and launch hooks
-    are checked a call (``gluon_forward_planned``)."""
-    if not (_FWD_PLANS.active() and gluon_enabled_on(q)):
+    scripts and tests do, makes new plans). None where plans or the direct launch are off, the Gluon path
+    is (``gluon_enabled_on``: no plan could apply), or no call with q's and k's shapes came before (the first
+    of a shape takes the whole path; ``PlanTable.sighted``). The tensors' alignment and launch hooks are checked
+    a call (``gluon_forward_planned``)."""
+    if not (_FWD_PLANS.active() and _FWD_PLANS.sighted((q.shape, k.shape)) and gluon_enabled_on(q)):
         return None
     return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,

@@ -68,44 +68,45 @@ _ENABLED = os.environ.get("IOATTN_FAST_LAUNCH", "1").strip() != "0"
 
 
 class PlanTable:
-    """Launch plans by key: the forward's (``attn_fwd_gluon``) and the backward's (``launch``). A call that
-    misses computes its key once and hands it to the whole path, which records the plan on the key's second
-    sighting: shapes seen once (a workload whose shapes keep changing) pay the key and no recording. Each map
-    is cleared when full. ``enabled`` is read from ``env`` at import (``0``: no keys, no plans);
-    ``set_plans`` switches every table."""
+    """Launch plans by key: the forward's (``attn_fwd_gluon``) and the backward's (``launch``). The op makes a
+    call's key once and hands it to the planned function and, on a miss, to the whole path, which records the
+    plan. A key is made only for shapes seen before (``sighted``, on a cheap part of the key: a dict lookup of
+    the inputs' shapes), so shapes that keep changing pay no key and no recording; a shape's first call takes
+    the whole path, its second records, its third and later launch the plan. Each map is cleared when full.
+    ``enabled`` is read from ``env`` at import (``0``: no keys, no plans); ``set_plans`` switches every
+    table."""
 
     def __init__(self, env: str, size: int = 1024):
         self.enabled = os.environ.get(env, "1").strip() != "0"
         self.size = size
         self.plans: dict[tuple, Any] = {}
-        self._seen: dict[tuple, None] = {}
+        self._shapes: dict[tuple, None] = {}
         _TABLES.append(self)
 
     def active(self) -> bool:
         """Whether calls make keys: plans on and the direct launch (which plans replay) on."""
         return self.enabled and _ENABLED
 
+    def sighted(self, shapes: tuple) -> bool:
+        """Whether a call with these shapes came before (its key is worth making); marks them seen."""
+        if shapes in self._shapes:
+            return True
+        if len(self._shapes) >= self.size:
+            self._shapes.clear()
+        self._shapes[shapes] = None
+        return False
+
     def get(self, key: tuple) -> Any:
         return self.plans.get(key)
-
-    def second_sighting(self, key: tuple) -> bool:
-        """On the whole path: whether ``key`` was seen there before (record its plan then); marks it seen."""
-        if key in self._seen:
-            return True
-        if len(self._seen) >= self.size:
-            self._seen.clear()
-        self._seen[key] = None
-        return False
 
     def put(self, key: tuple, plan: Any) -> None:
         if key not in self.plans and len(self.plans) >= self.size:
             self.plans.clear()
         self.plans[key] = plan
-        self._seen.pop(key, None)
 
     def clear(self) -> None:
         self.plans.clear()
-        self._seen.clear()
+        self._shapes.clear()
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -123,7 +124,7 @@ def set_plans(enabled: bool) -> None:
 
 
 def clear_plans() -> None:
-    """Drops every recorded plan and sighting (tests start from none)."""
+    """Drops every recorded plan and seen shape (tests start from none)."""
     for table in _TABLES:
         table.clear()
 

@@ -305,8 +305,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD`` changes
     that); with ``deterministic=True`` its key blocks add into each dQ block
     in a fixed order, so it is bitwise reproducible too.
-    ``plan_key`` (``backward_plan_key`` of these arguments) records, on the key's second sighting, a plan of a
-    dense Gluon backward's launches that ``gluon_backward_planned`` takes for the next backwards like it.
+    ``plan_key`` (``backward_plan_key`` of these arguments) records a plan of a dense Gluon backward's launches
+    that ``gluon_backward_planned`` takes for the next backwards like it.
     """
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
@@ -342,8 +342,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                               softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
                               window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
                               dropout_p=prob.dropout_p, seed=seed)
-        if (plan_key is not None and zero_dq and alibi_slopes is None and not deterministic
-                and _BWD_PLANS.second_sighting(plan_key)):
+        if plan_key is not None and zero_dq and alibi_slopes is None and not deterministic:
             _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made)
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -409,11 +408,12 @@ def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tupl
     dropout the seed's specialisation, the configs and SM count the host reads (patched ones make new plans)
     and ``IOATTN_GLUON_BWD`` (which routes some inputs). None where plans or the direct launch are off, the Gluon
     path is (``gluon_enabled_on``), dO has no unit d-stride (``attn_bwd`` copies it) or the Gluon backward has
-    no config for the head dim: no plan could apply. The tensors' alignment and launch hooks are checked a call
-    (``gluon_backward_planned``)."""
+    no config for the head dim (no plan could apply), or no backward with q's and k's shapes came before (the
+    first of a shape takes the whole path; ``PlanTable.sighted``). The tensors' alignment and launch hooks are
+    checked a call (``gluon_backward_planned``)."""
     d = q.shape[-1]
     if (not _BWD_PLANS.active() or dout.stride(-1) != 1 or d not in attn_bwd_gluon._CONFIGS
-            or not gluon_enabled_on(q)):
+            or not _BWD_PLANS.sighted((q.shape, k.shape)) or not gluon_enabled_on(q)):
         return None
     dropout = prob.dropout_p > 0
     return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
@@ -422,8 +422,15 @@ def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tupl
             lse.dtype, dout.device, q.device, k.device, v.device, out.device, lse.device, prob.softmax_scale,
             prob.window_left, prob.window_right, prob.softcap, dropout, int_spec(seed) if dropout else None,
             attn_bwd_gluon.select_config(d, prob.softcap != 0.0, dropout),
-            get_config("dq", _block_d(d), prob.causal, q.dtype, dropout), attn_bwd_gluon._num_sms(q.device),
+            _dq_table_entry(_block_d(d), prob.causal), attn_bwd_gluon._num_sms(q.device),
             os.environ.get("IOATTN_GLUON_BWD", "").strip())
+
+
+def _dq_table_entry(block_d: int, causal: bool) -> tuple:
+    """What ``get_config("dq", ...)`` reads from the tables (compiled Triton; the dtype and dropout it also
+    reads are in the plan key): the override and the shipped entry, without its microseconds of env reads."""
+    key = ("dq", _ceiling(block_d), causal)
+    return _OVERRIDES.get(key), _CONFIGS.get(key)
 
 
 def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
