@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not HOPPER, reason="the Gluon decode kernel runs
 
 @pytest.fixture
 def gluon_calls(monkeypatch):
-    """Counts the calls that took the Gluon kernel."""
+    """Counts the calls that took the Gluon kernel (decode plans off: every call takes the whole path)."""
+    monkeypatch.setattr(decode_ops._DECODE_PLANS, "enabled", False)
     calls = []
     real = decode_ops.gluon_decode
 

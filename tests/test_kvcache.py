@@ -329,3 +329,98 @@ def test_validation_names_the_argument(change, match):
         kwargs["k_cache"], kwargs["v_cache"] = torch.randn(4, 16, 2, 16), torch.randn(4, 16, 2, 16)
     with pytest.raises((ValueError, TypeError), match=match):
         flash_attn_with_kvcache(**kwargs)
+
+
+# Decode plans (``ops.decode._decode_plan_key``): a call shaped like two earlier ones launches the plan the
+# second recorded. Cases of both kernels: the Gluon one (paged with the split rule and the combine; contiguous,
+# one split; ALiBi, a window and softcap on 64-row pages) and the portable one (more programs than SMs; rotary
+# with an append and cache_batch_idx).
+DECODE_PLAN_CASES = [
+    dict(batch=4, page=16, cap=1024),
+    dict(batch=4, page=0, cap=1024, num_splits=1, causal=True),
+    dict(batch=4, page=64, cap=2048, alibi=True, window_size=(300, 0), softcap=20.0),
+    dict(batch=80, page=16, cap=512),
+    dict(batch=3, page=0, cap=512, rotary=True, new=2, batch_idx=True, causal=True),
+]
+
+
+def _plan_case(batch, page, cap, num_splits=0, causal=False, alibi=False, window_size=(-1, -1), softcap=0.0,
+               rotary=False, new=0, batch_idx=False):
+    """(q, k_cache, v_cache) and the other arguments of a decode call on the GPU, random contents."""
+    nheads, nheads_k, d, dev, dtype = 8, 2, 128, "cuda", torch.bfloat16
+    if page:
+        blocks = batch * cap // page
+        k_cache = torch.randn(blocks + 3, page, nheads_k, d, device=dev, dtype=dtype)
+        table = torch.randperm(blocks + 3, device=dev)[:blocks].to(torch.int32).view(batch, cap // page)
+    else:
+        k_cache = torch.randn(batch + (2 if batch_idx else 0), cap, nheads_k, d, device=dev, dtype=dtype)
+        table = None
+    kwargs = dict(cache_seqlens=torch.randint(1, cap - new, (batch,), device=dev, dtype=torch.int32),
+                  block_table=table, causal=causal, window_size=window_size, softcap=softcap,
+                  num_splits=num_splits, return_softmax_lse=True)
+    if batch_idx:
+        kwargs["cache_batch_idx"] = torch.randperm(batch + 2, device=dev)[:batch].to(torch.int32)
+    if alibi:
+        kwargs["alibi_slopes"] = make_alibi(batch, nheads).to(dev)
+    if new:
+        kwargs["k"] = torch.randn(batch, new, nheads_k, d, device=dev, dtype=dtype)
+        kwargs["v"] = torch.randn(batch, new, nheads_k, d, device=dev, dtype=dtype)
+    if rotary:
+        angles = torch.rand(cap, 32, device=dev) * 6
+        kwargs["rotary_cos"], kwargs["rotary_sin"] = angles.cos().to(dtype), angles.sin().to(dtype)
+    q = torch.randn(batch, 1, nheads, d, device=dev, dtype=dtype)
+    return q, k_cache, torch.randn_like(k_cache), kwargs
+
+
+@pytest.mark.skipif(not ON_GPU, reason="launch plans replay compiled GPU launches")
+@pytest.mark.parametrize("case", DECODE_PLAN_CASES, ids=str)
+def test_decode_plan_matches_the_whole_path(case, monkeypatch):
+    """No key for a shape's first call, the second records a plan, the third launches it (same result, bit
+    for bit); on new queries the plan gives what the whole path gives, bit for bit."""
+    import ioattn.ops.decode as decode_ops
+
+    torch.manual_seed(len(str(case)))
+    q, k_cache, v_cache, kwargs = _plan_case(**case)
+    planned = []
+    real = decode_ops._decode_planned
+    monkeypatch.setattr(decode_ops, "_decode_planned", lambda *a: planned.append(real(*a)) or planned[-1])
+    outs = [flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs) for _ in range(3)]
+    assert [p is not None for p in planned] == [False, True]
+    assert len(decode_ops._DECODE_PLANS) == 1
+    assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[2][1], outs[0][1])
+    q2 = torch.randn_like(q)
+    out_p, lse_p = flash_attn_with_kvcache(q2, k_cache, v_cache, **kwargs)
+    assert planned[-1] is not None
+    monkeypatch.setattr(decode_ops._DECODE_PLANS, "enabled", False)
+    out_w, lse_w = flash_attn_with_kvcache(q2, k_cache, v_cache, **kwargs)
+    assert torch.equal(out_p, out_w) and torch.equal(lse_p, lse_w)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="launch plans replay compiled GPU launches")
+def test_decode_plan_declines_what_it_cannot_take(monkeypatch):
+    """With a plan recorded: q 2 bytes off (same shape and strides) and another SM count find none, the
+    fast launch off declines it, and the calls are still right."""
+    import ioattn.kernels.fastlaunch as fastlaunch
+    import ioattn.ops.decode as decode_ops
+
+    q, k_cache, v_cache, kwargs = _plan_case(batch=4, page=16, cap=1024)
+    for _ in range(2):
+        ref = flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
+    tensors = (q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs["block_table"], None, None, None, None)
+    scalars = (0, 1.0 / math.sqrt(128), -1, -1, 0.0, True, False, 0)  # as flash_attn_with_kvcache passes them
+    key = decode_ops._decode_plan_key(tensors, *scalars)
+    assert key is not None and decode_ops._decode_planned(key, tensors) is not None
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    q_off = buf[1:].view(q.shape).copy_(q)
+    assert q_off.data_ptr() % 16 and q_off.stride() == q.stride()
+    off = (q_off, *tensors[1:])
+    assert decode_ops._decode_plan_key(off, *scalars) == key and decode_ops._decode_planned(key, off) is None
+    got = flash_attn_with_kvcache(q_off, k_cache, v_cache, **kwargs)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-2)
+    monkeypatch.setattr(fastlaunch, "_ENABLED", False)
+    assert decode_ops._decode_plan_key(tensors, *scalars) is None and decode_ops._decode_planned(key, tensors) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(decode_ops, "_sm_count", lambda device: 7)
+    assert decode_ops._decode_plan_key(tensors, *scalars) != key
+    got = flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
+    assert torch.equal(got[0], ref[0])

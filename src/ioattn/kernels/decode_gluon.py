@@ -353,9 +353,12 @@ _launch = Launcher(decode_gluon_kernel)
 
 def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new: int,
                  softmax_scale: float, window_left: int, window_right: int, softcap: float, num_splits: int,
-                 out_part, lse_part, o_strides, l_strides, config: DecodeConfig | None = None) -> None:
+                 out_part, lse_part, o_strides, l_strides, config: DecodeConfig | None = None) -> tuple:
     """Writes ``decode.py``'s per-split outputs (or the final ones, one split) into out_part / lse_part with
-    the given (split, batch, token, head) / (split, batch, head, token) strides."""
+    the given (split, batch, token, head) / (split, batch, head, token) strides. Returns the launch as
+    (launcher, grid, constexprs, builder, arguments): ``builder(q, k_cache, v_cache, out_part, lse_part,
+    cache_seqlens, block_table, cache_batch_idx, alibi_slopes)`` gives the arguments for another call's
+    tensors of the same shapes and strides (it holds no tensor)."""
     cfg = config or CONFIG
     batch, seqlen_q, nheads, d = q.shape
     nheads_k = k_cache.shape[2]
@@ -363,20 +366,25 @@ def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_id
     page = k_cache.shape[1] if paged else 1
     box = min(page, cfg.block_n) if paged else cfg.block_n
     score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
-    dummy = cache_seqlens
-    _launch(
-        (batch * nheads_k, num_splits), _descriptor(k_cache, box), _descriptor(v_cache, box), q, out_part, lse_part,
-        cache_seqlens,
-        block_table if paged else dummy, cache_batch_idx if cache_batch_idx is not None else dummy,
-        alibi_slopes if alibi_slopes is not None else dummy,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(2), v_cache.stride(2),
-        *o_strides, *l_strides,
-        block_table.stride(0) if paged else 0,
-        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-        0 if paged else k_cache.shape[1], nheads_k, seqlen_q, seqlen_new, num_splits,
-        score_scale, tanh_scale, window_left, window_right,
-        GROUP=nheads // nheads_k, HEAD_DIM=d, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages,
-        PAGED=paged, PAGE_SIZE=page, HAS_BATCH_IDX=cache_batch_idx is not None,
-        SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, num_warps=4,
-    )
+    kd, vd = _descriptor(k_cache, box)[1:], _descriptor(v_cache, box)[1:]
+    statics = (q.stride(0), q.stride(1), q.stride(2), k_cache.stride(2), v_cache.stride(2),
+               *o_strides, *l_strides,
+               block_table.stride(0) if paged else 0,
+               alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+               0 if paged else k_cache.shape[1], nheads_k, seqlen_q, seqlen_new, num_splits,
+               score_scale, tanh_scale, window_left, window_right)
+
+    def build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx, alibi_slopes):
+        dummy = cache_seqlens
+        return (TmaDesc(k_cache, *kd), TmaDesc(v_cache, *vd), q, out_part, lse_part, cache_seqlens,
+                dummy if block_table is None else block_table, dummy if cache_batch_idx is None else cache_batch_idx,
+                dummy if alibi_slopes is None else alibi_slopes, *statics)
+
+    flags = dict(GROUP=nheads // nheads_k, HEAD_DIM=d, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages,
+                 PAGED=paged, PAGE_SIZE=page, HAS_BATCH_IDX=cache_batch_idx is not None,
+                 SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, num_warps=4)
+    grid = (batch * nheads_k, num_splits)
+    args = build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx, alibi_slopes)
+    _launch(grid, *args, **flags)
+    return _launch, grid, flags, build, args

@@ -8,12 +8,16 @@ a function of shapes only, so the ops run under ``torch.compile`` and inside CUD
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
+from triton import knobs
 
 from ..backend import select_backend
 from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch
+from ..kernels import decode_gluon
 from ..kernels import kv_write as kvw
+from ..kernels.attn_fwd_gluon import gluon_enabled_on
 from ..kernels.combine import combine_kernel
 from ..kernels.decode import decode_kernel
 from ..kernels.decode_gluon import CONFIG as GLUON_CONFIG
@@ -24,7 +28,7 @@ from ..kernels.decode_gluon import (
     gluon_decode_supported,
     gluon_num_splits,
 )
-from ..kernels.fastlaunch import Launcher, cdiv, next_power_of_2
+from ..kernels.fastlaunch import Launcher, PlanTable, cdiv, next_power_of_2
 from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
@@ -82,7 +86,18 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             rotary_interleaved, rotary_per_row, num_splits, tiles=None, gluon=None):
     """``num_splits`` 0: the rule of the kernel that runs. ``tiles``: (BLOCK_M, BLOCK_N, num_warps,
     num_stages) of the portable kernel in place of ``decode_tiles``; ``gluon``: False forces the portable
-    kernel, a ``DecodeConfig`` the Gluon one with that config (the sweep's knobs)."""
+    kernel, a ``DecodeConfig`` the Gluon one with that config (the sweep's knobs). Without those two, a call
+    shaped like two earlier ones launches the plan the second recorded (``_decode_plan_key``)."""
+    tensors = (q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos,
+               rotary_sin)
+    plan_key = None
+    if tiles is None and gluon is None:
+        plan_key = _decode_plan_key(tensors, seqlen_new, softmax_scale, window_left, window_right, softcap,
+                                    rotary_interleaved, rotary_per_row, num_splits)
+        if plan_key is not None:
+            planned = _decode_planned(plan_key, tensors)
+            if planned is not None:
+                return planned
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
@@ -97,72 +112,177 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                                       MAX_SPLITS)
     elif num_splits == 0:
         num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim, paged=paged)
-    out = q.new_empty(batch, seqlen_q, nheads, headdim)
-    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    out, lse, out_part, lse_part = _decode_buffers(q, num_splits)
     if num_splits > 1:
-        out_part = torch.empty(num_splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32,
-                               device=q.device)
-        lse_part = torch.empty(num_splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
         o_strides = out_part.stride()[:4]
         l_strides = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(3), lse_part.stride(2))
     else:
-        out_part, lse_part = out, lse
         o_strides = (0, *out.stride()[:3])
         l_strides = (0, *lse.stride())
     if use_gluon:
-        gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
-                     softmax_scale, window_left, window_right, softcap, num_splits, out_part, lse_part, o_strides,
-                     l_strides, gluon_cfg)
-        if num_splits > 1:
-            _combine(out_part, lse_part, out, lse)
-        return out, lse
-    block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
-    block_d = max(16, next_power_of_2(headdim))
-    qk_scale, softcap2 = _scales(softmax_scale, softcap)
-    rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
-    dummy = cache_seqlens
-    grid = (batch * nheads_k, cdiv(group * seqlen_q, block_m), num_splits)
-    _launch_decode(
-        grid, q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
-        block_table if paged else dummy,
-        cache_batch_idx if cache_batch_idx is not None else dummy,
-        alibi_slopes if alibi_slopes is not None else dummy,
-        rotary_cos if rotary_dim else dummy, rotary_sin if rotary_dim else dummy,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *o_strides, *l_strides,
-        block_table.stride(0) if paged else 0,
-        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-        rotary_cos.stride(0) if rotary_dim else 0,
-        nheads_k, seqlen_q, seqlen_new, num_splits,
-        qk_scale, softcap2, window_left, window_right,
-        GROUP=group, HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
-        HAS_BATCH_IDX=cache_batch_idx is not None,
-        SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+        launcher, grid, flags, build, args = gluon_decode(
+            q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
+            softmax_scale, window_left, window_right, softcap, num_splits, out_part, lse_part, o_strides,
+            l_strides, gluon_cfg)
+
+        def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
+                      alibi_slopes, rotary_cos, rotary_sin, build=build):
+            return build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
+                         alibi_slopes)
+    else:
+        block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
+        block_d = max(16, next_power_of_2(headdim))
+        qk_scale, softcap2 = _scales(softmax_scale, softcap)
+        rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
+        statics = (q.stride(0), q.stride(1), q.stride(2),
+                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                   v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                   *o_strides, *l_strides,
+                   block_table.stride(0) if paged else 0,
+                   alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+                   rotary_cos.stride(0) if rotary_dim else 0,
+                   nheads_k, seqlen_q, seqlen_new, num_splits,
+                   qk_scale, softcap2, window_left, window_right)
+
+        def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
+                      alibi_slopes, rotary_cos, rotary_sin):
+            dummy = cache_seqlens
+            return (q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
+                    dummy if block_table is None else block_table,
+                    dummy if cache_batch_idx is None else cache_batch_idx,
+                    dummy if alibi_slopes is None else alibi_slopes,
+                    dummy if rotary_cos is None else rotary_cos, dummy if rotary_sin is None else rotary_sin,
+                    *statics)
+
+        launcher, grid = _launch_decode, (batch * nheads_k, cdiv(group * seqlen_q, block_m), num_splits)
+        flags = dict(
+            GROUP=group, HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+            HAS_BATCH_IDX=cache_batch_idx is not None,
+            SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+            HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+            ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        args = build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
+                         alibi_slopes, rotary_cos, rotary_sin)
+        launcher(grid, *args, **flags)
+    combine = None
     if num_splits > 1:
-        _combine(out_part, lse_part, out, lse)
+        combine = _combine(out_part, lse_part, out, lse)
+    if plan_key is not None and _aligned(tensors):
+        _record_decode_plan(plan_key, (launcher, grid, flags, build_all, args), combine, num_splits)
     return out, lse
 
 
-def _combine(out_part, lse_part, out, lse):
+def _decode_buffers(q, num_splits: int) -> tuple:
+    """(out, lse, out_part, lse_part): the per-split fp32 buffers with splits, else out and lse again."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    out = q.new_empty(batch, seqlen_q, nheads, headdim)
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    if num_splits <= 1:
+        return out, lse, out, lse
+    out_part = torch.empty(num_splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(num_splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
+    return out, lse, out_part, lse_part
+
+
+def _combine(out_part, lse_part, out, lse) -> tuple:
+    """Launches the split combine; returns it as (launcher, grid, constexprs, builder, arguments), the builder
+    taking (out_part, lse_part, out, lse) of another call of the same shapes."""
     num_splits, batch, seqlen_q, nheads, headdim = out_part.shape
     block_s = max(2, next_power_of_2(num_splits))
     block_d = max(16, next_power_of_2(headdim))
-    _launch_combine(
-        (batch * seqlen_q, nheads), out_part, lse_part, out, lse,
-        *out_part.stride()[:4], *lse_part.stride(),
-        out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
-        seqlen_q, num_splits,
-        HEADDIM=headdim, BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=1 if block_s * block_d <= 1024 else (2 if block_s * block_d <= 4096 else 4),
-    )
+    statics = (*out_part.stride()[:4], *lse_part.stride(), out.stride(0), out.stride(1), out.stride(2),
+               *lse.stride(), seqlen_q, num_splits)
+
+    def build(out_part, lse_part, out, lse):
+        return (out_part, lse_part, out, lse, *statics)
+
+    grid = (batch * seqlen_q, nheads)
+    flags = dict(HEADDIM=headdim, BLOCK_S=block_s, BLOCK_D=block_d,
+                 num_warps=1 if block_s * block_d <= 1024 else (2 if block_s * block_d <= 4096 else 4))
+    args = build(out_part, lse_part, out, lse)
+    _launch_combine(grid, *args, **flags)
+    return _launch_combine, grid, flags, build, args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode plans: a decode call through the public API (no tiles or Gluon config given) records its launches,
+# worked out from shapes, with the compiled kernels its launchers found; the next call like it (same
+# ``_decode_plan_key``) makes its outputs and launches them, with no support check, split rule, tile rule,
+# descriptor layout or launcher key again. As the dense forward's (``attn_fwd_gluon.forward_plan_key``).
+
+
+class _DecodePlan(NamedTuple):
+    launch: tuple  # (launcher, compiled entry, grid, builder of the decode launch's arguments)
+    combine: tuple | None  # the same for the split combine, None with one split
+    num_splits: int
+
+
+# ``IOATTN_DECODE_PLANS=0`` at import: none (every call takes the whole path).
+_DECODE_PLANS = PlanTable("IOATTN_DECODE_PLANS")
+
+
+def _describe(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _decode_plan_key(tensors: tuple, *scalars) -> tuple | None:
+    """Everything a decode call's launches depend on but its tensors' data: the current device and Triton's
+    knobs (``Launcher``'s key), every tensor's shape, strides, dtype and device (or its absence), the
+    scalars (the new tokens' count, scale, window, softcap, rotary flags, the split count asked for), whether
+    the Gluon path is on, the Gluon config and the SM counts the rules read (patched ones make new keys).
+    None where plans or the direct launch are off, q is not on a GPU, or no call with q's and the cache's
+    shapes came before (the first of a shape takes the whole path; ``PlanTable.sighted``). The tensors'
+    alignment (Triton specialises pointers on it; the Gluon path needs it) and launch hooks are checked a
+    call (``_decode_planned``)."""
+    q, k_cache = tensors[0], tensors[1]
+    if not (_DECODE_PLANS.active() and q.is_cuda and _DECODE_PLANS.sighted((q.shape, k_cache.shape))):
+        return None
+    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+            *map(_describe, tensors), *scalars, gluon_enabled_on(q), GLUON_CONFIG, _sm_count(q.device),
+            decode_gluon._num_sms(q.device))
+
+
+def _aligned(tensors: tuple) -> bool:
+    """Every given tensor's data 16-byte aligned."""
+    ptrs = 0
+    for t in tensors:
+        if t is not None:
+            ptrs |= t.data_ptr()
+    return ptrs % 16 == 0
+
+
+def _record_decode_plan(key: tuple, launch: tuple, combine: tuple | None, num_splits: int) -> None:
+    """Keeps the launches ``_decode`` just made for ``key``, where every launcher found a compiled kernel."""
+    launches = []
+    for launcher, grid, flags, build, args in (launch, *(() if combine is None else (combine,))):
+        entry = launcher.entry(args, flags)
+        if entry is None:
+            return
+        launches.append((launcher, entry, grid, build))
+    _DECODE_PLANS.put(key, _DecodePlan(launches[0], launches[1] if combine is not None else None, num_splits))
+
+
+def _decode_planned(key: tuple, tensors: tuple):
+    """(out, lse) through the plan an earlier call with ``key`` left, or None where there is none or it does
+    not apply now (unaligned data, launch hooks)."""
+    plan = _DECODE_PLANS.get(key)
+    if plan is None or not _aligned(tensors):
+        return None
+    launcher, entry, grid, build = plan.launch
+    if not launcher.direct_ok():
+        return None
+    q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin = tensors
+    out, lse, out_part, lse_part = _decode_buffers(q, plan.num_splits)
+    launcher.launch_entry(entry, grid, build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table,
+                                             cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin))
+    if plan.combine is not None:
+        c_launcher, c_entry, c_grid, c_build = plan.combine
+        c_launcher.launch_entry(c_entry, c_grid, c_build(out_part, lse_part, out, lse))
+    return out, lse
 
 
 def _kv_write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx,
