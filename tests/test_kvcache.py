@@ -361,7 +361,7 @@ def _plan_case(batch, page, cap, num_splits=0, causal=False, alibi=False, window
     if batch_idx:
         kwargs["cache_batch_idx"] = torch.randperm(batch + 2, device=dev)[:batch].to(torch.int32)
     if alibi:
-        kwargs["alibi_slopes"] = make_alibi(batch, nheads).to(dev)
+        kwargs["alibi_slopes"] = make_alibi(batch, nheads, per_batch=True).to(dev)
     if new:
         kwargs["k"] = torch.randn(batch, new, nheads_k, d, device=dev, dtype=dtype)
         kwargs["v"] = torch.randn(batch, new, nheads_k, d, device=dev, dtype=dtype)
