@@ -26,10 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import ioattn.ops.decode as ops
 from ioattn.bench.decode import _paged
 from ioattn.kernels.decode_gluon import DecodeConfig
-from ioattn.kernels.fastlaunch import set_plans
+from ioattn.kernels.fastlaunch import Launcher, set_plans
 from ioattn.ops.decode import _decode
 
-set_plans(False)  # the rows patch the kernel a plan would not see: every call takes the whole path
+set_plans(False)  # the "now" rows would replay plans; a sweep times whole calls, as before plans
 
 TOKENS, NHEADS, NHEADS_K, D = 1 << 18, 32, 8, 128
 SEQLENS = (1024, 4096, 16384, 65536)
@@ -71,18 +71,21 @@ def load_baseline(path: Path):
 
 
 baseline_kernel = load_baseline(args.baseline) if args.baseline is not None else None
+# The launcher ``_decode`` calls for the portable kernel (bound at import), for the baseline file's kernel.
+BASELINE_LAUNCH = Launcher(baseline_kernel) if baseline_kernel is not None else None
 
 
 def decode(q, kc, vc, seqlens, table, splits, tiles, kernel, gluon):
     """The library's launch (splits 0: the rule of the kernel that runs), with ``kernel`` in place of today's
     portable decode kernel when given; ``gluon`` False: the portable kernel, a DecodeConfig: the Gluon one."""
-    current = ops.decode_kernel
-    ops.decode_kernel = kernel or current
+    current = ops._launch_decode
+    if kernel is not None:
+        ops._launch_decode = BASELINE_LAUNCH
     try:
         return _decode(q, kc, vc, seqlens, table, None, None, None, None, 0, D ** -0.5, -1, -1, 0.0, False, False,
                        splits, tiles=tiles, gluon=gluon)
     finally:
-        ops.decode_kernel = current
+        ops._launch_decode = current
 
 
 def variants(n):

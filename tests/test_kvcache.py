@@ -274,6 +274,7 @@ def test_cuda_graph_replay_reads_new_lengths():
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     run = lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
     run()  # compile outside the capture
+    run()  # the second call records a decode plan: the captured call launches it
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -422,5 +423,5 @@ def test_decode_plan_declines_what_it_cannot_take(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(decode_ops, "_sm_count", lambda device: 7)
     assert decode_ops._decode_plan_key(tensors, *scalars) != key
-    got = flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
-    assert torch.equal(got[0], ref[0])
+    got = flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)  # another split count off sm_90
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-2)

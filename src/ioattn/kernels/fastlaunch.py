@@ -68,7 +68,8 @@ _ENABLED = os.environ.get("IOATTN_FAST_LAUNCH", "1").strip() != "0"
 
 
 class PlanTable:
-    """Launch plans by key: the forward's (``attn_fwd_gluon``) and the backward's (``launch``). The op makes a
+    """Launch plans by key: the dense forward's (``attn_fwd_gluon``), the backward's (``launch``) and the
+    decode's (``ops.decode``). The op makes a
     call's key once and hands it to the planned function and, on a miss, to the whole path, which records the
     plan. A key is made only for shapes seen before (``sighted``, on a cheap part of the key: a dict lookup of
     the inputs' shapes), so shapes that keep changing pay no key and no recording; a shape's first call takes

@@ -123,7 +123,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         launcher, grid, flags, build, args = gluon_decode(
             q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
             softmax_scale, window_left, window_right, softcap, num_splits, out_part, lse_part, o_strides,
-            l_strides, gluon_cfg)
+            l_strides, gluon_cfg or GLUON_CONFIG)  # the config the split rule read (and the plan key holds)
 
         def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
                       alibi_slopes, rotary_cos, rotary_sin, build=build):
@@ -273,7 +273,7 @@ def _decode_planned(key: tuple, tensors: tuple):
     if plan is None or not _aligned(tensors):
         return None
     launcher, entry, grid, build = plan.launch
-    if not launcher.direct_ok():
+    if not (launcher.direct_ok() and (plan.combine is None or plan.combine[0].direct_ok())):
         return None
     q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin = tensors
     out, lse, out_part, lse_part = _decode_buffers(q, plan.num_splits)
