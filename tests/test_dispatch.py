@@ -143,3 +143,32 @@ def test_plan_table_sightings_and_limits():
         fastlaunch._TABLES.remove(table)
         for t, enabled in states:
             t.enabled = enabled
+
+
+def test_plan_helpers():
+    """``aligned`` checks every given pointer (None: absent); ``recorded`` keeps launches only when every
+    launcher found a compiled kernel, ``replayable`` only when every launcher is on the direct path."""
+    from ioattn.kernels import fastlaunch
+
+    buf = torch.zeros(64, dtype=torch.float16)
+    assert fastlaunch.aligned(buf, None, buf[8:]) and not fastlaunch.aligned(buf, buf[1:])
+    assert fastlaunch.aligned()
+
+    class Fake:
+        def __init__(self, entries, direct=True):
+            self.entries, self.direct = entries, direct
+
+        def entry(self, args, constexprs):
+            return self.entries.get((args, tuple(constexprs.items())))
+
+        def direct_ok(self):
+            return self.direct
+
+    a, b = Fake({((1,), (("X", 2),)): "ka"}), Fake({((3,), ()): "kb"})
+    made = ((a, (4,), {"X": 2}, "build a", (1,)), (b, (5, 6), {}, "build b", (3,)))
+    assert fastlaunch.recorded(made) == ((a, "ka", (4,), "build a"), (b, "kb", (5, 6), "build b"))
+    assert fastlaunch.recorded((made[0], (b, (5,), {}, "build b", (7,)))) is None
+    launches = fastlaunch.recorded(made)
+    assert fastlaunch.replayable(launches)
+    b.direct = False
+    assert not fastlaunch.replayable(launches)

@@ -425,3 +425,46 @@ def test_decode_plan_declines_what_it_cannot_take(monkeypatch):
     assert decode_ops._decode_plan_key(tensors, *scalars) != key
     got = flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)  # another split count off sm_90
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs the real plans (test_decode_plan_matches_the_whole_path)")
+@pytest.mark.parametrize("num_splits, page", [(3, 16), (1, 0), (0, 16)])
+def test_decode_plan_replays_its_launches_in_the_interpreter(num_splits, page, monkeypatch):
+    """The decode plan's builders, replayed through Triton's own launch in the interpreter (CPU: the compiled
+    entries plans keep do not exist here, so each launch's constexprs stand in for its entry): a call's second
+    time records, its third replays the decode launch and, with splits, the combine, bit for bit."""
+    import ioattn.kernels.fastlaunch as fastlaunch
+    import ioattn.ops.decode as decode_ops
+
+    monkeypatch.setattr(fastlaunch.Launcher, "entry", lambda self, args, constexprs: dict(constexprs))
+    monkeypatch.setattr(fastlaunch.Launcher, "launch_entry",
+                        lambda self, entry, grid, args: self.kernel[grid](*fastlaunch._real(args), **entry))
+    monkeypatch.setattr(decode_ops, "replayable", lambda launches: True)
+    seen = set()
+
+    def key(tensors, *scalars):  # the real key's sighting rule, without its GPU-only parts
+        shapes = tuple(map(decode_ops._describe, tensors)) + scalars
+        if shapes not in seen:
+            seen.add(shapes)
+            return None
+        return shapes
+
+    monkeypatch.setattr(decode_ops, "_decode_plan_key", key)
+    planned = []
+    real = decode_ops._decode_planned
+    monkeypatch.setattr(decode_ops, "_decode_planned", lambda *a: planned.append(real(*a)) or planned[-1])
+    torch.manual_seed(num_splits + page)
+    if page:
+        k_cache = torch.randn(20, page, 2, 32, dtype=torch.float16)
+        table = torch.randperm(20)[:16].to(torch.int32).view(2, 8)
+    else:
+        k_cache, table = torch.randn(2, 128, 2, 32, dtype=torch.float16), None
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(2, 1, 4, 32, dtype=torch.float16)
+    kwargs = dict(cache_seqlens=torch.tensor([100, 37], dtype=torch.int32), block_table=table,
+                  num_splits=num_splits, causal=True, return_softmax_lse=True)
+    outs = [flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs) for _ in range(3)]
+    assert [p is not None for p in planned] == [False, True]
+    (plan,) = decode_ops._DECODE_PLANS.plans.values()
+    assert len(plan.launches) == (2 if num_splits > 1 else 1)
+    assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[2][1], outs[0][1])

@@ -49,7 +49,7 @@ from .common import (
     seq_bounds,
     tanh,
 )
-from .fastlaunch import Launcher, PlanTable, TmaDesc, cdiv, int_spec, raw_stream
+from .fastlaunch import Launcher, PlanTable, TmaDesc, aligned, cdiv, int_spec, raw_stream
 
 LOG2E = 1.4426950408889634
 
@@ -1396,7 +1396,7 @@ def gluon_forward_planned(plan_key: tuple | None, q, k, v, dropout_p: float, see
     if plan_key is None or not 0 <= dropout_p < 1:
         return None
     plan = _FWD_PLANS.get(plan_key)
-    if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
+    if plan is None or not aligned(q, k, v):
         return None
     if not plan.launcher.direct_ok():
         return None

@@ -130,6 +130,34 @@ def clear_plans() -> None:
         table.clear()
 
 
+def aligned(*tensors) -> bool:
+    """Every given tensor's data 16-byte aligned (None: absent), as Triton specialises pointers and TMA needs:
+    a plan replays only for calls whose tensors are aligned as the recorded call's."""
+    ptrs = 0
+    for t in tensors:
+        if t is not None:
+            ptrs |= t.data_ptr()
+    return ptrs % 16 == 0
+
+
+def recorded(launches) -> tuple | None:
+    """A plan's launches, ((launcher, compiled entry, grid, builder), ...), from launches just made as
+    ((launcher, grid, constexprs, builder, arguments), ...); None where a launcher found no compiled kernel to
+    replay (its launch went through Triton's own path)."""
+    out = []
+    for launcher, grid, constexprs, build, args in launches:
+        entry = launcher.entry(args, constexprs)
+        if entry is None:
+            return None
+        out.append((launcher, entry, grid, build))
+    return tuple(out)
+
+
+def replayable(launches) -> bool:
+    """Whether a plan's launches (``recorded``) can be replayed now: every launcher on the direct path."""
+    return all(launcher.direct_ok() for launcher, _, _, _ in launches)
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: microseconds a host call)."""
     return -(-a // b)

@@ -24,7 +24,7 @@ from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preproc
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
 from .attn_fwd_gluon import device_capability, gluon_enabled_on
-from .fastlaunch import Launcher, PlanTable, TmaDesc, cdiv, int_spec, next_power_of_2
+from .fastlaunch import Launcher, PlanTable, TmaDesc, aligned, cdiv, int_spec, next_power_of_2, recorded, replayable
 
 LOG2E = 1.4426950408889634
 
@@ -436,15 +436,13 @@ def _dq_table_entry(block_d: int, causal: bool) -> tuple:
 def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
     """Keeps the launches ``attn_bwd`` just made for ``key`` where every launcher found a compiled kernel:
     ``pre`` the delta preprocess's (launcher, grid, flags, build, arguments), ``made`` ``gluon_backward``'s."""
-    launcher, grid, flags, build, args = pre
-    launches = [(launcher, launcher.entry(args, flags), grid, build)]
-    parts_shape = None
-    for launch, args in made:
-        launches.append((launch.launcher, launch.launcher.entry(args, launch.flags), launch.grid, launch.build))
-        if launch.launcher is attn_bwd_gluon._launch_tail_sum:
-            parts_shape = tuple(args[0].shape)
-    if all(entry is not None for _, entry, _, _ in launches):
-        _BWD_PLANS.put(key, _BwdPlan(tuple(launches), parts_shape))
+    launches = recorded((pre, *((launch.launcher, launch.grid, launch.flags, launch.build, args)
+                                for launch, args in made)))
+    if launches is None:
+        return
+    parts_shape = next((tuple(args[0].shape) for launch, args in made
+                        if launch.launcher is attn_bwd_gluon._launch_tail_sum), None)
+    _BWD_PLANS.put(key, _BwdPlan(launches, parts_shape))
 
 
 def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob: Problem, seed: int):
@@ -452,10 +450,9 @@ def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob
     (``backward_plan_key``) left, or None where there is none or it does not apply now (unaligned data, launch
     hooks). The key holds every tensor's device and ``IOATTN_GLUON_BWD``, and is None with the Gluon path off."""
     plan = None if plan_key is None else _BWD_PLANS.get(plan_key)
-    if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr() | out.data_ptr()
-                        | lse.data_ptr()) % 16:
+    if plan is None or not aligned(q, k, v, dout, out, lse):
         return None
-    if not all(launcher.direct_ok() for launcher, _, _, _ in plan.launches):
+    if not replayable(plan.launches):
         return None
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -28,7 +28,7 @@ from ..kernels.decode_gluon import (
     gluon_decode_supported,
     gluon_num_splits,
 )
-from ..kernels.fastlaunch import Launcher, PlanTable, cdiv, next_power_of_2
+from ..kernels.fastlaunch import Launcher, PlanTable, aligned, cdiv, next_power_of_2, recorded, replayable
 from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
@@ -105,11 +105,10 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     use_gluon = tiles is None and gluon is not False and gluon_decode_supported(
         q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale, softcap) and (
         gluon is not None or gluon_decode_preferred(q.device, batch, nheads_k))
-    gluon_cfg = gluon if isinstance(gluon, DecodeConfig) else None
+    gluon_cfg = gluon if isinstance(gluon, DecodeConfig) else GLUON_CONFIG
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     if num_splits == 0 and use_gluon:
-        num_splits = gluon_num_splits(q.device, batch, nheads_k, capacity, headdim, gluon_cfg or GLUON_CONFIG,
-                                      MAX_SPLITS)
+        num_splits = gluon_num_splits(q.device, batch, nheads_k, capacity, headdim, gluon_cfg, MAX_SPLITS)
     elif num_splits == 0:
         num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim, paged=paged)
     out, lse, out_part, lse_part = _decode_buffers(q, num_splits)
@@ -123,7 +122,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         launcher, grid, flags, build, args = gluon_decode(
             q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
             softmax_scale, window_left, window_right, softcap, num_splits, out_part, lse_part, o_strides,
-            l_strides, gluon_cfg or GLUON_CONFIG)  # the config the split rule read (and the plan key holds)
+            l_strides, gluon_cfg)  # the config the split rule read (and the plan key holds)
 
         def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
                       alibi_slopes, rotary_cos, rotary_sin, build=build):
@@ -171,8 +170,10 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     combine = None
     if num_splits > 1:
         combine = _combine(out_part, lse_part, out, lse)
-    if plan_key is not None and _aligned(tensors):
-        _record_decode_plan(plan_key, (launcher, grid, flags, build_all, args), combine, num_splits)
+    if plan_key is not None and aligned(*tensors):
+        launches = recorded(((launcher, grid, flags, build_all, args), *(() if combine is None else (combine,))))
+        if launches is not None:
+            _DECODE_PLANS.put(plan_key, _DecodePlan(launches, num_splits))
     return out, lse
 
 
@@ -216,8 +217,7 @@ def _combine(out_part, lse_part, out, lse) -> tuple:
 
 
 class _DecodePlan(NamedTuple):
-    launch: tuple  # (launcher, compiled entry, grid, builder of the decode launch's arguments)
-    combine: tuple | None  # the same for the split combine, None with one split
+    launches: tuple  # ((launcher, compiled entry, grid, builder), ...): the decode launch, then the split combine's
     num_splits: int
 
 
@@ -246,41 +246,18 @@ def _decode_plan_key(tensors: tuple, *scalars) -> tuple | None:
             decode_gluon._num_sms(q.device))
 
 
-def _aligned(tensors: tuple) -> bool:
-    """Every given tensor's data 16-byte aligned."""
-    ptrs = 0
-    for t in tensors:
-        if t is not None:
-            ptrs |= t.data_ptr()
-    return ptrs % 16 == 0
-
-
-def _record_decode_plan(key: tuple, launch: tuple, combine: tuple | None, num_splits: int) -> None:
-    """Keeps the launches ``_decode`` just made for ``key``, where every launcher found a compiled kernel."""
-    launches = []
-    for launcher, grid, flags, build, args in (launch, *(() if combine is None else (combine,))):
-        entry = launcher.entry(args, flags)
-        if entry is None:
-            return
-        launches.append((launcher, entry, grid, build))
-    _DECODE_PLANS.put(key, _DecodePlan(launches[0], launches[1] if combine is not None else None, num_splits))
-
-
 def _decode_planned(key: tuple, tensors: tuple):
     """(out, lse) through the plan an earlier call with ``key`` left, or None where there is none or it does
     not apply now (unaligned data, launch hooks)."""
     plan = _DECODE_PLANS.get(key)
-    if plan is None or not _aligned(tensors):
+    if plan is None or not aligned(*tensors) or not replayable(plan.launches):
         return None
-    launcher, entry, grid, build = plan.launch
-    if not (launcher.direct_ok() and (plan.combine is None or plan.combine[0].direct_ok())):
-        return None
+    (launcher, entry, grid, build), *combine = plan.launches
     q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin = tensors
     out, lse, out_part, lse_part = _decode_buffers(q, plan.num_splits)
     launcher.launch_entry(entry, grid, build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table,
                                              cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin))
-    if plan.combine is not None:
-        c_launcher, c_entry, c_grid, c_build = plan.combine
+    for c_launcher, c_entry, c_grid, c_build in combine:
         c_launcher.launch_entry(c_entry, c_grid, c_build(out_part, lse_part, out, lse))
     return out, lse
 
