@@ -266,7 +266,8 @@ def _alibi_key_term(stats_smem, slot, WG: gl.constexpr, HALF_N: gl.constexpr, st
 @gluon.jit
 def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem,
              dq_smem, stats_smem, qdo_full, qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free,
-             alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, key_lo, softmax_scale,
+             alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, key_lo, dead_below, dead_above, reach_left,
+             reach_right, softmax_scale,
              qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q, max_seqlen_k, dropout_p,
              WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
              HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr):
@@ -293,11 +294,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     # the dQ product. (An async product cannot leave a branch: dV is waited for inside, dK issued after.)
     diag = seqlen_k - seqlen_q
     BAND: gl.constexpr = HAS_LEFT or HAS_RIGHT
-    dead = masked & (key_lo >= seqlen_k)
-    if HAS_RIGHT:
-        dead = dead | (key_lo > start_m + BLOCK_M - 1 + diag + window_right)
-    if HAS_LEFT:
-        dead = dead | (key_lo + HALF_N - 1 < start_m + diag - window_left)
+    dead = masked & ((start_m < dead_below) | (start_m > dead_above))
     if BAND and dead:
         mbarrier.wait(qdo_full.index(stage), (t // NUM_STAGES) & 1)
         dst16 = gl.zeros([HALF_N, BLOCK_M], dtype, st_layout)
@@ -327,8 +324,17 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
                 jp = (cols[:, None] - (rows + diag)[None, :]).to(gl.float32)
                 side = gl.where(key_lo > start_m + diag, -1.0, 1.0)
                 st = st - (2.0 * slope2) * gl.maximum(side * jp, 0.0)
-            st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, 0.0, window_left, window_right, False, True,
-                                 HAS_LEFT, HAS_RIGHT)
+            if HAS_ALIBI:
+                st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, 0.0, window_left, window_right, False, True,
+                                     HAS_LEFT, HAS_RIGHT)
+            else:
+                # bias_and_mask_t's mask with the edges as two offsets of key - query (``reach``)
+                ok = cols[:, None] < seqlen_k
+                if HAS_LEFT:
+                    ok = ok & (cols[:, None] - rows[None, :] >= reach_left)
+                if HAS_RIGHT:
+                    ok = ok & (cols[:, None] - rows[None, :] <= reach_right)
+                st = gl.where(ok, st, float("-inf"))
         pt = gl.exp2(st - stats_smem.index(slot + WG * HAS_ALIBI).load(row_layout)[None, :])
         pd = pt
         if SOFTCAP:
@@ -410,13 +416,23 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
     dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, kv_layout)
     key_lo = start_n + WG * HALF_N
     cols = key_lo + gl.arange(0, HALF_N, gl.SliceLayout(1, st_layout))
+    # the step starts below dead_below or above dead_above whose queries none of this half's keys pairs with
+    # (the right edge, the sequence's end; the left edge): two thresholds live in the step loop, not four
+    BIG: gl.constexpr = 1 << 30
+    dead_below = key_lo - (BLOCK_M - 1) - (seqlen_k - seqlen_q) - window_right if HAS_RIGHT else key_lo * 0 - BIG
+    dead_above = key_lo + HALF_N - 1 - (seqlen_k - seqlen_q) + window_left if HAS_LEFT else key_lo * 0 + BIG
+    if key_lo >= seqlen_k:
+        dead_below = key_lo * 0 + BIG
+    reach_left = seqlen_k - seqlen_q - window_left  # a pair (query i, key j) is in the band when
+    reach_right = seqlen_k - seqlen_q + window_right  # reach_left <= j - i <= reach_right
     st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, st_layout)
     dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32,
                        gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                  instr_shape=[16, HALF_D, 16]))
     common = (k_mine, v_mine, k_dq, q_smem, do_smem, ds_smem, dq_smem, stats_smem, qdo_full, qdo_empty,
               stats_full, ds_ready, ds_free, dq_full, dq_free, alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols,
-              key_lo, softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
+              key_lo, dead_below, dead_above, reach_left, reach_right,
+              softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
               max_seqlen_k, dropout_p)
 
     mbarrier.wait(kv_bar, 0)
