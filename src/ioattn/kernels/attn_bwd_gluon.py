@@ -391,7 +391,8 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
                  n_steps, group, softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads,
                  max_seqlen_q, max_seqlen_k, dropout_p, t0, piece, Parts, WG: gl.constexpr, IS_VARLEN: gl.constexpr,
                  SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr, KV_REGS: gl.constexpr, TAIL: gl.constexpr):
+                 DROPOUT: gl.constexpr, EARLY_MASK: gl.constexpr, KV_REGS: gl.constexpr, TAIL: gl.constexpr,
+                 NESTED: gl.constexpr):
     """One consumer warpgroup: keys [WG * 64, WG * 64 + 64) of the block, dK and dV of them in registers,
     and columns [WG * d / 2, (WG + 1) * d / 2) of each step's dQ share (which needs both halves of dS^T:
     the consumers meet on an mbarrier once per step, and on nothing else). Per head of the GQA group the
@@ -443,17 +444,31 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
         common = (k_mine.load(a_layout), ) + common[1:]
     if KV_REGS & 2:
         common = common[:1] + (v_mine.load(a_layout), ) + common[2:]
-    for t in range(n_steps):
-        u = t + t0 if TAIL else t  # the step of the key block
-        h = hk * group + u // n_m
-        start_m = lo + (u % n_m) * BLOCK_M
-        masked = (start_m < full_lo) | (start_m >= full_hi)
-        if HAS_ALIBI:
-            # blocks crossing the diagonal take |p - j| as it comes (the masked path)
-            pos = start_m + seqlen_k - seqlen_q
-            masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
-        dk, dv = _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP, HAS_ALIBI,
-                          HAS_LEFT, HAS_RIGHT, DROPOUT, EARLY_MASK)
+    if not NESTED:
+        for t in range(n_steps):
+            u = t + t0 if TAIL else t  # the step of the key block
+            h = hk * group + u // n_m
+            start_m = lo + (u % n_m) * BLOCK_M
+            masked = (start_m < full_lo) | (start_m >= full_hi)
+            if HAS_ALIBI:
+                # blocks crossing the diagonal take |p - j| as it comes (the masked path)
+                pos = start_m + seqlen_k - seqlen_q
+                masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
+            dk, dv = _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP, HAS_ALIBI,
+                              HAS_LEFT, HAS_RIGHT, DROPOUT, EARLY_MASK)
+    else:
+        # The steps as heads of the group, then query blocks: no division by n_m in the step, whose divisor
+        # the flat loop kept live (the d = 64 band build reloaded 16 spilled values a step, 10 so)
+        for g in range(group):
+            h = hk * group + g
+            for j in range(n_m):
+                start_m = lo + j * BLOCK_M
+                masked = (start_m < full_lo) | (start_m >= full_hi)
+                if HAS_ALIBI:
+                    pos = start_m + seqlen_k - seqlen_q
+                    masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
+                dk, dv = _ws_step(g * n_m + j, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP,
+                                  HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, EARLY_MASK)
 
     # Coalesced 16-byte stores of this warpgroup's dK, dV rows; key rows past the sequence are never written.
     TPW_D: gl.constexpr = HEAD_DIM // 8
@@ -515,6 +530,7 @@ def attn_bwd_gluon_kernel(
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
     EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, KV_REGS: gl.constexpr, TAIL: gl.constexpr,
+    NESTED: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
@@ -601,14 +617,14 @@ def attn_bwd_gluon_kernel(
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
                         max_seqlen_k, dropout_p, t0, piece, Parts, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                        HAS_RIGHT, DROPOUT, EARLY_MASK, KV_REGS, TAIL)),
+                        HAS_RIGHT, DROPOUT, EARLY_MASK, KV_REGS, TAIL, NESTED)),
         (_ws_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full,
                         qdo_empty, stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                         stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
                         seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
                         softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
                         max_seqlen_k, dropout_p, t0, piece, Parts, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                        HAS_RIGHT, DROPOUT, EARLY_MASK, KV_REGS, TAIL)),
+                        HAS_RIGHT, DROPOUT, EARLY_MASK, KV_REGS, TAIL, NESTED)),
         (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
                       qdo_full, qdo_empty, stats_full, Lse, Delta, alibi_slopes, stride_lb, stride_lh, stride_ab,
                       b, q_start, seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group,
@@ -843,9 +859,10 @@ class BwdConfig(NamedTuple):
     computed (else while dP^T is: fewer registers held across the S^T wait); ``kv_regs``: K (bit 0) and V
     (bit 1) as register operands; ``dq_swizzle``: the dQ tiles' shared-memory swizzle (``dq_descriptor``);
     ``tail``: the last wave's key blocks split over their steps where ``tail_split`` finds it pays (dense
-    inputs without a window, not deterministic). Head dims above 128 run ``attn_bwd_gluon_wide_kernel``, where
-    ``dq_stages`` counts the buffers of the shared P and dS tiles (it has no dQ tiles) and only
-    ``block_m``, ``block_n`` and ``stages`` apply besides."""
+    inputs without a window, not deterministic); ``nested``: a band's (causal, windows) consumers walk the
+    steps as two loops, the group's heads and their query blocks, instead of one loop over both. Head dims
+    above 128 run ``attn_bwd_gluon_wide_kernel``, where ``dq_stages`` counts the buffers of the shared P and
+    dS tiles (it has no dQ tiles) and only ``block_m``, ``block_n`` and ``stages`` apply besides."""
 
     block_m: int
     block_n: int
@@ -855,11 +872,12 @@ class BwdConfig(NamedTuple):
     kv_regs: int = 0
     dq_swizzle: int = 128
     tail: int = 1
+    nested: int = 1
 
     @classmethod
     def parse(cls, text: str) -> BwdConfig:
-        """From 'block_m,block_n,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle[,tail]]]]]' (the scripts'
-        options)."""
+        """From 'block_m,block_n,stages[,dq_stages[,early_mask[,kv_regs[,dq_swizzle[,tail[,nested]]]]]]'
+        (the scripts' options)."""
         return cls(*(int(x) for x in text.split(",")))
 
 
@@ -875,8 +893,10 @@ class BwdConfig(NamedTuple):
 # 16k (the build with the split runs its steps slower): off there (NOTES, "the last wave's key blocks split").
 _CONFIGS = {64: BwdConfig(128, 128, 2, 1, tail=0), 128: BwdConfig(64, 128, 2, 1, early_mask=1),
             256: BwdConfig(64, 64, 2, 2, tail=0)}
-_SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0), 128: _CONFIGS[128]._replace(tail=0)}
-_DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0)}
+# The band's nested step loops: offline, d = 128 softcap and dropout bands spilled more with them (kept flat).
+_SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0),
+                    128: _CONFIGS[128]._replace(tail=0, nested=0)}
+_DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0), 128: _CONFIGS[128]._replace(nested=0)}
 
 
 def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
@@ -1083,7 +1103,8 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
     flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
                  IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
                  HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask),
-                 DETERMINISTIC=deterministic, KV_REGS=cfg.kv_regs, TAIL=split > 1, num_warps=4)
+                 DETERMINISTIC=deterministic, KV_REGS=cfg.kv_regs, TAIL=split > 1,
+                 NESTED=bool(cfg.nested) and (left >= 0 or right >= 0) and split == 1, num_warps=4)
     launches = [BwdLaunch(_launch_bwd, grid, flags, build)]
     if split > 1:
         rows = 32
