@@ -4,6 +4,8 @@ a median (with the range). The cells are ``ioattn bench features`` cases (bf16, 
 plain and causal are the FA2 benchmark's shapes) through the public API; ``--pass fwd`` times the forward
 (``FwdConfig``), ``--pass bwd`` the backward alone through ``torch.autograd.grad`` (``BwdConfig``). A
 control row (``--control``: the first config against itself) shows the scatter of two timings of one kernel.
+A config text stands for every feature of its head dim: fields it leaves out take ``BwdConfig``'s defaults
+(``tail=1``, ``nested=1``), not the shipped softcap or dropout configs' (``select_config``).
 
     PYTHONPATH=src python scripts/ab_gluon.py --pass bwd --configs "64:128,128,2,1|128,128,2,1,0,0,0" \\
         --cells "64:plain:2048,64:causal:4096" [--rounds 5] [--control]

@@ -67,3 +67,31 @@ def test_tail_sum_kernel(layout):
         want_v[b, rows, hk] = sums[r, 1, :n].to(dtype)
     torch.testing.assert_close(dk.cpu(), want_k, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(dv.cpu(), want_v, atol=1e-3, rtol=1e-3)
+
+
+def test_backward_step_loops_on_the_host(monkeypatch):
+    """Which builds walk a band's steps in nested loops (``BwdConfig.nested``, flag ``NESTED``): causal inputs
+    and windows, not dense inputs, not the d = 128 softcap and dropout configs (flat there), never with the
+    tail split (its pieces start mid-head). Shapes only, CPU tensors."""
+    from ioattn.kernels import attn_bwd_gluon
+
+    select = attn_bwd_gluon.select_config
+    assert select(128, True, False).nested == 0 and select(128, False, True).nested == 0
+    assert select(128, False, False).nested == 1 and select(64, True, False).nested == 1
+    assert select(64, False, True).nested == 1
+    monkeypatch.setattr(attn_bwd_gluon, "_num_sms", lambda device: 5)
+
+    def flags(d, window, softcap=0.0, dropout=0.0, seqlen=4096):
+        q = torch.zeros(2, seqlen, 4, d, dtype=torch.bfloat16)
+        launches, _, _ = attn_bwd_gluon.gluon_backward_launches(
+            q, q, q, q, torch.zeros(2, 4, seqlen), q, q, q.float(), None, batch=2, max_seqlen_q=seqlen,
+            max_seqlen_k=seqlen, varlen=False, softmax_scale=d ** -0.5, qk_scale=1.0, softcap2=softcap,
+            window_size=window, dropout_p=dropout)
+        return launches[0].flags
+
+    assert flags(64, (-1, 0))["NESTED"] and flags(128, (256, 256))["NESTED"] and flags(64, (100, -1))["NESTED"]
+    assert flags(64, (-1, 0), softcap=1.0)["NESTED"]
+    assert not flags(128, (-1, 0), softcap=1.0)["NESTED"] and not flags(128, (256, 256), dropout=0.1)["NESTED"]
+    dense = flags(128, (-1, -1))
+    assert dense["TAIL"] and not dense["NESTED"]  # five SMs: the dense d = 128 input splits its last wave
+    assert not flags(64, (-1, -1))["NESTED"]

@@ -221,6 +221,39 @@ def test_gluon_backward_tail_split(shape, opts, gluon_calls, monkeypatch):
     assert len(gluon_calls) == 1 and splits and splits[0] > 1, splits
 
 
+# A band's consumers walk their steps in two nested loops (the group's heads, then query blocks) or in one flat
+# loop (d = 128 softcap and dropout ship it; forced here both ways on every kind of band): GQA, unequal lengths,
+# the deterministic order, varlen, dropout and ALiBi.
+NESTED_CASES = [
+    ((2, 700, 900, 8, 2, 64), {"causal": True}),
+    ((1, 1100, 700, 6, 2, 128), {"window_size": (300, 40), "deterministic": True}),
+    ((2, 500, 500, 4, 1, 64), {"window_size": (64, 64), "softcap": 5.0}),
+    ((1, 600, 900, 4, 2, 128), {"causal": True, "dropout": 0.17}),
+    ((2, 333, 500, 4, 2, 128), {"window_size": (90, 10), "alibi": True}),
+]
+
+
+@pytest.mark.parametrize("nested", [0, 1])
+@pytest.mark.parametrize("shape,opts", NESTED_CASES, ids=str)
+def test_gluon_backward_step_loops(shape, opts, nested, gluon_calls, monkeypatch):
+    from ioattn.kernels import attn_bwd_gluon
+
+    real_select = attn_bwd_gluon.select_config
+    monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(nested=nested))
+    torch.manual_seed(sum(shape))
+    q, k, v = _qkv(*shape, torch.bfloat16)
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
+    p = opts.pop("dropout", 0.0)
+    if p:
+        torch.manual_seed(1234)
+        opts.update(dropout_p=p, seed=1234,
+                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
+    check_against_ref(q, k, v, **opts)
+    assert len(gluon_calls) == 1
+
+
 # The wide kernel (d = 256: dK, dV split along the head dim, S^T and dP^T along the queries): odd lengths,
 # seqlen_q != seqlen_k both ways, GQA and MQA, a single query and a single key, in both 16-bit dtypes.
 WIDE_SHAPES = [

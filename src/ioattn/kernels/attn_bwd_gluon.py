@@ -544,7 +544,9 @@ def attn_bwd_gluon_kernel(
     TAIL (dense, no window, not deterministic; a 1D grid): programs [0, n_whole) run key blocks whole, in
     the 2D grid's order (key blocks fastest); each later key block runs as ``split`` programs, pieces of its
     (head, query block) steps in order, whose dK, dV go to ``Parts`` in fp32 (``tail_sum_kernel`` adds them
-    into DK, DV): the last wave's key blocks spread over every SM."""
+    into DK, DV): the last wave's key blocks spread over every SM. NESTED (a band, no TAIL): the consumers
+    walk the steps as the group's heads, then query blocks, in two loops (the loader and the dQ warp keep one
+    loop over the same steps)."""
     dtype: gl.constexpr = q_desc.dtype
     if TAIL:
         n_kb = gl.cdiv(max_seqlen_k, BLOCK_N)
