@@ -465,3 +465,21 @@ def check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal):
         _assert_close([dq[sl_q].unsqueeze(0), dk[sl_k].unsqueeze(0), dv[sl_k].unsqueeze(0)],
                       _grads(ref, (qb, kb, vb), db), _grads(base, (qb, kb, vb), db), ["dq", "dk", "dv"],
                       GRAD_FACTOR, _floor(q.dtype))
+
+
+@pytest.mark.parametrize("window,same", [((2**40, 0), {"causal": True}), ((2**31, 2**31 + 5), {}),
+                                         ((7, 2**33), {"window_size": (7, -1)})], ids=str)
+def test_window_wider_than_int32(window, same):
+    """Window sides past 32 bits (the kernels add them to positions) mean what they say: every key on that
+    side, as -1 does; output, lse and gradients match the unbounded call's (another build: to rounding)."""
+    torch.manual_seed(3)
+    q, k, v = _qkv(2, 70, 90, 4, 2, 64, torch.float16)
+    out, lse, _ = ioattn.flash_attn_func(q, k, v, window_size=window, return_attn_probs=True)
+    want, want_lse, _ = ioattn.flash_attn_func(q, k, v, return_attn_probs=True, **same)
+    torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)

@@ -155,3 +155,14 @@ def test_qkv_fast_path_accepts_only_what_the_full_checks_accept(monkeypatch):
                 full = None
         assert fast is None or fast == full, (q, k, v)
         assert (fast is None) == (full is None), "a valid case missed the fast path"
+
+
+def test_window_sides_capped():
+    """Sides wider than ``WINDOW_CAP`` (which reaches every key of any sequence up to 2^28 tokens) are taken as
+    that wide; narrower ones and -1 pass unchanged."""
+    from ioattn.validation import WINDOW_CAP, check_window
+
+    assert check_window((2**40, -1)) == (WINDOW_CAP, -1)
+    assert check_window([3, 2**31]) == (3, WINDOW_CAP)
+    assert check_window((WINDOW_CAP, WINDOW_CAP - 1)) == (WINDOW_CAP, WINDOW_CAP - 1)
+    assert WINDOW_CAP >= 2 * (1 << 28) and 3 * (1 << 28) + WINDOW_CAP < 1 << 31

@@ -34,7 +34,13 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
             raise ValueError(f"{name} must be on {first_name}'s device ({first.device}), got {t.device}")
 
 
+# A window side wider than this reaches every key of any sequence of up to 2^28 tokens, and kernels add it to
+# positions in 32-bit integers: wider ones are taken as this wide (the same mask), so they cannot overflow.
+WINDOW_CAP = 1 << 29
+
+
 def check_window(window_size: object) -> tuple[int, int]:
+    """(left, right) as ints, each >= -1 (-1: unbounded), sides wider than ``WINDOW_CAP`` taken as that."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     left, right = window_size
@@ -43,7 +49,7 @@ def check_window(window_size: object) -> tuple[int, int]:
             raise TypeError(f"window_size {side} must be an int, got {type(val).__name__}")
         if val < -1:
             raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {val}")
-    return int(left), int(right)
+    return min(int(left), WINDOW_CAP), min(int(right), WINDOW_CAP)
 
 
 def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> None:
