@@ -67,7 +67,8 @@ def flash_attn_func(
         dropout_p: dropout probability on the attention weights (use 0.0 at evaluation).
         softmax_scale: scale of q k^T before the softmax; default 1 / sqrt(headdim).
         causal: causal mask, aligned to the bottom-right corner when seqlen_q != seqlen_k.
-        window_size: (left, right) sliding window; -1 is unbounded on that side.
+        window_size: (left, right) sliding window; -1 is unbounded on that side (a side past 2^29 counts as
+            2^29, which reaches every key of sequences up to 2^28 tokens).
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
         alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
         deterministic: flash-attn's switch for a bitwise-reproducible backward. False takes the single-pass
