@@ -40,6 +40,7 @@ from ioattn.kernels.attn_bwd_gluon import (
     attn_bwd_gluon_kernel,
     attn_bwd_gluon_wide_kernel,
     dq_descriptor,
+    nested_steps,
     select_config,
 )
 from ioattn.kernels.launch import _CONFIGS, AttnConfig
@@ -222,8 +223,8 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
               "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS},
               "DETERMINISTIC": flags.get("DETERMINISTIC", False), "DROPOUT": flags.get("DROPOUT", False),
               "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": cfg.kv_regs, "TAIL": flags.get("TAIL", False),
-              "NESTED": bool(cfg.nested) and (flags.get("HAS_LEFT", False) or flags.get("HAS_RIGHT", False))
-              and not flags.get("TAIL", False),
+              "NESTED": nested_steps(cfg, flags.get("HAS_LEFT", False) or flags.get("HAS_RIGHT", False),
+                                     flags.get("TAIL", False)),
               "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:

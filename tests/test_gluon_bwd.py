@@ -197,16 +197,10 @@ TAIL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,opts", TAIL_CASES, ids=str)
-def test_gluon_backward_tail_split(shape, opts, gluon_calls, monkeypatch):
-    from ioattn.kernels import attn_bwd_gluon
-
-    splits = []
-    real_split = attn_bwd_gluon.tail_split
-    real_select = attn_bwd_gluon.select_config
-    monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(tail=1))
-    monkeypatch.setattr(attn_bwd_gluon, "_num_sms", lambda device: 5)
-    monkeypatch.setattr(attn_bwd_gluon, "tail_split", lambda *a: splits.append(real_split(*a)) or splits[-1])
+def _check_case(shape, opts):
+    """A case of (batch, seqlen_q, seqlen_k, nheads, nheads_k, d) in bf16 against the reference, forward and
+    backward; ``opts`` the call's options, with ``alibi`` (per-batch slopes) and ``dropout`` (p, its mask
+    drawn for the reference) spelled out here."""
     torch.manual_seed(sum(shape))
     q, k, v = _qkv(*shape, torch.bfloat16)
     opts = dict(opts)
@@ -218,12 +212,25 @@ def test_gluon_backward_tail_split(shape, opts, gluon_calls, monkeypatch):
         opts.update(dropout_p=p, seed=1234,
                     dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
     check_against_ref(q, k, v, **opts)
+
+
+@pytest.mark.parametrize("shape,opts", TAIL_CASES, ids=str)
+def test_gluon_backward_tail_split(shape, opts, gluon_calls, monkeypatch):
+    from ioattn.kernels import attn_bwd_gluon
+
+    splits = []
+    real_split = attn_bwd_gluon.tail_split
+    real_select = attn_bwd_gluon.select_config
+    monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(tail=1))
+    monkeypatch.setattr(attn_bwd_gluon, "_num_sms", lambda device: 5)
+    monkeypatch.setattr(attn_bwd_gluon, "tail_split", lambda *a: splits.append(real_split(*a)) or splits[-1])
+    _check_case(shape, opts)
     assert len(gluon_calls) == 1 and splits and splits[0] > 1, splits
 
 
 # A band's consumers walk their steps in two nested loops (the group's heads, then query blocks) or in one flat
 # loop (d = 128 softcap and dropout ship it; forced here both ways on every kind of band): GQA, unequal lengths,
-# the deterministic order, varlen, dropout and ALiBi.
+# the deterministic order, softcap, dropout and ALiBi.
 NESTED_CASES = [
     ((2, 700, 900, 8, 2, 64), {"causal": True}),
     ((1, 1100, 700, 6, 2, 128), {"window_size": (300, 40), "deterministic": True}),
@@ -240,17 +247,7 @@ def test_gluon_backward_step_loops(shape, opts, nested, gluon_calls, monkeypatch
 
     real_select = attn_bwd_gluon.select_config
     monkeypatch.setattr(attn_bwd_gluon, "select_config", lambda *a: real_select(*a)._replace(nested=nested))
-    torch.manual_seed(sum(shape))
-    q, k, v = _qkv(*shape, torch.bfloat16)
-    opts = dict(opts)
-    if opts.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
-    p = opts.pop("dropout", 0.0)
-    if p:
-        torch.manual_seed(1234)
-        opts.update(dropout_p=p, seed=1234,
-                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
-    check_against_ref(q, k, v, **opts)
+    _check_case(shape, opts)
     assert len(gluon_calls) == 1
 
 

@@ -384,6 +384,19 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
 
 
 @gluon.jit
+def _step_masked(start_m, full_lo, full_hi, key_lo, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, HALF_N: gl.constexpr,
+                 HAS_ALIBI: gl.constexpr):
+    """Whether the step at query block ``start_m`` takes the masked path: outside the key block's full
+    blocks [full_lo, full_hi) (``q_block_range``), or with ALiBi across the diagonal from this half's keys
+    (whose |p - j| the masked path takes as it comes)."""
+    masked = (start_m < full_lo) | (start_m >= full_hi)
+    if HAS_ALIBI:
+        pos = start_m + seqlen_k - seqlen_q
+        masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
+    return masked
+
+
+@gluon.jit
 def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, kv_bar, qdo_full, qdo_empty,
                  stats_full, ds_ready, ds_free, dq_full, dq_free, DK, DV, alibi_slopes,
                  stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
@@ -420,12 +433,13 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
     # the step starts below dead_below or above dead_above whose queries none of this half's keys pairs with
     # (the right edge, the sequence's end; the left edge): two thresholds live in the step loop, not four
     BIG: gl.constexpr = 1 << 30
-    dead_below = key_lo - (BLOCK_M - 1) - (seqlen_k - seqlen_q) - window_right if HAS_RIGHT else key_lo * 0 - BIG
-    dead_above = key_lo + HALF_N - 1 - (seqlen_k - seqlen_q) + window_left if HAS_LEFT else key_lo * 0 + BIG
+    diag = seqlen_k - seqlen_q
+    dead_below = key_lo - (BLOCK_M - 1) - diag - window_right if HAS_RIGHT else key_lo * 0 - BIG
+    dead_above = key_lo + HALF_N - 1 - diag + window_left if HAS_LEFT else key_lo * 0 + BIG
     if key_lo >= seqlen_k:
         dead_below = key_lo * 0 + BIG
-    reach_left = seqlen_k - seqlen_q - window_left  # a pair (query i, key j) is in the band when
-    reach_right = seqlen_k - seqlen_q + window_right  # reach_left <= j - i <= reach_right
+    reach_left = diag - window_left  # a pair (query i, key j) is in the band when
+    reach_right = diag + window_right  # reach_left <= j - i <= reach_right
     st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, st_layout)
     dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32,
                        gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -447,15 +461,10 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
     if not NESTED:
         for t in range(n_steps):
             u = t + t0 if TAIL else t  # the step of the key block
-            h = hk * group + u // n_m
             start_m = lo + (u % n_m) * BLOCK_M
-            masked = (start_m < full_lo) | (start_m >= full_hi)
-            if HAS_ALIBI:
-                # blocks crossing the diagonal take |p - j| as it comes (the masked path)
-                pos = start_m + seqlen_k - seqlen_q
-                masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
-            dk, dv = _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP, HAS_ALIBI,
-                              HAS_LEFT, HAS_RIGHT, DROPOUT, EARLY_MASK)
+            masked = _step_masked(start_m, full_lo, full_hi, key_lo, seqlen_q, seqlen_k, BLOCK_M, HALF_N, HAS_ALIBI)
+            dk, dv = _ws_step(t, hk * group + u // n_m, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG,
+                              SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, EARLY_MASK)
     else:
         # The steps as heads of the group, then query blocks: no division by n_m in the step, whose divisor
         # the flat loop kept live (the d = 64 band build reloaded 16 spilled values a step, 10 so)
@@ -463,10 +472,8 @@ def _ws_consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, stats_smem, 
             h = hk * group + g
             for j in range(n_m):
                 start_m = lo + j * BLOCK_M
-                masked = (start_m < full_lo) | (start_m >= full_hi)
-                if HAS_ALIBI:
-                    pos = start_m + seqlen_k - seqlen_q
-                    masked = masked | ((key_lo + HALF_N - 1 > pos) & (key_lo < pos + BLOCK_M - 1))
+                masked = _step_masked(start_m, full_lo, full_hi, key_lo, seqlen_q, seqlen_k, BLOCK_M, HALF_N,
+                                      HAS_ALIBI)
                 dk, dv = _ws_step(g * n_m + j, h, start_m, masked, dk, dv, st_zero, dq_zero, *common, WG, SOFTCAP,
                                   HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, EARLY_MASK)
 
@@ -901,6 +908,12 @@ _SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0),
 _DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0), 128: _CONFIGS[128]._replace(nested=0)}
 
 
+def nested_steps(cfg: BwdConfig, band: bool, tail: bool) -> bool:
+    """Whether the consumers walk the steps in nested loops (``NESTED``): the config's ``nested``, a band's
+    input (a window or causal), and no tail split (its pieces start mid-head)."""
+    return bool(cfg.nested) and band and not tail
+
+
 def select_config(d: int, softcap: bool, dropout: bool) -> BwdConfig:
     """The shipped config for head dim d (softcap, dropout: whether the call has them)."""
     if dropout and d in _DROPOUT_CONFIGS:
@@ -1106,7 +1119,7 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
                  IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
                  HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask),
                  DETERMINISTIC=deterministic, KV_REGS=cfg.kv_regs, TAIL=split > 1,
-                 NESTED=bool(cfg.nested) and (left >= 0 or right >= 0) and split == 1, num_warps=4)
+                 NESTED=nested_steps(cfg, left >= 0 or right >= 0, split > 1), num_warps=4)
     launches = [BwdLaunch(_launch_bwd, grid, flags, build)]
     if split > 1:
         rows = 32
