@@ -38,6 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", default="128:plain:4096,128:plain:16384,128:window:4096,128:window:16384")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--timeline", action="store_true",
+                    help="also each kernel's start and end (µs) in the last profiled call, from its first kernel")
     args = ap.parse_args()
     for cell in args.cells.split(","):
         d, feature, s = cell.split(":")
@@ -59,6 +61,14 @@ def main() -> None:
         pieces = "  ".join(f"{k} {v:.1f}" for k, v in per.most_common())
         print(f"{cell:<20} bench {ms * 1e3:8.1f} us ({2.5 * flops / ms / 1e9:.0f} TFLOPs/s)  kernels {total:8.1f} us"
               f" = {pieces}  side {100 * (total - per['attention']) / total:.1f}%", flush=True)
+        if args.timeline:
+            kernels = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+                             key=lambda ev: ev.time_range.start)
+            per_call = len(kernels) // args.calls
+            last = kernels[-per_call:]
+            t0 = last[0].time_range.start
+            print("    " + "  ".join(f"{_short(ev.name)} [{ev.time_range.start - t0:.0f}, {ev.time_range.end - t0:.0f}]"
+                                     for ev in last), flush=True)
 
 
 if __name__ == "__main__":

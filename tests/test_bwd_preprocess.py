@@ -12,6 +12,7 @@ from ioattn.kernels.launch import _launch_preprocess
 @pytest.mark.parametrize("zero_dq", [False, True])
 @pytest.mark.parametrize("d, block_d", [(64, 64), (48, 64)])
 def test_preprocess_delta_and_dq_zeroing(zero_dq, d, block_d):
+    """With ZERO_DQ (and ZERO_DONE), also the per-(batch, head) counts zeroed, and nothing past them."""
     torch.manual_seed(0)
     b, s, h, block_m = 2, 37, 3, 16
     out, dout = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.float16) for _ in range(2))
@@ -19,15 +20,18 @@ def test_preprocess_delta_and_dq_zeroing(zero_dq, d, block_d):
     # dQ as a view with strides of its own (not out's) inside a NaN buffer: what lies outside must stay NaN
     buf = torch.full((b, h, s, d + 8), float("nan"), device=DEVICE)
     dq = buf.transpose(1, 2)[..., :d]
+    done = torch.full((b * h + 1,), 7, device=DEVICE, dtype=torch.int32)
     _launch_preprocess(
-        (cdiv(s, block_m), b * h), out, dout, delta, out, dq,
+        (cdiv(s, block_m), b * h), out, dout, delta, out, dq, done,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         delta.stride(0), delta.stride(1), dq.stride(0), dq.stride(1), dq.stride(2), h, s,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, IS_VARLEN=False, ZERO_DQ=zero_dq)
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, IS_VARLEN=False, ZERO_DQ=zero_dq, ZERO_DONE=zero_dq)
     want = (out.float() * dout.float()).sum(-1).transpose(1, 2)
     torch.testing.assert_close(delta, want, rtol=1e-4, atol=1e-3)
     assert buf[..., d:].isnan().all()
     if zero_dq:
         assert torch.equal(dq, torch.zeros_like(dq))
+        assert done[:-1].eq(0).all() and done[-1] == 7
     else:
         assert dq.isnan().all()
+        assert done.eq(7).all()

@@ -228,6 +228,56 @@ def test_gluon_backward_tail_split(shape, opts, gluon_calls, monkeypatch):
     assert len(gluon_calls) == 1 and splits and splits[0] > 1, splits
 
 
+# Dense inputs at d <= 128 convert dQ under the attention kernel's last wave (dq_convert_kernel, launched with
+# programmatic dependent launch, waiting on per-(batch, KV head) counts of finished programs). Cases: the tail
+# split's weighted counts (five SMs), GQA, causal and windows (programs with no query steps), and shapes of
+# several waves on the real SM count, where the conversion overlaps the kernel.
+UNDER_WAVE_CASES = [
+    ((2, 1025, 1025, 4, 4, 64), {}, 5),
+    ((1, 700, 900, 8, 2, 128), {}, 5),
+    ((2, 333, 1027, 8, 2, 128), {"causal": True}, None),
+    ((1, 1100, 700, 6, 2, 64), {"window_size": (300, 40)}, None),
+    ((2, 300, 2000, 4, 4, 128), {"window_size": (0, 0)}, None),
+    ((2, 4096, 4096, 8, 8, 128), {}, None),
+    ((4, 2048, 2048, 16, 4, 64), {"causal": True}, None),
+]
+
+
+@pytest.mark.parametrize("shape,opts,sms", UNDER_WAVE_CASES, ids=str)
+def test_gluon_backward_dq_under_wave(shape, opts, sms, gluon_calls, monkeypatch):
+    """With and without the conversion under the last wave: bitwise equal gradients in the deterministic
+    order, and the same gradients within rounding in the free one."""
+    from ioattn.kernels import attn_bwd_gluon
+
+    if sms is not None:
+        monkeypatch.setattr(attn_bwd_gluon, "_num_sms", lambda device: sms)
+    torch.manual_seed(sum(shape))
+    q, k, v = _qkv(*shape, torch.bfloat16)
+    results = {}
+    for under in (False, True):
+        monkeypatch.setattr(attn_bwd_gluon, "DQ_CONVERT_UNDER_WAVE", under)
+        for det in (True, False):
+            out = ioattn.flash_attn_func(q, k, v, deterministic=det, **opts)
+            torch.manual_seed(7)
+            results[under, det] = _grads(out, (q, k, v), torch.randn_like(out))
+            assert (gluon_calls[-1]["dq"] is not None) == under
+    for a, b in zip(results[False, True], results[True, True], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(results[True, True], results[True, False], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_gluon_backward_no_keys():
+    """No keys at all (seqlen_k = 0): no key block runs and nothing converts dQ under a wave; the zeroed
+    buffer is dQ."""
+    q = torch.randn(2, 64, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 0, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    for _ in range(3):  # the third call of a shape replays a plan
+        out = ioattn.flash_attn_func(q, k, v)
+        dq, dk, dv = _grads(out, (q, k, v), torch.randn_like(out))
+        assert torch.equal(dq, torch.zeros_like(dq)) and dk.numel() == dv.numel() == 0
+
+
 # A band's consumers walk their steps in two nested loops (the group's heads, then query blocks) or in one flat
 # loop (d = 128 softcap and dropout ship it; forced here both ways on every kind of band): GQA, unequal lengths,
 # the deterministic order, softcap, dropout and ALiBi.

@@ -38,16 +38,21 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    Out, DOut, Delta, cu_seqlens_q, DQ,
+    Out, DOut, Delta, cu_seqlens_q, DQ, Done,
     stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh,
     stride_qb, stride_qs, stride_qh, nheads, max_seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ZERO_DQ: tl.constexpr = False,
+    ZERO_DQ: tl.constexpr = False, ZERO_DONE: tl.constexpr = False,
 ):
     """delta = rowsum(O * dO) for BLOCK_M rows of one (batch, head); with ZERO_DQ, also zeroes the same rows
-    of the fp32 dQ buffer ``DQ`` (strides ``stride_q*``), so the backward needs no separate fill."""
+    of the fp32 dQ buffer ``DQ`` (strides ``stride_q*``), so the backward needs no separate fill. ZERO_DONE:
+    the first row block of (batch, head) ``bh`` zeroes the int32 ``Done[bh]`` (the Gluon backward's counts
+    of finished programs, ``dq_convert_kernel``)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
+    if ZERO_DONE:
+        if start_m == 0:
+            tl.store(Done + bh, 0)
     b = bh // nheads
     h = bh % nheads
     q_start, seqlen_q, _, _ = seq_bounds(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, 0, IS_VARLEN)

@@ -51,6 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.language.extra.cuda import gdc_wait
 
 from .attn_bwd import _row_stats
 from .attn_fwd_gluon import (
@@ -197,9 +198,19 @@ def _bulk_writes_done():
 
 
 @gluon.jit
+def _launch_dependents(NUM_WARPS: gl.constexpr):
+    """``griddepcontrol.launch_dependents``: the launch after this one (programmatic dependent launch) may start
+    once every program has run this or exited; a no-op for launches without that attribute."""
+    lanes = gl.arange(0, 32 * NUM_WARPS, gl.BlockedLayout([1], [32], [NUM_WARPS], [0]))
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tmov.u32 $0, $1;", "=r,r", [lanes * 0],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _ws_dq_writer(dq_desc, dq_smem, dq_smem_hi, dq_full, dq_free, dq_lock, pid_n, last_n, reach, b, hk, nheads,
-                  q_row0, lo, n_m, n_steps, group, n_mblocks, t0, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                  DETERMINISTIC: gl.constexpr, TAIL: gl.constexpr, WIDE: gl.constexpr):
+                  q_row0, lo, n_m, n_steps, group, n_mblocks, t0, done_ptr, weight, BLOCK_N: gl.constexpr,
+                  HAS_RIGHT: gl.constexpr, DETERMINISTIC: gl.constexpr, TAIL: gl.constexpr, WIDE: gl.constexpr,
+                  SIGNAL: gl.constexpr):
     """The dQ warp: once both consumers have put their half of a step's dQ share in shared memory, adds it
     into the fp32 buffer (the queries' layout, viewed as (rows, nheads * d)) with bulk tensor reduce-adds,
     waits for them to read the tile and frees it.
@@ -241,6 +252,9 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_smem_hi, dq_full, dq_free, dq_lock, pid_n
         else:
             tma.store_wait(0)
         mbarrier.arrive(dq_free.index(buf))
+    if SIGNAL:
+        # the program's dQ shares are in memory: count it for dq_convert_kernel (``weight``: see the kernel)
+        gl.atomic_add(done_ptr + _bulk_writes_done(), weight, sem="release", scope="gpu")
 
 
 @gluon.jit
@@ -529,15 +543,15 @@ def _key_block(pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, m
 @gluon.jit(do_not_specialize=["section"])
 def attn_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-    dq_lock, Parts, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    stride_ab, stride_kh, stride_vh, stride_qh, stride_doh,
+    dq_lock, Parts, dq_done, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb,
+    stride_lh, stride_ab, stride_kh, stride_vh, stride_qh, stride_doh,
     nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, n_mblocks,
     softmax_scale, qk_scale, softcap2, window_left, window_right, section, seed, dropout_p, n_whole, split,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     DQ_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
     EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, KV_REGS: gl.constexpr, TAIL: gl.constexpr,
-    NESTED: gl.constexpr,
+    NESTED: gl.constexpr, SIGNAL: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
@@ -553,8 +567,13 @@ def attn_bwd_gluon_kernel(
     (head, query block) steps in order, whose dK, dV go to ``Parts`` in fp32 (``tail_sum_kernel`` adds them
     into DK, DV): the last wave's key blocks spread over every SM. NESTED (a band, no TAIL): the consumers
     walk the steps as the group's heads, then query blocks, in two loops (the loader and the dQ warp keep one
-    loop over the same steps)."""
+    loop over the same steps). SIGNAL: every program lets the next launch start (programmatic dependent
+    launch) and, once its dQ shares are in memory, adds its weight to ``dq_done[b * nheads_k + hk]``: 1, or
+    ``split`` for a whole key block under TAIL, so that each (batch, KV head) sums to its key blocks times
+    ``split`` (``dq_convert_kernel`` waits for that)."""
     dtype: gl.constexpr = q_desc.dtype
+    if SIGNAL:
+        _launch_dependents(num_warps)
     if TAIL:
         n_kb = gl.cdiv(max_seqlen_k, BLOCK_N)
         tile = gl.program_id(0)
@@ -574,7 +593,14 @@ def attn_bwd_gluon_kernel(
         pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, DETERMINISTIC)
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
+    done_ptr = dq_done + (b * nheads_k + hk)
+    weight = split * 0 + 1
+    if TAIL:
+        if piece < 0:
+            weight = split
     if start_n >= seqlen_k:
+        if SIGNAL:
+            gl.atomic_add(done_ptr, weight, sem="release", scope="gpu")
         return
     lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -640,7 +666,7 @@ def attn_bwd_gluon_kernel(
                       stride_kh, stride_vh, stride_qh, stride_doh, t0, HAS_ALIBI, TAIL)),
         (_ws_dq_writer, (dq_desc, dq_smem, dq_smem, dq_full, dq_free, dq_lock, pid_n, gl.cdiv(seqlen_k, BLOCK_N) - 1,
                          seqlen_k - seqlen_q + window_right, b, hk, nheads, q_row0, lo, n_m, n_steps, group,
-                         n_mblocks, t0, BLOCK_N, HAS_RIGHT, DETERMINISTIC, TAIL, False)),
+                         n_mblocks, t0, done_ptr, weight, BLOCK_N, HAS_RIGHT, DETERMINISTIC, TAIL, False, SIGNAL)),
     ], [4, 1, 1], [240, 24, 24])
 
 
@@ -857,7 +883,7 @@ def attn_bwd_gluon_wide_kernel(
                       seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh,
                       stride_vh, stride_qh, stride_doh, 0, False, False)),
         (_ws_dq_writer, (dq_desc, q32_smem, do32_smem, dq_full, qdo_empty, Lse, pid_n, 0, 0, b, hk, nheads, q_row0, lo,
-                         n_m, n_steps, group, 0, 0, BLOCK_N, HAS_RIGHT, False, False, True)),
+                         n_m, n_steps, group, 0, 0, Lse, 0, BLOCK_N, HAS_RIGHT, False, False, True, False)),
     ], [4, 1, 1], [240, 24, 24])
 
 
@@ -1015,6 +1041,43 @@ def tail_sum_kernel(Parts, DK, DV, stride_dkb, stride_dks, stride_dkh, stride_dv
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
+# The conversion of dQ under the attention kernel's last wave: dense inputs at d <= 128 (``fused_dq_convert``).
+# ``IOATTN_BWD_DQ_UNDER_WAVE=0`` at import: converted after the attention kernel (``dq_acc.to``) as before.
+DQ_CONVERT_UNDER_WAVE = os.environ.get("IOATTN_BWD_DQ_UNDER_WAVE", "1").strip() != "0"
+
+
+def fused_dq_convert(headdim: int) -> bool:
+    """Whether a dense Gluon backward at this head dim converts dQ with ``dq_convert_kernel``."""
+    return DQ_CONVERT_UNDER_WAVE and headdim <= 128
+
+
+@triton.jit
+def dq_convert_kernel(DQacc, DQ, Done, expected, seqlen, nheads_k, row_stride,
+                      COLS: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    """dQ (q's dtype) of ROWS rows of (batch, KV head) ``bhk`` (the second program id): the group's heads'
+    columns of the dense fp32 buffer ``DQacc`` ((batch * seqlen, nheads * d) rows of ``row_stride``), once
+    ``Done[bhk]`` reaches ``expected`` (the attention kernel's programs of that (batch, KV head) count
+    themselves there after their last reduce-adds are in memory). Launched right after that kernel with
+    programmatic dependent launch, so it starts while the kernel's last wave runs and converts each (batch, KV
+    head) as soon as it is complete, on the SMs the wave frees; the kernel's programs all start before it
+    does, so it never waits on one that is not resident. Its last program waits for the attention kernel to
+    complete (``griddepcontrol.wait``), so whatever follows in the stream sees all of its writes."""
+    bhk = tl.program_id(1)
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    count = tl.atomic_add(Done + bhk, 0, sem="acquire", scope="gpu")
+    while count < expected:
+        count = tl.atomic_add(Done + bhk, 0, sem="acquire", scope="gpu")
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    ok = (rows < seqlen)[:, None] & (cols < COLS)[None, :]
+    offs = (b.to(tl.int64) * seqlen + rows)[:, None] * row_stride + hk.to(tl.int64) * COLS + cols[None, :]
+    x = tl.load(DQacc + offs, mask=ok, cache_modifier=".cg")
+    tl.store(DQ + offs, x.to(DQ.dtype.element_ty), mask=ok)
+    if (tl.program_id(0) == tl.num_programs(0) - 1) & (bhk == tl.num_programs(1) - 1):
+        gdc_wait()
+
+
 def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int, swizzle: int = 128) -> TmaDesc:
     """The contiguous fp32 dQ buffer, (..., nheads, d), as (rows, nheads * d) for the bulk reduce-add of
     (block_m, block_d) tiles. The tile's shared-memory layout is the descriptor's: ``swizzle`` bytes (the
@@ -1026,6 +1089,7 @@ def dq_descriptor(dq_acc: torch.Tensor, block_m: int, block_d: int, swizzle: int
 
 _launch_bwd = Launcher(attn_bwd_gluon_kernel)
 _launch_tail_sum = Launcher(tail_sum_kernel)
+_launch_dq_convert = Launcher(dq_convert_kernel)
 
 
 @functools.cache
@@ -1038,8 +1102,8 @@ _launch_wide = Launcher(attn_bwd_gluon_wide_kernel)
 
 class BwdLaunch(NamedTuple):
     """One launch of the Gluon backward, worked out from shapes: ``build(dout, q, k, v, lse, delta, dk, dv,
-    dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p)`` gives its positional arguments for one call's
-    tensors (it holds none)."""
+    dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p, dq, done)`` gives its positional arguments for
+    one call's tensors (it holds none)."""
 
     launcher: Launcher
     grid: tuple
@@ -1050,11 +1114,12 @@ class BwdLaunch(NamedTuple):
 def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *, batch: int, max_seqlen_q: int,
                             max_seqlen_k: int, varlen: bool, softmax_scale: float, qk_scale: float,
                             softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
-                            dropout_p: float = 0.0, config: BwdConfig | None = None
+                            dropout_p: float = 0.0, config: BwdConfig | None = None, fused: bool = False
                             ) -> tuple[list[BwdLaunch], tuple | None, int]:
-    """``gluon_backward``'s launches in order (the key blocks' kernel, then the tail's sum when the last wave
-    splits), the shape of the fp32 ``Parts`` workspace the split needs (None: no split) and the length of the
-    deterministic order's lock array (0: none). Reads only shapes and strides of the tensors it is given."""
+    """``gluon_backward``'s launches in order (the key blocks' kernel; with ``fused`` (dense, d <= 128) the dQ
+    conversion right after it; then the tail's sum when the last wave splits), the shape of the fp32 ``Parts``
+    workspace the split needs (None: no split) and the length of the deterministic order's lock array (0:
+    none). Reads only shapes and strides of the tensors it is given."""
     nheads, d = q.shape[-2:]
     nheads_k = k.shape[-2]
     cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
@@ -1088,7 +1153,8 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
         statics = (*dk_strides, *dv_strides, *lse_strides, *io_strides, nheads, nheads_k, nheads // nheads_k,
                    max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, left, right, section)
 
-        def build_wide(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p):
+        def build_wide(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p,
+                       dq, done):
             return (TmaDesc(q, *qd), TmaDesc(k, *kd), TmaDesc(v, *vd), TmaDesc(dout, *dod), TmaDesc(dq_acc, *dqd),
                     lse, delta, dk, dv, cu_q, cu_k, *statics)
 
@@ -1111,21 +1177,37 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
                nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks, softmax_scale, qk_scale, softcap2, left,
                right, section)
 
-    def build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p):
+    def build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p, dq, done):
         return (TmaDesc(q, *qd), TmaDesc(k, *kd), TmaDesc(v, *vd), TmaDesc(dout, *dod), TmaDesc(dq_acc, *dqd),
-                lse, delta, dk, dv, cu_q, cu_k, slopes, locks, parts, *statics, seed, dropout_p, n_whole, split)
+                lse, delta, dk, dv, cu_q, cu_k, slopes, locks, parts, done if fused else lse, *statics, seed,
+                dropout_p, n_whole, split)
 
     flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, DQ_STAGES=cfg.dq_stages,
                  IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
                  HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask),
                  DETERMINISTIC=deterministic, KV_REGS=cfg.kv_regs, TAIL=split > 1,
-                 NESTED=nested_steps(cfg, left >= 0 or right >= 0, split > 1), num_warps=4)
+                 NESTED=nested_steps(cfg, left >= 0 or right >= 0, split > 1), SIGNAL=fused, num_warps=4)
     launches = [BwdLaunch(_launch_bwd, grid, flags, build)]
+    if fused:
+        # (rows, the group's columns) blocks of about 32 KB of the fp32 buffer, (batch, KV head) slowest
+        cols = (nheads // nheads_k) * d
+        block_c = triton.next_power_of_2(cols)
+        rows_c = max(1, 8192 // block_c)
+        conv_statics = (grid_n * split, max_seqlen_q, nheads_k, nheads * d)
+
+        def build_convert(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed,
+                          dropout_p, dq, done):
+            return (dq_acc, dq, done, *conv_statics)
+
+        launches.append(BwdLaunch(_launch_dq_convert, (cdiv(max_seqlen_q, rows_c), batch * nheads_k),
+                                  dict(COLS=cols, BLOCK_C=block_c, ROWS=rows_c, num_warps=4, launch_pdl=True),
+                                  build_convert))
     if split > 1:
         rows = 32
         sum_statics = (*dk_strides, *dv_strides, n_whole, split, grid_n, nheads_k, max_seqlen_k)
 
-        def build_sum(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p):
+        def build_sum(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p,
+                      dq, done):
             return (parts, dk, dv, *sum_statics)
 
         launches.append(BwdLaunch(_launch_tail_sum, (tiles - n_whole, block_n // rows),
@@ -1136,11 +1218,14 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
                    softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
-                   dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None) -> list[tuple]:
+                   dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None,
+                   dq: torch.Tensor | None = None, done: torch.Tensor | None = None) -> list[tuple]:
     """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (zeroed contiguous fp32 of q's shape,
-    so that one contiguous copy makes dQ of it). ``deterministic``: the key blocks add into each query block
-    in a fixed order (bitwise reproducible dQ). ``dropout_p``, ``seed``: the forward's dropout (its mask is
-    drawn again from the same Philox counters).
+    so that one contiguous copy makes dQ of it). ``dq`` (dense inputs, d <= 128: ``fused_dq_convert``): dQ in
+    q's dtype, contiguous, converted from ``dq_acc`` by ``dq_convert_kernel`` under the last wave; ``done``
+    then int32 zeros, at least batch x KV heads (the programs' counts). ``deterministic``: the key blocks add
+    into each query block in a fixed order (bitwise reproducible dQ). ``dropout_p``, ``seed``: the forward's
+    dropout (its mask is drawn again from the same Philox counters).
     ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``.
     Returns the launches it made as (``BwdLaunch``, its arguments), in order."""
     varlen = cu_seqlens_q is not None
@@ -1151,7 +1236,7 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
         dout, q, k, v, lse, dk, dv, dq_acc, None if alibi_slopes is None else slopes, batch=batch,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, varlen=varlen, softmax_scale=softmax_scale,
         qk_scale=qk_scale, softcap2=softcap2, window_size=window_size, deterministic=deterministic,
-        dropout_p=dropout_p, config=config)
+        dropout_p=dropout_p, config=config, fused=dq is not None)
     # per (batch, head, query block): how many key blocks are done with it (deterministic only)
     # (an unused pointer otherwise, as cu_seqlens for dense inputs: no buffer to fill on every call)
     locks = torch.zeros(n_locks, dtype=torch.int32, device=q.device) if n_locks else lse
@@ -1159,7 +1244,8 @@ def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_s
     made = []
     for launch in launches:
         args = launch.build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes,
-                            cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, seed, float(dropout_p))
+                            cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse, seed, float(dropout_p),
+                            dq, done)
         launch.launcher(launch.grid, *args, **launch.flags)
         made.append((launch, args))
     return made

@@ -279,13 +279,14 @@ def _tma_reduce_available(t: torch.Tensor) -> bool:
 
 def _preprocess_builder(out, dout, lse_strides: tuple, dq_acc, prob: Problem):
     """The delta preprocess's positional arguments from one call's tensors, ``build(out, dout, delta, cu_q,
-    dq)``: ``dq`` the fp32 buffer it zeroes (``dq_acc`` here; None: it zeroes none, and ``dq`` is any tensor).
-    The strides are these tensors'; holds no tensor, so a plan keeps none alive."""
+    dq, done)``: ``dq`` the fp32 buffer it zeroes (``dq_acc`` here; None: it zeroes none, and ``dq`` is any
+    tensor), ``done`` the int32 counts it zeroes with ZERO_DONE (else any tensor). The strides are these
+    tensors'; holds no tensor, so a plan keeps none alive."""
     statics = (*_seq_strides(out, prob.varlen), *_seq_strides(dout, prob.varlen), *lse_strides,
                *((0, 0, 0) if dq_acc is None else _seq_strides(dq_acc, False)), prob.nheads, prob.max_seqlen_q)
 
-    def build(out, dout, delta, cu_q, dq):
-        return (out, dout, delta, cu_q, dq, *statics)
+    def build(out, dout, delta, cu_q, dq, done):
+        return (out, dout, delta, cu_q, dq, done, *statics)
 
     return build
 
@@ -328,23 +329,29 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     # that its conversion is one contiguous copy. Dense rows are all covered by the preprocess grid, which
     # zeroes them; varlen rows past the last sequence would not be.
     zero_dq = gluon and not prob.varlen and math.prod(grid) > 0
+    # Dense inputs at d <= 128: the conversion of dQ runs under the attention kernel's last wave
+    # (attn_bwd_gluon.dq_convert_kernel), counting finished programs in ``done``, which the preprocess zeroes.
+    fused = zero_dq and attn_bwd_gluon.fused_dq_convert(prob.headdim)
+    done = torch.empty(prob.batch * prob.nheads, dtype=torch.int32, device=q.device) if fused else delta
     if gluon:
         dq_acc = (torch.empty if zero_dq else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
     if math.prod(grid) > 0:
         build_pre = _preprocess_builder(out, dout, lse_strides, dq_acc if zero_dq else None, prob)
-        pre_args = build_pre(out, dout, delta, cu_q, dq_acc if zero_dq else delta)
+        pre_args = build_pre(out, dout, delta, cu_q, dq_acc if zero_dq else delta, done)
         pre_flags = dict(HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
-                         ZERO_DQ=zero_dq)
+                         ZERO_DQ=zero_dq, ZERO_DONE=fused)
         _launch_preprocess(grid, *pre_args, **pre_flags)
     if gluon:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if fused else None
         made = gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
                               softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
                               window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
-                              dropout_p=prob.dropout_p, seed=seed)
+                              dropout_p=prob.dropout_p, seed=seed, dq=dq, done=done if fused else None)
+        fused = fused and bool(made)  # no key blocks (no keys): nothing converts, the zeroed buffer is dQ
         if plan_key is not None and zero_dq and alibi_slopes is None and not deterministic:
-            _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made)
-        return dq_acc.to(q.dtype), dk, dv
+            _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made, fused)
+        return (dq if fused else dq_acc.to(q.dtype)), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # The portable kernels' arguments (host time the Gluon path does not spend).
     flags = prob.flags(q.dtype, alibi_slopes is not None)
@@ -395,6 +402,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
 class _BwdPlan(NamedTuple):
     launches: tuple  # ((launcher, compiled entry, grid, build), ...): the delta preprocess first
     parts_shape: tuple | None
+    fused: bool  # dQ converted by the plan's launches (``dq_convert_kernel``), not after them
 
 
 # Plans by what decides a backward's launches (``backward_plan_key``). ``IOATTN_BWD_PLANS=0`` at import: none
@@ -405,11 +413,12 @@ _BWD_PLANS = PlanTable("IOATTN_BWD_PLANS")
 def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tuple | None:
     """Everything a dense backward's launches depend on but its tensors' data: the current device and Triton's
     knobs (``Launcher``'s key), every tensor's shape, strides, dtype and device, the problem's scalars, with
-    dropout the seed's specialisation, the configs and SM count the host reads (patched ones make new plans)
-    and ``IOATTN_GLUON_BWD`` (which routes some inputs). None where plans or the direct launch are off, the Gluon
-    path is (``gluon_enabled_on``), dO has no unit d-stride (``attn_bwd`` copies it) or the Gluon backward has
-    no config for the head dim (no plan could apply), or no backward with q's and k's shapes came before (the
-    first of a shape takes the whole path; ``PlanTable.sighted``). The tensors' alignment and launch hooks are
+    dropout the seed's specialisation, the configs and SM count the host reads (patched ones make new plans),
+    ``IOATTN_GLUON_BWD`` (which routes some inputs) and ``attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE``. None where
+    plans or the direct launch are off, the Gluon path is (``gluon_enabled_on``), dO has no unit d-stride
+    (``attn_bwd`` copies it) or the Gluon backward has no config for the head dim (no plan could apply), or no
+    backward with q's and k's shapes came before (the first of a shape takes the whole path;
+    ``PlanTable.sighted``). The tensors' alignment and launch hooks are
     checked a call (``gluon_backward_planned``)."""
     d = q.shape[-1]
     if (not _BWD_PLANS.active() or dout.stride(-1) != 1 or d not in attn_bwd_gluon._CONFIGS
@@ -423,7 +432,7 @@ def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tupl
             prob.window_left, prob.window_right, prob.softcap, dropout, int_spec(seed) if dropout else None,
             attn_bwd_gluon.select_config(d, prob.softcap != 0.0, dropout),
             _dq_table_entry(_block_d(d), prob.causal), attn_bwd_gluon._num_sms(q.device),
-            os.environ.get("IOATTN_GLUON_BWD", "").strip())
+            os.environ.get("IOATTN_GLUON_BWD", "").strip(), attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE)
 
 
 def _dq_table_entry(block_d: int, causal: bool) -> tuple:
@@ -433,7 +442,7 @@ def _dq_table_entry(block_d: int, causal: bool) -> tuple:
     return _OVERRIDES.get(key), _CONFIGS.get(key)
 
 
-def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
+def _record_bwd_plan(key: tuple, pre: tuple, made: list, fused: bool) -> None:
     """Keeps the launches ``attn_bwd`` just made for ``key`` where every launcher found a compiled kernel:
     ``pre`` the delta preprocess's (launcher, grid, flags, build, arguments), ``made`` ``gluon_backward``'s."""
     launches = recorded((pre, *((launch.launcher, launch.grid, launch.flags, launch.build, args)
@@ -442,7 +451,7 @@ def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
         return
     parts_shape = next((tuple(args[0].shape) for launch, args in made
                         if launch.launcher is attn_bwd_gluon._launch_tail_sum), None)
-    _BWD_PLANS.put(key, _BwdPlan(launches, parts_shape))
+    _BWD_PLANS.put(key, _BwdPlan(launches, parts_shape, fused))
 
 
 def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob: Problem, seed: int):
@@ -460,10 +469,13 @@ def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob
     dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # the preprocess zeroes it
     parts = lse if plan.parts_shape is None else torch.empty(plan.parts_shape, dtype=torch.float32,
                                                                device=q.device)
+    # the counts the conversion waits on (zeroed by the preprocess) and its output
+    done = torch.empty(prob.batch * prob.nheads, dtype=torch.int32, device=q.device) if plan.fused else lse
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if plan.fused else None
     p = float(prob.dropout_p)
     (pre, pre_entry, pre_grid, build_pre), *rest = plan.launches
-    pre.launch_entry(pre_entry, pre_grid, build_pre(out, dout, delta, q, dq_acc))
+    pre.launch_entry(pre_entry, pre_grid, build_pre(out, dout, delta, q, dq_acc, done))
     for launcher, entry, grid, build in rest:
         launcher.launch_entry(entry, grid, build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, lse, lse, lse, lse,
-                                                 seed, p))
-    return dq_acc.to(q.dtype), dk, dv
+                                                 seed, p, dq, done))
+    return (dq if plan.fused else dq_acc.to(q.dtype)), dk, dv
