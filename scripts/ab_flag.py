@@ -18,6 +18,11 @@ import triton
 from ab_gluon import timed_call
 
 from ioattn.bench.features import make_case
+from ioattn.kernels.fastlaunch import set_plans
+
+# Launch plans replay the launches a call recorded: a flag outside their keys would not be seen (every call
+# takes the whole path here).
+set_plans(False)
 
 
 def main() -> None:

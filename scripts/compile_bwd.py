@@ -215,7 +215,8 @@ def scoreboard_hazards(cubin: bytes) -> list[str]:
 
 
 def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
-    """flags: any of compile_gluon_fwd.FLAGS, DETERMINISTIC, DROPOUT, TAIL or SIGNAL (default False)."""
+    """flags: any of compile_gluon_fwd.FLAGS, DETERMINISTIC, DROPOUT, TAIL (default False) or SIGNAL (default:
+    as shipped, on for dense inputs: the dQ conversion under the last wave)."""
     cfg = config or select_config(d, flags.get("SOFTCAP", False), flags.get("DROPOUT", False))
     block_m, block_n = cfg.block_m, cfg.block_n
     ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
@@ -225,7 +226,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
               "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": cfg.kv_regs, "TAIL": flags.get("TAIL", False),
               "NESTED": nested_steps(cfg, flags.get("HAS_LEFT", False) or flags.get("HAS_RIGHT", False),
                                      flags.get("TAIL", False)),
-              "SIGNAL": flags.get("SIGNAL", False), "num_warps": 4}
+              "SIGNAL": flags.get("SIGNAL", not flags.get("IS_VARLEN", False)), "num_warps": 4}
     sig = {}
     for name in attn_bwd_gluon_kernel.arg_names:
         if name in consts:

@@ -28,6 +28,7 @@ def _backward(call, leaves):
 
 def _short(name: str) -> str:
     for key, short in (("preprocess", "preprocess"), ("attn_bwd", "attention"), ("copy", "dq convert"),
+                       ("dq_convert", "dq convert under the wave"),
                        ("elementwise", "elementwise"), ("tail_sum", "tail sum"), ("fill", "fill")):
         if key in name:
             return short

@@ -331,7 +331,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     zero_dq = gluon and not prob.varlen and math.prod(grid) > 0
     # Dense inputs at d <= 128: the conversion of dQ runs under the attention kernel's last wave
     # (attn_bwd_gluon.dq_convert_kernel), counting finished programs in ``done``, which the preprocess zeroes.
-    fused = zero_dq and attn_bwd_gluon.fused_dq_convert(prob.headdim)
+    fused = zero_dq and prob.max_seqlen_k > 0 and attn_bwd_gluon.fused_dq_convert(prob.headdim)
     done = torch.empty(prob.batch * prob.nheads, dtype=torch.int32, device=q.device) if fused else delta
     if gluon:
         dq_acc = (torch.empty if zero_dq else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
@@ -348,7 +348,6 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                               softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
                               window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
                               dropout_p=prob.dropout_p, seed=seed, dq=dq, done=done if fused else None)
-        fused = fused and bool(made)  # no key blocks (no keys): nothing converts, the zeroed buffer is dQ
         if plan_key is not None and zero_dq and alibi_slopes is None and not deterministic:
             _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made, fused)
         return (dq if fused else dq_acc.to(q.dtype)), dk, dv
