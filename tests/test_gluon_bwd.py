@@ -268,6 +268,37 @@ def test_gluon_backward_dq_under_wave(shape, opts, sms, gluon_calls, monkeypatch
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
+def test_gluon_backward_in_a_cuda_graph(gluon_calls):
+    """A forward and backward captured in a CUDA graph and replayed: the dQ conversion under the last wave is a
+    programmatic dependent launch, which a capture records as such."""
+    torch.manual_seed(11)
+    q, k, v = _qkv(2, 1024, 1024, 8, 4, 128, torch.bfloat16)
+    dout = torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = ioattn.flash_attn_func(q, k, v, causal=True)
+        return _grads(out, (q, k, v), dout)
+
+    want = step()
+    assert gluon_calls and gluon_calls[-1]["dq"] is not None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    for _ in range(2):
+        for g in got:
+            g.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 # A band's consumers walk their steps in two nested loops (the group's heads, then query blocks) or in one flat
 # loop (d = 128 softcap and dropout ship it; forced here both ways on every kind of band): GQA, unequal lengths,
 # the deterministic order, softcap, dropout and ALiBi.
