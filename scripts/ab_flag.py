@@ -10,19 +10,27 @@ and each later value's per-round time ratio to the first is reported as a median
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
-import statistics
 
-import torch
-import triton
-from ab_gluon import timed_call
+from ab_gluon import summarize, time_variants
 
-from ioattn.bench.features import make_case
 from ioattn.kernels.fastlaunch import set_plans
 
 # Launch plans replay the launches a call recorded: a flag outside their keys would not be seen (every call
 # takes the whole path here).
 set_plans(False)
+
+
+@contextlib.contextmanager
+def _set(module, attr: str, value):
+    shipped = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, shipped)
 
 
 def main() -> None:
@@ -37,26 +45,13 @@ def main() -> None:
     args = ap.parse_args()
     mod_name, attr = args.flag.rsplit(".", 1)
     module = importlib.import_module(f"ioattn.kernels.{mod_name}")
-    shipped = getattr(module, attr)
-    values = [type(shipped)(int(x)) for x in args.values.split(",")]
+    values = [type(getattr(module, attr))(int(x)) for x in args.values.split(",")]
     values += [values[0]] if args.control else []
-    try:
-        for cell in args.cells.split(","):
-            d, feature, s = cell.split(":")
-            call, leaves, flops = make_case(feature, int(s), int(d), torch.device("cuda"), torch.bfloat16)
-            fn = timed_call(args.direction, call, leaves)
-            times = [[] for _ in values]
-            for _ in range(args.rounds):
-                for i, value in enumerate(values):
-                    setattr(module, attr, value)
-                    times[i].append(triton.testing.do_bench(fn, warmup=25, rep=args.rep))
-            flops *= 2.5 if args.direction == "bwd" else 1.0
-            tf = [flops / statistics.median(t) * 1e-9 for t in times]
-            ratios = [sorted(a / b for a, b in zip(times[0], t, strict=True)) for t in times[1:]]
-            print(f"{args.direction} {cell:<18} " + " ".join(f"{x:5.0f}" for x in tf) + " | "
-                  + " ".join(f"{statistics.median(r):.3f} [{r[0]:.3f}-{r[-1]:.3f}]" for r in ratios), flush=True)
-    finally:
-        setattr(module, attr, shipped)
+    installs = [functools.partial(_set, module, attr, value) for value in values]
+    for cell in args.cells.split(","):
+        d, feature, s = cell.split(":")
+        times, flops = time_variants(args.direction, int(d), feature, int(s), installs, args.rounds, args.rep)
+        print(f"{args.direction} {cell:<18} {summarize(times, flops)[2]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 
@@ -62,16 +63,27 @@ def timed_call(direction: str, call, leaves):
     return fn
 
 
-def _time_cell(direction: str, d: int, feature: str, s: int, cfgs, rounds: int, rep: int):
-    """(milliseconds per config and round, the configs in turn within each round; forward FLOPs)."""
+def time_variants(direction: str, d: int, feature: str, s: int, installs, rounds: int, rep: int):
+    """One cell timed under each variant in turn, ``rounds`` times: ``installs`` gives, per variant, a function
+    returning the context its timings run in. Returns (milliseconds per variant and round, the pass's FLOPs)."""
     call, leaves, flops = make_case(feature, s, d, torch.device("cuda"), torch.bfloat16)
     fn = timed_call(direction, call, leaves)
-    times = [[] for _ in cfgs]
+    times = [[] for _ in installs]
     for _ in range(rounds):
-        for i, cfg in enumerate(cfgs):
-            with _installed(direction, d, cfg):
+        for i, install in enumerate(installs):
+            with install():
                 times[i].append(triton.testing.do_bench(fn, warmup=25, rep=rep))
-    return times, flops
+    return times, flops * (2.5 if direction == "bwd" else 1.0)
+
+
+def summarize(times, flops):
+    """(TFLOPs/s of each variant's median time, each later variant's sorted per-round time ratios first / it,
+    the printed summary: the rates, then each ratio's median and range)."""
+    tf = [flops / statistics.median(t) * 1e-9 for t in times]
+    ratios = [sorted(a / b for a, b in zip(times[0], t, strict=True)) for t in times[1:]]
+    text = (" ".join(f"{x:5.0f}" for x in tf) + " | "
+            + " ".join(f"{statistics.median(r):.3f} [{r[0]:.3f}-{r[-1]:.3f}]" for r in ratios))
+    return tf, ratios, text
 
 
 def main() -> None:
@@ -92,12 +104,10 @@ def main() -> None:
         d, feature, s = cell.split(":")
         d, s = int(d), int(s)
         cfgs = configs[d] + ([configs[d][0]] if args.control else [])
-        times, flops = _time_cell(args.direction, d, feature, s, cfgs, args.rounds, args.rep)
-        flops *= 2.5 if args.direction == "bwd" else 1.0
-        tf = [flops / statistics.median(t) * 1e-9 for t in times]
-        ratios = [sorted(a / b for a, b in zip(times[0], t, strict=True)) for t in times[1:]]
-        print(f"{args.direction} d={d:<3} {feature:<8} s={s:<5} " + " ".join(f"{x:5.0f}" for x in tf) + " | "
-              + " ".join(f"{statistics.median(r):.3f} [{r[0]:.3f}-{r[-1]:.3f}]" for r in ratios), flush=True)
+        installs = [functools.partial(_installed, args.direction, d, cfg) for cfg in cfgs]
+        times, flops = time_variants(args.direction, d, feature, s, installs, args.rounds, args.rep)
+        tf, ratios, text = summarize(times, flops)
+        print(f"{args.direction} d={d:<3} {feature:<8} s={s:<5} {text}", flush=True)
         rows.append({"pass": args.direction, "headdim": d, "feature": feature, "seqlen": s, "tflops": tf,
                      "ratio_median": [statistics.median(r) for r in ratios]})
     if args.json:

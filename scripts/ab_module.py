@@ -60,14 +60,13 @@ def main() -> None:
 
         def base_fn(*a, plan_key=None, **kw):  # the op hands this tree's plan key (None here) on
             return base_gluon_forward(*a, **kw)
-    under_wave = {new_fn: attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE}
+    shipped_under_wave = base_under_wave = attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE
     if args.direction == "bwd" and "dq" not in inspect.signature(base_fn).parameters:
         # a baseline from before the dQ conversion under the last wave: the op converts after it
-        base_gluon_backward = base_fn
+        base_gluon_backward, base_under_wave = base_fn, False
 
         def base_fn(*a, dq=None, done=None, **kw):
             return base_gluon_backward(*a, **kw)
-        under_wave[base_fn] = False
     for cell in args.cells.split(","):
         d, feature, s = cell.split(":")
         call, leaves, flops = make_case(feature, int(s), int(d), torch.device("cuda"), torch.bfloat16)
@@ -87,10 +86,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for side, fn in sides.items():
                 setattr(owner, name, fn or new_fn)
-                attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE = under_wave.get(fn, under_wave[new_fn])
+                attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE = base_under_wave if side == "base" else shipped_under_wave
                 times[side].append(triton.testing.do_bench(cudnn if fn is None else timed, warmup=25, rep=150))
         setattr(owner, name, new_fn)
-        attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE = under_wave[new_fn]
+        attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE = shipped_under_wave
         tf = " ".join(f"{side} {flops / statistics.median(t) * 1e-9:.0f}" for side, t in times.items())
         ratios = " ".join(f"new/{side} {statistics.median(b / a for a, b in zip(times['new'], t, strict=True)):.3f}"
                           for side, t in times.items() if side != "new")

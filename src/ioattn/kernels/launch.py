@@ -277,6 +277,15 @@ def _tma_reduce_available(t: torch.Tensor) -> bool:
     return t.is_cuda and not interpreting() and device_capability(t.device)[0] >= 9
 
 
+def _dq_under_wave_buffers(q: torch.Tensor, prob: Problem, fused: bool, unused: torch.Tensor):
+    """(dq, done) of a backward whose dQ ``dq_convert_kernel`` converts (``fused``): dQ in q's dtype and the
+    int32 counts the conversion waits on (zeroed by the preprocess); else (None, ``unused``)."""
+    if not fused:
+        return None, unused
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(prob.batch * prob.nheads, dtype=torch.int32, device=q.device))
+
+
 def _preprocess_builder(out, dout, lse_strides: tuple, dq_acc, prob: Problem):
     """The delta preprocess's positional arguments from one call's tensors, ``build(out, dout, delta, cu_q,
     dq, done)``: ``dq`` the fp32 buffer it zeroes (``dq_acc`` here; None: it zeroes none, and ``dq`` is any
@@ -332,7 +341,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     # Dense inputs at d <= 128: the conversion of dQ runs under the attention kernel's last wave
     # (attn_bwd_gluon.dq_convert_kernel), counting finished programs in ``done``, which the preprocess zeroes.
     fused = zero_dq and prob.max_seqlen_k > 0 and attn_bwd_gluon.fused_dq_convert(prob.headdim)
-    done = torch.empty(prob.batch * prob.nheads, dtype=torch.int32, device=q.device) if fused else delta
+    dq, done = _dq_under_wave_buffers(q, prob, fused, delta)
     if gluon:
         dq_acc = (torch.empty if zero_dq else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
     if math.prod(grid) > 0:
@@ -342,14 +351,13 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                          ZERO_DQ=zero_dq, ZERO_DONE=fused)
         _launch_preprocess(grid, *pre_args, **pre_flags)
     if gluon:
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if fused else None
         made = gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               batch=prob.batch, max_seqlen_q=prob.max_seqlen_q, max_seqlen_k=prob.max_seqlen_k,
                               softmax_scale=prob.softmax_scale, qk_scale=qk_scale, softcap2=softcap2,
                               window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
-                              dropout_p=prob.dropout_p, seed=seed, dq=dq, done=done if fused else None)
+                              dropout_p=prob.dropout_p, seed=seed, dq=dq, done=done)
         if plan_key is not None and zero_dq and alibi_slopes is None and not deterministic:
-            _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made, fused)
+            _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made)
         return (dq if fused else dq_acc.to(q.dtype)), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # The portable kernels' arguments (host time the Gluon path does not spend).
@@ -441,7 +449,7 @@ def _dq_table_entry(block_d: int, causal: bool) -> tuple:
     return _OVERRIDES.get(key), _CONFIGS.get(key)
 
 
-def _record_bwd_plan(key: tuple, pre: tuple, made: list, fused: bool) -> None:
+def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
     """Keeps the launches ``attn_bwd`` just made for ``key`` where every launcher found a compiled kernel:
     ``pre`` the delta preprocess's (launcher, grid, flags, build, arguments), ``made`` ``gluon_backward``'s."""
     launches = recorded((pre, *((launch.launcher, launch.grid, launch.flags, launch.build, args)
@@ -450,6 +458,7 @@ def _record_bwd_plan(key: tuple, pre: tuple, made: list, fused: bool) -> None:
         return
     parts_shape = next((tuple(args[0].shape) for launch, args in made
                         if launch.launcher is attn_bwd_gluon._launch_tail_sum), None)
+    fused = any(launch.launcher is attn_bwd_gluon._launch_dq_convert for launch, _ in made)
     _BWD_PLANS.put(key, _BwdPlan(launches, parts_shape, fused))
 
 
@@ -468,9 +477,7 @@ def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob
     dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # the preprocess zeroes it
     parts = lse if plan.parts_shape is None else torch.empty(plan.parts_shape, dtype=torch.float32,
                                                                device=q.device)
-    # the counts the conversion waits on (zeroed by the preprocess) and its output
-    done = torch.empty(prob.batch * prob.nheads, dtype=torch.int32, device=q.device) if plan.fused else lse
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if plan.fused else None
+    dq, done = _dq_under_wave_buffers(q, prob, plan.fused, lse)
     p = float(prob.dropout_p)
     (pre, pre_entry, pre_grid, build_pre), *rest = plan.launches
     pre.launch_entry(pre_entry, pre_grid, build_pre(out, dout, delta, q, dq_acc, done))
