@@ -186,14 +186,21 @@ def _count_arrive(lock):
 
 
 @gluon.jit
-def _bulk_writes_done():
+def _bulk_writes_done(PROXY_FENCE: gl.constexpr = False):
     """In a one-warp partition: waits until the warp's bulk copies have written global memory
     (``tma.store_wait`` waits only until they have read shared memory) and returns 0, for an address that
     must not be formed before. Each lane waits for its own copies; the reduction over the lanes makes the
-    one that issued them finish waiting before any lane goes on."""
+    one that issued them finish waiting before any lane goes on. ``PROXY_FENCE``: then orders those writes
+    (async proxy) before the lane's later generic-proxy accesses (``fence.proxy.async.global``), for a
+    release that plain loads elsewhere acquire."""
     lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
-    done = gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tmov.u32 $0, $1;", "=r,r", [lanes * 0],
-                                     dtype=gl.int32, is_pure=False, pack=1)
+    if PROXY_FENCE:
+        done = gl.inline_asm_elementwise(
+            "cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r",
+            [lanes * 0], dtype=gl.int32, is_pure=False, pack=1)
+    else:
+        done = gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tmov.u32 $0, $1;", "=r,r",
+                                         [lanes * 0], dtype=gl.int32, is_pure=False, pack=1)
     return gl.max(done, axis=0)
 
 
@@ -254,7 +261,7 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_smem_hi, dq_full, dq_free, dq_lock, pid_n
         mbarrier.arrive(dq_free.index(buf))
     if SIGNAL:
         # the program's dQ shares are in memory: count it for dq_convert_kernel (``weight``: see the kernel)
-        gl.atomic_add(done_ptr + _bulk_writes_done(), weight, sem="release", scope="gpu")
+        gl.atomic_add(done_ptr + _bulk_writes_done(True), weight, sem="release", scope="gpu")
 
 
 @gluon.jit
