@@ -4,10 +4,11 @@
 #   TESTS=tests|<pytest targets>|none   BENCH=quick|full|none   BENCH_ARGS="..."   DECODE=1|0
 #   FEATURES=1|0   FEATURE_ARGS="..." (default --quick)
 #   TEST_TIMEOUT=seconds (default 575)  BENCH_TIMEOUT=seconds (default 300)  WORKERS=pytest-xdist workers (14)
-# The whole suite takes 400-550 s with 14 workers (H200; 545 s on an H100 at 17023ae, close to a 10-minute
-# device call): run it with BENCH=none and CEILINGS=0, the benchmarks in another call (TESTS=none), and if it
-# grows past the call, split it over two calls by file (TESTS="tests/test_a.py ..."). The log lists the
-# slowest tests (--durations) to split by.
+#   SHARD=k/n: only every n-th collected test from the k-th (tests/conftest.py, IOATTN_TEST_SHARD)
+# The whole suite takes 400-550 s with 14 workers (H200; 550 s on an H100 at 79b8f70, close to a 10-minute
+# device call): run it with BENCH=none and CEILINGS=0, the benchmarks in another call (TESTS=none), and once it
+# grows past the call, as two calls with SHARD=1/2 and SHARD=2/2 (together every test once). The log lists the
+# slowest tests (--durations).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -27,12 +28,13 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu -
 
 if [ "$TESTS" != none ]; then
     start=$SECONDS
+    [ -n "${SHARD:-}" ] && export IOATTN_TEST_SHARD=$SHARD
     # shellcheck disable=SC2086
     timeout "${TEST_TIMEOUT:-575}" python3 -m pytest -q -n "${WORKERS:-14}" -p no:cacheprovider --durations=25 $TESTS \
         >"$OUT/tests.log" 2>&1
     rc=$?
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
-    summary+=("tests: rc=$rc in $((SECONDS - start)) s: $(tail -n 1 "$OUT/tests.log")")
+    summary+=("tests${SHARD:+ (shard $SHARD)}: rc=$rc in $((SECONDS - start)) s: $(tail -n 1 "$OUT/tests.log")")
 fi
 
 if [ "$BENCH" != none ]; then

@@ -35,3 +35,18 @@ if ON_GPU:
         yield
         if torch.cuda.memory_reserved() > _RESERVED_LIMIT:
             torch.cuda.empty_cache()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``IOATTN_TEST_SHARD=k/n`` keeps every n-th collected test from the k-th (1-based), so the suite can run
+    as n calls of a time-limited device (``scripts/gpu_check.sh``'s ``SHARD``). Collection order is
+    deterministic, so n calls with k = 1..n run every test exactly once, and pytest-xdist's workers agree."""
+    shard = os.environ.get("IOATTN_TEST_SHARD", "")
+    if not shard:
+        return
+    k, n = (int(x) for x in shard.split("/"))
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"IOATTN_TEST_SHARD={shard}: need 1 <= k <= n")
+    kept = [item for i, item in enumerate(items) if i % n == k - 1]
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % n != k - 1])
+    items[:] = kept
