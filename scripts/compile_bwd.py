@@ -252,7 +252,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
 
 
 def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
-    """The wide (d = 256) Gluon backward; flags: any of IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT."""
+    """The wide (d = 256) Gluon backward; flags: any of IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT, DETERMINISTIC."""
     cfg = config or select_config(d, flags.get("SOFTCAP", False), False)
     consts = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.stages,
               "BUFS": cfg.dq_stages, **{f: flags.get(f, False) for f in WIDE_FLAGS}, "num_warps": 4}
@@ -268,7 +268,7 @@ def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=to
             sig[name] = "*bf16" if dtype == torch.bfloat16 else "*fp16"
         elif name in F32_PTR_ARGS:
             sig[name] = "*fp32"
-        elif name in I32_PTR_ARGS:
+        elif name in I32_PTR_ARGS or name == "dq_lock":
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
@@ -278,9 +278,11 @@ def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=to
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-WIDE_FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_LEFT", "HAS_RIGHT")
+WIDE_FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_LEFT", "HAS_RIGHT", "DETERMINISTIC")
 WIDE_VARIANTS = {"plain": {}, "causal": {"HAS_RIGHT": True}, "window": {"HAS_LEFT": True, "HAS_RIGHT": True},
-                 "softcap": {"SOFTCAP": True}, "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True}}
+                 "softcap": {"SOFTCAP": True}, "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True},
+                 "deterministic": {"DETERMINISTIC": True},
+                 "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True}}
 
 
 # The Gluon backward's variants: the forward's, and the ordered dQ of deterministic=True.

@@ -116,14 +116,17 @@ def test_gluon_backward_dropout(shape, opts, gluon_calls):
 
 # deterministic=True: the key blocks take turns on each dQ block, last first. Windows (key blocks whose
 # range starts after the first query block, or ends before the last), GQA (turns per query head), rows
-# without keys, and one row of 160 key blocks (more programs than an H200 has SMs: a program waits only
-# on programs launched before it).
+# without keys, and rows of 160 key blocks (more programs than an H200 has SMs: a program waits only
+# on programs launched before it); the wide kernel (d = 256) too.
 DETERMINISTIC_CASES = [
     ((2, 1025, 1025, 4, 4, 64), {"causal": True}),
     ((1, 777, 2048, 8, 2, 128), {"window_size": (300, 40)}),
     ((2, 1500, 700, 4, 1, 128), {"causal": True, "softcap": 5.0, "alibi": True}),
     ((1, 333, 1027, 4, 2, 64), {"window_size": (-1, 64)}),
     ((1, 300, 20480, 1, 1, 64), {}),
+    ((2, 1025, 1025, 4, 2, 256), {"causal": True}),
+    ((1, 777, 2048, 4, 4, 256), {"window_size": (300, 40), "softcap": 5.0}),
+    ((1, 200, 10240, 1, 1, 256), {}),
 ]
 
 
@@ -146,12 +149,13 @@ def test_gluon_backward_deterministic(shape, opts, gluon_calls):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gluon_backward_deterministic_varlen(causal, gluon_calls):
+def test_gluon_backward_deterministic_varlen(causal, d, gluon_calls):
     """Varlen: each sequence's key blocks take turns on its own dQ blocks (empty sequences included)."""
     torch.manual_seed(5)
     lens_q, lens_k = [0, 37, 1, 1500, 0, 129], [3, 41, 1, 0, 900, 1200]
-    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, 4, 2, 128, torch.bfloat16)
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, 4, 2, d, torch.bfloat16)
     args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
     out = ioattn.flash_attn_varlen_func(*args, causal=causal, deterministic=True)
     dout = torch.randn_like(out)
@@ -359,10 +363,10 @@ def test_gluon_backward_wide_varlen(causal, gluon_calls):
     check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal)
 
 
-@pytest.mark.parametrize("opts", [{"alibi": True}, {"dropout_p": 0.1}, {"deterministic": True}], ids=str)
+@pytest.mark.parametrize("opts", [{"alibi": True}, {"dropout_p": 0.1}], ids=str)
 def test_gluon_backward_wide_declines(opts, gluon_calls):
-    """What the wide kernel does not take (ALiBi, dropout, the deterministic dQ order) runs the portable
-    backward at d = 256, even with IOATTN_GLUON_BWD=1."""
+    """What the wide kernel does not take (ALiBi, dropout) runs the portable backward at d = 256, even with
+    IOATTN_GLUON_BWD=1."""
     torch.manual_seed(11)
     q, k, v = _qkv(1, 300, 300, 2, 2, 256, torch.bfloat16)
     opts = dict(opts)

@@ -809,26 +809,28 @@ def _wide_consumer(k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem, ds_smem, st
 
 @gluon.jit(do_not_specialize=["section"])
 def attn_bwd_gluon_wide_kernel(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, dq_lock,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    stride_kh, stride_vh, stride_qh, stride_doh, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
+    stride_kh, stride_vh, stride_qh, stride_doh, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, n_mblocks,
     softmax_scale, qk_scale, softcap2, window_left, window_right, section,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     BUFS: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, num_warps: gl.constexpr,
+    HAS_RIGHT: gl.constexpr, DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
 ):
     """dK, dV of one key block of BLOCK_N (64) keys, and its share of dQ added through ``dq_desc`` into the fp32
     buffer in the queries' (contiguous) layout, viewed as (rows, nheads * HEAD_DIM). Two consumer warpgroups
     (240 registers each) split dK, dV along the head dim and each step's S^T, dP^T along the queries
     (``_wide_consumer``); one load warp fills the Q/dO ring and the stats (``_ws_loader``); one dQ warp issues
     the bulk reduce-adds of dQ's shares from the ring's tiles (``_ws_dq_writer``). Scores in log2 units, as
-    the other kernels take them."""
+    the other kernels take them. DETERMINISTIC: the key blocks add into each query block in a fixed order
+    (``dq_lock``, ``n_mblocks``: ``_ws_dq_writer``'s counts), as in ``attn_bwd_gluon_kernel``."""
     dtype: gl.constexpr = q_desc.dtype
     pid_n = gl.program_id(0)
     bhk = gl.program_id(1)
-    if HAS_RIGHT:
+    if HAS_RIGHT or DETERMINISTIC:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
-        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, False)
+        # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, DETERMINISTIC)
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:
@@ -889,8 +891,10 @@ def attn_bwd_gluon_wide_kernel(
                       qdo_full, qdo_empty, stats_full, Lse, Delta, Lse, stride_lb, stride_lh, 0, b, q_start,
                       seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh,
                       stride_vh, stride_qh, stride_doh, 0, False, False)),
-        (_ws_dq_writer, (dq_desc, q32_smem, do32_smem, dq_full, qdo_empty, Lse, pid_n, 0, 0, b, hk, nheads, q_row0, lo,
-                         n_m, n_steps, group, 0, 0, Lse, 0, BLOCK_N, HAS_RIGHT, False, False, True, False)),
+        (_ws_dq_writer, (dq_desc, q32_smem, do32_smem, dq_full, qdo_empty, dq_lock, pid_n,
+                         gl.cdiv(seqlen_k, BLOCK_N) - 1, seqlen_k - seqlen_q + window_right, b, hk, nheads, q_row0,
+                         lo, n_m, n_steps, group, n_mblocks, 0, Lse, 0, BLOCK_N, HAS_RIGHT, DETERMINISTIC, False,
+                         True, False)),
     ], [4, 1, 1], [240, 24, 24])
 
 
@@ -970,8 +974,8 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     dim of ``_CONFIGS`` and every case with ``IOATTN_GLUON_BWD=1``, none with
     ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
     windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO. ``deterministic=True`` changes
-    nothing here at d <= 128 (``gluon_backward`` orders the dQ additions); the wide kernel (d = 256) takes no
-    ALiBi, dropout or deterministic order."""
+    nothing here (``gluon_backward`` orders the dQ additions); the wide kernel (d = 256) takes no ALiBi or
+    dropout."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if choice == "0":
         return False
@@ -990,7 +994,7 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
         return False
     if 0 in shape or 0 in k.shape:
         return False
-    if d > 128 and (alibi_slopes is not None or dropout_p > 0 or deterministic):
+    if d > 128 and (alibi_slopes is not None or dropout_p > 0):
         return False
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
         return False
@@ -1148,6 +1152,7 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
         stride_ab = alibi_slopes.stride(0)  # contiguous (batch, nheads): the caller passes it so
     left, right = window_size
     n_mblocks = cdiv(max_seqlen_q, block_m)
+    n_locks = batch * nheads * n_mblocks if deterministic else 0  # per (batch, head, query block)
     # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
     group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
     section = order_section(grid[1], group_bytes)
@@ -1156,19 +1161,19 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
     dqd = dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle)[1:]
     io_strides = (k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2))
     if d > 128:
-        # the wide kernel (no ALiBi, dropout, deterministic order or tail split: gluon_backward_supported)
+        # the wide kernel (no ALiBi, dropout or tail split: gluon_backward_supported)
         statics = (*dk_strides, *dv_strides, *lse_strides, *io_strides, nheads, nheads_k, nheads // nheads_k,
-                   max_seqlen_q, max_seqlen_k, softmax_scale, qk_scale, softcap2, left, right, section)
+                   max_seqlen_q, max_seqlen_k, n_mblocks, softmax_scale, qk_scale, softcap2, left, right, section)
 
         def build_wide(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p,
                        dq, done):
             return (TmaDesc(q, *qd), TmaDesc(k, *kd), TmaDesc(v, *vd), TmaDesc(dout, *dod), TmaDesc(dq_acc, *dqd),
-                    lse, delta, dk, dv, cu_q, cu_k, *statics)
+                    lse, delta, dk, dv, cu_q, cu_k, locks, *statics)
 
         flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
                      IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                     num_warps=4)
-        return [BwdLaunch(_launch_wide, grid, flags, build_wide)], None, 0
+                     DETERMINISTIC=deterministic, num_warps=4)
+        return [BwdLaunch(_launch_wide, grid, flags, build_wide)], None, n_locks
     tiles = grid[0] * grid[1]
     split = 1
     if cfg.tail and not (varlen or deterministic or left >= 0 or right >= 0):
@@ -1219,7 +1224,7 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
 
         launches.append(BwdLaunch(_launch_tail_sum, (tiles - n_whole, block_n // rows),
                                   dict(BLOCK_N=block_n, HEAD_DIM=d, ROWS=rows, num_warps=4), build_sum))
-    return launches, parts_shape, batch * nheads * n_mblocks if deterministic else 0
+    return launches, parts_shape, n_locks
 
 
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
