@@ -37,14 +37,19 @@ if ON_GPU:
             torch.cuda.empty_cache()
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """``IOATTN_TEST_SHARD=k/n`` keeps every n-th collected test from the k-th (1-based), so the suite can run
     as n calls of a time-limited device (``scripts/gpu_check.sh``'s ``SHARD``). Collection order is
-    deterministic, so n calls with k = 1..n run every test exactly once, and pytest-xdist's workers agree."""
+    deterministic, so n calls with k = 1..n run every test exactly once, and pytest-xdist's workers agree.
+    It runs last, after ``-k`` / ``-m`` have deselected what they drop, so the shards split what is left."""
     shard = os.environ.get("IOATTN_TEST_SHARD", "")
     if not shard:
         return
-    k, n = (int(x) for x in shard.split("/"))
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"IOATTN_TEST_SHARD={shard}: expected k/n") from None
     if not 1 <= k <= n:
         raise pytest.UsageError(f"IOATTN_TEST_SHARD={shard}: need 1 <= k <= n")
     kept = [item for i, item in enumerate(items) if i % n == k - 1]

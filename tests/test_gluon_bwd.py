@@ -182,10 +182,10 @@ def test_gluon_backward_routing(env, monkeypatch):
     monkeypatch.setattr(launch, "gluon_backward", lambda *a, **kw: calls.append(a[1].shape[-1]) or real(*a, **kw))
     for d, opts in ((64, {}), (128, {}), (128, {"softcap": 5.0}), (64, {"causal": True}),
                     (64, {"causal": True, "window_size": (100, -1)}), (128, {"causal": True, "softcap": 5.0}),
-                    (64, {"causal": True, "softcap": 5.0})):
+                    (64, {"causal": True, "softcap": 5.0}), (256, {"deterministic": True})):
         q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
         ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
-    assert calls == {None: [64, 128, 128, 64, 64, 64], "0": [], "1": [64, 128, 128, 64, 64, 128, 64]}[env]
+    assert calls == {None: [64, 128, 128, 64, 64, 64, 256], "0": [], "1": [64, 128, 128, 64, 64, 128, 64, 256]}[env]
 
 
 # The last wave's key blocks split over their steps (dense, no window, not deterministic), forced on small
