@@ -181,6 +181,17 @@ def _count_wait(lock, target):
 
 
 @gluon.jit
+def _async_proxy_fence():
+    """In a one-warp partition: ``fence.proxy.async.global`` in every lane, ordering the generic-proxy accesses
+    before it (an acquire of a count) before the async-proxy ones after it (bulk reduce-adds); returns 0, to
+    add into the address of what must follow it."""
+    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
+    done = gl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r", [lanes * 0],
+                                     dtype=gl.int32, is_pure=False, pack=1)
+    return gl.max(done, axis=0)
+
+
+@gluon.jit
 def _count_arrive(lock):
     gl.atomic_add(lock, 1, sem="release", scope="gpu")
 
@@ -243,6 +254,8 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_smem_hi, dq_full, dq_free, dq_lock, pid_n
             if HAS_RIGHT:
                 later = gl.minimum(gl.cdiv(lo + (t % n_m + 1) * BLOCK_M + reach, BLOCK_N) - 1, last_n) - pid_n
             _count_wait(lock, later)
+            # the earlier key blocks' reduce-adds (async proxy) were released through a generic atomic
+            q_row0 += _async_proxy_fence()
         mbarrier.wait(dq_full.index(buf), (t // DQ_STAGES) & 1)
         u = t + t0 if TAIL else t  # the step of the key block (TAIL: this piece's steps start at t0)
         col = (hk * group + u // n_m) * (2 * HALF_D)
@@ -254,8 +267,9 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_smem_hi, dq_full, dq_free, dq_lock, pid_n
             _tma_reduce_add(dq_desc, [row, col], dq_smem.index(2 * buf))
             _tma_reduce_add(dq_desc, [row, col + HALF_D], dq_smem.index(2 * buf + 1))
         if DETERMINISTIC:
-            # the next key block may add once these additions are in memory, not merely issued
-            _count_arrive(lock + _bulk_writes_done())
+            # the next key block may add once these additions are in memory, not merely issued (and ordered
+            # before the release's generic proxy)
+            _count_arrive(lock + _bulk_writes_done(True))
         else:
             tma.store_wait(0)
         mbarrier.arrive(dq_free.index(buf))
