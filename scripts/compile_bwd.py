@@ -47,7 +47,7 @@ from ioattn.kernels.launch import _CONFIGS, AttnConfig
 
 PTR_ARGS = {"Q", "K", "V", "DOut", "DK", "DV"}
 F32_PTR_ARGS = {"Lse", "Delta", "DQacc", "alibi_slopes", "Parts"}
-I32_PTR_ARGS = {"cu_seqlens_q", "cu_seqlens_k"}
+I32_PTR_ARGS = {"cu_seqlens_q", "cu_seqlens_k", "dq_lock", "dq_done"}
 FLOAT_ARGS = {"softmax_scale", "qk_scale", "softcap2", "dropout_p"}
 
 
@@ -239,7 +239,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
             sig[name] = ty
         elif name in F32_PTR_ARGS:
             sig[name] = "*fp32"
-        elif name in I32_PTR_ARGS or name in ("dq_lock", "dq_done"):
+        elif name in I32_PTR_ARGS:
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
@@ -268,7 +268,7 @@ def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=to
             sig[name] = "*bf16" if dtype == torch.bfloat16 else "*fp16"
         elif name in F32_PTR_ARGS:
             sig[name] = "*fp32"
-        elif name in I32_PTR_ARGS or name == "dq_lock":
+        elif name in I32_PTR_ARGS:
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"

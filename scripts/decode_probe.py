@@ -19,22 +19,36 @@ from ioattn import flash_attn_with_kvcache
 from ioattn.bench.decode import _inputs, _paged
 
 
-def impls(seqlen_k: int):
+def inputs(seqlen_k: int):
+    """The decode suite's inputs at one KV length: (q, k, v, paged k, paged v, block table, cache lengths)."""
     batch = 262144 // seqlen_k
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = _inputs(batch, seqlen_k, 32, 8, 128, torch.bfloat16, "cuda", gen)
     kp, vp, table = _paged(k, v, gen)
     lens = torch.full((batch,), seqlen_k, dtype=torch.int32, device="cuda")
+    return q, k, v, kp, vp, table, lens
+
+
+def peers(q, k, v, kp, vp, table, lens) -> dict:
+    """sdpa-cudnn and ioattn's contiguous and paged decode on ``inputs``' tensors."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
 
     def cudnn():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
 
-    fns = {
+    return {
         "sdpa-cudnn": cudnn,
         "ioattn": lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens),
         "ioattn-paged": lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table),
+    }
+
+
+def impls(seqlen_k: int):
+    tensors = inputs(seqlen_k)
+    k, v = tensors[1:3]
+    fns = {
+        **peers(*tensors),
         "torch-sum": lambda: (k.sum(dtype=torch.float32), v.sum(dtype=torch.float32)),
         "torch-amax": lambda: (k.amax(), v.amax()),
     }

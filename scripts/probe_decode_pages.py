@@ -15,15 +15,11 @@ import argparse
 import statistics
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from decode_probe import inputs, peers
 
-from ioattn import flash_attn_with_kvcache
-from ioattn.bench.decode import _inputs, _paged
-
-NHEADS, NHEADS_K, D, PAGE = 32, 8, 128, 16
+NHEADS_K, D, PAGE = 8, 128, 16  # the decode suite's KV heads and head dim (decode_probe.inputs), pages
 
 
 @triton.jit
@@ -83,20 +79,10 @@ VARIANTS = [  # (heads, warps, stages)
 
 def time_length(seqlen_k: int, rounds: int, target: int) -> None:
     """Times every implementation at one KV length and prints a line each."""
-    batch = 262144 // seqlen_k
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = _inputs(batch, seqlen_k, NHEADS, NHEADS_K, D, torch.bfloat16, "cuda", gen)
-    kp, vp, table = _paged(k, v, gen)
-    lens = torch.full((batch,), seqlen_k, dtype=torch.int32, device="cuda")
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-
-    fns = {"sdpa-cudnn": cudnn,
-           "ioattn": lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens),
-           "ioattn-paged": lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table)}
+    tensors = inputs(seqlen_k)
+    q, k, v, kp, vp, table, _ = tensors
+    batch = q.shape[0]
+    fns = peers(*tensors)
     grids = {}
     for heads, warps, stages in VARIANTS:
         for paged in (True, False):
