@@ -181,14 +181,20 @@ def _count_wait(lock, target):
 
 
 @gluon.jit
+def _warp_asm(ASM: gl.constexpr):
+    """In a one-warp partition: PTX ``ASM`` in every lane (it ends by moving its input, 0, to its output) and
+    0 reduced over the lanes, for an address that must not be formed before every lane has run it."""
+    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
+    done = gl.inline_asm_elementwise(ASM, "=r,r", [lanes * 0], dtype=gl.int32, is_pure=False, pack=1)
+    return gl.max(done, axis=0)
+
+
+@gluon.jit
 def _async_proxy_fence():
     """In a one-warp partition: ``fence.proxy.async.global`` in every lane, ordering the generic-proxy accesses
     before it (an acquire of a count) before the async-proxy ones after it (bulk reduce-adds); returns 0, to
     add into the address of what must follow it."""
-    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
-    done = gl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r", [lanes * 0],
-                                     dtype=gl.int32, is_pure=False, pack=1)
-    return gl.max(done, axis=0)
+    return _warp_asm("fence.proxy.async.global;\n\tmov.u32 $0, $1;")
 
 
 @gluon.jit
@@ -204,15 +210,11 @@ def _bulk_writes_done(PROXY_FENCE: gl.constexpr = False):
     one that issued them finish waiting before any lane goes on. ``PROXY_FENCE``: then orders those writes
     (async proxy) before the lane's later generic-proxy accesses (``fence.proxy.async.global``), for a
     release that plain loads elsewhere acquire."""
-    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
     if PROXY_FENCE:
-        done = gl.inline_asm_elementwise(
-            "cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r",
-            [lanes * 0], dtype=gl.int32, is_pure=False, pack=1)
+        done = _warp_asm("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, $1;")
     else:
-        done = gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tmov.u32 $0, $1;", "=r,r",
-                                         [lanes * 0], dtype=gl.int32, is_pure=False, pack=1)
-    return gl.max(done, axis=0)
+        done = _warp_asm("cp.async.bulk.wait_group 0;\n\tmov.u32 $0, $1;")
+    return done
 
 
 @gluon.jit
