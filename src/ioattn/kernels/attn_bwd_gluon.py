@@ -984,14 +984,13 @@ _ROUTED_HEAD_DIMS = (64, 128, 256)
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
                              cu_seqlens_q: torch.Tensor | None = None, softcap: float = 0.0,
-                             window_size: tuple[int, int] = (-1, -1), deterministic: bool = False) -> bool:
+                             window_size: tuple[int, int] = (-1, -1)) -> bool:
     """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, except causal
     with softcap at d >= 128 (where the portable backward measured faster on an H200, at 16k); every head
     dim of ``_CONFIGS`` and every case with ``IOATTN_GLUON_BWD=1``, none with
     ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
-    windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO. ``deterministic=True`` changes
-    nothing here (``gluon_backward`` orders the dQ additions); the wide kernel (d = 256) takes no ALiBi or
-    dropout."""
+    windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO, in either dQ order (``gluon_backward``'s
+    ``deterministic``); the wide kernel (d = 256) takes no ALiBi or dropout."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if choice == "0":
         return False

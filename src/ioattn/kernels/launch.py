@@ -329,8 +329,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     cu_q = cu_seqlens_q if prob.varlen else q
     gluon = gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p, alibi_slopes=alibi_slopes,
                                      cu_seqlens_q=cu_seqlens_q, softcap=prob.softcap,
-                                     window_size=(prob.window_left, prob.window_right),
-                                     deterministic=deterministic)
+                                     window_size=(prob.window_left, prob.window_right))
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
