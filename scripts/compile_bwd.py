@@ -218,46 +218,20 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
     """flags: any of compile_gluon_fwd.FLAGS, DETERMINISTIC, DROPOUT, TAIL (default False) or SIGNAL (default:
     as shipped, on for dense inputs: the dQ conversion under the last wave)."""
     cfg = config or select_config(d, flags.get("SOFTCAP", False), flags.get("DROPOUT", False))
-    block_m, block_n = cfg.block_m, cfg.block_n
-    ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": cfg.stages,
+    consts = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.stages,
               "DQ_STAGES": cfg.dq_stages, **{f: flags.get(f, False) for f in FLAGS},
               "DETERMINISTIC": flags.get("DETERMINISTIC", False), "DROPOUT": flags.get("DROPOUT", False),
               "EARLY_MASK": bool(cfg.early_mask), "KV_REGS": cfg.kv_regs, "TAIL": flags.get("TAIL", False),
               "NESTED": nested_steps(cfg, flags.get("HAS_LEFT", False) or flags.get("HAS_RIGHT", False),
                                      flags.get("TAIL", False)),
               "SIGNAL": flags.get("SIGNAL", not flags.get("IS_VARLEN", False)), "num_warps": 4}
-    sig = {}
-    for name in attn_bwd_gluon_kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name == "dq_desc":
-            sig[name] = mangle_type(dq_descriptor(torch.empty(4, 64, 2, d), block_m, d // 2, cfg.dq_swizzle).real())
-        elif name.endswith("_desc"):
-            sig[name] = _desc_type(dtype, block_n if name[0] in "kv" else block_m, d)
-        elif name in ("DK", "DV"):
-            sig[name] = ty
-        elif name in F32_PTR_ARGS:
-            sig[name] = "*fp32"
-        elif name in I32_PTR_ARGS:
-            sig[name] = "*i32"
-        elif name in FLOAT_ARGS:
-            sig[name] = "fp32"
-        elif name == "seed":
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-    src = GluonASTSource(attn_bwd_gluon_kernel, sig, consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return _compile_gluon_bwd(attn_bwd_gluon_kernel, d, cfg, dtype, consts)
 
 
-def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
-    """The wide (d = 256) Gluon backward; flags: any of IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT, DETERMINISTIC."""
-    cfg = config or select_config(d, flags.get("SOFTCAP", False), False)
-    consts = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.stages,
-              "BUFS": cfg.dq_stages, **{f: flags.get(f, False) for f in WIDE_FLAGS}, "num_warps": 4}
+def _compile_gluon_bwd(kernel, d: int, cfg: BwdConfig, dtype, consts: dict):
+    """A Gluon backward kernel (either one) compiled for sm_90a: its signature from its argument names."""
     sig = {}
-    for name in attn_bwd_gluon_wide_kernel.arg_names:
+    for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
         elif name == "dq_desc":
@@ -272,17 +246,29 @@ def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=to
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
         else:
             sig[name] = "i32"
-    src = GluonASTSource(attn_bwd_gluon_wide_kernel, sig, consts)
+    src = GluonASTSource(kernel, sig, consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-WIDE_FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_LEFT", "HAS_RIGHT", "DETERMINISTIC")
+def compile_gluon_wide_variant(d: int, config: BwdConfig | None = None, dtype=torch.bfloat16, **flags: bool):
+    """The wide (d = 256) Gluon backward; flags: any of ``WIDE_FLAGS``."""
+    cfg = config or select_config(d, flags.get("SOFTCAP", False), flags.get("DROPOUT", False))
+    consts = {"HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.stages,
+              "BUFS": cfg.dq_stages, **{f: flags.get(f, False) for f in WIDE_FLAGS}, "num_warps": 4}
+    return _compile_gluon_bwd(attn_bwd_gluon_wide_kernel, d, cfg, dtype, consts)
+
+
+WIDE_FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT", "DROPOUT", "DETERMINISTIC")
 WIDE_VARIANTS = {"plain": {}, "causal": {"HAS_RIGHT": True}, "window": {"HAS_LEFT": True, "HAS_RIGHT": True},
                  "softcap": {"SOFTCAP": True}, "varlen-causal": {"IS_VARLEN": True, "HAS_RIGHT": True},
                  "deterministic": {"DETERMINISTIC": True},
-                 "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True}}
+                 "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True},
+                 "alibi": {"HAS_ALIBI": True}, "alibi-causal": {"HAS_ALIBI": True, "HAS_RIGHT": True},
+                 "dropout": {"DROPOUT": True}, "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True}}
 
 
 # The Gluon backward's variants: the forward's, and the ordered dQ of deterministic=True.

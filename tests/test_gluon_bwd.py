@@ -363,18 +363,47 @@ def test_gluon_backward_wide_varlen(causal, gluon_calls):
     check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal)
 
 
-@pytest.mark.parametrize("opts", [{"alibi": True}, {"dropout_p": 0.1}], ids=str)
-def test_gluon_backward_wide_declines(opts, gluon_calls):
-    """What the wide kernel does not take (ALiBi, dropout) runs the portable backward at d = 256, even with
-    IOATTN_GLUON_BWD=1."""
-    torch.manual_seed(11)
-    q, k, v = _qkv(1, 300, 300, 2, 2, 256, torch.bfloat16)
+# The wide kernel's ALiBi (the bias on every step) and dropout (the forward's mask drawn for each warpgroup's
+# query rows): every shape, with causal, a window and softcap; per-head and per-batch slopes.
+WIDE_BIAS_OPTS = [{"alibi": "heads"}, {"causal": True, "alibi": "batch"},
+                  {"window_size": (100, 30), "softcap": 8.0, "alibi": "batch"}]
+WIDE_DROPOUT_OPTS = [{}, {"causal": True}, {"window_size": (100, 30), "softcap": 8.0},
+                     {"causal": True, "alibi": "batch"}, {"deterministic": True}]
+
+
+def _wide_case(shape, opts):
+    """q, k, v of ``shape`` (bf16) and the call's options: ``alibi`` as (nheads,) or (batch, nheads) slopes,
+    ``dropout`` as p with the forward's mask."""
+    torch.manual_seed(sum(shape) + len(opts))
+    q, k, v = _qkv(*shape, torch.bfloat16)
     opts = dict(opts)
-    if opts.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(1, 2, device="cuda") * 0.3 + 0.05
-    ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
-    assert not gluon_calls
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    alibi = opts.pop("alibi", None)
+    if alibi:
+        lead = (shape[0], shape[3]) if alibi == "batch" else (shape[3],)
+        opts["alibi_slopes"] = torch.rand(*lead, device="cuda") * 0.3 + 0.05
+    p = opts.pop("dropout", 0.0)
+    if p:
+        torch.manual_seed(1234)
+        opts.update(dropout_p=p, seed=1234,
+                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
+    return q, k, v, opts
+
+
+@pytest.mark.parametrize("opts", WIDE_BIAS_OPTS, ids=str)
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gluon_backward_wide_alibi(shape, opts, gluon_calls):
+    q, k, v, opts = _wide_case(shape, opts)
+    check_against_ref(q, k, v, **opts)
+    assert len(gluon_calls) == 1, "the wide kernel did not run"
+
+
+@pytest.mark.parametrize("opts", WIDE_DROPOUT_OPTS, ids=str)
+@pytest.mark.parametrize("shape", WIDE_SHAPES[:3] + [(1, 1024, 1024, 2, 2, 256)], ids=lambda s: "x".join(map(str, s)))
+def test_gluon_backward_wide_dropout(shape, opts, gluon_calls):
+    """Against attention_ref with the forward's mask: the wide kernel draws the same mask as the forward."""
+    q, k, v, opts = _wide_case(shape, {**opts, "dropout": 0.17})
+    check_against_ref(q, k, v, **opts)
+    assert len(gluon_calls) == 1 and gluon_calls[0]["dropout_p"] == 0.17
 
 
 # Plans: a dense backward (no ALiBi, not deterministic) records its launches; the next backward like it makes
@@ -385,6 +414,7 @@ BWD_PLAN_CASES = [
     ((2, 1025, 1025, 4, 4, 64), {}), ((1, 2048, 2048, 4, 1, 128), {"causal": True}),
     ((2, 333, 1027, 8, 2, 128), {"window_size": (100, 30)}), ((2, 700, 700, 4, 2, 128), {"softcap": 5.0}),
     ((2, 1025, 1025, 4, 4, 256), {"causal": True}), ((1, 1024, 2000, 4, 1, 128), {"dropout": 0.17}),
+    ((1, 1000, 1100, 4, 2, 256), {"dropout": 0.17}),
     ((1, 2048, 2048, 4, 1, 128), {"sms": 5}),
 ]
 

@@ -282,12 +282,11 @@ def _ws_dq_writer(dq_desc, dq_smem, dq_smem_hi, dq_full, dq_free, dq_lock, pid_n
 
 @gluon.jit
 def _keep_t(seed, bh, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout: gl.constexpr,
-            BLOCK_M: gl.constexpr, HALF_N: gl.constexpr):
+            qk_layout: gl.constexpr, BLOCK_M: gl.constexpr, HALF_N: gl.constexpr):
     """The forward's dropout keep mask of queries [start_m, + BLOCK_M) and keys [key_lo, + HALF_N) in plane
     ``bh``, transposed into the S^T layout: drawn where each thread's Philox calls serve only its own
-    elements (a wgmma accumulator of queries x keys, ``dropout_keep_wgmma``), then moved."""
-    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HALF_N, 16])
+    elements (``qk_layout``: an mma accumulator layout of queries x keys, ``dropout_keep_wgmma``), then
+    moved."""
     rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, qk_layout))
     cols = key_lo + gl.arange(0, HALF_N, gl.SliceLayout(0, qk_layout))
     keep = dropout_keep_wgmma(seed, philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), cols, dropout_p)
@@ -321,6 +320,8 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HALF_N, 16])  # dropout's draw
     stage = t % NUM_STAGES
     row_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
     ROWS: gl.constexpr = stats_smem.type.shape[0] // NUM_STAGES  # the stats slot's rows: _put_step_stats
@@ -341,7 +342,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
         if DROPOUT and EARLY_MASK:
             # the forward's mask, drawn while the tensor cores compute S^T and dP^T
             keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st_layout,
-                           BLOCK_M, HALF_N)
+                           qk_layout, BLOCK_M, HALF_N)
         mbarrier.wait(stats_full.index(stage), (t // NUM_STAGES) & 1)
         qkt = warpgroup_mma_wait(1, deps=(st_acc,))
         if SOFTCAP:
@@ -382,7 +383,7 @@ def _ws_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_mine, v_mine, k_
             if not EARLY_MASK:
                 # the forward's mask, drawn while the tensor cores compute dP^T
                 keep = _keep_t(seed, b * nheads + h, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p,
-                               st_layout, BLOCK_M, HALF_N)
+                               st_layout, qk_layout, BLOCK_M, HALF_N)
             # dV takes the dropped, rescaled P^T, and dP^T passes the same mask (FA2 Alg. 4)
             inv_keep = 1.0 / (1.0 - dropout_p)
             dv = warpgroup_mma(gl.convert_layout(gl.where(keep, pt * inv_keep, 0.0).to(dtype), op_layout),
@@ -708,17 +709,23 @@ def attn_bwd_gluon_kernel(
 
 
 @gluon.jit
-def _wide_step(t, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem,
+def _wide_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem,
                ds_smem, stats_smem, qdo_full, stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free,
-               seqlen_q, seqlen_k, cols, softmax_scale, qk_scale, softcap2, window_left, window_right,
-               WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-    """Step t (query block start_m) of consumer warpgroup WG of the wide backward; ``dq_smem``: its dQ tiles
-    (the Q or dO ring seen as fp32 tiles of half the head dim)."""
+               alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, start_n, softmax_scale, qk_scale, softcap2,
+               window_left, window_right, seed, nheads, max_seqlen_q, max_seqlen_k, dropout_p, WG: gl.constexpr,
+               SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+               DROPOUT: gl.constexpr):
+    """Step t (query block start_m of head h) of consumer warpgroup WG of the wide backward; ``dq_smem``: its
+    dQ tiles (the Q or dO ring seen as fp32 tiles of half the head dim). ALiBi's bias is formed on every step
+    (-slope |p - j| on the tile, no split by sides of the diagonal: at d = 256 the products are twice as long
+    per score as at d = 128); dropout draws the forward's mask of the warpgroup's query rows while dP^T is
+    computed."""
     NUM_STAGES: gl.constexpr = q_smem.type.shape[0]
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     HALF_M: gl.constexpr = BLOCK_M // 2
     HALF_D: gl.constexpr = HEAD_DIM // 2
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
     BUFS: gl.constexpr = p_smem.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
     row_layout: gl.constexpr = gl.SliceLayout(0, st_zero.type.layout)
@@ -731,26 +738,46 @@ def _wide_step(t, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_s
     do_mine = do_smem.index(stage).slice(WG * HALF_M, HALF_M)
     st_acc = warpgroup_mma(k_smem, q_mine.permute((1, 0)), st_zero, use_acc=False, is_async=True)
     dpt = warpgroup_mma(v_smem, do_mine.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    if HAS_ALIBI:
+        slope2 = _alibi_slope2(alibi_slopes, b, h, stride_ab)
     mbarrier.wait(stats_full.index(stage), ring_phase)
     qkt = warpgroup_mma_wait(1, deps=(st_acc,))
     st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, True)  # 16-bit inputs: tanh.approx
+    rows = start_m + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
+    if HAS_ALIBI:
+        st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, slope2, window_left, window_right, True,
+                             False, HAS_LEFT, HAS_RIGHT)
     if masked:
-        rows = start_m + WG * HALF_M + gl.arange(0, HALF_M, row_layout)
         st = bias_and_mask_t(st, rows, cols, seqlen_k, seqlen_k - seqlen_q, 0.0, window_left, window_right, False,
                              True, HAS_LEFT, HAS_RIGHT)
+    if DROPOUT:
+        # the forward's mask of this warpgroup's query rows: a query row a thread, and of each 32 keys the
+        # eight a wgmma accumulator thread would hold (pairs 8 c + 2 q + e, q its lane % 4), which is what
+        # one Philox call serves (dropout_keep_wgmma)
+        qk_layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [4, 1], [1, 0])
+        st_layout: gl.constexpr = st_zero.type.layout
+        keep = _keep_t(seed, b * nheads + h, start_m + WG * HALF_M, start_n, max_seqlen_q, max_seqlen_k,
+                       dropout_p, st_layout, qk_layout, HALF_M, BLOCK_N)
     pt = gl.exp2(st - stats_smem.index(slot).slice(WG * HALF_M, HALF_M).load(row_layout)[None, :])
     pd = pt
     if SOFTCAP:
         pd = pt * (1.0 - tt * tt)
+    pv = pt
+    if DROPOUT:
+        # dV takes the dropped, rescaled P^T, and dP^T passes the same mask (FA2 Alg. 4)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        pv = gl.where(keep, pt * inv_keep, 0.0)
     # This warpgroup's query rows of P into the shared tile (queries x keys), once both warpgroups' dV
     # products of the step that last used the buffer are done; then dS likewise.
     buf = t % BUFS
     phase = (t // BUFS) & 1
     mbarrier.wait(p_free.index(buf), phase ^ 1)
-    p_smem.index(buf).slice(WG * HALF_M, HALF_M).store(gl.permute(pt.to(dtype), [1, 0]))
+    p_smem.index(buf).slice(WG * HALF_M, HALF_M).store(gl.permute(pv.to(dtype), [1, 0]))
     fence_async_shared()
     mbarrier.arrive(p_ready.index(buf))  # lowered after a barrier of this warpgroup: every part is written
     dpt = warpgroup_mma_wait(0, deps=(dpt,))
+    if DROPOUT:
+        dpt = gl.where(keep, dpt * inv_keep, 0.0)
     dst = pd * (dpt - stats_smem.index(slot + 1).slice(WG * HALF_M, HALF_M).load(row_layout)[None, :])
     mbarrier.wait(ds_free.index(buf), phase ^ 1)
     ds_smem.index(buf).slice(WG * HALF_M, HALF_M).store(gl.permute(dst.to(dtype), [1, 0]))
@@ -780,11 +807,13 @@ def _wide_step(t, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_s
 
 @gluon.jit
 def _wide_consumer(k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem, ds_smem, stats_smem, kv_bar, qdo_full,
-                   stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, stride_dkb, stride_dks,
-                   stride_dkh, stride_dvb, stride_dvs, stride_dvh, b, hk, seqlen_q, seqlen_k, kv_row, start_n, lo,
-                   full_lo, full_hi, n_m, n_steps, softmax_scale, qk_scale, softcap2, window_left, window_right,
-                   WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_LEFT: gl.constexpr,
-                   HAS_RIGHT: gl.constexpr):
+                   stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, alibi_slopes,
+                   stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
+                   seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group, softmax_scale,
+                   qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q, max_seqlen_k,
+                   dropout_p, WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
+                   HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                   DROPOUT: gl.constexpr):
     """Consumer warpgroup WG of the wide backward: columns [WG * d/2, (WG + 1) * d/2) of dK and dV of the key
     block in registers, S^T and dP^T of the query rows [WG * BLOCK_M/2, (WG + 1) * BLOCK_M/2) of each step."""
     NUM_WARPS: gl.constexpr = 4
@@ -806,10 +835,14 @@ def _wide_consumer(k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem, ds_smem, st
     for t in range(n_steps):
         start_m = lo + (t % n_m) * BLOCK_M
         masked = (start_m < full_lo) | (start_m >= full_hi)
-        dk, dv = _wide_step(t, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_smem, do_smem, dq_smem,
-                            p_smem, ds_smem, stats_smem, qdo_full, stats_full, read_done, dq_full, p_ready, p_free,
-                            ds_ready, ds_free, seqlen_q, seqlen_k, cols, softmax_scale, qk_scale, softcap2,
-                            window_left, window_right, WG, SOFTCAP, HAS_LEFT, HAS_RIGHT)
+        h = hk * group
+        if HAS_ALIBI or DROPOUT:
+            h += t // n_m  # the step's head of the GQA group (the loader's order: _step_origin)
+        dk, dv = _wide_step(t, h, start_m, masked, dk, dv, st_zero, dq_zero, k_smem, v_smem, q_smem, do_smem,
+                            dq_smem, p_smem, ds_smem, stats_smem, qdo_full, stats_full, read_done, dq_full, p_ready,
+                            p_free, ds_ready, ds_free, alibi_slopes, stride_ab, b, seqlen_q, seqlen_k, cols, start_n,
+                            softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
+                            max_seqlen_k, dropout_p, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT)
 
     # This warpgroup's columns of dK, dV stored as the products left them (no layout change: no shared
     # memory is left for one); key rows past the sequence are never written.
@@ -825,13 +858,14 @@ def _wide_consumer(k_smem, v_smem, q_smem, do_smem, dq_smem, p_smem, ds_smem, st
 
 @gluon.jit(do_not_specialize=["section"])
 def attn_bwd_gluon_wide_kernel(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, dq_lock,
-    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
-    stride_kh, stride_vh, stride_qh, stride_doh, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k, n_mblocks,
-    softmax_scale, qk_scale, softcap2, window_left, window_right, section,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+    dq_lock, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh,
+    stride_ab, stride_kh, stride_vh, stride_qh, stride_doh, nheads, nheads_k, group, max_seqlen_q, max_seqlen_k,
+    n_mblocks, softmax_scale, qk_scale, softcap2, window_left, window_right, section, seed, dropout_p,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    BUFS: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
+    BUFS: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, DETERMINISTIC: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """dK, dV of one key block of BLOCK_N (64) keys, and its share of dQ added through ``dq_desc`` into the fp32
     buffer in the queries' (contiguous) layout, viewed as (rows, nheads * HEAD_DIM). Two consumer warpgroups
@@ -894,15 +928,19 @@ def attn_bwd_gluon_wide_kernel(
 
     gl.warp_specialize([
         (_wide_consumer, (k_smem, v_smem, q_smem, do_smem, q32_smem, p_smem, ds_smem, stats_smem, kv_bar, qdo_full,
-                          stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, stride_dkb,
-                          stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, b, hk, seqlen_q, seqlen_k,
-                          kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, softmax_scale, qk_scale, softcap2,
-                          window_left, window_right, 0, IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT)),
+                          stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, alibi_slopes,
+                          stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
+                          seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
+                          softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
+                          max_seqlen_k, dropout_p, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                          DROPOUT)),
         (_wide_consumer, (k_smem, v_smem, q_smem, do_smem, do32_smem, p_smem, ds_smem, stats_smem, kv_bar, qdo_full,
-                          stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, stride_dkb,
-                          stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, b, hk, seqlen_q, seqlen_k,
-                          kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, softmax_scale, qk_scale, softcap2,
-                          window_left, window_right, 1, IS_VARLEN, SOFTCAP, HAS_LEFT, HAS_RIGHT)),
+                          stats_full, read_done, dq_full, p_ready, p_free, ds_ready, ds_free, DK, DV, alibi_slopes,
+                          stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, b, hk,
+                          seqlen_q, seqlen_k, kv_row, start_n, lo, full_lo, full_hi, n_m, n_steps, group,
+                          softmax_scale, qk_scale, softcap2, window_left, window_right, seed, nheads, max_seqlen_q,
+                          max_seqlen_k, dropout_p, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                          DROPOUT)),
         (_ws_loader, (q_desc, k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, stats_smem, kv_bar,
                       qdo_full, qdo_empty, stats_full, Lse, Delta, Lse, stride_lb, stride_lh, 0, b, q_start,
                       seqlen_q, seqlen_k, start_n, kv_row, hk, q_row0, lo, n_m, n_steps, group, stride_kh,
@@ -958,7 +996,10 @@ _CONFIGS = {64: BwdConfig(128, 128, 2, 1, tail=0), 128: BwdConfig(64, 128, 2, 1,
 # The band's nested step loops: offline, d = 128 softcap and dropout bands spilled more with them (kept flat).
 _SOFTCAP_CONFIGS = {64: BwdConfig(64, 128, 2, 2, kv_regs=3, tail=0),
                     128: _CONFIGS[128]._replace(tail=0, nested=0)}
-_DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0), 128: _CONFIGS[128]._replace(nested=0)}
+# d = 256 with dropout: one P and one dS buffer, so that the mask's move into the S^T layout finds its shared
+# memory (two buffers leave 1.3 KB).
+_DROPOUT_CONFIGS = {64: BwdConfig(64, 128, 2, 2, tail=0), 128: _CONFIGS[128]._replace(nested=0),
+                    256: _CONFIGS[256]._replace(dq_stages=1)}
 
 
 def nested_steps(cfg: BwdConfig, band: bool, tail: bool) -> bool:
@@ -990,7 +1031,7 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     dim of ``_CONFIGS`` and every case with ``IOATTN_GLUON_BWD=1``, none with
     ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
     windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO, in either dQ order (``gluon_backward``'s
-    ``deterministic``); the wide kernel (d = 256) takes no ALiBi or dropout."""
+    ``deterministic``), the wide kernel (d = 256) as well."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if choice == "0":
         return False
@@ -1008,8 +1049,6 @@ def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
     if d not in _CONFIGS or k.shape[-1] != d or v.shape[-1] != d or dout.shape[-1] != d:
         return False
     if 0 in shape or 0 in k.shape:
-        return False
-    if d > 128 and (alibi_slopes is not None or dropout_p > 0):
         return False
     if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
         return False
@@ -1176,18 +1215,20 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
     dqd = dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle)[1:]
     io_strides = (k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2))
     if d > 128:
-        # the wide kernel (no ALiBi, dropout or tail split: gluon_backward_supported)
-        statics = (*dk_strides, *dv_strides, *lse_strides, *io_strides, nheads, nheads_k, nheads // nheads_k,
-                   max_seqlen_q, max_seqlen_k, n_mblocks, softmax_scale, qk_scale, softcap2, left, right, section)
+        # the wide kernel (no tail split, no dQ conversion under its last wave)
+        statics = (*dk_strides, *dv_strides, *lse_strides, stride_ab, *io_strides, nheads, nheads_k,
+                   nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks, softmax_scale, qk_scale, softcap2, left,
+                   right, section)
 
         def build_wide(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, locks, slopes, cu_q, cu_k, seed, dropout_p,
                        dq, done):
             return (TmaDesc(q, *qd), TmaDesc(k, *kd), TmaDesc(v, *vd), TmaDesc(dout, *dod), TmaDesc(dq_acc, *dqd),
-                    lse, delta, dk, dv, cu_q, cu_k, locks, *statics)
+                    lse, delta, dk, dv, cu_q, cu_k, slopes, locks, *statics, seed, dropout_p)
 
         flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
-                     IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                     DETERMINISTIC=deterministic, num_warps=4)
+                     IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None,
+                     HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic,
+                     num_warps=4)
         return [BwdLaunch(_launch_wide, grid, flags, build_wide)], None, n_locks
     tiles = grid[0] * grid[1]
     split = 1
