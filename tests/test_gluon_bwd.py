@@ -170,8 +170,8 @@ def test_gluon_backward_deterministic_varlen(causal, d, gluon_calls):
 
 @pytest.mark.parametrize("env", [None, "0", "1"])
 def test_gluon_backward_routing(env, monkeypatch):
-    """By default the Gluon backward takes d = 64 and 128 (where it measured faster) but not d = 128 causal
-    with softcap; IOATTN_GLUON_BWD=1 gives it that too, =0 nothing."""
+    """By default the Gluon backward takes d = 64, 128 and 256 (where it measured faster), ALiBi and dropout at
+    d = 256 included, but not d = 128 causal with softcap; IOATTN_GLUON_BWD=1 gives it that too, =0 nothing."""
     if env is None:
         monkeypatch.delenv("IOATTN_GLUON_BWD", raising=False)
     else:
@@ -182,10 +182,12 @@ def test_gluon_backward_routing(env, monkeypatch):
     monkeypatch.setattr(launch, "gluon_backward", lambda *a, **kw: calls.append(a[1].shape[-1]) or real(*a, **kw))
     for d, opts in ((64, {}), (128, {}), (128, {"softcap": 5.0}), (64, {"causal": True}),
                     (64, {"causal": True, "window_size": (100, -1)}), (128, {"causal": True, "softcap": 5.0}),
-                    (64, {"causal": True, "softcap": 5.0}), (256, {"deterministic": True})):
+                    (64, {"causal": True, "softcap": 5.0}), (256, {"deterministic": True}), (256, {"dropout_p": 0.1}),
+                    (256, {"alibi_slopes": torch.full((2,), 0.1, device="cuda")})):
         q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
         ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
-    assert calls == {None: [64, 128, 128, 64, 64, 64, 256], "0": [], "1": [64, 128, 128, 64, 64, 128, 64, 256]}[env]
+    wide = [256, 256, 256]
+    assert calls == {None: [64, 128, 128, 64, 64, 64, *wide], "0": [], "1": [64, 128, 128, 64, 64, 128, 64, *wide]}[env]
 
 
 # The last wave's key blocks split over their steps (dense, no window, not deterministic), forced on small
