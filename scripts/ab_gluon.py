@@ -25,19 +25,26 @@ import torch
 import triton
 
 from ioattn.bench.features import FEATURES, make_case
-from ioattn.kernels import attn_bwd_gluon, attn_fwd_gluon
+from ioattn.kernels import attn_bwd_gluon, attn_fwd_gluon, fastlaunch
 
 
 @contextlib.contextmanager
-def _installed(direction: str, d: int, cfg):
-    """The config the public API takes for head dim d while the block runs."""
+def _installed(direction: str, d: int, cfg, maxnreg: int = 0):
+    """The config the public API takes for head dim d while the block runs; ``maxnreg`` (forward): the
+    one-warpgroup kernel compiled with at most that many registers a thread (launched through Triton's own
+    path)."""
     if direction == "fwd":
         shipped = attn_fwd_gluon._CONFIGS[d]
+        single = attn_fwd_gluon._launch_single
         attn_fwd_gluon._CONFIGS[d] = cfg
+        if maxnreg:
+            attn_fwd_gluon._launch_single = lambda grid, *args, **flags: single.kernel[grid](
+                *fastlaunch._real(args), maxnreg=maxnreg, **flags)
         try:
             yield
         finally:
             attn_fwd_gluon._CONFIGS[d] = shipped
+            attn_fwd_gluon._launch_single = single
     else:
         shipped = attn_bwd_gluon.select_config
         attn_bwd_gluon.select_config = lambda *_: cfg
@@ -98,13 +105,15 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     parse = (attn_fwd_gluon.FwdConfig if args.direction == "fwd" else attn_bwd_gluon.BwdConfig).parse
-    configs = {int(d): [parse(c) for c in cs.split("|")] for d, cs in (x.split(":") for x in args.configs.split(";"))}
+    # a config text may end in "@N": the forward's one-warpgroup kernel capped at N registers a thread
+    configs = {int(d): [(parse(c.split("@")[0]), int(c.split("@")[1]) if "@" in c else 0) for c in cs.split("|")]
+               for d, cs in (x.split(":") for x in args.configs.split(";"))}
     rows = []
     for cell in args.cells.split(","):
         d, feature, s = cell.split(":")
         d, s = int(d), int(s)
         cfgs = configs[d] + ([configs[d][0]] if args.control else [])
-        installs = [functools.partial(_installed, args.direction, d, cfg) for cfg in cfgs]
+        installs = [functools.partial(_installed, args.direction, d, cfg, maxnreg) for cfg, maxnreg in cfgs]
         times, flops = time_variants(args.direction, d, feature, s, installs, args.rounds, args.rep)
         tf, ratios, text = summarize(times, flops)
         print(f"{args.direction} d={d:<3} {feature:<8} s={s:<5} {text}", flush=True)

@@ -447,9 +447,9 @@ def test_single_pass_and_two_pass_backward_varlen(single_pass, monkeypatch):
     check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal=True)
 
 
-def check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal):
-    """Gradients of a packed varlen call, each sequence against attention_ref on that sequence alone;
-    a sequence without queries must get zero dK, dV."""
+def check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal, ref_opts=None):
+    """Gradients of a packed varlen call, each sequence against attention_ref on that sequence alone
+    (with ``ref_opts(b)``'s options for sequence b, if given); a sequence without queries must get zero dK, dV."""
     dq, dk, dv = grads
     for b in range(cu_q.shape[0] - 1):
         sl_q = slice(int(cu_q[b]), int(cu_q[b + 1]))
@@ -459,8 +459,9 @@ def check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal):
             continue
         qb, kb, vb = (t[sl].detach().unsqueeze(0).requires_grad_(True)
                       for t, sl in ((q, sl_q), (k, sl_k), (v, sl_k)))
-        ref, _ = attention_ref(qb, kb, vb, causal=causal)
-        base, _ = attention_ref(qb, kb, vb, causal=causal, upcast=False)
+        opts = ref_opts(b) if ref_opts else {}
+        ref, _ = attention_ref(qb, kb, vb, causal=causal, **opts)
+        base, _ = attention_ref(qb, kb, vb, causal=causal, upcast=False, **opts)
         db = dout[sl_q].unsqueeze(0)
         _assert_close([dq[sl_q].unsqueeze(0), dk[sl_k].unsqueeze(0), dv[sl_k].unsqueeze(0)],
                       _grads(ref, (qb, kb, vb), db), _grads(base, (qb, kb, vb), db), ["dq", "dk", "dv"],

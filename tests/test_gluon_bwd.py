@@ -373,13 +373,14 @@ WIDE_DROPOUT_OPTS = [{}, {"causal": True}, {"window_size": (100, 30), "softcap":
                      {"causal": True, "alibi": "batch"}, {"deterministic": True}]
 
 
-def _wide_case(shape, opts):
-    """q, k, v of ``shape`` (bf16) and the call's options: ``alibi`` as (nheads,) or (batch, nheads) slopes,
-    ``dropout`` as p with the forward's mask."""
+def _wide_case(shape, opts, dtype=torch.bfloat16):
+    """q, k, v of ``shape`` and the call's options: ``alibi`` "heads" or "batch", (nheads,) or (batch, nheads)
+    slopes; ``dropout`` as p with the forward's mask."""
     torch.manual_seed(sum(shape) + len(opts))
-    q, k, v = _qkv(*shape, torch.bfloat16)
+    q, k, v = _qkv(*shape, dtype)
     opts = dict(opts)
     alibi = opts.pop("alibi", None)
+    assert alibi in (None, "heads", "batch")
     if alibi:
         lead = (shape[0], shape[3]) if alibi == "batch" else (shape[3],)
         opts["alibi_slopes"] = torch.rand(*lead, device="cuda") * 0.3 + 0.05
@@ -391,10 +392,11 @@ def _wide_case(shape, opts):
     return q, k, v, opts
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("opts", WIDE_BIAS_OPTS, ids=str)
-@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gluon_backward_wide_alibi(shape, opts, gluon_calls):
-    q, k, v, opts = _wide_case(shape, opts)
+@pytest.mark.parametrize("shape", WIDE_SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_gluon_backward_wide_alibi(shape, opts, dtype, gluon_calls):
+    q, k, v, opts = _wide_case(shape, opts, dtype)
     check_against_ref(q, k, v, **opts)
     assert len(gluon_calls) == 1, "the wide kernel did not run"
 
@@ -406,6 +408,32 @@ def test_gluon_backward_wide_dropout(shape, opts, gluon_calls):
     q, k, v, opts = _wide_case(shape, {**opts, "dropout": 0.17})
     check_against_ref(q, k, v, **opts)
     assert len(gluon_calls) == 1 and gluon_calls[0]["dropout_p"] == 0.17
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_wide_varlen_alibi_dropout(causal, gluon_calls):
+    """d = 256 varlen with per-sequence ALiBi slopes and dropout: each packed sequence against attention_ref
+    with its slopes and its part of the mask (the sequence's batch index is its Philox plane)."""
+    torch.manual_seed(9)
+    lens_q, lens_k = [0, 37, 1, 500, 129], [3, 41, 1, 300, 200]
+    nheads, p = 4, 0.17
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, nheads, 2, 256, torch.bfloat16)
+    slopes = torch.rand(len(lens_q), nheads, device="cuda") * 0.3 + 0.05
+    torch.manual_seed(1234)
+    out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=p, causal=causal,
+                                        alibi_slopes=slopes)
+    torch.manual_seed(1234)
+    seed = draw_seed()
+    dout = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), dout)
+    assert len(gluon_calls) == 1 and gluon_calls[0]["dropout_p"] == p
+
+    def ref_opts(b):
+        mask = dropout_keep_mask(seed, len(lens_q), nheads, max(lens_q), max(lens_k), p, "cuda", batch_index=b,
+                                 q_len=lens_q[b], k_len=lens_k[b])
+        return dict(alibi_slopes=slopes[b:b + 1], dropout_p=p, dropout_mask=mask)
+
+    check_varlen_grads(q, k, v, cu_q, cu_k, dout, grads, causal, ref_opts)
 
 
 # Plans: a dense backward (no ALiBi, not deterministic) records its launches; the next backward like it makes

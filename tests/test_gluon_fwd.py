@@ -486,7 +486,7 @@ def test_dropout_varlen(d, causal):
 @pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (70, 20)}, {}], ids=str)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
-    """flash_attn_func with dropout: the Gluon forward and the portable backward regenerate one mask;
+    """flash_attn_func with dropout: the Gluon forward and the backward (Gluon at every d here) regenerate one mask;
     output, lse and gradients against attention_ref with that mask (test_flash_attn's rule)."""
     from test_flash_attn import check_against_ref
 

@@ -702,7 +702,8 @@ def attn_bwd_gluon_kernel(
 # computes S^T and dP^T for half of each step's queries (keys x 32 queries), so the tensor cores do each
 # product once. P and dS meet in shared memory, each warpgroup storing its half of the query rows; every
 # warpgroup then takes the whole tiles for its columns of dV += P^T dO, dK += dS^T Q and dQ = dS K. K, V, two
-# stages of Q and dO, and two P and dS buffers fill the shared memory, so dQ's share goes to the dQ warp
+# stages of Q and dO, and two P and dS buffers (one with dropout, whose mask moves through shared memory)
+# fill the shared memory, so dQ's share goes to the dQ warp
 # through the step's own Q and dO tiles, once both warpgroups' products have read them (warpgroup 0's columns
 # in the Q tile, warpgroup 1's in the dO tile; the stage returns to the load warp when the bulk reduce-adds
 # have read it).
@@ -1216,6 +1217,9 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
     io_strides = (k.stride(-2), v.stride(-2), q.stride(-2), dout.stride(-2))
     if d > 128:
         # the wide kernel (no tail split, no dQ conversion under its last wave)
+        if dropout_p > 0 and cfg.dq_stages > 1:
+            raise ValueError("the wide backward with dropout takes one P / dS buffer (dq_stages=1): the mask's "
+                             f"move into the S^T layout needs the shared memory a second one takes; got {cfg}")
         statics = (*dk_strides, *dv_strides, *lse_strides, stride_ab, *io_strides, nheads, nheads_k,
                    nheads // nheads_k, max_seqlen_q, max_seqlen_k, n_mblocks, softmax_scale, qk_scale, softcap2, left,
                    right, section)

@@ -311,7 +311,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     additions varies from run to run, so dQ may differ in its last bits. Otherwise, and always with
     ``deterministic=True``, a separate dQ pass runs: no atomics, bitwise reproducible. On sm_90 the
     backward takes the Gluon warp-specialised single pass where it measured faster (d = 64, 128 and 256,
-    except causal with softcap at d >= 128, and ALiBi or dropout at d = 256;
+    except causal with softcap at d >= 128;
     ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD`` changes
     that); with ``deterministic=True`` its key blocks add into each dQ block
     in a fixed order, so it is bitwise reproducible too.
