@@ -149,8 +149,6 @@ def main() -> None:
         cfg = config or _CONFIGS[d]
         base = cfg.overlap
         for name in args.variants.split(","):
-            if name == "softcap-fixed-max" and cfg.schedule == "single":
-                continue  # the host takes the fixed max on the warp-specialised kernels only
             for dtype, overlap in ((torch.bfloat16, base), (torch.float16, base), (torch.bfloat16, not base)):
                 if overlap != base and not args.overlap or dtype == torch.float16 and name != "plain":
                     continue

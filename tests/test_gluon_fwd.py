@@ -503,9 +503,12 @@ def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
 
 
 # The max held at softcap's bound (with the row sums on the tensor cores) on both loops of the consumers, and
-# d = 256's shipped config (64-key blocks: the row sums' ones tile is 64 keys).
+# d = 256's shipped config (64-key blocks: the row sums' ones tile is 64 keys); d = 64's one-warpgroup kernel
+# (the rows of P summed in registers) on both of its loops.
 FIXED_MAX_CONFIGS = [(128, FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True)),
-                     (128, FwdConfig(64, 128, 2, 4, "pingpong", fixed_max=True)), (256, _CONFIGS[256])]
+                     (128, FwdConfig(64, 128, 2, 4, "pingpong", fixed_max=True)), (256, _CONFIGS[256]),
+                     (64, FwdConfig(64, 128, 2, 4, fixed_max=True)),
+                     (64, FwdConfig(64, 128, 2, 4, "single", True, fixed_max=True))]
 
 
 def _d_config_id(dc):

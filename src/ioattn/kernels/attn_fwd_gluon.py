@@ -252,7 +252,11 @@ def attn_fwd_gluon_kernel(
         _issue_kv_load(k_desc, k_smem, k_bars, i, kv_row + i * BLOCK_N, k_col, i < n_blocks)
         _issue_kv_load(v_desc, v_smem, v_bars, i, kv_row + i * BLOCK_N, v_col, i < n_blocks)
 
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    # SOFTCAP 2: the max held at tanh's bound (m = 1 throughout), no rescale of l and O; the rows of P summed
+    # here in fp32 (the warp-specialised kernels sum them, as rounded for PV, on the tensor cores; summing the
+    # rounded P here took 167 registers and ran 20% slower: benchmarks/NOTES.md)
+    FIXED_MAX: gl.constexpr = SOFTCAP == 2
+    m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
@@ -280,7 +284,10 @@ def attn_fwd_gluon_kernel(
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 acc = warpgroup_mma_wait(1, deps=(acc,))  # PV of block j-1 done; QK^T j+1 may still run
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                if FIXED_MAX:
+                    l_i = l_i + gl.sum(p, axis=1)
+                else:
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 mbarrier.wait(v_bars.index(stage), (j // NUM_STAGES) & 1)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
                 s, acc = warpgroup_mma_wait(1, deps=(s_tok, acc_tok))  # QK^T j+1 done; PV j in flight
@@ -295,7 +302,10 @@ def attn_fwd_gluon_kernel(
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if FIXED_MAX:
+                l_i = l_i + gl.sum(p, axis=1)
+            else:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             mbarrier.wait(v_bars.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -317,7 +327,10 @@ def attn_fwd_gluon_kernel(
 
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi, *mods,
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if FIXED_MAX:
+                l_i = l_i + gl.sum(p, axis=1)
+            else:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
             mbarrier.wait(v_bars.index(stage), phase)
@@ -1047,9 +1060,9 @@ class FwdConfig(NamedTuple):
     first within sections of heads whose K/V fit in L2 (FA3's dynamic persistent scheduler). Varlen keeps
     one tile per program and the block scheduler's balancing. ``tma_store`` (ws schedules, dense inputs
     whose query length is a multiple of block_m, or one batch; not with softcap or dropout): the output goes
-    through shared memory and a bulk tensor store instead of register stores. ``fixed_max`` (ws schedules,
-    bf16 softcap <= 40 without ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P
-    summed on the tensor cores.
+    through shared memory and a bulk tensor store instead of register stores. ``fixed_max`` (bf16 softcap
+    <= 40 without ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P summed on the
+    tensor cores (ws schedules) or in registers (single).
     ``alibi_sides`` (ws schedules): ALiBi's bias on key blocks wholly on one side of the tile's diagonal as one
     FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact. ``chain``
     (the persistent static schedule: dense inputs without a right window, or paired): a program's tiles run
@@ -1097,12 +1110,13 @@ class FwdConfig(NamedTuple):
 # causal, windows): +2-3% at 2k-4k plain, causal, ALiBi, windows (same notes, "the chained epilogue through a
 # bulk tensor store"). Causal inputs of 8 query tiles or more at d = 128: pairs of query blocks of equal work on
 # the chained static schedule, +5.2 / +4.4 / +2.3% at 2k / 4k / 8k over the dynamic one, alike at 16k (same
-# notes, "query blocks in pairs").
+# notes, "query blocks in pairs"). d = 64 holds softcap's max at its bound too: +5.5-7.3% at 2k-16k (H100; same
+# notes, "softcap's max held at its bound in the one-warpgroup kernel").
 # d = 256: the d = 128 kernel's warp-specialised tiles on 64-key blocks (Q, two K/V stages and the epilogue's
 # layout change take 224 KiB of shared memory, so no bulk store and no chain), free-running consumers:
 # 1.9-2.0x the portable kernel on an H200, 613 / 640 / 654 TFLOPs/s at 2k / 4k / 16k non-causal
 # (benchmarks/NOTES.md, "the Gluon forward at d = 256").
-_CONFIGS = {64: FwdConfig(64, 128, 2, 4),
+_CONFIGS = {64: FwdConfig(64, 128, 2, 4, fixed_max=True),
             128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, tma_store=True, fixed_max=True,
                            alibi_sides=True, chain=True, paired=True),
             256: FwdConfig(64, 64, 2, 4, "ws", True, True, True, fixed_max=True, alibi_sides=True)}
@@ -1113,13 +1127,13 @@ _FIXED_MAX_SOFTCAP = 40.0
 
 def _softcap_mode(softcap: float, dtype: torch.dtype, alibi: bool, dropout_p: float, cfg: FwdConfig) -> int:
     """The kernels' SOFTCAP flag: 0 off; 1 tanh with the online max; 2 tanh with the max held at the bound
-    (``FwdConfig.fixed_max``, warp-specialised schedules, whose consumers sum P's rows on the tensor cores):
+    (``FwdConfig.fixed_max``; the warp-specialised consumers sum P's rows on the tensor cores):
     bf16 only, as in fp16 P far below 1 would flush to zero; not with ALiBi, whose bias takes scores below -1;
     not with dropout (l sums P before the drop, PV takes it after)."""
     if softcap <= 0:
         return 0
-    fixed = (cfg.fixed_max and cfg.schedule != "single" and dropout_p == 0 and dtype == torch.bfloat16
-             and not alibi and softcap <= _FIXED_MAX_SOFTCAP)
+    fixed = (cfg.fixed_max and dropout_p == 0 and dtype == torch.bfloat16 and not alibi
+             and softcap <= _FIXED_MAX_SOFTCAP)
     return 2 if fixed else 1
 
 
