@@ -252,14 +252,21 @@ def attn_fwd_gluon_kernel(
         _issue_kv_load(k_desc, k_smem, k_bars, i, kv_row + i * BLOCK_N, k_col, i < n_blocks)
         _issue_kv_load(v_desc, v_smem, v_bars, i, kv_row + i * BLOCK_N, v_col, i < n_blocks)
 
-    # SOFTCAP 2: the max held at tanh's bound (m = 1 throughout), no rescale of l and O; the rows of P summed
-    # here in fp32 (the warp-specialised kernels sum them, as rounded for PV, on the tensor cores; summing the
-    # rounded P here took 167 registers and ran 20% slower: benchmarks/NOTES.md)
+    # SOFTCAP 2: the max held at tanh's bound (m = 1 throughout), no rescale of l and O; the rows of P, as
+    # rounded for PV, summed on the tensor cores (P times a block of ones into acc_l, as the warp-specialised
+    # kernels do), so a row with one key gives that key's value exactly
     FIXED_MAX: gl.constexpr = SOFTCAP == 2
     m_i = gl.full([BLOCK_M], 1.0 if FIXED_MAX else float("-inf"), gl.float32, row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if FIXED_MAX:
+        acc_l = gl.zeros([BLOCK_M, 8], gl.float32, consumer_acc_layout(8))
+        ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], gl.NVMMASharedLayout.get_default_for([8, BLOCK_N],
+                                                                                                       dtype))
+        ones_smem.store(gl.full([8, BLOCK_N], 1.0, dtype, gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])))
+        fence_async_shared()
+        gl.thread_barrier()
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
@@ -283,14 +290,20 @@ def attn_fwd_gluon_kernel(
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi, *mods,
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-                acc = warpgroup_mma_wait(1, deps=(acc,))  # PV of block j-1 done; QK^T j+1 may still run
                 if FIXED_MAX:
-                    l_i = l_i + gl.sum(p, axis=1)
+                    # PV and the row sums of block j-1 done; QK^T j+1 may still run
+                    acc, acc_l = warpgroup_mma_wait(1, deps=(acc, acc_l))
                 else:
+                    acc = warpgroup_mma_wait(1, deps=(acc,))  # PV of block j-1 done; QK^T j+1 may still run
                     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 mbarrier.wait(v_bars.index(stage), (j // NUM_STAGES) & 1)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
-                s, acc = warpgroup_mma_wait(1, deps=(s_tok, acc_tok))  # QK^T j+1 done; PV j in flight
+                if FIXED_MAX:
+                    acc_l = _row_sum_mma(p_op, ones_smem, acc_l)
+                    # QK^T j+1 done; PV and the row sums of block j in flight
+                    s, acc, acc_l = warpgroup_mma_wait(2, deps=(s_tok, acc_tok, acc_l))
+                else:
+                    s, acc = warpgroup_mma_wait(1, deps=(s_tok, acc_tok))  # QK^T j+1 done; PV j in flight
                 # K of block j+1 and V of block j-1 are consumed: refill their stages.
                 k_next = j + 1 + NUM_STAGES
                 _issue_kv_load(k_desc, k_smem, k_bars, nstage, kv_row + k_next * BLOCK_N, k_col,
@@ -301,14 +314,18 @@ def attn_fwd_gluon_kernel(
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + last * BLOCK_N, full_lo, full_hi, *mods,
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
             if FIXED_MAX:
-                l_i = l_i + gl.sum(p, axis=1)
+                acc, acc_l = warpgroup_mma_wait(0, deps=(acc, acc_l))
             else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             mbarrier.wait(v_bars.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
+            if FIXED_MAX:
+                acc_l = _row_sum_mma(p_op, ones_smem, acc_l)
+                acc, acc_l = warpgroup_mma_wait(0, deps=(acc, acc_l))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
     else:
         for j in range(n_blocks):
             stage = j % NUM_STAGES
@@ -317,7 +334,10 @@ def attn_fwd_gluon_kernel(
             s_tok = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
             # Waits for this QK^T and for the previous block's PV (older in the wgmma queue).
-            s, acc = warpgroup_mma_wait(0, deps=(s_tok, acc))
+            if FIXED_MAX:
+                s, acc, acc_l = warpgroup_mma_wait(0, deps=(s_tok, acc, acc_l))
+            else:
+                s, acc = warpgroup_mma_wait(0, deps=(s_tok, acc))
             # K stage `stage` and the previous block's V stage are free again: refill them.
             nxt = j + NUM_STAGES
             _issue_kv_load(k_desc, k_smem, k_bars, stage, kv_row + nxt * BLOCK_N, k_col, nxt < n_blocks)
@@ -327,22 +347,29 @@ def attn_fwd_gluon_kernel(
 
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo + j * BLOCK_N, full_lo, full_hi, *mods,
                                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
-            if FIXED_MAX:
-                l_i = l_i + gl.sum(p, axis=1)
-            else:
+            if not FIXED_MAX:
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
             mbarrier.wait(v_bars.index(stage), phase)
             acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=(acc,))
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+            if FIXED_MAX:
+                acc_l = _row_sum_mma(p_op, ones_smem, acc_l)
+                acc, acc_l = warpgroup_mma_wait(2, deps=(acc, acc_l))
+            else:
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+        if FIXED_MAX:
+            acc, acc_l = warpgroup_mma_wait(0, deps=(acc, acc_l))
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc,))
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 
+    if FIXED_MAX:
+        l_i = gl.convert_layout(gl.sum(acc_l, axis=1) * 0.125, row_s)  # eight equal columns
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     o_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + q_start.to(gl.int64) * stride_os
@@ -1062,7 +1089,7 @@ class FwdConfig(NamedTuple):
     whose query length is a multiple of block_m, or one batch; not with softcap or dropout): the output goes
     through shared memory and a bulk tensor store instead of register stores. ``fixed_max`` (bf16 softcap
     <= 40 without ALiBi or dropout): the softmax's max held at softcap's bound, the rows of P summed on the
-    tensor cores (ws schedules) or in registers (single).
+    tensor cores.
     ``alibi_sides`` (ws schedules): ALiBi's bias on key blocks wholly on one side of the tile's diagonal as one
     FMA per score and a row term (``_softmax_block``, HAS_ALIBI 2), the blocks across it exact. ``chain``
     (the persistent static schedule: dense inputs without a right window, or paired): a program's tiles run
@@ -1110,8 +1137,8 @@ class FwdConfig(NamedTuple):
 # causal, windows): +2-3% at 2k-4k plain, causal, ALiBi, windows (same notes, "the chained epilogue through a
 # bulk tensor store"). Causal inputs of 8 query tiles or more at d = 128: pairs of query blocks of equal work on
 # the chained static schedule, +5.2 / +4.4 / +2.3% at 2k / 4k / 8k over the dynamic one, alike at 16k (same
-# notes, "query blocks in pairs"). d = 64 holds softcap's max at its bound too: +5.5-7.3% at 2k-16k (H100; same
-# notes, "softcap's max held at its bound in the one-warpgroup kernel").
+# notes, "query blocks in pairs"). d = 64 holds softcap's max at its bound too: +2.2 / +5.3 / +6.6% at 2k / 4k /
+# 16k (H100; same notes, "softcap's max held at its bound in the one-warpgroup kernel").
 # d = 256: the d = 128 kernel's warp-specialised tiles on 64-key blocks (Q, two K/V stages and the epilogue's
 # layout change take 224 KiB of shared memory, so no bulk store and no chain), free-running consumers:
 # 1.9-2.0x the portable kernel on an H200, 613 / 640 / 654 TFLOPs/s at 2k / 4k / 16k non-causal
