@@ -170,8 +170,8 @@ def test_gluon_backward_deterministic_varlen(causal, d, gluon_calls):
 
 @pytest.mark.parametrize("env", [None, "0", "1"])
 def test_gluon_backward_routing(env, monkeypatch):
-    """By default the Gluon backward takes d = 64, 128 and 256 (where it measured faster), ALiBi and dropout at
-    d = 256 included, but not d = 128 causal with softcap; IOATTN_GLUON_BWD=1 gives it that too, =0 nothing."""
+    """By default the Gluon backward takes d = 64, 128 and 256 (where it measured faster), causal softcap and, at
+    d = 256, ALiBi and dropout included; =1 the same here, =0 nothing."""
     if env is None:
         monkeypatch.delenv("IOATTN_GLUON_BWD", raising=False)
     else:
@@ -187,7 +187,8 @@ def test_gluon_backward_routing(env, monkeypatch):
         q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
         ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
     wide = [256, 256, 256]
-    assert calls == {None: [64, 128, 128, 64, 64, 64, *wide], "0": [], "1": [64, 128, 128, 64, 64, 128, 64, *wide]}[env]
+    every = [64, 128, 128, 64, 64, 128, 64, *wide]
+    assert calls == {None: every, "0": [], "1": every}[env]
 
 
 # The last wave's key blocks split over their steps (dense, no window, not deterministic), forced on small

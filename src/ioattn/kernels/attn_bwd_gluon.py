@@ -1025,19 +1025,17 @@ _ROUTED_HEAD_DIMS = (64, 128, 256)
 
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
-                             cu_seqlens_q: torch.Tensor | None = None, softcap: float = 0.0,
-                             window_size: tuple[int, int] = (-1, -1)) -> bool:
-    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, except causal
-    with softcap at d >= 128 (where the portable backward measured faster on an H200, at 16k); every head
-    dim of ``_CONFIGS`` and every case with ``IOATTN_GLUON_BWD=1``, none with
-    ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and what the Gluon forward takes (dense or varlen,
-    windows, softcap, ALiBi, GQA, dropout), with a TMA-describable dO, in either dQ order (``gluon_backward``'s
-    ``deterministic``), the wide kernel (d = 256) as well."""
+                             cu_seqlens_q: torch.Tensor | None = None) -> bool:
+    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, every head dim
+    of ``_CONFIGS`` with ``IOATTN_GLUON_BWD=1``, none with ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and
+    what the Gluon forward takes (dense or varlen, causal, windows, softcap, ALiBi, GQA, dropout), with a
+    TMA-describable dO, in either dQ order (``gluon_backward``'s ``deterministic``), the wide kernel (d = 256)
+    as well. (Causal softcap at d >= 128 took the portable backward until an H100 probe put the Gluon one at
+    1.27-1.49x it at d = 128 and 1.78-2.0x at d = 256: benchmarks/NOTES.md.)"""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if choice == "0":
         return False
-    if choice != "1" and (q.shape[-1] not in _ROUTED_HEAD_DIMS
-                          or softcap > 0 and q.shape[-1] > 64 and window_size[1] == 0):
+    if choice != "1" and q.shape[-1] not in _ROUTED_HEAD_DIMS:
         return False
     if not gluon_enabled_on(q):
         return False
