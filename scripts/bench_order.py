@@ -4,7 +4,7 @@ process on the same inputs, interleaved over rounds; the FA2 benchmark's setup (
 tokens, nheads = 2048 / d; backward FLOPs = 2.5 x the forward's). The table shows medians over rounds
 (TFLOPs/s) and the median of the per-round ratios sectioned / row-major, / cuDNN, / flash. ``--modes fwd``
 adds the causal forward (no row-major variant: its order is the dynamic schedule's, not this knob's).
-The backward routes to the Gluon kernel at d = 128 by default; ``IOATTN_GLUON_BWD=1`` adds d = 64.
+The backward routes to the Gluon kernel at d = 64, 128 and 256 by default.
 
     PYTHONPATH=src python scripts/bench_order.py [--headdims 128] [--seqlens 2048,...] [--rounds 3] [--json F]
 """

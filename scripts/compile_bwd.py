@@ -268,7 +268,8 @@ WIDE_VARIANTS = {"plain": {}, "causal": {"HAS_RIGHT": True}, "window": {"HAS_LEF
                  "deterministic": {"DETERMINISTIC": True},
                  "deterministic-window": {"DETERMINISTIC": True, "HAS_LEFT": True, "HAS_RIGHT": True},
                  "alibi": {"HAS_ALIBI": True}, "alibi-causal": {"HAS_ALIBI": True, "HAS_RIGHT": True},
-                 "dropout": {"DROPOUT": True}, "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True}}
+                 "dropout": {"DROPOUT": True}, "dropout-causal": {"DROPOUT": True, "HAS_RIGHT": True},
+                 "causal-softcap": {"HAS_RIGHT": True, "SOFTCAP": True}}
 
 
 # The Gluon backward's variants: the forward's, and the ordered dQ of deterministic=True.

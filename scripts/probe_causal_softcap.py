@@ -1,7 +1,8 @@
-"""Causal softcap's backward: the Gluon backward (``IOATTN_GLUON_BWD=1``) against the default routing (the
-portable backward for causal softcap at d >= 128), interleaved in one process, ``--rounds`` times; FA2 bench
-shapes (bf16, 16k tokens, hidden 2048), softcap 30. Prints TFLOPs/s of each and the median ratio Gluon /
-default with its range (``ab_gluon.summarize``).
+"""Causal softcap's backward: the Gluon backward (the default routing) against the portable one
+(``IOATTN_GLUON_BWD=0``), interleaved in one process, ``--rounds`` times; FA2 bench shapes (bf16, 16k tokens,
+hidden 2048), softcap 30. Prints TFLOPs/s of each and the median ratio Gluon / portable with its range
+(``ab_gluon.summarize``). (Written when the default routing sent causal softcap at d >= 128 to the portable
+backward: benchmarks/NOTES.md.)
 
     PYTHONPATH=src:scripts python scripts/probe_causal_softcap.py [--headdims 128,256] [--seqlens 2048,4096,16384]
 """
@@ -56,11 +57,11 @@ def main() -> None:
 
             times = [[], []]
             for _ in range(args.rounds):
-                for i, value in enumerate((None, "1")):
+                for i, value in enumerate(("0", None)):
                     with _gluon_bwd(value):
                         times[i].append(triton.testing.do_bench(fn, warmup=25, rep=150))
             _, _, text = summarize(times, flops)
-            print(f"bwd causal softcap d={d:<3} s={s:<5} default, gluon: {text}", flush=True)
+            print(f"bwd causal softcap d={d:<3} s={s:<5} portable, gluon: {text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -183,10 +183,11 @@ def test_gluon_backward_routing(env, monkeypatch):
     for d, opts in ((64, {}), (128, {}), (128, {"softcap": 5.0}), (64, {"causal": True}),
                     (64, {"causal": True, "window_size": (100, -1)}), (128, {"causal": True, "softcap": 5.0}),
                     (64, {"causal": True, "softcap": 5.0}), (256, {"deterministic": True}), (256, {"dropout_p": 0.1}),
-                    (256, {"alibi_slopes": torch.full((2,), 0.1, device="cuda")})):
+                    (256, {"alibi_slopes": torch.full((2,), 0.1, device="cuda")}),
+                    (256, {"causal": True, "softcap": 5.0})):
         q, k, v = _qkv(1, 256, 256, 2, 2, d, torch.bfloat16)
         ioattn.flash_attn_func(q, k, v, **opts).sum().backward()
-    wide = [256, 256, 256]
+    wide = [256, 256, 256, 256]
     every = [64, 128, 128, 64, 64, 128, 64, *wide]
     assert calls == {None: every, "0": [], "1": every}[env]
 
@@ -339,7 +340,8 @@ WIDE_SHAPES = [
     (2, 130, 1, 2, 1, 256),
 ]
 WIDE_OPTS = [{}, {"causal": True}, {"window_size": (100, 30)}, {"window_size": (-1, 64)}, {"softcap": 5.0},
-             {"window_size": (100, 30), "softcap": 8.0}, {"window_size": (0, 0)}, {"window_size": (10, -1)}]
+             {"window_size": (100, 30), "softcap": 8.0}, {"window_size": (0, 0)}, {"window_size": (10, -1)},
+             {"causal": True, "softcap": 5.0}]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -165,7 +165,7 @@ def test_score_mods(seqlens, opts, dtype):
 @pytest.mark.parametrize("d", [64, 256])
 def test_features_other_head_dims(seqlens, opts, d):
     """d=64 (one warpgroup, 64 rows) and d=256 (64-key blocks) run their own tiles: the feature paths again
-    at those shapes (softcap 5 takes d=256's held max, 30 the online one with ALiBi)."""
+    at those shapes (softcap 5 takes the held max, 30 the online one with ALiBi)."""
     torch.manual_seed(seqlens[1])
     batch, nheads = 2, 4
     q, k, v = _qkv(batch, *seqlens, nheads, 1, d, torch.bfloat16)
@@ -504,7 +504,7 @@ def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
 
 # The max held at softcap's bound (with the row sums on the tensor cores) on both loops of the consumers, and
 # d = 256's shipped config (64-key blocks: the row sums' ones tile is 64 keys); d = 64's one-warpgroup kernel
-# (the rows of P summed in registers) on both of its loops.
+# on both of its loops.
 FIXED_MAX_CONFIGS = [(128, FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, fixed_max=True)),
                      (128, FwdConfig(64, 128, 2, 4, "pingpong", fixed_max=True)), (256, _CONFIGS[256]),
                      (64, FwdConfig(64, 128, 2, 4, fixed_max=True)),

@@ -1026,8 +1026,9 @@ _ROUTED_HEAD_DIMS = (64, 128, 256)
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
                              cu_seqlens_q: torch.Tensor | None = None) -> bool:
-    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS``, every head dim
-    of ``_CONFIGS`` with ``IOATTN_GLUON_BWD=1``, none with ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and
+    """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS`` (all of
+    ``_CONFIGS``'s; ``IOATTN_GLUON_BWD=1`` takes every head dim of ``_CONFIGS``), none with
+    ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and
     what the Gluon forward takes (dense or varlen, causal, windows, softcap, ALiBi, GQA, dropout), with a
     TMA-describable dO, in either dQ order (``gluon_backward``'s ``deterministic``), the wide kernel (d = 256)
     as well. (Causal softcap at d >= 128 took the portable backward until an H100 probe put the Gluon one at

@@ -90,9 +90,9 @@ def _softmax_block(s, m_i, l_i, start_n, full_lo, full_hi, rows, offs_n, seqlen_
     Scores stay in "units" u whose log2-logit is ``u * score_scale``: raw q.k without softcap, tanh(q.k *
     tanh_scale) with it; the running max is kept in u so one FMA per element feeds ``exp2``. ALiBi's slope
     comes in u units too. Only blocks outside [full_lo, full_hi) are masked (bounds, window, causal); a row
-    with no key yet keeps m = -inf and p = 0. SOFTCAP 2 (the warp-specialised kernels only; the host never
-    sends it to the one-warpgroup kernel): the max is held at tanh's bound 1 instead, alpha is meaningless
-    (the caller does not rescale) and l is returned as given (the caller sums P's rows on the tensor cores).
+    with no key yet keeps m = -inf and p = 0. SOFTCAP 2: the max is held at tanh's bound 1 instead, alpha is
+    meaningless (the caller does not rescale) and l is returned as given (the caller sums P's rows on the
+    tensor cores).
     With DROPOUT the returned p (for PV) is dropped, l sums the undropped p (the lse is that of the scores
     before dropout). Returns (p, alpha, m, l)."""
     cols = start_n + offs_n
@@ -261,7 +261,9 @@ def attn_fwd_gluon_kernel(
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if FIXED_MAX:
-        acc_l = gl.zeros([BLOCK_M, 8], gl.float32, consumer_acc_layout(8))
+        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, 8, 16])
+        acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
         ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], gl.NVMMASharedLayout.get_default_for([8, BLOCK_N],
                                                                                                        dtype))
         ones_smem.store(gl.full([8, BLOCK_N], 1.0, dtype, gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])))
@@ -1123,7 +1125,7 @@ class FwdConfig(NamedTuple):
         return cls(*ints[:4], *fields[4:5], *(bool(x) for x in ints[4:]))
 
 
-# By head dim. d=64: one warpgroup on 64 query rows, three programs (74 KB, 154 registers) per SM, so one's
+# By head dim. d=64: one warpgroup on 64 query rows, three programs (74-76 KB, 154-159 registers) per SM, so one's
 # softmax runs under another's wgmma; 1.14-1.26x the portable kernel on an H200 (benchmarks/NOTES.md,
 # "Gluon forward v2"); the overlapped single loop lost 3-25% there. d=128: 128-key blocks (QK^T at N=64
 # saturates the shared-memory port) under the ping-pong schedule with the overlap, persistent where it
@@ -1154,7 +1156,7 @@ _FIXED_MAX_SOFTCAP = 40.0
 
 def _softcap_mode(softcap: float, dtype: torch.dtype, alibi: bool, dropout_p: float, cfg: FwdConfig) -> int:
     """The kernels' SOFTCAP flag: 0 off; 1 tanh with the online max; 2 tanh with the max held at the bound
-    (``FwdConfig.fixed_max``; the warp-specialised consumers sum P's rows on the tensor cores):
+    (``FwdConfig.fixed_max``; the kernels sum P's rows on the tensor cores):
     bf16 only, as in fp16 P far below 1 would flush to zero; not with ALiBi, whose bias takes scores below -1;
     not with dropout (l sums P before the drop, PV takes it after)."""
     if softcap <= 0:
