@@ -261,12 +261,8 @@ def attn_fwd_gluon_kernel(
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if FIXED_MAX:
-        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, 8, 16])
-        acc_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
-        ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], gl.NVMMASharedLayout.get_default_for([8, BLOCK_N],
-                                                                                                       dtype))
-        ones_smem.store(gl.full([8, BLOCK_N], 1.0, dtype, gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])))
+        acc_l = gl.zeros([BLOCK_M, 8], gl.float32, consumer_acc_layout(8, num_warps))
+        ones_smem = _ones_tile(dtype, BLOCK_N)
         fence_async_shared()
         gl.thread_barrier()
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
@@ -602,9 +598,19 @@ def _row_sum_mma(p_op, ones_smem, acc_l):
 
 
 @gluon.constexpr_function
-def consumer_acc_layout(n):
-    """Layout of a (rows, n) wgmma accumulator of one 4-warp consumer warpgroup."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+def consumer_acc_layout(n, warps=4):
+    """Layout of a (rows, n) wgmma accumulator of one 4-warp consumer warpgroup (or of ``warps`` warps)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _ones_tile(dtype: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The row-sum products' B operand in shared memory, transposed: 8 rows of BLOCK_N ones (``_row_sum_mma``).
+    The caller fences and synchronises before a product reads it."""
+    ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], gl.NVMMASharedLayout.get_default_for([8, BLOCK_N],
+                                                                                                   dtype))
+    ones_smem.store(gl.full([8, BLOCK_N], 1.0, dtype, gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])))
+    return ones_smem
 
 
 @gluon.jit
@@ -985,11 +991,7 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
     else:
         o_smem = tile_smem
     if SOFTCAP == 2:
-        # B operand of the row-sum products, transposed (8 rows of BLOCK_N ones).
-        ones_smem = gl.allocate_shared_memory(q_desc.dtype, [8, BLOCK_N],
-                                              gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], q_desc.dtype))
-        ones_smem.store(gl.full([8, BLOCK_N], 1.0, q_desc.dtype,
-                                gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])))
+        ones_smem = _ones_tile(q_desc.dtype, BLOCK_N)
     else:
         ones_smem = tile_smem
     q_full = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], mbarrier.MBarrierLayout())
