@@ -57,15 +57,31 @@ OPTS = [{}, {"causal": True}, {"window_size": (100, 30)}, {"window_size": (-1, 6
         {"window_size": (0, 0)}, {"window_size": (10, -1)}]
 
 
+def _case(shape, opts, dtype=torch.bfloat16, seed=None):
+    """q, k, v of (batch, seqlen_q, seqlen_k, nheads, nheads_k, d) (the generator seeded with ``seed``, by
+    default the shape's sum) and the call's options, with ``alibi`` (True or "batch": (batch, nheads) slopes;
+    "heads": (nheads,)) and ``dropout`` (p, and the forward's mask for the reference) spelled out."""
+    torch.manual_seed(sum(shape) if seed is None else seed)
+    q, k, v = _qkv(*shape, dtype)
+    opts = dict(opts)
+    alibi = opts.pop("alibi", False)
+    assert alibi in (False, True, "heads", "batch")
+    if alibi:
+        lead = (shape[3],) if alibi == "heads" else (shape[0], shape[3])
+        opts["alibi_slopes"] = torch.rand(*lead, device="cuda") * 0.3 + 0.05
+    p = opts.pop("dropout", 0.0)
+    if p:
+        torch.manual_seed(1234)
+        opts.update(dropout_p=p, seed=1234,
+                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
+    return q, k, v, opts
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("opts", OPTS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gluon_backward(shape, opts, dtype, gluon_calls):
-    torch.manual_seed(sum(shape) + len(opts))
-    q, k, v = _qkv(*shape, dtype)
-    opts = dict(opts)
-    if opts.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
+    q, k, v, opts = _case(shape, opts, dtype, seed=sum(shape) + len(opts))
     check_against_ref(q, k, v, **opts)
     assert len(gluon_calls) == 1, "the Gluon backward did not run"
 
@@ -102,15 +118,9 @@ def test_gluon_backward_varlen(lens, causal, gluon_calls):
                          ids=lambda s: "x".join(map(str, s)))
 def test_gluon_backward_dropout(shape, opts, gluon_calls):
     """The forward's dropout mask drawn again in the S^T layout: against attention_ref with that mask."""
-    torch.manual_seed(sum(shape) + len(opts))
-    q, k, v = _qkv(*shape, torch.bfloat16)
-    opts = dict(opts)
-    if opts.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
     p = 0.17
-    torch.manual_seed(1234)
-    mask = dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda")
-    check_against_ref(q, k, v, dropout_p=p, dropout_mask=mask, seed=1234, **opts)
+    q, k, v, opts = _case(shape, {**opts, "dropout": p}, seed=sum(shape) + len(opts))
+    check_against_ref(q, k, v, **opts)
     assert len(gluon_calls) == 1 and gluon_calls[0]["dropout_p"] == p
 
 
@@ -133,11 +143,7 @@ DETERMINISTIC_CASES = [
 @pytest.mark.parametrize("shape,opts", DETERMINISTIC_CASES, ids=str)
 def test_gluon_backward_deterministic(shape, opts, gluon_calls):
     """Against attention_ref, and bitwise equal gradients over repeated calls."""
-    torch.manual_seed(sum(shape))
-    q, k, v = _qkv(*shape, torch.bfloat16)
-    opts = dict(opts, deterministic=True)
-    if opts.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
+    q, k, v, opts = _case(shape, dict(opts, deterministic=True))
     _, _, grads = check_against_ref(q, k, v, **opts)
     assert gluon_calls and all(c["deterministic"] for c in gluon_calls)
     out = ioattn.flash_attn_func(q, k, v, **opts)
@@ -206,19 +212,8 @@ TAIL_CASES = [
 
 
 def _check_case(shape, opts):
-    """A case of (batch, seqlen_q, seqlen_k, nheads, nheads_k, d) in bf16 against the reference, forward and
-    backward; ``opts`` the call's options, with ``alibi`` (per-batch slopes) and ``dropout`` (p, its mask
-    drawn for the reference) spelled out here."""
-    torch.manual_seed(sum(shape))
-    q, k, v = _qkv(*shape, torch.bfloat16)
-    opts = dict(opts)
-    if opts.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(shape[0], shape[3], device="cuda") * 0.3 + 0.05
-    p = opts.pop("dropout", 0.0)
-    if p:
-        torch.manual_seed(1234)
-        opts.update(dropout_p=p, seed=1234,
-                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
+    """A case (``_case``, bf16) against the reference, forward and backward."""
+    q, k, v, opts = _case(shape, opts)
     check_against_ref(q, k, v, **opts)
 
 
@@ -376,30 +371,11 @@ WIDE_DROPOUT_OPTS = [{}, {"causal": True}, {"window_size": (100, 30), "softcap":
                      {"causal": True, "alibi": "batch"}, {"deterministic": True}]
 
 
-def _wide_case(shape, opts, dtype=torch.bfloat16):
-    """q, k, v of ``shape`` and the call's options: ``alibi`` "heads" or "batch", (nheads,) or (batch, nheads)
-    slopes; ``dropout`` as p with the forward's mask."""
-    torch.manual_seed(sum(shape) + len(opts))
-    q, k, v = _qkv(*shape, dtype)
-    opts = dict(opts)
-    alibi = opts.pop("alibi", None)
-    assert alibi in (None, "heads", "batch")
-    if alibi:
-        lead = (shape[0], shape[3]) if alibi == "batch" else (shape[3],)
-        opts["alibi_slopes"] = torch.rand(*lead, device="cuda") * 0.3 + 0.05
-    p = opts.pop("dropout", 0.0)
-    if p:
-        torch.manual_seed(1234)
-        opts.update(dropout_p=p, seed=1234,
-                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
-    return q, k, v, opts
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("opts", WIDE_BIAS_OPTS, ids=str)
 @pytest.mark.parametrize("shape", WIDE_SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
 def test_gluon_backward_wide_alibi(shape, opts, dtype, gluon_calls):
-    q, k, v, opts = _wide_case(shape, opts, dtype)
+    q, k, v, opts = _case(shape, opts, dtype, seed=sum(shape) + len(opts))
     check_against_ref(q, k, v, **opts)
     assert len(gluon_calls) == 1, "the wide kernel did not run"
 
@@ -408,7 +384,8 @@ def test_gluon_backward_wide_alibi(shape, opts, dtype, gluon_calls):
 @pytest.mark.parametrize("shape", WIDE_SHAPES[:3] + [(1, 1024, 1024, 2, 2, 256)], ids=lambda s: "x".join(map(str, s)))
 def test_gluon_backward_wide_dropout(shape, opts, gluon_calls):
     """Against attention_ref with the forward's mask: the wide kernel draws the same mask as the forward."""
-    q, k, v, opts = _wide_case(shape, {**opts, "dropout": 0.17})
+    opts = {**opts, "dropout": 0.17}
+    q, k, v, opts = _case(shape, opts, seed=sum(shape) + len(opts))
     check_against_ref(q, k, v, **opts)
     assert len(gluon_calls) == 1 and gluon_calls[0]["dropout_p"] == 0.17
 
