@@ -1025,21 +1025,18 @@ _ROUTED_HEAD_DIMS = (64, 128, 256)
 
 
 def gluon_backward_supported(q, k, v, dout, *, dropout_p: float, alibi_slopes,
-                             cu_seqlens_q: torch.Tensor | None = None, causal_softcap: bool = False) -> bool:
+                             cu_seqlens_q: torch.Tensor | None = None) -> bool:
     """Whether ``gluon_backward`` computes this backward: head dims in ``_ROUTED_HEAD_DIMS`` (all of
     ``_CONFIGS``'s; ``IOATTN_GLUON_BWD=1`` takes every head dim of ``_CONFIGS``), none with
     ``IOATTN_GLUON_BWD=0`` or ``IOATTN_GLUON=0``; and
     what the Gluon forward takes (dense or varlen, causal, windows, softcap, ALiBi, GQA, dropout), with a
     TMA-describable dO, in either dQ order (``gluon_backward``'s ``deterministic``), the wide kernel (d = 256)
-    as well, except by default ``causal_softcap`` (softcap with a right window edge of 0, causal) at d = 256:
-    an H100 probe put the wide kernel at 1.78-2.0x the portable backward there, but its gradients in that
-    combination have not yet been checked on a GPU (``IOATTN_GLUON_BWD=1`` takes it). Causal softcap at
-    d = 128 took the portable backward until the same probe put the Gluon one at 1.27-1.49x it
-    (benchmarks/NOTES.md)."""
+    as well. Causal softcap took the portable backward until an H100 probe put the Gluon one at 1.27-1.49x it
+    at d = 128 and 1.78-2.0x at d = 256 (benchmarks/NOTES.md)."""
     choice = os.environ.get("IOATTN_GLUON_BWD", "").strip()
     if choice == "0":
         return False
-    if choice != "1" and (q.shape[-1] not in _ROUTED_HEAD_DIMS or causal_softcap and q.shape[-1] > 128):
+    if choice != "1" and q.shape[-1] not in _ROUTED_HEAD_DIMS:
         return False
     if not gluon_enabled_on(q):
         return False

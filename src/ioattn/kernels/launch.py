@@ -310,8 +310,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     products per tile instead of seven, one draw of the dropout mask instead of two; the order of those
     additions varies from run to run, so dQ may differ in its last bits. Otherwise, and always with
     ``deterministic=True``, a separate dQ pass runs: no atomics, bitwise reproducible. On sm_90 the
-    backward takes the Gluon warp-specialised single pass where it measured faster (d = 64, 128 and 256,
-    but causal softcap at d = 256, not yet checked on a GPU;
+    backward takes the Gluon warp-specialised single pass where it measured faster (d = 64, 128 and 256;
     ``attn_bwd_gluon.py``, its ``gluon_backward_supported`` says where and how ``IOATTN_GLUON_BWD`` changes
     that); with ``deterministic=True`` its key blocks add into each dQ block
     in a fixed order, so it is bitwise reproducible too.
@@ -328,8 +327,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     qk_scale, softcap2 = prob.log2_units()
     cu_q = cu_seqlens_q if prob.varlen else q
     gluon = gluon_backward_supported(q, k, v, dout, dropout_p=prob.dropout_p, alibi_slopes=alibi_slopes,
-                                     cu_seqlens_q=cu_seqlens_q,
-                                     causal_softcap=prob.softcap > 0 and prob.causal)
+                                     cu_seqlens_q=cu_seqlens_q)
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = (cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
