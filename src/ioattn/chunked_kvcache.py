@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import chunked_attention
+from .chunked import chunked_attention, chunked_attention_varlen
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -84,3 +84,21 @@ def kvcache_attention_torch(q, k_cache, v_cache, seqlens, block_table, cache_bat
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
+
+
+def paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
+                                 softmax_scale: float, left: int, right: int, softcap: float):
+    """Packed variable-length queries over a paged cache: each sequence's first ``seqlens_k[b]`` keys are
+    gathered through its pages into one packed (total_k, nheads_k, d) run, then the chunked varlen path.
+    Returns (out (total_q, nheads, d), lse float32 (nheads, total_q))."""
+    lengths = [int(n) for n in seqlens_k]
+    block_size = k_cache.shape[1]
+    positions = [torch.arange(n, device=q.device) for n in lengths]
+    pages = torch.cat([block_table[b, p // block_size].long() for b, p in enumerate(positions)])
+    offsets = torch.cat(positions) % block_size
+    cu_k = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0).to(torch.int32).to(q.device)
+    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    return chunked_attention_varlen(q, k_cache[pages, offsets], v_cache[pages, offsets], cu_seqlens_q, cu_k, max_q,
+                                    max(lengths), softmax_scale=softmax_scale, causal=False,
+                                    window_size=(left, right), softcap=softcap, alibi_slopes=alibi_slopes,
+                                    dropout_p=0.0)

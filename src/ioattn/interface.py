@@ -111,6 +111,7 @@ def flash_attn_varlen_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
 ):
     """Attention over a batch of variable-length sequences packed along the token dimension.
 
@@ -123,9 +124,20 @@ def flash_attn_varlen_func(
         cu_seqlens_k: int32 (batch + 1,), likewise for k and v.
         max_seqlen_q, max_seqlen_k: the longest query / key sequence (ints, no device read needed).
         Other arguments as in :func:`flash_attn_func`; alibi_slopes may be (nheads,) or (batch, nheads).
+        block_table: optional int32 (batch, max_blocks): k and v are then a paged KV cache (num_blocks,
+            block_size, nheads_k, headdim) and sequence b's keys the first cu_seqlens_k[b + 1] -
+            cu_seqlens_k[b] positions of its pages block_table[b] (continuous batching over a paged cache,
+            prefill and decode rows in one call). Forward only, without dropout.
     Returns:
         out: (total_q, nheads, headdim); softmax_lse (if return_attn_probs): float32 (nheads, total_q).
     """
+    if block_table is not None:
+        from .kvcache import paged_varlen_attention
+
+        out, lse = paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          block_table, dropout_p, softmax_scale, causal, window_size, softcap,
+                                          alibi_slopes)
+        return _finish(out, lse, return_attn_probs)
     nheads, _, headdim = V.check_qkv(q, k, v, rank=3)
     host = V.host_values_readable(q.device)
     batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device, host_check=host)

@@ -218,6 +218,65 @@ def flash_attn_with_kvcache(
     return (out, lse) if return_softmax_lse else out
 
 
+def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                           dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """``flash_attn_varlen_func`` with ``block_table`` (flash-attn 2.x's paged varlen forward): packed
+    variable-length queries (total_q, nheads, d) over a paged cache (num_blocks, block_size, nheads_k, d);
+    sequence b's keys are the first ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` positions of its pages
+    ``block_table[b]``, aligned bottom-right with its queries. Forward only. Returns (out, lse (nheads,
+    total_q))."""
+    V._check_tensor("q", q)
+    if q.dim() != 3:
+        raise ValueError(f"q must have rank 3 (total_q, nheads, headdim), got shape {tuple(q.shape)}")
+    V.check_dtype("q", q)
+    V.check_last_dim_contiguous("q", q)
+    total_q, nheads, headdim = q.shape
+    k_cache = _check_cache("k (the paged k_cache)", k_cache, q)
+    v_cache = _check_cache("v (the paged v_cache)", v_cache, q)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v must have k's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    nheads_k = k_cache.shape[2]
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(f"q's nheads ({nheads}) must be divisible by k's nheads_k ({nheads_k})")
+    if k_cache.shape[3] != headdim:
+        raise ValueError(f"k's headdim must equal q's ({headdim}), got {k_cache.shape[3]}")
+    if not 1 <= headdim <= V.MAX_HEADDIM:
+        raise ValueError(f"headdim must be between 1 and {V.MAX_HEADDIM}, got {headdim}")
+    host = V.host_values_readable(q.device)
+    batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, q.device, host_check=host)
+    if V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None, max_seqlen_k, q.device, host_check=host) != batch:
+        raise ValueError(f"cu_seqlens_k must describe {batch} sequences like cu_seqlens_q, "
+                         f"got {cu_seqlens_k.shape[0] - 1}")
+    block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, q.device)
+    num_blocks, block_size = k_cache.shape[:2]
+    capacity = block_table.shape[1] * block_size
+    if host:
+        if block_table.numel() > 0:
+            lo, hi = int(block_table.min()), int(block_table.max())
+            if lo < 0 or hi >= num_blocks:
+                raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
+        longest = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        if longest > capacity:
+            raise ValueError(f"a sequence of cu_seqlens_k holds {longest} keys, more than its block_table "
+                             f"row's {capacity} (block_table.shape[1] * block_size)")
+    V.check_scalars(dropout_p, softcap, softmax_scale)
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0 with block_table (the paged path is forward-only), got {dropout_p}")
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        raise ValueError("block_table: the paged varlen path is forward-only (inference); call it under "
+                         "torch.no_grad() or torch.inference_mode(), or on tensors that do not require grad")
+    left, right = V.check_window(window_size)
+    if causal:
+        right = 0
+    V.check_alibi(alibi_slopes, batch, nheads, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
+    seqlens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]  # int32, on the device: no host read
+    from .ops.decode import paged_varlen_attention as op
+
+    return op(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, int(max_seqlen_q), scale,
+              left, right, float(softcap), 0)
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatters new tokens into a paged KV cache in place, one launch for all of a step's tokens.

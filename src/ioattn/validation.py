@@ -143,11 +143,11 @@ def host_values_readable(device: torch.device) -> bool:
 
 
 def check_cu_seqlens(
-    name: str, cu: object, total: int, max_seqlen: int, device: torch.device, *, host_check: bool
+    name: str, cu: object, total: int | None, max_seqlen: int, device: torch.device, *, host_check: bool
 ) -> int:
-    """Checks a cu_seqlens tensor and returns the batch size. Value checks (monotone, ends at total,
-    max_seqlen large enough) read the tensor on the host, so they run only when ``host_check`` is set
-    (``host_values_readable``: CPU tensors)."""
+    """Checks a cu_seqlens tensor and returns the batch size. Value checks (monotone, ends at total unless
+    total is None, max_seqlen large enough) read the tensor on the host, so they run only when
+    ``host_check`` is set (``host_values_readable``: CPU tensors)."""
     t = _check_tensor(name, cu)
     if t.dtype != torch.int32:
         raise TypeError(f"{name}.dtype must be torch.int32, got {t.dtype}")
@@ -164,7 +164,7 @@ def check_cu_seqlens(
         lens = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
         if min(lens) < 0:
             raise ValueError(f"{name} must be non-decreasing, got {vals}")
-        if vals[-1] != total:
+        if total is not None and vals[-1] != total:
             raise ValueError(f"{name}[-1] must equal the total number of tokens ({total}), got {vals[-1]}")
         if max(lens) > max_seqlen:
             raise ValueError(f"max_seqlen for {name} must be >= the longest sequence ({max(lens)}), got {max_seqlen}")

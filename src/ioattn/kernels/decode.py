@@ -89,7 +89,7 @@ def key_range(pos_first, pos_last, seqlen_k, window_left, window_right, BLOCK_N:
 
 @triton.jit
 def decode_kernel(
-    Q, K, V, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, Cos, Sin,
+    Q, K, V, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, Cos, Sin, CuSeqlensQ,
     stride_qb, stride_qs, stride_qh,
     stride_kc0, stride_kc1, stride_kch, stride_vc0, stride_vc1, stride_vch,
     stride_osplit, stride_ob, stride_os, stride_oh,
@@ -102,7 +102,7 @@ def decode_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, VARLEN_Q: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -110,12 +110,21 @@ def decode_kernel(
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
 
+    # VARLEN_Q: sequence b's queries are the packed rows [CuSeqlensQ[b], CuSeqlensQ[b + 1]) (the batch
+    # strides of q, out and lse are 0, seqlen_q is the longest sequence's); otherwise row 0 of batch b.
+    q_first = 0
+    if VARLEN_Q:
+        q_first = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_first
     cache_len = tl.load(CacheSeqlens + b)
     seqlen_k = cache_len + seqlen_new
     diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     num_rows = seqlen_q * GROUP
+    if VARLEN_Q:
+        if pid_m * BLOCK_M >= num_rows:
+            return  # past a shorter sequence's queries
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < num_rows
     rows = offs_m // GROUP  # query token of each packed row
     heads = hk * GROUP + offs_m % GROUP
@@ -123,7 +132,7 @@ def decode_kernel(
     d_ok = offs_d < HEADDIM
     q_mask = row_ok[:, None] & d_ok[None, :]
 
-    q_rows = Q + b.to(tl.int64) * stride_qb + rows * stride_qs + heads * stride_qh
+    q_rows = Q + b.to(tl.int64) * stride_qb + (q_first + rows).to(tl.int64) * stride_qs + heads * stride_qh
     if ROTARY_DIM > 0:
         # flash-attn: causal/local queries rotate at their own positions, others all at cache_seqlens[b].
         if ROTARY_PER_ROW:
@@ -193,9 +202,9 @@ def decode_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob + rows * stride_os
-              + heads * stride_oh)
+    o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
+              + (q_first + rows).to(tl.int64) * stride_os + heads * stride_oh)
     tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
     l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
-              + rows * stride_ls)
+              + (q_first + rows).to(tl.int64) * stride_ls)
     tl.store(l_ptrs, lse, mask=row_ok)

@@ -14,7 +14,7 @@ import torch
 from triton import knobs
 
 from ..backend import select_backend
-from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch
+from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch, paged_varlen_attention_torch
 from ..kernels import decode_gluon
 from ..kernels import kv_write as kvw
 from ..kernels.attn_fwd_gluon import gluon_enabled_on
@@ -83,11 +83,22 @@ def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
 
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
             alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
-            rotary_interleaved, rotary_per_row, num_splits, tiles=None, gluon=None):
+            rotary_interleaved, rotary_per_row, num_splits, tiles=None, gluon=None, cu_seqlens_q=None,
+            max_seqlen_q=0):
     """``num_splits`` 0: the rule of the kernel that runs. ``tiles``: (BLOCK_M, BLOCK_N, num_warps,
     num_stages) of the portable kernel in place of ``decode_tiles``; ``gluon``: False forces the portable
     kernel, a ``DecodeConfig`` the Gluon one with that config (the sweep's knobs). Without those two, a call
-    shaped like two earlier ones launches the plan the second recorded (``_decode_plan_key``)."""
+    shaped like two earlier ones launches the plan the second recorded (``_decode_plan_key``).
+    ``cu_seqlens_q``: q packs the sequences' queries (total_q, nheads, d), sequence b's are rows
+    [cu_seqlens_q[b], cu_seqlens_q[b + 1]), at most ``max_seqlen_q``; out is (total_q, nheads, d) and lse
+    (nheads, total_q); the portable kernel runs it, without a plan."""
+    if cu_seqlens_q is not None and q.dim() == 3:
+        # As one batch row of total_q tokens for the buffers and the combine; the kernel's grid and its
+        # batch strides (0) go by sequence.
+        out, lse = _decode(q.unsqueeze(0), k_cache, v_cache, cache_seqlens, block_table, None, None, None,
+                           alibi_slopes, 0, softmax_scale, window_left, window_right, softcap, True, False,
+                           num_splits, tiles, False, cu_seqlens_q, max_seqlen_q)
+        return out[0], lse[0]
     tensors = (q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos,
                rotary_sin)
     plan_key = None
@@ -99,6 +110,9 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             if planned is not None:
                 return planned
     batch, seqlen_q, nheads, headdim = q.shape
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch, seqlen_q = cu_seqlens_q.shape[0] - 1, max_seqlen_q
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
     paged = block_table is not None
@@ -118,6 +132,9 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     else:
         o_strides = (0, *out.stride()[:3])
         l_strides = (0, *lse.stride())
+    if varlen:  # every sequence's rows in the one batch row, at their cu_seqlens_q offsets
+        o_strides = (o_strides[0], 0, *o_strides[2:])
+        l_strides = (l_strides[0], 0, *l_strides[2:])
     if use_gluon:
         launcher, grid, flags, build, args = gluon_decode(
             q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
@@ -133,7 +150,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         block_d = max(16, next_power_of_2(headdim))
         qk_scale, softcap2 = _scales(softmax_scale, softcap)
         rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
-        statics = (q.stride(0), q.stride(1), q.stride(2),
+        statics = (0 if varlen else q.stride(0), q.stride(1), q.stride(2),
                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                    v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                    *o_strides, *l_strides,
@@ -144,13 +161,14 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                    qk_scale, softcap2, window_left, window_right)
 
         def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                      alibi_slopes, rotary_cos, rotary_sin):
+                      alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q=None):
             dummy = cache_seqlens
             return (q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
                     dummy if block_table is None else block_table,
                     dummy if cache_batch_idx is None else cache_batch_idx,
                     dummy if alibi_slopes is None else alibi_slopes,
                     dummy if rotary_cos is None else rotary_cos, dummy if rotary_sin is None else rotary_sin,
+                    dummy if cu_seqlens_q is None else cu_seqlens_q,
                     *statics)
 
         launcher, grid = _launch_decode, (batch * nheads_k, cdiv(group * seqlen_q, block_m), num_splits)
@@ -161,11 +179,11 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
             ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN_Q=varlen,
             num_warps=num_warps, num_stages=num_stages,
         )
         args = build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                         alibi_slopes, rotary_cos, rotary_sin)
+                         alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q)
         launcher(grid, *args, **flags)
     combine = None
     if num_splits > 1:
@@ -326,6 +344,31 @@ def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_c
       rotary_per_row, num_splits):
     batch, seqlen_q, nheads, _ = q.shape
     return torch.empty_like(q), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
+
+
+def _paged_varlen_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    seqlens_k: torch.Tensor, block_table: torch.Tensor, alibi_slopes: torch.Tensor | None, max_seqlen_q: int,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed variable-length queries q (total_q, nheads, d) over a paged KV cache: sequence b's
+    queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys the first ``seqlens_k[b]`` positions of
+    its pages ``block_table[b]``, aligned bottom-right. Returns out like q and lse float32 (nheads, total_q)."""
+    if select_backend(q.device) != "triton":
+        return paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table,
+                                            alibi_slopes, softmax_scale, window_left, window_right, softcap)
+    return _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0, softmax_scale,
+                   window_left, window_right, softcap, True, False, num_splits, cu_seqlens_q=cu_seqlens_q,
+                   max_seqlen_q=max_seqlen_q)
+
+
+paged_varlen_attention = EagerOp("ioattn::paged_varlen_attention", _paged_varlen_attention)
+
+
+@paged_varlen_attention.register_fake
+def _(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, max_seqlen_q, softmax_scale,
+      window_left, window_right, softcap, num_splits):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 def _kv_write_op(

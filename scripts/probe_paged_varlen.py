@@ -1,0 +1,87 @@
+"""Time ``flash_attn_varlen_func`` with ``block_table`` (packed queries over a paged KV cache) against the same
+call on the keys gathered into a contiguous packed run (the dense varlen kernels), for a few continuous-batching
+steps: decode rows only, a prefill chunk beside decode rows, prefill only. bf16, d = 128, GQA 32 / 8, pages of 16
+tokens in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FLOPs of the allowed pairs).
+
+    PYTHONPATH=src python scripts/probe_paged_varlen.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+import ioattn
+
+STEPS = {
+    "decode 64 x 4k": [(1, 4096)] * 64,
+    "prefill 512 + decode 32 x 4k": [(512, 4096)] + [(1, 4096)] * 32,
+    "prefill 4 x 2k": [(2048, 2048)] * 4,
+}
+
+
+def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
+    pages_per = [-(-nk // page) for _, nk in lens]
+    num_blocks = sum(pages_per)
+    perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    table = torch.zeros(len(lens), max(pages_per), dtype=torch.int32, device="cuda")
+    at = 0
+    for b, n in enumerate(pages_per):
+        table[b, :n] = perm[at:at + n]
+        at += n
+    k_cache = torch.randn(num_blocks, page, nheads_k, d, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(sum(nq for nq, _ in lens), nheads, d, device="cuda", dtype=dtype)
+    cu_q = torch.tensor([0, *torch.tensor([nq for nq, _ in lens]).cumsum(0).tolist()], dtype=torch.int32,
+                        device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor([nk for _, nk in lens]).cumsum(0).tolist()], dtype=torch.int32,
+                        device="cuda")
+    rows = torch.cat([table[b, torch.arange(nk, device="cuda") // page].long() for b, (_, nk) in enumerate(lens)])
+    offs = torch.cat([torch.arange(nk, device="cuda") % page for _, nk in lens])
+    return q, k_cache, v_cache, cu_q, cu_k, table, rows, offs
+
+
+def _time_step(lens) -> tuple[list[float], float]:
+    """(microseconds of the paged call, the call on the gathered keys, gather + that call; causal FLOPs)."""
+    q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens)
+    max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
+    k_flat, v_flat = k_cache[rows, offs], v_cache[rows, offs]
+    flops = sum(4 * 128 * 32 * sum(min(nk, nk - nq + i + 1) for i in range(nq)) for nq, nk in lens)
+
+    def paged():
+        return ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, causal=True,
+                                             block_table=table)
+
+    def contig(k=k_flat, v=v_flat):
+        return ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+
+    def gather():
+        return contig(k_cache[rows, offs], v_cache[rows, offs])
+
+    with torch.no_grad():
+        torch.testing.assert_close(paged(), contig(), rtol=2e-2, atol=2e-2)
+        return [triton.testing.do_bench(f, warmup=50, rep=300) * 1e3 for f in (paged, contig, gather)], flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    results = []
+    print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}")
+    for name, lens in STEPS.items():
+        t, flops = _time_step(lens)
+        row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
+               "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6}
+        results.append(row)
+        print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""flash_attn_varlen_func with block_table (packed variable-length queries over a paged KV cache) against
+attention_ref on each sequence's gathered keys, through the Triton kernel and the chunked path.
+
+Unused cache slots (past a sequence's keys, pages no sequence owns) hold NaN, so reading one fails a test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+from test_kvcache import build_cache
+
+import ioattn
+from ioattn.ops.decode import paged_varlen_attention
+from ioattn.reference import attention_ref
+from ioattn.testing import make_alibi, tolerance_check
+
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+HEADDIM = 128 if ON_GPU else 40
+# Per sequence (queries, keys): prefill chunks, decode rows, an empty sequence, more queries than keys (the
+# first rows of a causal mask see no key), a sequence without keys.
+LENS = [(5, 17), (1, 40), (0, 9), (12, 12), (1, 1), (7, 3), (3, 0)]
+LONG = [(300, 1100), (1, 1500), (64, 64), (1, 700)] if ON_GPU else [(19, 61), (1, 45)]
+
+
+def _inputs(lens, nheads, nheads_k, dtype, block_size, d=HEADDIM, seed=0):
+    """(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, per-sequence (q, k, v)) on the device."""
+    torch.manual_seed(seed)
+    k_cache, v_cache, table, _, locate = build_cache([max(nk, 1) for _, nk in lens], nheads_k, d, dtype,
+                                                     block_size, seed=seed)
+    seqs = []
+    for b, (nq, nk) in enumerate(lens):
+        k_b = torch.randn(nk, nheads_k, d).to(dtype)
+        v_b = torch.randn(nk, nheads_k, d).to(dtype)
+        for pos in range(nk):
+            k_cache[locate(b, pos)] = k_b[pos]
+            v_cache[locate(b, pos)] = v_b[pos]
+        seqs.append((torch.randn(nq, nheads, d).to(dtype), k_b, v_b))
+    q = torch.cat([s[0] for s in seqs])
+    cu_q = torch.tensor([0, *torch.tensor([nq for nq, _ in lens]).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor([nk for _, nk in lens]).cumsum(0).tolist()], dtype=torch.int32)
+    dev = lambda t: t.to(DEVICE)
+    return dev(q), dev(k_cache), dev(v_cache), dev(cu_q), dev(cu_k), dev(table), seqs
+
+
+def _check(out, lse, seqs, dtype, slopes=None, **mask):
+    """out (total_q, nheads, d) and lse (nheads, total_q) against attention_ref, sequence by sequence."""
+    refs = {True: ([], []), False: ([], [])}
+    for b, (q_b, k_b, v_b) in enumerate(seqs):
+        if q_b.shape[0] == 0:
+            continue
+        s_b = None if slopes is None else (slopes[b] if slopes.dim() == 2 else slopes)
+        for upcast in (True, False):
+            o, l = attention_ref(q_b[None], k_b[None], v_b[None], alibi_slopes=s_b, upcast=upcast, **mask)
+            refs[upcast][0].append(o[0])
+            refs[upcast][1].append(l[0])
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isfinite(out).all()
+    floor = 1e-5 if dtype == torch.float32 else 1e-4
+    res_out = tolerance_check(out, torch.cat(refs[True][0]), torch.cat(refs[False][0]), floor=floor, name="out")
+    res_lse = tolerance_check(lse, torch.cat(refs[True][1], -1), torch.cat(refs[False][1], -1), floor=1e-4,
+                              name="lse")
+    assert res_out.ok, res_out
+    assert res_lse.ok, res_lse
+
+
+def _run(q, k_cache, v_cache, cu_q, cu_k, table, lens, **opts):
+    max_q = max(nq for nq, _ in lens)
+    max_k = max(nk for _, nk in lens)
+    return ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, block_table=table,
+                                         return_attn_probs=True, **opts)
+
+
+@pytest.fixture(params=["triton", "chunked"])
+def backend(request, monkeypatch):
+    if request.param == "chunked":
+        monkeypatch.setenv("IOATTN_BACKEND", "chunked")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size, group", [(1, 1), (16, 4), (16, 8), (256, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_paged_varlen_matches_reference(dtype, block_size, group, causal, backend):
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(LENS, 2 * group, 2, dtype, block_size)
+    out, lse, probs = _run(q, k_cache, v_cache, cu_q, cu_k, table, LENS, causal=causal)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (q.shape[1], q.shape[0])
+    assert probs is None
+    _check(out, lse, seqs, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("opts", [
+    {"window_size": (8, 2)}, {"window_size": (4, -1), "causal": True}, {"softcap": 5.0},
+    {"alibi": "heads", "causal": True}, {"alibi": "batch", "softcap": 3.0, "window_size": (-1, 6)},
+], ids=str)
+def test_paged_varlen_masks_and_mods(opts, backend):
+    opts = dict(opts)
+    alibi = opts.pop("alibi", None)
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(LENS, 8, 2, torch.float16, 16, seed=1)
+    slopes = make_alibi(len(LENS), 8, per_batch=alibi == "batch") if alibi else None
+    out, lse, _ = _run(q, k_cache, v_cache, cu_q, cu_k, table, LENS,
+                       alibi_slopes=None if slopes is None else slopes.to(DEVICE), **opts)
+    _check(out, lse, seqs, torch.float16, slopes, **opts)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_varlen_long_and_split(num_splits):
+    """Longer sequences, and the op's key splits with their combine (the API's split rule picks one split on
+    the interpreter)."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(LONG, 8, 2, dtype, 16, seed=2)
+    seqlens_k = cu_k[1:] - cu_k[:-1]
+    out, lse = paged_varlen_attention(q, k_cache, v_cache, cu_q, seqlens_k, table, None,
+                                      max(nq for nq, _ in LONG), HEADDIM ** -0.5, -1, 0, 0.0, num_splits)
+    _check(out, lse, seqs, dtype, causal=True)
+
+
+def test_paged_varlen_mixed_batch_matches_kvcache_decode():
+    """A continuous-batching step: the decode rows of a varlen call give what flash_attn_with_kvcache gives for
+    the same sequences, page tables and lengths."""
+    lens = [(1, 30), (1, 7), (1, 19)]
+    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 4, 2, torch.float32, 16, seed=3)
+    out = ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 1, 30, causal=True, block_table=table)
+    ref = ioattn.flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=cu_k[1:] - cu_k[:-1],
+                                         block_table=table, causal=True)
+    torch.testing.assert_close(out, ref[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_paged_varlen_under_torch_compile():
+    lens = [(4, 20), (1, 9)]
+    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 4, 2, torch.float32, 16, seed=4)
+
+    def step(q, k_cache, v_cache, cu_q, cu_k, table):
+        return ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 4, 20, causal=True,
+                                             block_table=table)
+
+    ref = step(q, k_cache, v_cache, cu_q, cu_k, table)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    torch.testing.assert_close(compiled(q, k_cache, v_cache, cu_q, cu_k, table), ref, rtol=0, atol=0)
+
+
+def _valid():
+    lens = [(3, 10), (1, 5)]
+    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 4, 2, torch.float16, 16, d=32)
+    return dict(q=q, k=k_cache, v=v_cache, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3,
+                max_seqlen_k=10, block_table=table)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(dropout_p=0.1), "dropout_p must be 0 with block_table"),
+    (lambda a: a.update(block_table=a["block_table"].long()), "block_table.dtype"),
+    (lambda a: a.update(block_table=a["block_table"][:1]), "block_table must have shape"),
+    (lambda a: a.update(k=a["k"][..., :16], v=a["v"][..., :16]), "headdim"),
+    (lambda a: a.update(v=a["v"][:, :8]), "v must have k's shape"),
+    (lambda a: a.update(k=a["k"][0]), "rank 4"),
+    (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), "cu_seqlens_k must describe 2 sequences"),
+    (lambda a: a.update(q=a["q"].requires_grad_()), "forward-only"),
+], ids=["dropout", "table-dtype", "table-rows", "headdim", "v-shape", "k-rank", "cu-k", "grad"])
+def test_paged_varlen_validation_names_the_argument(change, match):
+    args = _valid()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ioattn.flash_attn_varlen_func(**args)
+
+
+@pytest.mark.skipif(ON_GPU, reason="value checks read the tensors on the host (CPU inputs)")
+def test_paged_varlen_value_checks():
+    args = _valid()
+    args["block_table"] = args["block_table"].clone()
+    args["block_table"][0, 0] = 10_000
+    with pytest.raises(ValueError, match="block_table entries"):
+        ioattn.flash_attn_varlen_func(**args)
+    args = _valid()
+    capacity = args["block_table"].shape[1] * args["k"].shape[1]
+    args["cu_seqlens_k"] = torch.tensor([0, capacity + 1, capacity + 2], dtype=torch.int32)
+    args["max_seqlen_k"] = capacity + 1
+    with pytest.raises(ValueError, match="more than its block_table"):
+        ioattn.flash_attn_varlen_func(**args)
