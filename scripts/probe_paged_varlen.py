@@ -3,7 +3,10 @@ call on the keys gathered into a contiguous packed run (the dense varlen kernels
 steps: decode rows only, a prefill chunk beside decode rows, prefill only. bf16, d = 128, GQA 32 / 8, pages of 16
 tokens in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FLOPs of the allowed pairs).
 
-    PYTHONPATH=src python scripts/probe_paged_varlen.py [--json out.json]
+    PYTHONPATH=src python scripts/probe_paged_varlen.py [--json out.json] [--tiles "128,64,8,2|64,64,4,2"]
+
+``--tiles``: the paged call again with the portable decode kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)
+forced, one column each (``ops.decode._decode``'s ``tiles``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import triton
 
 import ioattn
+from ioattn.ops import decode as decode_ops
 
 STEPS = {
     "decode 64 x 4k": [(1, 4096)] * 64,
@@ -44,8 +48,9 @@ def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
     return q, k_cache, v_cache, cu_q, cu_k, table, rows, offs
 
 
-def _time_step(lens) -> tuple[list[float], float]:
-    """(microseconds of the paged call, the call on the gathered keys, gather + that call; causal FLOPs)."""
+def _time_step(lens, tiles=()) -> tuple[list[float], float]:
+    """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call with
+    each of ``tiles``; causal FLOPs)."""
     q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens)
     max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
     k_flat, v_flat = k_cache[rows, offs], v_cache[rows, offs]
@@ -61,23 +66,35 @@ def _time_step(lens) -> tuple[list[float], float]:
     def gather():
         return contig(k_cache[rows, offs], v_cache[rows, offs])
 
+    def forced(t):
+        return lambda: decode_ops._decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None,
+                                          0, 128 ** -0.5, -1, 0, 0.0, True, False, 0, tiles=t, cu_seqlens_q=cu_q,
+                                          max_seqlen_q=max_q)[0]
+
+    calls = [paged, contig, gather, *(forced(t) for t in tiles)]
     with torch.no_grad():
-        torch.testing.assert_close(paged(), contig(), rtol=2e-2, atol=2e-2)
-        return [triton.testing.do_bench(f, warmup=50, rep=300) * 1e3 for f in (paged, contig, gather)], flops
+        for f in calls[1:]:
+            torch.testing.assert_close(paged(), f(), rtol=2e-2, atol=2e-2)
+        return [triton.testing.do_bench(f, warmup=50, rep=300) * 1e3 for f in calls], flops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--tiles", default="")
     args = parser.parse_args()
+    tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split("|") if t]
     results = []
-    print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}")
+    print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}"
+          + "".join(f" {str(t):>16}" for t in tiles))
     for name, lens in STEPS.items():
-        t, flops = _time_step(lens)
+        t, flops = _time_step(lens, tiles)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
-               "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6}
+               "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6,
+               "tiles_us": {str(tt): us for tt, us in zip(tiles, t[3:], strict=True)}}
         results.append(row)
-        print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}")
+        print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}"
+              + "".join(f" {us:16.1f}" for us in t[3:]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
