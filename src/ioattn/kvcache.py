@@ -46,6 +46,34 @@ def _check_cache(name: str, cache: object, ref: torch.Tensor, ref_name: str = "q
     return cache
 
 
+def _check_caches(k_cache, v_cache, q: torch.Tensor, nheads: int, headdim: int, k_name: str = "k_cache",
+                  v_name: str = "v_cache") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Checks the K and V caches against q (rank 4, dtype, device, shapes, heads, head dim); returns
+    (k_cache, v_cache, nheads_k)."""
+    k_cache = _check_cache(k_name, k_cache, q)
+    v_cache = _check_cache(v_name, v_cache, q)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{v_name} must have {k_name}'s shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    nheads_k = k_cache.shape[2]
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(f"q's nheads ({nheads}) must be divisible by {k_name}'s nheads_k ({nheads_k})")
+    if k_cache.shape[3] != headdim:
+        raise ValueError(f"{k_name}'s headdim must equal q's ({headdim}), got {k_cache.shape[3]}")
+    if not 1 <= headdim <= V.MAX_HEADDIM:
+        raise ValueError(f"headdim must be between 1 and {V.MAX_HEADDIM}, got {headdim}")
+    return k_cache, v_cache, nheads_k
+
+
+def _check_block_table(block_table, batch: int, num_blocks: int, device: torch.device) -> torch.Tensor:
+    """int32 (batch, max_blocks), entries in [0, num_blocks) (read on the host where that is cheap)."""
+    block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, device)
+    if V.host_values_readable(device) and block_table.numel() > 0:
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
+    return block_table
+
+
 def _check_rotary(rotary_cos, rotary_sin, k, headdim: int, capacity: int, q: torch.Tensor) -> None:
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
@@ -142,29 +170,13 @@ def flash_attn_with_kvcache(
     batch, seqlen_q, nheads, headdim = q.shape
     if seqlen_q < 1:
         raise ValueError(f"q's seqlen_q must be >= 1, got {seqlen_q}")
-    k_cache = _check_cache("k_cache", k_cache, q)
-    v_cache = _check_cache("v_cache", v_cache, q)
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
-                         f"got {tuple(v_cache.shape)}")
-    nheads_k = k_cache.shape[2]
-    if nheads_k == 0 or nheads % nheads_k != 0:
-        raise ValueError(f"q's nheads ({nheads}) must be divisible by k_cache's nheads_k ({nheads_k})")
-    if k_cache.shape[3] != headdim:
-        raise ValueError(f"k_cache's headdim must equal q's ({headdim}), got {k_cache.shape[3]}")
-    if not 1 <= headdim <= V.MAX_HEADDIM:
-        raise ValueError(f"headdim must be between 1 and {V.MAX_HEADDIM}, got {headdim}")
+    k_cache, v_cache, nheads_k = _check_caches(k_cache, v_cache, q, nheads, headdim)
 
     if block_table is not None:
-        block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, q.device)
+        block_table = _check_block_table(block_table, batch, k_cache.shape[0], q.device)
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx applies to a contiguous cache only, not with block_table")
-        num_blocks, block_size = k_cache.shape[:2]
-        capacity = block_table.shape[1] * block_size
-        if V.host_values_readable(q.device) and block_table.numel() > 0:
-            lo, hi = int(block_table.min()), int(block_table.max())
-            if lo < 0 or hi >= num_blocks:
-                raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
+        capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         capacity = k_cache.shape[1]
         rows = k_cache.shape[0]
@@ -231,30 +243,15 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     V.check_dtype("q", q)
     V.check_last_dim_contiguous("q", q)
     total_q, nheads, headdim = q.shape
-    k_cache = _check_cache("k (the paged k_cache)", k_cache, q)
-    v_cache = _check_cache("v (the paged v_cache)", v_cache, q)
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v must have k's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    nheads_k = k_cache.shape[2]
-    if nheads_k == 0 or nheads % nheads_k != 0:
-        raise ValueError(f"q's nheads ({nheads}) must be divisible by k's nheads_k ({nheads_k})")
-    if k_cache.shape[3] != headdim:
-        raise ValueError(f"k's headdim must equal q's ({headdim}), got {k_cache.shape[3]}")
-    if not 1 <= headdim <= V.MAX_HEADDIM:
-        raise ValueError(f"headdim must be between 1 and {V.MAX_HEADDIM}, got {headdim}")
+    k_cache, v_cache, _ = _check_caches(k_cache, v_cache, q, nheads, headdim, "k", "v")
     host = V.host_values_readable(q.device)
     batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, q.device, host_check=host)
     if V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None, max_seqlen_k, q.device, host_check=host) != batch:
         raise ValueError(f"cu_seqlens_k must describe {batch} sequences like cu_seqlens_q, "
                          f"got {cu_seqlens_k.shape[0] - 1}")
-    block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, q.device)
-    num_blocks, block_size = k_cache.shape[:2]
-    capacity = block_table.shape[1] * block_size
+    block_table = _check_block_table(block_table, batch, k_cache.shape[0], q.device)
+    capacity = block_table.shape[1] * k_cache.shape[1]
     if host:
-        if block_table.numel() > 0:
-            lo, hi = int(block_table.min()), int(block_table.max())
-            if lo < 0 or hi >= num_blocks:
-                raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
         longest = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
         if longest > capacity:
             raise ValueError(f"a sequence of cu_seqlens_k holds {longest} keys, more than its block_table "
