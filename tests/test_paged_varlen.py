@@ -116,6 +116,49 @@ def test_paged_varlen_long_and_split(num_splits):
     _check(out, lse, seqs, dtype, causal=True)
 
 
+def test_paged_varlen_strided_q_fp32_gqa8_splits_and_a_loose_max_seqlen_q():
+    """q as a view of a packed qkv tensor (rows 3 x nheads x d apart), fp32, GQA 8, key splits, and a
+    max_seqlen_q above the longest sequence (its extra query blocks exit)."""
+    lens = [(9, 40), (1, 70), (4, 4)]
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 1, torch.float32, 16, seed=5)
+    qkv = torch.zeros(q.shape[0], 3, *q.shape[1:], dtype=q.dtype, device=q.device)
+    qkv[:, 0] = q
+    out, lse = paged_varlen_attention(qkv[:, 0], k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None, 30,
+                                      HEADDIM ** -0.5, -1, 0, 0.0, 3)
+    _check(out, lse, seqs, torch.float32, causal=True)
+
+
+def test_paged_varlen_fake_outputs_match_the_real_ones():
+    """The op's fake (what torch.compile plans with) gives the real outputs' shapes and strides, also for a
+    q that is a permuted view."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    lens = [(3, 10), (2, 7)]
+    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 4, 2, torch.float32, 16, seed=6)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # (total_q, nheads, d), heads outermost in memory
+    args = (q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None, 3, 0.2, -1, 0, 0.0, 0)
+    real = paged_varlen_attention.op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = paged_varlen_attention.op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    for r, f in zip(real, fake, strict=True):
+        assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CPU inputs are checked on the host (test_paged_varlen_value_checks)")
+def test_paged_varlen_lengths_past_capacity_read_no_other_pages():
+    """Key lengths past a table row's capacity (not read back from the device) are cut at that capacity: the
+    kernel never reads the next sequence's table row or pages."""
+    lens = [(2, 32), (2, 20)]
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 4, 2, torch.float16, 16, seed=7)
+    table = table[:, :2].contiguous()  # capacity 32 keys a sequence: the first one's keys exactly
+    k_cache[table[1].long()] = float("nan")  # the second sequence's pages: reading them would show
+    v_cache[table[1].long()] = float("nan")
+    too_long = torch.tensor([500], dtype=torch.int32, device=DEVICE)
+    out, lse = paged_varlen_attention(q[:2], k_cache, v_cache, cu_q[:2], too_long, table[:1], None, 2,
+                                      HEADDIM ** -0.5, -1, -1, 0.0, 0)
+    _check(out, lse, seqs[:1], torch.float16)
+
+
 def test_paged_varlen_mixed_batch_matches_kvcache_decode():
     """A continuous-batching step: the decode rows of a varlen call give what flash_attn_with_kvcache gives for
     the same sequences, page tables and lengths."""
@@ -156,7 +199,12 @@ def _valid():
     (lambda a: a.update(k=a["k"][0]), "rank 4"),
     (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), "cu_seqlens_k must describe 2 sequences"),
     (lambda a: a.update(q=a["q"].requires_grad_()), "forward-only"),
-], ids=["dropout", "table-dtype", "table-rows", "headdim", "v-shape", "k-rank", "cu-k", "grad"])
+    (lambda a: a.update(block_table=a["block_table"].repeat_interleave(2, 1)[:, ::2]),
+     "block_table must be contiguous"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].repeat_interleave(2)[::2]), "cu_seqlens_q must be contiguous"),
+    (lambda a: a.update(alibi_slopes=torch.ones(8, device=DEVICE)[::2]), "alibi_slopes must be contiguous"),
+], ids=["dropout", "table-dtype", "table-rows", "headdim", "v-shape", "k-rank", "cu-k", "grad", "table-strided",
+        "cu-q-strided", "alibi-strided"])
 def test_paged_varlen_validation_names_the_argument(change, match):
     args = _valid()
     change(args)

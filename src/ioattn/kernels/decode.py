@@ -95,7 +95,7 @@ def decode_kernel(
     stride_osplit, stride_ob, stride_os, stride_oh,
     stride_lsplit, stride_lb, stride_lh, stride_ls,
     stride_btb, stride_ab, stride_ro,
-    nheads_k, seqlen_q, seqlen_new, num_splits,
+    nheads_k, seqlen_q, seqlen_new, num_splits, num_bh, capacity,
     qk_scale, softcap2, window_left, window_right,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -104,9 +104,11 @@ def decode_kernel(
     ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
     PRECISION: tl.constexpr, VARLEN_Q: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
+    # (batch x KV head) fastest, then the query block, on one grid axis (2^31 programs; the second and third
+    # axes stop at 65535); the split on the second
+    pid_bh = tl.program_id(0) % num_bh
+    pid_m = tl.program_id(0) // num_bh
+    split = tl.program_id(1)
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
 
@@ -117,7 +119,8 @@ def decode_kernel(
         q_first = tl.load(CuSeqlensQ + b)
         seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_first
     cache_len = tl.load(CacheSeqlens + b)
-    seqlen_k = cache_len + seqlen_new
+    # Lengths past the cache's capacity (unchecked on the device) read no other sequence's pages.
+    seqlen_k = tl.minimum(cache_len + seqlen_new, capacity)
     diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
 
     num_rows = seqlen_q * GROUP

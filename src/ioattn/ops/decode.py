@@ -157,7 +157,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                    block_table.stride(0) if paged else 0,
                    alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
                    rotary_cos.stride(0) if rotary_dim else 0,
-                   nheads_k, seqlen_q, seqlen_new, num_splits,
+                   nheads_k, seqlen_q, seqlen_new, num_splits, batch * nheads_k, capacity,
                    qk_scale, softcap2, window_left, window_right)
 
         def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
@@ -171,7 +171,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                     dummy if cu_seqlens_q is None else cu_seqlens_q,
                     *statics)
 
-        launcher, grid = _launch_decode, (batch * nheads_k, cdiv(group * seqlen_q, block_m), num_splits)
+        launcher, grid = _launch_decode, (batch * nheads_k * cdiv(group * seqlen_q, block_m), num_splits)
         flags = dict(
             GROUP=group, HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
@@ -343,7 +343,7 @@ def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_c
       alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap, rotary_interleaved,
       rotary_per_row, num_splits):
     batch, seqlen_q, nheads, _ = q.shape
-    return torch.empty_like(q), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
 
 
 def _paged_varlen_attention(
@@ -368,7 +368,7 @@ paged_varlen_attention = EagerOp("ioattn::paged_varlen_attention", _paged_varlen
 @paged_varlen_attention.register_fake
 def _(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, max_seqlen_q, softmax_scale,
       window_left, window_right, softcap, num_splits):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 def _kv_write_op(
