@@ -225,3 +225,21 @@ def test_paged_varlen_value_checks():
     args["max_seqlen_k"] = capacity + 1
     with pytest.raises(ValueError, match="more than its block_table"):
         ioattn.flash_attn_varlen_func(**args)
+
+
+def test_paged_varlen_table_padding_past_the_used_pages():
+    """Entries past the pages a sequence uses are never read: -1 padding there is accepted (as flash-attn's
+    kernels accept it), and the result is the unpadded table's; -1 in a used page is refused (CPU inputs)."""
+    lens = [(3, 20), (1, 5)]
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 4, 2, torch.float32, 16, seed=8)
+    padded = table.clone()
+    padded[1, 1:] = -1  # sequence 1 uses one page of 16
+    out, lse, _ = _run(q, k_cache, v_cache, cu_q, cu_k, padded, lens, causal=True)
+    _check(out, lse, seqs, torch.float32, causal=True)
+    kv_out = ioattn.flash_attn_with_kvcache(q[3:4, None], k_cache, v_cache, cache_seqlens=cu_k[2:] - cu_k[1:2],
+                                            block_table=padded[1:], causal=True)
+    torch.testing.assert_close(kv_out[:, 0], out[3:4], rtol=1e-5, atol=1e-5)
+    if not ON_GPU:
+        padded[0, 1] = -1  # sequence 0 uses two pages
+        with pytest.raises(ValueError, match="for the pages a sequence uses"):
+            _run(q, k_cache, v_cache, cu_q, cu_k, padded, lens, causal=True)

@@ -66,14 +66,19 @@ def _check_caches(k_cache, v_cache, q: torch.Tensor, nheads: int, headdim: int, 
     return k_cache, v_cache, nheads_k
 
 
-def _check_block_table(block_table, batch: int, num_blocks: int, device: torch.device) -> torch.Tensor:
-    """int32 (batch, max_blocks), entries in [0, num_blocks) (read on the host where that is cheap)."""
-    block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, device)
-    if V.host_values_readable(device) and block_table.numel() > 0:
-        lo, hi = int(block_table.min()), int(block_table.max())
+def _check_pages(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int) -> None:
+    """The pages each sequence uses (its first ceil(lengths[b] / block_size) entries) lie in [0, num_blocks);
+    entries past them are never read (padding such as -1 is fine there). Reads the tables on the host, so only
+    where that is cheap (``host_values_readable``)."""
+    if not V.host_values_readable(block_table.device) or block_table.numel() == 0:
+        return
+    used = torch.arange(block_table.shape[1]) < ((lengths.long() + block_size - 1) // block_size)[:, None]
+    pages = block_table[used]
+    if pages.numel() > 0:
+        lo, hi = int(pages.min()), int(pages.max())
         if lo < 0 or hi >= num_blocks:
-            raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
-    return block_table
+            raise ValueError(f"block_table entries must be in [0, {num_blocks}) for the pages a sequence uses, "
+                             f"got [{lo}, {hi}]")
 
 
 def _check_rotary(rotary_cos, rotary_sin, k, headdim: int, capacity: int, q: torch.Tensor) -> None:
@@ -175,7 +180,7 @@ def flash_attn_with_kvcache(
     k_cache, v_cache, nheads_k = _check_caches(k_cache, v_cache, q, nheads, headdim)
 
     if block_table is not None:
-        block_table = _check_block_table(block_table, batch, k_cache.shape[0], q.device)
+        block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, q.device)
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx applies to a contiguous cache only, not with block_table")
         capacity = block_table.shape[1] * k_cache.shape[1]
@@ -211,6 +216,8 @@ def flash_attn_with_kvcache(
             raise ValueError(f"k's seqlen_new ({seqlen_new}) exceeds the cache's capacity ({capacity})")
     _check_rotary(rotary_cos, rotary_sin, k, headdim, capacity, q)
     seqlens = _check_cache_seqlens(cache_seqlens, batch, seqlen_new, capacity, q.device)
+    if block_table is not None:
+        _check_pages(block_table, seqlens + seqlen_new, k_cache.shape[1], k_cache.shape[0])
 
     left, right = V.check_window(window_size)
     if causal:
@@ -251,13 +258,15 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     if V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None, max_seqlen_k, q.device, host_check=host) != batch:
         raise ValueError(f"cu_seqlens_k must describe {batch} sequences like cu_seqlens_q, "
                          f"got {cu_seqlens_k.shape[0] - 1}")
-    block_table = _check_block_table(block_table, batch, k_cache.shape[0], q.device)
+    block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, q.device)
     capacity = block_table.shape[1] * k_cache.shape[1]
+    seqlens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]  # int32, on the device: no host read
     if host:
-        longest = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        longest = int(seqlens_k.max())
         if longest > capacity:
             raise ValueError(f"a sequence of cu_seqlens_k holds {longest} keys, more than its block_table "
                              f"row's {capacity} (block_table.shape[1] * block_size)")
+        _check_pages(block_table, seqlens_k, k_cache.shape[1], k_cache.shape[0])
     V.check_scalars(dropout_p, softcap, softmax_scale)
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0 with block_table (the paged path is forward-only), got {dropout_p}")
@@ -269,7 +278,6 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
         right = 0
     V.check_alibi(alibi_slopes, batch, nheads, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    seqlens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]  # int32, on the device: no host read
     from .ops.decode import paged_varlen_attention as op
 
     return op(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, int(max_seqlen_q), scale,
