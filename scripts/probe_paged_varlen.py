@@ -6,7 +6,8 @@ tokens in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FL
     PYTHONPATH=src python scripts/probe_paged_varlen.py [--json out.json] [--tiles "128,64,8,2|64,64,4,2"]
 
 ``--tiles``: the paged call again with the portable decode kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)
-forced, one column each (``ops.decode._decode``'s ``tiles``).
+forced, one column each (``ops.decode._decode``'s ``tiles``); ``--splits "2,4"``: likewise with the key split
+count forced (the rule's own count is the first column's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ STEPS = {
     "decode 64 x 4k": [(1, 4096)] * 64,
     "prefill 512 + decode 32 x 4k": [(512, 4096)] + [(1, 4096)] * 32,
     "prefill 4 x 2k": [(2048, 2048)] * 4,
+    "prefill 1k + decode 15 x 8k": [(1024, 1024)] + [(1, 8192)] * 15,
 }
 
 
@@ -48,7 +50,7 @@ def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
     return q, k_cache, v_cache, cu_q, cu_k, table, rows, offs
 
 
-def _time_step(lens, tiles=()) -> tuple[list[float], float]:
+def _time_step(lens, tiles=(), splits=()) -> tuple[list[float], float]:
     """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call with
     each of ``tiles``; causal FLOPs)."""
     q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens)
@@ -66,12 +68,12 @@ def _time_step(lens, tiles=()) -> tuple[list[float], float]:
     def gather():
         return contig(k_cache[rows, offs], v_cache[rows, offs])
 
-    def forced(t):
+    def forced(t, n=0):
         return lambda: decode_ops._decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None,
-                                          0, 128 ** -0.5, -1, 0, 0.0, True, False, 0, tiles=t, cu_seqlens_q=cu_q,
+                                          0, 128 ** -0.5, -1, 0, 0.0, True, False, n, tiles=t, cu_seqlens_q=cu_q,
                                           max_seqlen_q=max_q)[0]
 
-    calls = [paged, contig, gather, *(forced(t) for t in tiles)]
+    calls = [paged, contig, gather, *(forced(t) for t in tiles), *(forced(None, n) for n in splits)]
     with torch.no_grad():
         for f in calls[1:]:
             torch.testing.assert_close(paged(), f(), rtol=2e-2, atol=2e-2)
@@ -82,16 +84,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--tiles", default="")
+    parser.add_argument("--splits", default="")
+    parser.add_argument("--steps", default="", help="comma-separated step names (default: all)")
     args = parser.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split("|") if t]
+    splits = [int(n) for n in args.splits.split(",") if n]
+    steps = {n: v for n, v in STEPS.items() if not args.steps or n in args.steps.split(",")}
     results = []
     print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}"
-          + "".join(f" {str(t):>16}" for t in tiles))
-    for name, lens in STEPS.items():
-        t, flops = _time_step(lens, tiles)
+          + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits))
+    for name, lens in steps.items():
+        t, flops = _time_step(lens, tiles, splits)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
                "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6,
-               "tiles_us": {str(tt): us for tt, us in zip(tiles, t[3:], strict=True)}}
+               "tiles_us": {str(tt): us for tt, us in zip(tiles, t[3:3 + len(tiles)], strict=True)},
+               "splits_us": {n: us for n, us in zip(splits, t[3 + len(tiles):], strict=True)}}
         results.append(row)
         print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}"
               + "".join(f" {us:16.1f}" for us in t[3:]))
