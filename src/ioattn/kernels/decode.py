@@ -140,6 +140,7 @@ def decode_kernel(
         if pid_m * BLOCK_M >= num_rows:
             return  # past a shorter sequence's queries
     splits = num_splits
+    direct = False
     if DIRECT_ROWS:
         # A sequence of more than one query block (a prefill chunk) takes its keys whole and writes its output
         # straight to OutFinal / LseFinal (its rows flagged in Direct for the combine to leave alone): splitting
@@ -226,21 +227,20 @@ def decode_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    if DIRECT_ROWS:
-        if direct:
-            # OutFinal (total_q, nheads, d) and LseFinal (nheads, total_q), both contiguous
-            token = (q_first + rows).to(tl.int64)
-            f_ptrs = OutFinal + (token * (nheads_k * GROUP) + heads) * HEADDIM
-            tl.store(f_ptrs[:, None] + offs_d[None, :], out.to(OutFinal.dtype.element_ty), mask=q_mask)
-            tl.store(LseFinal + heads.to(tl.int64) * total_q + token, lse, mask=row_ok)
-            tl.store(Direct + token, tl.full([BLOCK_M], 1, tl.int8), mask=row_ok)
-            return
-    o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
-              + (q_first + rows).to(tl.int64) * stride_os + heads * stride_oh)
-    tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
-    l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
-              + (q_first + rows).to(tl.int64) * stride_ls)
-    tl.store(l_ptrs, lse, mask=row_ok)
-    if DIRECT_ROWS:
-        if split == 0:
-            tl.store(Direct + q_first + rows, tl.full([BLOCK_M], 0, tl.int8), mask=row_ok)
+    if direct:
+        # OutFinal (total_q, nheads, d) and LseFinal (nheads, total_q), both contiguous
+        token = (q_first + rows).to(tl.int64)
+        o_ptrs = OutFinal + (token * (nheads_k * GROUP) + heads) * HEADDIM
+        tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(OutFinal.dtype.element_ty), mask=q_mask)
+        tl.store(LseFinal + heads.to(tl.int64) * total_q + token, lse, mask=row_ok)
+        tl.store(Direct + token, tl.full([BLOCK_M], 1, tl.int8), mask=row_ok)
+    else:
+        o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
+                  + (q_first + rows).to(tl.int64) * stride_os + heads * stride_oh)
+        tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+        l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
+                  + (q_first + rows).to(tl.int64) * stride_ls)
+        tl.store(l_ptrs, lse, mask=row_ok)
+        if DIRECT_ROWS:
+            if split == 0:
+                tl.store(Direct + q_first + rows, tl.full([BLOCK_M], 0, tl.int8), mask=row_ok)
