@@ -4,9 +4,7 @@ Split ``s`` holds the normalised output ``o_s`` and log-sum-exp ``lse_s`` of its
 ``lse = log sum_s exp(lse_s)`` and ``o = sum_s exp(lse_s - lse) o_s``. One program per (batch, query
 token, head) reads all of its row's splits in one (splits x headdim) load, so the merge costs one memory
 latency, not one per split, and there are enough programs to cover the SMs. Splits that saw no key have
-``lse_s = -inf`` and weigh 0; a row where all do gives output 0 and lse -inf. With SKIP_DIRECT, rows whose
-``Direct`` flag is set were written whole by the decode kernel (packed variable-length queries: a sequence of
-several query blocks does not split its keys) and are left as they are.
+``lse_s = -inf`` and weigh 0; a row where all do gives output 0 and lse -inf.
 """
 
 import triton
@@ -15,20 +13,16 @@ import triton.language as tl
 
 @triton.jit
 def combine_kernel(
-    OutPart, LsePart, Out, Lse, Direct,
+    OutPart, LsePart, Out, Lse,
     stride_ps, stride_pb, stride_pq, stride_ph,
     stride_lps, stride_lpb, stride_lpq, stride_lph,
     stride_ob, stride_oq, stride_oh, stride_lb, stride_lh, stride_lq,
     seqlen_q, num_splits,
-    HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SKIP_DIRECT: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0) // seqlen_q
     i = tl.program_id(0) % seqlen_q
     h = tl.program_id(1)
-    if SKIP_DIRECT:
-        # (one batch row of packed sequences) a row the decode kernel wrote whole, its keys unsplit
-        if tl.load(Direct + i) != 0:
-            return
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits

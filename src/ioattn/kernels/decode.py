@@ -89,38 +89,26 @@ def key_range(pos_first, pos_last, seqlen_k, window_left, window_right, BLOCK_N:
 
 @triton.jit
 def decode_kernel(
-    Q, K, V, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, Cos, Sin, CuSeqlensQ, OutFinal, LseFinal,
-    Direct,
+    Q, K, V, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, Cos, Sin, CuSeqlensQ,
     stride_qb, stride_qs, stride_qh,
     stride_kc0, stride_kc1, stride_kch, stride_vc0, stride_vc1, stride_vch,
     stride_osplit, stride_ob, stride_os, stride_oh,
     stride_lsplit, stride_lb, stride_lh, stride_ls,
     stride_btb, stride_ab, stride_ro,
-    nheads_k, seqlen_q, seqlen_new, num_splits, num_bh, capacity, num_m, total_q,
+    nheads_k, seqlen_q, seqlen_new, num_splits, num_bh, capacity,
     qk_scale, softcap2, window_left, window_right,
     GROUP: tl.constexpr, HEADDIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
-    PRECISION: tl.constexpr, VARLEN_Q: tl.constexpr, DIRECT_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr, VARLEN_Q: tl.constexpr,
 ):
     # (batch x KV head) fastest, then the query block, on one grid axis (2^31 programs; the second and third
-    # axes stop at 65535); the split on the second. VARLEN_Q: one axis, the num_m query blocks of split 0 first,
-    # then splits 1 .. num_splits - 1 of the first query block only (a sequence of more than one query block
-    # does not split its keys, with DIRECT_ROWS).
-    if VARLEN_Q:
-        pid = tl.program_id(0)
-        first = num_bh * num_m
-        extra = pid >= first
-        r = tl.where(extra, pid - first, pid)
-        pid_bh = r % num_bh
-        pid_m = tl.where(extra, 0, r // num_bh)
-        split = tl.where(extra, 1 + r // num_bh, 0)
-    else:
-        pid_bh = tl.program_id(0) % num_bh
-        pid_m = tl.program_id(0) // num_bh
-        split = tl.program_id(1)
+    # axes stop at 65535); the split on the second
+    pid_bh = tl.program_id(0) % num_bh
+    pid_m = tl.program_id(0) // num_bh
+    split = tl.program_id(1)
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
 
@@ -139,16 +127,6 @@ def decode_kernel(
     if VARLEN_Q:
         if pid_m * BLOCK_M >= num_rows:
             return  # past a shorter sequence's queries
-    splits = num_splits
-    direct = False
-    if DIRECT_ROWS:
-        # A sequence of more than one query block (a prefill chunk) takes its keys whole and writes its output
-        # straight to OutFinal / LseFinal (its rows flagged in Direct for the combine to leave alone): splitting
-        # it would only add fp32 partial outputs; the decode rows split their keys.
-        direct = num_rows > BLOCK_M
-        if direct & (split > 0):
-            return
-        splits = tl.where(direct, 1, num_splits)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < num_rows
     rows = offs_m // GROUP  # query token of each packed row
@@ -181,7 +159,7 @@ def decode_kernel(
                                               HAS_LEFT, HAS_RIGHT)
 
     # This split's run of whole tiles.
-    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), splits)
+    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
     split_lo = tl.minimum(lo + split * tiles_per_split * BLOCK_N, hi)
     split_hi = tl.minimum(split_lo + tiles_per_split * BLOCK_N, hi)
     full_lo = split_lo + tl.maximum(tl.cdiv(first_full - split_lo, BLOCK_N), 0) * BLOCK_N
@@ -227,20 +205,9 @@ def decode_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    if direct:
-        # OutFinal (total_q, nheads, d) and LseFinal (nheads, total_q), both contiguous
-        token = (q_first + rows).to(tl.int64)
-        o_ptrs = OutFinal + (token * (nheads_k * GROUP) + heads) * HEADDIM
-        tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(OutFinal.dtype.element_ty), mask=q_mask)
-        tl.store(LseFinal + heads.to(tl.int64) * total_q + token, lse, mask=row_ok)
-        tl.store(Direct + token, tl.full([BLOCK_M], 1, tl.int8), mask=row_ok)
-    else:
-        o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
-                  + (q_first + rows).to(tl.int64) * stride_os + heads * stride_oh)
-        tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
-        l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
-                  + (q_first + rows).to(tl.int64) * stride_ls)
-        tl.store(l_ptrs, lse, mask=row_ok)
-        if DIRECT_ROWS:
-            if split == 0:
-                tl.store(Direct + q_first + rows, tl.full([BLOCK_M], 0, tl.int8), mask=row_ok)
+    o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
+              + (q_first + rows).to(tl.int64) * stride_os + heads * stride_oh)
+    tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+    l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
+              + (q_first + rows).to(tl.int64) * stride_ls)
+    tl.store(l_ptrs, lse, mask=row_ok)

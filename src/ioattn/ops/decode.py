@@ -124,13 +124,8 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     if num_splits == 0 and use_gluon:
         num_splits = gluon_num_splits(q.device, batch, nheads_k, capacity, headdim, gluon_cfg, MAX_SPLITS)
     elif num_splits == 0:
-        # Packed variable-length queries: the split count is the decode rows' (one query block a sequence);
-        # sequences of several query blocks keep their keys whole (the kernel's DIRECT_ROWS).
-        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, 1 if varlen else seqlen_q, capacity,
-                                       headdim, paged=paged)
+        num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim, paged=paged)
     out, lse, out_part, lse_part = _decode_buffers(q, num_splits)
-    direct_rows = varlen and num_splits > 1
-    direct = torch.empty(q.shape[1], dtype=torch.int8, device=q.device) if direct_rows else None
     if num_splits > 1:
         o_strides = out_part.stride()[:4]
         l_strides = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(3), lse_part.stride(2))
@@ -155,7 +150,6 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         block_d = max(16, next_power_of_2(headdim))
         qk_scale, softcap2 = _scales(softmax_scale, softcap)
         rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
-        num_m = cdiv(group * seqlen_q, block_m)
         statics = (0 if varlen else q.stride(0), q.stride(1), q.stride(2),
                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                    v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -163,11 +157,11 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                    block_table.stride(0) if paged else 0,
                    alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
                    rotary_cos.stride(0) if rotary_dim else 0,
-                   nheads_k, seqlen_q, seqlen_new, num_splits, batch * nheads_k, capacity, num_m, q.shape[1],
+                   nheads_k, seqlen_q, seqlen_new, num_splits, batch * nheads_k, capacity,
                    qk_scale, softcap2, window_left, window_right)
 
         def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                      alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q=None, out=None, lse=None, direct=None):
+                      alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q=None):
             dummy = cache_seqlens
             return (q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
                     dummy if block_table is None else block_table,
@@ -175,15 +169,9 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                     dummy if alibi_slopes is None else alibi_slopes,
                     dummy if rotary_cos is None else rotary_cos, dummy if rotary_sin is None else rotary_sin,
                     dummy if cu_seqlens_q is None else cu_seqlens_q,
-                    out_part if out is None else out, lse_part if lse is None else lse,
-                    dummy if direct is None else direct,
                     *statics)
 
-        if varlen:  # split 0's query blocks, then the further splits of the first query block (the kernel)
-            grid = (batch * nheads_k * (num_m + num_splits - 1), 1)
-        else:
-            grid = (batch * nheads_k * num_m, num_splits)
-        launcher = _launch_decode
+        launcher, grid = _launch_decode, (batch * nheads_k * cdiv(group * seqlen_q, block_m), num_splits)
         flags = dict(
             GROUP=group, HEADDIM=headdim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
@@ -191,15 +179,15 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
             ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN_Q=varlen, DIRECT_ROWS=direct_rows,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN_Q=varlen,
             num_warps=num_warps, num_stages=num_stages,
         )
         args = build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                         alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q, out, lse, direct)
+                         alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q)
         launcher(grid, *args, **flags)
     combine = None
     if num_splits > 1:
-        combine = _combine(out_part, lse_part, out, lse, direct)
+        combine = _combine(out_part, lse_part, out, lse)
     if plan_key is not None and aligned(*tensors):
         launches = recorded(((launcher, grid, flags, build_all, args), *(() if combine is None else (combine,))))
         if launches is not None:
@@ -219,23 +207,22 @@ def _decode_buffers(q, num_splits: int) -> tuple:
     return out, lse, out_part, lse_part
 
 
-def _combine(out_part, lse_part, out, lse, direct=None) -> tuple:
+def _combine(out_part, lse_part, out, lse) -> tuple:
     """Launches the split combine; returns it as (launcher, grid, constexprs, builder, arguments), the builder
-    taking (out_part, lse_part, out, lse) of another call of the same shapes. ``direct``: int8 per query row
-    (one batch row of packed sequences), set where the decode kernel wrote the row whole."""
+    taking (out_part, lse_part, out, lse) of another call of the same shapes."""
     num_splits, batch, seqlen_q, nheads, headdim = out_part.shape
     block_s = max(2, next_power_of_2(num_splits))
     block_d = max(16, next_power_of_2(headdim))
     statics = (*out_part.stride()[:4], *lse_part.stride(), out.stride(0), out.stride(1), out.stride(2),
                *lse.stride(), seqlen_q, num_splits)
 
-    def build(out_part, lse_part, out, lse, direct=None):
-        return (out_part, lse_part, out, lse, lse if direct is None else direct, *statics)
+    def build(out_part, lse_part, out, lse):
+        return (out_part, lse_part, out, lse, *statics)
 
     grid = (batch * seqlen_q, nheads)
-    flags = dict(HEADDIM=headdim, BLOCK_S=block_s, BLOCK_D=block_d, SKIP_DIRECT=direct is not None,
+    flags = dict(HEADDIM=headdim, BLOCK_S=block_s, BLOCK_D=block_d,
                  num_warps=1 if block_s * block_d <= 1024 else (2 if block_s * block_d <= 4096 else 4))
-    args = build(out_part, lse_part, out, lse, direct)
+    args = build(out_part, lse_part, out, lse)
     _launch_combine(grid, *args, **flags)
     return _launch_combine, grid, flags, build, args
 
