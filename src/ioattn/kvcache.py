@@ -8,6 +8,9 @@ bottom-right to the sequence's keys. It runs two launches (the cache write, only
 split-KV attention) plus the split combine, none of which reads a device tensor on the host.
 
 ``write_kv`` is the block manager's per-layer, per-step scatter of new tokens by slot mapping.
+
+``paged_varlen_attention`` checks and runs ``flash_attn_varlen_func``'s ``block_table`` form: packed
+variable-length queries over a paged cache (forward only), on the same split-KV kernel and combine.
 """
 
 from __future__ import annotations
