@@ -200,9 +200,11 @@ def _valid():
     (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), "cu_seqlens_k must describe 2 sequences"),
     (lambda a: a.update(q=a["q"].requires_grad_()), "forward-only"),
     (lambda a: a.update(block_table=a["block_table"].repeat_interleave(2, 1)[:, ::2]),
-     "block_table must be contiguous"),
-    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].repeat_interleave(2)[::2]), "cu_seqlens_q must be contiguous"),
-    (lambda a: a.update(alibi_slopes=torch.ones(8, device=DEVICE)[::2]), "alibi_slopes must be contiguous"),
+     "block_table must have a contiguous last dimension"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].repeat_interleave(2)[::2]),
+     "cu_seqlens_q must have a contiguous last dimension"),
+    (lambda a: a.update(alibi_slopes=torch.ones(8, device=DEVICE)[::2]),
+     "alibi_slopes must have a contiguous last dimension"),
 ], ids=["dropout", "table-dtype", "table-rows", "headdim", "v-shape", "k-rank", "cu-k", "grad", "table-strided",
         "cu-q-strided", "alibi-strided"])
 def test_paged_varlen_validation_names_the_argument(change, match):

@@ -93,9 +93,10 @@ def paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, b
     Returns (out (total_q, nheads, d), lse float32 (nheads, total_q))."""
     lengths = [int(n) for n in seqlens_k]
     block_size = k_cache.shape[1]
-    positions = [torch.arange(n, device=q.device) for n in lengths]
-    pages = torch.cat([block_table[b, p // block_size].long() for b, p in enumerate(positions)])
-    offsets = torch.cat(positions) % block_size
+    located = [_positions_to_rows(b, torch.arange(n, device=q.device), block_table, None, block_size)
+               for b, n in enumerate(lengths)]
+    pages = torch.cat([rows for rows, _ in located])
+    offsets = torch.cat([offs for _, offs in located])
     cu_k = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0).to(torch.int32).to(q.device)
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     return chunked_attention_varlen(q, k_cache[pages, offsets], v_cache[pages, offsets], cu_seqlens_q, cu_k, max_q,

@@ -36,8 +36,7 @@ def _check_index(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtyp
         raise ValueError(f"{name} must have shape ({want}), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on q's device ({device}), got {t.device}")
-    if t.dim() > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    V.check_last_dim_contiguous(name, t)
     return t
 
 

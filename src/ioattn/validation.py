@@ -132,8 +132,7 @@ def check_alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.dev
         raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"alibi_slopes must be on q's device ({device}), got {t.device}")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"alibi_slopes must be contiguous in its last dimension, got strides {t.stride()}")
+    check_last_dim_contiguous("alibi_slopes", t)
 
 
 def host_values_readable(device: torch.device) -> bool:
@@ -157,8 +156,7 @@ def check_cu_seqlens(
         raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on q's device ({device}), got {t.device}")
-    if t.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+    check_last_dim_contiguous(name, t)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
     if host_check:
