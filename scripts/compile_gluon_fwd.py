@@ -29,6 +29,8 @@ from ioattn.kernels.attn_fwd_gluon import (
     attn_fwd_gluon_ws_kernel,
     attn_fwd_gluon_ws_sched_kernel,
 )
+from ioattn.kernels.decode_gluon import PAGED_CONFIGS
+from ioattn.kernels.decode_gluon import _descriptor as _paged_descriptor
 
 
 def _desc_type(dtype: torch.dtype, rows: int, d: int) -> str:
@@ -41,15 +43,22 @@ FLAGS = ("IS_VARLEN", "SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT")
 
 
 def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig | None = None, sched: bool = False,
-                    **flags: bool):
+                    page: int = 0, **flags: bool):
     """flags: any of FLAGS or DROPOUT (default False); causal is HAS_RIGHT alone, a sliding window both.
     ``sched``: the warp-specialised kernel the host launches for a dense input of whole query tiles
-    (``attn_fwd_gluon_ws_sched_kernel`` where it takes the dynamic or paired schedule or the bulk store)."""
-    cfg = config or _CONFIGS[d]
+    (``attn_fwd_gluon_ws_sched_kernel`` where it takes the dynamic or paired schedule or the bulk store).
+    ``page`` > 0: the warp-specialised kernel over a paged cache of that page size (varlen queries,
+    ``decode_gluon.gluon_paged_prefill``'s launch)."""
+    cfg = config or (PAGED_CONFIGS[d] if page else _CONFIGS[d])
     block_m, block_n, stages, warps = cfg.block_m, cfg.block_n, cfg.stages, cfg.warps
     elem = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    sig = {"q_desc": _desc_type(dtype, block_m, d), "k_desc": _desc_type(dtype, block_n, d),
-           "v_desc": _desc_type(dtype, block_n, d), "Out": elem, "Lse": "*fp32",
+    kv_desc = _desc_type(dtype, block_n, d)
+    if page:
+        flags = {**flags, "IS_VARLEN": True}
+        cache = torch.empty(64, page, 8, d, dtype=dtype)
+        kv_desc = mangle_type(_paged_descriptor(cache, min(page, block_n)).real())
+    sig = {"q_desc": _desc_type(dtype, block_m, d), "k_desc": kv_desc,
+           "v_desc": kv_desc, "Out": elem, "Lse": "*fp32",
            "cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32", "alibi_slopes": "*fp32"}
     for name in ("stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh", "stride_ab", "stride_qh",
                  "stride_kh", "stride_vh", "nheads", "group", "max_seqlen_q", "max_seqlen_k"):
@@ -62,8 +71,9 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
     kernel = attn_fwd_gluon_kernel
     if cfg.schedule != "single":
         kernel = attn_fwd_gluon_ws_kernel
-        sig["num_tiles"] = "i32"
+        sig.update(num_tiles="i32", block_table="*i32", stride_btb="i32")
         consts["PINGPONG"] = cfg.schedule == "pingpong"
+        consts["PAGE_SIZE"] = page
         # Chained tiles as the host routes them to this kernel: the persistent static schedule, dense, no
         # right window.
         consts["CHAIN"] = (cfg.chain and cfg.persistent and not flags.get("IS_VARLEN", False)
@@ -78,6 +88,7 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
             o_tma = cfg.tma_store and not flags.get("SOFTCAP", False) and not flags.get("DROPOUT", False)
             if dynamic or paired or o_tma:
                 kernel = attn_fwd_gluon_ws_sched_kernel
+                del sig["block_table"], sig["stride_btb"], consts["PAGE_SIZE"]
                 sig = {**dict(list(sig.items())[:3]), "o_desc": _desc_type(dtype, block_m, d),
                        **dict(list(sig.items())[3:8]), "tile_counter": "*i32", **dict(list(sig.items())[8:]),
                        "section": "i32"}
@@ -143,17 +154,19 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true", help="also the other loop (overlapped or not)")
     ap.add_argument("--config", help="FwdConfig.parse's text instead of the shipped table")
     ap.add_argument("--sched", action="store_true", help="the kernel the host routes dense whole tiles to")
+    ap.add_argument("--page", type=int, default=0, help="over a paged cache of this page size (varlen queries)")
     args = ap.parse_args()
     config = FwdConfig.parse(args.config) if args.config else None
     for d in (int(x) for x in args.headdims.split(",")):
-        cfg = config or _CONFIGS[d]
+        cfg = config or (PAGED_CONFIGS[d] if args.page else _CONFIGS[d])
         base = cfg.overlap
         for name in args.variants.split(","):
             for dtype, overlap in ((torch.bfloat16, base), (torch.float16, base), (torch.bfloat16, not base)):
                 if overlap != base and not args.overlap or dtype == torch.float16 and name != "plain":
                     continue
-                k = compile_variant(d, dtype, overlap, config, args.sched, **FWD_VARIANTS[name])
-                report(k, f"d={d} {name} {str(dtype)[6:]} overlap={overlap}", args.dump,
+                k = compile_variant(d, dtype, overlap, config, args.sched, args.page, **FWD_VARIANTS[name])
+                page = f" page={args.page}" if args.page else ""
+                report(k, f"d={d}{page} {name} {str(dtype)[6:]} overlap={overlap}", args.dump,
                        f"d{d}_{name}_{str(dtype)[6:]}_{'ovl' if overlap else 'v1'}")
 
 

@@ -1,6 +1,8 @@
 """Time ``flash_attn_varlen_func`` with ``block_table`` (packed queries over a paged KV cache) against the same
 call on the keys gathered into a contiguous packed run (the dense varlen kernels), for a few continuous-batching
-steps: decode rows only, a prefill chunk beside decode rows, prefill only. bf16, d = 128, GQA 32 / 8, pages of 16
+steps: decode rows only, a prefill chunk beside decode rows, prefill only. The paged call also runs on each of
+its two kernels forced (``ops.decode.PAGED_PREFILL_MIN_ROWS``): the split-KV decode kernel and the Gluon
+forward's paged tiles. bf16, d = 128, GQA 32 / 8, pages of 16
 tokens in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FLOPs of the allowed pairs).
 
     PYTHONPATH=src python scripts/probe_paged_varlen.py [--json out.json] [--tiles "128,64,8,2|64,64,4,2"]
@@ -26,6 +28,9 @@ STEPS = {
     "prefill 512 + decode 32 x 4k": [(512, 4096)] + [(1, 4096)] * 32,
     "prefill 4 x 2k": [(2048, 2048)] * 4,
     "prefill 1k + decode 15 x 8k": [(1024, 1024)] + [(1, 8192)] * 15,
+    "chunks 16 x 128 over 4k": [(128, 4096)] * 16,
+    "chunks 32 x 64 over 4k": [(64, 4096)] * 32,
+    "prefill 2 x 8k": [(8192, 8192)] * 2,
 }
 
 
@@ -68,12 +73,23 @@ def _time_step(lens, tiles=(), splits=()) -> tuple[list[float], float]:
     def gather():
         return contig(k_cache[rows, offs], v_cache[rows, offs])
 
+    def routed(min_rows):
+        def call():
+            saved = decode_ops.PAGED_PREFILL_MIN_ROWS
+            decode_ops.PAGED_PREFILL_MIN_ROWS = min_rows
+            try:
+                return paged()
+            finally:
+                decode_ops.PAGED_PREFILL_MIN_ROWS = saved
+        return call
+
     def forced(t, n=0):
         return lambda: decode_ops._decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None,
                                           0, 128 ** -0.5, -1, 0, 0.0, True, False, n, tiles=t, cu_seqlens_q=cu_q,
                                           max_seqlen_q=max_q)[0]
 
-    calls = [paged, contig, gather, *(forced(t) for t in tiles), *(forced(None, n) for n in splits)]
+    calls = [paged, contig, gather, routed(1 << 30), routed(0), *(forced(t) for t in tiles),
+             *(forced(None, n) for n in splits)]
     with torch.no_grad():
         for f in calls[1:]:
             torch.testing.assert_close(paged(), f(), rtol=2e-2, atol=2e-2)
@@ -92,16 +108,18 @@ def main() -> None:
     steps = {n: v for n, v in STEPS.items() if not args.steps or n in args.steps.split(",")}
     results = []
     print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}"
+          f" {'split-KV us':>11} {'Gluon us':>9}"
           + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits))
     for name, lens in steps.items():
         t, flops = _time_step(lens, tiles, splits)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
                "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6,
-               "tiles_us": {str(tt): us for tt, us in zip(tiles, t[3:3 + len(tiles)], strict=True)},
-               "splits_us": {n: us for n, us in zip(splits, t[3 + len(tiles):], strict=True)}}
+               "split_kv_us": t[3], "gluon_us": t[4],
+               "tiles_us": {str(tt): us for tt, us in zip(tiles, t[5:5 + len(tiles)], strict=True)},
+               "splits_us": {n: us for n, us in zip(splits, t[5 + len(tiles):], strict=True)}}
         results.append(row)
         print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}"
-              + "".join(f" {us:16.1f}" for us in t[3:]))
+              f" {t[3]:11.1f} {t[4]:9.1f}" + "".join(f" {us:16.1f}" for us in t[5:]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)

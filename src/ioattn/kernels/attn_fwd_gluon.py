@@ -61,6 +61,83 @@ def _issue_kv_load(desc, smem, bars, stage, row, col, pred):
 
 
 @gluon.jit
+def first_page_ids(bt_row, start, seqlen_k, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """The paged load warp's table state before its first key ``start``: (ids, ids_next, chunk, last_page),
+    the table entries of logical pages chunk .. chunk + 31 and the next 32, one per lane (indices clamped to
+    the sequence's last page), for ``page_of``. Without PAGED, placeholders of the same types."""
+    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
+    last_page = gl.maximum(seqlen_k - 1, 0) // PAGE_SIZE
+    chunk = start // PAGE_SIZE
+    if PAGED:
+        ids = gl.load(bt_row + gl.minimum(chunk + lanes, last_page))
+        ids_next = gl.load(bt_row + gl.minimum(chunk + 32 + lanes, last_page))
+    else:
+        ids = lanes
+        ids_next = lanes
+    return ids, ids_next, chunk, last_page
+
+
+@gluon.jit
+def page_of(ids, ids_next, chunk, idx, bt_row, last_page):
+    """Page id of logical page ``idx`` from the table chunk held one per lane (pages chunk .. chunk + 31),
+    moving to the prefetched next chunk (and prefetching the one after) when idx passes the held one."""
+    lanes = gl.arange(0, 32, ids.type.layout)
+    if idx >= chunk + 32:
+        chunk = chunk + 32
+        ids = ids_next
+        nxt = chunk + 32 + lanes
+        ids_next = gl.load(bt_row + gl.minimum(nxt, last_page))
+    page = gl.sum(gl.where(lanes == idx - chunk, ids, 0), axis=0)
+    return page, ids, ids_next, chunk
+
+
+@gluon.jit
+def load_kv_boxes(desc, ring, ready, stage, key, ids, ids_next, chunk, bt_row, last_page, row0, col,
+                  BLOCK_N: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """Copies of one tensor's tile at ``key`` into ring stage ``stage``: boxes of BOX rows by 64 columns
+    (a 128-byte swizzle span) into the stage's column blocks, all counted on ``ready``."""
+    BOX: gl.constexpr = desc.block_type.shape[0]
+    CB: gl.constexpr = ring.type.shape[0] // (ready.type.shape[0])  # column blocks per stage
+    NB: gl.constexpr = BLOCK_N // BOX
+    mbarrier.expect(ready.index(stage), NB * CB * desc.block_type.nbytes)
+    for i in gl.static_range(NB):
+        if PAGED:
+            # Boxes past the sequence read its last page again (their rows are masked and zeroed).
+            idx = gl.minimum((key + i * BOX) // PAGE_SIZE, last_page)
+            page, ids, ids_next, chunk = page_of(ids, ids_next, chunk, idx, bt_row, last_page)
+            row = page * PAGE_SIZE + (key + i * BOX) % PAGE_SIZE
+        else:
+            row = row0 + key
+        for c in gl.static_range(CB):
+            tma.async_copy_global_to_shared(desc, [row, col + 64 * c], ready.index(stage),
+                                            ring.index(stage * CB + c).slice(i * BOX, BOX))
+    return ids, ids_next, chunk
+
+
+@gluon.jit
+def stream_kv_boxes(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, bt_row, row0, col_k, col_v,
+                    start, n_tiles, seqlen_k, it, BLOCK_N: gl.constexpr, PAGED: gl.constexpr,
+                    PAGE_SIZE: gl.constexpr):
+    """A load warp's K and V tiles at keys start, start + BLOCK_N, ... (n_tiles) into ring positions it,
+    it + 1, ... (paged: box by box, each box's page from the table row ``bt_row``; contiguous: rows row0 +
+    key), each stage once its consumers have released it. Returns the ring position after them."""
+    NUM_STAGES: gl.constexpr = k_ready.type.shape[0]
+    ids, ids_next, chunk, last_page = first_page_ids(bt_row, start, seqlen_k, PAGED, PAGE_SIZE)
+    for j in range(n_tiles):
+        c = it + j
+        stage = c % NUM_STAGES
+        free_phase = ((c // NUM_STAGES) & 1) ^ 1  # a fresh mbarrier passes the phase before phase 0
+        key = start + j * BLOCK_N
+        mbarrier.wait(k_empty.index(stage), free_phase)
+        ids, ids_next, chunk = load_kv_boxes(k_desc, k_ring, k_ready, stage, key, ids, ids_next, chunk, bt_row,
+                                             last_page, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
+        mbarrier.wait(v_empty.index(stage), free_phase)
+        ids, ids_next, chunk = load_kv_boxes(v_desc, v_ring, v_ready, stage, key, ids, ids_next, chunk, bt_row,
+                                             last_page, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
+    return it + n_tiles
+
+
+@gluon.jit
 def dropout_keep_wgmma(seed, philox_rows, cols, dropout_p):
     """``ioattn.dropout``'s keep mask on a (rows, cols) tile in the layout of a wgmma accumulator, without
     moving data between threads: ``philox_rows`` (int64, the rows' Philox counters ``base + i * stride``)
@@ -379,7 +456,8 @@ def attn_fwd_gluon_kernel(
 @gluon.jit
 def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
              window_right, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr,
-             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr, PAIRED: gl.constexpr = False):
+             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr, PAIRED: gl.constexpr = False,
+             PAGED: gl.constexpr = False):
     """Tile t of the (query block of TILE_M rows, batch x head) grid. Static order: query blocks run fastest,
     so the tiles in flight at once share a head's K/V in L2; with a right window the last query blocks (the
     most keys) come first. DYNAMIC order: sections of ``section`` heads (chosen so that their K/V fit in L2),
@@ -390,7 +468,9 @@ def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_
     seqlen_q), but for the middle block of an odd num_m, alone in its unit; units run j fastest, so the tiles
     in flight share heads' K/V in L2. Returns
     (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks): q_row0 /
-    kv_row0 are the sequence's first rows in the 2D views."""
+    kv_row0 are the sequence's first rows in the 2D views. PAGED (varlen queries over a paged cache):
+    ``cu_seqlens_k`` holds the key lengths, cut at ``max_seqlen_k`` (the block table's capacity), and kv_row0
+    is 0 (the load warp finds the rows through the table)."""
     if DYNAMIC:
         pid_m, bh = launch_order(t % num_m, t // num_m, num_m, num_bh, section, HAS_RIGHT)
     elif PAIRED:
@@ -408,7 +488,13 @@ def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_
     b = bh // nheads
     h = bh % nheads
     start_m = pid_m * TILE_M
-    if IS_VARLEN:
+    if PAGED:
+        q_start = gl.load(cu_seqlens_q + b)
+        seqlen_q = gl.load(cu_seqlens_q + b + 1) - q_start
+        seqlen_k = gl.minimum(gl.load(cu_seqlens_k + b), max_seqlen_k)
+        kv_row0 = b * 0
+        q_row0 = q_start
+    elif IS_VARLEN:
         q_start, seqlen_q, kv_row0, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
                                                           max_seqlen_k, True)
         q_row0 = q_start
@@ -478,14 +564,10 @@ def _read_tile_id(tile_smem, slot, NUM_WARPS: gl.constexpr):
 
 
 @gluon.jit
-def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
-                  k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh, q_row, kv_row, n_blocks, it, qi,
-                  DYNAMIC: gl.constexpr):
-    """Loads of one tile: both consumers' Q tiles into Q slot qi mod Q_STAGES (with DYNAMIC, the tile index
-    first), then its key blocks through the ring. Returns the ring position after the tile."""
+def _ws_load_q(q_desc, q_smem, tile_smem, q_full, q_empty, t, h, stride_qh, q_row, qi, DYNAMIC: gl.constexpr):
+    """Both consumers' Q tiles of a tile into Q slot qi mod Q_STAGES (with DYNAMIC, the tile index first), once
+    the tile Q_STAGES before has released the slot."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
     Q_STAGES: gl.constexpr = q_full.type.shape[0]
     slot, q_phase = _q_slot(qi, Q_STAGES)
     # A fresh mbarrier counts as having completed the phase before phase 0: the first pass is free.
@@ -496,6 +578,17 @@ def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_f
     tma.async_copy_global_to_shared(q_desc, [q_row, h * stride_qh], q_full.index(slot), q_smem.index(2 * slot))
     tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, h * stride_qh], q_full.index(slot),
                                     q_smem.index(2 * slot + 1))
+
+
+@gluon.jit
+def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
+                  k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh, q_row, kv_row, n_blocks, it, qi,
+                  DYNAMIC: gl.constexpr):
+    """Loads of one tile: both consumers' Q tiles (``_ws_load_q``), then its key blocks through the ring.
+    Returns the ring position after the tile."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+    _ws_load_q(q_desc, q_smem, tile_smem, q_full, q_empty, t, h, stride_qh, q_row, qi, DYNAMIC)
     hk = h // group
     for j in range(n_blocks):
         c = it + j
@@ -512,8 +605,8 @@ def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_f
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
                  k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh,
                  stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right, num_m, num_tiles, section,
-                 IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr,
-                 PAIRED: gl.constexpr):
+                 block_table, stride_btb, IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                 DYNAMIC: gl.constexpr, PAIRED: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles into the tile's Q slot, once
     the last QK^T of the tile Q_STAGES before has read it, then its K and V blocks into the ring; a stage is
     refilled as soon as both consumers have released it, so the next tile's first blocks load under this
@@ -523,9 +616,11 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
     program's id, each next one comes from a global counter, taken once this tile's loads are all issued
     (about two key blocks before the consumers need it); the index goes to the consumers with the Q tiles,
     and an index past the last tile ends them. The last program out resets the counter for the next launch.
-    PAIRED: the static schedule over pairs of query blocks (``_ws_tile``), every tile holding a key block."""
+    PAIRED: the static schedule over pairs of query blocks (``_ws_tile``), every tile holding a key block.
+    PAGE_SIZE > 0 (static, varlen queries): keys from the paged cache, BLOCK_N // BOX boxes a block, each box's
+    page from the sequence's ``block_table`` row (``stream_kv_boxes``), into column-blocked rings."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]  # k_smem: the ring, (stages, BLOCK_N, d) or column-blocked
     num_bh = num_tiles // num_m
     it = gl.program_id(0) * 0  # key blocks loaded so far: ring stage and phase
     qi = it  # tiles loaded so far: phase of the Q barriers
@@ -564,11 +659,20 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
                 t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False)
+                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False, False,
+                PAGE_SIZE > 0)
             if start_m < seqlen_q:
-                it = _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty,
-                                   k_ready, v_ready, k_empty, v_empty, t, h, group, stride_qh, stride_kh, stride_vh,
-                                   q_row0 + start_m, kv_row0 + lo, n_blocks, it, qi, False)
+                if PAGE_SIZE > 0:
+                    _ws_load_q(q_desc, q_smem, tile_smem, q_full, q_empty, t, h, stride_qh, q_row0 + start_m, qi,
+                               False)
+                    hk = h // group
+                    it = stream_kv_boxes(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                         block_table + b.to(gl.int64) * stride_btb, 0, hk * stride_kh,
+                                         hk * stride_vh, lo, n_blocks, seqlen_k, it, BLOCK_N, True, PAGE_SIZE)
+                else:
+                    it = _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty,
+                                       k_ready, v_ready, k_empty, v_empty, t, h, group, stride_qh, stride_kh,
+                                       stride_vh, q_row0 + start_m, kv_row0 + lo, n_blocks, it, qi, False)
                 qi += 1
 
 
@@ -736,17 +840,41 @@ def _ws_store(acc, m_i, l_i, o_smem, o_desc, Out, Lse, stride_ob, stride_os, str
 
 
 @gluon.jit
+def zero_rows_past(tile, first_key, seqlen_k):
+    """Zeroes the rows of a (BLOCK_N, d) V tile in shared memory whose keys (first_key + row) lie past the
+    sequence, 16 rows at a time, then fences and synchronises the warpgroup before its product reads the
+    tile. Their P is 0, but 0 * NaN is not 0: unused slots of a paged cache may hold anything. Both consumers
+    of a stage may zero it: each writes back the rows' own values or zero, so neither sees a NaN after its
+    own pass."""
+    BLOCK_N: gl.constexpr = tile.type.shape[0]
+    HEAD_DIM: gl.constexpr = tile.type.shape[1]
+    TPW_D: gl.constexpr = HEAD_DIM // 8
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+    CH: gl.constexpr = 16
+    r = gl.arange(0, CH, gl.SliceLayout(1, io_layout))
+    if first_key + BLOCK_N > seqlen_k:
+        for c in gl.static_range(BLOCK_N // CH):
+            if first_key + (c + 1) * CH > seqlen_k:
+                part = tile.slice(c * CH, CH)
+                keep = (first_key + c * CH + r < seqlen_k)[:, None]
+                part.store(gl.where(keep, part.load(io_layout), 0.0))
+        fence_async_shared()
+        gl.thread_barrier()
+
+
+@gluon.jit
 def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me, other, o_smem,
                      o_desc, Out, Lse, alibi_slopes, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab,
                      score_scale, tanh_scale, window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
                      max_seqlen_k, b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, lo, full_lo, full_hi, n_blocks,
                      it, tp, WG: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                      HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                     O_TMA: gl.constexpr):
+                     O_TMA: gl.constexpr, PAGED: gl.constexpr = False):
     """Consumer WG's half of one tile (its Q tile has landed); returns the ring position and issue turns
     after it. SOFTCAP 2 (the max held at softcap's bound): each PV product comes with P times a (BLOCK_N, 8)
     block of ones (``ones_smem``, transposed), so the tensor cores sum the rows of P as rounded for PV (no
-    add per score, and a row dominated by one key gives that key's value though no p is exactly 1)."""
+    add per score, and a row dominated by one key gives that key's value though no p is exactly 1). PAGED:
+    the last block's V rows past the sequence are zeroed before its PV (``zero_rows_past``)."""
     BLOCK_M: gl.constexpr = q.type.shape[0]
     HEAD_DIM: gl.constexpr = q.type.shape[1]
     NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -780,6 +908,8 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
         last = it + n_blocks - 1
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
+        if PAGED:
+            zero_rows_past(v_smem.index(last % NUM_STAGES), lo + (n_blocks - 1) * BLOCK_N, seqlen_k)
         if PINGPONG:
             mbarrier.wait(me, (tp + n_blocks) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
@@ -898,7 +1028,8 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
                  tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, section, WG: gl.constexpr,
                  IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                  HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr):
+                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr,
+                 PAGED: gl.constexpr):
     """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
 
     Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
@@ -953,7 +1084,8 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
                 t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False)
+                window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False, False,
+                PAGED)
             if start_m < seqlen_q:
                 mbarrier.wait(q_full, qi & 1)
                 it, tp = _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me,
@@ -962,7 +1094,7 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
                                           window_left, window_right, seed, dropout_p, nheads, max_seqlen_q,
                                           max_seqlen_k, b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, lo,
                                           full_lo, full_hi, n_blocks, it, tp, WG, SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                          HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, O_TMA)
+                                          HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, O_TMA, PAGED)
                 qi += 1
     if O_TMA:
         tma.store_wait(0)
@@ -972,18 +1104,33 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
 def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
-             dropout_p, num_tiles, section, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-             NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-             HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
-             OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr,
-             PAIRED: gl.constexpr):
+             dropout_p, num_tiles, section, block_table, stride_btb, HEAD_DIM: gl.constexpr,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
+             SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+             DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr,
+             O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """Shared memory, mbarriers and the three partitions of the warp-specialised forward. Q slots: one
-    (both consumers' Q tiles), two with CHAIN (the next tile's Q loads while this one runs)."""
+    (both consumers' Q tiles), two with CHAIN (the next tile's Q loads while this one runs). PAGE_SIZE > 0
+    (a paged cache; varlen queries, one tile a program): k_desc / v_desc copy (box, 64) boxes, so the K and V
+    rings are allocated as column blocks of (BLOCK_N, 64), which the consumers read as (BLOCK_N, HEAD_DIM)
+    tiles (the same 128-byte swizzle, byte for byte)."""
+    gl.static_assert(PAGE_SIZE == 0 or not (DYNAMIC or CHAIN or PAIRED), "paged keys: the static schedule")
     Q_STAGES: gl.constexpr = 2 if CHAIN else 1
     num_m = gl.cdiv(max_seqlen_q, 2 * BLOCK_M)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * Q_STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    if PAGE_SIZE > 0:
+        CB: gl.constexpr = HEAD_DIM // 64
+        ring_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], k_desc.dtype)
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], k_desc.dtype)
+        k_ring = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES * CB, BLOCK_N, 64], ring_layout)
+        v_ring = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES * CB, BLOCK_N, 64], ring_layout)
+        k_smem = k_ring._reinterpret(k_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], tile_layout)
+        v_smem = v_ring._reinterpret(v_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], tile_layout)
+    else:
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        k_ring = k_smem
+        v_ring = v_smem
     tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     if O_TMA:
         # Output staging for the bulk store, one tile per consumer (unused otherwise).
@@ -1019,17 +1166,18 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA, CHAIN, PAIRED)),
+                        DYNAMIC, O_TMA, CHAIN, PAIRED, PAGE_SIZE > 0)),
         (_ws_consumer, (q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready,
                         k_empty, v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
                         section, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA, CHAIN, PAIRED)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready,
+                        DYNAMIC, O_TMA, CHAIN, PAIRED, PAGE_SIZE > 0)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, tile_smem, q_full, q_empty, k_ready,
                         v_ready, k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group,
                         stride_qh, stride_kh, stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right,
-                        num_m, num_tiles, section, IS_VARLEN, HAS_LEFT, HAS_RIGHT, DYNAMIC, PAIRED)),
+                        num_m, num_tiles, section, block_table, stride_btb, IS_VARLEN, HAS_LEFT, HAS_RIGHT, DYNAMIC,
+                        PAIRED, PAGE_SIZE)),
     ], [4, 1], [240, 24])
 
 
@@ -1038,21 +1186,23 @@ def attn_fwd_gluon_ws_kernel(
     q_desc, k_desc, v_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
     nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
-    num_tiles, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-    HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-    CHAIN: gl.constexpr, num_warps: gl.constexpr,
+    num_tiles, block_table, stride_btb, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
+    OVERLAP: gl.constexpr, CHAIN: gl.constexpr, PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Warp-specialised forward (FA3 Sec. 3.1), static schedule: a program walks tiles of 2 x BLOCK_M query
     rows (tile t, t + programs, ...: one per program when the grid covers them all, persistent when it
     holds one program per SM), one BLOCK_M half per consumer warpgroup (the default partition and a 4-warp
     worker), while one load warp fills the K/V ring that both consume; each stage's "empty" mbarrier waits
-    for both. Output stored from registers."""
+    for both. Output stored from registers. PAGE_SIZE > 0: varlen queries over a paged cache, k_desc / v_desc
+    its (box, 64) boxes, cu_seqlens_k the key lengths, max_seqlen_k the table's capacity (``_ws_tile``)."""
     _ws_main(q_desc, k_desc, v_desc, q_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
-             dropout_p, num_tiles, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
-             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False, CHAIN, False)
+             dropout_p, num_tiles, 1, block_table, stride_btb, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False, CHAIN, False,
+             PAGE_SIZE)
 
 
 @gluon.jit(do_not_specialize=["section"])
@@ -1074,8 +1224,8 @@ def attn_fwd_gluon_ws_sched_kernel(
     _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
-             dropout_p, num_tiles, section, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN, SOFTCAP, HAS_ALIBI,
-             HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN, PAIRED)
+             dropout_p, num_tiles, section, cu_seqlens_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN, PAIRED, 0)
 
 
 class FwdConfig(NamedTuple):
@@ -1362,6 +1512,8 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
             # L2_SECTION_BYTES), times the query heads sharing each.
             section = order_section(batch * nheads_k, max_seqlen_k * d * 2 * q.element_size()) * (nheads // nheads_k)
         launcher = _launch_sched if kind == 2 else _launch_ws
+        if kind == 1:
+            flags["PAGE_SIZE"] = 0
     build = _arg_builder(kind, _descriptor(q, cfg.block_m)[1:], _descriptor(k, cfg.block_n)[1:],
                          _descriptor(v, cfg.block_n)[1:], _descriptor(out, cfg.block_m)[1:] if o_tma else None,
                          (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, q.stride(-2),
@@ -1390,7 +1542,7 @@ def _arg_builder(kind: int, qd: tuple, kd: tuple, vd: tuple, od: tuple | None, s
         if kind == 0:
             return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p)
         if kind == 1:
-            return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p, num_tiles)
+            return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p, num_tiles, lse, 0)
         o_desc = descs[0] if od is None else TmaDesc(out, *od)
         return (*descs, o_desc, out, lse, cu_q, cu_k, slopes, counter, *statics, seed, dropout_p, num_tiles,
                 section)

@@ -30,22 +30,28 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
 from .attn_fwd_gluon import (
+    _CONFIGS,
     _GL_DTYPES,
+    FwdConfig,
+    _launch_ws,
     _num_sms,
+    _softcap_mode,
     _softmax_block,
+    _tma_describable,
     _ws_first_qk,
     _ws_fresh,
     consumer_acc_layout,
     gluon_enabled_on,
     gluon_scales,
     normalized_rows,
+    stream_kv_boxes,
 )
+from .attn_fwd_gluon import _descriptor as _rows_descriptor
 from .decode import key_range
 from .fastlaunch import Launcher, TmaDesc, cdiv
 
@@ -53,69 +59,11 @@ BLOCK_M = gl.constexpr(64)  # the wgmma's rows: GROUP x seqlen_q packed rows mus
 
 
 @gluon.jit
-def _page_of(ids, ids_next, chunk, idx, bt_row, last_page):
-    """Page id of logical page ``idx`` from the table chunk held one per lane (pages chunk .. chunk + 31),
-    moving to the prefetched next chunk (and prefetching the one after) when idx passes the held one."""
-    lanes = gl.arange(0, 32, ids.type.layout)
-    if idx >= chunk + 32:
-        chunk = chunk + 32
-        ids = ids_next
-        nxt = chunk + 32 + lanes
-        ids_next = gl.load(bt_row + gl.minimum(nxt, last_page))
-    page = gl.sum(gl.where(lanes == idx - chunk, ids, 0), axis=0)
-    return page, ids, ids_next, chunk
-
-
-@gluon.jit
-def _load_tile(desc, ring, ready, stage, key, ids, ids_next, chunk, bt_row, last_page, row0, col,
-               BLOCK_N: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
-    """Copies of one tensor's tile at ``key`` into ring stage ``stage``: boxes of BOX rows by 64 columns
-    (a 128-byte swizzle span) into the stage's column blocks, all counted on ``ready``."""
-    BOX: gl.constexpr = desc.block_type.shape[0]
-    CB: gl.constexpr = ring.type.shape[0] // (ready.type.shape[0])  # column blocks per stage
-    NB: gl.constexpr = BLOCK_N // BOX
-    mbarrier.expect(ready.index(stage), NB * CB * desc.block_type.nbytes)
-    for i in gl.static_range(NB):
-        if PAGED:
-            # Boxes past the sequence read its last page again (their rows are masked and zeroed).
-            idx = gl.minimum((key + i * BOX) // PAGE_SIZE, last_page)
-            page, ids, ids_next, chunk = _page_of(ids, ids_next, chunk, idx, bt_row, last_page)
-            row = page * PAGE_SIZE + (key + i * BOX) % PAGE_SIZE
-        else:
-            row = row0 + key
-        for c in gl.static_range(CB):
-            tma.async_copy_global_to_shared(desc, [row, col + 64 * c], ready.index(stage),
-                                            ring.index(stage * CB + c).slice(i * BOX, BOX))
-    return ids, ids_next, chunk
-
-
-@gluon.jit
-def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, BlockTable, row0, col_k, col_v,
-              bt_row_off, start, n_tiles, seqlen_k, BLOCK_N: gl.constexpr, PAGED: gl.constexpr,
-              PAGE_SIZE: gl.constexpr):
-    """The load warp: K and V of tiles start, start + BLOCK_N, ... into the ring (paged: box by box, each
-    box's page from the table; contiguous: rows row0 + key)."""
-    NUM_STAGES: gl.constexpr = k_ready.type.shape[0]
-    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
-    bt_row = BlockTable + bt_row_off
-    last_page = gl.maximum(seqlen_k - 1, 0) // PAGE_SIZE
-    chunk = start // PAGE_SIZE
-    if PAGED:
-        ids = gl.load(bt_row + gl.minimum(chunk + lanes, last_page))
-        ids_next = gl.load(bt_row + gl.minimum(chunk + 32 + lanes, last_page))
-    else:
-        ids = lanes
-        ids_next = lanes
-    for j in range(n_tiles):
-        stage = j % NUM_STAGES
-        free_phase = ((j // NUM_STAGES) & 1) ^ 1  # a fresh mbarrier passes the phase before phase 0
-        key = start + j * BLOCK_N
-        mbarrier.wait(k_empty.index(stage), free_phase)
-        ids, ids_next, chunk = _load_tile(k_desc, k_ring, k_ready, stage, key, ids, ids_next, chunk, bt_row,
-                                          last_page, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
-        mbarrier.wait(v_empty.index(stage), free_phase)
-        ids, ids_next, chunk = _load_tile(v_desc, v_ring, v_ready, stage, key, ids, ids_next, chunk, bt_row,
-                                          last_page, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
+def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, bt_row, row0, col_k, col_v, start,
+              n_tiles, seqlen_k, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """The load warp: K and V of tiles start, start + BLOCK_N, ... into the ring (``stream_kv_boxes``)."""
+    stream_kv_boxes(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, bt_row, row0, col_k, col_v,
+                    start, n_tiles, seqlen_k, start * 0, BLOCK_N, PAGED, PAGE_SIZE)
 
 
 @gluon.jit
@@ -268,9 +216,9 @@ def decode_gluon_kernel(
                      stride_lsplit, stride_lb, stride_lh, stride_ls, stride_ab,
                      score_scale, tanh_scale, window_left, window_right,
                      GROUP, HEAD_DIM, BLOCK_N, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)),
-        (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, BlockTable, row0,
-                     hk * stride_kh, hk * stride_vh, b.to(gl.int64) * stride_btb, start, n_tiles, seqlen_k,
-                     BLOCK_N, PAGED, PAGE_SIZE)),
+        (_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                     BlockTable + b.to(gl.int64) * stride_btb, row0, hk * stride_kh, hk * stride_vh, start, n_tiles,
+                     seqlen_k, BLOCK_N, PAGED, PAGE_SIZE)),
     ], [1], [48])
 
 
@@ -388,3 +336,66 @@ def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_id
     args = build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx, alibi_slopes)
     _launch(grid, *args, **flags)
     return _launch, grid, flags, build, args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed variable-length queries over a paged cache (prefill chunks): the Gluon forward's warp-specialised
+# kernel with its load warp reading K and V by page (``attn_fwd_gluon._ws_main``, PAGE_SIZE). d = 64 takes the
+# warp-specialised tiles too (its dense forward runs a one-warpgroup kernel that has no paged loads).
+PAGED_CONFIGS = {64: FwdConfig(64, 128, 2, 4, "pingpong", True, fixed_max=True, alibi_sides=True),
+                 128: _CONFIGS[128], 256: _CONFIGS[256]}
+
+
+def gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale: float, softcap: float) -> bool:
+    """Whether ``gluon_paged_prefill`` runs this call: sm_90, 16-bit, d = 64 / 128 / 256, pages of >= 16
+    tokens, q (total, nheads, d) and the caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+    if not gluon_enabled_on(q, k_cache, v_cache):
+        return False
+    if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return False
+    if q.dim() != 3 or q.shape[-1] not in PAGED_CONFIGS or k_cache.shape[1] < 16 or 0 in q.shape:
+        return False
+    if softcap == 0 and not softmax_scale > 0:
+        return False
+    if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
+        return False
+    return _tma_describable(q) and _describable(k_cache) and _describable(v_cache)
+
+
+def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
+                        max_seqlen_q: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                        config: FwdConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed queries q (total_q, nheads, d) over a paged cache (num_blocks, page, nheads_k, d):
+    sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys the first ``seqlens_k[b]``
+    positions of its pages ``block_table[b]`` (cut at the row's capacity), aligned bottom-right. One tile of
+    2 x block_m query rows of one head a program, no key split. Returns (out like q, lse float32
+    (nheads, total_q)). Call only where ``gluon_paged_prefill_supported`` is True."""
+    total_q, nheads, d = q.shape
+    page, nheads_k = k_cache.shape[1], k_cache.shape[2]
+    cfg = config or PAGED_CONFIGS[d]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    num_tiles = cdiv(max_seqlen_q, 2 * cfg.block_m) * batch * nheads
+    if num_tiles == 0:
+        return out, lse
+    box = min(page, cfg.block_n)
+    score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
+    slopes, stride_ab = lse, 0
+    if alibi_slopes is not None:
+        slopes = alibi_slopes
+        stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
+    capacity = page * block_table.shape[1]
+    args = (TmaDesc(q, *_rows_descriptor(q, cfg.block_m)[1:]), _descriptor(k_cache, box), _descriptor(v_cache, box),
+            out, lse, cu_seqlens_q, seqlens_k, slopes,
+            0, nheads * d, d, 0, total_q, stride_ab, q.stride(1), k_cache.stride(2), v_cache.stride(2),
+            nheads, nheads // nheads_k, max_seqlen_q, capacity, score_scale, tanh_scale, window_left, window_right,
+            0, 0.0, num_tiles, block_table, block_table.stride(0))
+    flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=True,
+                 SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, 0.0, cfg),
+                 HAS_ALIBI=0 if alibi_slopes is None else 2 if cfg.alibi_sides else 1,
+                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, DROPOUT=False,
+                 PINGPONG=cfg.schedule == "pingpong", OVERLAP=cfg.overlap, CHAIN=False, PAGE_SIZE=page,
+                 num_warps=cfg.warps)
+    _launch_ws((num_tiles,), *args, **flags)
+    return out, lse

@@ -27,12 +27,19 @@ from ..kernels.decode_gluon import (
     gluon_decode_preferred,
     gluon_decode_supported,
     gluon_num_splits,
+    gluon_paged_prefill,
+    gluon_paged_prefill_supported,
 )
 from ..kernels.fastlaunch import Launcher, PlanTable, aligned, cdiv, next_power_of_2, recorded, replayable
 from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Packed queries over a paged cache take the Gluon forward's paged tiles (``gluon_paged_prefill``: 2 x 64 query
+# rows of one head a program, every key once per tile) where the sequences average at least this many query
+# rows (a host-side count: total rows / sequences), else the split-KV decode kernel, whose programs pack a GQA
+# group's rows and stream each key once per group (decode steps, decode rows beside a short chunk).
+PAGED_PREFILL_MIN_ROWS = 64
 _launch_decode = Launcher(decode_kernel)
 _launch_combine = Launcher(combine_kernel)
 _launch_kv_write = Launcher(kvw.kv_write_kernel)
@@ -357,6 +364,11 @@ def _paged_varlen_attention(
     if select_backend(q.device) != "triton":
         return paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table,
                                             alibi_slopes, softmax_scale, window_left, window_right, softcap)
+    batch = cu_seqlens_q.shape[0] - 1
+    if (num_splits <= 1 and q.shape[0] >= PAGED_PREFILL_MIN_ROWS * batch
+            and gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap)):
+        return gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
+                                   max_seqlen_q, softmax_scale, window_left, window_right, softcap)
     return _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0, softmax_scale,
                    window_left, window_right, softcap, True, False, num_splits, cu_seqlens_q=cu_seqlens_q,
                    max_seqlen_q=max_seqlen_q)
