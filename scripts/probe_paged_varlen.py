@@ -31,6 +31,7 @@ STEPS = {
     "chunks 16 x 128 over 4k": [(128, 4096)] * 16,
     "chunks 32 x 64 over 4k": [(64, 4096)] * 32,
     "prefill 2 x 8k": [(8192, 8192)] * 2,
+    "prefill 2k + decode 3 x 4k": [(2048, 2048)] + [(1, 4096)] * 3,
 }
 
 

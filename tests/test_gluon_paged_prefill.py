@@ -95,18 +95,21 @@ def test_paged_prefill_strided_q_and_table_padding(prefill_calls):
 
 
 def test_paged_prefill_routing(monkeypatch):
-    """Which packed calls take the Gluon path: sequences averaging PAGED_PREFILL_MIN_ROWS query rows or more
-    (LONG: ~91), pages of 16 tokens or more, no forced key split; the rest take the split-KV decode kernel."""
+    """Which packed calls take the Gluon path: the sequences besides the longest averaging
+    PAGED_PREFILL_MIN_ROWS query rows or more, pages of 16 tokens or more, no forced key split; the rest
+    (decode rows beside a chunk: LONG) take the split-KV decode kernel."""
     calls = []
     real = decode_ops.gluon_paged_prefill
     monkeypatch.setattr(decode_ops, "gluon_paged_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for lens, block_size, splits, taken in [(LONG, 16, 0, True), (LENS, 16, 0, False), (LONG, 8, 0, False),
-                                            (LONG, 16, 2, False)]:
+    chunks = [(130, 300), (64, 64), (90, 1000)]
+    for lens, block_size, splits, taken in [(chunks, 16, 0, True), (LONG, 16, 0, False), (LENS, 16, 0, False),
+                                            (chunks, 8, 0, False), (chunks, 16, 2, False), ([(64, 80)], 16, 0, True),
+                                            ([(63, 80)], 16, 0, False)]:
         calls.clear()
         q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, block_size, seed=2)
         out, lse = decode_ops.paged_varlen_attention(q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None,
                                                      max(nq for nq, _ in lens), 128 ** -0.5, -1, 0, 0.0, splits)
-        assert bool(calls) == taken, (lens is LONG, block_size, splits)
+        assert bool(calls) == taken, (lens, block_size, splits)
         _check(out, lse, seqs, torch.bfloat16, causal=True)
     q = torch.empty(10, 8, 128, device="cuda", dtype=torch.bfloat16)
     cache = torch.empty(4, 16, 2, 128, device="cuda", dtype=torch.bfloat16)

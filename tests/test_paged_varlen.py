@@ -245,3 +245,17 @@ def test_paged_varlen_table_padding_past_the_used_pages():
         padded[0, 1] = -1  # sequence 0 uses two pages
         with pytest.raises(ValueError, match="for the pages a sequence uses"):
             _run(q, k_cache, v_cache, cu_q, cu_k, padded, lens, causal=True)
+
+
+def test_paged_prefill_rule_counts_the_rows_besides_the_longest_sequence():
+    """The host rule between the Gluon paged tiles and the split-KV kernel (ops.decode.paged_prefill_preferred):
+    prefill-only steps and equal chunks go to the tiles, decode rows beside one long chunk do not."""
+    from ioattn.ops.decode import PAGED_PREFILL_MIN_ROWS as rows
+    from ioattn.ops.decode import paged_prefill_preferred
+
+    assert paged_prefill_preferred(rows, 1, rows) and not paged_prefill_preferred(rows - 1, 1, rows - 1)
+    assert paged_prefill_preferred(4 * 2048, 4, 2048)  # prefill only
+    assert paged_prefill_preferred(32 * rows, 32, rows)  # equal chunks
+    assert not paged_prefill_preferred(1024 + 15, 16, 1024)  # one chunk beside 15 decode rows
+    assert not paged_prefill_preferred(64, 64, 1)  # decode rows only
+    assert not paged_prefill_preferred(2 * 2048, 2, 4096)  # a loose max_seqlen_q leaves the split-KV kernel

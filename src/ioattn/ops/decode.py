@@ -36,10 +36,21 @@ from ._dispatch import EagerOp
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 # Packed queries over a paged cache take the Gluon forward's paged tiles (``gluon_paged_prefill``: 2 x 64 query
-# rows of one head a program, every key once per tile) where the sequences average at least this many query
-# rows (a host-side count: total rows / sequences), else the split-KV decode kernel, whose programs pack a GQA
-# group's rows and stream each key once per group (decode steps, decode rows beside a short chunk).
+# rows of one head a program, each key read once per tile) where the sequences besides the longest average at
+# least this many query rows (host-side counts: total rows, max_seqlen_q, sequences), else the split-KV decode
+# kernel, whose programs pack a GQA group's rows and stream each key once per group: decode steps, and decode
+# rows beside a prefill chunk, which would each hold a whole tile a head over their keys (prefill 1k + decode
+# 15 x 8k: 516 µs there, 426 on the split-KV kernel; H100, benchmarks/NOTES.md, "the Gluon forward's tiles
+# over pages").
 PAGED_PREFILL_MIN_ROWS = 64
+
+
+def paged_prefill_preferred(total_q: int, batch: int, max_seqlen_q: int) -> bool:
+    """Whether a packed call over a paged cache goes to the Gluon paged tiles (``PAGED_PREFILL_MIN_ROWS``): the
+    rows besides the longest sequence's (at most max_seqlen_q of them) average that many a sequence."""
+    if batch <= 1:
+        return total_q >= PAGED_PREFILL_MIN_ROWS
+    return total_q - max_seqlen_q >= PAGED_PREFILL_MIN_ROWS * (batch - 1)
 _launch_decode = Launcher(decode_kernel)
 _launch_combine = Launcher(combine_kernel)
 _launch_kv_write = Launcher(kvw.kv_write_kernel)
@@ -364,8 +375,7 @@ def _paged_varlen_attention(
     if select_backend(q.device) != "triton":
         return paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table,
                                             alibi_slopes, softmax_scale, window_left, window_right, softcap)
-    batch = cu_seqlens_q.shape[0] - 1
-    if (num_splits <= 1 and q.shape[0] >= PAGED_PREFILL_MIN_ROWS * batch
+    if (num_splits <= 1 and paged_prefill_preferred(q.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_q)
             and gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap)):
         return gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
                                    max_seqlen_q, softmax_scale, window_left, window_right, softcap)
