@@ -3,7 +3,7 @@ call on the keys gathered into a contiguous packed run (the dense varlen kernels
 steps: decode rows only, a prefill chunk beside decode rows, prefill only. The paged call also runs on each of
 its two kernels forced (``ops.decode.PAGED_PREFILL_MIN_ROWS``): the split-KV decode kernel and the Gluon
 forward's paged tiles. bf16, d = 128, GQA 32 / 8, pages of 16
-tokens in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FLOPs of the allowed pairs).
+tokens (``--page``) in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FLOPs of the allowed pairs).
 
     PYTHONPATH=src python scripts/probe_paged_varlen.py [--json out.json] [--tiles "128,64,8,2|64,64,4,2"]
 
@@ -56,10 +56,10 @@ def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
     return q, k_cache, v_cache, cu_q, cu_k, table, rows, offs
 
 
-def _time_step(lens, tiles=(), splits=()) -> tuple[list[float], float]:
-    """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call with
-    each of ``tiles``; causal FLOPs)."""
-    q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens)
+def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
+    """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call on
+    the split-KV kernel and on the Gluon tiles, then with each of ``tiles`` and ``splits``; causal FLOPs)."""
+    q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens, page=page)
     max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
     k_flat, v_flat = k_cache[rows, offs], v_cache[rows, offs]
     flops = sum(4 * 128 * 32 * sum(min(nk, nk - nq + i + 1) for i in range(nq)) for nq, nk in lens)
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--tiles", default="")
     parser.add_argument("--splits", default="")
     parser.add_argument("--steps", default="", help="comma-separated step names (default: all)")
+    parser.add_argument("--page", type=int, default=16, help="tokens a page")
     args = parser.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split("|") if t]
     splits = [int(n) for n in args.splits.split(",") if n]
@@ -112,12 +113,13 @@ def main() -> None:
           f" {'split-KV us':>11} {'Gluon us':>9}"
           + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits))
     for name, lens in steps.items():
-        t, flops = _time_step(lens, tiles, splits)
+        t, flops = _time_step(lens, tiles, splits, args.page)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
                "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6,
                "split_kv_us": t[3], "gluon_us": t[4],
                "tiles_us": {str(tt): us for tt, us in zip(tiles, t[5:5 + len(tiles)], strict=True)},
                "splits_us": {n: us for n, us in zip(splits, t[5 + len(tiles):], strict=True)}}
+        row["page"] = args.page
         results.append(row)
         print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}"
               f" {t[3]:11.1f} {t[4]:9.1f}" + "".join(f" {us:16.1f}" for us in t[5:]))

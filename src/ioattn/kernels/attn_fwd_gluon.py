@@ -61,57 +61,32 @@ def _issue_kv_load(desc, smem, bars, stage, row, col, pred):
 
 
 @gluon.jit
-def first_page_ids(bt_row, start, seqlen_k, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
-    """The paged load warp's table state before its first key ``start``: (ids, ids_next, chunk, last_page),
-    the table entries of logical pages chunk .. chunk + 31 and the next 32, one per lane (indices clamped to
-    the sequence's last page), for ``page_of``. Without PAGED, placeholders of the same types."""
-    lanes = gl.arange(0, 32, gl.BlockedLayout([1], [32], [1], [0]))
-    last_page = gl.maximum(seqlen_k - 1, 0) // PAGE_SIZE
-    chunk = start // PAGE_SIZE
-    if PAGED:
-        ids = gl.load(bt_row + gl.minimum(chunk + lanes, last_page))
-        ids_next = gl.load(bt_row + gl.minimum(chunk + 32 + lanes, last_page))
-    else:
-        ids = lanes
-        ids_next = lanes
-    return ids, ids_next, chunk, last_page
+def box_pages(bt_row, key, last_page, BOX: gl.constexpr, NB: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """Table entries of the NB boxes of BOX keys from ``key`` (pages past the sequence's last one read that
+    one again), one load held whole by every thread (its entries picked out in registers, no shuffles)."""
+    i = gl.arange(0, NB, gl.BlockedLayout([NB], [32], [1], [0]))
+    return gl.load(bt_row + gl.minimum((key + i * BOX) // PAGE_SIZE, last_page))
 
 
 @gluon.jit
-def page_of(ids, ids_next, chunk, idx, bt_row, last_page):
-    """Page id of logical page ``idx`` from the table chunk held one per lane (pages chunk .. chunk + 31),
-    moving to the prefetched next chunk (and prefetching the one after) when idx passes the held one."""
-    lanes = gl.arange(0, 32, ids.type.layout)
-    if idx >= chunk + 32:
-        chunk = chunk + 32
-        ids = ids_next
-        nxt = chunk + 32 + lanes
-        ids_next = gl.load(bt_row + gl.minimum(nxt, last_page))
-    page = gl.sum(gl.where(lanes == idx - chunk, ids, 0), axis=0)
-    return page, ids, ids_next, chunk
-
-
-@gluon.jit
-def load_kv_boxes(desc, ring, ready, stage, key, ids, ids_next, chunk, bt_row, last_page, row0, col,
-                  BLOCK_N: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+def load_kv_boxes(desc, ring, ready, stage, key, pages, row0, col, BLOCK_N: gl.constexpr, PAGED: gl.constexpr,
+                  PAGE_SIZE: gl.constexpr):
     """Copies of one tensor's tile at ``key`` into ring stage ``stage``: boxes of BOX rows by 64 columns
-    (a 128-byte swizzle span) into the stage's column blocks, all counted on ``ready``."""
+    (a 128-byte swizzle span) into the stage's column blocks, all counted on ``ready``; paged, box i's page is
+    entry i of ``pages`` (``box_pages``)."""
     BOX: gl.constexpr = desc.block_type.shape[0]
     CB: gl.constexpr = ring.type.shape[0] // (ready.type.shape[0])  # column blocks per stage
     NB: gl.constexpr = BLOCK_N // BOX
     mbarrier.expect(ready.index(stage), NB * CB * desc.block_type.nbytes)
     for i in gl.static_range(NB):
         if PAGED:
-            # Boxes past the sequence read its last page again (their rows are masked and zeroed).
-            idx = gl.minimum((key + i * BOX) // PAGE_SIZE, last_page)
-            page, ids, ids_next, chunk = page_of(ids, ids_next, chunk, idx, bt_row, last_page)
+            page = gl.sum(gl.where(gl.arange(0, NB, pages.type.layout) == i, pages, 0), axis=0)
             row = page * PAGE_SIZE + (key + i * BOX) % PAGE_SIZE
         else:
             row = row0 + key
         for c in gl.static_range(CB):
             tma.async_copy_global_to_shared(desc, [row, col + 64 * c], ready.index(stage),
                                             ring.index(stage * CB + c).slice(i * BOX, BOX))
-    return ids, ids_next, chunk
 
 
 @gluon.jit
@@ -119,21 +94,25 @@ def stream_kv_boxes(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v
                     start, n_tiles, seqlen_k, it, BLOCK_N: gl.constexpr, PAGED: gl.constexpr,
                     PAGE_SIZE: gl.constexpr):
     """A load warp's K and V tiles at keys start, start + BLOCK_N, ... (n_tiles) into ring positions it,
-    it + 1, ... (paged: box by box, each box's page from the table row ``bt_row``; contiguous: rows row0 +
-    key), each stage once its consumers have released it. Returns the ring position after them."""
+    it + 1, ... (paged: box by box, each box's page from the table row ``bt_row``, the tile's entries loaded
+    before its copies wait for their stages; contiguous: rows row0 + key), each stage once its consumers have
+    released it. Returns the ring position after them."""
     NUM_STAGES: gl.constexpr = k_ready.type.shape[0]
-    ids, ids_next, chunk, last_page = first_page_ids(bt_row, start, seqlen_k, PAGED, PAGE_SIZE)
+    BOX: gl.constexpr = k_desc.block_type.shape[0]
+    NB: gl.constexpr = BLOCK_N // BOX
+    last_page = gl.maximum(seqlen_k - 1, 0) // PAGE_SIZE
     for j in range(n_tiles):
         c = it + j
         stage = c % NUM_STAGES
         free_phase = ((c // NUM_STAGES) & 1) ^ 1  # a fresh mbarrier passes the phase before phase 0
         key = start + j * BLOCK_N
+        pages = gl.zeros([NB], gl.int32, gl.BlockedLayout([NB], [32], [1], [0]))
+        if PAGED:
+            pages = box_pages(bt_row, key, last_page, BOX, NB, PAGE_SIZE)  # in flight during the wait
         mbarrier.wait(k_empty.index(stage), free_phase)
-        ids, ids_next, chunk = load_kv_boxes(k_desc, k_ring, k_ready, stage, key, ids, ids_next, chunk, bt_row,
-                                             last_page, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
+        load_kv_boxes(k_desc, k_ring, k_ready, stage, key, pages, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
         mbarrier.wait(v_empty.index(stage), free_phase)
-        ids, ids_next, chunk = load_kv_boxes(v_desc, v_ring, v_ready, stage, key, ids, ids_next, chunk, bt_row,
-                                             last_page, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
+        load_kv_boxes(v_desc, v_ring, v_ready, stage, key, pages, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
     return it + n_tiles
 
 
