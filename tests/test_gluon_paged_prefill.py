@@ -102,9 +102,10 @@ def test_paged_prefill_routing(monkeypatch):
     real = decode_ops.gluon_paged_prefill
     monkeypatch.setattr(decode_ops, "gluon_paged_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
     chunks = [(130, 300), (64, 64), (90, 1000)]
+    long_beside_decodes = [(1500, 1500), (1, 700), (1, 40)]  # (2 x 1536 keys) x 256 < 1500^2
     for lens, block_size, splits, taken in [(chunks, 16, 0, True), (LONG, 16, 0, False), (LENS, 16, 0, False),
                                             (chunks, 8, 0, False), (chunks, 16, 2, False), ([(64, 80)], 16, 0, True),
-                                            ([(63, 80)], 16, 0, False)]:
+                                            ([(63, 80)], 16, 0, False), (long_beside_decodes, 16, 0, True)]:
         calls.clear()
         q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, block_size, seed=2)
         out, lse = decode_ops.paged_varlen_attention(q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None,

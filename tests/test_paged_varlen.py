@@ -253,9 +253,11 @@ def test_paged_prefill_rule_counts_the_rows_besides_the_longest_sequence():
     from ioattn.ops.decode import PAGED_PREFILL_MIN_ROWS as rows
     from ioattn.ops.decode import paged_prefill_preferred
 
-    assert paged_prefill_preferred(rows, 1, rows) and not paged_prefill_preferred(rows - 1, 1, rows - 1)
-    assert paged_prefill_preferred(4 * 2048, 4, 2048)  # prefill only
-    assert paged_prefill_preferred(32 * rows, 32, rows)  # equal chunks
-    assert not paged_prefill_preferred(1024 + 15, 16, 1024)  # one chunk beside 15 decode rows
-    assert not paged_prefill_preferred(64, 64, 1)  # decode rows only
-    assert not paged_prefill_preferred(2 * 2048, 2, 4096)  # a loose max_seqlen_q leaves the split-KV kernel
+    assert paged_prefill_preferred(rows, 1, rows, 4096) and not paged_prefill_preferred(rows - 1, 1, rows - 1, 4096)
+    assert paged_prefill_preferred(4 * 2048, 4, 2048, 2048)  # prefill only
+    assert paged_prefill_preferred(32 * rows, 32, rows, 4096)  # equal chunks
+    assert not paged_prefill_preferred(1024 + 15, 16, 1024, 8192)  # one chunk beside 15 long decode rows
+    assert not paged_prefill_preferred(512 + 32, 33, 512, 4096)  # one chunk beside 32 decode rows
+    assert paged_prefill_preferred(2048 + 3, 4, 2048, 4096)  # a long chunk beside 3 decode rows
+    assert not paged_prefill_preferred(2048 + 3, 4, 2048, 32768)  # ... in tables 32k keys wide
+    assert not paged_prefill_preferred(64, 64, 1, 4096)  # decode rows only
