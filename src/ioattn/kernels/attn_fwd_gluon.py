@@ -92,27 +92,36 @@ def load_kv_boxes(desc, ring, ready, stage, key, pages, row0, col, BLOCK_N: gl.c
 @gluon.jit
 def stream_kv_boxes(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, bt_row, row0, col_k, col_v,
                     start, n_tiles, seqlen_k, it, BLOCK_N: gl.constexpr, PAGED: gl.constexpr,
-                    PAGE_SIZE: gl.constexpr):
+                    PAGE_SIZE: gl.constexpr, PREFETCH: gl.constexpr):
     """A load warp's K and V tiles at keys start, start + BLOCK_N, ... (n_tiles) into ring positions it,
-    it + 1, ... (paged: box by box, each box's page from the table row ``bt_row``, the tile's entries loaded
-    before its copies wait for their stages; contiguous: rows row0 + key), each stage once its consumers have
-    released it. Returns the ring position after them."""
+    it + 1, ... (paged: box by box, each box's page from the table row ``bt_row``; contiguous: rows row0 +
+    key), each stage once its consumers have released it. Returns the ring position after them. A tile's
+    table entries are loaded before its copies wait for their stages, or with PREFETCH during the tile
+    before (twice the registers: the decode kernel's load warp, whose stages free fast, has them; the
+    forward's, at 24 registers, does not)."""
     NUM_STAGES: gl.constexpr = k_ready.type.shape[0]
     BOX: gl.constexpr = k_desc.block_type.shape[0]
     NB: gl.constexpr = BLOCK_N // BOX
     last_page = gl.maximum(seqlen_k - 1, 0) // PAGE_SIZE
+    pages = gl.zeros([NB], gl.int32, gl.BlockedLayout([NB], [32], [1], [0]))
+    if PAGED and PREFETCH:
+        pages = box_pages(bt_row, start, last_page, BOX, NB, PAGE_SIZE)
     for j in range(n_tiles):
         c = it + j
         stage = c % NUM_STAGES
         free_phase = ((c // NUM_STAGES) & 1) ^ 1  # a fresh mbarrier passes the phase before phase 0
         key = start + j * BLOCK_N
-        pages = gl.zeros([NB], gl.int32, gl.BlockedLayout([NB], [32], [1], [0]))
+        pages_next = pages
         if PAGED:
-            pages = box_pages(bt_row, key, last_page, BOX, NB, PAGE_SIZE)  # in flight during the wait
+            if PREFETCH:
+                pages_next = box_pages(bt_row, key + BLOCK_N, last_page, BOX, NB, PAGE_SIZE)
+            else:
+                pages = box_pages(bt_row, key, last_page, BOX, NB, PAGE_SIZE)  # in flight during the wait
         mbarrier.wait(k_empty.index(stage), free_phase)
         load_kv_boxes(k_desc, k_ring, k_ready, stage, key, pages, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
         mbarrier.wait(v_empty.index(stage), free_phase)
         load_kv_boxes(v_desc, v_ring, v_ready, stage, key, pages, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
+        pages = pages_next
     return it + n_tiles
 
 
@@ -647,7 +656,8 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
                     hk = h // group
                     it = stream_kv_boxes(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                                          block_table + b.to(gl.int64) * stride_btb, 0, hk * stride_kh,
-                                         hk * stride_vh, lo, n_blocks, seqlen_k, it, BLOCK_N, True, PAGE_SIZE)
+                                         hk * stride_vh, lo, n_blocks, seqlen_k, it, BLOCK_N, True, PAGE_SIZE,
+                                         False)
                 else:
                     it = _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty,
                                        k_ready, v_ready, k_empty, v_empty, t, h, group, stride_qh, stride_kh,

@@ -63,7 +63,7 @@ def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty
               n_tiles, seqlen_k, BLOCK_N: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """The load warp: K and V of tiles start, start + BLOCK_N, ... into the ring (``stream_kv_boxes``)."""
     stream_kv_boxes(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, bt_row, row0, col_k, col_v,
-                    start, n_tiles, seqlen_k, start * 0, BLOCK_N, PAGED, PAGE_SIZE)
+                    start, n_tiles, seqlen_k, start * 0, BLOCK_N, PAGED, PAGE_SIZE, True)
 
 
 @gluon.jit
