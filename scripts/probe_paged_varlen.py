@@ -1,7 +1,7 @@
 """Time ``flash_attn_varlen_func`` with ``block_table`` (packed queries over a paged KV cache) against the same
 call on the keys gathered into a contiguous packed run (the dense varlen kernels), for a few continuous-batching
 steps: decode rows only, a prefill chunk beside decode rows, prefill only. The paged call also runs on each of
-its two kernels forced (``ops.decode.PAGED_PREFILL_MIN_ROWS``): the split-KV decode kernel and the Gluon
+its two kernels forced (``ops.decode.paged_prefill_preferred``): the split-KV decode kernel and the Gluon
 forward's paged tiles. bf16, d = 128, GQA 32 / 8, pages of 16
 tokens (``--page``) in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FLOPs of the allowed pairs).
 
@@ -74,14 +74,14 @@ def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
     def gather():
         return contig(k_cache[rows, offs], v_cache[rows, offs])
 
-    def routed(min_rows):
+    def routed(tiles: bool):
         def call():
-            saved = decode_ops.PAGED_PREFILL_MIN_ROWS
-            decode_ops.PAGED_PREFILL_MIN_ROWS = min_rows
+            saved = decode_ops.paged_prefill_preferred
+            decode_ops.paged_prefill_preferred = lambda *args: tiles
             try:
                 return paged()
             finally:
-                decode_ops.PAGED_PREFILL_MIN_ROWS = saved
+                decode_ops.paged_prefill_preferred = saved
         return call
 
     def forced(t, n=0):
@@ -89,7 +89,7 @@ def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
                                           0, 128 ** -0.5, -1, 0, 0.0, True, False, n, tiles=t, cu_seqlens_q=cu_q,
                                           max_seqlen_q=max_q)[0]
 
-    calls = [paged, contig, gather, routed(1 << 30), routed(0), *(forced(t) for t in tiles),
+    calls = [paged, contig, gather, routed(False), routed(True), *(forced(t) for t in tiles),
              *(forced(None, n) for n in splits)]
     with torch.no_grad():
         for f in calls[1:]:
