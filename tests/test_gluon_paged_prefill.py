@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ON_GPU
-from test_paged_varlen import LENS, LONG, _check, _inputs, _run
+from test_paged_varlen import LENS, LONG, _check, _inputs, _run, check_compiled_step
 
 import ioattn.ops.decode as decode_ops
 from ioattn.kernels.decode_gluon import gluon_paged_prefill_supported
@@ -121,16 +121,5 @@ def test_paged_prefill_routing(monkeypatch):
 
 
 def test_paged_prefill_under_torch_compile(prefill_calls):
-    import ioattn
-
-    lens = [(100, 300), (40, 70)]
-    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 8, 2, torch.bfloat16, 16, seed=4)
-
-    def step(q, k_cache, v_cache, cu_q, cu_k, table):
-        return ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 100, 300, causal=True,
-                                             block_table=table)
-
-    ref = step(q, k_cache, v_cache, cu_q, cu_k, table)
-    compiled = torch.compile(step, fullgraph=True)
-    torch.testing.assert_close(compiled(q, k_cache, v_cache, cu_q, cu_k, table), ref, rtol=0, atol=0)
+    check_compiled_step([(100, 300), (40, 70)], 8, torch.bfloat16)
     assert len(prefill_calls) >= 2

@@ -170,17 +170,22 @@ def test_paged_varlen_mixed_batch_matches_kvcache_decode():
     torch.testing.assert_close(out, ref[:, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_paged_varlen_under_torch_compile():
-    lens = [(4, 20), (1, 9)]
-    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 4, 2, torch.float32, 16, seed=4)
+def check_compiled_step(lens, nheads, dtype):
+    """A causal paged varlen step compiled whole (fullgraph) gives the eager call's output exactly."""
+    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, nheads, 2, dtype, 16, seed=4)
+    max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
 
     def step(q, k_cache, v_cache, cu_q, cu_k, table):
-        return ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 4, 20, causal=True,
+        return ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, causal=True,
                                              block_table=table)
 
     ref = step(q, k_cache, v_cache, cu_q, cu_k, table)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
     torch.testing.assert_close(compiled(q, k_cache, v_cache, cu_q, cu_k, table), ref, rtol=0, atol=0)
+
+
+def test_paged_varlen_under_torch_compile():
+    check_compiled_step([(4, 20), (1, 9)], 4, torch.float32)
 
 
 def _valid():
