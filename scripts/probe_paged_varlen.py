@@ -89,6 +89,7 @@ def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
                                           0, 128 ** -0.5, -1, 0, 0.0, True, False, n, tiles=t, cu_seqlens_q=cu_q,
                                           max_seqlen_q=max_q)[0]
 
+    assert decode_ops.gluon_paged_prefill_supported(q, k_cache, v_cache, None, 128 ** -0.5, 0.0), "no Gluon tiles"
     calls = [paged, contig, gather, routed(False), routed(True), *(forced(t) for t in tiles),
              *(forced(None, n) for n in splits)]
     with torch.no_grad():

@@ -42,6 +42,7 @@ def test_which_calls_take_it(monkeypatch):
     assert _supported() and _supported(page=0) and _supported(page=256, d=64, dtype=torch.float16)
     assert _supported(group=16, seqlen_q=4)
     assert not _supported(page=8)  # pages under 16 rows: the portable kernel
+    assert not _supported(page=48)  # not a power of two: boxes would cross pages
     assert not _supported(dtype=torch.float32)
     assert not _supported(d=96)
     assert not _supported(rotary=True)

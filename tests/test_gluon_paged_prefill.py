@@ -48,21 +48,21 @@ def test_paged_prefill_matches_reference(dtype, block_size, group, causal, lens,
     _check(out, lse, seqs, dtype, causal=causal)
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d, block_size", [(64, 16), (128, 16), (256, 16), (64, 256), (128, 128), (256, 256)])
 @pytest.mark.parametrize("opts", [
     {"causal": True}, {"window_size": (100, 20)}, {"window_size": (50, -1), "causal": True}, {"softcap": 5.0},
     {"softcap": 50.0, "causal": True}, {"alibi": "heads", "causal": True},
     {"alibi": "batch", "softcap": 3.0, "window_size": (-1, 60)},
 ], ids=str)
-def test_paged_prefill_head_dims_masks_and_mods(d, opts, prefill_calls):
+def test_paged_prefill_head_dims_masks_and_mods(d, block_size, opts, prefill_calls):
     opts = dict(opts)
     alibi = opts.pop("alibi", None)
-    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(MIXED, 8, 2, torch.bfloat16, 16, d=d, seed=1)
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(MIXED, 8, 2, torch.bfloat16, block_size, d=d, seed=1)
     slopes = make_alibi(len(MIXED), 8, per_batch=alibi == "batch") if alibi else None
     out, lse, _ = _run(q, k_cache, v_cache, cu_q, cu_k, table, MIXED,
                        alibi_slopes=None if slopes is None else slopes.cuda(), softmax_scale=0.3 * d ** -0.5,
                        **opts)
-    assert prefill_calls == [16]
+    assert prefill_calls == [block_size]
     _check(out, lse, seqs, torch.bfloat16, slopes, softmax_scale=0.3 * d ** -0.5, **opts)
 
 
@@ -105,7 +105,8 @@ def test_paged_prefill_routing(monkeypatch):
     long_beside_decodes = [(1500, 1500), (1, 700), (1, 40)]  # (2 x 1536 keys) x 256 < 1500^2
     for lens, block_size, splits, taken in [(chunks, 16, 0, True), (LONG, 16, 0, False), (LENS, 16, 0, False),
                                             (chunks, 8, 0, False), (chunks, 16, 2, False), ([(64, 80)], 16, 0, True),
-                                            ([(63, 80)], 16, 0, False), (long_beside_decodes, 16, 0, True)]:
+                                            ([(63, 80)], 16, 0, False), (long_beside_decodes, 16, 0, True),
+                                            (chunks, 48, 0, False)]:  # pages of 48: not a power of two
         calls.clear()
         q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, block_size, seed=2)
         out, lse = decode_ops.paged_varlen_attention(q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None,
@@ -118,6 +119,8 @@ def test_paged_prefill_routing(monkeypatch):
     assert not gluon_paged_prefill_supported(q.float(), cache.float(), cache.float(), None, 0.1, 0.0)
     assert not gluon_paged_prefill_supported(q[..., :96], cache[..., :96], cache[..., :96], None, 0.1, 0.0)
     assert not gluon_paged_prefill_supported(q, cache, cache, None, -0.1, 0.0)
+    odd = torch.empty(4, 48, 2, 128, device="cuda", dtype=torch.bfloat16)  # pages of 48: not a power of two
+    assert not gluon_paged_prefill_supported(q, odd, odd, None, 0.1, 0.0)
 
 
 def test_paged_prefill_under_torch_compile(prefill_calls):

@@ -16,7 +16,9 @@ mask of ``ioattn.dropout`` drawn in the accumulator's own layout: ``dropout_keep
 (batch, seqlen, nheads, d) and varlen inputs (total, nheads, d) with unit d-stride are described as 2D
 (rows, columns) views: head h starts at column ``h * stride_h``. Rows past a sequence read the next
 sequence's rows (or TMA's zero fill at the end); those keys are masked to -inf and those query rows are
-never stored (masked register stores).
+never stored (masked register stores). Over a paged cache (the warp-specialised kernel's PAGE_SIZE) the load
+warp copies K and V box by box through the block table, and the last block's V rows past the sequence are
+zeroed before its PV: unused cache slots may hold anything, NaN included, and 0 * NaN is not 0.
 """
 
 from __future__ import annotations
@@ -105,23 +107,21 @@ def stream_kv_boxes(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v
     last_page = gl.maximum(seqlen_k - 1, 0) // PAGE_SIZE
     pages = gl.zeros([NB], gl.int32, gl.BlockedLayout([NB], [32], [1], [0]))
     if PAGED and PREFETCH:
-        pages = box_pages(bt_row, start, last_page, BOX, NB, PAGE_SIZE)
+        if n_tiles > 0:  # a table row may hold no entry at all
+            pages = box_pages(bt_row, start, last_page, BOX, NB, PAGE_SIZE)
     for j in range(n_tiles):
         c = it + j
         stage = c % NUM_STAGES
         free_phase = ((c // NUM_STAGES) & 1) ^ 1  # a fresh mbarrier passes the phase before phase 0
         key = start + j * BLOCK_N
-        pages_next = pages
-        if PAGED:
-            if PREFETCH:
-                pages_next = box_pages(bt_row, key + BLOCK_N, last_page, BOX, NB, PAGE_SIZE)
-            else:
-                pages = box_pages(bt_row, key, last_page, BOX, NB, PAGE_SIZE)  # in flight during the wait
+        if PAGED and not PREFETCH:
+            pages = box_pages(bt_row, key, last_page, BOX, NB, PAGE_SIZE)  # in flight during the wait
         mbarrier.wait(k_empty.index(stage), free_phase)
         load_kv_boxes(k_desc, k_ring, k_ready, stage, key, pages, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
         mbarrier.wait(v_empty.index(stage), free_phase)
         load_kv_boxes(v_desc, v_ring, v_ready, stage, key, pages, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
-        pages = pages_next
+        if PAGED and PREFETCH:
+            pages = box_pages(bt_row, key + BLOCK_N, last_page, BOX, NB, PAGE_SIZE)  # the next tile's
     return it + n_tiles
 
 

@@ -9,14 +9,19 @@ streams at about the rate several pipelined ones did, so long caches need few or
 
 - Rows: the GQA group's query heads times the query tokens, packed as ``decode.py`` packs them (row r is
   token r // GROUP, head hk * GROUP + r % GROUP) and padded to the 64 rows of a wgmma.
-- Paged caches: a tile of BLOCK_N keys is BLOCK_N // BOX boxes of BOX = min(page_size, BLOCK_N) rows, each
-  inside one page; the load warp reads the block table 32 entries at a time, the next 32 prefetched, so no
-  table read sits between two copies. A contiguous cache is a tile per box.
+- Paged caches (power-of-two pages of 16 tokens or more): a tile of BLOCK_N keys is BLOCK_N // BOX boxes of
+  BOX = min(page_size, BLOCK_N) rows, each inside one page; the load warp reads a tile's page entries in one
+  load, a tile ahead (``attn_fwd_gluon.stream_kv_boxes``), so no table read sits between two copies. A
+  contiguous cache is a tile per box.
 - Keys past the sequence (the last tile's tail, read from the clamped last page or the next rows): their
-  scores are masked, and the consumer zeroes their V rows in shared memory before PV, so whatever unused
-  slots hold (NaN included) never reaches the output.
+  scores are masked, and the consumer zeroes their V rows in shared memory before PV
+  (``attn_fwd_gluon.zero_rows_past``), so whatever unused slots hold (NaN included) never reaches the output.
 - Scores, masks (causal and windows aligned bottom-right), softcap and ALiBi come from the Gluon forward's
   ``_softmax_block``; outputs and log-sum-exps are ``decode.py``'s, per split, merged by ``combine.py``.
+
+The module also launches the Gluon forward's warp-specialised tiles over a paged cache for packed
+variable-length queries (``gluon_paged_prefill``: prefill chunks of ``flash_attn_varlen_func(...,
+block_table=...)``), with the same box loads.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from .attn_fwd_gluon import (
     gluon_scales,
     normalized_rows,
     stream_kv_boxes,
+    zero_rows_past,
 )
 from .attn_fwd_gluon import _descriptor as _rows_descriptor
 from .decode import key_range
@@ -67,7 +73,7 @@ def _producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty
 
 
 @gluon.jit
-def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, zero_bar,
+def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn_bar,
               b, hk, split, start, n_tiles, seqlen_k, seqlen_q, diag, full_lo, full_hi,
               stride_qb, stride_qs, stride_qh, stride_osplit, stride_ob, stride_os, stride_oh,
               stride_lsplit, stride_lb, stride_lh, stride_ls, stride_ab,
@@ -104,13 +110,12 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
         alibi_slope = (slope * (1.4426950408889634 / score_scale))[:, None]
     m_i, l_i, acc, _ = _ws_fresh(BLOCK_M, BLOCK_N, HEAD_DIM, False)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    v_r = gl.arange(0, BLOCK_N, gl.SliceLayout(1, io_layout))
     mods = (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, 0, rows,
             0.0, 0, 0)
     if n_tiles > 0:
         # The first tile's scores alone (as the forward's consumer: its accumulator only joins from the
         # first PV), then per tile j: PV of tile j - 1 and QK^T of tile j in flight together.
-        s = _ws_first_qk(q_op, k_smem, k_ready, k_empty, zero_bar, zero_bar, s_zero, 0, 0, False)  # no turns
+        s = _ws_first_qk(q_op, k_smem, k_ready, k_empty, turn_bar, turn_bar, s_zero, 0, 0, False)  # no turns
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, start, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
                                             HAS_LEFT, HAS_RIGHT, SOFTCAP, False)
         for j in range(1, n_tiles):
@@ -130,14 +135,7 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
         last = (n_tiles - 1) % NUM_STAGES
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // NUM_STAGES) & 1)
-        if start + n_tiles * BLOCK_N > seqlen_k:
-            # The last tile runs past the sequence: zero those V rows (P is 0 there, but 0 * NaN is not 0).
-            v_tile = v_smem.index(last).load(io_layout)
-            keep = (start + (n_tiles - 1) * BLOCK_N + v_r < seqlen_k)[:, None]
-            v_smem.index(last).store(gl.where(keep, v_tile, 0.0))
-            fence_async_shared()
-            mbarrier.arrive(zero_bar)  # lowered after a barrier of this warpgroup: every row is written
-            mbarrier.wait(zero_bar, 0)
+        zero_rows_past(v_smem.index(last), start + (n_tiles - 1) * BLOCK_N, seqlen_k)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
 
@@ -200,17 +198,17 @@ def decode_gluon_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    zero_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turn_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # _ws_first_qk's, unused
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=1)
-    mbarrier.init(zero_bar, count=1)
+    mbarrier.init(turn_bar, count=1)
     fence_async_shared()
 
     gl.warp_specialize([
-        (_consumer, (Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, zero_bar,
+        (_consumer, (Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn_bar,
                      b, hk, split, start, n_tiles, seqlen_k, seqlen_q, diag, full_lo, full_hi,
                      stride_qb, stride_qs, stride_qh, stride_osplit, stride_ob, stride_os, stride_oh,
                      stride_lsplit, stride_lb, stride_lh, stride_ls, stride_ab,
@@ -240,6 +238,12 @@ class DecodeConfig(NamedTuple):
 CONFIG = DecodeConfig()
 
 
+def _boxable_page(page: int) -> bool:
+    """Pages the box loads handle: a power of two of 16 tokens or more, so a box of min(page, BLOCK_N) rows
+    never crosses a page and a tile is whole boxes (``attn_fwd_gluon.load_kv_boxes``)."""
+    return page >= 16 and page & (page - 1) == 0
+
+
 def _describable(cache: torch.Tensor) -> bool:
     """A (num_blocks or batch, page or capacity, nheads_k, d) cache as one 2D (rows, columns) TMA view:
     unit d-stride, rows laid end to end, 16-byte aligned base and strides."""
@@ -251,7 +255,7 @@ def _describable(cache: torch.Tensor) -> bool:
 def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale: float,
                            softcap: float) -> bool:
     """Whether ``gluon_decode`` runs this call: sm_90, 16-bit, d = 64 or 128, GQA group x query tokens
-    <= 64, no rotary, pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+    <= 64, no rotary, power-of-two pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
     if not gluon_enabled_on(q):
         return False
     if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -259,7 +263,7 @@ def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_s
     batch, seqlen_q, nheads, d = q.shape
     if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M.value or rotary_cos is not None:
         return False
-    if block_table is not None and k_cache.shape[1] < 16:
+    if block_table is not None and not _boxable_page(k_cache.shape[1]):
         return False
     if softcap == 0 and not softmax_scale > 0:
         return False
@@ -347,13 +351,13 @@ PAGED_CONFIGS = {64: FwdConfig(64, 128, 2, 4, "pingpong", True, fixed_max=True, 
 
 
 def gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale: float, softcap: float) -> bool:
-    """Whether ``gluon_paged_prefill`` runs this call: sm_90, 16-bit, d = 64 / 128 / 256, pages of >= 16
-    tokens, q (total, nheads, d) and the caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+    """Whether ``gluon_paged_prefill`` runs this call: sm_90, 16-bit, d = 64 / 128 / 256, power-of-two pages of
+    >= 16 tokens, q (total, nheads, d) and the caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
     if not gluon_enabled_on(q, k_cache, v_cache):
         return False
     if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return False
-    if q.dim() != 3 or q.shape[-1] not in PAGED_CONFIGS or k_cache.shape[1] < 16 or 0 in q.shape:
+    if q.dim() != 3 or q.shape[-1] not in PAGED_CONFIGS or not _boxable_page(k_cache.shape[1]) or 0 in q.shape:
         return False
     if softcap == 0 and not softmax_scale > 0:
         return False
@@ -383,10 +387,10 @@ def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
     score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
     slopes, stride_ab = lse, 0
     if alibi_slopes is not None:
-        slopes = alibi_slopes
+        slopes = alibi_slopes.contiguous()  # (nheads,) or (batch, nheads) float32
         stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
     capacity = page * block_table.shape[1]
-    args = (TmaDesc(q, *_rows_descriptor(q, cfg.block_m)[1:]), _descriptor(k_cache, box), _descriptor(v_cache, box),
+    args = (_rows_descriptor(q, cfg.block_m), _descriptor(k_cache, box), _descriptor(v_cache, box),
             out, lse, cu_seqlens_q, seqlens_k, slopes,
             0, nheads * d, d, 0, total_q, stride_ab, q.stride(1), k_cache.stride(2), v_cache.stride(2),
             nheads, nheads // nheads_k, max_seqlen_q, capacity, score_scale, tanh_scale, window_left, window_right,

@@ -37,11 +37,10 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 # Packed queries over a paged cache take the Gluon forward's paged tiles (``gluon_paged_prefill``: 2 x 64 query
 # rows of one head a program, each key read once per tile) where the sequences besides the longest average at
-# least this many query rows (host-side counts: total rows, max_seqlen_q, sequences), else the split-KV decode
-# kernel, whose programs pack a GQA group's rows and stream each key once per group: decode steps, and decode
-# rows beside a prefill chunk, which would each hold a whole tile a head over their keys (prefill 1k + decode
-# 15 x 8k: 516 µs there, 426 on the split-KV kernel; H100, benchmarks/NOTES.md, "the Gluon forward's tiles
-# over pages").
+# least this many query rows (``paged_prefill_preferred``), else mostly the split-KV decode kernel, whose
+# programs pack a GQA group's rows and stream each key once per group: decode steps, and decode rows beside a
+# prefill chunk, which would each hold a whole tile a head over their keys (prefill 1k + decode 15 x 8k: 516 µs
+# there, 426 on the split-KV kernel; H100, benchmarks/NOTES.md, "the Gluon forward's tiles over pages").
 PAGED_PREFILL_MIN_ROWS = 64
 
 
@@ -51,12 +50,16 @@ def paged_prefill_preferred(total_q: int, batch: int, max_seqlen_q: int, capacit
     decode rows over ``capacity`` keys, the tiles they would hold on the Gluon path (a tile a head, capacity /
     128 key blocks each) stay under what the longest sequence's causal prefill loses on the split-KV kernel
     (about its own tile steps, (max_seqlen_q / 128)^2 / 2 a head: that kernel runs prefill rows at half the
-    rate). Prefill 2k + decode 3 x 4k: 172 µs on the tiles, 240 on split-KV (H100)."""
+    rate). Prefill 2k + decode 3 x 4k: 172 µs on the tiles, 240 on split-KV (H100). A loose max_seqlen_q
+    (above the longest sequence's rows) leans to the split-KV kernel: the longest holds at most total_q rows."""
     if batch <= 1:
         return total_q >= PAGED_PREFILL_MIN_ROWS
     if total_q - max_seqlen_q >= PAGED_PREFILL_MIN_ROWS * (batch - 1):
         return True
-    return (batch - 1) * capacity * 256 < max_seqlen_q * max_seqlen_q
+    longest = min(max_seqlen_q, total_q)
+    return (batch - 1) * capacity * 256 < longest * longest
+
+
 _launch_decode = Launcher(decode_kernel)
 _launch_combine = Launcher(combine_kernel)
 _launch_kv_write = Launcher(kvw.kv_write_kernel)
