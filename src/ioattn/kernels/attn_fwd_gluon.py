@@ -114,14 +114,18 @@ def stream_kv_boxes(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_empty, v
         stage = c % NUM_STAGES
         free_phase = ((c // NUM_STAGES) & 1) ^ 1  # a fresh mbarrier passes the phase before phase 0
         key = start + j * BLOCK_N
-        if PAGED and not PREFETCH:
-            pages = box_pages(bt_row, key, last_page, BOX, NB, PAGE_SIZE)  # in flight during the wait
+        if PAGED and PREFETCH:
+            # The next tile's, issued before this tile's waits and copies (issued after them, paged decode
+            # read 0.8-1.3% slower at 16k / 64k keys on an H100).
+            pages_next = box_pages(bt_row, key + BLOCK_N, last_page, BOX, NB, PAGE_SIZE)
+        elif PAGED:
+            pages = box_pages(bt_row, key, last_page, BOX, NB, PAGE_SIZE)  # in flight during the stage waits
         mbarrier.wait(k_empty.index(stage), free_phase)
         load_kv_boxes(k_desc, k_ring, k_ready, stage, key, pages, row0, col_k, BLOCK_N, PAGED, PAGE_SIZE)
         mbarrier.wait(v_empty.index(stage), free_phase)
         load_kv_boxes(v_desc, v_ring, v_ready, stage, key, pages, row0, col_v, BLOCK_N, PAGED, PAGE_SIZE)
         if PAGED and PREFETCH:
-            pages = box_pages(bt_row, key + BLOCK_N, last_page, BOX, NB, PAGE_SIZE)  # the next tile's
+            pages = pages_next
     return it + n_tiles
 
 
