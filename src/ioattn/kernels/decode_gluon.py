@@ -252,24 +252,31 @@ def _describable(cache: torch.Tensor) -> bool:
             and cache.data_ptr() % 16 == 0 and all((cache.stride(i) * elem) % 16 == 0 for i in (1, 2)))
 
 
-def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale: float,
-                           softcap: float) -> bool:
-    """Whether ``gluon_decode`` runs this call: sm_90, 16-bit, d = 64 or 128, GQA group x query tokens
-    <= 64, no rotary, power-of-two pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+def _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale: float, softcap: float) -> bool:
+    """What both Gluon kernels over a cache need: sm_90 (``gluon_enabled_on``), q and the caches in one 16-bit
+    dtype, a positive scale without softcap (the running max is kept in raw q.k units), float32 ALiBi slopes,
+    caches describable by TMA."""
     if not gluon_enabled_on(q):
         return False
     if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        return False
-    batch, seqlen_q, nheads, d = q.shape
-    if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M.value or rotary_cos is not None:
-        return False
-    if block_table is not None and not _boxable_page(k_cache.shape[1]):
         return False
     if softcap == 0 and not softmax_scale > 0:
         return False
     if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
         return False
     return _describable(k_cache) and _describable(v_cache)
+
+
+def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale: float,
+                           softcap: float) -> bool:
+    """Whether ``gluon_decode`` runs this call: sm_90, 16-bit, d = 64 or 128, GQA group x query tokens
+    <= 64, no rotary, power-of-two pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+    batch, seqlen_q, nheads, d = q.shape
+    if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M.value or rotary_cos is not None:
+        return False
+    if block_table is not None and not _boxable_page(k_cache.shape[1]):
+        return False
+    return _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap)
 
 
 def gluon_decode_preferred(device: torch.device, batch: int, nheads_k: int) -> bool:
@@ -355,15 +362,11 @@ def gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_sca
     >= 16 tokens, q (total, nheads, d) and the caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
     if not gluon_enabled_on(q, k_cache, v_cache):
         return False
-    if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        return False
     if q.dim() != 3 or q.shape[-1] not in PAGED_CONFIGS or not _boxable_page(k_cache.shape[1]) or 0 in q.shape:
         return False
-    if softcap == 0 and not softmax_scale > 0:
+    if alibi_slopes is not None and alibi_slopes.device != q.device:
         return False
-    if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device):
-        return False
-    return _tma_describable(q) and _describable(k_cache) and _describable(v_cache)
+    return _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap) and _tma_describable(q)
 
 
 def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
