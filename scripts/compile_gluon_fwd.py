@@ -71,7 +71,7 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
     kernel = attn_fwd_gluon_kernel
     if cfg.schedule != "single":
         kernel = attn_fwd_gluon_ws_kernel
-        sig.update(num_tiles="i32", block_table="*i32", stride_btb="i32")
+        sig.update(num_tiles="i32", block_table="*i32", stride_btb="i32", tile_list="*i32")
         consts["PINGPONG"] = cfg.schedule == "pingpong"
         consts["PAGE_SIZE"] = page
         # Chained tiles as the host routes them to this kernel: the persistent static schedule, dense, no
@@ -88,7 +88,7 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
             o_tma = cfg.tma_store and not flags.get("SOFTCAP", False) and not flags.get("DROPOUT", False)
             if dynamic or paired or o_tma:
                 kernel = attn_fwd_gluon_ws_sched_kernel
-                del sig["block_table"], sig["stride_btb"], consts["PAGE_SIZE"]
+                del sig["block_table"], sig["stride_btb"], sig["tile_list"], consts["PAGE_SIZE"]
                 sig = {**dict(list(sig.items())[:3]), "o_desc": _desc_type(dtype, block_m, d),
                        **dict(list(sig.items())[3:8]), "tile_counter": "*i32", **dict(list(sig.items())[8:]),
                        "section": "i32"}

@@ -1,8 +1,9 @@
 """Time ``flash_attn_varlen_func`` with ``block_table`` (packed queries over a paged KV cache) against the same
 call on the keys gathered into a contiguous packed run (the dense varlen kernels), for a few continuous-batching
 steps: decode rows only, a prefill chunk beside decode rows, prefill only. The paged call also runs on each of
-its two kernels forced (``ops.decode.paged_prefill_preferred``): the split-KV decode kernel and the Gluon
-forward's paged tiles. bf16, d = 128, GQA 32 / 8, pages of 16
+routes forced (``ops.decode.paged_varlen_route``): the split-KV decode kernel alone, the Gluon forward's paged
+tiles alone, and both ("mixed": the short sequences on the first, the rest on the tiles; also with a program a
+tile instead of one an SM). bf16, d = 128, GQA 32 / 8, pages of 16
 tokens (``--page``) in shuffled order. Prints a table of microseconds and TFLOPs/s (causal FLOPs of the allowed pairs).
 
     PYTHONPATH=src python scripts/probe_paged_varlen.py [--json out.json] [--tiles "128,64,8,2|64,64,4,2"]
@@ -32,6 +33,8 @@ STEPS = {
     "chunks 32 x 64 over 4k": [(64, 4096)] * 32,
     "prefill 2 x 8k": [(8192, 8192)] * 2,
     "prefill 2k + decode 3 x 4k": [(2048, 2048)] + [(1, 4096)] * 3,
+    "prefill 4 x 512 + decode 48 x 4k": [(512, 4096)] * 4 + [(1, 4096)] * 48,
+    "prefill 512 + verify 32 x 4 over 4k": [(512, 4096)] + [(4, 4096)] * 32,
 }
 
 
@@ -58,7 +61,8 @@ def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
 
 def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
     """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call on
-    the split-KV kernel and on the Gluon tiles, then with each of ``tiles`` and ``splits``; causal FLOPs)."""
+    the split-KV kernel, on the Gluon tiles, on both (mixed, then mixed with a program a tile), then with each
+    of ``tiles`` and ``splits``; causal FLOPs)."""
     q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens, page=page)
     max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
     k_flat, v_flat = k_cache[rows, offs], v_cache[rows, offs]
@@ -74,14 +78,16 @@ def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
     def gather():
         return contig(k_cache[rows, offs], v_cache[rows, offs])
 
-    def routed(tiles: bool):
+    def routed(route: str, persistent: bool | None = None):
         def call():
-            saved = decode_ops.paged_prefill_preferred
-            decode_ops.paged_prefill_preferred = lambda *args: tiles
+            saved = decode_ops.paged_varlen_route, decode_ops.gluon_paged_prefill
+            decode_ops.paged_varlen_route = lambda *args: route
+            if persistent is not None:
+                decode_ops.gluon_paged_prefill = lambda *a, **k: saved[1](*a, **k, persistent=persistent)
             try:
                 return paged()
             finally:
-                decode_ops.paged_prefill_preferred = saved
+                decode_ops.paged_varlen_route, decode_ops.gluon_paged_prefill = saved
         return call
 
     def forced(t, n=0):
@@ -90,7 +96,8 @@ def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
                                           max_seqlen_q=max_q)[0]
 
     assert decode_ops.gluon_paged_prefill_supported(q, k_cache, v_cache, None, 128 ** -0.5, 0.0), "no Gluon tiles"
-    calls = [paged, contig, gather, routed(False), routed(True), *(forced(t) for t in tiles),
+    calls = [paged, contig, gather, routed("split"), routed("tiles"), routed("mixed"), routed("mixed", False),
+             *(forced(t) for t in tiles),
              *(forced(None, n) for n in splits)]
     with torch.no_grad():
         for f in calls[1:]:
@@ -111,19 +118,19 @@ def main() -> None:
     steps = {n: v for n, v in STEPS.items() if not args.steps or n in args.steps.split(",")}
     results = []
     print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}"
-          f" {'split-KV us':>11} {'Gluon us':>9}"
+          f" {'split-KV us':>11} {'Gluon us':>9} {'mixed us':>9} {'mixed/grid':>10}"
           + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits))
     for name, lens in steps.items():
         t, flops = _time_step(lens, tiles, splits, args.page)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
                "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6,
-               "split_kv_us": t[3], "gluon_us": t[4],
-               "tiles_us": {str(tt): us for tt, us in zip(tiles, t[5:5 + len(tiles)], strict=True)},
-               "splits_us": {n: us for n, us in zip(splits, t[5 + len(tiles):], strict=True)}}
+               "split_kv_us": t[3], "gluon_us": t[4], "mixed_us": t[5], "mixed_grid_us": t[6],
+               "tiles_us": {str(tt): us for tt, us in zip(tiles, t[7:7 + len(tiles)], strict=True)},
+               "splits_us": {n: us for n, us in zip(splits, t[7 + len(tiles):], strict=True)}}
         row["page"] = args.page
         results.append(row)
         print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}"
-              f" {t[3]:11.1f} {t[4]:9.1f}" + "".join(f" {us:16.1f}" for us in t[5:]))
+              f" {t[3]:11.1f} {t[4]:9.1f} {t[5]:9.1f} {t[6]:10.1f}" + "".join(f" {us:16.1f}" for us in t[7:]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)

@@ -21,10 +21,11 @@ pytestmark = pytest.mark.skipif(not HOPPER, reason="the Gluon paged forward runs
 MIXED = [(300, 1100), (1, 1500), (64, 64), (0, 9), (130, 200), (7, 3), (3, 0), (129, 2049)]
 
 
-@pytest.fixture
-def prefill_calls(monkeypatch):
-    """Every packed call the Gluon path supports takes it (the rows-per-sequence rule off); counts them."""
-    monkeypatch.setattr(decode_ops, "PAGED_PREFILL_MIN_ROWS", 0)
+@pytest.fixture(params=["tiles", "mixed"])
+def prefill_calls(request, monkeypatch):
+    """Every packed call the Gluon path supports takes it, for all its sequences ("tiles") or for those the
+    split-KV kernel leaves ("mixed"), whatever the shapes rule; counts the Gluon launches."""
+    monkeypatch.setattr(decode_ops, "paged_varlen_route", lambda *args: request.param)
     calls = []
     real = decode_ops.gluon_paged_prefill
 
@@ -95,23 +96,26 @@ def test_paged_prefill_strided_q_and_table_padding(prefill_calls):
 
 
 def test_paged_prefill_routing(monkeypatch):
-    """Which packed calls take the Gluon path: the sequences besides the longest averaging
-    PAGED_PREFILL_MIN_ROWS query rows or more, pages of 16 tokens or more, no forced key split; the rest
-    (decode rows beside a chunk: LONG) take the split-KV decode kernel."""
+    """Which packed calls take the Gluon path (``paged_varlen_route``): one sequence of PAGED_PREFILL_MIN_ROWS
+    query rows or more all of it, several sequences with one that long the sequences of more than
+    ``short_query_rows`` rows ("mixed"), pages of 16 tokens or more, no forced key split; the rest (LENS: no
+    sequence that long) take the split-KV decode kernel alone."""
     calls = []
     real = decode_ops.gluon_paged_prefill
-    monkeypatch.setattr(decode_ops, "gluon_paged_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(decode_ops, "gluon_paged_prefill",
+                        lambda *a, **k: calls.append(k.get("short_rows", 0)) or real(*a, **k))
     chunks = [(130, 300), (64, 64), (90, 1000)]
-    long_beside_decodes = [(1500, 1500), (1, 700), (1, 40)]  # (2 x 1536 keys) x 256 < 1500^2
-    for lens, block_size, splits, taken in [(chunks, 16, 0, True), (LONG, 16, 0, False), (LENS, 16, 0, False),
-                                            (chunks, 8, 0, False), (chunks, 16, 2, False), ([(64, 80)], 16, 0, True),
-                                            ([(63, 80)], 16, 0, False), (long_beside_decodes, 16, 0, True),
-                                            (chunks, 48, 0, False)]:  # pages of 48: not a power of two
+    long_beside_decodes = [(1500, 1500), (1, 700), (1, 40)]
+    short = decode_ops.short_query_rows(4)
+    for lens, block_size, splits, taken in [(chunks, 16, 0, [short]), (LONG, 16, 0, [short]), (LENS, 16, 0, []),
+                                            (chunks, 8, 0, []), (chunks, 16, 2, []), ([(64, 80)], 16, 0, [0]),
+                                            ([(63, 80)], 16, 0, []), (long_beside_decodes, 16, 0, [short]),
+                                            (chunks, 48, 0, [])]:  # pages of 48: not a power of two
         calls.clear()
         q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, block_size, seed=2)
         out, lse = decode_ops.paged_varlen_attention(q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None,
                                                      max(nq for nq, _ in lens), 128 ** -0.5, -1, 0, 0.0, splits)
-        assert bool(calls) == taken, (lens, block_size, splits)
+        assert calls == taken, (lens, block_size, splits)
         _check(out, lse, seqs, torch.bfloat16, causal=True)
     q = torch.empty(10, 8, 128, device="cuda", dtype=torch.bfloat16)
     cache = torch.empty(4, 16, 2, 128, device="cuda", dtype=torch.bfloat16)

@@ -252,17 +252,52 @@ def test_paged_varlen_table_padding_past_the_used_pages():
             _run(q, k_cache, v_cache, cu_q, cu_k, padded, lens, causal=True)
 
 
-def test_paged_prefill_rule_counts_the_rows_besides_the_longest_sequence():
-    """The host rule between the Gluon paged tiles and the split-KV kernel (ops.decode.paged_prefill_preferred):
-    prefill-only steps and equal chunks go to the tiles, decode rows beside one long chunk do not."""
+def test_paged_varlen_route_by_shapes():
+    """The host rule between the split-KV kernel, the Gluon paged tiles and both (ops.decode.paged_varlen_route):
+    steps whose longest sequence is short stay on the split-KV kernel, one sequence takes the tiles, the rest
+    run both, each on its sequences."""
     from ioattn.ops.decode import PAGED_PREFILL_MIN_ROWS as rows
-    from ioattn.ops.decode import paged_prefill_preferred
+    from ioattn.ops.decode import paged_varlen_route, short_query_rows
 
-    assert paged_prefill_preferred(rows, 1, rows, 4096) and not paged_prefill_preferred(rows - 1, 1, rows - 1, 4096)
-    assert paged_prefill_preferred(4 * 2048, 4, 2048, 2048)  # prefill only
-    assert paged_prefill_preferred(32 * rows, 32, rows, 4096)  # equal chunks
-    assert not paged_prefill_preferred(1024 + 15, 16, 1024, 8192)  # one chunk beside 15 long decode rows
-    assert not paged_prefill_preferred(512 + 32, 33, 512, 4096)  # one chunk beside 32 decode rows
-    assert paged_prefill_preferred(2048 + 3, 4, 2048, 4096)  # a long chunk beside 3 decode rows
-    assert not paged_prefill_preferred(2048 + 3, 4, 2048, 32768)  # ... in tables 32k keys wide
-    assert not paged_prefill_preferred(64, 64, 1, 4096)  # decode rows only
+    assert paged_varlen_route(rows, 1, rows) == "tiles" and paged_varlen_route(rows - 1, 1, rows - 1) == "split"
+    assert paged_varlen_route(64, 64, 1) == "split"  # decode rows only
+    assert paged_varlen_route(64 * 8, 64, 8) == "split"  # speculative verification, 8 rows a sequence
+    assert paged_varlen_route(40, 20, 4096) == "split"  # a loose max_seqlen_q: at most total_q rows
+    assert paged_varlen_route(512 + 32, 33, 512) == "mixed"  # one chunk beside 32 decode rows
+    assert paged_varlen_route(4 * 2048, 4, 2048) == "mixed"  # prefill only
+    assert [short_query_rows(g) for g in (1, 2, 4, 8, 16, 32)] == [16, 8, 4, 2, 1, 1]
+
+
+def test_paged_tile_list_holds_the_long_sequences_tiles():
+    """decode_gluon.paged_tile_list: the count, then each sequence's query blocks past ``short_rows`` rows,
+    last block first, in batch order; blocks past max_seqlen_q and entries past the host's bound left out."""
+    from ioattn.kernels.decode_gluon import paged_tile_list
+
+    lens = [1, 300, 0, 5, 128, 4, 129, 1]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    for short, max_q in ((0, 300), (4, 300), (4, 129), (200, 300)):
+        tiles, bound = paged_tile_list(cu, sum(lens), max_q, short, 128)
+        num_m = -(-max_q // 128)
+        want = [b * num_m + j for b, n in enumerate(lens) if n > short
+                for j in reversed(range(min(-(-n // 128), num_m)))]
+        assert bound >= len(want) and tiles.shape[0] == 1 + bound
+        assert tiles[0].item() == len(want) and tiles[1:1 + len(want)].tolist() == want, (short, max_q)
+    tiles, bound = paged_tile_list(cu, 10, 300, 0, 128)  # total_q understated: the host bound caps the list
+    assert tiles[0].item() == bound and tiles.shape[0] == 1 + bound
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_varlen_split_kernel_takes_the_short_sequences_of_a_mixed_step(num_splits):
+    """The split-KV half of a mixed step (ops.decode._decode with a short max_seqlen_q and split outputs by
+    sequence): the sequences of at most that many rows match the reference, with their key splits combined;
+    the longer sequences' rows are left to the tiles (not written)."""
+    from ioattn.ops.decode import _decode
+
+    lens = [(1, 40), (9, 50), (3, 33), (1, 20), (12, 12), (2, 5)]
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.float16, 16, seed=9)
+    out, lse = _decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None, 0,
+                       HEADDIM ** -0.5, -1, 0, 0.0, True, False, num_splits, cu_seqlens_q=cu_q, max_seqlen_q=3,
+                       by_seq=True)
+    keep = [b for b, (nq, _) in enumerate(lens) if nq <= 3]
+    rows = torch.cat([torch.arange(cu_q[b].item(), cu_q[b + 1].item()) for b in keep]).to(DEVICE)
+    _check(out[rows], lse[:, rows], [seqs[b] for b in keep], torch.float16, causal=True)

@@ -449,7 +449,7 @@ def attn_fwd_gluon_kernel(
 def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
              window_right, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr,
              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr, PAIRED: gl.constexpr = False,
-             PAGED: gl.constexpr = False):
+             PAGED: gl.constexpr = False, tile_list=0, count=1):
     """Tile t of the (query block of TILE_M rows, batch x head) grid. Static order: query blocks run fastest,
     so the tiles in flight at once share a head's K/V in L2; with a right window the last query blocks (the
     most keys) come first. DYNAMIC order: sections of ``section`` heads (chosen so that their K/V fit in L2),
@@ -462,8 +462,14 @@ def _ws_tile(t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_
     (b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks): q_row0 /
     kv_row0 are the sequence's first rows in the 2D views. PAGED (varlen queries over a paged cache):
     ``cu_seqlens_k`` holds the key lengths, cut at ``max_seqlen_k`` (the block table's capacity), and kv_row0
-    is 0 (the load warp finds the rows through the table)."""
-    if DYNAMIC:
+    is 0 (the load warp finds the rows through the table), and the tiles are those of ``tile_list``
+    (``paged_tile_list``: ``count`` entries b x num_m + query block after the count itself), head by head, so
+    tile t is entry t mod count of head t // count."""
+    if PAGED:
+        code = gl.load(tile_list + 1 + t % count)
+        pid_m = code % num_m
+        bh = (code // num_m) * nheads + t // count
+    elif DYNAMIC:
         pid_m, bh = launch_order(t % num_m, t // num_m, num_m, num_bh, section, HAS_RIGHT)
     elif PAIRED:
         half = _pairs(num_m)
@@ -597,8 +603,8 @@ def _ws_load_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_f
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_full, q_empty, k_ready, v_ready,
                  k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group, stride_qh, stride_kh,
                  stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right, num_m, num_tiles, section,
-                 block_table, stride_btb, IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                 DYNAMIC: gl.constexpr, PAIRED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+                 block_table, stride_btb, tile_list, IS_VARLEN: gl.constexpr, HAS_LEFT: gl.constexpr,
+                 HAS_RIGHT: gl.constexpr, DYNAMIC: gl.constexpr, PAIRED: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """The load warp (FA3 Sec. 3.1, producer): per tile both consumers' Q tiles into the tile's Q slot, once
     the last QK^T of the tile Q_STAGES before has read it, then its K and V blocks into the ring; a stage is
     refilled as soon as both consumers have released it, so the next tile's first blocks load under this
@@ -652,7 +658,7 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem, q_fu
             b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
                 t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False, False,
-                PAGE_SIZE > 0)
+                PAGE_SIZE > 0, tile_list, num_tiles // nheads)
             if start_m < seqlen_q:
                 if PAGE_SIZE > 0:
                     _ws_load_q(q_desc, q_smem, tile_smem, q_full, q_empty, t, h, stride_qh, q_row0 + start_m, qi,
@@ -1018,8 +1024,8 @@ def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty
 def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready, k_empty,
                  v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os,
                  stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale,
-                 tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, section, WG: gl.constexpr,
-                 IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
+                 tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, section, tile_list,
+                 WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
                  HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
                  DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr,
                  PAGED: gl.constexpr):
@@ -1078,7 +1084,7 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
             b, h, start_m, q_start, seqlen_q, seqlen_k, q_row0, kv_row0, lo, full_lo, full_hi, n_blocks = _ws_tile(
                 t, num_m, num_bh, section, nheads, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 window_left, window_right, 2 * BLOCK_M, BLOCK_N, IS_VARLEN, HAS_LEFT, HAS_RIGHT, False, False,
-                PAGED)
+                PAGED, tile_list, num_tiles // nheads)
             if start_m < seqlen_q:
                 mbarrier.wait(q_full, qi & 1)
                 it, tp = _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_empty, v_empty, me,
@@ -1097,7 +1103,7 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
 def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
-             dropout_p, num_tiles, section, block_table, stride_btb, HEAD_DIM: gl.constexpr,
+             dropout_p, num_tiles, section, block_table, stride_btb, tile_list, HEAD_DIM: gl.constexpr,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
              SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
              DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr,
@@ -1110,6 +1116,8 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
     gl.static_assert(PAGE_SIZE == 0 or not (DYNAMIC or CHAIN or PAIRED), "paged keys: the static schedule")
     Q_STAGES: gl.constexpr = 2 if CHAIN else 1
     num_m = gl.cdiv(max_seqlen_q, 2 * BLOCK_M)
+    if PAGE_SIZE > 0:
+        num_tiles = gl.load(tile_list) * nheads  # the list's tiles, head by head (``_ws_tile``)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * Q_STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     if PAGE_SIZE > 0:
         CB: gl.constexpr = HEAD_DIM // 64
@@ -1158,19 +1166,19 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
                         k_empty, v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
-                        section, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA, CHAIN, PAIRED, PAGE_SIZE > 0)),
+                        section, tile_list, 0, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG,
+                        OVERLAP, DYNAMIC, O_TMA, CHAIN, PAIRED, PAGE_SIZE > 0)),
         (_ws_consumer, (q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q_empty, k_ready, v_ready,
                         k_empty, v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k,
                         score_scale, tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles,
-                        section, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP,
-                        DYNAMIC, O_TMA, CHAIN, PAIRED, PAGE_SIZE > 0)),
+                        section, tile_list, 1, IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG,
+                        OVERLAP, DYNAMIC, O_TMA, CHAIN, PAIRED, PAGE_SIZE > 0)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, tile_smem, q_full, q_empty, k_ready,
                         v_ready, k_empty, v_empty, tile_counter, cu_seqlens_q, cu_seqlens_k, nheads, group,
                         stride_qh, stride_kh, stride_vh, max_seqlen_q, max_seqlen_k, window_left, window_right,
-                        num_m, num_tiles, section, block_table, stride_btb, IS_VARLEN, HAS_LEFT, HAS_RIGHT, DYNAMIC,
-                        PAIRED, PAGE_SIZE)),
+                        num_m, num_tiles, section, block_table, stride_btb, tile_list, IS_VARLEN, HAS_LEFT,
+                        HAS_RIGHT, DYNAMIC, PAIRED, PAGE_SIZE)),
     ], [4, 1], [240, 24])
 
 
@@ -1179,10 +1187,11 @@ def attn_fwd_gluon_ws_kernel(
     q_desc, k_desc, v_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
     nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
-    num_tiles, block_table, stride_btb, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
-    OVERLAP: gl.constexpr, CHAIN: gl.constexpr, PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr,
+    num_tiles, block_table, stride_btb, tile_list, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr,
+    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
+    PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, CHAIN: gl.constexpr, PAGE_SIZE: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """Warp-specialised forward (FA3 Sec. 3.1), static schedule: a program walks tiles of 2 x BLOCK_M query
     rows (tile t, t + programs, ...: one per program when the grid covers them all, persistent when it
@@ -1193,9 +1202,9 @@ def attn_fwd_gluon_ws_kernel(
     _ws_main(q_desc, k_desc, v_desc, q_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
-             dropout_p, num_tiles, 1, block_table, stride_btb, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
-             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False, CHAIN, False,
-             PAGE_SIZE)
+             dropout_p, num_tiles, 1, block_table, stride_btb, tile_list, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+             IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, False, False, CHAIN,
+             False, PAGE_SIZE)
 
 
 @gluon.jit(do_not_specialize=["section"])
@@ -1217,7 +1226,8 @@ def attn_fwd_gluon_ws_sched_kernel(
     _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, tile_counter,
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
-             dropout_p, num_tiles, section, cu_seqlens_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_VARLEN,
+             dropout_p, num_tiles, section, cu_seqlens_q, 0, cu_seqlens_q, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
+             IS_VARLEN,
              SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN, PAIRED, 0)
 
 
@@ -1535,7 +1545,7 @@ def _arg_builder(kind: int, qd: tuple, kd: tuple, vd: tuple, od: tuple | None, s
         if kind == 0:
             return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p)
         if kind == 1:
-            return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p, num_tiles, lse, 0)
+            return (*descs, out, lse, cu_q, cu_k, slopes, *statics, seed, dropout_p, num_tiles, lse, 0, lse)
         o_desc = descs[0] if od is None else TmaDesc(out, *od)
         return (*descs, o_desc, out, lse, cu_q, cu_k, slopes, counter, *statics, seed, dropout_p, num_tiles,
                 section)

@@ -102,7 +102,7 @@ def decode_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
-    PRECISION: tl.constexpr, VARLEN_Q: tl.constexpr,
+    PRECISION: tl.constexpr, VARLEN_Q: tl.constexpr, PARTS_BY_SEQ: tl.constexpr = False,
 ):
     # (batch x KV head) fastest, then the query block, on one grid axis (2^31 programs; the second and third
     # axes stop at 65535); the split on the second
@@ -113,11 +113,19 @@ def decode_kernel(
     hk = pid_bh % nheads_k
 
     # VARLEN_Q: sequence b's queries are the packed rows [CuSeqlensQ[b], CuSeqlensQ[b + 1]) (the batch
-    # strides of q, out and lse are 0, seqlen_q is the longest sequence's); otherwise row 0 of batch b.
+    # strides of q, out and lse are 0, seqlen_q is the most rows a sequence of this launch has: a longer one
+    # is left to another kernel, the Gluon tiles of a packed call's prefill rows); otherwise row 0 of batch b.
+    # PARTS_BY_SEQ: the split outputs are (split, b, row of the sequence), not (split, packed row).
     q_first = 0
+    o_first = 0
     if VARLEN_Q:
         q_first = tl.load(CuSeqlensQ + b)
-        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_first
+        rows_b = tl.load(CuSeqlensQ + b + 1) - q_first
+        if rows_b > seqlen_q:
+            return
+        seqlen_q = rows_b
+        if not PARTS_BY_SEQ:
+            o_first = q_first
     cache_len = tl.load(CacheSeqlens + b)
     # Lengths past the cache's capacity (unchecked on the device) read no other sequence's pages.
     seqlen_k = tl.minimum(cache_len + seqlen_new, capacity)
@@ -206,8 +214,27 @@ def decode_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
-              + (q_first + rows).to(tl.int64) * stride_os + heads * stride_oh)
+              + (o_first + rows).to(tl.int64) * stride_os + heads * stride_oh)
     tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
     l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb + heads * stride_lh
-              + (q_first + rows).to(tl.int64) * stride_ls)
+              + (o_first + rows).to(tl.int64) * stride_ls)
     tl.store(l_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def paged_tile_list_kernel(CuSeqlensQ, TileList, batch, short_rows, num_m, capacity, TILE_M: tl.constexpr,
+                           BLOCK_B: tl.constexpr):
+    """The query tiles of packed variable-length queries that the Gluon paged forward runs (one program):
+    TileList[0] = their count, then for each sequence of more than ``short_rows`` rows, in batch order, its
+    query blocks of TILE_M rows (at most ``num_m``) as b x num_m + block, the last block (the most keys under a
+    bottom-right causal mask) first. At most ``capacity`` tiles (the host's bound; only lengths past the
+    packed rows would reach it)."""
+    offs = tl.arange(0, BLOCK_B)
+    ok = offs < batch
+    first = tl.load(CuSeqlensQ + offs, mask=ok, other=0)
+    rows = tl.load(CuSeqlensQ + offs + 1, mask=ok, other=0) - first
+    blocks = tl.where(ok & (rows > short_rows), tl.minimum(tl.cdiv(rows, TILE_M), num_m), 0)
+    end = tl.cumsum(blocks, 0)
+    tl.store(TileList, tl.minimum(tl.sum(blocks, 0), capacity))
+    for j in range(0, tl.max(blocks, 0)):
+        tl.store(TileList + end - j, offs * num_m + j, mask=(j < blocks) & (end - j <= capacity))

@@ -58,8 +58,10 @@ from .attn_fwd_gluon import (
     zero_rows_past,
 )
 from .attn_fwd_gluon import _descriptor as _rows_descriptor
-from .decode import key_range
-from .fastlaunch import Launcher, TmaDesc, cdiv
+from .decode import key_range, paged_tile_list_kernel
+from .fastlaunch import Launcher, TmaDesc, cdiv, next_power_of_2
+
+_launch_tile_list = Launcher(paged_tile_list_kernel)
 
 BLOCK_M = gl.constexpr(64)  # the wgmma's rows: GROUP x seqlen_q packed rows must fit
 
@@ -369,23 +371,48 @@ def gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_sca
     return _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap) and _tma_describable(q)
 
 
+def paged_tile_list(cu_seqlens_q, total_q: int, max_seqlen_q: int, short_rows: int,
+                    tile_m: int) -> tuple[torch.Tensor, int]:
+    """The query tiles of the sequences of more than ``short_rows`` rows, built on the device
+    (``decode.paged_tile_list_kernel``: int32, the count first), and a bound on their count from shapes."""
+    batch = cu_seqlens_q.shape[0] - 1
+    num_m = cdiv(max_seqlen_q, tile_m)
+    longer = batch if short_rows <= 0 else min(batch, total_q // (short_rows + 1))
+    # A sequence of n rows holds cdiv(n, tile_m) <= n / tile_m + 1 tiles.
+    bound = min(longer * num_m, total_q // tile_m + longer)
+    tile_list = torch.empty(1 + bound, dtype=torch.int32, device=cu_seqlens_q.device)
+    block_b = max(16, next_power_of_2(batch))
+    _launch_tile_list((1,), cu_seqlens_q, tile_list, batch, short_rows, num_m, bound, TILE_M=tile_m,
+                      BLOCK_B=block_b, num_warps=4 if block_b <= 4096 else 16)
+    return tile_list, bound
+
+
 def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
                         max_seqlen_q: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                        config: FwdConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        config: FwdConfig | None = None, short_rows: int = 0, out=None, lse=None,
+                        persistent: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of packed queries q (total_q, nheads, d) over a paged cache (num_blocks, page, nheads_k, d):
     sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys the first ``seqlens_k[b]``
-    positions of its pages ``block_table[b]`` (cut at the row's capacity), aligned bottom-right. One tile of
-    2 x block_m query rows of one head a program, no key split. Returns (out like q, lse float32
-    (nheads, total_q)). Call only where ``gluon_paged_prefill_supported`` is True."""
+    positions of its pages ``block_table[b]`` (cut at the row's capacity), aligned bottom-right. Tiles of
+    2 x block_m query rows of one head, no key split, from a list built on the device (``paged_tile_list``).
+    ``short_rows`` > 0: sequences of at most that many rows are left out (another kernel's, their rows of out
+    and lse unwritten); ``out`` / ``lse`` given are written in place. ``persistent`` (default: with
+    ``short_rows``): one program an SM walks the tiles, else a program a tile (the grid sized on a bound, the
+    programs past the list's tiles exit). Returns (out like q, lse float32 (nheads, total_q)). Call only where
+    ``gluon_paged_prefill_supported`` is True."""
     total_q, nheads, d = q.shape
     page, nheads_k = k_cache.shape[1], k_cache.shape[2]
     cfg = config or PAGED_CONFIGS[d]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
-    batch = cu_seqlens_q.shape[0] - 1
-    num_tiles = cdiv(max_seqlen_q, 2 * cfg.block_m) * batch * nheads
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
+    tile_list, bound = paged_tile_list(cu_seqlens_q, total_q, max_seqlen_q, short_rows, 2 * cfg.block_m)
+    num_tiles = bound * nheads
     if num_tiles == 0:
         return out, lse
+    if persistent is None:
+        persistent = short_rows > 0
     box = min(page, cfg.block_n)
     score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
     slopes, stride_ab = lse, 0
@@ -397,12 +424,12 @@ def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
             out, lse, cu_seqlens_q, seqlens_k, slopes,
             0, nheads * d, d, 0, total_q, stride_ab, q.stride(1), k_cache.stride(2), v_cache.stride(2),
             nheads, nheads // nheads_k, max_seqlen_q, capacity, score_scale, tanh_scale, window_left, window_right,
-            0, 0.0, num_tiles, block_table, block_table.stride(0))
+            0, 0.0, num_tiles, block_table, block_table.stride(0), tile_list)
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=True,
                  SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, 0.0, cfg),
                  HAS_ALIBI=0 if alibi_slopes is None else 2 if cfg.alibi_sides else 1,
                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, DROPOUT=False,
                  PINGPONG=cfg.schedule == "pingpong", OVERLAP=cfg.overlap, CHAIN=False, PAGE_SIZE=page,
                  num_warps=cfg.warps)
-    _launch_ws((num_tiles,), *args, **flags)
+    _launch_ws((min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,), *args, **flags)
     return out, lse

@@ -35,29 +35,32 @@ from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-# Packed queries over a paged cache take the Gluon forward's paged tiles (``gluon_paged_prefill``: 2 x 64 query
-# rows of one head a program, each key read once per tile) where the sequences besides the longest average at
-# least this many query rows (``paged_prefill_preferred``), else mostly the split-KV decode kernel, whose
-# programs pack a GQA group's rows and stream each key once per group: decode steps, and decode rows beside a
-# prefill chunk, which would each hold a whole tile a head over their keys (prefill 1k + decode 15 x 8k: 516 µs
-# there, 426 on the split-KV kernel; H100, benchmarks/NOTES.md, "the Gluon forward's tiles over pages").
+# Packed queries over a paged cache (``flash_attn_varlen_func(..., block_table=...)``) run on two kernels,
+# chosen from host shapes (``paged_varlen_route``): the split-KV decode kernel, whose programs pack a GQA group's
+# rows and stream each key once per group (decode rows at the DRAM's rate, prefill rows at about half the dense
+# rate), and the Gluon forward's paged tiles (``gluon_paged_prefill``: 2 x 64 query rows of one head a tile, each
+# key read once per tile; a decode row there holds a whole tile a head). A step whose longest sequence has fewer
+# than ``PAGED_PREFILL_MIN_ROWS`` rows (decode, speculative verification) runs on the split-KV kernel alone; a
+# step of one sequence on the tiles alone; any other step on both, "mixed": the sequences of at most
+# ``short_query_rows`` rows on the split-KV kernel (their key splits sized for them alone), the rest on the tiles.
 PAGED_PREFILL_MIN_ROWS = 64
+SHORT_PACKED_ROWS = 16  # the split-KV kernel's rows a program in a mixed step: its decode tile (``decode_tiles``)
 
 
-def paged_prefill_preferred(total_q: int, batch: int, max_seqlen_q: int, capacity: int) -> bool:
-    """Whether a packed call over a paged cache goes to the Gluon paged tiles: the rows besides the longest
-    sequence's (at most max_seqlen_q of them) average ``PAGED_PREFILL_MIN_ROWS`` a sequence, or, were they all
-    decode rows over ``capacity`` keys, the tiles they would hold on the Gluon path (a tile a head, capacity /
-    128 key blocks each) stay under what the longest sequence's causal prefill loses on the split-KV kernel
-    (about its own tile steps, (max_seqlen_q / 128)^2 / 2 a head: that kernel runs prefill rows at half the
-    rate). Prefill 2k + decode 3 x 4k: 172 µs on the tiles, 240 on split-KV (H100). A loose max_seqlen_q
-    (above the longest sequence's rows) leans to the split-KV kernel: the longest holds at most total_q rows."""
-    if batch <= 1:
-        return total_q >= PAGED_PREFILL_MIN_ROWS
-    if total_q - max_seqlen_q >= PAGED_PREFILL_MIN_ROWS * (batch - 1):
-        return True
+def short_query_rows(group: int) -> int:
+    """Query rows a sequence has at most to take the split-KV kernel in a mixed step: its GQA group's packed rows
+    fill at most the 16-row tile that decode rows run on."""
+    return max(1, SHORT_PACKED_ROWS // group)
+
+
+def paged_varlen_route(total_q: int, batch: int, max_seqlen_q: int) -> str:
+    """"split" (the split-KV kernel), "tiles" (the Gluon paged tiles) or "mixed" (both, by sequence length) for
+    a packed call of ``batch`` sequences over a paged cache (``PAGED_PREFILL_MIN_ROWS``). A loose max_seqlen_q
+    (above the longest sequence's rows) is bounded by total_q."""
     longest = min(max_seqlen_q, total_q)
-    return (batch - 1) * capacity * 256 < longest * longest
+    if longest < PAGED_PREFILL_MIN_ROWS:
+        return "split"
+    return "tiles" if batch <= 1 else "mixed"
 
 
 _launch_decode = Launcher(decode_kernel)
@@ -111,20 +114,23 @@ def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
             alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
             rotary_interleaved, rotary_per_row, num_splits, tiles=None, gluon=None, cu_seqlens_q=None,
-            max_seqlen_q=0):
+            max_seqlen_q=0, by_seq=False):
     """``num_splits`` 0: the rule of the kernel that runs. ``tiles``: (BLOCK_M, BLOCK_N, num_warps,
     num_stages) of the portable kernel in place of ``decode_tiles``; ``gluon``: False forces the portable
     kernel, a ``DecodeConfig`` the Gluon one with that config (the sweep's knobs). Without those two, a call
     shaped like two earlier ones launches the plan the second recorded (``_decode_plan_key``).
     ``cu_seqlens_q``: q packs the sequences' queries (total_q, nheads, d), sequence b's are rows
     [cu_seqlens_q[b], cu_seqlens_q[b + 1]), at most ``max_seqlen_q``; out is (total_q, nheads, d) and lse
-    (nheads, total_q); the portable kernel runs it, without a plan."""
+    (nheads, total_q); the portable kernel runs it, without a plan. Sequences of more than ``max_seqlen_q``
+    rows are left out (their rows of out and lse unwritten), so a caller may run a short ``max_seqlen_q`` here
+    and the longer sequences on another kernel; ``by_seq`` keeps the split outputs by (sequence, row of it),
+    batch x max_seqlen_q rows, instead of by packed row (for a short ``max_seqlen_q`` beside long prefills)."""
     if cu_seqlens_q is not None and q.dim() == 3:
         # As one batch row of total_q tokens for the buffers and the combine; the kernel's grid and its
         # batch strides (0) go by sequence.
         out, lse = _decode(q.unsqueeze(0), k_cache, v_cache, cache_seqlens, block_table, None, None, None,
                            alibi_slopes, 0, softmax_scale, window_left, window_right, softcap, True, False,
-                           num_splits, tiles, False, cu_seqlens_q, max_seqlen_q)
+                           num_splits, tiles, False, cu_seqlens_q, max_seqlen_q, by_seq)
         return out[0], lse[0]
     tensors = (q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos,
                rotary_sin)
@@ -152,14 +158,15 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         num_splits = gluon_num_splits(q.device, batch, nheads_k, capacity, headdim, gluon_cfg, MAX_SPLITS)
     elif num_splits == 0:
         num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim, paged=paged)
-    out, lse, out_part, lse_part = _decode_buffers(q, num_splits)
+    by_seq = varlen and by_seq and num_splits > 1
+    out, lse, out_part, lse_part = _decode_buffers(q, num_splits, batch if by_seq else 0, seqlen_q)
     if num_splits > 1:
         o_strides = out_part.stride()[:4]
         l_strides = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(3), lse_part.stride(2))
     else:
         o_strides = (0, *out.stride()[:3])
         l_strides = (0, *lse.stride())
-    if varlen:  # every sequence's rows in the one batch row, at their cu_seqlens_q offsets
+    if varlen and not by_seq:  # every sequence's rows in the one batch row, at their cu_seqlens_q offsets
         o_strides = (o_strides[0], 0, *o_strides[2:])
         l_strides = (l_strides[0], 0, *l_strides[2:])
     if use_gluon:
@@ -206,7 +213,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
             ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN_Q=varlen,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN_Q=varlen, PARTS_BY_SEQ=by_seq,
             num_warps=num_warps, num_stages=num_stages,
         )
         args = build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
@@ -214,7 +221,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         launcher(grid, *args, **flags)
     combine = None
     if num_splits > 1:
-        combine = _combine(out_part, lse_part, out, lse)
+        combine = _combine(out_part, lse_part, out, lse, cu_seqlens_q if by_seq else None)
     if plan_key is not None and aligned(*tensors):
         launches = recorded(((launcher, grid, flags, build_all, args), *(() if combine is None else (combine,))))
         if launches is not None:
@@ -222,34 +229,38 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     return out, lse
 
 
-def _decode_buffers(q, num_splits: int) -> tuple:
-    """(out, lse, out_part, lse_part): the per-split fp32 buffers with splits, else out and lse again."""
+def _decode_buffers(q, num_splits: int, seqs: int = 0, rows: int = 0) -> tuple:
+    """(out, lse, out_part, lse_part): the per-split fp32 buffers with splits, else out and lse again. ``seqs``
+    > 0: the split buffers hold ``seqs`` sequences of ``rows`` rows (packed queries by sequence)."""
     batch, seqlen_q, nheads, headdim = q.shape
     out = q.new_empty(batch, seqlen_q, nheads, headdim)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     if num_splits <= 1:
         return out, lse, out, lse
+    if seqs:
+        batch, seqlen_q = seqs, rows
     out_part = torch.empty(num_splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(num_splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
     return out, lse, out_part, lse_part
 
 
-def _combine(out_part, lse_part, out, lse) -> tuple:
+def _combine(out_part, lse_part, out, lse, cu_seqlens_q=None) -> tuple:
     """Launches the split combine; returns it as (launcher, grid, constexprs, builder, arguments), the builder
-    taking (out_part, lse_part, out, lse) of another call of the same shapes."""
+    taking (out_part, lse_part, out, lse) of another call of the same shapes. ``cu_seqlens_q``: the partial
+    results are packed queries' by (sequence, row of it) (``_decode``'s ``by_seq``), out and lse one batch row."""
     num_splits, batch, seqlen_q, nheads, headdim = out_part.shape
     block_s = max(2, next_power_of_2(num_splits))
     block_d = max(16, next_power_of_2(headdim))
     statics = (*out_part.stride()[:4], *lse_part.stride(), out.stride(0), out.stride(1), out.stride(2),
                *lse.stride(), seqlen_q, num_splits)
 
-    def build(out_part, lse_part, out, lse):
-        return (out_part, lse_part, out, lse, *statics)
+    def build(out_part, lse_part, out, lse, cu_seqlens_q=None):
+        return (out_part, lse_part, out, lse, lse if cu_seqlens_q is None else cu_seqlens_q, *statics)
 
     grid = (batch * seqlen_q, nheads)
-    flags = dict(HEADDIM=headdim, BLOCK_S=block_s, BLOCK_D=block_d,
+    flags = dict(HEADDIM=headdim, BLOCK_S=block_s, BLOCK_D=block_d, VARLEN=cu_seqlens_q is not None,
                  num_warps=1 if block_s * block_d <= 1024 else (2 if block_s * block_d <= 4096 else 4))
-    args = build(out_part, lse_part, out, lse)
+    args = build(out_part, lse_part, out, lse, cu_seqlens_q)
     _launch_combine(grid, *args, **flags)
     return _launch_combine, grid, flags, build, args
 
@@ -384,15 +395,20 @@ def _paged_varlen_attention(
     if select_backend(q.device) != "triton":
         return paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table,
                                             alibi_slopes, softmax_scale, window_left, window_right, softcap)
-    if (num_splits <= 1
-            and paged_prefill_preferred(q.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_q,
-                                        block_table.shape[1] * k_cache.shape[1])
-            and gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap)):
+    route = "split"
+    if num_splits <= 1 and gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap):
+        route = paged_varlen_route(q.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_q)
+    if route == "tiles":
         return gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
                                    max_seqlen_q, softmax_scale, window_left, window_right, softcap)
-    return _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0, softmax_scale,
-                   window_left, window_right, softcap, True, False, num_splits, cu_seqlens_q=cu_seqlens_q,
-                   max_seqlen_q=max_seqlen_q)
+    short = short_query_rows(q.shape[1] // k_cache.shape[2]) if route == "mixed" else max_seqlen_q
+    out, lse = _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0,
+                       softmax_scale, window_left, window_right, softcap, True, False, num_splits,
+                       cu_seqlens_q=cu_seqlens_q, max_seqlen_q=short, by_seq=route == "mixed")
+    if route == "mixed":  # the longer sequences' rows
+        gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, max_seqlen_q,
+                            softmax_scale, window_left, window_right, softcap, short_rows=short, out=out, lse=lse)
+    return out, lse
 
 
 paged_varlen_attention = EagerOp("ioattn::paged_varlen_attention", _paged_varlen_attention)
