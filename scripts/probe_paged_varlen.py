@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import triton
@@ -59,10 +60,11 @@ def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
     return q, k_cache, v_cache, cu_q, cu_k, table, rows, offs
 
 
-def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
+def _time_step(lens, tiles=(), splits=(), page=16, graph=False) -> tuple[list[float], float, list[float]]:
     """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call on
     the split-KV kernel, on the Gluon tiles, on both (mixed, then mixed with a program a tile), then with each
-    of ``tiles`` and ``splits``; causal FLOPs)."""
+    of ``tiles`` and ``splits``; causal FLOPs; with ``graph`` the calls' host microseconds, and the times are
+    CUDA graph replays)."""
     q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens, page=page)
     max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
     k_flat, v_flat = k_cache[rows, offs], v_cache[rows, offs]
@@ -102,7 +104,31 @@ def _time_step(lens, tiles=(), splits=(), page=16) -> tuple[list[float], float]:
     with torch.no_grad():
         for f in calls[1:]:
             torch.testing.assert_close(paged(), f(), rtol=2e-2, atol=2e-2)
-        return [triton.testing.do_bench(f, warmup=50, rep=300) * 1e3 for f in calls], flops
+        if graph:  # the kernels' time alone: each call replayed from a CUDA graph; the host's time apart
+            host = [_host_us(f) for f in calls]
+            calls = [_graphed(f) for f in calls]
+        return [triton.testing.do_bench(f, warmup=50, rep=300) * 1e3 for f in calls], flops, host if graph else []
+
+
+def _graphed(f):
+    f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        f()
+    return g.replay
+
+
+def _host_us(f, n=30) -> float:
+    """Microseconds of host time a call (its launches queue behind nothing: the loop is short)."""
+    f()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        f()
+    took = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return took / n * 1e6
 
 
 def main() -> None:
@@ -112,6 +138,8 @@ def main() -> None:
     parser.add_argument("--splits", default="")
     parser.add_argument("--steps", default="", help="comma-separated step names (default: all)")
     parser.add_argument("--page", type=int, default=16, help="tokens a page")
+    parser.add_argument("--graph", action="store_true",
+                        help="time CUDA graph replays (the kernels alone) and print each call's host time")
     args = parser.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split("|") if t]
     splits = [int(n) for n in args.splits.split(",") if n]
@@ -121,16 +149,21 @@ def main() -> None:
           f" {'split-KV us':>11} {'Gluon us':>9} {'mixed us':>9} {'mixed/grid':>10}"
           + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits))
     for name, lens in steps.items():
-        t, flops = _time_step(lens, tiles, splits, args.page)
+        t, flops, host = _time_step(lens, tiles, splits, args.page, args.graph)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
                "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6,
                "split_kv_us": t[3], "gluon_us": t[4], "mixed_us": t[5], "mixed_grid_us": t[6],
                "tiles_us": {str(tt): us for tt, us in zip(tiles, t[7:7 + len(tiles)], strict=True)},
                "splits_us": {n: us for n, us in zip(splits, t[7 + len(tiles):], strict=True)}}
         row["page"] = args.page
+        row["graph"] = args.graph
+        row["host_us"] = host
         results.append(row)
         print(f"{name:32} {t[0]:9.1f} {row['paged_tflops']:6.0f} {t[1]:9.1f} {row['contig_tflops']:6.0f} {t[2]:16.1f}"
               f" {t[3]:11.1f} {t[4]:9.1f} {t[5]:9.1f} {t[6]:10.1f}" + "".join(f" {us:16.1f}" for us in t[7:]))
+        if host:
+            print(f"{'  host us a call':32} {host[0]:9.1f} {'':6} {host[1]:9.1f} {'':6} {host[2]:16.1f} {host[3]:11.1f}"
+                  f" {host[4]:9.1f} {host[5]:9.1f} {host[6]:10.1f}" + "".join(f" {us:16.1f}" for us in host[7:]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)

@@ -1025,10 +1025,10 @@ def _ws_consumer(q_smem, k_smem, v_smem, ones_smem, tile_smem, o_smem, q_full, q
                  v_empty, turns, o_desc, Out, Lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, stride_ob, stride_os,
                  stride_oh, stride_lb, stride_lh, stride_ab, nheads, max_seqlen_q, max_seqlen_k, score_scale,
                  tanh_scale, window_left, window_right, seed, dropout_p, num_m, num_tiles, section, tile_list,
-                 WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
-                 HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                 DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr,
-                 PAGED: gl.constexpr):
+                 WG: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                 HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr,
+                 OVERLAP: gl.constexpr, DYNAMIC: gl.constexpr, O_TMA: gl.constexpr, CHAIN: gl.constexpr,
+                 PAIRED: gl.constexpr, PAGED: gl.constexpr):
     """One consumer warpgroup: query tile WG of each of the program's tiles, over every key block of the ring.
 
     Each step issues PV of the previous block and QK^T of this one and waits for them, releases their
