@@ -67,6 +67,27 @@ def test_paged_prefill_head_dims_masks_and_mods(d, block_size, opts, prefill_cal
     _check(out, lse, seqs, torch.bfloat16, slopes, softmax_scale=0.3 * d ** -0.5, **opts)
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("route", ["tiles", "mixed"])
+def test_paged_prefill_programs_walk_many_tiles(d, route, monkeypatch):
+    """Three programs walk the whole tile list (the persistent grid, one program an SM, made small), on both
+    routes; sequences of exactly the split-KV kernel's rows and one more, and a sequence without keys."""
+    from ioattn.kernels import decode_gluon
+
+    monkeypatch.setattr(decode_gluon, "_num_sms", lambda device: 3)
+    monkeypatch.setattr(decode_ops, "paged_varlen_route", lambda *args: route)
+    real = decode_ops.gluon_paged_prefill
+    calls = []
+    monkeypatch.setattr(decode_ops, "gluon_paged_prefill",
+                        lambda *a, **k: calls.append(1) or real(*a, **{**k, "persistent": True}))
+    short = decode_ops.short_query_rows(4)
+    lens = [(300, 1100), (short, 200), (short + 1, 90), (1, 700), (3, 0), (129, 2049), (64, 64)]
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, 16, d=d, seed=11)
+    out, lse, _ = _run(q, k_cache, v_cache, cu_q, cu_k, table, lens, causal=True)
+    assert calls == [1]
+    _check(out, lse, seqs, torch.bfloat16, causal=True)
+
+
 def test_paged_prefill_lengths_past_capacity_read_no_other_pages(prefill_calls):
     """Key lengths past a table row's capacity are cut there: the next row's pages are never read."""
     lens = [(70, 32), (2, 20)]

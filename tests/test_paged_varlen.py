@@ -289,11 +289,11 @@ def test_paged_tile_list_holds_the_long_sequences_tiles():
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_paged_varlen_split_kernel_takes_the_short_sequences_of_a_mixed_step(num_splits):
     """The split-KV half of a mixed step (ops.decode._decode with a short max_seqlen_q and split outputs by
-    sequence): the sequences of at most that many rows match the reference, with their key splits combined;
-    the longer sequences' rows are left to the tiles (not written)."""
+    sequence): the sequences of at most that many rows (here 3) match the reference, with their key splits
+    combined; the longer sequences' rows are the tiles' (not checked here)."""
     from ioattn.ops.decode import _decode
 
-    lens = [(1, 40), (9, 50), (3, 33), (1, 20), (12, 12), (2, 5)]
+    lens = [(1, 40), (9, 50), (3, 33), (1, 20), (4, 12), (2, 5)]
     q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.float16, 16, seed=9)
     out, lse = _decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None, 0,
                        HEADDIM ** -0.5, -1, 0, 0.0, True, False, num_splits, cu_seqlens_q=cu_q, max_seqlen_q=3,

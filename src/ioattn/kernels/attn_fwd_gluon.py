@@ -1110,7 +1110,8 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
              O_TMA: gl.constexpr, CHAIN: gl.constexpr, PAIRED: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """Shared memory, mbarriers and the three partitions of the warp-specialised forward. Q slots: one
     (both consumers' Q tiles), two with CHAIN (the next tile's Q loads while this one runs). PAGE_SIZE > 0
-    (a paged cache; varlen queries, one tile a program): k_desc / v_desc copy (box, 64) boxes, so the K and V
+    (a paged cache; varlen queries, the static schedule over a device-built tile list whose count replaces
+    ``num_tiles``): k_desc / v_desc copy (box, 64) boxes, so the K and V
     rings are allocated as column blocks of (BLOCK_N, 64), which the consumers read as (BLOCK_N, HEAD_DIM)
     tiles (the same 128-byte swizzle, byte for byte)."""
     gl.static_assert(PAGE_SIZE == 0 or not (DYNAMIC or CHAIN or PAIRED), "paged keys: the static schedule")

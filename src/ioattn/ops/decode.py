@@ -158,7 +158,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         num_splits = gluon_num_splits(q.device, batch, nheads_k, capacity, headdim, gluon_cfg, MAX_SPLITS)
     elif num_splits == 0:
         num_splits = choose_num_splits(q.device, batch, nheads, nheads_k, seqlen_q, capacity, headdim, paged=paged)
-    by_seq = varlen and by_seq and num_splits > 1
+    by_seq = varlen and by_seq and num_splits > 1 and batch > 0
     out, lse, out_part, lse_part = _decode_buffers(q, num_splits, batch if by_seq else 0, seqlen_q)
     if num_splits > 1:
         o_strides = out_part.stride()[:4]
@@ -213,9 +213,11 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
             ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=rotary_interleaved, ROTARY_PER_ROW=rotary_per_row,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN_Q=varlen, PARTS_BY_SEQ=by_seq,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARLEN_Q=varlen,
             num_warps=num_warps, num_stages=num_stages,
         )
+        if by_seq:  # only then (a sweep's baseline kernel may predate the flag)
+            flags["PARTS_BY_SEQ"] = True
         args = build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
                          alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q)
         launcher(grid, *args, **flags)
