@@ -221,7 +221,7 @@ def decode_kernel(
     tl.store(l_ptrs, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["batch", "short_rows", "num_m", "capacity"])
+@triton.jit
 def paged_tile_list_kernel(CuSeqlensQ, TileList, batch, short_rows, num_m, capacity, TILE_M: tl.constexpr,
                            BLOCK_B: tl.constexpr):
     """The query tiles of packed variable-length queries that the Gluon paged forward runs (one program):

@@ -424,7 +424,7 @@ def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
             out, lse, cu_seqlens_q, seqlens_k, slopes,
             0, nheads * d, d, 0, total_q, stride_ab, q.stride(1), k_cache.stride(2), v_cache.stride(2),
             nheads, nheads // nheads_k, max_seqlen_q, capacity, score_scale, tanh_scale, window_left, window_right,
-            0, 0.0, 0, block_table, block_table.stride(0), tile_list)  # num_tiles: the list's count (device)
+            0, 0.0, num_tiles, block_table, block_table.stride(0), tile_list)
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=True,
                  SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, 0.0, cfg),
                  HAS_ALIBI=0 if alibi_slopes is None else 2 if cfg.alibi_sides else 1,
