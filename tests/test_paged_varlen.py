@@ -301,3 +301,37 @@ def test_paged_varlen_split_kernel_takes_the_short_sequences_of_a_mixed_step(num
     keep = [b for b, (nq, _) in enumerate(lens) if nq <= 3]
     rows = torch.cat([torch.arange(cu_q[b].item(), cu_q[b + 1].item()) for b in keep]).to(DEVICE)
     _check(out[rows], lse[:, rows], [seqs[b] for b in keep], torch.float16, causal=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_paged_varlen_cuda_graph_replays_new_lengths():
+    """One captured step replayed with other query and key lengths (the same total rows and max_seqlen_q): the
+    routes read every length on the device (on sm_90 the mixed route: the short sequences on the split-KV
+    kernel, the rest on the Gluon tiles from a tile list built in the graph)."""
+    dtype = torch.bfloat16
+    _, k_cache, v_cache, _, _, table, seqs = _inputs([(0, 300)] * 4, 8, 2, dtype, 16, seed=12)
+    q = torch.randn(70, 8, HEADDIM, dtype=dtype, device=DEVICE)
+    steps = [[(64, 200), (1, 300), (4, 90), (1, 50)], [(1, 17), (64, 300), (1, 1), (4, 64)],
+             [(5, 120), (3, 33), (61, 299), (1, 250)]]
+
+    def cu(lengths):
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    cu_q, cu_k = cu([nq for nq, _ in steps[0]]), cu([nk for _, nk in steps[0]])
+    run = lambda: ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 64, 300, causal=True,
+                                                block_table=table, return_attn_probs=True)[:2]
+    run()
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = run()
+    for lens in steps:
+        cu_q.copy_(cu([nq for nq, _ in lens]))
+        cu_k.copy_(cu([nk for _, nk in lens]))
+        graph.replay()
+        torch.cuda.synchronize()
+        firsts = cu_q.tolist()
+        step = [(q[firsts[b]:firsts[b + 1]].cpu(), k_b[:nk], v_b[:nk])
+                for b, ((_, nk), (_, k_b, v_b)) in enumerate(zip(lens, seqs, strict=True))]
+        _check(out.clone(), lse.clone(), step, dtype, causal=True)
