@@ -5,10 +5,11 @@ GPU never waits, so the queue never fills and the time is the host's (Python, di
 
 Prints forward, backward through autograd, forward+backward through autograd (with and without the autograd
 engine's device thread), SDPA's cuDNN backend beside them, a forward and a forward+backward whose shape changes
-every call (no launch plan ever hits), and one KV-cache decode call. ``--pieces`` also times
-the parts of a Gluon forward call (Triton's launch path, descriptors, allocations), ``--profile N`` prints the
-N costliest functions (cProfile, own time) of a forward, a forward+backward and a decode call, ``--plans-ab R``
-times a few rows with launch plans off and on in turn, R rounds, in one process (hosts differ between processes).
+every call (no launch plan ever hits), one KV-cache decode call, and paged varlen calls on each route.
+``--pieces`` also times the parts of a Gluon forward call (Triton's launch path, descriptors, allocations),
+``--profile N`` prints the N costliest functions (cProfile, own time) of a forward, a forward+backward, a decode
+call and the paged varlen calls, ``--plans-ab R`` times a few rows with launch plans off and on in turn, R rounds,
+in one process (hosts differ between processes).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main() -> None:
         qb, kb, vb = qm[:b], km[:b], vm[:b]
         return torch.autograd.grad(ioattn.flash_attn_func(qb, kb, vb, causal=True), (qb, kb, vb), dm[:b])
 
+    paged = _paged_varlen_calls()
     cases = {
         "forward (no grad)": lambda: ioattn.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True),
         "forward (inputs require grad)": lambda: ioattn.flash_attn_func(q, k, v, causal=True),
@@ -109,6 +111,7 @@ def main() -> None:
         "forward, a new shape each call": new_shape_fwd,
         "forward+backward, a new shape each": new_shape_fwd_bwd,
         "decode (flash_attn_with_kvcache)": lambda: ioattn.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lens),
+        **paged,
     }
     for name, fn in cases.items():
         print(f"{name:36s} {host_us(fn)[0]:8.1f} us host")
@@ -124,10 +127,30 @@ def main() -> None:
     if args.threads:
         threads(q, k, v, dout)
     if args.profile:
-        for name in ("forward (no grad)", "forward, a new shape each call", "decode (flash_attn_with_kvcache)"):
+        for name in ("forward (no grad)", "forward, a new shape each call", "decode (flash_attn_with_kvcache)",
+                     *paged):
             profile(name, cases[name], args.profile)
         with torch.autograd.set_multithreading_enabled(False):
             profile("forward+backward, calling thread", fwd_bwd, args.profile)
+
+
+def _paged_varlen_calls() -> dict:
+    """``flash_attn_varlen_func`` with ``block_table`` on small steps, one per route (``ops.decode.
+    paged_varlen_route``): decode rows (the split-KV kernel), one chunk (the Gluon tiles on sm_90), a chunk beside
+    decode rows (both). GQA 32 / 8, d = 128, pages of 16, 256 keys a sequence."""
+    kc = torch.randn(8 * 16, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.randperm(8 * 16, device="cuda", dtype=torch.int32).view(8, 16)
+
+    def call(rows: list[int]):
+        q = torch.randn(sum(rows), 32, 128, device="cuda", dtype=torch.bfloat16)
+        cu_q = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        cu_k = torch.arange(len(rows) + 1, dtype=torch.int32, device="cuda") * 256
+        return lambda: ioattn.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, max(rows), 256, causal=True,
+                                                     block_table=table[:len(rows)])
+
+    return {"paged varlen, decode rows": call([1] * 8), "paged varlen, one chunk": call([64]),
+            "paged varlen, chunk + decode rows": call([64] + [1] * 7)}
 
 
 def plans_ab(cases: dict, rounds: int) -> None:
