@@ -284,6 +284,8 @@ def test_paged_tile_list_holds_the_long_sequences_tiles():
         assert tiles[0].item() == len(want) and tiles[1:1 + len(want)].tolist() == want, (short, max_q)
     tiles, bound = paged_tile_list(cu, 10, 300, 0, 128)  # total_q understated: the host bound caps the list
     assert tiles[0].item() == bound and tiles.shape[0] == 1 + bound
+    tiles, bound = paged_tile_list(cu[:2], 1, 300, 4, 128)  # no sequence past 4 rows: the count alone
+    assert bound == 0 and tiles.tolist() == [0]
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

@@ -1111,9 +1111,9 @@ def _ws_main(q_desc, k_desc, v_desc, o_desc, Out, Lse, cu_seqlens_q, cu_seqlens_
     """Shared memory, mbarriers and the three partitions of the warp-specialised forward. Q slots: one
     (both consumers' Q tiles), two with CHAIN (the next tile's Q loads while this one runs). PAGE_SIZE > 0
     (a paged cache; varlen queries, the static schedule over a device-built tile list whose count replaces
-    ``num_tiles``): k_desc / v_desc copy (box, 64) boxes, so the K and V
-    rings are allocated as column blocks of (BLOCK_N, 64), which the consumers read as (BLOCK_N, HEAD_DIM)
-    tiles (the same 128-byte swizzle, byte for byte)."""
+    ``num_tiles``): k_desc / v_desc copy (box, 64) boxes, so the K and V rings are allocated as column blocks
+    of (BLOCK_N, 64), which the consumers read as (BLOCK_N, HEAD_DIM) tiles (the same 128-byte swizzle, byte
+    for byte)."""
     gl.static_assert(PAGE_SIZE == 0 or not (DYNAMIC or CHAIN or PAIRED), "paged keys: the static schedule")
     Q_STAGES: gl.constexpr = 2 if CHAIN else 1
     num_m = gl.cdiv(max_seqlen_q, 2 * BLOCK_M)
@@ -1228,8 +1228,8 @@ def attn_fwd_gluon_ws_sched_kernel(
              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_qh, stride_kh, stride_vh,
              nheads, group, max_seqlen_q, max_seqlen_k, score_scale, tanh_scale, window_left, window_right, seed,
              dropout_p, num_tiles, section, cu_seqlens_q, 0, cu_seqlens_q, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES,
-             IS_VARLEN,
-             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN, PAIRED, 0)
+             IS_VARLEN, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, PINGPONG, OVERLAP, DYNAMIC, O_TMA, CHAIN,
+             PAIRED, 0)
 
 
 class FwdConfig(NamedTuple):

@@ -255,11 +255,9 @@ def _describable(cache: torch.Tensor) -> bool:
 
 
 def _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale: float, softcap: float) -> bool:
-    """What both Gluon kernels over a cache need: sm_90 (``gluon_enabled_on``), q and the caches in one 16-bit
-    dtype, a positive scale without softcap (the running max is kept in raw q.k units), float32 ALiBi slopes,
-    caches describable by TMA."""
-    if not gluon_enabled_on(q):
-        return False
+    """What both Gluon kernels over a cache need besides sm_90 (each caller checks ``gluon_enabled_on``): q and
+    the caches in one 16-bit dtype, a positive scale without softcap (the running max is kept in raw q.k
+    units), float32 ALiBi slopes, caches describable by TMA."""
     if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return False
     if softcap == 0 and not softmax_scale > 0:
@@ -273,6 +271,8 @@ def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_s
                            softcap: float) -> bool:
     """Whether ``gluon_decode`` runs this call: sm_90, 16-bit, d = 64 or 128, GQA group x query tokens
     <= 64, no rotary, power-of-two pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+    if not gluon_enabled_on(q):
+        return False
     batch, seqlen_q, nheads, d = q.shape
     if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M.value or rotary_cos is not None:
         return False
@@ -380,6 +380,8 @@ def paged_tile_list(cu_seqlens_q, total_q: int, max_seqlen_q: int, short_rows: i
     longer = batch if short_rows <= 0 else min(batch, total_q // (short_rows + 1))
     # A sequence of n rows holds cdiv(n, tile_m) <= n / tile_m + 1 tiles.
     bound = min(longer * num_m, total_q // tile_m + longer)
+    if bound == 0:  # no sequence can hold a tile: the count alone, no launch
+        return torch.zeros(1, dtype=torch.int32, device=cu_seqlens_q.device), bound
     tile_list = torch.empty(1 + bound, dtype=torch.int32, device=cu_seqlens_q.device)
     block_b = max(16, next_power_of_2(batch))
     _launch_tile_list((1,), cu_seqlens_q, tile_list, batch, short_rows, num_m, bound, TILE_M=tile_m,
