@@ -121,7 +121,7 @@ def main() -> None:
         plans_ab({name: cases[name] for name in ("forward (no grad)", "forward+backward (autograd)",
                                                  "forward, a new shape each call",
                                                  "forward+backward, a new shape each",
-                                                 "decode (flash_attn_with_kvcache)")}, args.plans_ab)
+                                                 "decode (flash_attn_with_kvcache)", *paged)}, args.plans_ab)
     if args.pieces:
         pieces(q.detach(), k.detach(), v.detach())
     if args.threads:

@@ -23,7 +23,10 @@ import torch
 import triton
 
 import ioattn
+from ioattn.kernels.fastlaunch import set_plans
 from ioattn.ops import decode as decode_ops
+
+set_plans(False)  # routes are forced by patching, which launch plans do not see: every call takes the whole path
 
 STEPS = {
     "decode 64 x 4k": [(1, 4096)] * 64,

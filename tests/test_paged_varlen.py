@@ -337,3 +337,122 @@ def test_paged_varlen_cuda_graph_replays_new_lengths():
         step = [(q[firsts[b]:firsts[b + 1]].cpu(), k_b[:nk], v_b[:nk])
                 for b, ((_, nk), (_, k_b, v_b)) in enumerate(zip(lens, seqs, strict=True))]
         _check(out.clone(), lse.clone(), step, dtype, causal=True)
+
+
+# Paged varlen plans (``ops.decode._paged_plan_key``): a call shaped like two earlier ones (total_q, the batch and
+# max_seqlen_q included) launches the plan the second recorded, on each route.
+PAGED_PLAN_CASES = {
+    "decode": dict(lens=[(1, 300), (1, 17), (1, 290), (1, 64), (1, 1)]),
+    "verify-3-splits": dict(lens=[(4, 300), (1, 17), (3, 290)], num_splits=3),
+    "one-chunk": dict(lens=[(100, 300)]),
+    "mixed": dict(lens=[(70, 200), (1, 300), (3, 90), (1, 50), (65, 65)]),
+    "mixed-alibi-softcap-window": dict(lens=[(90, 300), (1, 250), (2, 40)], alibi=True, softcap=15.0,
+                                       window_size=(100, 0)),
+}
+
+
+def _plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens, slopes=None, num_splits=0, **opts):
+    """A causal call through the public API, or with ``num_splits`` (which the API does not take) the op."""
+    if num_splits:
+        left, right = opts.get("window_size", (-1, 0))
+        return paged_varlen_attention(q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, slopes,
+                                      max(nq for nq, _ in lens), q.shape[-1] ** -0.5, left, 0,
+                                      opts.get("softcap", 0.0), num_splits)
+    return _run(q, k_cache, v_cache, cu_q, cu_k, table, lens, alibi_slopes=slopes, causal=True, **opts)[:2]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="launch plans replay compiled GPU launches")
+@pytest.mark.parametrize("name", PAGED_PLAN_CASES)
+def test_paged_varlen_plan_matches_the_whole_path(name, monkeypatch):
+    """No key for a shape's first call, the second records a plan, the third launches it (the same result, bit
+    for bit); on new queries the plan gives what the whole path gives, bit for bit, and the reference's."""
+    import ioattn.ops.decode as decode_ops
+
+    case = dict(PAGED_PLAN_CASES[name])
+    lens, alibi = case.pop("lens"), case.pop("alibi", False)
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, 16, seed=len(name))
+    slopes = make_alibi(len(lens), 8, per_batch=True).to(DEVICE) if alibi else None
+    planned = []
+    real = decode_ops._paged_planned
+    monkeypatch.setattr(decode_ops, "_paged_planned", lambda *a: planned.append(real(*a)) or planned[-1])
+    outs = [_plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens, slopes, **case) for _ in range(3)]
+    assert [p is not None for p in planned] == [False, True]
+    (plan,) = decode_ops._PAGED_PLANS.plans.values()
+    assert len(plan.launches) >= 1
+    assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[2][1], outs[0][1])
+    q2 = torch.randn_like(q)
+    out_p, lse_p = _plan_call(q2, k_cache, v_cache, cu_q, cu_k, table, lens, slopes, **case)
+    assert planned[-1] is not None
+    monkeypatch.setattr(decode_ops._PAGED_PLANS, "enabled", False)
+    out_w, lse_w = _plan_call(q2, k_cache, v_cache, cu_q, cu_k, table, lens, slopes, **case)
+    assert torch.equal(out_p, out_w) and torch.equal(lse_p, lse_w)
+    firsts = cu_q.tolist()
+    step = [(q2[firsts[b]:firsts[b + 1]].cpu(), k_b, v_b) for b, (_, k_b, v_b) in enumerate(seqs)]
+    mask = {k: v for k, v in case.items() if k in ("softcap", "window_size")}
+    _check(out_p, lse_p, step, torch.bfloat16, None if slopes is None else slopes.cpu(), causal=True, **mask)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="launch plans replay compiled GPU launches")
+def test_paged_varlen_plan_declines_what_it_cannot_take(monkeypatch):
+    """With a plan recorded: q 2 bytes off (same shape and strides) finds none and the call is still right;
+    the fast launch off makes no key; another SM count makes another key."""
+    import ioattn.kernels.fastlaunch as fastlaunch
+    import ioattn.ops.decode as decode_ops
+
+    lens = PAGED_PLAN_CASES["mixed"]["lens"]
+    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 8, 2, torch.bfloat16, 16, seed=3)
+    for _ in range(2):
+        ref = _plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens)
+    tensors = (q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None)
+    scalars = (max(nq for nq, _ in lens), HEADDIM ** -0.5, -1, 0, 0.0, 0)  # as flash_attn_varlen_func passes them
+    key = decode_ops._paged_plan_key(tensors, scalars)
+    assert key is not None and decode_ops._paged_planned(key, tensors) is not None
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)
+    q_off = buf[1:].view(q.shape).copy_(q)
+    assert q_off.data_ptr() % 16 and q_off.stride() == q.stride()
+    off = (q_off, *tensors[1:])
+    assert decode_ops._paged_plan_key(off, scalars) == key and decode_ops._paged_planned(key, off) is None
+    got = _plan_call(q_off, k_cache, v_cache, cu_q, cu_k, table, lens)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-2)
+    monkeypatch.setattr(fastlaunch, "_ENABLED", False)
+    assert decode_ops._paged_plan_key(tensors, scalars) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(decode_ops.decode_gluon, "_num_sms", lambda device: 7)
+    assert decode_ops._paged_plan_key(tensors, scalars) != key
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs the real plans (test_paged_varlen_plan_matches_the_whole_path)")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_varlen_plan_replays_its_launches_in_the_interpreter(num_splits, monkeypatch):
+    """The paged varlen plan's builders on the split-KV route, replayed through Triton's own launch in the
+    interpreter (the compiled entries plans keep do not exist on CPU: each launch's constexprs stand in for its
+    entry): a shape's second call records, its third replays the decode launch and, with splits, the combine,
+    bit for bit."""
+    import ioattn.kernels.fastlaunch as fastlaunch
+    import ioattn.ops.decode as decode_ops
+
+    monkeypatch.setattr(fastlaunch.Launcher, "entry", lambda self, args, constexprs: dict(constexprs))
+    monkeypatch.setattr(fastlaunch.Launcher, "launch_entry",
+                        lambda self, entry, grid, args: self.kernel[grid](*fastlaunch._real(args), **entry))
+    monkeypatch.setattr(decode_ops, "replayable", lambda launches: True)
+    seen = set()
+
+    def key(tensors, scalars):  # the real key's sighting rule, without its GPU-only parts
+        shapes = tuple(map(decode_ops._describe, tensors)) + scalars
+        if shapes not in seen:
+            seen.add(shapes)
+            return None
+        return shapes
+
+    monkeypatch.setattr(decode_ops, "_paged_plan_key", key)
+    planned = []
+    real = decode_ops._paged_planned
+    monkeypatch.setattr(decode_ops, "_paged_planned", lambda *a: planned.append(real(*a)) or planned[-1])
+    lens = [(1, 40), (3, 33), (1, 20)]
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 4, 2, torch.float16, 16, seed=num_splits)
+    outs = [_plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens, num_splits=num_splits) for _ in range(3)]
+    assert [p is not None for p in planned] == [False, True]
+    (plan,) = decode_ops._PAGED_PLANS.plans.values()
+    assert len(plan.launches) == (2 if num_splits > 1 else 1) and (plan.parts is not None) == (num_splits > 1)
+    assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[2][1], outs[0][1])
+    _check(*outs[2], seqs, torch.float16, causal=True)

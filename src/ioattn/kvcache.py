@@ -262,7 +262,7 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
                          f"got {cu_seqlens_k.shape[0] - 1}")
     block_table = _check_index("block_table", block_table, (batch, -1), torch.int32, q.device)
     capacity = block_table.shape[1] * k_cache.shape[1]
-    seqlens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]  # int32, on the device: no host read
+    seqlens_k = torch.diff(cu_seqlens_k)  # int32, on the device: no host read
     if host:
         longest = int(seqlens_k.max())
         if longest > capacity:

@@ -355,6 +355,25 @@ def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_id
 # Packed variable-length queries over a paged cache (prefill chunks): the Gluon forward's warp-specialised
 # kernel with its load warp reading K and V by page (``attn_fwd_gluon._ws_main``, PAGE_SIZE). d = 64 takes the
 # warp-specialised tiles too (its dense forward runs a one-warpgroup kernel that has no paged loads).
+class PagedTensors(NamedTuple):
+    """The tensors of one paged varlen call (``ops.decode.paged_varlen_attention``) that its launches read: the
+    inputs, the outputs (out (total_q, nheads, d), lse (nheads, total_q)), the split-KV half's per-split buffers
+    and the tile list (None where a call has none). Launch builders of the call's plan take one of these."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seqlens_k: torch.Tensor
+    block_table: torch.Tensor
+    alibi_slopes: torch.Tensor | None
+    out: torch.Tensor
+    lse: torch.Tensor
+    out_part: torch.Tensor | None
+    lse_part: torch.Tensor | None
+    tile_list: torch.Tensor | None
+
+
 PAGED_CONFIGS = {64: FwdConfig(64, 128, 2, 4, "pingpong", True, fixed_max=True, alibi_sides=True),
                  128: _CONFIGS[128], 256: _CONFIGS[256]}
 
@@ -371,10 +390,12 @@ def gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_sca
     return _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap) and _tma_describable(q)
 
 
-def paged_tile_list(cu_seqlens_q, total_q: int, max_seqlen_q: int, short_rows: int,
-                    tile_m: int) -> tuple[torch.Tensor, int]:
+def paged_tile_list(cu_seqlens_q, total_q: int, max_seqlen_q: int, short_rows: int, tile_m: int,
+                    record=None) -> tuple[torch.Tensor, int]:
     """The query tiles of the sequences of more than ``short_rows`` rows, built on the device
-    (``decode.paged_tile_list_kernel``: int32, the count first), and a bound on their count from shapes."""
+    (``decode.paged_tile_list_kernel``: int32, the count first), and a bound on their count from shapes.
+    ``record`` (a ``fastlaunch.Recording``): the launch is added to it, its builder taking a plan's tensors
+    (``cu_seqlens_q``, ``tile_list``), and the list's length is kept as its buffer ``tile_list``."""
     batch = cu_seqlens_q.shape[0] - 1
     num_m = cdiv(max_seqlen_q, tile_m)
     longer = batch if short_rows <= 0 else min(batch, total_q // (short_rows + 1))
@@ -384,15 +405,23 @@ def paged_tile_list(cu_seqlens_q, total_q: int, max_seqlen_q: int, short_rows: i
         return torch.zeros(1, dtype=torch.int32, device=cu_seqlens_q.device), bound
     tile_list = torch.empty(1 + bound, dtype=torch.int32, device=cu_seqlens_q.device)
     block_b = max(16, next_power_of_2(batch))
-    _launch_tile_list((1,), cu_seqlens_q, tile_list, batch, short_rows, num_m, bound, TILE_M=tile_m,
-                      BLOCK_B=block_b, num_warps=4 if block_b <= 4096 else 16)
+    flags = dict(TILE_M=tile_m, BLOCK_B=block_b, num_warps=4 if block_b <= 4096 else 16)
+
+    def build(e):
+        return e.cu_seqlens_q, e.tile_list, batch, short_rows, num_m, bound
+
+    args = (cu_seqlens_q, tile_list, batch, short_rows, num_m, bound)
+    _launch_tile_list((1,), *args, **flags)
+    if record is not None:
+        record.add(_launch_tile_list, (1,), flags, build, args)
+        record.buffers["tile_list"] = 1 + bound
     return tile_list, bound
 
 
 def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
                         max_seqlen_q: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
                         config: FwdConfig | None = None, short_rows: int = 0, out=None, lse=None,
-                        persistent: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        persistent: bool | None = None, record=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of packed queries q (total_q, nheads, d) over a paged cache (num_blocks, page, nheads_k, d):
     sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys the first ``seqlens_k[b]``
     positions of its pages ``block_table[b]`` (cut at the row's capacity), aligned bottom-right. Tiles of
@@ -409,7 +438,7 @@ def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
-    tile_list, bound = paged_tile_list(cu_seqlens_q, total_q, max_seqlen_q, short_rows, 2 * cfg.block_m)
+    tile_list, bound = paged_tile_list(cu_seqlens_q, total_q, max_seqlen_q, short_rows, 2 * cfg.block_m, record)
     num_tiles = bound * nheads
     if num_tiles == 0:
         return out, lse
@@ -417,21 +446,31 @@ def gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tabl
         persistent = short_rows > 0
     box = min(page, cfg.block_n)
     score_scale, tanh_scale = gluon_scales(softmax_scale, softcap)
-    slopes, stride_ab = lse, 0
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.contiguous()  # (nheads,) or (batch, nheads) float32
-        stride_ab = slopes.stride(0) if slopes.dim() == 2 else 0
+    stride_ab = 0
+    if alibi_slopes is not None:  # (nheads,) or (batch, nheads) float32, made contiguous below
+        stride_ab = nheads if alibi_slopes.dim() == 2 else 0
     capacity = page * block_table.shape[1]
-    args = (_rows_descriptor(q, cfg.block_m), _descriptor(k_cache, box), _descriptor(v_cache, box),
-            out, lse, cu_seqlens_q, seqlens_k, slopes,
-            0, nheads * d, d, 0, total_q, stride_ab, q.stride(1), k_cache.stride(2), v_cache.stride(2),
-            nheads, nheads // nheads_k, max_seqlen_q, capacity, score_scale, tanh_scale, window_left, window_right,
-            0, 0.0, num_tiles, block_table, block_table.stride(0), tile_list)
+    qd, kd, vd = _rows_descriptor(q, cfg.block_m)[1:], _descriptor(k_cache, box)[1:], _descriptor(v_cache, box)[1:]
+    statics = (0, nheads * d, d, 0, total_q, stride_ab, q.stride(1), k_cache.stride(2), v_cache.stride(2),
+               nheads, nheads // nheads_k, max_seqlen_q, capacity, score_scale, tanh_scale, window_left,
+               window_right, 0, 0.0, num_tiles)
+    bt_stride = block_table.stride(0)
+
+    def build(e):
+        slopes = e.lse if e.alibi_slopes is None else e.alibi_slopes.contiguous()
+        return (TmaDesc(e.q, *qd), TmaDesc(e.k_cache, *kd), TmaDesc(e.v_cache, *vd), e.out, e.lse, e.cu_seqlens_q,
+                e.seqlens_k, slopes, *statics, e.block_table, bt_stride, e.tile_list)
+
+    args = build(PagedTensors(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, out, lse,
+                              None, None, tile_list))
     flags = dict(HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages, IS_VARLEN=True,
                  SOFTCAP=_softcap_mode(softcap, q.dtype, alibi_slopes is not None, 0.0, cfg),
                  HAS_ALIBI=0 if alibi_slopes is None else 2 if cfg.alibi_sides else 1,
                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, DROPOUT=False,
                  PINGPONG=cfg.schedule == "pingpong", OVERLAP=cfg.overlap, CHAIN=False, PAGE_SIZE=page,
                  num_warps=cfg.warps)
-    _launch_ws((min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,), *args, **flags)
+    grid = (min(num_tiles, _num_sms(q.device)) if persistent else num_tiles,)
+    _launch_ws(grid, *args, **flags)
+    if record is not None:
+        record.add(_launch_ws, grid, flags, build, args)
     return out, lse

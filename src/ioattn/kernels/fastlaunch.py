@@ -158,6 +158,19 @@ def replayable(launches) -> bool:
     return all(launcher.direct_ok() for launcher, _, _, _ in launches)
 
 
+class Recording:
+    """What a whole path launched and allocated, for a plan to replay: ``launches`` as ``recorded`` takes them
+    ((launcher, grid, constexprs, builder, arguments), in launch order) and ``buffers`` (name: shape) that the
+    plan makes a call."""
+
+    def __init__(self):
+        self.launches: list[tuple] = []
+        self.buffers: dict[str, Any] = {}
+
+    def add(self, launcher, grid, constexprs, build, args) -> None:
+        self.launches.append((launcher, grid, constexprs, build, args))
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: microseconds a host call)."""
     return -(-a // b)

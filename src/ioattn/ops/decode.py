@@ -23,6 +23,7 @@ from ..kernels.decode import decode_kernel
 from ..kernels.decode_gluon import CONFIG as GLUON_CONFIG
 from ..kernels.decode_gluon import (
     DecodeConfig,
+    PagedTensors,
     gluon_decode,
     gluon_decode_preferred,
     gluon_decode_supported,
@@ -30,7 +31,16 @@ from ..kernels.decode_gluon import (
     gluon_paged_prefill,
     gluon_paged_prefill_supported,
 )
-from ..kernels.fastlaunch import Launcher, PlanTable, aligned, cdiv, next_power_of_2, recorded, replayable
+from ..kernels.fastlaunch import (
+    Launcher,
+    PlanTable,
+    Recording,
+    aligned,
+    cdiv,
+    next_power_of_2,
+    recorded,
+    replayable,
+)
 from ._dispatch import EagerOp
 
 LOG2E = 1.4426950408889634
@@ -114,7 +124,7 @@ def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
             alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
             rotary_interleaved, rotary_per_row, num_splits, tiles=None, gluon=None, cu_seqlens_q=None,
-            max_seqlen_q=0, by_seq=False):
+            max_seqlen_q=0, by_seq=False, record=None):
     """``num_splits`` 0: the rule of the kernel that runs. ``tiles``: (BLOCK_M, BLOCK_N, num_warps,
     num_stages) of the portable kernel in place of ``decode_tiles``; ``gluon``: False forces the portable
     kernel, a ``DecodeConfig`` the Gluon one with that config (the sweep's knobs). Without those two, a call
@@ -124,13 +134,15 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     (nheads, total_q); the portable kernel runs it, without a plan. Sequences of more than ``max_seqlen_q``
     rows are left out (their rows of out and lse unwritten), so a caller may run a short ``max_seqlen_q`` here
     and the longer sequences on another kernel; ``by_seq`` keeps the split outputs by (sequence, row of it),
-    batch x max_seqlen_q rows, instead of by packed row (for a short ``max_seqlen_q`` beside long prefills)."""
+    batch x max_seqlen_q rows, instead of by packed row (for a short ``max_seqlen_q`` beside long prefills);
+    ``record`` (a ``fastlaunch.Recording``, packed queries only) takes the launches, their builders taking a
+    ``decode_gluon.PagedTensors``, and the split buffers' shapes (``parts``)."""
     if cu_seqlens_q is not None and q.dim() == 3:
         # As one batch row of total_q tokens for the buffers and the combine; the kernel's grid and its
         # batch strides (0) go by sequence.
         out, lse = _decode(q.unsqueeze(0), k_cache, v_cache, cache_seqlens, block_table, None, None, None,
                            alibi_slopes, 0, softmax_scale, window_left, window_right, softcap, True, False,
-                           num_splits, tiles, False, cu_seqlens_q, max_seqlen_q, by_seq)
+                           num_splits, tiles, False, cu_seqlens_q, max_seqlen_q, by_seq, record)
         return out[0], lse[0]
     tensors = (q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos,
                rotary_sin)
@@ -221,9 +233,17 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         args = build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
                          alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q)
         launcher(grid, *args, **flags)
+        if record is not None:  # a packed call's tensors (3D q and out, 2D lse: the same pointers)
+            record.add(launcher, grid, flags, lambda e, b=build_all: b(
+                e.q, e.k_cache, e.v_cache, e.out_part, e.lse_part, e.seqlens_k, e.block_table, None, e.alibi_slopes,
+                None, None, e.cu_seqlens_q), args)
     combine = None
     if num_splits > 1:
         combine = _combine(out_part, lse_part, out, lse, cu_seqlens_q if by_seq else None)
+        if record is not None:
+            record.add(*combine[:3], lambda e, b=combine[3], cu=by_seq: b(
+                e.out_part, e.lse_part, e.out, e.lse, e.cu_seqlens_q if cu else None), combine[4])
+            record.buffers["parts"] = (out_part.shape, lse_part.shape)
     if plan_key is not None and aligned(*tensors):
         launches = recorded(((launcher, grid, flags, build_all, args), *(() if combine is None else (combine,))))
         if launches is not None:
@@ -397,19 +417,82 @@ def _paged_varlen_attention(
     if select_backend(q.device) != "triton":
         return paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table,
                                             alibi_slopes, softmax_scale, window_left, window_right, softcap)
+    tensors = (q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes)
+    scalars = (max_seqlen_q, softmax_scale, window_left, window_right, softcap, num_splits)
+    key = _paged_plan_key(tensors, scalars)
+    if key is not None:
+        planned = _paged_planned(key, tensors)
+        if planned is not None:
+            return planned
+    record = None if key is None else Recording()
     route = "split"
     if num_splits <= 1 and gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap):
         route = paged_varlen_route(q.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_q)
     if route == "tiles":
-        return gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
-                                   max_seqlen_q, softmax_scale, window_left, window_right, softcap)
-    short = short_query_rows(q.shape[1] // k_cache.shape[2]) if route == "mixed" else max_seqlen_q
-    out, lse = _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0,
-                       softmax_scale, window_left, window_right, softcap, True, False, num_splits,
-                       cu_seqlens_q=cu_seqlens_q, max_seqlen_q=short, by_seq=route == "mixed")
-    if route == "mixed":  # the longer sequences' rows
-        gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, max_seqlen_q,
-                            softmax_scale, window_left, window_right, softcap, short_rows=short, out=out, lse=lse)
+        out, lse = gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
+                                       max_seqlen_q, softmax_scale, window_left, window_right, softcap, record=record)
+    else:
+        short = short_query_rows(q.shape[1] // k_cache.shape[2]) if route == "mixed" else max_seqlen_q
+        out, lse = _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0,
+                           softmax_scale, window_left, window_right, softcap, True, False, num_splits,
+                           cu_seqlens_q=cu_seqlens_q, max_seqlen_q=short, by_seq=route == "mixed", record=record)
+        if route == "mixed":  # the longer sequences' rows
+            gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
+                                max_seqlen_q, softmax_scale, window_left, window_right, softcap, short_rows=short,
+                                out=out, lse=lse, record=record)
+    if record is not None and aligned(*tensors):
+        launches = recorded(record.launches)
+        if launches is not None:
+            _PAGED_PLANS.put(key, _PagedPlan(launches, record.buffers.get("parts"), record.buffers.get("tile_list", 0)))
+    return out, lse
+
+
+# Paged varlen plans: the same for ``flash_attn_varlen_func(..., block_table=...)``, whose whole path works out a
+# route, tiles, splits, descriptors and up to four launches (the split-KV kernel and its combine, the tile list
+# and the Gluon tiles). A plan replays them on a call with the same shapes (total_q, the batch, max_seqlen_q
+# included), as decode steps of a steady batch make.
+
+
+class _PagedPlan(NamedTuple):
+    launches: tuple  # ((launcher, compiled entry, grid, builder of a ``PagedTensors``), ...), in launch order
+    parts: tuple | None  # the split buffers' shapes (out_part, lse_part), None without splits
+    tile_list: int  # the tile list's length, 0 without one
+
+
+_PAGED_PLANS = PlanTable("IOATTN_DECODE_PLANS")
+
+
+def _paged_plan_key(tensors: tuple, scalars: tuple) -> tuple | None:
+    """As ``_decode_plan_key``, for a paged varlen call: ``tensors`` (q, k_cache, v_cache, cu_seqlens_q,
+    seqlens_k, block_table, alibi_slopes), ``scalars`` (max_seqlen_q, scale, window, softcap, num_splits); also
+    the tiles' config for q's head dim. A shape's first call makes none (``PlanTable.sighted``)."""
+    q, k_cache, cu_seqlens_q = tensors[0], tensors[1], tensors[3]
+    if not (_PAGED_PLANS.active() and q.is_cuda
+            and _PAGED_PLANS.sighted((q.shape, k_cache.shape, cu_seqlens_q.shape, scalars[0]))):
+        return None
+    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+            *map(_describe, tensors), *scalars, gluon_enabled_on(q), decode_gluon.PAGED_CONFIGS.get(q.shape[-1]),
+            _sm_count(q.device), decode_gluon._num_sms(q.device))
+
+
+def _paged_planned(key: tuple, tensors: tuple):
+    """(out, lse) through the plan an earlier paged varlen call with ``key`` left, or None (as ``_decode_planned``)."""
+    plan = _PAGED_PLANS.get(key)
+    if plan is None or not aligned(*tensors) or not replayable(plan.launches):
+        return None
+    q = tensors[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    out_part = lse_part = tile_list = None
+    if plan.parts is not None:
+        out_part = torch.empty(plan.parts[0], dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(plan.parts[1], dtype=torch.float32, device=q.device)
+    if plan.tile_list:
+        tile_list = torch.empty(plan.tile_list, dtype=torch.int32, device=q.device)
+    env = PagedTensors(*tensors, out, lse, out if out_part is None else out_part, lse if lse_part is None else lse_part,
+                       tile_list)
+    for launcher, entry, grid, build in plan.launches:
+        launcher.launch_entry(entry, grid, build(env))
     return out, lse
 
 
