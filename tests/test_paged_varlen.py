@@ -6,6 +6,8 @@ Unused cache slots (past a sequence's keys, pages no sequence owns) hold NaN, so
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU
@@ -404,7 +406,7 @@ def test_paged_varlen_plan_declines_what_it_cannot_take(monkeypatch):
     for _ in range(2):
         ref = _plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens)
     tensors = (q, k_cache, v_cache, cu_q, cu_k[1:] - cu_k[:-1], table, None)
-    scalars = (max(nq for nq, _ in lens), HEADDIM ** -0.5, -1, 0, 0.0, 0)  # as flash_attn_varlen_func passes them
+    scalars = (max(nq for nq, _ in lens), 1.0 / math.sqrt(HEADDIM), -1, 0, 0.0, 0)  # as the API passes them
     key = decode_ops._paged_plan_key(tensors, scalars)
     assert key is not None and decode_ops._paged_planned(key, tensors) is not None
     buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)
