@@ -23,10 +23,7 @@ import torch
 import triton
 
 import ioattn
-from ioattn.kernels.fastlaunch import set_plans
 from ioattn.ops import decode as decode_ops
-
-set_plans(False)  # routes are forced by patching, which launch plans do not see: every call takes the whole path
 
 STEPS = {
     "decode 64 x 4k": [(1, 4096)] * 64,
@@ -87,12 +84,14 @@ def _time_step(lens, tiles=(), splits=(), page=16, graph=False) -> tuple[list[fl
         def call():
             saved = decode_ops.paged_varlen_route, decode_ops.gluon_paged_prefill
             decode_ops.paged_varlen_route = lambda *args: route
+            decode_ops._PAGED_PLANS.enabled = False  # plans do not see the patched route
             if persistent is not None:
                 decode_ops.gluon_paged_prefill = lambda *a, **k: saved[1](*a, **k, persistent=persistent)
             try:
                 return paged()
             finally:
                 decode_ops.paged_varlen_route, decode_ops.gluon_paged_prefill = saved
+                decode_ops._PAGED_PLANS.enabled = True
         return call
 
     def forced(t, n=0):

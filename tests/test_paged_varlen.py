@@ -308,10 +308,15 @@ def test_paged_varlen_split_kernel_takes_the_short_sequences_of_a_mixed_step(num
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_paged_varlen_cuda_graph_replays_new_lengths():
+@pytest.mark.parametrize("plans", [True, False])
+def test_paged_varlen_cuda_graph_replays_new_lengths(plans, monkeypatch):
     """One captured step replayed with other query and key lengths (the same total rows and max_seqlen_q): the
     routes read every length on the device (on sm_90 the mixed route: the short sequences on the split-KV
-    kernel, the rest on the Gluon tiles from a tile list built in the graph)."""
+    kernel, the rest on the Gluon tiles from a tile list built in the graph). The captured call is the third of
+    its shape: with plans, the plan's launches; without, the whole path's."""
+    import ioattn.ops.decode as decode_ops
+
+    monkeypatch.setattr(decode_ops._PAGED_PLANS, "enabled", plans)
     dtype = torch.bfloat16
     _, k_cache, v_cache, _, _, table, seqs = _inputs([(0, 300)] * 4, 8, 2, dtype, 16, seed=12)
     q = torch.randn(70, 8, HEADDIM, dtype=dtype, device=DEVICE)
@@ -366,13 +371,16 @@ def _plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens, slopes=None, num_sp
 @pytest.mark.skipif(not ON_GPU, reason="launch plans replay compiled GPU launches")
 @pytest.mark.parametrize("name", PAGED_PLAN_CASES)
 def test_paged_varlen_plan_matches_the_whole_path(name, monkeypatch):
-    """No key for a shape's first call, the second records a plan, the third launches it (the same result, bit
-    for bit); on new queries the plan gives what the whole path gives, bit for bit, and the reference's."""
+    """No key for a shape's first call, the second records a plan (on sm_90 with the launches of the route the
+    shapes pick), the third launches it (the same result, bit for bit); on another step of the same shapes (new
+    queries, caches, page table and key lengths) the plan gives what the whole path gives, bit for bit, and the
+    reference's."""
     import ioattn.ops.decode as decode_ops
+    from ioattn.kernels import decode_gluon
 
     case = dict(PAGED_PLAN_CASES[name])
     lens, alibi = case.pop("lens"), case.pop("alibi", False)
-    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, 16, seed=len(name))
+    q, k_cache, v_cache, cu_q, cu_k, table, _ = _inputs(lens, 8, 2, torch.bfloat16, 16, seed=len(name))
     slopes = make_alibi(len(lens), 8, per_batch=True).to(DEVICE) if alibi else None
     planned = []
     real = decode_ops._paged_planned
@@ -380,18 +388,30 @@ def test_paged_varlen_plan_matches_the_whole_path(name, monkeypatch):
     outs = [_plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens, slopes, **case) for _ in range(3)]
     assert [p is not None for p in planned] == [False, True]
     (plan,) = decode_ops._PAGED_PLANS.plans.values()
-    assert len(plan.launches) >= 1
+    launchers = {launch[0] for launch in plan.launches}
+    route = "split"
+    if not case.get("num_splits") and decode_gluon.gluon_paged_prefill_supported(
+            q, k_cache, v_cache, slopes, 0.1, case.get("softcap", 0.0)):
+        route = decode_ops.paged_varlen_route(q.shape[0], len(lens), max(nq for nq, _ in lens))
+    assert (decode_ops._launch_decode in launchers) == (route != "tiles")
+    assert (decode_gluon._launch_ws in launchers) == (route != "split"), (route, launchers)
     assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[2][1], outs[0][1])
-    q2 = torch.randn_like(q)
-    out_p, lse_p = _plan_call(q2, k_cache, v_cache, cu_q, cu_k, table, lens, slopes, **case)
+    # Another step of the same shapes: every tensor new, the key lengths shuffled among the sequences of one
+    # query length (their pages hold up to the longest's keys).
+    lens2 = list(lens)
+    for nq in {nq for nq, _ in lens}:
+        idx = [b for b, (m, _) in enumerate(lens) if m == nq]
+        for b, nk in zip(idx, [lens[i][1] for i in reversed(idx)], strict=True):
+            lens2[b] = (nq, nk)
+    q2, k2, v2, cu_q2, cu_k2, table2, seqs2 = _inputs(lens2, 8, 2, torch.bfloat16, 16, seed=len(name) + 100)
+    assert table2.shape == table.shape and k2.shape == k_cache.shape and not torch.equal(table2, table)
+    out_p, lse_p = _plan_call(q2, k2, v2, cu_q2, cu_k2, table2, lens2, slopes, **case)
     assert planned[-1] is not None
     monkeypatch.setattr(decode_ops._PAGED_PLANS, "enabled", False)
-    out_w, lse_w = _plan_call(q2, k_cache, v_cache, cu_q, cu_k, table, lens, slopes, **case)
+    out_w, lse_w = _plan_call(q2, k2, v2, cu_q2, cu_k2, table2, lens2, slopes, **case)
     assert torch.equal(out_p, out_w) and torch.equal(lse_p, lse_w)
-    firsts = cu_q.tolist()
-    step = [(q2[firsts[b]:firsts[b + 1]].cpu(), k_b, v_b) for b, (_, k_b, v_b) in enumerate(seqs)]
     mask = {k: v for k, v in case.items() if k in ("softcap", "window_size")}
-    _check(out_p, lse_p, step, torch.bfloat16, None if slopes is None else slopes.cpu(), causal=True, **mask)
+    _check(out_p, lse_p, seqs2, torch.bfloat16, None if slopes is None else slopes.cpu(), causal=True, **mask)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="launch plans replay compiled GPU launches")
@@ -450,11 +470,18 @@ def test_paged_varlen_plan_replays_its_launches_in_the_interpreter(num_splits, m
     planned = []
     real = decode_ops._paged_planned
     monkeypatch.setattr(decode_ops, "_paged_planned", lambda *a: planned.append(real(*a)) or planned[-1])
-    lens = [(1, 40), (3, 33), (1, 20)]
-    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 4, 2, torch.float16, 16, seed=num_splits)
-    outs = [_plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens, num_splits=num_splits) for _ in range(3)]
+    lens, lens2 = [(1, 40), (3, 33), (1, 20)], [(1, 20), (3, 33), (1, 40)]
+    first = _inputs(lens, 4, 2, torch.float16, 16, seed=num_splits)
+    for _ in range(2):
+        _plan_call(*first[:6], lens, num_splits=num_splits)
+    # The replay on another step of the same shapes: new queries, caches, page table and key lengths.
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens2, 4, 2, torch.float16, 16, seed=num_splits + 5)
+    assert table.shape == first[5].shape
+    out, lse = _plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens2, num_splits=num_splits)
     assert [p is not None for p in planned] == [False, True]
     (plan,) = decode_ops._PAGED_PLANS.plans.values()
     assert len(plan.launches) == (2 if num_splits > 1 else 1) and (plan.parts is not None) == (num_splits > 1)
-    assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[2][1], outs[0][1])
-    _check(*outs[2], seqs, torch.float16, causal=True)
+    monkeypatch.setattr(decode_ops._PAGED_PLANS, "enabled", False)
+    whole = _plan_call(q, k_cache, v_cache, cu_q, cu_k, table, lens2, num_splits=num_splits)
+    assert torch.equal(out, whole[0]) and torch.equal(lse, whole[1])
+    _check(out, lse, seqs, torch.float16, causal=True)

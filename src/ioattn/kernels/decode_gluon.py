@@ -355,10 +355,15 @@ def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_id
 # Packed variable-length queries over a paged cache (prefill chunks): the Gluon forward's warp-specialised
 # kernel with its load warp reading K and V by page (``attn_fwd_gluon._ws_main``, PAGE_SIZE). d = 64 takes the
 # warp-specialised tiles too (its dense forward runs a one-warpgroup kernel that has no paged loads).
+PAGED_CONFIGS = {64: FwdConfig(64, 128, 2, 4, "pingpong", True, fixed_max=True, alibi_sides=True),
+                 128: _CONFIGS[128], 256: _CONFIGS[256]}
+
+
 class PagedTensors(NamedTuple):
     """The tensors of one paged varlen call (``ops.decode.paged_varlen_attention``) that its launches read: the
     inputs, the outputs (out (total_q, nheads, d), lse (nheads, total_q)), the split-KV half's per-split buffers
-    and the tile list (None where a call has none). Launch builders of the call's plan take one of these."""
+    (out and lse again without splits: the decode kernel then writes them) and the tile list (None without
+    one). Launch builders of the call's plan take one of these."""
 
     q: torch.Tensor
     k_cache: torch.Tensor
@@ -372,10 +377,6 @@ class PagedTensors(NamedTuple):
     out_part: torch.Tensor | None
     lse_part: torch.Tensor | None
     tile_list: torch.Tensor | None
-
-
-PAGED_CONFIGS = {64: FwdConfig(64, 128, 2, 4, "pingpong", True, fixed_max=True, alibi_sides=True),
-                 128: _CONFIGS[128], 256: _CONFIGS[256]}
 
 
 def gluon_paged_prefill_supported(q, k_cache, v_cache, alibi_slopes, softmax_scale: float, softcap: float) -> bool:

@@ -68,8 +68,8 @@ _ENABLED = os.environ.get("IOATTN_FAST_LAUNCH", "1").strip() != "0"
 
 
 class PlanTable:
-    """Launch plans by key: the dense forward's (``attn_fwd_gluon``), the backward's (``launch``) and the
-    decode's (``ops.decode``). The op makes a
+    """Launch plans by key: the dense forward's (``attn_fwd_gluon``), the backward's (``launch``), the
+    decode's and the paged varlen call's (``ops.decode``). The op makes a
     call's key once and hands it to the planned function and, on a miss, to the whole path, which records the
     plan. A key is made only for shapes seen before (``sighted``, on a cheap part of the key: a dict lookup of
     the inputs' shapes), so shapes that keep changing pay no key and no recording; a shape's first call takes
@@ -160,8 +160,8 @@ def replayable(launches) -> bool:
 
 class Recording:
     """What a whole path launched and allocated, for a plan to replay: ``launches`` as ``recorded`` takes them
-    ((launcher, grid, constexprs, builder, arguments), in launch order) and ``buffers`` (name: shape) that the
-    plan makes a call."""
+    ((launcher, grid, constexprs, builder, arguments), in launch order) and ``buffers`` the plan makes a call
+    (name: shapes or a length, as the recording function writes them)."""
 
     def __init__(self):
         self.launches: list[tuple] = []

@@ -181,6 +181,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     if varlen and not by_seq:  # every sequence's rows in the one batch row, at their cu_seqlens_q offsets
         o_strides = (o_strides[0], 0, *o_strides[2:])
         l_strides = (l_strides[0], 0, *l_strides[2:])
+    assert record is None or not use_gluon, "a packed call's plan records the portable kernel's launch"
     if use_gluon:
         launcher, grid, flags, build, args = gluon_decode(
             q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
