@@ -5,7 +5,8 @@ GPU never waits, so the queue never fills and the time is the host's (Python, di
 
 Prints forward, backward through autograd, forward+backward through autograd (with and without the autograd
 engine's device thread), SDPA's cuDNN backend beside them, a forward and a forward+backward whose shape changes
-every call (no launch plan ever hits), one KV-cache decode call, and paged varlen calls on each route.
+every call (no launch plan ever hits), one KV-cache decode call, and paged varlen calls on each route (and a
+chunk beside decode rows whose shape changes every 32 calls, as a 32-layer model's steps).
 ``--pieces`` also times the parts of a Gluon forward call (Triton's launch path, descriptors, allocations),
 ``--profile N`` prints the N costliest functions (cProfile, own time) of a forward, a forward+backward, a decode
 call and the paged varlen calls, ``--plans-ab R`` times a few rows with launch plans off and on in turn, R rounds,
@@ -149,8 +150,21 @@ def _paged_varlen_calls() -> dict:
         return lambda: ioattn.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, max(rows), 256, causal=True,
                                                      block_table=table[:len(rows)])
 
+    # A model's step: 32 layers' calls of one shape, each step's chunk one row longer than the last (no shape
+    # repeats within a timing): the first two calls of a step take the whole path, the rest its plan.
+    q_all = torch.randn(64 + 400 + 7, 32, 128, device="cuda", dtype=torch.bfloat16)
+    cu_k = torch.arange(9, dtype=torch.int32, device="cuda") * 256
+    steps = [torch.tensor([0, *range(64 + n, 64 + n + 8)], dtype=torch.int32, device="cuda") for n in range(400)]
+    turn = iter(range(10**9))
+
+    def layered():
+        n = next(turn) // 32 % len(steps)
+        return ioattn.flash_attn_varlen_func(q_all[:64 + n + 7], kc, vc, steps[n], cu_k, 64 + n, 256, causal=True,
+                                             block_table=table)
+
     return {"paged varlen, decode rows": call([1] * 8), "paged varlen, one chunk": call([64]),
-            "paged varlen, chunk + decode rows": call([64] + [1] * 7)}
+            "paged varlen, chunk + decode rows": call([64] + [1] * 7),
+            "paged varlen, a new step / 32 calls": layered}
 
 
 def plans_ab(cases: dict, rounds: int) -> None:
