@@ -427,12 +427,11 @@ def test_decode_plan_declines_what_it_cannot_take(monkeypatch):
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-2)
 
 
-@pytest.mark.skipif(ON_GPU, reason="the GPU runs the real plans (test_decode_plan_matches_the_whole_path)")
-@pytest.mark.parametrize("num_splits, page", [(3, 16), (1, 0), (0, 16)])
-def test_decode_plan_replays_its_launches_in_the_interpreter(num_splits, page, monkeypatch):
-    """The decode plan's builders, replayed through Triton's own launch in the interpreter (CPU: the compiled
-    entries plans keep do not exist here, so each launch's constexprs stand in for its entry): a call's second
-    time records, its third replays the decode launch and, with splits, the combine, bit for bit."""
+def plans_in_the_interpreter(monkeypatch, key_name: str, planned_name: str) -> list:
+    """``ops.decode``'s plans of one kind (``key_name``, ``planned_name``) made to replay through Triton's own
+    launch in the interpreter (CPU: the compiled entries plans keep do not exist there, so each launch's
+    constexprs stand in for its entry), keyed by the real key's sighting rule without its GPU-only parts.
+    Returns the list each planned lookup's answer is appended to."""
     import ioattn.kernels.fastlaunch as fastlaunch
     import ioattn.ops.decode as decode_ops
 
@@ -442,17 +441,29 @@ def test_decode_plan_replays_its_launches_in_the_interpreter(num_splits, page, m
     monkeypatch.setattr(decode_ops, "replayable", lambda launches: True)
     seen = set()
 
-    def key(tensors, *scalars):  # the real key's sighting rule, without its GPU-only parts
+    def key(tensors, *scalars):
         shapes = tuple(map(decode_ops._describe, tensors)) + scalars
         if shapes not in seen:
             seen.add(shapes)
             return None
         return shapes
 
-    monkeypatch.setattr(decode_ops, "_decode_plan_key", key)
+    monkeypatch.setattr(decode_ops, key_name, key)
     planned = []
-    real = decode_ops._decode_planned
-    monkeypatch.setattr(decode_ops, "_decode_planned", lambda *a: planned.append(real(*a)) or planned[-1])
+    real = getattr(decode_ops, planned_name)
+    monkeypatch.setattr(decode_ops, planned_name, lambda *a: planned.append(real(*a)) or planned[-1])
+    return planned
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs the real plans (test_decode_plan_matches_the_whole_path)")
+@pytest.mark.parametrize("num_splits, page", [(3, 16), (1, 0), (0, 16)])
+def test_decode_plan_replays_its_launches_in_the_interpreter(num_splits, page, monkeypatch):
+    """The decode plan's builders, replayed through Triton's own launch in the interpreter (CPU: the compiled
+    entries plans keep do not exist here, so each launch's constexprs stand in for its entry): a call's second
+    time records, its third replays the decode launch and, with splits, the combine, bit for bit."""
+    import ioattn.ops.decode as decode_ops
+
+    planned = plans_in_the_interpreter(monkeypatch, "_decode_plan_key", "_decode_planned")
     torch.manual_seed(num_splits + page)
     if page:
         k_cache = torch.randn(20, page, 2, 32, dtype=torch.float16)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU
-from test_kvcache import build_cache
+from test_kvcache import build_cache, plans_in_the_interpreter
 
 import ioattn
 from ioattn.ops.decode import paged_varlen_attention
@@ -450,26 +450,9 @@ def test_paged_varlen_plan_replays_its_launches_in_the_interpreter(num_splits, m
     interpreter (the compiled entries plans keep do not exist on CPU: each launch's constexprs stand in for its
     entry): a shape's second call records, its third replays the decode launch and, with splits, the combine,
     bit for bit."""
-    import ioattn.kernels.fastlaunch as fastlaunch
     import ioattn.ops.decode as decode_ops
 
-    monkeypatch.setattr(fastlaunch.Launcher, "entry", lambda self, args, constexprs: dict(constexprs))
-    monkeypatch.setattr(fastlaunch.Launcher, "launch_entry",
-                        lambda self, entry, grid, args: self.kernel[grid](*fastlaunch._real(args), **entry))
-    monkeypatch.setattr(decode_ops, "replayable", lambda launches: True)
-    seen = set()
-
-    def key(tensors, scalars):  # the real key's sighting rule, without its GPU-only parts
-        shapes = tuple(map(decode_ops._describe, tensors)) + scalars
-        if shapes not in seen:
-            seen.add(shapes)
-            return None
-        return shapes
-
-    monkeypatch.setattr(decode_ops, "_paged_plan_key", key)
-    planned = []
-    real = decode_ops._paged_planned
-    monkeypatch.setattr(decode_ops, "_paged_planned", lambda *a: planned.append(real(*a)) or planned[-1])
+    planned = plans_in_the_interpreter(monkeypatch, "_paged_plan_key", "_paged_planned")
     lens, lens2 = [(1, 40), (3, 33), (1, 20)], [(1, 20), (3, 33), (1, 40)]
     first = _inputs(lens, 4, 2, torch.float16, 16, seed=num_splits)
     for _ in range(2):
