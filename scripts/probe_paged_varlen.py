@@ -10,7 +10,8 @@ tokens (``--page``) in shuffled order. Prints a table of microseconds and TFLOPs
 
 ``--tiles``: the paged call again with the portable decode kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)
 forced, one column each (``ops.decode._decode``'s ``tiles``); ``--splits "2,4"``: likewise with the key split
-count forced (the rule's own count is the first column's).
+count forced (the rule's own count is the first column's); ``--short "32,64"``: the mixed route again with
+``ops.decode.SHORT_PACKED_ROWS`` (the split-KV kernel's packed rows a program in a mixed step) at each value.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ STEPS = {
     "prefill 2k + decode 3 x 4k": [(2048, 2048)] + [(1, 4096)] * 3,
     "prefill 4 x 512 + decode 48 x 4k": [(512, 4096)] * 4 + [(1, 4096)] * 48,
     "prefill 512 + verify 32 x 4 over 4k": [(512, 4096)] + [(4, 4096)] * 32,
+    "prefill 512 + verify 32 x 8 over 4k": [(512, 4096)] + [(8, 4096)] * 32,
+    "prefill 512 + chunks 16 x 16 over 4k": [(512, 4096)] + [(16, 4096)] * 16,
 }
 
 
@@ -60,11 +63,11 @@ def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
     return q, k_cache, v_cache, cu_q, cu_k, table, rows, offs
 
 
-def _time_step(lens, tiles=(), splits=(), page=16, graph=False) -> tuple[list[float], float, list[float]]:
+def _time_step(lens, tiles=(), splits=(), page=16, graph=False, shorts=()) -> tuple[list[float], float, list[float]]:
     """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call on
     the split-KV kernel, on the Gluon tiles, on both (mixed, then mixed with a program a tile), then with each
-    of ``tiles`` and ``splits``; causal FLOPs; with ``graph`` the calls' host microseconds, and the times are
-    CUDA graph replays)."""
+    of ``tiles`` and ``splits``, then mixed with each of ``shorts`` as ``SHORT_PACKED_ROWS``; causal FLOPs; with
+    ``graph`` the calls' host microseconds, and the times are CUDA graph replays)."""
     q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens, page=page)
     max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
     k_flat, v_flat = k_cache[rows, offs], v_cache[rows, offs]
@@ -94,6 +97,16 @@ def _time_step(lens, tiles=(), splits=(), page=16, graph=False) -> tuple[list[fl
                 decode_ops._PAGED_PLANS.enabled = True
         return call
 
+    def short_rows(packed: int):
+        def call():
+            saved = decode_ops.SHORT_PACKED_ROWS
+            decode_ops.SHORT_PACKED_ROWS = packed
+            try:
+                return routed("mixed")()
+            finally:
+                decode_ops.SHORT_PACKED_ROWS = saved
+        return call
+
     def forced(t, n=0):
         return lambda: decode_ops._decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None,
                                           0, 128 ** -0.5, -1, 0, 0.0, True, False, n, tiles=t, cu_seqlens_q=cu_q,
@@ -102,7 +115,7 @@ def _time_step(lens, tiles=(), splits=(), page=16, graph=False) -> tuple[list[fl
     assert decode_ops.gluon_paged_prefill_supported(q, k_cache, v_cache, None, 128 ** -0.5, 0.0), "no Gluon tiles"
     calls = [paged, contig, gather, routed("split"), routed("tiles"), routed("mixed"), routed("mixed", False),
              *(forced(t) for t in tiles),
-             *(forced(None, n) for n in splits)]
+             *(forced(None, n) for n in splits), *(short_rows(n) for n in shorts)]
     with torch.no_grad():
         for f in calls[1:]:
             torch.testing.assert_close(paged(), f(), rtol=2e-2, atol=2e-2)
@@ -140,23 +153,28 @@ def main() -> None:
     parser.add_argument("--splits", default="")
     parser.add_argument("--steps", default="", help="comma-separated step names (default: all)")
     parser.add_argument("--page", type=int, default=16, help="tokens a page")
+    parser.add_argument("--short", default="", help="comma-separated SHORT_PACKED_ROWS to time the mixed route at")
     parser.add_argument("--graph", action="store_true",
                         help="time CUDA graph replays (the kernels alone) and print each call's host time")
     args = parser.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split("|") if t]
     splits = [int(n) for n in args.splits.split(",") if n]
+    shorts = [int(n) for n in args.short.split(",") if n]
     steps = {n: v for n, v in STEPS.items() if not args.steps or n in args.steps.split(",")}
     results = []
     print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}"
           f" {'split-KV us':>11} {'Gluon us':>9} {'mixed us':>9} {'mixed/grid':>10}"
-          + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits))
+          + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits)
+          + "".join(f" {f'short {n}':>16}" for n in shorts))
     for name, lens in steps.items():
-        t, flops, host = _time_step(lens, tiles, splits, args.page, args.graph)
+        t, flops, host = _time_step(lens, tiles, splits, args.page, args.graph, shorts)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
                "paged_tflops": flops / t[0] / 1e6, "contig_tflops": flops / t[1] / 1e6,
                "split_kv_us": t[3], "gluon_us": t[4], "mixed_us": t[5], "mixed_grid_us": t[6],
                "tiles_us": {str(tt): us for tt, us in zip(tiles, t[7:7 + len(tiles)], strict=True)},
-               "splits_us": {n: us for n, us in zip(splits, t[7 + len(tiles):], strict=True)}}
+               "splits_us": {n: us for n, us in zip(splits, t[7 + len(tiles):7 + len(tiles) + len(splits)],
+                                                    strict=True)},
+               "short_us": {n: us for n, us in zip(shorts, t[7 + len(tiles) + len(splits):], strict=True)}}
         row["page"] = args.page
         row["graph"] = args.graph
         row["host_us"] = host
