@@ -10,8 +10,9 @@ tokens (``--page``) in shuffled order. Prints a table of microseconds and TFLOPs
 
 ``--tiles``: the paged call again with the portable decode kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)
 forced, one column each (``ops.decode._decode``'s ``tiles``); ``--splits "2,4"``: likewise with the key split
-count forced (the rule's own count is the first column's); ``--short "32,64"``: the mixed route again with
-``ops.decode.SHORT_PACKED_ROWS`` (the split-KV kernel's packed rows a program in a mixed step) at each value.
+count forced (the rule's own count is the first column's); ``--short "32:16,64:64"``: the mixed route again
+with ``ops.decode.SHORT_PACKED_ROWS`` (a sequence's packed rows at most for the split-KV half) and
+``MIXED_TILE_ROWS`` (that half's rows a program) at each pair.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _case(lens, nheads=32, nheads_k=8, d=128, page=16, dtype=torch.bfloat16):
 def _time_step(lens, tiles=(), splits=(), page=16, graph=False, shorts=()) -> tuple[list[float], float, list[float]]:
     """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call on
     the split-KV kernel, on the Gluon tiles, on both (mixed, then mixed with a program a tile), then with each
-    of ``tiles`` and ``splits``, then mixed with each of ``shorts`` as ``SHORT_PACKED_ROWS``; causal FLOPs; with
+    of ``tiles`` and ``splits``, then mixed with each of ``shorts`` as (``SHORT_PACKED_ROWS``,
+    ``MIXED_TILE_ROWS``); causal FLOPs; with
     ``graph`` the calls' host microseconds, and the times are CUDA graph replays)."""
     q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens, page=page)
     max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
@@ -97,14 +99,14 @@ def _time_step(lens, tiles=(), splits=(), page=16, graph=False, shorts=()) -> tu
                 decode_ops._PAGED_PLANS.enabled = True
         return call
 
-    def short_rows(packed: int):
+    def short_rows(packed: int, tile: int):
         def call():
-            saved = decode_ops.SHORT_PACKED_ROWS
-            decode_ops.SHORT_PACKED_ROWS = packed
+            saved = decode_ops.SHORT_PACKED_ROWS, decode_ops.MIXED_TILE_ROWS
+            decode_ops.SHORT_PACKED_ROWS, decode_ops.MIXED_TILE_ROWS = packed, tile
             try:
                 return routed("mixed")()
             finally:
-                decode_ops.SHORT_PACKED_ROWS = saved
+                decode_ops.SHORT_PACKED_ROWS, decode_ops.MIXED_TILE_ROWS = saved
         return call
 
     def forced(t, n=0):
@@ -115,7 +117,7 @@ def _time_step(lens, tiles=(), splits=(), page=16, graph=False, shorts=()) -> tu
     assert decode_ops.gluon_paged_prefill_supported(q, k_cache, v_cache, None, 128 ** -0.5, 0.0), "no Gluon tiles"
     calls = [paged, contig, gather, routed("split"), routed("tiles"), routed("mixed"), routed("mixed", False),
              *(forced(t) for t in tiles),
-             *(forced(None, n) for n in splits), *(short_rows(n) for n in shorts)]
+             *(forced(None, n) for n in splits), *(short_rows(*n) for n in shorts)]
     with torch.no_grad():
         for f in calls[1:]:
             torch.testing.assert_close(paged(), f(), rtol=2e-2, atol=2e-2)
@@ -153,19 +155,20 @@ def main() -> None:
     parser.add_argument("--splits", default="")
     parser.add_argument("--steps", default="", help="comma-separated step names (default: all)")
     parser.add_argument("--page", type=int, default=16, help="tokens a page")
-    parser.add_argument("--short", default="", help="comma-separated SHORT_PACKED_ROWS to time the mixed route at")
+    parser.add_argument("--short", default="",
+                        help="PACKED:TILE pairs (SHORT_PACKED_ROWS:MIXED_TILE_ROWS) for the mixed route")
     parser.add_argument("--graph", action="store_true",
                         help="time CUDA graph replays (the kernels alone) and print each call's host time")
     args = parser.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split("|") if t]
     splits = [int(n) for n in args.splits.split(",") if n]
-    shorts = [int(n) for n in args.short.split(",") if n]
+    shorts = [tuple(int(x) for x in n.split(":")) for n in args.short.split(",") if n]
     steps = {n: v for n, v in STEPS.items() if not args.steps or n in args.steps.split(",")}
     results = []
     print(f"{'step':32} {'paged us':>9} {'TF/s':>6} {'contig us':>9} {'TF/s':>6} {'gather+contig us':>16}"
           f" {'split-KV us':>11} {'Gluon us':>9} {'mixed us':>9} {'mixed/grid':>10}"
           + "".join(f" {str(t):>16}" for t in tiles) + "".join(f" {f'splits {n}':>16}" for n in splits)
-          + "".join(f" {f'short {n}':>16}" for n in shorts))
+          + "".join(f" {f'short {n[0]}:{n[1]}':>16}" for n in shorts))
     for name, lens in steps.items():
         t, flops, host = _time_step(lens, tiles, splits, args.page, args.graph, shorts)
         row = {"step": name, "paged_us": t[0], "contig_us": t[1], "gather_contig_us": t[2],
@@ -174,7 +177,8 @@ def main() -> None:
                "tiles_us": {str(tt): us for tt, us in zip(tiles, t[7:7 + len(tiles)], strict=True)},
                "splits_us": {n: us for n, us in zip(splits, t[7 + len(tiles):7 + len(tiles) + len(splits)],
                                                     strict=True)},
-               "short_us": {n: us for n, us in zip(shorts, t[7 + len(tiles) + len(splits):], strict=True)}}
+               "short_us": {f"{n[0]}:{n[1]}": us
+                            for n, us in zip(shorts, t[7 + len(tiles) + len(splits):], strict=True)}}
         row["page"] = args.page
         row["graph"] = args.graph
         row["host_us"] = host

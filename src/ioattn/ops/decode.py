@@ -54,12 +54,13 @@ MAX_SPLITS = 64
 # step of one sequence on the tiles alone; any other step on both, "mixed": the sequences of at most
 # ``short_query_rows`` rows on the split-KV kernel (their key splits sized for them alone), the rest on the tiles.
 PAGED_PREFILL_MIN_ROWS = 64
-SHORT_PACKED_ROWS = 16  # the split-KV kernel's rows a program in a mixed step: its decode tile (``decode_tiles``)
+SHORT_PACKED_ROWS = 16  # packed rows (GQA group x query rows) a sequence has at most to take the split-KV half
+MIXED_TILE_ROWS = 16  # the split-KV half's rows a program (its BLOCK_M): decode rows' tile; longer ones take more
 
 
 def short_query_rows(group: int) -> int:
-    """Query rows a sequence has at most to take the split-KV kernel in a mixed step: its GQA group's packed rows
-    fill at most the 16-row tile that decode rows run on."""
+    """Query rows a sequence has at most to take the split-KV kernel in a mixed step (``SHORT_PACKED_ROWS``
+    packed rows of its GQA group)."""
     return max(1, SHORT_PACKED_ROWS // group)
 
 
@@ -433,9 +434,13 @@ def _paged_varlen_attention(
         out, lse = gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
                                        max_seqlen_q, softmax_scale, window_left, window_right, softcap, record=record)
     else:
-        short = short_query_rows(q.shape[1] // k_cache.shape[2]) if route == "mixed" else max_seqlen_q
+        short, tiles = max_seqlen_q, None
+        if route == "mixed":  # programs of MIXED_TILE_ROWS packed rows (a decode row's tile), as many as a
+            # sequence of ``short`` rows needs; those past a shorter one's rows exit
+            short = short_query_rows(q.shape[1] // k_cache.shape[2])
+            tiles = decode_tiles(q.device, MIXED_TILE_ROWS, q.shape[-1])
         out, lse = _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0,
-                           softmax_scale, window_left, window_right, softcap, True, False, num_splits,
+                           softmax_scale, window_left, window_right, softcap, True, False, num_splits, tiles,
                            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=short, by_seq=route == "mixed", record=record)
         if route == "mixed":  # the longer sequences' rows
             gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
