@@ -10,9 +10,9 @@ tokens (``--page``) in shuffled order. Prints a table of microseconds and TFLOPs
 
 ``--tiles``: the paged call again with the portable decode kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)
 forced, one column each (``ops.decode._decode``'s ``tiles``); ``--splits "2,4"``: likewise with the key split
-count forced (the rule's own count is the first column's); ``--short "32:16,64:64"``: the mixed route again
-with ``ops.decode.SHORT_PACKED_ROWS`` (a sequence's packed rows at most for the split-KV half) and
-``MIXED_TILE_ROWS`` (that half's rows a program) at each pair.
+count forced (the rule's own count is the first column's); ``--short "16:16,32:32"``: the mixed route again
+with ``ops.decode.SHORT_PACKED_ROWS`` and ``WIDE_PACKED_ROWS`` (a sequence's packed rows at most for the split-KV
+half, which are its tile's rows, without and with multi-row sequences beside the longest) at each pair.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _time_step(lens, tiles=(), splits=(), page=16, graph=False, shorts=()) -> tu
     """(microseconds of the paged call, the call on the gathered keys, gather + that call, the paged call on
     the split-KV kernel, on the Gluon tiles, on both (mixed, then mixed with a program a tile), then with each
     of ``tiles`` and ``splits``, then mixed with each of ``shorts`` as (``SHORT_PACKED_ROWS``,
-    ``MIXED_TILE_ROWS``); causal FLOPs; with
+    ``WIDE_PACKED_ROWS``); causal FLOPs; with
     ``graph`` the calls' host microseconds, and the times are CUDA graph replays)."""
     q, k_cache, v_cache, cu_q, cu_k, table, rows, offs = _case(lens, page=page)
     max_q, max_k = max(nq for nq, _ in lens), max(nk for _, nk in lens)
@@ -99,14 +99,14 @@ def _time_step(lens, tiles=(), splits=(), page=16, graph=False, shorts=()) -> tu
                 decode_ops._PAGED_PLANS.enabled = True
         return call
 
-    def short_rows(packed: int, tile: int):
+    def short_rows(packed: int, wide: int):
         def call():
-            saved = decode_ops.SHORT_PACKED_ROWS, decode_ops.MIXED_TILE_ROWS
-            decode_ops.SHORT_PACKED_ROWS, decode_ops.MIXED_TILE_ROWS = packed, tile
+            saved = decode_ops.SHORT_PACKED_ROWS, decode_ops.WIDE_PACKED_ROWS
+            decode_ops.SHORT_PACKED_ROWS, decode_ops.WIDE_PACKED_ROWS = packed, wide
             try:
                 return routed("mixed")()
             finally:
-                decode_ops.SHORT_PACKED_ROWS, decode_ops.MIXED_TILE_ROWS = saved
+                decode_ops.SHORT_PACKED_ROWS, decode_ops.WIDE_PACKED_ROWS = saved
         return call
 
     def forced(t, n=0):
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--steps", default="", help="comma-separated step names (default: all)")
     parser.add_argument("--page", type=int, default=16, help="tokens a page")
     parser.add_argument("--short", default="",
-                        help="PACKED:TILE pairs (SHORT_PACKED_ROWS:MIXED_TILE_ROWS) for the mixed route")
+                        help="SHORT:WIDE pairs (SHORT_PACKED_ROWS:WIDE_PACKED_ROWS) for the mixed route")
     parser.add_argument("--graph", action="store_true",
                         help="time CUDA graph replays (the kernels alone) and print each call's host time")
     args = parser.parse_args()

@@ -80,8 +80,9 @@ def test_paged_prefill_programs_walk_many_tiles(d, route, monkeypatch):
     calls = []
     monkeypatch.setattr(decode_ops, "gluon_paged_prefill",
                         lambda *a, **k: calls.append(1) or real(*a, **{**k, "persistent": True}))
-    short = decode_ops.short_query_rows(4)
+    short = decode_ops.short_query_rows(4, wide=True)  # the other sequences hold more than a row each
     lens = [(300, 1100), (short, 200), (short + 1, 90), (1, 700), (3, 0), (129, 2049), (64, 64)]
+    assert decode_ops.multi_row_others(sum(nq for nq, _ in lens), len(lens), 300)
     q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, 16, d=d, seed=11)
     out, lse, _ = _run(q, k_cache, v_cache, cu_q, cu_k, table, lens, causal=True)
     assert calls == [1]
@@ -127,8 +128,8 @@ def test_paged_prefill_routing(monkeypatch):
                         lambda *a, **k: calls.append(k.get("short_rows", 0)) or real(*a, **k))
     chunks = [(130, 300), (64, 64), (90, 1000)]
     long_beside_decodes = [(1500, 1500), (1, 700), (1, 40)]
-    short = decode_ops.short_query_rows(4)
-    for lens, block_size, splits, taken in [(chunks, 16, 0, [short]), (LONG, 16, 0, [short]), (LENS, 16, 0, []),
+    short, wide = decode_ops.short_query_rows(4), decode_ops.short_query_rows(4, wide=True)
+    for lens, block_size, splits, taken in [(chunks, 16, 0, [wide]), (LONG, 16, 0, [wide]), (LENS, 16, 0, []),
                                             (chunks, 8, 0, []), (chunks, 16, 2, []), ([(64, 80)], 16, 0, [0]),
                                             ([(63, 80)], 16, 0, []), (long_beside_decodes, 16, 0, [short]),
                                             (chunks, 48, 0, [])]:  # pages of 48: not a power of two

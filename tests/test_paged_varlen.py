@@ -259,7 +259,7 @@ def test_paged_varlen_route_by_shapes():
     steps whose longest sequence is short stay on the split-KV kernel, one sequence takes the tiles, the rest
     run both, each on its sequences."""
     from ioattn.ops.decode import PAGED_PREFILL_MIN_ROWS as rows
-    from ioattn.ops.decode import paged_varlen_route, short_query_rows
+    from ioattn.ops.decode import multi_row_others, paged_varlen_route, short_query_rows
 
     assert paged_varlen_route(rows, 1, rows) == "tiles" and paged_varlen_route(rows - 1, 1, rows - 1) == "split"
     assert paged_varlen_route(64, 64, 1) == "split"  # decode rows only
@@ -268,6 +268,10 @@ def test_paged_varlen_route_by_shapes():
     assert paged_varlen_route(512 + 32, 33, 512) == "mixed"  # one chunk beside 32 decode rows
     assert paged_varlen_route(4 * 2048, 4, 2048) == "mixed"  # prefill only
     assert [short_query_rows(g) for g in (1, 2, 4, 8, 16, 32)] == [16, 8, 4, 2, 1, 1]
+    assert [short_query_rows(g, wide=True) for g in (1, 2, 4, 8, 16, 32, 64)] == [32, 16, 8, 4, 2, 1, 1]
+    # One prefill beside decode rows, beside verification rows, beside chunks; a loose max_seqlen_q.
+    assert [multi_row_others(*shapes) for shapes in ((544, 33, 512), (768, 33, 512), (1024, 8, 512),
+                                                     (40, 33, 600))] == [False, True, True, False]
 
 
 def test_paged_tile_list_holds_the_long_sequences_tiles():

@@ -54,14 +54,25 @@ MAX_SPLITS = 64
 # step of one sequence on the tiles alone; any other step on both, "mixed": the sequences of at most
 # ``short_query_rows`` rows on the split-KV kernel (their key splits sized for them alone), the rest on the tiles.
 PAGED_PREFILL_MIN_ROWS = 64
-SHORT_PACKED_ROWS = 16  # packed rows (GQA group x query rows) a sequence has at most to take the split-KV half
-MIXED_TILE_ROWS = 16  # the split-KV half's rows a program (its BLOCK_M): decode rows' tile; longer ones take more
+# Packed rows (GQA group x query rows) a sequence has at most to take the split-KV half of a mixed step, which
+# are also that half's tile rows (BLOCK_M): 16, decode rows' tile, where every sequence but the longest has one
+# row; 32 where some have more (verification rows, short chunks), which keeps 32 packed rows off the tiles (2.2x
+# on prefill 512 + verify 32 x 8 rows, GQA 4) for +2-3% on decode rows (a 32-row tile: notebook, "how many
+# packed rows the split-KV half of a mixed step takes").
+SHORT_PACKED_ROWS = 16
+WIDE_PACKED_ROWS = 32
 
 
-def short_query_rows(group: int) -> int:
-    """Query rows a sequence has at most to take the split-KV kernel in a mixed step (``SHORT_PACKED_ROWS``
-    packed rows of its GQA group)."""
-    return max(1, SHORT_PACKED_ROWS // group)
+def multi_row_others(total_q: int, batch: int, max_seqlen_q: int) -> bool:
+    """Whether a packed step's sequences other than its longest hold more than a row each on the whole, from host
+    shapes alone: their rows, total_q - max_seqlen_q, exceed their count (a loose max_seqlen_q reads False)."""
+    return total_q - max_seqlen_q > batch - 1
+
+
+def short_query_rows(group: int, wide: bool = False) -> int:
+    """Query rows a sequence has at most to take the split-KV kernel in a mixed step: ``SHORT_PACKED_ROWS``
+    packed rows of its GQA group, ``WIDE_PACKED_ROWS`` with ``wide`` (``multi_row_others``)."""
+    return max(1, (WIDE_PACKED_ROWS if wide else SHORT_PACKED_ROWS) // group)
 
 
 def paged_varlen_route(total_q: int, batch: int, max_seqlen_q: int) -> str:
@@ -434,13 +445,12 @@ def _paged_varlen_attention(
         out, lse = gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
                                        max_seqlen_q, softmax_scale, window_left, window_right, softcap, record=record)
     else:
-        short, tiles = max_seqlen_q, None
-        if route == "mixed":  # programs of MIXED_TILE_ROWS packed rows (a decode row's tile), as many as a
-            # sequence of ``short`` rows needs; those past a shorter one's rows exit
-            short = short_query_rows(q.shape[1] // k_cache.shape[2])
-            tiles = decode_tiles(q.device, MIXED_TILE_ROWS, q.shape[-1])
+        short = max_seqlen_q
+        if route == "mixed":
+            wide = multi_row_others(q.shape[0], cu_seqlens_q.shape[0] - 1, max_seqlen_q)
+            short = short_query_rows(q.shape[1] // k_cache.shape[2], wide)
         out, lse = _decode(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, alibi_slopes, 0,
-                           softmax_scale, window_left, window_right, softcap, True, False, num_splits, tiles,
+                           softmax_scale, window_left, window_right, softcap, True, False, num_splits,
                            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=short, by_seq=route == "mixed", record=record)
         if route == "mixed":  # the longer sequences' rows
             gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
