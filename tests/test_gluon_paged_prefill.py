@@ -68,10 +68,11 @@ def test_paged_prefill_head_dims_masks_and_mods(d, block_size, opts, prefill_cal
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("route", ["tiles", "mixed"])
-def test_paged_prefill_programs_walk_many_tiles(d, route, monkeypatch):
+@pytest.mark.parametrize("route, wide", [("tiles", True), ("mixed", True), ("mixed", False)])
+def test_paged_prefill_programs_walk_many_tiles(d, route, wide, monkeypatch):
     """Three programs walk the whole tile list (the persistent grid, one program an SM, made small), on both
-    routes; sequences of exactly the split-KV kernel's rows and one more, and a sequence without keys."""
+    routes; sequences of exactly the split-KV kernel's rows and one more, at its wide and narrow limit (empty
+    sequences beside them make the rows beside the longest fewer than their count), and one without keys."""
     from ioattn.kernels import decode_gluon
 
     monkeypatch.setattr(decode_gluon, "_num_sms", lambda device: 3)
@@ -80,9 +81,11 @@ def test_paged_prefill_programs_walk_many_tiles(d, route, monkeypatch):
     calls = []
     monkeypatch.setattr(decode_ops, "gluon_paged_prefill",
                         lambda *a, **k: calls.append(1) or real(*a, **{**k, "persistent": True}))
-    short = decode_ops.short_query_rows(4, wide=True)  # the other sequences hold more than a row each
+    short = decode_ops.short_query_rows(4, wide)
     lens = [(300, 1100), (short, 200), (short + 1, 90), (1, 700), (3, 0), (129, 2049), (64, 64)]
-    assert decode_ops.multi_row_others(sum(nq for nq, _ in lens), len(lens), 300)
+    if not wide:
+        lens += [(0, 1)] * (sum(nq for nq, _ in lens) - 300)
+    assert decode_ops.multi_row_others(sum(nq for nq, _ in lens), len(lens), 300) == wide
     q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.bfloat16, 16, d=d, seed=11)
     out, lse, _ = _run(q, k_cache, v_cache, cu_q, cu_k, table, lens, causal=True)
     assert calls == [1]

@@ -294,21 +294,61 @@ def test_paged_tile_list_holds_the_long_sequences_tiles():
     assert bound == 0 and tiles.tolist() == [0]
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_paged_varlen_split_kernel_takes_the_short_sequences_of_a_mixed_step(num_splits):
-    """The split-KV half of a mixed step (ops.decode._decode with a short max_seqlen_q and split outputs by
-    sequence): the sequences of at most that many rows (here 3) match the reference, with their key splits
-    combined; the longer sequences' rows are the tiles' (not checked here)."""
-    from ioattn.ops.decode import _decode
+# The split-KV half of mixed steps: (lens, nheads, nheads_k, the rule's wide answer, its short rows).
+MIXED_SPLIT_CASES = {
+    "group-1-wide-32-33": ([(70, 80), (32, 40), (33, 50), (1, 20), (0, 9), (5, 3)], 2, 2, True, 32),
+    "group-4-wide-8-9": ([(70, 80), (8, 40), (9, 50), (1, 20), (0, 9), (3, 0)], 8, 2, True, 8),
+    "group-64-wide-1": ([(70, 80), (1, 40), (2, 50), (1, 20)], 64, 1, True, 1),
+    "group-1-narrow-16-17": ([(70, 80), (16, 30), (17, 30), (1, 10)] + [(0, 5)] * 31, 2, 2, False, 16),
+}
 
-    lens = [(1, 40), (9, 50), (3, 33), (1, 20), (4, 12), (2, 5)]
-    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, 8, 2, torch.float16, 16, seed=9)
-    out, lse = _decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None, 0,
-                       HEADDIM ** -0.5, -1, 0, 0.0, True, False, num_splits, cu_seqlens_q=cu_q, max_seqlen_q=3,
-                       by_seq=True)
-    keep = [b for b, (nq, _) in enumerate(lens) if nq <= 3]
-    rows = torch.cat([torch.arange(cu_q[b].item(), cu_q[b + 1].item()) for b in keep]).to(DEVICE)
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("name", MIXED_SPLIT_CASES)
+def test_paged_varlen_split_kernel_takes_the_short_sequences_of_a_mixed_step(name, num_splits, monkeypatch):
+    """The split-KV half of a mixed step (``ops.decode._decode`` at the rule's short rows, split outputs by
+    sequence), at the wide and the narrow limit: the sequences of at most ``short`` rows (one of exactly that
+    many) match the reference, with their key splits combined; the rows of the longer ones (one of short + 1)
+    are left as they were (the tiles' to write), and the tile list holds exactly those sequences' query blocks."""
+    from ioattn.kernels.decode_gluon import paged_tile_list
+    from ioattn.ops import decode as decode_ops
+
+    lens, nheads, nheads_k, wide, short = MIXED_SPLIT_CASES[name]
+    total, batch, max_q = sum(nq for nq, _ in lens), len(lens), max(nq for nq, _ in lens)
+    assert decode_ops.paged_varlen_route(total, batch, max_q) == "mixed"
+    assert decode_ops.multi_row_others(total, batch, max_q) == wide
+    assert decode_ops.short_query_rows(nheads // nheads_k, wide) == short
+    marker = 12345.0
+    real = decode_ops._decode_buffers
+
+    def marked(*args):
+        out, lse, out_part, lse_part = real(*args)
+        out.fill_(marker)
+        lse.fill_(marker)
+        return out, lse, out_part, lse_part
+
+    monkeypatch.setattr(decode_ops, "_decode_buffers", marked)
+    q, k_cache, v_cache, cu_q, cu_k, table, seqs = _inputs(lens, nheads, nheads_k, torch.float16, 16, seed=3)
+    out, lse = decode_ops._decode(q, k_cache, v_cache, cu_k[1:] - cu_k[:-1], table, None, None, None, None, 0,
+                                  HEADDIM ** -0.5, -1, 0, 0.0, True, False, num_splits, cu_seqlens_q=cu_q,
+                                  max_seqlen_q=short, by_seq=True)
+    firsts = cu_q.tolist()
+
+    def rows_of(seqs_b):
+        return torch.cat([torch.arange(firsts[b], firsts[b + 1]) for b in seqs_b]).to(DEVICE)
+
+    keep = [b for b, (nq, _) in enumerate(lens) if 0 < nq <= short]
+    assert any(lens[b][0] == short for b in keep)
+    rows = rows_of(keep)
     _check(out[rows], lse[:, rows], [seqs[b] for b in keep], torch.float16, causal=True)
+    longer = [b for b, (nq, _) in enumerate(lens) if nq > short]
+    assert any(lens[b][0] == short + 1 for b in longer) or short == 1
+    rows = rows_of(longer)
+    assert (out[rows] == marker).all() and (lse[:, rows] == marker).all()
+    tiles, _ = paged_tile_list(cu_q, total, max_q, short, 128)
+    num_m = -(-max_q // 128)
+    listed = tiles[1:1 + tiles[0].item()].tolist()
+    assert sorted(listed) == sorted(b * num_m + j for b in longer for j in range(-(-lens[b][0] // 128)))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

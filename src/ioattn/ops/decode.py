@@ -54,11 +54,12 @@ MAX_SPLITS = 64
 # step of one sequence on the tiles alone; any other step on both, "mixed": the sequences of at most
 # ``short_query_rows`` rows on the split-KV kernel (their key splits sized for them alone), the rest on the tiles.
 PAGED_PREFILL_MIN_ROWS = 64
-# Packed rows (GQA group x query rows) a sequence has at most to take the split-KV half of a mixed step, which
-# are also that half's tile rows (BLOCK_M): 16, decode rows' tile, where every sequence but the longest has one
-# row; 32 where some have more (verification rows, short chunks), which keeps 32 packed rows off the tiles (2.2x
-# on prefill 512 + verify 32 x 8 rows, GQA 4) for +2-3% on decode rows (a 32-row tile: notebook, "how many
-# packed rows the split-KV half of a mixed step takes").
+# Packed rows (GQA group x query rows) a sequence has at most to take the split-KV half of a mixed step, which set
+# that half's tile (BLOCK_M, the next power of two): 16, decode rows' tile, where the sequences beside the longest
+# hold no more rows than their count (a prefill beside decode rows); else 32 (verification rows, short chunks, or
+# several prefills beside decode rows), which keeps 32 packed rows off the tiles (2.1x on prefill 512 + verify
+# 32 x 8 rows, GQA 4) for +2-3% on decode rows in a 32-row tile (notebook, "how many packed rows the split-KV half
+# of a mixed step takes"). Plans do not key on these two: code that changes them turns plans off.
 SHORT_PACKED_ROWS = 16
 WIDE_PACKED_ROWS = 32
 
