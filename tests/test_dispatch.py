@@ -1,5 +1,7 @@
 """Plain eager calls run the launchers directly; anything that must see the custom ops still does."""
 
+import types
+
 import torch
 from conftest import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -170,5 +172,14 @@ def test_plan_helpers():
     assert fastlaunch.recorded((made[0], (b, (5,), {}, "build b", (7,)))) is None
     launches = fastlaunch.recorded(made)
     assert fastlaunch.replayable(launches)
+    # PlanTable.ready: a plan under the key, aligned tensors and every launcher on the direct path
+    table = fastlaunch.PlanTable("IOATTN_TEST_PLANS_UNUSED")
+    plan = types.SimpleNamespace(launches=launches)
+    table.put(("k",), plan)
+    assert table.ready(("k",), (buf, None)) is plan
+    assert table.ready(None, (buf,)) is None and table.ready(("other",), (buf,)) is None
+    assert table.ready(("k",), (buf[1:],)) is None
     b.direct = False
     assert not fastlaunch.replayable(launches)
+    assert table.ready(("k",), (buf,)) is None
+    fastlaunch._TABLES.remove(table)

@@ -28,7 +28,6 @@ import os
 from typing import NamedTuple
 
 import torch
-from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -51,7 +50,7 @@ from .common import (
     seq_bounds,
     tanh,
 )
-from .fastlaunch import Launcher, PlanTable, TmaDesc, aligned, cdiv, int_spec, raw_stream
+from .fastlaunch import Launcher, PlanTable, TmaDesc, aligned, cdiv, int_spec, raw_stream, runtime_key
 
 LOG2E = 1.4426950408889634
 
@@ -1582,7 +1581,7 @@ def forward_plan_key(q, k, v, softmax_scale: float, window_size, softcap: float,
     a call (``gluon_forward_planned``)."""
     if not (_FWD_PLANS.active() and _FWD_PLANS.sighted((q.shape, k.shape)) and gluon_enabled_on(q)):
         return None
-    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+    return (*runtime_key(),
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
             k.device, v.device, softmax_scale, tuple(window_size), softcap, dropout_p > 0,
             int_spec(seed) if dropout_p > 0 else None, _CONFIGS.get(q.shape[-1]), _num_sms(q.device))

@@ -100,6 +100,15 @@ class PlanTable:
     def get(self, key: tuple) -> Any:
         return self.plans.get(key)
 
+    def ready(self, key: tuple | None, tensors: tuple) -> Any:
+        """The plan under ``key`` if it can launch now, else None: one was recorded, ``tensors`` (every pointer
+        the plan passes that the call brings) are 16-byte aligned, as Triton specialised them, and every launch
+        it replays (``plan.launches``, as ``recorded`` returns them) takes the direct path (no launch hooks)."""
+        plan = None if key is None else self.plans.get(key)
+        if plan is None or not aligned(*tensors) or not replayable(plan.launches):
+            return None
+        return plan
+
     def put(self, key: tuple, plan: Any) -> None:
         if key not in self.plans and len(self.plans) >= self.size:
             self.plans.clear()
@@ -279,13 +288,18 @@ class Launcher:
         return kernel
 
 
-def _launch_key(args, constexprs, device: int | None = None) -> tuple:
-    """What ``Launcher`` keys its compiled kernels by: the device, Triton's debug and instrumentation knobs
-    (its options take them, JITFunction.run), the constexprs and each argument's specialisation."""
+def runtime_key(device: int | None = None) -> tuple:
+    """The head of every launch and plan key: the device (the current one by default) and Triton's debug and
+    instrumentation knobs, which its compile options take (JITFunction.run)."""
     if device is None:
         device = torch.cuda.current_device()
-    return (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, tuple(constexprs.items()),
-            arg_specs(args))
+    return device, knobs.runtime.debug, knobs.compilation.instrumentation_mode
+
+
+def _launch_key(args, constexprs, device: int | None = None) -> tuple:
+    """What ``Launcher`` keys its compiled kernels by: ``runtime_key``, the constexprs and each argument's
+    specialisation."""
+    return (*runtime_key(device), tuple(constexprs.items()), arg_specs(args))
 
 
 def int_spec(value: int) -> Any:

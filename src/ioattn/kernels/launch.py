@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
-from triton import knobs
 
 from ..backend import interpreting
 from . import attn_bwd_gluon
@@ -24,7 +23,16 @@ from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preproc
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
 from .attn_fwd_gluon import device_capability, gluon_enabled_on
-from .fastlaunch import Launcher, PlanTable, TmaDesc, aligned, cdiv, int_spec, next_power_of_2, recorded, replayable
+from .fastlaunch import (
+    Launcher,
+    PlanTable,
+    TmaDesc,
+    cdiv,
+    int_spec,
+    next_power_of_2,
+    recorded,
+    runtime_key,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -429,7 +437,7 @@ def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tupl
             or not _BWD_PLANS.sighted((q.shape, k.shape)) or not gluon_enabled_on(q)):
         return None
     dropout = prob.dropout_p > 0
-    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+    return (*runtime_key(),
             dout.shape, dout.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
             out.shape, out.stride(), lse.shape, lse.stride(), dout.dtype, q.dtype, k.dtype, v.dtype, out.dtype,
             lse.dtype, dout.device, q.device, k.device, v.device, out.device, lse.device, prob.softmax_scale,
@@ -463,10 +471,8 @@ def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob
     """(dq, dk, dv) of a dense backward through the plan earlier backwards with the same ``plan_key``
     (``backward_plan_key``) left, or None where there is none or it does not apply now (unaligned data, launch
     hooks). The key holds every tensor's device and ``IOATTN_GLUON_BWD``, and is None with the Gluon path off."""
-    plan = None if plan_key is None else _BWD_PLANS.get(plan_key)
-    if plan is None or not aligned(q, k, v, dout, out, lse):
-        return None
-    if not replayable(plan.launches):
+    plan = _BWD_PLANS.ready(plan_key, (q, k, v, dout, out, lse))
+    if plan is None:
         return None
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -11,7 +11,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-from triton import knobs
 
 from ..backend import select_backend
 from ..chunked_kvcache import kv_write_torch, kvcache_attention_torch, paged_varlen_attention_torch
@@ -39,7 +38,7 @@ from ..kernels.fastlaunch import (
     cdiv,
     next_power_of_2,
     recorded,
-    replayable,
+    runtime_key,
 )
 from ._dispatch import EagerOp
 
@@ -333,7 +332,7 @@ def _decode_plan_key(tensors: tuple, *scalars) -> tuple | None:
     q, k_cache = tensors[0], tensors[1]
     if not (_DECODE_PLANS.active() and q.is_cuda and _DECODE_PLANS.sighted((q.shape, k_cache.shape))):
         return None
-    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+    return (*runtime_key(),
             *map(_describe, tensors), *scalars, gluon_enabled_on(q), GLUON_CONFIG, _sm_count(q.device),
             decode_gluon._num_sms(q.device))
 
@@ -341,8 +340,8 @@ def _decode_plan_key(tensors: tuple, *scalars) -> tuple | None:
 def _decode_planned(key: tuple, tensors: tuple):
     """(out, lse) through the plan an earlier call with ``key`` left, or None where there is none or it does
     not apply now (unaligned data, launch hooks)."""
-    plan = _DECODE_PLANS.get(key)
-    if plan is None or not aligned(*tensors) or not replayable(plan.launches):
+    plan = _DECODE_PLANS.ready(key, tensors)
+    if plan is None:
         return None
     (launcher, entry, grid, build), *combine = plan.launches
     q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin = tensors
@@ -487,15 +486,15 @@ def _paged_plan_key(tensors: tuple, scalars: tuple) -> tuple | None:
     if not (_PAGED_PLANS.active() and q.is_cuda
             and _PAGED_PLANS.sighted((q.shape, k_cache.shape, cu_seqlens_q.shape, scalars[0]))):
         return None
-    return (torch.cuda.current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+    return (*runtime_key(),
             *map(_describe, tensors), *scalars, gluon_enabled_on(q), decode_gluon.PAGED_CONFIGS.get(q.shape[-1]),
             _sm_count(q.device), decode_gluon._num_sms(q.device))
 
 
 def _paged_planned(key: tuple, tensors: tuple):
     """(out, lse) through the plan an earlier paged varlen call with ``key`` left, or None (as ``_decode_planned``)."""
-    plan = _PAGED_PLANS.get(key)
-    if plan is None or not aligned(*tensors) or not replayable(plan.launches):
+    plan = _PAGED_PLANS.ready(key, tensors)
+    if plan is None:
         return None
     q = tensors[0]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
