@@ -174,12 +174,14 @@ def test_plan_helpers():
     assert fastlaunch.replayable(launches)
     # PlanTable.ready: a plan under the key, aligned tensors and every launcher on the direct path
     table = fastlaunch.PlanTable("IOATTN_TEST_PLANS_UNUSED")
-    plan = types.SimpleNamespace(launches=launches)
-    table.put(("k",), plan)
-    assert table.ready(("k",), (buf, None)) is plan
-    assert table.ready(None, (buf,)) is None and table.ready(("other",), (buf,)) is None
-    assert table.ready(("k",), (buf[1:],)) is None
-    b.direct = False
-    assert not fastlaunch.replayable(launches)
-    assert table.ready(("k",), (buf,)) is None
-    fastlaunch._TABLES.remove(table)
+    try:
+        plan = types.SimpleNamespace(launches=launches)
+        table.put(("k",), plan)
+        assert table.ready(("k",), (buf, None)) is plan
+        assert table.ready(None, (buf,)) is None and table.ready(("other",), (buf,)) is None
+        assert table.ready(("k",), (buf[1:],)) is None
+        b.direct = False
+        assert not fastlaunch.replayable(launches)
+        assert table.ready(("k",), (buf,)) is None
+    finally:
+        fastlaunch._TABLES.remove(table)
