@@ -29,22 +29,27 @@ from ioattn.kernels import attn_bwd_gluon, attn_fwd_gluon, fastlaunch
 
 
 @contextlib.contextmanager
-def _installed(direction: str, d: int, cfg, maxnreg: int = 0):
+def _installed(direction: str, d: int, cfg, maxnreg: int = 0, programs: int = 0):
     """The config the public API takes for head dim d while the block runs; ``maxnreg`` (forward): the
     one-warpgroup kernel compiled with at most that many registers a thread (launched through Triton's own
-    path)."""
+    path); ``programs`` (forward): the persistent schedules' grid capped at that many programs (the SM count
+    the host reads, patched)."""
     if direction == "fwd":
         shipped = attn_fwd_gluon._CONFIGS[d]
         single = attn_fwd_gluon._launch_single
+        num_sms = attn_fwd_gluon._num_sms
         attn_fwd_gluon._CONFIGS[d] = cfg
         if maxnreg:
             attn_fwd_gluon._launch_single = lambda grid, *args, **flags: single.kernel[grid](
                 *fastlaunch._real(args), maxnreg=maxnreg, **flags)
+        if programs:
+            attn_fwd_gluon._num_sms = lambda device: min(num_sms(device), programs)
         try:
             yield
         finally:
             attn_fwd_gluon._CONFIGS[d] = shipped
             attn_fwd_gluon._launch_single = single
+            attn_fwd_gluon._num_sms = num_sms
     else:
         shipped = attn_bwd_gluon.select_config
         attn_bwd_gluon.select_config = lambda *_: cfg
@@ -105,15 +110,20 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     parse = (attn_fwd_gluon.FwdConfig if args.direction == "fwd" else attn_bwd_gluon.BwdConfig).parse
-    # a config text may end in "@N": the forward's one-warpgroup kernel capped at N registers a thread
-    configs = {int(d): [(parse(c.split("@")[0]), int(c.split("@")[1]) if "@" in c else 0) for c in cs.split("|")]
-               for d, cs in (x.split(":") for x in args.configs.split(";"))}
+    # a config text may end in "@N" (the forward's one-warpgroup kernel capped at N registers a thread) and
+    # in "#P" (the forward's persistent grid capped at P programs)
+    def variant(text):
+        text, _, programs = text.partition("#")
+        text, _, maxnreg = text.partition("@")
+        return parse(text), int(maxnreg or 0), int(programs or 0)
+
+    configs = {int(d): [variant(c) for c in cs.split("|")] for d, cs in (x.split(":") for x in args.configs.split(";"))}
     rows = []
     for cell in args.cells.split(","):
         d, feature, s = cell.split(":")
         d, s = int(d), int(s)
         cfgs = configs[d] + ([configs[d][0]] if args.control else [])
-        installs = [functools.partial(_installed, args.direction, d, cfg, maxnreg) for cfg, maxnreg in cfgs]
+        installs = [functools.partial(_installed, args.direction, d, *cfg) for cfg in cfgs]
         times, flops = time_variants(args.direction, d, feature, s, installs, args.rounds, args.rep)
         tf, ratios, text = summarize(times, flops)
         print(f"{args.direction} d={d:<3} {feature:<8} s={s:<5} {text}", flush=True)
