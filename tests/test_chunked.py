@@ -251,6 +251,35 @@ def test_public_functions_with_chunked_backend(monkeypatch):
     assert (out.view(b, s, h, d) - ref).abs().max() < 1e-5
 
 
+def test_default_chunks(monkeypatch):
+    """Calls that give no chunk sizes take ``default_chunks``: the paper's off the CPU; on a CPU (256, 512)
+    once eight or more rows (batch x query heads) share a tile, else (512, 1024); a size given is kept.
+    The interface's calls take them, and the result is the reference's."""
+    import ioattn.chunked as chunked_mod
+
+    assert chunked_mod.default_chunks(torch.device("cuda"), 64) == chunked_mod.PAPER_CHUNKS == (1024, 4096)
+    assert chunked_mod.default_chunks(torch.device("cpu"), 9) == (256, 512)
+    assert chunked_mod.default_chunks(torch.device("cpu"), 8) == (512, 1024)
+    specs = []
+    real = chunked_mod._ChunkedAttention.apply
+    monkeypatch.setattr(chunked_mod._ChunkedAttention, "apply",
+                        lambda *a: specs.append(a[-1]) or real(*a))
+    monkeypatch.setenv("IOATTN_BACKEND", "chunked")
+    q, k, v = make_qkv(2, 600, 600, 6, 2, 16, torch.float32, DEVICE)
+    auto = chunked_mod.default_chunks(q.device, 12)
+    out = ioattn.flash_attn_func(q, k, v, causal=True)
+    assert (specs[-1].query_chunk, specs[-1].key_chunk) == auto
+    ref, _ = attention_ref(q, k, v, causal=True)
+    assert (out - ref).abs().max() < 1e-5
+    chunked_attention(q, k, v, softmax_scale=0.25, causal=False, window_size=(-1, -1), softcap=0.0,
+                      alibi_slopes=None, dropout_p=0.0, key_chunk_size=100)
+    assert (specs[-1].query_chunk, specs[-1].key_chunk) == (auto[0], 100)
+    cu = make_cu_seqlens([600, 600], DEVICE)
+    flat = [t.reshape(1200, -1, 16) for t in (q, k, v)]
+    ioattn.flash_attn_varlen_func(*flat, cu, cu, 600, 600, causal=True)
+    assert (specs[-1].query_chunk, specs[-1].key_chunk) == chunked_mod.default_chunks(q.device, 6)
+
+
 def test_memory_efficient_attention_public():
     q, k, v = make_qkv(1, 50, 70, 6, 3, 40, torch.float32, DEVICE)
     slopes = make_alibi(1, 6, False, DEVICE)
