@@ -253,7 +253,7 @@ def test_public_functions_with_chunked_backend(monkeypatch):
 
 def test_default_chunks(monkeypatch):
     """Calls that give no chunk sizes take ``default_chunks``: the paper's off the CPU; on a CPU (256, 512)
-    once eight or more rows (batch x query heads) share a tile, else (512, 1024); a size given is kept.
+    once more than eight rows (batch x query heads) share a tile, else (512, 1024); a size given is kept.
     The interface's calls take them, and the result is the reference's."""
     import ioattn.chunked as chunked_mod
 

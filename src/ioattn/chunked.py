@@ -53,7 +53,7 @@ PAPER_CHUNKS = (1024, 4096)
 def default_chunks(device: torch.device, rows: int) -> tuple[int, int]:
     """(query_chunk, key_chunk) for a call that gives none; ``rows`` = batch x query heads, the tiles every
     chunk pair stacks. Off the CPU the paper's sizes. On a CPU (2-core host, float32 and bfloat16, head dims
-    64 and 128, 512 to 16k tokens, against the paper's sizes): (256, 512) where eight or more rows share a
+    64 and 128, 512 to 16k tokens, against the paper's sizes): (256, 512) where more than eight rows share a
     tile, else (512, 1024); forward 1.0-1.5x non-causal and up to 2.0x causal, forward + backward 1.0-1.3x and
     1.1-1.9x (benchmarks/NOTES.md, "the chunked path's tiles on a CPU")."""
     if device.type != "cpu":
