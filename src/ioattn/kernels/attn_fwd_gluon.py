@@ -436,8 +436,9 @@ def attn_fwd_gluon_kernel(
         # other 64-row tile under a causal mask with 128-key blocks, a ragged sequence end) takes half-width
         # products (``_half_block``); its loads stay whole. Not with dropout (its mask's second instance takes the
         # build from 168 to 226 registers: two programs an SM instead of three), ALiBi (154 -> 168, the most
-        # three programs an SM allow; -1.3% at 2k with no half block to take) or the held max.
-        HALF_LAST: gl.constexpr = not (FIXED_MAX or DROPOUT or HAS_ALIBI) and BLOCK_N >= 64
+        # three programs an SM allow; -1.3% at 2k with no half block to take) or the held max. Two stages at
+        # least: with one, the last block's V is loaded by the iteration the half block replaces.
+        HALF_LAST: gl.constexpr = not (FIXED_MAX or DROPOUT or HAS_ALIBI) and BLOCK_N >= 64 and NUM_STAGES >= 2
         last_half = HALF_LAST and n_blocks > 0 and hi - (lo + (n_blocks - 1) * BLOCK_N) <= BLOCK_N // 2
         for j in range(n_blocks - last_half.to(gl.int32)):
             stage = j % NUM_STAGES
