@@ -180,6 +180,13 @@ def test_plan_helpers():
         assert table.ready(("k",), (buf, None)) is plan
         assert table.ready(None, (buf,)) is None and table.ready(("other",), (buf,)) is None
         assert table.ready(("k",), (buf[1:],)) is None
+        # PlanTable.keep: records only with a key, aligned tensors and every launch compiled
+        table.keep(("kept",), (buf,), made, lambda launches: ("plan", launches))
+        assert table.get(("kept",)) == ("plan", launches)
+        table.keep(("odd",), (buf[1:],), made, lambda launches: ("plan", launches))
+        table.keep(None, (buf,), made, lambda launches: ("plan", launches))
+        table.keep(("none",), (buf,), (made[0], (b, (5,), {}, "build b", (7,))), lambda launches: ("plan", launches))
+        assert table.get(("odd",)) is None and table.get(("none",)) is None and len(table) == 2
         b.direct = False
         assert not fastlaunch.replayable(launches)
         assert table.ready(("k",), (buf,)) is None

@@ -34,10 +34,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..chunked import chunked_attention
+from ..chunked import PAPER_CHUNKS, chunked_attention
 
 METHODS = ("standard", "chunked", "sdpa")
-QUERY_CHUNK, KEY_CHUNK = 1024, 4096  # the paper's chunk sizes
+QUERY_CHUNK, KEY_CHUNK = PAPER_CHUNKS
 
 
 @contextlib.contextmanager

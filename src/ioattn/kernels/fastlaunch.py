@@ -109,6 +109,17 @@ class PlanTable:
             return None
         return plan
 
+    def keep(self, key: tuple | None, tensors: tuple, made, plan) -> None:
+        """Records a plan under ``key`` (None: none) from the launches a whole path just made (``made``, as
+        ``recorded`` takes them) where ``tensors`` are 16-byte aligned, so the compiled entries are the ones
+        aligned calls take, and every launcher found its compiled kernel; ``plan`` makes the plan from the
+        recorded launches."""
+        if key is None or not aligned(*tensors):
+            return
+        launches = recorded(made)
+        if launches is not None:
+            self.put(key, plan(launches))
+
     def put(self, key: tuple, plan: Any) -> None:
         if key not in self.plans and len(self.plans) >= self.size:
             self.plans.clear()

@@ -34,10 +34,8 @@ from ..kernels.fastlaunch import (
     Launcher,
     PlanTable,
     Recording,
-    aligned,
     cdiv,
     next_power_of_2,
-    recorded,
     runtime_key,
 )
 from ._dispatch import EagerOp
@@ -257,10 +255,9 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
             record.add(*combine[:3], lambda e, b=combine[3], cu=by_seq: b(
                 e.out_part, e.lse_part, e.out, e.lse, e.cu_seqlens_q if cu else None), combine[4])
             record.buffers["parts"] = (out_part.shape, lse_part.shape)
-    if plan_key is not None and aligned(*tensors):
-        launches = recorded(((launcher, grid, flags, build_all, args), *(() if combine is None else (combine,))))
-        if launches is not None:
-            _DECODE_PLANS.put(plan_key, _DecodePlan(launches, num_splits))
+    if plan_key is not None:
+        made = ((launcher, grid, flags, build_all, args), *(() if combine is None else (combine,)))
+        _DECODE_PLANS.keep(plan_key, tensors, made, lambda launches: _DecodePlan(launches, num_splits))
     return out, lse
 
 
@@ -456,10 +453,9 @@ def _paged_varlen_attention(
             gluon_paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes,
                                 max_seqlen_q, softmax_scale, window_left, window_right, softcap, short_rows=short,
                                 out=out, lse=lse, record=record)
-    if record is not None and aligned(*tensors):
-        launches = recorded(record.launches)
-        if launches is not None:
-            _PAGED_PLANS.put(key, _PagedPlan(launches, record.buffers.get("parts"), record.buffers.get("tile_list", 0)))
+    if record is not None:
+        _PAGED_PLANS.keep(key, tensors, record.launches, lambda launches: _PagedPlan(
+            launches, record.buffers.get("parts"), record.buffers.get("tile_list", 0)))
     return out, lse
 
 
