@@ -691,6 +691,52 @@ def test_paired(case, config, sms, monkeypatch):
     assert launched == [expected]
 
 
+# Bands, causal diagonals and ragged ends on the unchained d = 128 tiles (the dynamic schedule, varlen), with
+# 128-row tiles over 128-key blocks: a (512, 512) band leaves the second half of a tile's last block to its
+# second consumer's rows only and the first half of its first block to its first consumer's; a (448, 448)
+# band leaves a half of the first and of the last block with no allowed key for one consumer; a causal
+# diagonal (sq <= sk under 8 query tiles, or sq > sk) halves the first consumer's last block; ragged ends
+# of 1-64 keys past a block boundary.
+BAND_CASES = [
+    {"seqlens": (2048, 2048), "window_size": (512, 512)}, {"seqlens": (1024, 1024), "window_size": (448, 448)},
+    {"seqlens": (1000, 1100), "window_size": (200, 70)}, {"seqlens": (700, 700), "causal": True},
+    {"seqlens": (2000, 300), "causal": True}, {"seqlens": (600, 1030), "window_size": (-1, 3)},
+    {"seqlens": (1024, 1024), "window_size": (64, 64)}, {"seqlens": (1030, 1030), "window_size": (1, 0)},
+    {"seqlens": (900, 900), "window_size": (300, 300), "alibi": True},
+    {"seqlens": (900, 900), "window_size": (300, 300), "alibi": True, "softcap": 20.0},
+    {"seqlens": (800, 800), "window_size": (250, 250), "softcap": 50.0},
+    {"seqlens": (900, 900), "window_size": (300, 300), "dropout": 0.15},
+]
+
+
+@pytest.mark.parametrize("case", BAND_CASES, ids=str)
+def test_band_edges(case):
+    """The shipped d = 128 config on band edges (halves of the first and last key block that none of a
+    consumer's rows allows), causal diagonals and ragged ends, against the reference; with ALiBi, online
+    softcap (> 40 or with ALiBi) and dropout."""
+    case = dict(case)
+    torch.manual_seed(sum(case["seqlens"]) + 13)
+    batch, nheads = 2, 4
+    q, k, v = _qkv(batch, *case.pop("seqlens"), nheads, 2, 128, torch.bfloat16)
+    if case.pop("alibi", False):
+        case["alibi_slopes"] = torch.rand(batch, nheads, device="cuda") * 0.3 + 0.01
+    p = case.pop("dropout", 0.0)
+    if p:
+        window = _window(case.pop("causal", False), case.pop("window_size", None))
+        _check_dropout(q, k, v, p, 2**33 + 13, window, **case)
+    else:
+        _check(q, k, v, **case)
+
+
+@pytest.mark.parametrize("lens", [([1030, 190, 64, 129, 1], [1030, 190, 64, 129, 1]),
+                                  ([700, 300, 65], [1100, 1000, 65])], ids=str)
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window_size": (448, 448)}], ids=str)
+def test_band_edges_varlen(lens, opts):
+    """Varlen tiles (the shipped d = 128 config) whose sequences end 1-64 keys past a key block, under a
+    causal mask and a (448, 448) band."""
+    test_varlen(lens, opts, 128, None)
+
+
 # Plans: a dense forward records one (``gluon_forward``); the next call like it launches through it
 # (``gluon_forward_planned``, which the op's forward tries first). Shapes of every launch kind: the
 # one-warpgroup kernel (d = 64), the persistent chained one with the bulk store (d = 128), paired and dynamic
