@@ -331,8 +331,20 @@ def attn_fwd_gluon_kernel(
     if start_m >= seqlen_q:
         return
     diag = seqlen_k - seqlen_q  # bottom-right alignment: row i sits at key position i + diag
+    # HALF_LAST (the non-overlapped loop): a last block whose allowed keys all sit in its first half (the
+    # diagonal block of every other 64-row tile under a causal mask with 128-key blocks, a band's end, a ragged
+    # sequence end) takes half-width products (``_half_block``); its loads stay whole. Not with dropout (its
+    # mask's second instance takes the build from 168 to 226 registers: two programs an SM instead of three),
+    # ALiBi (154 -> 168, the most three programs an SM allow; -1.3% at 2k with no half block to take) or the
+    # held max. Two stages at least: with one, the last block's V is loaded by the iteration the half block
+    # replaces. With it, a left window's blocks start at a multiple of BLOCK_N / 2, not of BLOCK_N (TMA loads
+    # any row): a tile whose first allowed key lies in the second half of a block starts there, and the band's
+    # last block, shorter by that half, is a half block more often.
+    HALF_LAST: gl.constexpr = (not (SOFTCAP == 2 or DROPOUT or HAS_ALIBI or OVERLAP) and BLOCK_N >= 64
+                               and NUM_STAGES >= 2)
     lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                               BLOCK_N // 2 if HALF_LAST else 0)
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)
     kv_row = kv_row + lo
     k_col = hk * stride_kh
@@ -432,13 +444,6 @@ def attn_fwd_gluon_kernel(
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
     else:
-        # HALF_LAST: a last block whose allowed keys all sit in its first half (the diagonal block of every
-        # other 64-row tile under a causal mask with 128-key blocks, a ragged sequence end) takes half-width
-        # products (``_half_block``); its loads stay whole. Not with dropout (its mask's second instance takes the
-        # build from 168 to 226 registers: two programs an SM instead of three), ALiBi (154 -> 168, the most
-        # three programs an SM allow; -1.3% at 2k with no half block to take) or the held max. Two stages at
-        # least: with one, the last block's V is loaded by the iteration the half block replaces.
-        HALF_LAST: gl.constexpr = not (FIXED_MAX or DROPOUT or HAS_ALIBI) and BLOCK_N >= 64 and NUM_STAGES >= 2
         last_half = HALF_LAST and n_blocks > 0 and hi - (lo + (n_blocks - 1) * BLOCK_N) <= BLOCK_N // 2
         for j in range(n_blocks - last_half.to(gl.int32)):
             stage = j % NUM_STAGES

@@ -196,12 +196,14 @@ def online_softmax_step(s, m_i, l_i):
 @triton.jit
 def kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, LO_ALIGN: tl.constexpr = 0):
     """Key blocks a query block [start_m, start_m + BLOCK_M) must visit, split in three ranges.
 
     Returns ``(lo, full_lo, full_hi, hi)``: [lo, full_lo) and [full_hi, hi) need masking, [full_lo,
     full_hi) holds only fully allowed blocks, and blocks outside [lo, hi) (above the causal diagonal,
-    outside the window) are skipped entirely. All starts are multiples of BLOCK_N from lo.
+    outside the window) are skipped entirely. All starts are multiples of BLOCK_N from lo; with a left
+    window lo is a multiple of BLOCK_N, or of ``LO_ALIGN`` where given (loads that take any row, TMA's: the
+    window's keys then fill fewer blocks).
     """
     diag = seqlen_k - seqlen_q
     lo = seqlen_k * 0  # a zero built from an argument: Gluon kernels call this too (no layout to give)
@@ -210,7 +212,8 @@ def kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
     last_full = seqlen_k  # keys below this are allowed by every row (and in range)
     if HAS_LEFT:
         lo = tl.maximum(start_m + diag - window_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
+        LO_STEP: tl.constexpr = BLOCK_N if LO_ALIGN == 0 else LO_ALIGN
+        lo = (lo // LO_STEP) * LO_STEP
         first_full = start_m + BLOCK_M - 1 + diag - window_left
     if HAS_RIGHT:
         hi = tl.minimum(start_m + BLOCK_M + diag + window_right, seqlen_k)
