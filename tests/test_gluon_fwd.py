@@ -691,7 +691,8 @@ def test_paired(case, config, sms, monkeypatch):
     assert launched == [expected]
 
 
-# Bands, causal diagonals and ragged ends on the unchained d = 128 tiles (the dynamic schedule, varlen), with
+# Bands, causal diagonals and ragged ends: at d = 64 on the one-warpgroup kernel's 64-row tiles, whose band
+# blocks start at a multiple of 64; at d = 128 on the unchained tiles (the dynamic schedule, varlen), with
 # 128-row tiles over 128-key blocks: a (512, 512) band leaves the second half of a tile's last block to its
 # second consumer's rows only and the first half of its first block to its first consumer's; a (448, 448)
 # band leaves a half of the first and of the last block with no allowed key for one consumer; a causal
@@ -733,10 +734,11 @@ def test_band_edges(case, d):
 @pytest.mark.parametrize("lens", [([1030, 190, 64, 129, 1], [1030, 190, 64, 129, 1]),
                                   ([700, 300, 65], [1100, 1000, 65])], ids=str)
 @pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window_size": (448, 448)}], ids=str)
-def test_band_edges_varlen(lens, opts):
-    """Varlen tiles (the shipped d = 128 config) whose sequences end 1-64 keys past a key block, under a
-    causal mask and a (448, 448) band."""
-    test_varlen(lens, opts, 128, None)
+@pytest.mark.parametrize("d", [64, 128])
+def test_band_edges_varlen(lens, opts, d):
+    """Varlen tiles (the shipped configs) whose sequences end 1-64 keys past a key block, under a causal mask
+    and a (448, 448) band (at d = 64 its blocks start at a multiple of 64 from each sequence's start)."""
+    test_varlen(lens, opts, d, None)
 
 
 # Plans: a dense forward records one (``gluon_forward``); the next call like it launches through it

@@ -300,7 +300,10 @@ def scale_tile(tile, scale):
     D: gl.constexpr = tile.type.shape[1]
     TPW_D: gl.constexpr = D // 8
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [gl.num_warps(), 1], [1, 0])
-    CH: gl.constexpr = 16
+    # A slice no shorter than the rows the layout covers: a shorter one would be held by several warps at
+    # once, each scaling the same elements (8 warps at d = 64 cover 32 rows).
+    CH: gl.constexpr = max(16, (32 // TPW_D) * gl.num_warps())
+    gl.static_assert(ROWS % CH == 0, "the tile's rows in whole slices")
     for c in gl.static_range(ROWS // CH):
         part = tile.slice(c * CH, CH)
         part.store((part.load(layout).to(gl.float32) * scale).to(tile.dtype))
