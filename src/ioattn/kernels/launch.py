@@ -30,7 +30,6 @@ from .fastlaunch import (
     cdiv,
     int_spec,
     next_power_of_2,
-    recorded,
     runtime_key,
 )
 
@@ -362,7 +361,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                               window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
                               dropout_p=prob.dropout_p, seed=seed, dq=dq, done=done)
         if plan_key is not None and zero_dq and alibi_slopes is None and not deterministic:
-            _record_bwd_plan(plan_key, (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made)
+            _record_bwd_plan(plan_key, (q, k, v, dout, out, lse),
+                             (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made)
         return (dq if fused else dq_acc.to(q.dtype)), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # The portable kernels' arguments (host time the Gluon path does not spend).
@@ -454,17 +454,16 @@ def _dq_table_entry(block_d: int, causal: bool) -> tuple:
     return _OVERRIDES.get(key), _CONFIGS.get(key)
 
 
-def _record_bwd_plan(key: tuple, pre: tuple, made: list) -> None:
-    """Keeps the launches ``attn_bwd`` just made for ``key`` where every launcher found a compiled kernel:
-    ``pre`` the delta preprocess's (launcher, grid, flags, build, arguments), ``made`` ``gluon_backward``'s."""
-    launches = recorded((pre, *((launch.launcher, launch.grid, launch.flags, launch.build, args)
-                                for launch, args in made)))
-    if launches is None:
-        return
+def _record_bwd_plan(key: tuple, tensors: tuple, pre: tuple, made: list) -> None:
+    """Keeps the launches ``attn_bwd`` just made for ``key`` (``PlanTable.keep``: ``tensors`` aligned, every
+    launcher found a compiled kernel): ``pre`` the delta preprocess's (launcher, grid, flags, build, arguments),
+    ``made`` ``gluon_backward``'s."""
     parts_shape = next((tuple(args[0].shape) for launch, args in made
                         if launch.launcher is attn_bwd_gluon._launch_tail_sum), None)
     fused = any(launch.launcher is attn_bwd_gluon._launch_dq_convert for launch, _ in made)
-    _BWD_PLANS.put(key, _BwdPlan(launches, parts_shape, fused))
+    _BWD_PLANS.keep(key, tensors, (pre, *((launch.launcher, launch.grid, launch.flags, launch.build, args)
+                                          for launch, args in made)),
+                    lambda launches: _BwdPlan(launches, parts_shape, fused))
 
 
 def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob: Problem, seed: int):
