@@ -15,6 +15,7 @@ variable-length queries over a paged cache (forward only), on the same split-KV 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,29 @@ import torch
 from . import validation as V
 
 __all__ = ["flash_attn_with_kvcache", "write_kv"]
+
+
+@functools.cache
+def _kv_ops():
+    """(kv_write, kvcache_attention, paged_varlen_attention): the custom ops of ``ioattn.ops.decode``, which run
+    the Triton kernels or, where ``ioattn.backend`` picks it, the chunked path; without Triton installed (that
+    module imports the kernels) the chunked path's functions themselves, on any device (``num_splits`` and
+    ``max_seqlen_q`` are kernel-only knobs)."""
+    try:
+        from .ops import decode
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("triton"):
+            raise
+        from . import chunked_kvcache as ck
+
+        def kvcache_attention(*args):
+            return ck.kvcache_attention_torch(*args[:-1])
+
+        def paged_varlen_attention(*args):
+            return ck.paged_varlen_attention_torch(*args[:7], *args[8:12])
+
+        return ck.kv_write_torch, kvcache_attention, paged_varlen_attention
+    return decode.kv_write, decode.kvcache_attention, decode.paged_varlen_attention
 
 
 def _check_index(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype,
@@ -230,7 +254,7 @@ def flash_attn_with_kvcache(
         raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
     rotary_per_row = left >= 0 or right >= 0
-    from .ops.decode import kv_write, kvcache_attention
+    kv_write, kvcache_attention, _ = _kv_ops()
 
     if k is not None:
         kv_write(k, v, k_cache, v_cache, None, seqlens, block_table, cache_batch_idx,
@@ -280,7 +304,7 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
         right = 0
     V.check_alibi(alibi_slopes, batch, nheads, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    from .ops.decode import paged_varlen_attention as op
+    op = _kv_ops()[2]
 
     return op(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, alibi_slopes, int(max_seqlen_q), scale,
               left, right, float(softcap), 0)
@@ -319,6 +343,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         if int(slot_mapping.max()) >= slots:
             raise ValueError(f"slot_mapping entries must be < num_blocks * block_size ({slots}), "
                              f"got {int(slot_mapping.max())}")
-    from .ops.decode import kv_write
+    kv_write = _kv_ops()[0]
 
     kv_write(k, v, k_cache, v_cache, slot_mapping, None, None, None, None, None, True)
