@@ -60,6 +60,9 @@ def test_qkv_errors(mutate, exc, words):
         ({"dropout_p": 1.0}, ValueError, ["dropout_p", "1.0"]),
         ({"softcap": -1.0}, ValueError, ["softcap", "-1.0"]),
         ({"softmax_scale": 0.0}, ValueError, ["softmax_scale", "0.0"]),
+        ({"softcap": float("inf")}, ValueError, ["softcap", "finite", "inf"]),
+        ({"softcap": float("nan")}, ValueError, ["softcap", "nan"]),
+        ({"softmax_scale": float("inf")}, ValueError, ["softmax_scale", "finite", "inf"]),
         ({"alibi_slopes": torch.ones(3)}, ValueError, ["alibi_slopes", "(2,)", "(3,)"]),
         ({"alibi_slopes": torch.ones(2, dtype=torch.float64)}, TypeError, ["alibi_slopes.dtype", "float64"]),
     ],
@@ -166,3 +169,24 @@ def test_window_sides_capped():
     assert check_window([3, 2**31]) == (3, WINDOW_CAP)
     assert check_window((WINDOW_CAP, WINDOW_CAP - 1)) == (WINDOW_CAP, WINDOW_CAP - 1)
     assert WINDOW_CAP >= 2 * (1 << 28) and 3 * (1 << 28) + WINDOW_CAP < 1 << 31
+
+
+def test_kvcache_numpy_int_lengths_and_window_as_wide_as_the_cache(monkeypatch):
+    """cache_seqlens as a numpy integer is an int (a bool is not); a window side as wide as the cache capacity
+    bounds nothing and, as in flash-attn, leaves q's rotary at the cache length for every row (chunked path)."""
+    np = pytest.importorskip("numpy")
+    monkeypatch.setenv("IOATTN_BACKEND", "chunked")
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(1, 16, 1, 32), torch.randn(1, 16, 1, 32)
+    q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 4, 1, 32), torch.randn(1, 4, 1, 32)
+    angles = torch.rand(16, 16) * 6
+    run = lambda window, lens=3: ioattn.flash_attn_with_kvcache(  # noqa: E731
+        q, k_cache.clone(), v_cache.clone(), k, v, rotary_cos=angles.cos(), rotary_sin=angles.sin(),
+        cache_seqlens=lens, window_size=window)
+    plain = run((-1, -1))
+    for window in ((16, -1), (1000, 1000), (-1, 16)):
+        torch.testing.assert_close(run(window), plain, rtol=0, atol=0)
+    assert not torch.equal(run((15, -1)), plain)  # 15 < capacity: q rotated row by row
+    torch.testing.assert_close(run((-1, -1), np.int32(3)), plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        run((-1, -1), True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -136,9 +137,9 @@ def _check_cache_seqlens(cache_seqlens, batch: int, seqlen_new: int, capacity: i
                          device: torch.device) -> torch.Tensor:
     """The (batch,) int32 tensor of cache lengths before the append (an int or None becomes one)."""
     limit = capacity - seqlen_new
-    if cache_seqlens is None or isinstance(cache_seqlens, int):
-        n = limit if cache_seqlens is None else cache_seqlens
-        if isinstance(n, bool) or not 0 <= n <= limit:
+    if cache_seqlens is None or isinstance(cache_seqlens, numbers.Integral):  # ints, numpy's included
+        n = limit if cache_seqlens is None else int(cache_seqlens)
+        if isinstance(cache_seqlens, bool) or not 0 <= n <= limit:
             raise ValueError(f"cache_seqlens must be in [0, {limit}] (capacity {capacity} minus "
                              f"{seqlen_new} new tokens), got {cache_seqlens!r}")
         return torch.full((batch,), n, dtype=torch.int32, device=device)
@@ -246,6 +247,9 @@ def flash_attn_with_kvcache(
         _check_pages(block_table, seqlens + seqlen_new, k_cache.shape[1], k_cache.shape[0])
 
     left, right = V.check_window(window_size)
+    # As flash-attn's: a side as wide as the cache capacity or wider bounds nothing and is -1, so it does not
+    # turn on the per-row rotary of q below (the mask is the same either way).
+    left, right = (-1 if side >= capacity else side for side in (left, right))
     if causal:
         right = 0
     V.check_scalars(0.0, softcap, softmax_scale)

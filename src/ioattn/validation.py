@@ -3,6 +3,8 @@ argument, the expected and the actual value."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -55,10 +57,10 @@ def check_window(window_size: object) -> tuple[int, int]:
 def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive or None, got {softmax_scale}")
+    if not 0 <= softcap < math.inf:
+        raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap}")
+    if softmax_scale is not None and not 0 < softmax_scale < math.inf:
+        raise ValueError(f"softmax_scale must be positive and finite, or None, got {softmax_scale}")
 
 
 def check_qkv(
