@@ -15,6 +15,8 @@ SCRIPT = textwrap.dedent("""
     sys.modules["triton"] = None  # every import of triton (and of its submodules) fails
     import torch
     import ioattn
+    from ioattn.backend import select_backend
+    assert select_backend(torch.device("cuda")) == "chunked"  # reads only the device type
     from ioattn.reference import attention_ref as reference
 
     def attention_ref(*args, **kwargs):

@@ -63,6 +63,7 @@ def test_qkv_errors(mutate, exc, words):
         ({"softcap": float("inf")}, ValueError, ["softcap", "finite", "inf"]),
         ({"softcap": float("nan")}, ValueError, ["softcap", "nan"]),
         ({"softmax_scale": float("inf")}, ValueError, ["softmax_scale", "finite", "inf"]),
+        ({"softcap": 1e39}, ValueError, ["softcap", "fp32", "1e+39"]),
         ({"alibi_slopes": torch.ones(3)}, ValueError, ["alibi_slopes", "(2,)", "(3,)"]),
         ({"alibi_slopes": torch.ones(2, dtype=torch.float64)}, TypeError, ["alibi_slopes.dtype", "float64"]),
     ],
@@ -187,6 +188,15 @@ def test_kvcache_numpy_int_lengths_and_window_as_wide_as_the_cache(monkeypatch):
     for window in ((16, -1), (1000, 1000), (-1, 16)):
         torch.testing.assert_close(run(window), plain, rtol=0, atol=0)
     assert not torch.equal(run((15, -1)), plain)  # 15 < capacity: q rotated row by row
+    # The mask keeps a side as given: 40 queries over 16 keys put the first rows before key 0, and a right
+    # side of 16 (the capacity) leaves the first 8 rows without a key.
+    from ioattn.reference import attention_ref
+
+    q40 = torch.randn(1, 40, 1, 32)
+    out = ioattn.flash_attn_with_kvcache(q40, k_cache, v_cache, cache_seqlens=16, window_size=(-1, 16))
+    torch.testing.assert_close(out, attention_ref(q40, k_cache, v_cache, window_size=(-1, 16))[0].float(),
+                               rtol=1e-5, atol=1e-5)
+    assert (out[:, :8] == 0).all()
     torch.testing.assert_close(run((-1, -1), np.int32(3)), plain, rtol=0, atol=0)
     with pytest.raises(ValueError, match="cache_seqlens"):
         run((-1, -1), True)

@@ -22,6 +22,7 @@ import numbers
 import torch
 
 from . import validation as V
+from .backend import _triton_importable
 
 __all__ = ["flash_attn_with_kvcache", "write_kv"]
 
@@ -34,8 +35,8 @@ def _kv_ops():
     ``max_seqlen_q`` are kernel-only knobs)."""
     try:
         from .ops import decode
-    except ModuleNotFoundError as err:
-        if not (err.name or "").startswith("triton"):
+    except ModuleNotFoundError:
+        if _triton_importable():  # a Triton without what the kernels need: say so
             raise
         from . import chunked_kvcache as ck
 
@@ -247,9 +248,6 @@ def flash_attn_with_kvcache(
         _check_pages(block_table, seqlens + seqlen_new, k_cache.shape[1], k_cache.shape[0])
 
     left, right = V.check_window(window_size)
-    # As flash-attn's: a side as wide as the cache capacity or wider bounds nothing and is -1, so it does not
-    # turn on the per-row rotary of q below (the mask is the same either way).
-    left, right = (-1 if side >= capacity else side for side in (left, right))
     if causal:
         right = 0
     V.check_scalars(0.0, softcap, softmax_scale)
@@ -257,7 +255,10 @@ def flash_attn_with_kvcache(
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    rotary_per_row = left >= 0 or right >= 0
+    # q takes the rotary of each row's own position under a causal mask or a window, else the cache length's
+    # for every row; as in flash-attn, a window side as wide as the cache capacity or wider does not count as
+    # one (the mask keeps the side as given).
+    rotary_per_row = 0 <= left < capacity or 0 <= right < capacity
     kv_write, kvcache_attention, _ = _kv_ops()
 
     if k is not None:

@@ -3,12 +3,12 @@ argument, the expected and the actual value."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
+
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -57,10 +57,11 @@ def check_window(window_size: object) -> tuple[int, int]:
 def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not 0 <= softcap < math.inf:
-        raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap}")
-    if softmax_scale is not None and not 0 < softmax_scale < math.inf:
-        raise ValueError(f"softmax_scale must be positive and finite, or None, got {softmax_scale}")
+    # The kernels take both as fp32: past its largest finite value they would be inf there.
+    if not 0 <= softcap <= _FP32_MAX:
+        raise ValueError(f"softcap must be finite (in fp32) and >= 0 (0 = off), got {softcap}")
+    if softmax_scale is not None and not 0 < softmax_scale <= _FP32_MAX:
+        raise ValueError(f"softmax_scale must be positive and finite (in fp32), or None, got {softmax_scale}")
 
 
 def check_qkv(

@@ -67,25 +67,16 @@ def allowed(rows, cols, seqlen_k, diag, window_left, window_right,
 
 
 @triton.jit
-def biased_index(n):
-    """``n + 2^23`` as fp32, exactly for 0 <= n < 2^23: the int32 bits of 2^23 with n in the mantissa (one OR,
-    where ``n.to(float32)`` is a conversion at a quarter of the FP32 rate, the rate of the MUFU unit that
-    exp2 already keeps busy in the forward). Differences of two such values are exact integers."""
-    return (n | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
                   HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr):
     """ALiBi (``-slope * |i + diag - j|``) then masking to -inf where MASK says the tile may hold
     disallowed pairs. Tiles known to be fully allowed pass MASK=False and pay nothing."""
     if HAS_ALIBI:
-        # In fp32 (exact for positions below 2^23): an add with |.| and an FMA per element, where the integer
-        # form adds a quarter-rate conversion per element; the keys' offset by 2^23 without a conversion
-        # (``biased_index``), the rows' (a column of them, converted once) likewise.
-        pos = (rows + diag).to(tl.float32) + 8388608.0
-        s = s - alibi_slope2 * tl.abs(pos[:, None] - biased_index(cols)[None, :])
+        # In fp32 (exact below 2^24): an add with |.| and an FMA per element, where the integer form adds a
+        # quarter-rate conversion per element.
+        pos = (rows + diag).to(tl.float32)
+        s = s - alibi_slope2 * tl.abs(pos[:, None] - cols.to(tl.float32)[None, :])
     if MASK:
         ok = allowed(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(ok, s, float("-inf"))
