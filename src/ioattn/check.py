@@ -1,6 +1,8 @@
-"""``ioattn check``: every public function on a device against the float64 reference, with the tolerance
-rule of the test suite (ours within 2x of PyTorch's same-dtype error for outputs, 3x for gradients, plus
-a floor). Prints a table and returns non-zero if anything fails."""
+"""``ioattn check``: the public functions on a device against the float64 reference (dense, varlen and packed
+attention with gradients and dropout, the chunked path, KV-cache attention over contiguous and paged caches, and
+a paged serving step: ``write_kv`` and ``flash_attn_varlen_func`` with ``block_table``), with the tolerance rule
+of the test suite (ours within 2x of PyTorch's same-dtype error for outputs, 3x for gradients, plus a floor).
+Prints a table and returns non-zero if anything fails."""
 
 from __future__ import annotations
 
@@ -135,8 +137,51 @@ def case_kvcache(device, dtype):
             yield _compare(f"flash_attn_with_kvcache {label} len {n}", got[i:i + 1], *args)
 
 
+def case_paged_step(device, dtype):
+    """One serving step on a paged cache: a prefill chunk's and a decode row's new tokens written by slot
+    (``write_kv``), then their queries over their pages (``flash_attn_varlen_func`` with ``block_table``); and
+    new tokens appended to a contiguous cache by ``flash_attn_with_kvcache`` itself."""
+    from .kvcache import flash_attn_with_kvcache, write_kv
+
+    h, hk, d, block, nblk = 8, 2, 64, 16, 3
+    lens_k, new = [21, 40], [5, 1]  # keys after the step; tokens (and queries) of the step
+    b = len(lens_k)
+    table = torch.randperm(b * nblk, device=device).view(b, nblk).to(torch.int32)
+    paged_k = torch.randn(b * nblk, block, hk, d, device=device, dtype=dtype)
+    paged_v = torch.randn_like(paged_k)
+    k_new = torch.randn(sum(new), hk, d, device=device, dtype=dtype)
+    v_new = torch.randn_like(k_new)
+    pos = [p for i in range(b) for p in range(lens_k[i] - new[i], lens_k[i])]
+    seq = [i for i in range(b) for _ in range(new[i])]
+    slots = torch.tensor([int(table[i, p // block]) * block + p % block for i, p in zip(seq, pos, strict=True)],
+                         dtype=torch.int64, device=device)
+    write_kv(k_new, v_new, paged_k, paged_v, slots)
+    written = torch.equal(paged_k.view(-1, hk, d)[slots], k_new) and torch.equal(paged_v.view(-1, hk, d)[slots], v_new)
+    yield ToleranceResult("write_kv by slot mapping", 0.0 if written else math.inf, 0.0, 0.0)
+    q = torch.randn(sum(new), h, d, device=device, dtype=dtype)
+    cu_q, cu_k = make_cu_seqlens(new, device), make_cu_seqlens(lens_k, device)
+    out = api.flash_attn_varlen_func(q, paged_k, paged_v, cu_q, cu_k, max(new), max(lens_k), causal=True,
+                                     block_table=table)
+    for i in range(b):
+        keys = paged_k[table[i].long()].reshape(-1, hk, d)[None, :lens_k[i]]
+        vals = paged_v[table[i].long()].reshape(-1, hk, d)[None, :lens_k[i]]
+        rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        yield _compare(f"flash_attn_varlen_func block_table causal seq {i}", out[rows][None], q[rows][None],
+                       keys, vals, causal=True)
+    cache_k = torch.randn(b, 48, hk, d, device=device, dtype=dtype)
+    cache_v = torch.randn_like(cache_k)
+    qs = torch.randn(b, 3, h, d, device=device, dtype=dtype)
+    ks, vs = (torch.randn(b, 3, hk, d, device=device, dtype=dtype) for _ in range(2))
+    lens = torch.tensor([7, 30], dtype=torch.int32, device=device)
+    out = flash_attn_with_kvcache(qs, cache_k, cache_v, ks, vs, cache_seqlens=lens, causal=True)
+    for i in range(b):
+        n = int(lens[i]) + 3
+        yield _compare(f"flash_attn_with_kvcache append 3 causal seq {i}", out[i:i + 1], qs[i:i + 1],
+                       cache_k[i:i + 1, :n], cache_v[i:i + 1, :n], causal=True)
+
+
 CASES: list[Case] = [case_dense, case_grad, case_dropout, case_varlen, case_packed, case_memory_efficient,
-                     case_kvcache]
+                     case_kvcache, case_paged_step]
 
 
 def run_checks(device: str = "cpu") -> int:
