@@ -484,3 +484,13 @@ def test_window_wider_than_int32(window, same):
     want_grads = torch.autograd.grad(want, (q, k, v), dout)
     for g, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (9, 4), "softcap": 5.0, "alibi": "heads"}],
+                         ids=str)
+def test_bf16_portable_kernels(opts):
+    """bf16 through the portable kernels, forward and backward, GQA (on a CPU in Triton's interpreter, whose
+    tl.dot multiplies bf16 tiles wrongly: ``common.dot`` widens them to fp32 there)."""
+    torch.manual_seed(3)
+    q, k, v = _qkv(1, 37 * S, 45 * S, 2, 1, 32, torch.bfloat16)
+    check_against_ref(q, k, v, **with_alibi_slopes(opts, 1, 2))

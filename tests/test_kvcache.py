@@ -153,6 +153,13 @@ def test_decode_contiguous(dtype, group):
              block_size=0, num_splits=1)
 
 
+def test_decode_paged_bf16():
+    """bf16 decode over a paged cache with key splits: on a CPU the portable decode kernel in Triton's
+    interpreter, whose bf16 tiles ``common.dot`` widens to fp32 (its tl.dot multiplies them wrongly)."""
+    run_case(lens=[LONG, 1, 17], seqlen_q=1, nheads=4, nheads_k=1, dtype=torch.bfloat16, block_size=16,
+             num_splits=3)
+
+
 # Every block size and GQA ratio on CPU; their full product on the GPU.
 PAGED_CASES = ([(b, g) for b in (1, 16, 256) for g in (1, 4, 8)] if ON_GPU
                else [(1, 4), (16, 1), (16, 8), (256, 4)])

@@ -25,6 +25,7 @@ from .common import (
     apply_softcap,
     bias_and_mask,
     bias_and_mask_t,
+    dot,
     dropout_keep,
     dropout_keep_t,
     kv_block_range,
@@ -84,7 +85,7 @@ def _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, q
                        DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
     """Recomputes P (Alg. 2 line 13) and returns (dropped P for dV, dS w.r.t. the pre-softcap scaled
     scores) for one (query block, key block) tile; dS = P * (dP - delta) (Alg. 2 line 16)."""
-    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    qk = dot(q, kt, DOT_PRECISION)
     if SOFTCAP:
         s, t = apply_softcap(qk, qk_scale, softcap2, SOFTCAP, FAST_TANH)
     else:
@@ -94,7 +95,7 @@ def _probs_and_dscores(q, do, kt, vt, lse2, delta, rows, cols, seqlen_k, diag, q
         s = bias_and_mask(s, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
                           HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
     p = tl.math.exp2(s - lse2[:, None])
-    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    dp = dot(do, vt, DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p)
         scale = 1.0 / (1.0 - dropout_p)
@@ -145,7 +146,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
         lse2, delta = _row_stats(lse_base, delta_base, rows, seqlen_q)
-        qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
+        qkt = dot(k, qt, DOT_PRECISION)
         if SOFTCAP:
             st, tt = apply_softcap(qkt, qk_scale, softcap2, SOFTCAP, FAST_TANH)
         else:
@@ -155,7 +156,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             st = bias_and_mask_t(st, rows, cols, seqlen_k, diag, alibi_slope2, window_left, window_right,
                                  HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
         pt = tl.math.exp2(st - lse2[None, :])
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dpt = dot(v, tl.trans(do), DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep_t(seed, philox_base, rows, cols, philox_row_stride, dropout_p)
             scale = 1.0 / (1.0 - dropout_p)
@@ -163,16 +164,16 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             dpt = tl.where(keep, dpt * scale, 0.0)
         else:
             pt_drop = pt
-        dv += tl.dot(pt_drop.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dv += dot(pt_drop.to(do.dtype), do, DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+        dk += dot(dst.to(qt.dtype), tl.trans(qt), DOT_PRECISION)
         if FUSED_DQ:
             # FA2's single pass (Alg. 2 line 21): this key block's share of dQ = dS K, summed over key
             # blocks in an fp32 buffer. On sm_90 one bulk tensor reduce-add (TMA) per tile; rows past a
             # varlen sequence carry exact zeros (P = 0, dO = 0), so they may land on the next sequence.
-            dq_part = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+            dq_part = dot(tl.trans(dst).to(k.dtype), k, DOT_PRECISION) * softmax_scale
             if DQ_TMA:
                 dq_desc.atomic_add([dq_z, dq_row0 + start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
             else:
@@ -284,7 +285,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, 
                                    softcap2, alibi_slope2, window_left, window_right, seed, philox_base,
                                    philox_row_stride, dropout_p, MASK, SOFTCAP, HAS_ALIBI, HAS_LEFT,
                                    HAS_RIGHT, DROPOUT, DOT_PRECISION, FAST_TANH)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        dq += dot(ds.to(kt.dtype), tl.trans(kt), DOT_PRECISION)
         kt_ptrs += BLOCK_N * stride_ks
         vt_ptrs += BLOCK_N * stride_vs
     return dq

@@ -13,6 +13,7 @@ import triton.language as tl
 from .common import (
     apply_softcap,
     bias_and_mask,
+    dot,
     dropout_keep,
     kv_block_range,
     online_softmax_step,
@@ -41,7 +42,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi,
             kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        qk = dot(q, kt, DOT_PRECISION)
         # score_mod's steps, each called only when its flag is on (interpreter calls cost milliseconds).
         if SOFTCAP:
             s, _ = apply_softcap(qk, qk_scale, softcap2, SOFTCAP, DOT_PRECISION != "ieee")  # fast tanh: 16-bit
@@ -59,7 +60,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi,
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc += dot(p.to(v.dtype), v, DOT_PRECISION)
         kt_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, m_i, l_i

@@ -18,8 +18,22 @@ L2_SECTION_BYTES = 32 << 20
 # Inline PTX does not run in the interpreter: there ``tanh`` always takes the precise formula and Philox's
 # products take tl.umulhi and a wrapping multiply.
 _INLINE_PTX = tl.constexpr(not interpreting())
+# Triton 3.6's interpreter multiplies bf16 tiles wrongly in tl.dot (fp16 and fp32 are right): there ``dot``
+# widens bf16 operands to fp32 first.
+_BF16_DOT = tl.constexpr(not interpreting())
 # ioattn.dropout's Philox-4x32 rounds (FlashAttention-2's choice; Triton's default is ten).
 PHILOX_ROUNDS = tl.constexpr(7)
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """``tl.dot(a, b)`` (fp32 result) at ``PRECISION`` for fp32 operands; in the interpreter bf16 operands go
+    in as fp32 (``_BF16_DOT``), on a GPU this is tl.dot itself."""
+    if not _BF16_DOT and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ several splits ``combine.py`` merges them (Flash-Decoding's reduction), with one
 import triton
 import triton.language as tl
 
-from .common import online_softmax_step, score_mod
+from .common import dot, online_softmax_step, score_mod
 from .kv_write import rotary_load
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -61,11 +61,11 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, start, en
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        qk = dot(q, tl.trans(k), PRECISION)
         s = score_mod(qk, rows, cols, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left,
                       window_right, SOFTCAP, HAS_ALIBI, MASK, HAS_LEFT, HAS_RIGHT)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION)
     return acc, m_i, l_i
 
 
