@@ -15,12 +15,10 @@ from ..backend import interpreting
 # scheduler: 32 MB of the H100's / H200's 50 MB).
 L2_SECTION_BYTES = 32 << 20
 
-# Inline PTX does not run in the interpreter: there ``tanh`` always takes the precise formula and Philox's
-# products take tl.umulhi and a wrapping multiply.
-_INLINE_PTX = tl.constexpr(not interpreting())
-# Triton 3.6's interpreter multiplies bf16 tiles wrongly in tl.dot (fp16 and fp32 are right): there ``dot``
-# widens bf16 operands to fp32 first.
-_BF16_DOT = tl.constexpr(not interpreting())
+# Compiled kernels, not Triton's interpreter. In the interpreter inline PTX does not run (``tanh`` always takes
+# the precise formula, Philox's products tl.umulhi and a wrapping multiply), and Triton 3.6 multiplies bf16
+# tiles wrongly in tl.dot (fp16 and fp32 are right: ``dot`` widens bf16 operands to fp32 there).
+_COMPILED = tl.constexpr(not interpreting())
 # ioattn.dropout's Philox-4x32 rounds (FlashAttention-2's choice; Triton's default is ten).
 PHILOX_ROUNDS = tl.constexpr(7)
 
@@ -28,8 +26,8 @@ PHILOX_ROUNDS = tl.constexpr(7)
 @triton.jit
 def dot(a, b, PRECISION: tl.constexpr):
     """``tl.dot(a, b)`` (fp32 result) at ``PRECISION`` for fp32 operands; in the interpreter bf16 operands go
-    in as fp32 (``_BF16_DOT``), on a GPU this is tl.dot itself."""
-    if not _BF16_DOT and a.dtype == tl.bfloat16:
+    in as fp32 (``_COMPILED``), on a GPU this is tl.dot itself."""
+    if not _COMPILED and a.dtype == tl.bfloat16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
         return tl.dot(a, b, input_precision="ieee")
@@ -42,7 +40,7 @@ def tanh(x, FAST: tl.constexpr = False):
     ``tanh.approx.f32`` (max relative error ~2^-11) instead of an exp, a precise fp32 division and two
     adds. Otherwise, and always in the interpreter, 1 - 2 / (e^{2x} + 1): saturates to +-1 without
     overflow NaNs (e^{2x} = inf gives 1, 0 gives -1)."""
-    if FAST and _INLINE_PTX:
+    if FAST and _COMPILED:
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                       pack=1)
     else:
@@ -127,7 +125,7 @@ def philox_rows(bh, rows, max_seqlen_q, max_seqlen_k):
 def _mulhilo(a, b: tl.constexpr):
     """(high, low) 32 bits of the uint32 product a * b: one ``mul.wide.u32`` (a single IMAD.WIDE.U32 on
     sm_90, against IMAD.HI + IMAD for tl.umulhi and a multiply)."""
-    if _INLINE_PTX:
+    if _COMPILED:
         hi, lo = tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }",
                                            "=r,=r,r,r", [a, a * 0 + b], dtype=(tl.uint32, tl.uint32),
                                            is_pure=True, pack=1)
