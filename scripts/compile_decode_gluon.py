@@ -24,7 +24,7 @@ def compile_variant(d: int, page: int, cfg: DecodeConfig, dtype=torch.bfloat16, 
     desc = mangle_type(_descriptor(cache, box).real())
     elem = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"k_desc": desc, "v_desc": desc, "Q": elem, "Out": elem, "Lse": "*fp32", "CacheSeqlens": "*i32",
-           "BlockTable": "*i32", "CacheBatchIdx": "*i32", "Alibi": "*fp32"}
+           "BlockTable": "*i32", "CacheBatchIdx": "*i32", "Alibi": "*fp32", "LeftPad": "*i32"}
     for name in ("stride_qb", "stride_qs", "stride_qh", "stride_kh", "stride_vh", "stride_osplit", "stride_ob",
                  "stride_os", "stride_oh", "stride_lsplit", "stride_lb", "stride_lh", "stride_ls", "stride_btb",
                  "stride_ab", "capacity", "nheads_k", "seqlen_q", "seqlen_new", "num_splits"):
@@ -32,7 +32,7 @@ def compile_variant(d: int, page: int, cfg: DecodeConfig, dtype=torch.bfloat16, 
     sig.update(score_scale="fp32", tanh_scale="fp32", window_left="i32", window_right="i32")
     consts = {"GROUP": 4, "HEAD_DIM": d, "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.stages, "PAGED": paged,
               "PAGE_SIZE": page if paged else 1, "HAS_BATCH_IDX": False, "SOFTCAP": False, "HAS_ALIBI": False,
-              "HAS_LEFT": False, "HAS_RIGHT": False}
+              "HAS_LEFT": False, "HAS_RIGHT": False, "HAS_LEFTPAD": False}
     consts.update(flags)
     for k in consts:
         sig[k] = "constexpr"
@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--pages", default="0,16,64,256")
     ap.add_argument("--config", default=f"{CONFIG.block_n},{CONFIG.stages}", help="BLOCK_N,STAGES")
-    ap.add_argument("--features", action="store_true", help="also softcap + ALiBi + window + batch index")
+    ap.add_argument("--features", action="store_true",
+                    help="also softcap + ALiBi + window + batch index (+ cache_leftpad, contiguous)")
     args = ap.parse_args()
     cfg = DecodeConfig(*(int(x) for x in args.config.split(",")))
     variants = [{}]
@@ -56,6 +57,8 @@ def main() -> None:
     for d in (int(x) for x in args.headdims.split(",")):
         for page in (int(x) for x in args.pages.split(",")):
             for flags in variants:
+                if flags and not page:
+                    flags = {**flags, "HAS_LEFTPAD": True}
                 k = compile_variant(d, page, cfg, **flags)
                 report(k, f"d={d} page={page or 'contig'} {cfg} {'features' if flags else 'plain'}", args.dump,
                        f"d{d}_p{page}_{'f' if flags else 'p'}")

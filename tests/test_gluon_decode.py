@@ -29,13 +29,15 @@ def gluon_calls(monkeypatch):
     return calls
 
 
-def _supported(dtype=torch.bfloat16, page=16, d=128, group=4, seqlen_q=1, rotary=False, scale=0.1, softcap=0.0):
+def _supported(dtype=torch.bfloat16, page=16, d=128, group=4, seqlen_q=1, rotary=False, scale=0.1, softcap=0.0,
+               leftpad=False):
     q = torch.empty(2, seqlen_q, 2 * group, d, device="cuda", dtype=dtype)
     shape = (64, page, 2, d) if page else (2, 256, 2, d)
     k = torch.empty(shape, device="cuda", dtype=dtype)
     table = torch.zeros(2, 4, dtype=torch.int32, device="cuda") if page else None
     cos = torch.empty(256, 16, device="cuda", dtype=dtype) if rotary else None
-    return gluon_decode_supported(q, k, k, table, cos, None, scale, softcap)
+    pads = torch.zeros(2, dtype=torch.int32, device="cuda") if leftpad else None
+    return gluon_decode_supported(q, k, k, table, cos, None, scale, softcap, pads)
 
 
 def test_which_calls_take_it(monkeypatch):
@@ -48,6 +50,7 @@ def test_which_calls_take_it(monkeypatch):
     assert not _supported(rotary=True)
     assert not _supported(group=16, seqlen_q=5)  # more than 64 packed rows
     assert not _supported(scale=-0.1) and _supported(scale=-0.1, softcap=5.0)
+    assert _supported(page=0, leftpad=True) and not _supported(page=16, leftpad=True)  # pads split pages
     monkeypatch.setenv("IOATTN_GLUON", "0")
     assert not _supported()
 
@@ -132,3 +135,13 @@ def test_cache_batch_idx_and_int_seqlens(gluon_calls):
     run_case(lens=[290, 290, 290], seqlen_q=1, seqlen_new=1, nheads=4, nheads_k=4, dtype=torch.bfloat16,
              block_size=0, int_seqlens=True, batch_cache_extra=3, num_splits=0)
     assert len(gluon_calls) == 1
+
+
+@pytest.mark.parametrize("block_size", [0, 16])
+@pytest.mark.parametrize("seqlen_new, causal", [(0, False), (3, True)])
+def test_cache_leftpad(block_size, seqlen_new, causal, gluon_calls):
+    """Contiguous caches take the Gluon kernel with its rows shifted by the pad; paged ones the portable kernel."""
+    run_case(lens=[1500, 40, 300, 129], leftpad=[700, 40 if seqlen_new else 39, 0, 1], seqlen_q=seqlen_new or 1,
+             seqlen_new=seqlen_new, nheads=8, nheads_k=2, dtype=torch.bfloat16, block_size=block_size, causal=causal,
+             window_size=(500, -1), alibi="heads", num_splits=0)
+    assert gluon_calls == ([False] if block_size == 0 else [])

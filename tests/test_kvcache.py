@@ -69,9 +69,10 @@ def build_cache(lens_after, nheads_k, d, dtype, block_size, batch_cache_extra=0,
 
 def run_case(*, lens, seqlen_q, nheads, nheads_k, dtype, block_size, seqlen_new=0, causal=False,
              window_size=(-1, -1), softcap=0.0, alibi=None, rotary=None, num_splits=1, batch_cache_extra=0,
-             int_seqlens=False, d=HEADDIM, seed=0):
+             int_seqlens=False, d=HEADDIM, seed=0, leftpad=None):
     """Builds the case, runs it, checks out and lse against attention_ref (tolerance rule) and the cache
-    contents after the append. rotary: None or (rotary_dim, interleaved)."""
+    contents after the append. rotary: None or (rotary_dim, interleaved). leftpad: None or each sequence's
+    ``cache_leftpad`` (the positions before it stay NaN; the reference sees the keys from there on)."""
     torch.manual_seed(seed)
     batch = len(lens)
     lens_after = [n + seqlen_new for n in lens]
@@ -79,8 +80,9 @@ def run_case(*, lens, seqlen_q, nheads, nheads_k, dtype, block_size, seqlen_new=
                                                              batch_cache_extra, seed)
     k_old = [torch.randn(n, nheads_k, d).to(dtype) for n in lens]
     v_old = [torch.randn(n, nheads_k, d).to(dtype) for n in lens]
+    pad = [0] * batch if leftpad is None else list(leftpad)
     for b, n in enumerate(lens):
-        for pos in range(n):
+        for pos in range(pad[b], n):
             k_cache[locate(b, pos)] = k_old[b][pos]
             v_cache[locate(b, pos)] = v_old[b][pos]
     q = torch.randn(batch, seqlen_q, nheads, d).to(dtype)
@@ -100,6 +102,7 @@ def run_case(*, lens, seqlen_q, nheads, nheads_k, dtype, block_size, seqlen_new=
     out, lse = flash_attn_with_kvcache(
         dev(q), k_cache_d, v_cache_d, k=dev(k_new), v=dev(v_new), rotary_cos=dev(cos), rotary_sin=dev(sin),
         cache_seqlens=cache_seqlens if int_seqlens else dev(cache_seqlens), cache_batch_idx=dev(batch_idx),
+        cache_leftpad=None if leftpad is None else dev(torch.tensor(leftpad, dtype=torch.int32)),
         block_table=dev(table), causal=causal, window_size=window_size, softcap=softcap,
         rotary_interleaved=rotary[1] if rotary else True, alibi_slopes=dev(slopes), num_splits=num_splits,
         return_softmax_lse=True)
@@ -121,11 +124,12 @@ def run_case(*, lens, seqlen_q, nheads, nheads_k, dtype, block_size, seqlen_new=
             # The append wrote exactly these values, and nothing of the old contents changed.
             got_k = torch.stack([k_cache_d[locate(b, p)] for p in range(lens_after[b])])
             got_v = torch.stack([v_cache_d[locate(b, p)] for p in range(lens_after[b])])
-            torch.testing.assert_close(got_k[: lens[b]], k_b, rtol=0, atol=0)
+            torch.testing.assert_close(got_k[pad[b]: lens[b]], k_b[pad[b]:], rtol=0, atol=0)
             atol = 1e-2 if dtype != torch.float32 else 1e-5  # one rounding of the rotated keys
             torch.testing.assert_close(got_k[lens[b]:], kn, rtol=0, atol=atol)
-            torch.testing.assert_close(got_v, torch.cat((v_b, v_new[b])), rtol=0, atol=0)
+            torch.testing.assert_close(got_v[pad[b]:], torch.cat((v_b, v_new[b]))[pad[b]:], rtol=0, atol=0)
             k_b, v_b = torch.cat((k_b, kn)), torch.cat((v_b, v_new[b]))
+        k_b, v_b = k_b[pad[b]:], v_b[pad[b]:]  # the sequence's keys start at its cache_leftpad
         s_b = None if slopes is None else (slopes[b] if slopes.dim() == 2 else slopes)
         for upcast in (True, False):
             o, l = attention_ref(q_b[None], k_b[None], v_b[None], causal=causal, window_size=window_size,
@@ -211,6 +215,43 @@ def test_softcap_alibi(alibi):
 def test_int_cache_seqlens_and_batch_idx():
     run_case(lens=[29, 29, 29], seqlen_q=1, seqlen_new=1, nheads=4, nheads_k=4, dtype=torch.float32,
              block_size=0, int_seqlens=True, batch_cache_extra=3, num_splits=0)
+
+
+# cache_leftpad (flash-attn 2.6): keys start at each sequence's pad; the positions before it hold NaN. Pads mid-tile
+# and mid-page, none, the whole old cache (only the appended keys left), and a pad past a page.
+LEFTPAD_CASES = [
+    dict(block_size=0, seqlen_new=2, causal=True, rotary=(24, True), batch_cache_extra=2),
+    dict(block_size=0, seqlen_new=0, window_size=(9, 0), alibi="heads"),
+    dict(block_size=16, seqlen_new=2, causal=True, rotary=(24, False)),
+    dict(block_size=1, seqlen_new=0, softcap=5.0, alibi="batch"),
+    dict(block_size=16, seqlen_new=0, window_size=(5, 3)),
+]
+
+
+@pytest.mark.parametrize("case", LEFTPAD_CASES, ids=str)
+def test_cache_leftpad(case):
+    lens = [LONG, 23, 17, 40]
+    pads = [LONG - 20, 0, 17, 19] if case["seqlen_new"] else [LONG - 20, 0, 16, 19]
+    run_case(lens=lens, leftpad=pads, seqlen_q=2, nheads=8, nheads_k=2, dtype=torch.float16, num_splits=3, **case)
+
+
+def test_cache_leftpad_is_a_shifted_cache():
+    """A padded cache gives what the same keys give moved to position 0 (no rotary: positions would differ),
+    with the kernel's own split of the shorter range."""
+    torch.manual_seed(0)
+    d, pad, n = HEADDIM, 13, LONG
+    q = torch.randn(2, 3, 4, d, dtype=torch.float16, device=DEVICE)
+    k_cache = torch.randn(2, n + 8, 2, d, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.tensor([n, n - 5], dtype=torch.int32, device=DEVICE)
+    pads = torch.tensor([pad, 0], dtype=torch.int32, device=DEVICE)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, cache_leftpad=pads, causal=True,
+                                  window_size=(20, -1), num_splits=2)
+    shifted_k, shifted_v = k_cache.clone(), v_cache.clone()
+    shifted_k[0, : n - pad], shifted_v[0, : n - pad] = k_cache[0, pad:n], v_cache[0, pad:n]
+    ref = flash_attn_with_kvcache(q, shifted_k, shifted_v, cache_seqlens=lens - pads, causal=True,
+                                  window_size=(20, -1), num_splits=2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-3)
 
 
 def test_num_splits_heuristic_uses_shapes_only():
@@ -328,6 +369,11 @@ def _args():
     (dict(softcap=-1.0), "softcap must be finite"),
     (dict(num_splits=-1), "num_splits must be an int >= 0"),
     (dict(alibi_slopes=torch.rand(3)), "alibi_slopes must have shape"),
+    (dict(cache_leftpad=torch.tensor([1, 2])), "cache_leftpad.dtype must be torch.int32"),
+    (dict(cache_leftpad=torch.tensor([1], dtype=torch.int32)), r"cache_leftpad must have shape \(2\)"),
+    (dict(cache_leftpad=torch.tensor([0, -1], dtype=torch.int32)), r"cache_leftpad\[1\] = -1"),
+    (dict(cache_seqlens=torch.tensor([5, 9], dtype=torch.int32), cache_leftpad=torch.tensor([6, 0], dtype=torch.int32)),
+     r"in \[0, cache_seqlens\[b\]\], got cache_leftpad\[0\] = 6 with cache_seqlens\[0\] = 5"),
 ])
 def test_validation_names_the_argument(change, match):
     q, k_cache, v_cache = _args()
@@ -349,11 +395,13 @@ DECODE_PLAN_CASES = [
     dict(batch=4, page=64, cap=2048, alibi=True, window_size=(300, 0), softcap=20.0),
     dict(batch=80, page=16, cap=512),
     dict(batch=3, page=0, cap=512, rotary=True, new=2, batch_idx=True, causal=True),
+    dict(batch=4, page=0, cap=1024, leftpad=True),
+    dict(batch=4, page=16, cap=1024, leftpad=True, causal=True),
 ]
 
 
 def _plan_case(batch, page, cap, num_splits=0, causal=False, alibi=False, window_size=(-1, -1), softcap=0.0,
-               rotary=False, new=0, batch_idx=False):
+               rotary=False, new=0, batch_idx=False, leftpad=False):
     """(q, k_cache, v_cache) and the other arguments of a decode call on the GPU, random contents."""
     nheads, nheads_k, d, dev, dtype = 8, 2, 128, "cuda", torch.bfloat16
     if page:
@@ -368,6 +416,8 @@ def _plan_case(batch, page, cap, num_splits=0, causal=False, alibi=False, window
                   num_splits=num_splits, return_softmax_lse=True)
     if batch_idx:
         kwargs["cache_batch_idx"] = torch.randperm(batch + 2, device=dev)[:batch].to(torch.int32)
+    if leftpad:
+        kwargs["cache_leftpad"] = (kwargs["cache_seqlens"] * torch.rand(batch, device=dev)).to(torch.int32)
     if alibi:
         kwargs["alibi_slopes"] = make_alibi(batch, nheads, per_batch=True).to(dev)
     if new:
@@ -414,7 +464,7 @@ def test_decode_plan_declines_what_it_cannot_take(monkeypatch):
     q, k_cache, v_cache, kwargs = _plan_case(batch=4, page=16, cap=1024)
     for _ in range(2):
         ref = flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
-    tensors = (q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs["block_table"], None, None, None, None)
+    tensors = (q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs["block_table"], None, None, None, None, None)
     scalars = (0, 1.0 / math.sqrt(128), -1, -1, 0.0, True, False, 0)  # as flash_attn_with_kvcache passes them
     key = decode_ops._decode_plan_key(tensors, *scalars)
     assert key is not None and decode_ops._decode_planned(key, tensors) is not None
@@ -463,8 +513,8 @@ def plans_in_the_interpreter(monkeypatch, key_name: str, planned_name: str) -> l
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU runs the real plans (test_decode_plan_matches_the_whole_path)")
-@pytest.mark.parametrize("num_splits, page", [(3, 16), (1, 0), (0, 16)])
-def test_decode_plan_replays_its_launches_in_the_interpreter(num_splits, page, monkeypatch):
+@pytest.mark.parametrize("num_splits, page, leftpad", [(3, 16, False), (1, 0, False), (0, 16, False), (2, 0, True)])
+def test_decode_plan_replays_its_launches_in_the_interpreter(num_splits, page, leftpad, monkeypatch):
     """The decode plan's builders, replayed through Triton's own launch in the interpreter (CPU: the compiled
     entries plans keep do not exist here, so each launch's constexprs stand in for its entry): a call's second
     time records, its third replays the decode launch and, with splits, the combine, bit for bit."""
@@ -481,6 +531,8 @@ def test_decode_plan_replays_its_launches_in_the_interpreter(num_splits, page, m
     q = torch.randn(2, 1, 4, 32, dtype=torch.float16)
     kwargs = dict(cache_seqlens=torch.tensor([100, 37], dtype=torch.int32), block_table=table,
                   num_splits=num_splits, causal=True, return_softmax_lse=True)
+    if leftpad:
+        kwargs["cache_leftpad"] = torch.tensor([30, 5], dtype=torch.int32)
     outs = [flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs) for _ in range(3)]
     assert [p is not None for p in planned] == [False, True]
     (plan,) = decode_ops._DECODE_PLANS.plans.values()

@@ -1,8 +1,8 @@
 """``ioattn check``: the public functions on a device against the float64 reference (dense, varlen and packed
-attention with gradients and dropout, the chunked path, KV-cache attention over contiguous and paged caches, and
-a paged serving step: ``write_kv`` and ``flash_attn_varlen_func`` with ``block_table``), with the tolerance rule
-of the test suite (ours within 2x of PyTorch's same-dtype error for outputs, 3x for gradients, plus a floor).
-Prints a table and returns non-zero if anything fails."""
+attention with gradients and dropout, the chunked path, KV-cache attention over contiguous, left-padded and paged
+caches, and a paged serving step: ``write_kv`` and ``flash_attn_varlen_func`` with ``block_table``), with the
+tolerance rule of the test suite (ours within 2x of PyTorch's same-dtype error for outputs, 3x for gradients, plus
+a floor). Prints a table and returns non-zero if anything fails."""
 
 from __future__ import annotations
 
@@ -135,6 +135,13 @@ def case_kvcache(device, dtype):
         for i, n in enumerate(lens):
             args = (q[i:i + 1], cache_k[i:i + 1, :n], cache_v[i:i + 1, :n])
             yield _compare(f"flash_attn_with_kvcache {label} len {n}", got[i:i + 1], *args)
+    # Left-padded sequences: keys from cache_leftpad on.
+    pads = [0, 10, 53]
+    out_pad = flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=seqlens,
+                                      cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device))
+    for i, (n, p) in enumerate(zip(lens, pads, strict=True)):
+        args = (q[i:i + 1], cache_k[i:i + 1, p:n], cache_v[i:i + 1, p:n])
+        yield _compare(f"flash_attn_with_kvcache cache_leftpad {p} len {n}", out_pad[i:i + 1], *args)
 
 
 def case_paged_step(device, dtype):

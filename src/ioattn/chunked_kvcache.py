@@ -59,16 +59,19 @@ def kv_write_torch(k, v, k_cache, v_cache, slot_mapping, seqlens, block_table, c
         v_cache[rows, offs] = v[b]
 
 
-def kvcache_attention_torch(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
-                            alibi_slopes, seqlen_new: int, softmax_scale: float, left: int, right: int,
+def kvcache_attention_torch(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
+                            rotary_sin, alibi_slopes, seqlen_new: int, softmax_scale: float, left: int, right: int,
                             softcap: float, interleaved: bool, rotary_per_row: bool):
-    """Returns (out (batch, seqlen_q, nheads, d), lse float32 (batch, nheads, seqlen_q)) over the cache."""
+    """Returns (out (batch, seqlen_q, nheads, d), lse float32 (batch, nheads, seqlen_q)) over each sequence's
+    cache positions [cache_leftpad[b] (0 without), seqlens[b] + seqlen_new); masks and ALiBi count keys from
+    the first, rotary positions are the cache's."""
     batch, seqlen_q = q.shape[:2]
     block_size = k_cache.shape[1] if block_table is not None else 0
     outs, lses = [], []
     for b in range(batch):
         length = int(seqlens[b]) + seqlen_new
-        positions = torch.arange(length, device=q.device)
+        first = 0 if cache_leftpad is None else min(max(int(cache_leftpad[b]), 0), length)
+        positions = torch.arange(first, length, device=q.device)
         rows, offs = _positions_to_rows(b, positions, block_table, cache_batch_idx, block_size)
         kb, vb = k_cache[rows, offs].unsqueeze(0), v_cache[rows, offs].unsqueeze(0)
         qb = q[b : b + 1]

@@ -94,13 +94,17 @@ def _check_caches(k_cache, v_cache, q: torch.Tensor, nheads: int, headdim: int, 
     return k_cache, v_cache, nheads_k
 
 
-def _check_pages(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int) -> None:
-    """The pages each sequence uses (its first ceil(lengths[b] / block_size) entries) lie in [0, num_blocks);
-    entries past them are never read (padding such as -1 is fine there). Reads the tables on the host, so only
-    where that is cheap (``host_values_readable``)."""
+def _check_pages(block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int,
+                 first: torch.Tensor | None = None) -> None:
+    """The pages each sequence uses (its first ceil(lengths[b] / block_size) entries, from the page of position
+    ``first[b]`` on where given) lie in [0, num_blocks); other entries are never read (padding such as -1 is
+    fine there). Reads the tables on the host, so only where that is cheap (``host_values_readable``)."""
     if not V.host_values_readable(block_table.device) or block_table.numel() == 0:
         return
-    used = torch.arange(block_table.shape[1]) < ((lengths.long() + block_size - 1) // block_size)[:, None]
+    cols = torch.arange(block_table.shape[1])
+    used = cols < ((lengths.long() + block_size - 1) // block_size)[:, None]
+    if first is not None:
+        used &= cols >= (first.long() // block_size)[:, None]
     pages = block_table[used]
     if pages.numel() > 0:
         lo, hi = int(pages.min()), int(pages.max())
@@ -163,6 +167,7 @@ def flash_attn_with_kvcache(
     rotary_sin: torch.Tensor | None = None,
     cache_seqlens: int | torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
@@ -187,6 +192,10 @@ def flash_attn_with_kvcache(
             (flash-attn's rule). Only the first rotary_dim dims are rotated.
         cache_seqlens: int or int32 (batch,): cache lengths before the append; None = full cache.
         cache_batch_idx: optional int32 (batch,): cache row of each sequence (contiguous cache only).
+        cache_leftpad: optional int32 (batch,): the cache position where each sequence's keys start (left
+            padding before it is never read), at most cache_seqlens[b]. Masks and ALiBi count keys from there;
+            rotary positions and the append stay the cache's. flash-attn takes it on contiguous caches only;
+            here paged caches take it too.
         block_table: optional int32 (batch, max_blocks): pages of each sequence (paged cache).
         softmax_scale: default 1 / sqrt(headdim).
         causal, window_size, softcap, alibi_slopes: as in :func:`ioattn.flash_attn_func`.
@@ -244,8 +253,16 @@ def flash_attn_with_kvcache(
             raise ValueError(f"k's seqlen_new ({seqlen_new}) exceeds the cache's capacity ({capacity})")
     _check_rotary(rotary_cos, rotary_sin, k, headdim, capacity, q)
     seqlens = _check_cache_seqlens(cache_seqlens, batch, seqlen_new, capacity, q.device)
+    if cache_leftpad is not None:
+        cache_leftpad = _check_index("cache_leftpad", cache_leftpad, (batch,), torch.int32, q.device)
+        if V.host_values_readable(q.device) and batch > 0:
+            bad = ((cache_leftpad < 0) | (cache_leftpad > seqlens)).nonzero()
+            if bad.numel() > 0:
+                i = int(bad[0, 0])
+                raise ValueError(f"cache_leftpad entries must be in [0, cache_seqlens[b]], got cache_leftpad[{i}] = "
+                                 f"{int(cache_leftpad[i])} with cache_seqlens[{i}] = {int(seqlens[i])}")
     if block_table is not None:
-        _check_pages(block_table, seqlens + seqlen_new, k_cache.shape[1], k_cache.shape[0])
+        _check_pages(block_table, seqlens + seqlen_new, k_cache.shape[1], k_cache.shape[0], cache_leftpad)
 
     left, right = V.check_window(window_size)
     if causal:
@@ -264,8 +281,8 @@ def flash_attn_with_kvcache(
     if k is not None:
         kv_write(k, v, k_cache, v_cache, None, seqlens, block_table, cache_batch_idx,
                  rotary_cos, rotary_sin, bool(rotary_interleaved))
-    out, lse = kvcache_attention(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, rotary_cos,
-                                 rotary_sin, alibi_slopes, seqlen_new, scale, left, right, float(softcap),
+    out, lse = kvcache_attention(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, cache_leftpad,
+                                 rotary_cos, rotary_sin, alibi_slopes, seqlen_new, scale, left, right, float(softcap),
                                  bool(rotary_interleaved), rotary_per_row, num_splits)
     return (out, lse) if return_softmax_lse else out
 

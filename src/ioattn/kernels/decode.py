@@ -22,35 +22,37 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _page_ids(bt_row, cols, seqlen_k, PAGE_SIZE: tl.constexpr):
-    """Page of each key position ``cols``; positions past the sequence read its last page's entry, so the
-    table is never read out of bounds (and masked K/V loads never dereference what they read)."""
-    return tl.load(bt_row + tl.maximum(tl.minimum(cols, seqlen_k - 1), 0) // PAGE_SIZE)
+def _page_ids(bt_row, cols, seqlen_k, key0, PAGE_SIZE: tl.constexpr):
+    """Page of each key ``cols`` (counted from the sequence's first key, at cache position ``key0``);
+    keys past the sequence read its last page's entry (an empty sequence's at key0 - 1), so the table is never
+    read out of bounds (and masked K/V loads never dereference what they read)."""
+    return tl.load(bt_row + tl.maximum(tl.minimum(cols + key0, key0 + seqlen_k - 1), 0) // PAGE_SIZE)
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, start, end, rows, seqlen_k, diag,
+def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, key0, start, end, rows, seqlen_k, diag,
                   qk_scale, softcap2, alibi_slope2, window_left, window_right,
                   stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
                   BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK: tl.constexpr,
                   EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key tiles [start, end); MASK=False only for tiles every row fully allows."""
+    """Online softmax over key tiles [start, end); MASK=False only for tiles every row fully allows. Keys are
+    counted from the sequence's first, at cache position ``key0`` (``cache_leftpad``; 0 without)."""
     offs_n = tl.arange(0, BLOCK_N)
     if PAGED:
         # The page ids of a tile are loaded one tile ahead, so the K/V addresses never wait on a table
         # read in the same iteration and the loads pipeline as deeply as a contiguous cache's.
-        pages = _page_ids(bt_row, start + offs_n, seqlen_k, PAGE_SIZE)
+        pages = _page_ids(bt_row, start + offs_n, seqlen_k, key0, PAGE_SIZE)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         if PAGED:
             row0 = pages.to(tl.int64)
-            row1 = (cols % PAGE_SIZE).to(tl.int64)
-            pages = _page_ids(bt_row, cols + BLOCK_N, seqlen_k, PAGE_SIZE)
+            row1 = ((cols + key0) % PAGE_SIZE).to(tl.int64)
+            pages = _page_ids(bt_row, cols + BLOCK_N, seqlen_k, key0, PAGE_SIZE)
         else:
             row0 = cache_row.to(tl.int64)
-            row1 = cols.to(tl.int64)
+            row1 = (cols + key0).to(tl.int64)
         k_ptrs = k_base + (row0 * stride_kc0 + row1 * stride_kc1)[:, None] + offs_d[None, :]
         v_ptrs = v_base + (row0 * stride_vc0 + row1 * stride_vc1)[:, None] + offs_d[None, :]
         if MASK or not EVEN_D:
@@ -89,7 +91,7 @@ def key_range(pos_first, pos_last, seqlen_k, window_left, window_right, BLOCK_N:
 
 @triton.jit
 def decode_kernel(
-    Q, K, V, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, Cos, Sin, CuSeqlensQ,
+    Q, K, V, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, Cos, Sin, CuSeqlensQ, LeftPad,
     stride_qb, stride_qs, stride_qh,
     stride_kc0, stride_kc1, stride_kch, stride_vc0, stride_vc1, stride_vch,
     stride_osplit, stride_ob, stride_os, stride_oh,
@@ -103,6 +105,7 @@ def decode_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
     PRECISION: tl.constexpr, VARLEN_Q: tl.constexpr, PARTS_BY_SEQ: tl.constexpr = False,
+    HAS_LEFTPAD: tl.constexpr = False,
 ):
     # (batch x KV head) fastest, then the query block, on one grid axis (2^31 programs; the second and third
     # axes stop at 65535); the split on the second
@@ -129,6 +132,12 @@ def decode_kernel(
     cache_len = tl.load(CacheSeqlens + b)
     # Lengths past the cache's capacity (unchecked on the device) read no other sequence's pages.
     seqlen_k = tl.minimum(cache_len + seqlen_new, capacity)
+    # HAS_LEFTPAD (flash-attn's cache_leftpad): the sequence's keys start at cache position key0; keys are
+    # counted from there (masks, ALiBi), the rotary positions stay the cache's.
+    key0 = 0
+    if HAS_LEFTPAD:
+        key0 = tl.maximum(tl.minimum(tl.load(LeftPad + b), seqlen_k), 0)
+        seqlen_k -= key0
     diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
 
     num_rows = seqlen_q * GROUP
@@ -189,20 +198,20 @@ def decode_kernel(
     # H200). The contiguous kernel keeps them unconditional: with the branch it measured 2% slower at 1k.
     if (split_lo < full_lo) | (not PAGED):
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, split_lo, full_lo, rows, seqlen_k, diag,
+            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, key0, split_lo, full_lo, rows, seqlen_k, diag,
             qk_scale, softcap2, alibi_slope2, window_left, window_right,
             stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
             BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
             PRECISION)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_lo, full_hi, rows, seqlen_k, diag,
+        acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, key0, full_lo, full_hi, rows, seqlen_k, diag,
         qk_scale, softcap2, alibi_slope2, window_left, window_right,
         stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
         BLOCK_N, PAGED, PAGE_SIZE, False, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
         PRECISION)
     if (full_hi < split_hi) | (not PAGED):
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, full_hi, split_hi, rows, seqlen_k, diag,
+            acc, m_i, l_i, q, k_base, v_base, bt_row, cache_row, key0, full_hi, split_hi, rows, seqlen_k, diag,
             qk_scale, softcap2, alibi_slope2, window_left, window_right,
             stride_kc0, stride_kc1, stride_vc0, stride_vc1, offs_d, d_ok,
             BLOCK_N, PAGED, PAGE_SIZE, True, BLOCK_D == HEADDIM, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,

@@ -155,14 +155,14 @@ def _consumer(Q, Out, Lse, Alibi, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
 
 @gluon.jit
 def decode_gluon_kernel(
-    k_desc, v_desc, Q, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi,
+    k_desc, v_desc, Q, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, Alibi, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kh, stride_vh,
     stride_osplit, stride_ob, stride_os, stride_oh, stride_lsplit, stride_lb, stride_lh, stride_ls,
     stride_btb, stride_ab, capacity, nheads_k, seqlen_q, seqlen_new, num_splits,
     score_scale, tanh_scale, window_left, window_right,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, HAS_BATCH_IDX: gl.constexpr, SOFTCAP: gl.constexpr,
-    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+    HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_LEFTPAD: gl.constexpr = False,
 ):
     """One program per (batch x KV head, split): a load warp and a consumer warpgroup (module docstring)."""
     pid_bh = gl.program_id(0)
@@ -170,6 +170,12 @@ def decode_gluon_kernel(
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
     seqlen_k = gl.load(CacheSeqlens + b) + seqlen_new
+    # HAS_LEFTPAD (contiguous caches): the sequence's keys start at cache position key0 (``decode.py``'s).
+    gl.static_assert(not (HAS_LEFTPAD and PAGED), "cache_leftpad takes the portable kernel over pages")
+    key0 = 0
+    if HAS_LEFTPAD:
+        key0 = gl.maximum(gl.minimum(gl.load(LeftPad + b), seqlen_k), 0)
+        seqlen_k -= key0
     diag = seqlen_k - seqlen_q  # bottom-right alignment: token i sits at key position i + diag
 
     # Keys any row may see, [lo, hi), and the whole tiles every row sees, [full_lo, full_hi).
@@ -184,7 +190,7 @@ def decode_gluon_kernel(
     cache_row = b
     if HAS_BATCH_IDX:
         cache_row = gl.load(CacheBatchIdx + b)
-    row0 = cache_row * capacity  # contiguous: the cache's rows of this sequence start here
+    row0 = cache_row * capacity + key0  # contiguous: the sequence's first key's row
 
     # The ring as TMA fills it: per stage, HEAD_DIM / 64 column blocks of (BLOCK_N, 64) (128-byte swizzle),
     # which is byte for byte the (BLOCK_N, HEAD_DIM) tile the wgmma reads (the same swizzle, column-blocked).
@@ -268,15 +274,16 @@ def _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale: float, soft
 
 
 def gluon_decode_supported(q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale: float,
-                           softcap: float) -> bool:
+                           softcap: float, cache_leftpad=None) -> bool:
     """Whether ``gluon_decode`` runs this call: sm_90, 16-bit, d = 64 or 128, GQA group x query tokens
-    <= 64, no rotary, power-of-two pages of >= 16 tokens, caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
+    <= 64, no rotary, power-of-two pages of >= 16 tokens and no ``cache_leftpad`` with them (a tile would
+    start inside a page), caches describable by TMA. ``IOATTN_GLUON=0`` turns it off."""
     if not gluon_enabled_on(q):
         return False
     batch, seqlen_q, nheads, d = q.shape
     if d not in (64, 128) or (nheads // k_cache.shape[2]) * seqlen_q > BLOCK_M.value or rotary_cos is not None:
         return False
-    if block_table is not None and not _boxable_page(k_cache.shape[1]):
+    if block_table is not None and (cache_leftpad is not None or not _boxable_page(k_cache.shape[1])):
         return False
     return _cache_call_ok(q, k_cache, v_cache, alibi_slopes, softmax_scale, softcap)
 
@@ -314,11 +321,13 @@ _launch = Launcher(decode_gluon_kernel)
 
 def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new: int,
                  softmax_scale: float, window_left: int, window_right: int, softcap: float, num_splits: int,
-                 out_part, lse_part, o_strides, l_strides, config: DecodeConfig | None = None) -> tuple:
+                 out_part, lse_part, o_strides, l_strides, config: DecodeConfig | None = None,
+                 cache_leftpad=None) -> tuple:
     """Writes ``decode.py``'s per-split outputs (or the final ones, one split) into out_part / lse_part with
-    the given (split, batch, token, head) / (split, batch, head, token) strides. Returns the launch as
-    (launcher, grid, constexprs, builder, arguments): ``builder(q, k_cache, v_cache, out_part, lse_part,
-    cache_seqlens, block_table, cache_batch_idx, alibi_slopes)`` gives the arguments for another call's
+    the given (split, batch, token, head) / (split, batch, head, token) strides. ``cache_leftpad``: int32
+    (batch,), each sequence's first cache position (contiguous caches). Returns the launch as (launcher, grid,
+    constexprs, builder, arguments): ``builder(q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
+    block_table, cache_batch_idx, alibi_slopes, cache_leftpad)`` gives the arguments for another call's
     tensors of the same shapes and strides (it holds no tensor)."""
     cfg = config or CONFIG
     batch, seqlen_q, nheads, d = q.shape
@@ -335,18 +344,23 @@ def gluon_decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_id
                0 if paged else k_cache.shape[1], nheads_k, seqlen_q, seqlen_new, num_splits,
                score_scale, tanh_scale, window_left, window_right)
 
-    def build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx, alibi_slopes):
+    def build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx, alibi_slopes,
+              cache_leftpad):
         dummy = cache_seqlens
         return (TmaDesc(k_cache, *kd), TmaDesc(v_cache, *vd), q, out_part, lse_part, cache_seqlens,
                 dummy if block_table is None else block_table, dummy if cache_batch_idx is None else cache_batch_idx,
-                dummy if alibi_slopes is None else alibi_slopes, *statics)
+                dummy if alibi_slopes is None else alibi_slopes, dummy if cache_leftpad is None else cache_leftpad,
+                *statics)
 
     flags = dict(GROUP=nheads // nheads_k, HEAD_DIM=d, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.stages,
                  PAGED=paged, PAGE_SIZE=page, HAS_BATCH_IDX=cache_batch_idx is not None,
                  SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, num_warps=4)
+    if cache_leftpad is not None:  # only then (a sweep's baseline kernel may predate the flag)
+        flags["HAS_LEFTPAD"] = True
     grid = (batch * nheads_k, num_splits)
-    args = build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx, alibi_slopes)
+    args = build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx, alibi_slopes,
+                 cache_leftpad)
     _launch(grid, *args, **flags)
     return _launch, grid, flags, build, args
 

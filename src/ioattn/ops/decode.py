@@ -134,7 +134,7 @@ def _scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
 def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
             alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
             rotary_interleaved, rotary_per_row, num_splits, tiles=None, gluon=None, cu_seqlens_q=None,
-            max_seqlen_q=0, by_seq=False, record=None):
+            max_seqlen_q=0, by_seq=False, record=None, cache_leftpad=None):
     """``num_splits`` 0: the rule of the kernel that runs. ``tiles``: (BLOCK_M, BLOCK_N, num_warps,
     num_stages) of the portable kernel in place of ``decode_tiles``; ``gluon``: False forces the portable
     kernel, a ``DecodeConfig`` the Gluon one with that config (the sweep's knobs). Without those two, a call
@@ -146,7 +146,8 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     and the longer sequences on another kernel; ``by_seq`` keeps the split outputs by (sequence, row of it),
     batch x max_seqlen_q rows, instead of by packed row (for a short ``max_seqlen_q`` beside long prefills);
     ``record`` (a ``fastlaunch.Recording``, packed queries only) takes the launches, their builders taking a
-    ``decode_gluon.PagedTensors``, and the split buffers' shapes (``parts``)."""
+    ``decode_gluon.PagedTensors``, and the split buffers' shapes (``parts``). ``cache_leftpad``: int32 (batch,),
+    each sequence's first cache position (flash-attn's; not with packed queries)."""
     if cu_seqlens_q is not None and q.dim() == 3:
         # As one batch row of total_q tokens for the buffers and the combine; the kernel's grid and its
         # batch strides (0) go by sequence.
@@ -155,7 +156,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                            num_splits, tiles, False, cu_seqlens_q, max_seqlen_q, by_seq, record)
         return out[0], lse[0]
     tensors = (q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos,
-               rotary_sin)
+               rotary_sin, cache_leftpad)
     plan_key = None
     if tiles is None and gluon is None:
         plan_key = _decode_plan_key(tensors, seqlen_new, softmax_scale, window_left, window_right, softcap,
@@ -172,7 +173,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     group = nheads // nheads_k
     paged = block_table is not None
     use_gluon = tiles is None and gluon is not False and gluon_decode_supported(
-        q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale, softcap) and (
+        q, k_cache, v_cache, block_table, rotary_cos, alibi_slopes, softmax_scale, softcap, cache_leftpad) and (
         gluon is not None or gluon_decode_preferred(q.device, batch, nheads_k))
     gluon_cfg = gluon if isinstance(gluon, DecodeConfig) else GLUON_CONFIG
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
@@ -196,12 +197,12 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         launcher, grid, flags, build, args = gluon_decode(
             q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, seqlen_new,
             softmax_scale, window_left, window_right, softcap, num_splits, out_part, lse_part, o_strides,
-            l_strides, gluon_cfg)  # the config the split rule read (and the plan key holds)
+            l_strides, gluon_cfg, cache_leftpad)  # the config the split rule read (and the plan key holds)
 
         def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                      alibi_slopes, rotary_cos, rotary_sin, build=build):
+                      alibi_slopes, rotary_cos, rotary_sin, cache_leftpad=None, build=build):
             return build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                         alibi_slopes)
+                         alibi_slopes, cache_leftpad)
     else:
         block_m, block_n, num_warps, num_stages = tiles or decode_tiles(q.device, group * seqlen_q, headdim)
         block_d = max(16, next_power_of_2(headdim))
@@ -218,7 +219,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                    qk_scale, softcap2, window_left, window_right)
 
         def build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                      alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q=None):
+                      alibi_slopes, rotary_cos, rotary_sin, cache_leftpad=None, cu_seqlens_q=None):
             dummy = cache_seqlens
             return (q, k_cache, v_cache, out_part, lse_part, cache_seqlens,
                     dummy if block_table is None else block_table,
@@ -226,6 +227,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
                     dummy if alibi_slopes is None else alibi_slopes,
                     dummy if rotary_cos is None else rotary_cos, dummy if rotary_sin is None else rotary_sin,
                     dummy if cu_seqlens_q is None else cu_seqlens_q,
+                    dummy if cache_leftpad is None else cache_leftpad,
                     *statics)
 
         launcher, grid = _launch_decode, (batch * nheads_k * cdiv(group * seqlen_q, block_m), num_splits)
@@ -241,13 +243,15 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
         )
         if by_seq:  # only then (a sweep's baseline kernel may predate the flag)
             flags["PARTS_BY_SEQ"] = True
+        if cache_leftpad is not None:  # the same
+            flags["HAS_LEFTPAD"] = True
         args = build_all(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table, cache_batch_idx,
-                         alibi_slopes, rotary_cos, rotary_sin, cu_seqlens_q)
+                         alibi_slopes, rotary_cos, rotary_sin, cache_leftpad, cu_seqlens_q)
         launcher(grid, *args, **flags)
         if record is not None:  # a packed call's tensors (3D q and out, 2D lse: the same pointers)
             record.add(launcher, grid, flags, lambda e, b=build_all: b(
                 e.q, e.k_cache, e.v_cache, e.out_part, e.lse_part, e.seqlens_k, e.block_table, None, e.alibi_slopes,
-                None, None, e.cu_seqlens_q), args)
+                None, None, None, e.cu_seqlens_q), args)
     combine = None
     if num_splits > 1:
         combine = _combine(out_part, lse_part, out, lse, cu_seqlens_q if by_seq else None)
@@ -341,10 +345,11 @@ def _decode_planned(key: tuple, tensors: tuple):
     if plan is None:
         return None
     (launcher, entry, grid, build), *combine = plan.launches
-    q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin = tensors
+    (q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin,
+     cache_leftpad) = tensors
     out, lse, out_part, lse_part = _decode_buffers(q, plan.num_splits)
     launcher.launch_entry(entry, grid, build(q, k_cache, v_cache, out_part, lse_part, cache_seqlens, block_table,
-                                             cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin))
+                                             cache_batch_idx, alibi_slopes, rotary_cos, rotary_sin, cache_leftpad))
     for c_launcher, c_entry, c_grid, c_build in combine:
         c_launcher.launch_entry(c_entry, c_grid, c_build(out_part, lse_part, out, lse))
     return out, lse
@@ -388,28 +393,30 @@ def _kv_write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, 
 
 def _kvcache_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-    block_table: torch.Tensor | None, cache_batch_idx: torch.Tensor | None,
+    block_table: torch.Tensor | None, cache_batch_idx: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
     rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None, seqlen_new: int, softmax_scale: float,
     window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
     rotary_per_row: bool, num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (batch, seqlen_q, nheads, d) over the first ``cache_seqlens[b] + seqlen_new`` cache
-    positions of each sequence; returns out like q and lse float32 (batch, nheads, seqlen_q)."""
+    """Attention of q (batch, seqlen_q, nheads, d) over cache positions [cache_leftpad[b], cache_seqlens[b] +
+    seqlen_new) of each sequence (from 0 without cache_leftpad); returns out like q and lse float32 (batch,
+    nheads, seqlen_q)."""
     if select_backend(q.device) != "triton":  # the any-device path; num_splits is a kernel-only knob
         return kvcache_attention_torch(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
-                                       rotary_cos, rotary_sin, alibi_slopes, seqlen_new, softmax_scale,
-                                       window_left, window_right, softcap, rotary_interleaved, rotary_per_row)
+                                       cache_leftpad, rotary_cos, rotary_sin, alibi_slopes, seqlen_new,
+                                       softmax_scale, window_left, window_right, softcap, rotary_interleaved,
+                                       rotary_per_row)
     return _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
                    alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap,
-                   rotary_interleaved, rotary_per_row, num_splits)
+                   rotary_interleaved, rotary_per_row, num_splits, cache_leftpad=cache_leftpad)
 
 
 kvcache_attention = EagerOp("ioattn::kvcache_attention", _kvcache_attention)
 
 
 @kvcache_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
+def _(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
       alibi_slopes, seqlen_new, softmax_scale, window_left, window_right, softcap, rotary_interleaved,
       rotary_per_row, num_splits):
     batch, seqlen_q, nheads, _ = q.shape
