@@ -280,7 +280,8 @@ def test_num_splits_fill_each_sm_without_a_second_wave(batch, paged, per_sm, mon
     assert splits == decode_ops.MAX_SPLITS or programs * (splits + 1) > per_sm * sms
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_torch_compile_fullgraph(leftpad):
     dtype = torch.float32
     lens = [13, 6]
     k_cache, v_cache, table, _, _ = build_cache([n + 1 for n in lens], 2, 32, dtype, 16)
@@ -289,10 +290,11 @@ def test_torch_compile_fullgraph():
             k_cache[table[b, pos // 16], pos % 16] = torch.randn(2, 32)
             v_cache[table[b, pos // 16], pos % 16] = torch.randn(2, 32)
     q, k, v = torch.randn(2, 1, 4, 32), torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32)
+    pads = torch.tensor([3, 0], dtype=torch.int32).to(DEVICE) if leftpad else None
     args = [t.to(DEVICE) for t in (q, k, v, torch.tensor(lens, dtype=torch.int32), table)]
 
     def step(q, k, v, seqlens, table, k_cache, v_cache):
-        return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens,
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, cache_leftpad=pads,
                                        block_table=table, causal=True, num_splits=2)
 
     kc_eager, vc_eager = k_cache.to(DEVICE), v_cache.to(DEVICE)
