@@ -56,12 +56,12 @@ def main() -> None:
                          "HAS_BATCH_IDX": True})
     for d in (int(x) for x in args.headdims.split(",")):
         for page in (int(x) for x in args.pages.split(",")):
-            for flags in variants:
-                if flags and not page:
-                    flags = {**flags, "HAS_LEFTPAD": True}
+            named = [("plain", "p", {})] + [("features", "f", flags) for flags in variants[1:]]
+            if args.features and not page:  # cache_leftpad: contiguous caches only
+                named.append(("features + leftpad", "fl", {**variants[1], "HAS_LEFTPAD": True}))
+            for name, tag, flags in named:
                 k = compile_variant(d, page, cfg, **flags)
-                report(k, f"d={d} page={page or 'contig'} {cfg} {'features' if flags else 'plain'}", args.dump,
-                       f"d{d}_p{page}_{'f' if flags else 'p'}")
+                report(k, f"d={d} page={page or 'contig'} {cfg} {name}", args.dump, f"d{d}_p{page}_{tag}")
 
 
 if __name__ == "__main__":

@@ -44,13 +44,15 @@ for n in seqlens:
     kpp, vpp, table_p = _paged(k_pad.nan_to_num(), v_pad.nan_to_num(), gen)
     kpp[table_p[:, : n // 16].flatten().long()] = float("nan")  # the padding pages
     vpp[table_p[:, : n // 16].flatten().long()] = float("nan")
+    long_lens = 2 * lens
     fns = {
-        "contiguous": lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens),
-        "contiguous, padded": lambda: flash_attn_with_kvcache(q, k_pad, v_pad, cache_seqlens=2 * lens,
-                                                              cache_leftpad=pads),
-        "paged": lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table),
-        "paged, padded": lambda: flash_attn_with_kvcache(q, kpp, vpp, cache_seqlens=2 * lens, cache_leftpad=pads,
-                                                         block_table=table_p),
+        "contiguous": lambda q=q, k=k, v=v, lens=lens: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens),
+        "contiguous, padded": lambda q=q, k=k_pad, v=v_pad, lens=long_lens, pads=pads: flash_attn_with_kvcache(
+            q, k, v, cache_seqlens=lens, cache_leftpad=pads),
+        "paged": lambda q=q, k=kp, v=vp, lens=lens, table=table: flash_attn_with_kvcache(
+            q, k, v, cache_seqlens=lens, block_table=table),
+        "paged, padded": lambda q=q, k=kpp, v=vpp, lens=long_lens, pads=pads, table=table_p: flash_attn_with_kvcache(
+            q, k, v, cache_seqlens=lens, cache_leftpad=pads, block_table=table),
     }
     ref = fns["contiguous"]().float()
     for name, fn in fns.items():

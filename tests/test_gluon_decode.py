@@ -143,5 +143,5 @@ def test_cache_leftpad(block_size, seqlen_new, causal, gluon_calls):
     """Contiguous caches take the Gluon kernel with its rows shifted by the pad; paged ones the portable kernel."""
     run_case(lens=[1500, 40, 300, 129], leftpad=[700, 40 if seqlen_new else 39, 0, 1], seqlen_q=seqlen_new or 1,
              seqlen_new=seqlen_new, nheads=8, nheads_k=2, dtype=torch.bfloat16, block_size=block_size, causal=causal,
-             window_size=(500, -1), alibi="heads", num_splits=0)
+             window_size=(500, -1), alibi="heads", num_splits=0, batch_cache_extra=3 if block_size == 0 else 0)
     assert gluon_calls == ([False] if block_size == 0 else [])

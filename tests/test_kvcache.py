@@ -38,9 +38,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Ten
     return torch.cat((out, rest), dim=-1).to(x.dtype)
 
 
-def build_cache(lens_after, nheads_k, d, dtype, block_size, batch_cache_extra=0, seed=0):
+def build_cache(lens_after, nheads_k, d, dtype, block_size, batch_cache_extra=0, seed=0, leftpad=None):
     """NaN-filled cache plus its addressing. block_size 0 = contiguous. Returns (k_cache, v_cache,
-    block_table or None, cache_batch_idx or None, locate) where locate(b, pos) -> cache index tuple."""
+    block_table or None, cache_batch_idx or None, locate) where locate(b, pos) -> cache index tuple.
+    leftpad (paged): a table as narrow as the longest sequence, -1 in every entry no key needs (the pages
+    wholly before a sequence's pad and past its end), so an entry read there fails."""
     gen = torch.Generator().manual_seed(seed)
     batch = len(lens_after)
     if block_size == 0:
@@ -52,14 +54,14 @@ def build_cache(lens_after, nheads_k, d, dtype, block_size, batch_cache_extra=0,
         k_cache = torch.full(shape, float("nan"), dtype=dtype)
         v_cache = torch.full(shape, float("nan"), dtype=dtype)
         return k_cache, v_cache, None, idx, (lambda b, pos: (row_of[b], pos))
-    max_blocks = math.ceil(max(lens_after) / block_size) + 1
+    max_blocks = math.ceil(max(lens_after) / block_size) + (1 if leftpad is None else 0)
     needed = [math.ceil(n / block_size) for n in lens_after]
     num_blocks = sum(needed) + 3
     pages = torch.randperm(num_blocks, generator=gen).tolist()
-    table = torch.full((batch, max_blocks), pages[-1], dtype=torch.int32)  # spare NaN page
+    table = torch.full((batch, max_blocks), pages[-1] if leftpad is None else -1, dtype=torch.int32)  # spare NaN page
     it = iter(pages)
     for b, n in enumerate(needed):
-        for j in range(n):
+        for j in range(0 if leftpad is None else leftpad[b] // block_size, n):
             table[b, j] = next(it)
     k_cache = torch.full((num_blocks, block_size, nheads_k, d), float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
@@ -77,7 +79,7 @@ def run_case(*, lens, seqlen_q, nheads, nheads_k, dtype, block_size, seqlen_new=
     batch = len(lens)
     lens_after = [n + seqlen_new for n in lens]
     k_cache, v_cache, table, batch_idx, locate = build_cache(lens_after, nheads_k, d, dtype, block_size,
-                                                             batch_cache_extra, seed)
+                                                             batch_cache_extra, seed, leftpad)
     k_old = [torch.randn(n, nheads_k, d).to(dtype) for n in lens]
     v_old = [torch.randn(n, nheads_k, d).to(dtype) for n in lens]
     pad = [0] * batch if leftpad is None else list(leftpad)
@@ -233,6 +235,15 @@ def test_cache_leftpad(case):
     lens = [LONG, 23, 17, 40]
     pads = [LONG - 20, 0, 17, 19] if case["seqlen_new"] else [LONG - 20, 0, 16, 19]
     run_case(lens=lens, leftpad=pads, seqlen_q=2, nheads=8, nheads_k=2, dtype=torch.float16, num_splits=3, **case)
+
+
+@pytest.mark.parametrize("block_size", [0, 16])
+def test_cache_leftpad_empty_sequence(block_size):
+    """A pad at the cache's length (on a page boundary) leaves a sequence without keys: output 0, lse -inf; its
+    table row holds -1 only."""
+    out, lse = run_case(lens=[LONG, 32], leftpad=[3, 32], seqlen_q=1, nheads=4, nheads_k=2, dtype=torch.float16,
+                        block_size=block_size, num_splits=2)
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
 
 
 def test_cache_leftpad_is_a_shifted_cache():

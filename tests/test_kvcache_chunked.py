@@ -34,8 +34,19 @@ def test_prefill_window_softcap_alibi_batch_idx():
     kv.test_int_cache_seqlens_and_batch_idx()
 
 
-def test_torch_compile_fullgraph():
-    kv.test_torch_compile_fullgraph()
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_torch_compile_fullgraph(leftpad):
+    kv.test_torch_compile_fullgraph(leftpad)
+
+
+@pytest.mark.parametrize("case", kv.LEFTPAD_CASES, ids=str)
+def test_cache_leftpad(case):
+    kv.test_cache_leftpad(case)
+
+
+@pytest.mark.parametrize("block_size", [0, 16])
+def test_cache_leftpad_empty_sequence(block_size):
+    kv.test_cache_leftpad_empty_sequence(block_size)
 
 
 def test_write_kv_strided():

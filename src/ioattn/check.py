@@ -21,6 +21,7 @@ from .testing import (
     OUT_FACTOR,
     ToleranceResult,
     dropout_mask_for_call,
+    make_alibi,
     make_cu_seqlens,
     make_qkv,
     tolerance_check,
@@ -135,13 +136,41 @@ def case_kvcache(device, dtype):
         for i, n in enumerate(lens):
             args = (q[i:i + 1], cache_k[i:i + 1, :n], cache_v[i:i + 1, :n])
             yield _compare(f"flash_attn_with_kvcache {label} len {n}", got[i:i + 1], *args)
-    # Left-padded sequences: keys from cache_leftpad on.
-    pads = [0, 10, 53]
-    out_pad = flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=seqlens,
-                                      cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device))
-    for i, (n, p) in enumerate(zip(lens, pads, strict=True)):
-        args = (q[i:i + 1], cache_k[i:i + 1, p:n], cache_v[i:i + 1, p:n])
-        yield _compare(f"flash_attn_with_kvcache cache_leftpad {p} len {n}", out_pad[i:i + 1], *args)
+
+
+def case_kvcache_leftpad(device, dtype):
+    """Left-padded caches (``cache_leftpad``), contiguous and paged (the pages before a pad: -1 in the table):
+    two new tokens appended and queried, causal with a window and ALiBi, which count keys from the pad."""
+    from .kvcache import flash_attn_with_kvcache
+
+    b, h, hk, d, block, cap, new = 3, 8, 2, 64, 16, 80, 2
+    lens, pads = [5, 37, 60], [0, 10, 53]
+    cache_k = torch.randn(b, cap, hk, d, device=device, dtype=dtype)
+    cache_v = torch.randn(b, cap, hk, d, device=device, dtype=dtype)
+    q = torch.randn(b, new, h, d, device=device, dtype=dtype)
+    k_new = torch.randn(b, new, hk, d, device=device, dtype=dtype)
+    v_new = torch.randn(b, new, hk, d, device=device, dtype=dtype)
+    slopes = make_alibi(b, h, per_batch=False, device=device)
+    nblk = cap // block
+    perm = torch.randperm(b * nblk, device=device)
+    table = perm.view(b, nblk).to(torch.int32)
+    paged_k = torch.empty(b * nblk, block, hk, d, device=device, dtype=dtype)
+    paged_v = torch.empty_like(paged_k)
+    paged_k[perm] = cache_k.reshape(b * nblk, block, hk, d)
+    paged_v[perm] = cache_v.reshape(b * nblk, block, hk, d)
+    for i, pad in enumerate(pads):
+        table[i, : pad // block] = -1
+    kwargs = dict(cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+                  cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device), causal=True,
+                  window_size=(20, -1), alibi_slopes=slopes)
+    out = flash_attn_with_kvcache(q, cache_k, cache_v, k_new, v_new, **kwargs)
+    out_paged = flash_attn_with_kvcache(q, paged_k, paged_v, k_new, v_new, block_table=table, **kwargs)
+    for label, got in (("contiguous", out), ("paged block 16", out_paged)):
+        for i, (n, pad) in enumerate(zip(lens, pads, strict=True)):
+            keys = torch.cat((cache_k[i:i + 1, pad:n], k_new[i:i + 1]), dim=1)
+            values = torch.cat((cache_v[i:i + 1, pad:n], v_new[i:i + 1]), dim=1)
+            yield _compare(f"flash_attn_with_kvcache {label} leftpad {pad} len {n} + {new}", got[i:i + 1],
+                           q[i:i + 1], keys, values, causal=True, window_size=(20, -1), alibi_slopes=slopes)
 
 
 def case_paged_step(device, dtype):
@@ -188,7 +217,7 @@ def case_paged_step(device, dtype):
 
 
 CASES: list[Case] = [case_dense, case_grad, case_dropout, case_varlen, case_packed, case_memory_efficient,
-                     case_kvcache, case_paged_step]
+                     case_kvcache, case_kvcache_leftpad, case_paged_step]
 
 
 def run_checks(device: str = "cpu") -> int:

@@ -6,7 +6,8 @@ tokens are packed together as the M dimension of the tile (row ``r`` is token ``
 
 The cache is addressed by (row0, row1) pairs: (page, offset) through ``block_table`` when PAGED, and
 (cache row, position) for a contiguous cache, which is a page table with one page per sequence. Keys
-are the sequence's first ``cache_seqlens[b] + seqlen_new`` positions, read on the device only.
+are the sequence's first ``cache_seqlens[b] + seqlen_new`` positions (from ``cache_leftpad[b]`` with
+HAS_LEFTPAD), read on the device only.
 
 Each split owns a contiguous run of key tiles and writes its normalised output and log-sum-exp; with
 several splits ``combine.py`` merges them (Flash-Decoding's reduction), with one they are final.

@@ -148,6 +148,7 @@ def _decode(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, ro
     ``record`` (a ``fastlaunch.Recording``, packed queries only) takes the launches, their builders taking a
     ``decode_gluon.PagedTensors``, and the split buffers' shapes (``parts``). ``cache_leftpad``: int32 (batch,),
     each sequence's first cache position (flash-attn's; not with packed queries)."""
+    assert cu_seqlens_q is None or cache_leftpad is None, "packed queries take no cache_leftpad"
     if cu_seqlens_q is not None and q.dim() == 3:
         # As one batch row of total_q tokens for the buffers and the combine; the kernel's grid and its
         # batch strides (0) go by sequence.
