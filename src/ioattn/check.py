@@ -113,6 +113,19 @@ def case_memory_efficient(device, dtype):
     yield _compare("memory_efficient_attention causal", out, q, k, v, causal=True)
 
 
+def _paged_copy(cache_k: torch.Tensor, cache_v: torch.Tensor, block: int):
+    """(paged_k, paged_v, block_table): a contiguous cache (batch, capacity, nheads_k, d), capacity a multiple of
+    ``block``, as pages at shuffled physical positions."""
+    b, cap, hk, d = cache_k.shape
+    nblk = cap // block
+    perm = torch.randperm(b * nblk, device=cache_k.device)
+    paged_k = torch.empty(b * nblk, block, hk, d, device=cache_k.device, dtype=cache_k.dtype)
+    paged_v = torch.empty_like(paged_k)
+    paged_k[perm] = cache_k.reshape(b * nblk, block, hk, d)
+    paged_v[perm] = cache_v.reshape(b * nblk, block, hk, d)
+    return paged_k, paged_v, perm.view(b, nblk).to(torch.int32)
+
+
 def case_kvcache(device, dtype):
     from .kvcache import flash_attn_with_kvcache
 
@@ -123,14 +136,7 @@ def case_kvcache(device, dtype):
     q = torch.randn(b, 1, h, d, device=device, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     out = flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=seqlens)
-    # The same cache, paged: sequence b's blocks at shuffled physical positions.
-    nblk = 80 // block
-    perm = torch.randperm(b * nblk, device=device)
-    table = perm.view(b, nblk).to(torch.int32)
-    paged_k = torch.empty(b * nblk, block, hk, d, device=device, dtype=dtype)
-    paged_v = torch.empty_like(paged_k)
-    paged_k[perm] = cache_k.reshape(b * nblk, block, hk, d)
-    paged_v[perm] = cache_v.reshape(b * nblk, block, hk, d)
+    paged_k, paged_v, table = _paged_copy(cache_k, cache_v, block)
     out_paged = flash_attn_with_kvcache(q, paged_k, paged_v, cache_seqlens=seqlens, block_table=table)
     for label, got in (("contiguous", out), ("paged block 16", out_paged)):
         for i, n in enumerate(lens):
@@ -151,13 +157,7 @@ def case_kvcache_leftpad(device, dtype):
     k_new = torch.randn(b, new, hk, d, device=device, dtype=dtype)
     v_new = torch.randn(b, new, hk, d, device=device, dtype=dtype)
     slopes = make_alibi(b, h, per_batch=False, device=device)
-    nblk = cap // block
-    perm = torch.randperm(b * nblk, device=device)
-    table = perm.view(b, nblk).to(torch.int32)
-    paged_k = torch.empty(b * nblk, block, hk, d, device=device, dtype=dtype)
-    paged_v = torch.empty_like(paged_k)
-    paged_k[perm] = cache_k.reshape(b * nblk, block, hk, d)
-    paged_v[perm] = cache_v.reshape(b * nblk, block, hk, d)
+    paged_k, paged_v, table = _paged_copy(cache_k, cache_v, block)
     for i, pad in enumerate(pads):
         table[i, : pad // block] = -1
     kwargs = dict(cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
