@@ -16,7 +16,7 @@ import torch
 import triton
 
 from ioattn import flash_attn_with_kvcache
-from ioattn.bench.decode import _paged
+from ioattn.bench.decode import PAGE, _paged
 
 dev = torch.device("cuda")
 ROUNDS = 5
@@ -42,8 +42,8 @@ for n in seqlens:
     pads = lens.clone()
     kp, vp, table = _paged(k, v, gen)
     kpp, vpp, table_p = _paged(k_pad.nan_to_num(), v_pad.nan_to_num(), gen)
-    kpp[table_p[:, : n // 16].flatten().long()] = float("nan")  # the padding pages
-    vpp[table_p[:, : n // 16].flatten().long()] = float("nan")
+    pad_pages = table_p[:, : n // PAGE].flatten().long()
+    kpp[pad_pages] = vpp[pad_pages] = float("nan")
     long_lens = 2 * lens
     fns = {
         "contiguous": lambda q=q, k=k, v=v, lens=lens: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens),

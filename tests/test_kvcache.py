@@ -58,7 +58,8 @@ def build_cache(lens_after, nheads_k, d, dtype, block_size, batch_cache_extra=0,
     needed = [math.ceil(n / block_size) for n in lens_after]
     num_blocks = sum(needed) + 3
     pages = torch.randperm(num_blocks, generator=gen).tolist()
-    table = torch.full((batch, max_blocks), pages[-1] if leftpad is None else -1, dtype=torch.int32)  # spare NaN page
+    # Entries no key needs: a spare NaN page, or -1 with leftpad.
+    table = torch.full((batch, max_blocks), pages[-1] if leftpad is None else -1, dtype=torch.int32)
     it = iter(pages)
     for b, n in enumerate(needed):
         for j in range(0 if leftpad is None else leftpad[b] // block_size, n):
