@@ -137,3 +137,56 @@ def test_draw_seed_follows_torch_manual_seed():
     torch.manual_seed(5)
     assert draw_seed() == s1
     assert 0 <= s1 < 2**62
+
+
+def _reconstruct(s_dmask, v, p):
+    """The output S_dmask's kept probabilities give: sum_j max(S, 0) / (1 - p) v_j (GQA heads expanded)."""
+    v = v.repeat_interleave(s_dmask.shape[1] // v.shape[2], dim=2)
+    return torch.einsum("bhts,bshd->bthd", s_dmask.double().clamp(min=0) / (1 - p), v.double())
+
+
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (5, 3), "softcap": 4.0, "alibi": True}],
+                         ids=["causal", "window-softcap-alibi"])
+def test_return_attn_probs_s_dmask(opts):
+    """flash-attn's S_dmask: the probabilities before dropout, negative where the call dropped them (the seed
+    the call drew, found again from the generator's state): they give the call's output back, the dropped
+    share is p, and without dropout S_dmask is an empty tensor. Dense and varlen, GQA."""
+    import ioattn
+    from ioattn.reference import attention_probs
+
+    torch.manual_seed(5)
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
+    b, sq, sk, h, hk, d, p = 2, 33, 41, 4, 2, 32, 0.25
+    q = torch.randn(b, sq, h, d, device=DEVICE, dtype=dt)
+    k, v = (torch.randn(b, sk, hk, d, device=DEVICE, dtype=dt) for _ in range(2))
+    opts = dict(opts)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(b, h, device=DEVICE) * 0.3
+    out, _, s = ioattn.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True, **opts)
+    assert s.shape == (b, h, sq, sk) and s.dtype == dt
+    torch.testing.assert_close(_reconstruct(s, v, p).float(), out.float(), atol=2e-3, rtol=2e-3)
+    probs = attention_probs(q, k, **{key: val for key, val in opts.items()})
+    live = probs > 1e-3
+    assert abs((s[live] < 0).float().mean().item() - p) < 0.05
+    torch.testing.assert_close(s.abs().float(), probs, atol=2e-3, rtol=1e-2)
+    _, _, empty = ioattn.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+    assert empty.shape == (0,)
+    # varlen: sequence b's block at the top left of S_dmask[b]
+    lens_q, lens_k = [7, 0, 20], [9, 5, 30]
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], device=DEVICE, dtype=torch.int32)
+                  for n in (lens_q, lens_k))
+    qv = torch.randn(sum(lens_q), h, d, device=DEVICE, dtype=dt)
+    kv, vv = (torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dt) for _ in range(2))
+    slopes = opts.pop("alibi_slopes", None)
+    if slopes is not None:
+        opts["alibi_slopes"] = torch.rand(3, h, device=DEVICE) * 0.3
+    out, _, s = ioattn.flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=p,
+                                              return_attn_probs=True, **opts)
+    assert s.shape == (3, h, max(lens_q), max(lens_k))
+    for i in range(3):
+        q0, q1, k0, k1 = cu_q[i].item(), cu_q[i + 1].item(), cu_k[i].item(), cu_k[i + 1].item()
+        block = s[i:i + 1, :, :q1 - q0, :k1 - k0]
+        assert (s[i, :, q1 - q0:] == 0).all() and (s[i, :, :, k1 - k0:] == 0).all()
+        if q1 > q0:
+            torch.testing.assert_close(_reconstruct(block, vv[None, k0:k1], p)[0].float(), out[q0:q1].float(),
+                                       atol=2e-3, rtol=2e-3)

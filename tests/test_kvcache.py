@@ -359,6 +359,28 @@ def _args():
     return q, cache, cache.clone()
 
 
+def test_strided_new_tokens_and_flash_attn_scalars():
+    """As flash-attn: q and the new k, v with a strided last dimension are copied (the caches must not be:
+    they are written in place), a negative window side is unbounded and a softcap <= 0 is off."""
+    torch.manual_seed(4)
+    q, k_cache, v_cache = _args()
+    q = q.to(DEVICE)
+    k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    k_new, v_new = (torch.randn(2, 3, 2, 32, device=DEVICE)[..., ::2] for _ in range(2))
+    lens = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
+    caches = (k_cache.clone(), v_cache.clone())
+    out = flash_attn_with_kvcache(torch.randn(2, 1, 4, 32, device=DEVICE)[..., ::2].copy_(q), *caches, k_new, v_new,
+                                  cache_seqlens=lens, causal=True, window_size=(-4, -1), softcap=-2.0)
+    want_caches = (k_cache.clone(), v_cache.clone())
+    want = flash_attn_with_kvcache(q, *want_caches, k_new.contiguous(), v_new.contiguous(), cache_seqlens=lens,
+                                   causal=True)
+    torch.testing.assert_close(out, want)
+    for got, ref in zip(caches, want_caches, strict=True):
+        assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="k_cache must have a contiguous last dimension"):
+        flash_attn_with_kvcache(q, torch.randn(2, 32, 2, 32, device=DEVICE)[..., ::2], v_cache, cache_seqlens=lens)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(q=torch.randn(2, 4, 16)), "q must have rank 4"),
     (dict(q=torch.randn(2, 0, 4, 16)), "seqlen_q must be >= 1"),
@@ -379,8 +401,8 @@ def _args():
     (dict(rotary_cos=torch.randn(32, 4), rotary_sin=torch.randn(32, 4)), "need the new k and v"),
     (dict(k=torch.randn(2, 1, 2, 16), v=torch.randn(2, 1, 2, 16), rotary_cos=torch.randn(8, 4),
           rotary_sin=torch.randn(8, 4)), "at least the cache's 32 positions"),
-    (dict(window_size=(-2, 0)), "window_size left must be >= -1"),
-    (dict(softcap=-1.0), "softcap must be finite"),
+    (dict(window_size=(0, 1.5)), "window_size right must be an int"),
+    (dict(softcap=float("nan")), "softcap must be finite"),
     (dict(num_splits=-1), "num_splits must be an int >= 0"),
     (dict(alibi_slopes=torch.rand(3)), "alibi_slopes must have shape"),
     (dict(cache_leftpad=torch.tensor([1, 2])), "cache_leftpad.dtype must be torch.int32"),

@@ -381,9 +381,9 @@ def memory_efficient_attention(
         out: (batch, seqlen_q, nheads, headdim) in q's dtype, and, with ``return_lse``, lse float32
         (batch, nheads, seqlen_q), -inf for a row with no allowed key.
     """
-    nheads, _, headdim = V.check_qkv(q, k, v, rank=4)
+    q, k, v, (nheads, _, headdim) = V.qkv_unit_stride(q, k, v, rank=4)
     window = V.check_window(window_size)
-    V.check_scalars(0.0, softcap, softmax_scale)
+    softcap = V.check_scalars(0.0, softcap, softmax_scale)
     V.check_alibi(alibi_slopes, q.shape[0], nheads, q.device)
     for name, val in (("query_chunk_size", query_chunk_size), ("key_chunk_size", key_chunk_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:

@@ -33,9 +33,9 @@ GROUP_KEYS, CALLS_PER_GROUP = 32, 4
 PHILOX_ROUNDS = 7
 
 
-def draw_seed() -> int:
-    """A fresh 62-bit seed from torch's default generator."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh 62-bit seed from torch's default CPU generator (or ``generator``)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator).item())
 
 
 def keep_threshold(dropout_p: float) -> int:

@@ -26,7 +26,7 @@ __all__ = [
 
 def _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, batch, nheads):
     window = V.check_window(window_size)
-    V.check_scalars(dropout_p, softcap, softmax_scale)
+    softcap = V.check_scalars(dropout_p, softcap, softmax_scale)
     V.check_alibi(alibi_slopes, batch, nheads, q.device)
     if causal:
         window = (window[0], 0)
@@ -40,9 +40,53 @@ def _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap,
     }
 
 
-def _finish(out, lse, return_attn_probs):
-    # flash-attn returns (out, softmax_lse, S_dmask); the attention probabilities are never materialised.
-    return (out, lse, None) if return_attn_probs else out
+def _finish(out, lse, return_attn_probs, s_dmask=None):
+    """flash-attn's returns: out, or (out, softmax_lse, S_dmask); S_dmask an empty tensor without dropout (as
+    flash-attn's), else what ``_s_dmask`` made."""
+    if not return_attn_probs:
+        return out
+    return out, lse, (torch.empty((0,), dtype=out.dtype, device=out.device) if s_dmask is None else s_dmask)
+
+
+def _rng_before(dropout_p: float, return_attn_probs: bool):
+    """The CPU generator's state before a call whose S_dmask needs its dropout seed (the call draws it first,
+    ``ioattn.dropout.draw_seed``), else None."""
+    return torch.random.get_rng_state() if return_attn_probs and dropout_p > 0 else None
+
+
+def _s_dmask(state, q, k, opts, cu_seqlens=None, max_seqlens=None):
+    """flash-attn's S_dmask (testing only, O(seqlen_q * seqlen_k) memory): the attention probabilities
+    before dropout, float64-computed, in q's dtype, negated where the call's dropout mask dropped them;
+    (batch, nheads, seqlen_q, seqlen_k), varlen (batch, nheads, max_seqlen_q, max_seqlen_k) with each
+    sequence's block at the top left and zeros past it. ``state``: ``_rng_before``'s, from which the seed the
+    call drew is drawn again."""
+    from .dropout import draw_seed, dropout_keep_mask
+    from .reference import attention_probs
+
+    g = torch.Generator()
+    g.set_state(state)
+    seed, p = draw_seed(g), opts["dropout_p"]
+    mods = dict(window_size=opts["window_size"], softcap=opts["softcap"], softmax_scale=opts["softmax_scale"])
+    q, k, slopes = q.detach(), k.detach(), opts["alibi_slopes"]
+    nheads = q.shape[-2]
+    if cu_seqlens is None:
+        probs = attention_probs(q, k, alibi_slopes=slopes, **mods)
+        keep = dropout_keep_mask(seed, q.shape[0], nheads, q.shape[1], k.shape[1], p, q.device)
+        return torch.where(keep, probs, -probs).to(q.dtype)
+    starts_q, starts_k = (c.tolist() for c in cu_seqlens)
+    batch = len(starts_q) - 1
+    grid_q, grid_k = max_seqlens
+    out = torch.zeros(batch, nheads, grid_q, grid_k, dtype=q.dtype, device=q.device)
+    for b in range(batch):
+        (q0, q1), (k0, k1) = starts_q[b:b + 2], starts_k[b:b + 2]
+        if q1 == q0 or k1 == k0:
+            continue
+        slopes_b = slopes[b:b + 1] if slopes is not None and slopes.dim() == 2 else slopes
+        probs = attention_probs(q[None, q0:q1], k[None, k0:k1], alibi_slopes=slopes_b, **mods)
+        keep = dropout_keep_mask(seed, batch, nheads, grid_q, grid_k, p, q.device, batch_index=b, q_len=q1 - q0,
+                                 k_len=k1 - k0)
+        out[b, :, :q1 - q0, :k1 - k0] = torch.where(keep, probs, -probs)[0]
+    return out
 
 
 def flash_attn_func(
@@ -75,15 +119,23 @@ def flash_attn_func(
             backward, whose dQ is summed with fp32 atomics (its last bits may vary between runs); True
             sums dQ in a fixed order (the Hopper kernel: key blocks take turns) or runs a separate dQ pass
             without atomics (elsewhere): bitwise reproducible, somewhat slower.
-        return_attn_probs: also return the log-sum-exp (and None in place of the probabilities).
+        return_attn_probs: also return the log-sum-exp and flash-attn's S_dmask (for testing, as there).
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype.
-        softmax_lse (if return_attn_probs): float32 (batch, nheads, seqlen_q); -inf for a row with no key.
-        None (if return_attn_probs), for flash-attn compatibility.
+        softmax_lse (if return_attn_probs): float32 (batch, nheads, seqlen_q); -inf for a row with no key
+            (flash-attn writes +inf there; -inf is log(0), which merges of partial results by lse take as is).
+        S_dmask (if return_attn_probs): without dropout an empty tensor, as flash-attn's; with dropout the
+            attention probabilities (batch, nheads, seqlen_q, seqlen_k) in q's dtype, negative where the
+            call dropped them (flash-attn pads both lengths to multiples of 128; slice ``[..., :seqlen_q,
+            :seqlen_k]`` works for both). Materialised after the call from its seed: O(seqlen_q * seqlen_k)
+            memory, and a host read of the generator's state, so not under ``torch.compile``.
+        q, k, v whose last dimension is not contiguous are copied first, as flash-attn does. A negative
+        window side is unbounded and a softcap <= 0 is off, as in flash-attn.
     """
-    nheads, _, headdim = V.check_qkv(q, k, v, rank=4)
+    q, k, v, (nheads, _, headdim) = V.qkv_unit_stride(q, k, v, rank=4)
     opts = _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                     q.shape[0], nheads)
+    rng = _rng_before(opts["dropout_p"], return_attn_probs)
     if select_backend(q.device) == "triton":
         from .ops.attention import flash_attention
 
@@ -92,7 +144,7 @@ def flash_attn_func(
         from .chunked import chunked_attention
 
         out, lse = chunked_attention(q, k, v, **opts)
-    return _finish(out, lse, return_attn_probs)
+    return _finish(out, lse, return_attn_probs, None if rng is None else _s_dmask(rng, q, k, opts))
 
 
 def flash_attn_varlen_func(
@@ -129,7 +181,9 @@ def flash_attn_varlen_func(
             cu_seqlens_k[b] positions of its pages block_table[b] (continuous batching over a paged cache,
             prefill and decode rows in one call). Forward only, without dropout.
     Returns:
-        out: (total_q, nheads, headdim); softmax_lse (if return_attn_probs): float32 (nheads, total_q).
+        out: (total_q, nheads, headdim); softmax_lse (if return_attn_probs): float32 (nheads, total_q); S_dmask
+        (if return_attn_probs) as in :func:`flash_attn_func`, with dropout (batch, nheads, max_seqlen_q,
+        max_seqlen_k), each sequence's probabilities at the top left of its block.
     """
     if block_table is not None:
         from .kvcache import paged_varlen_attention
@@ -138,7 +192,7 @@ def flash_attn_varlen_func(
                                           block_table, dropout_p, softmax_scale, causal, window_size, softcap,
                                           alibi_slopes)
         return _finish(out, lse, return_attn_probs)
-    nheads, _, headdim = V.check_qkv(q, k, v, rank=3)
+    q, k, v, (nheads, _, headdim) = V.qkv_unit_stride(q, k, v, rank=3)
     host = V.host_values_readable(q.device)
     batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device, host_check=host)
     batch_k = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device,
@@ -148,6 +202,7 @@ def flash_attn_varlen_func(
     opts = _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                     batch, nheads)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    rng = _rng_before(opts["dropout_p"], return_attn_probs)
     if select_backend(q.device) == "triton":
         from .ops.attention import flash_attention_varlen
 
@@ -156,7 +211,10 @@ def flash_attn_varlen_func(
         from .chunked import chunked_attention_varlen
 
         out, lse = chunked_attention_varlen(*args, **opts)
-    return _finish(out, lse, return_attn_probs)
+    s_dmask = None
+    if rng is not None:
+        s_dmask = _s_dmask(rng, q, k, opts, (cu_seqlens_q, cu_seqlens_k), (int(max_seqlen_q), int(max_seqlen_k)))
+    return _finish(out, lse, return_attn_probs, s_dmask)
 
 
 def _unpack(packed: torch.Tensor, name: str, parts: int, rank: int) -> tuple[torch.Tensor, ...]:

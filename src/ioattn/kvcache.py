@@ -210,7 +210,8 @@ def flash_attn_with_kvcache(
     if q.dim() != 4:
         raise ValueError(f"q must have rank 4 (batch, seqlen_q, nheads, headdim), got shape {tuple(q.shape)}")
     V.check_dtype("q", q)
-    V.check_last_dim_contiguous("q", q)
+    if q.stride(-1) != 1:
+        (q,) = V.unit_stride(q)  # flash-attn's maybe_contiguous
     batch, seqlen_q, nheads, headdim = q.shape
     if seqlen_q < 1:
         raise ValueError(f"q's seqlen_q must be >= 1, got {seqlen_q}")
@@ -241,13 +242,14 @@ def flash_attn_with_kvcache(
     if k is not None:
         for name, t in (("k", k), ("v", v)):
             V._check_tensor(name, t)
-            V.check_last_dim_contiguous(name, t)
             V.check_same(("q", name), (q, t))
             if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != (nheads_k, headdim):
                 raise ValueError(f"{name} must have shape ({batch}, seqlen_new, {nheads_k}, {headdim}), "
                                  f"got {tuple(t.shape)}")
         if v.shape != k.shape:
             raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            k, v = V.unit_stride(k, v)
         seqlen_new = k.shape[1]
         if seqlen_new > capacity:
             raise ValueError(f"k's seqlen_new ({seqlen_new}) exceeds the cache's capacity ({capacity})")
@@ -267,7 +269,7 @@ def flash_attn_with_kvcache(
     left, right = V.check_window(window_size)
     if causal:
         right = 0
-    V.check_scalars(0.0, softcap, softmax_scale)
+    softcap = V.check_scalars(0.0, softcap, softmax_scale)
     V.check_alibi(alibi_slopes, batch, nheads, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
@@ -298,7 +300,8 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     if q.dim() != 3:
         raise ValueError(f"q must have rank 3 (total_q, nheads, headdim), got shape {tuple(q.shape)}")
     V.check_dtype("q", q)
-    V.check_last_dim_contiguous("q", q)
+    if q.stride(-1) != 1:
+        (q,) = V.unit_stride(q)  # flash-attn's maybe_contiguous
     total_q, nheads, headdim = q.shape
     k_cache, v_cache, _ = _check_caches(k_cache, v_cache, q, nheads, headdim, "k", "v")
     host = V.host_values_readable(q.device)
@@ -315,7 +318,7 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
             raise ValueError(f"a sequence of cu_seqlens_k holds {longest} keys, more than its block_table "
                              f"row's {capacity} (block_table.shape[1] * block_size)")
         _check_pages(block_table, seqlens_k, k_cache.shape[1], k_cache.shape[0])
-    V.check_scalars(dropout_p, softcap, softmax_scale)
+    softcap = V.check_scalars(dropout_p, softcap, softmax_scale)
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0 with block_table (the paged path is forward-only), got {dropout_p}")
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):

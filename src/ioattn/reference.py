@@ -27,7 +27,7 @@ import math
 
 import torch
 
-__all__ = ["attention_ref", "allowed_mask", "alibi_bias", "repeat_kv"]
+__all__ = ["attention_ref", "attention_probs", "allowed_mask", "alibi_bias", "repeat_kv"]
 
 
 def repeat_kv(x: torch.Tensor, nheads: int) -> torch.Tensor:
@@ -98,10 +98,36 @@ def attention_ref(
     dtype_og = q.dtype
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
+    scores, probs = _scores_and_probs(q, k, causal, window_size, softcap, alibi_slopes, softmax_scale, reorder_ops)
+    lse = torch.logsumexp(scores.float() if not upcast else scores, dim=-1)
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    out = torch.einsum("bhts,bshd->bthd", probs, repeat_kv(v, q.shape[2]))
+    return out.to(dtype_og), lse.float()
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """The attention probabilities before dropout, float32 (batch, nheads, seqlen_q, seqlen_k), computed in
+    float64: 0 at disallowed pairs and in rows with no allowed key."""
+    return _scores_and_probs(q.double(), k.double(), causal, window_size, softcap, alibi_slopes, softmax_scale,
+                             False)[1].float()
+
+
+def _scores_and_probs(q, k, causal, window_size, softcap, alibi_slopes, softmax_scale, reorder_ops):
+    """(scores with -inf where masked, softmax probabilities with 0 in rows without an allowed key), both
+    (batch, nheads, seqlen_q, seqlen_k) in q's dtype."""
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k = k.shape[1]
     k = repeat_kv(k, nheads)
-    v = repeat_kv(v, nheads)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     if reorder_ops:
         scores = torch.einsum("bthd,bshd->bhts", q, k * scale)
@@ -114,12 +140,8 @@ def attention_ref(
     mask = allowed_mask(seqlen_q, seqlen_k, causal=causal, window_size=window_size, device=q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores.float() if not upcast else scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:
         # Rows with no allowed key give NaN from softmax; the semantics say 0.
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    if dropout_mask is not None:
-        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
-    out = torch.einsum("bhts,bshd->bthd", probs, v)
-    return out.to(dtype_og), lse.float()
+    return scores, probs

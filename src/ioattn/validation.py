@@ -22,6 +22,24 @@ def check_dtype(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name}.dtype must be one of float16, bfloat16, float32, got {t.dtype}")
 
 
+def unit_stride(*tensors):
+    """The tensors, each whose last dimension is not contiguous replaced by a contiguous copy (flash-attn's
+    ``maybe_contiguous`` for q, k, v: autograd passes the copy's gradient back to the original). Anything
+    else (not a tensor, rank 0) is returned as given, for the checks to explain."""
+    return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] > 1
+                 and t.stride(-1) != 1 else t for t in tensors)
+
+
+def qkv_unit_stride(q, k, v, *, rank: int):
+    """(q, k, v, (nheads, nheads_k, headdim)): ``check_qkv`` on q, k, v after ``unit_stride`` (which a call
+    whose tensors pass the fast checks does not need, so it costs those nothing)."""
+    fast = _qkv_valid(q, k, v, rank)
+    if fast is not None:
+        return q, k, v, fast
+    q, k, v = unit_stride(q, k, v)
+    return q, k, v, check_qkv(q, k, v, rank=rank)
+
+
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(t.stride())}")
@@ -42,26 +60,28 @@ WINDOW_CAP = 1 << 29
 
 
 def check_window(window_size: object) -> tuple[int, int]:
-    """(left, right) as ints, each >= -1 (-1: unbounded), sides wider than ``WINDOW_CAP`` taken as that."""
+    """(left, right) as ints: a negative side is unbounded and comes back as -1 (flash-attn takes any negative
+    side so), sides wider than ``WINDOW_CAP`` taken as that."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     left, right = window_size
     for side, val in (("left", left), ("right", right)):
         if isinstance(val, bool) or not isinstance(val, int):
             raise TypeError(f"window_size {side} must be an int, got {type(val).__name__}")
-        if val < -1:
-            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {val}")
-    return min(int(left), WINDOW_CAP), min(int(right), WINDOW_CAP)
+    return max(min(int(left), WINDOW_CAP), -1), max(min(int(right), WINDOW_CAP), -1)
 
 
-def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> None:
+def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> float:
+    """Checks the call's scalars; returns the softcap to apply: 0.0 (off) for any softcap <= 0, as flash-attn
+    takes it."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     # The kernels take both as fp32: past its largest finite value they would be inf there.
-    if not 0 <= softcap <= _FP32_MAX:
-        raise ValueError(f"softcap must be finite (in fp32) and >= 0 (0 = off), got {softcap}")
+    if not softcap <= _FP32_MAX or softcap != softcap or softcap == float("-inf"):
+        raise ValueError(f"softcap must be finite (in fp32); <= 0 turns it off; got {softcap}")
     if softmax_scale is not None and not 0 < softmax_scale <= _FP32_MAX:
         raise ValueError(f"softmax_scale must be positive and finite (in fp32), or None, got {softmax_scale}")
+    return max(float(softcap), 0.0)
 
 
 def check_qkv(
