@@ -190,3 +190,29 @@ def test_return_attn_probs_s_dmask(opts):
         if q1 > q0:
             torch.testing.assert_close(_reconstruct(block, vv[None, k0:k1], p)[0].float(), out[q0:q1].float(),
                                        atol=2e-3, rtol=2e-3)
+            mods = {key: val[i:i + 1] if key == "alibi_slopes" else val for key, val in opts.items()}
+            torch.testing.assert_close(block.abs().float(), attention_probs(qv[None, q0:q1], kv[None, k0:k1], **mods),
+                                       atol=2e-3, rtol=1e-2)
+
+
+def test_s_dmask_through_autograd_rows_without_keys_and_heads_slopes():
+    """S_dmask on the autograd path (inputs that require grad), causal with seqlen_q > seqlen_k (rows that
+    see no key: zeros), and (nheads,) ALiBi slopes in a varlen call."""
+    import ioattn
+
+    torch.manual_seed(8)
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
+    p = 0.3
+    q = torch.randn(1, 40, 2, 32, device=DEVICE, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(1, 25, 2, 32, device=DEVICE, dtype=dt, requires_grad=True) for _ in range(2))
+    out, _, s = ioattn.flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
+    assert not s.requires_grad and (s[:, :, :15] == 0).all()
+    torch.testing.assert_close(_reconstruct(s, v.detach(), p).float(), out.detach().float(), atol=2e-3, rtol=2e-3)
+    out.sum().backward()  # the graph is intact
+    cu = torch.tensor([0, 30, 40], device=DEVICE, dtype=torch.int32)
+    qv, kv, vv = (t.detach()[0, :n].clone() for t, n in ((q, 40), (k, 25), (v, 25)))
+    kv, vv = torch.cat([kv, kv[:15]]), torch.cat([vv, vv[:15]])
+    out, _, s = ioattn.flash_attn_varlen_func(qv, kv, vv, cu, cu, 30, 30, dropout_p=p, return_attn_probs=True,
+                                              alibi_slopes=torch.tensor([0.2, 0.05], device=DEVICE))
+    torch.testing.assert_close(_reconstruct(s[:1], vv[None, :30], p)[0].float(), out[:30].float(), atol=2e-3,
+                               rtol=2e-3)

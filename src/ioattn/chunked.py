@@ -371,9 +371,10 @@ def memory_efficient_attention(
         v: (batch, seqlen_k, nheads_k, headdim).
         causal: causal mask, aligned bottom-right when seqlen_q != seqlen_k.
         softmax_scale: scale of q k^T; default 1 / sqrt(headdim).
-        window_size: (left, right) sliding window; -1 is unbounded on that side.
-        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        window_size: (left, right) sliding window; a negative side (-1) is unbounded on that side.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap); <= 0 is off.
         alibi_slopes: float32 (nheads,) or (batch, nheads).
+        q, k, v whose last dimension is strided are copied first.
         query_chunk_size: query rows per chunk (the paper uses 1024).
         key_chunk_size: key columns per chunk (the paper uses 4096).
         return_lse: also return the log-sum-exp.

@@ -34,8 +34,9 @@ PHILOX_ROUNDS = 7
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A fresh 62-bit seed from torch's default CPU generator (or ``generator``)."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator).item())
+    """A fresh 62-bit seed from torch's default CPU generator (or ``generator``, a CPU one), whatever the
+    default device: no device read."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu", generator=generator).item())
 
 
 def keep_threshold(dropout_p: float) -> int:

@@ -111,9 +111,9 @@ def flash_attn_func(
         dropout_p: dropout probability on the attention weights (use 0.0 at evaluation).
         softmax_scale: scale of q k^T before the softmax; default 1 / sqrt(headdim).
         causal: causal mask, aligned to the bottom-right corner when seqlen_q != seqlen_k.
-        window_size: (left, right) sliding window; -1 is unbounded on that side (a side past 2^29 counts as
-            2^29, which reaches every key of sequences up to 2^28 tokens).
-        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        window_size: (left, right) sliding window; a negative side (-1) is unbounded on that side (a side past
+            2^29 counts as 2^29, which reaches every key of sequences up to 2^28 tokens).
+        softcap: if > 0, scores become softcap * tanh(scores / softcap); <= 0 is off.
         alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
         deterministic: flash-attn's switch for a bitwise-reproducible backward. False takes the single-pass
             backward, whose dQ is summed with fp32 atomics (its last bits may vary between runs); True
@@ -124,13 +124,13 @@ def flash_attn_func(
         out: (batch, seqlen_q, nheads, headdim), q's dtype.
         softmax_lse (if return_attn_probs): float32 (batch, nheads, seqlen_q); -inf for a row with no key
             (flash-attn writes +inf there; -inf is log(0), which merges of partial results by lse take as is).
-        S_dmask (if return_attn_probs): without dropout an empty tensor, as flash-attn's; with dropout the
-            attention probabilities (batch, nheads, seqlen_q, seqlen_k) in q's dtype, negative where the
-            call dropped them (flash-attn pads both lengths to multiples of 128; slice ``[..., :seqlen_q,
-            :seqlen_k]`` works for both). Materialised after the call from its seed: O(seqlen_q * seqlen_k)
-            memory, and a host read of the generator's state, so not under ``torch.compile``.
-        q, k, v whose last dimension is not contiguous are copied first, as flash-attn does. A negative
-        window side is unbounded and a softcap <= 0 is off, as in flash-attn.
+        S_dmask (if return_attn_probs): flash-attn's testing output. Without dropout an empty tensor, as
+            there; with dropout the attention probabilities before dropout (batch, nheads, seqlen_q,
+            seqlen_k) in q's dtype, negative where the call dropped them (flash-attn's sign convention; its
+            values are unnormalised, its tests normalise them, and it pads both lengths to multiples of 128:
+            ``[..., :seqlen_q, :seqlen_k]`` reads either). Materialised after the call from the seed it drew:
+            O(seqlen_q * seqlen_k) memory, and under ``torch.compile`` a graph break.
+    q, k, v whose last dimension is not contiguous are copied first (flash-attn's ``maybe_contiguous``).
     """
     q, k, v, (nheads, _, headdim) = V.qkv_unit_stride(q, k, v, rank=4)
     opts = _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -183,7 +183,8 @@ def flash_attn_varlen_func(
     Returns:
         out: (total_q, nheads, headdim); softmax_lse (if return_attn_probs): float32 (nheads, total_q); S_dmask
         (if return_attn_probs) as in :func:`flash_attn_func`, with dropout (batch, nheads, max_seqlen_q,
-        max_seqlen_k), each sequence's probabilities at the top left of its block.
+        max_seqlen_k), each sequence's probabilities at the top left of its block. With ``block_table`` the
+        caches, if their last dimension is strided, are copied too (as flash-attn does; they are only read).
     """
     if block_table is not None:
         from .kvcache import paged_varlen_attention
@@ -231,7 +232,8 @@ def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax
                               causal: bool = False, window_size: tuple[int, int] = (-1, -1),
                               softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
                               deterministic: bool = False, return_attn_probs: bool = False):
-    """:func:`flash_attn_func` on qkv (batch, seqlen, 3, nheads, headdim); q, k, v are views, not copies."""
+    """:func:`flash_attn_func` on qkv (batch, seqlen, 3, nheads, headdim); q, k, v are views (copied only where
+    the last dimension is strided)."""
     q, k, v = _unpack(qkv, "qkv", 3, 5)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)

@@ -300,9 +300,9 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     if q.dim() != 3:
         raise ValueError(f"q must have rank 3 (total_q, nheads, headdim), got shape {tuple(q.shape)}")
     V.check_dtype("q", q)
-    if q.stride(-1) != 1:
-        (q,) = V.unit_stride(q)  # flash-attn's maybe_contiguous
     total_q, nheads, headdim = q.shape
+    # flash-attn's maybe_contiguous, the caches included (this path only reads them)
+    q, k_cache, v_cache = V.unit_stride(q, k_cache, v_cache)
     k_cache, v_cache, _ = _check_caches(k_cache, v_cache, q, nheads, headdim, "k", "v")
     host = V.host_values_readable(q.device)
     batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, q.device, host_check=host)

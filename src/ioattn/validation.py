@@ -77,8 +77,8 @@ def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     # The kernels take both as fp32: past its largest finite value they would be inf there.
-    if not softcap <= _FP32_MAX or softcap != softcap or softcap == float("-inf"):
-        raise ValueError(f"softcap must be finite (in fp32); <= 0 turns it off; got {softcap}")
+    if not softcap <= _FP32_MAX:  # NaN too
+        raise ValueError(f"softcap must be finite (in fp32) or <= 0 (off), got {softcap}")
     if softmax_scale is not None and not 0 < softmax_scale <= _FP32_MAX:
         raise ValueError(f"softmax_scale must be positive and finite (in fp32), or None, got {softmax_scale}")
     return max(float(softcap), 0.0)
