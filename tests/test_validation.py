@@ -199,10 +199,14 @@ def test_kvcache_numpy_int_lengths_and_window_as_wide_as_the_cache(monkeypatch):
 
 
 def test_flash_attn_lenient_scalars():
-    """As flash-attn takes them: any negative window side is unbounded (-1), any softcap <= 0 is off."""
+    """As flash-attn takes them: any negative window side is unbounded (-1), any integer type (numpy's too)
+    a side, any softcap <= 0 is off."""
+    import numpy as np
+
     from ioattn.validation import check_window
 
     assert check_window((-2, -7)) == (-1, -1) and check_window((-3, 4)) == (-1, 4)
+    assert check_window((np.int64(3), np.int32(-1))) == (3, -1) and type(check_window((np.int64(3), 0))[0]) is int
     q, k, v = _qkv()
     want = ioattn.flash_attn_func(q, k, v, causal=True)
     assert torch.equal(ioattn.flash_attn_func(q, k, v, causal=True, window_size=(-5, -2), softcap=-3.0), want)

@@ -3,6 +3,8 @@ argument, the expected and the actual value."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,11 +66,16 @@ def check_window(window_size: object) -> tuple[int, int]:
     side so), sides wider than ``WINDOW_CAP`` taken as that."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    left, right = window_size
-    for side, val in (("left", left), ("right", right)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"window_size {side} must be an int, got {type(val).__name__}")
-    return max(min(int(left), WINDOW_CAP), -1), max(min(int(right), WINDOW_CAP), -1)
+    sides = []
+    for side, val in zip(("left", "right"), window_size, strict=True):
+        try:
+            if isinstance(val, bool):
+                raise TypeError
+            val = operator.index(val)  # any integer type (numpy's too), as flash-attn's int arguments take
+        except TypeError:
+            raise TypeError(f"window_size {side} must be an int, got {type(val).__name__}") from None
+        sides.append(max(min(val, WINDOW_CAP), -1))
+    return sides[0], sides[1]
 
 
 def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> float:
