@@ -67,9 +67,12 @@ def case_dropout(device, dtype):
     state = torch.get_rng_state()
     seed = draw_seed()
     torch.set_rng_state(state)  # the call draws the same seed
-    out = api.flash_attn_func(q, k, v, dropout_p=0.2)
+    out, _, s_dmask = api.flash_attn_func(q, k, v, dropout_p=0.2, return_attn_probs=True)
     mask = dropout_mask_for_call(seed, 2, 2, 40, 40, 0.2, device)
     yield _compare("flash_attn_func dropout 0.2", out, q, k, v, dropout_p=0.2, dropout_mask=mask)
+    # flash-attn's S_dmask: the kept probabilities (>= 0), scaled by 1 / (1 - p), give the output back
+    rebuilt = torch.einsum("bhts,bshd->bthd", s_dmask.float().clamp(min=0) / 0.8, v.float()).to(dtype)
+    yield _compare("flash_attn_func dropout S_dmask", rebuilt, q, k, v, dropout_p=0.2, dropout_mask=mask)
 
 
 def case_varlen(device, dtype):
