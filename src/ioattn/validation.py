@@ -66,6 +66,9 @@ def check_window(window_size: object) -> tuple[int, int]:
     side so), sides wider than ``WINDOW_CAP`` taken as that."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = window_size
+    if type(left) is int and type(right) is int:  # the common case, few operations (every call runs it)
+        return max(min(left, WINDOW_CAP), -1), max(min(right, WINDOW_CAP), -1)
     sides = []
     for side, val in zip(("left", "right"), window_size, strict=True):
         try:
