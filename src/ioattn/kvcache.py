@@ -185,6 +185,8 @@ def flash_attn_with_kvcache(
             L - seqlen_q + i, L = cache_seqlens[b] + seqlen_new (bottom-right alignment).
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim) contiguous cache, or with
             block_table (num_blocks, block_size, nheads_k, headdim) paged cache; nheads % nheads_k == 0.
+            Their last dimension must be contiguous (they are written in place); q, k and v are copied
+            where theirs is not, as flash-attn does.
         k, v: optional (batch, seqlen_new, nheads_k, headdim), written to the cache at positions
             cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1 before the attention.
         rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), needs k and v. k is rotated at its
