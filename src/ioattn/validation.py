@@ -67,18 +67,19 @@ def check_window(window_size: object) -> tuple[int, int]:
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     left, right = window_size
-    if type(left) is int and type(right) is int:  # the common case, few operations (every call runs it)
-        return max(min(left, WINDOW_CAP), -1), max(min(right, WINDOW_CAP), -1)
-    sides = []
-    for side, val in zip(("left", "right"), window_size, strict=True):
-        try:
-            if isinstance(val, bool):
-                raise TypeError
-            val = operator.index(val)  # any integer type (numpy's too), as flash-attn's int arguments take
-        except TypeError:
-            raise TypeError(f"window_size {side} must be an int, got {type(val).__name__}") from None
-        sides.append(max(min(val, WINDOW_CAP), -1))
-    return sides[0], sides[1]
+    if not (type(left) is int and type(right) is int):  # plain ints (every call's case) need no conversion
+        left, right = (_window_side(side, val) for side, val in (("left", left), ("right", right)))
+    return max(min(left, WINDOW_CAP), -1), max(min(right, WINDOW_CAP), -1)
+
+
+def _window_side(side: str, val: object) -> int:
+    """A window side of any integer type (numpy's too, as flash-attn's int arguments take), as an int."""
+    try:
+        if isinstance(val, bool):
+            raise TypeError
+        return operator.index(val)
+    except TypeError:
+        raise TypeError(f"window_size {side} must be an int, got {type(val).__name__}") from None
 
 
 def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> float:
