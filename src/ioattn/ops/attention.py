@@ -30,7 +30,11 @@ def _flash_attn_fwd(
     (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0``
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
-    seed = draw_seed() if dropout_p > 0 else 0
+    seed = draw_seed() if dropout_p > 0 else 0  # drawn for an empty call too: the generator moves as always
+    if q.numel() == 0 or k.numel() == 0:  # no query or no key (a batch of none): nothing to launch
+        lse = torch.full(lse_shape(q, cu_seqlens_q is not None), float("-inf"), dtype=torch.float32,
+                         device=q.device)
+        return torch.zeros_like(q), lse, torch.tensor(seed, dtype=torch.int64)
     plan_key = None
     if cu_seqlens_q is None and alibi_slopes is None:
         # A dense call like earlier ones takes their plan: no support check, config or launch key again.
@@ -67,6 +71,8 @@ def _flash_attn_bwd(
     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.numel() == 0 or k.numel() == 0:  # the forward's empty case: no gradient reaches anything
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
     seed_value = int(seed)

@@ -403,6 +403,9 @@ def _kvcache_attention(
     """Attention of q (batch, seqlen_q, nheads, d) over cache positions [cache_leftpad[b], cache_seqlens[b] +
     seqlen_new) of each sequence (from 0 without cache_leftpad); returns out like q and lse float32 (batch,
     nheads, seqlen_q)."""
+    if q.numel() == 0:  # a batch of none: nothing to append or attend
+        batch, seqlen_q, nheads, _ = q.shape
+        return torch.zeros_like(q), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
     if select_backend(q.device) != "triton":  # the any-device path; num_splits is a kernel-only knob
         return kvcache_attention_torch(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
                                        cache_leftpad, rotary_cos, rotary_sin, alibi_slopes, seqlen_new,
@@ -432,6 +435,8 @@ def _paged_varlen_attention(
     """Attention of packed variable-length queries q (total_q, nheads, d) over a paged KV cache: sequence b's
     queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys the first ``seqlens_k[b]`` positions of
     its pages ``block_table[b]``, aligned bottom-right. Returns out like q and lse float32 (nheads, total_q)."""
+    if q.numel() == 0:  # no query rows
+        return torch.zeros_like(q), q.new_empty(q.shape[1], 0, dtype=torch.float32)
     if select_backend(q.device) != "triton":
         return paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table,
                                             alibi_slopes, softmax_scale, window_left, window_right, softcap)
@@ -534,6 +539,8 @@ def _kv_write_op(
     """Writes new K/V tokens into the caches in place: by ``slot_mapping`` (k, v: (num_tokens, nheads_k, d))
     or appended at ``cache_seqlens`` (k, v: (batch, seqlen_new, nheads_k, d)), rotating k when cos/sin
     are given."""
+    if k.numel() == 0:  # no token to write
+        return
     write = _kv_write if select_backend(k.device) == "triton" else kv_write_torch
     write(k, v, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, cache_batch_idx,
           rotary_cos, rotary_sin, rotary_interleaved)

@@ -1,0 +1,109 @@
+"""Empty problems: a batch of 0, no queries, no keys, as PyTorch's attention takes them.
+
+A call with nothing to compute returns tensors of the right shapes and launches no kernel: an output with no
+key to attend to is 0 with lse -inf (the convention of a row that sees no key), and so are the gradients
+that nothing reaches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import ioattn
+
+DT = torch.float16
+
+
+def _t(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=DT, device=DEVICE).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("b,sq,sk", [(0, 8, 8), (2, 0, 8), (2, 8, 0), (2, 0, 0), (0, 0, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,dropout_p", [(16, 0.0), (128, 0.0), (64, 0.2)])
+def test_dense_empty(b, sq, sk, causal, d, dropout_p):
+    q, k, v = _t(b, sq, 4, d, requires_grad=True), _t(b, sk, 2, d, requires_grad=True), _t(b, sk, 2, d,
+                                                                                             requires_grad=True)
+    out, lse, s_dmask = ioattn.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal, return_attn_probs=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (b, 4, sq)
+    assert s_dmask.shape == ((b, 4, sq, sk) if dropout_p else (0,))
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert not (dq.any() or dk.any() or dv.any())
+    out2 = ioattn.flash_attn_func(q, k, v, causal=causal, deterministic=True)  # the two-pass backward
+    grads = torch.autograd.grad(out2, (q, k, v), dout)
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (q, k, v), strict=True))
+
+
+@pytest.mark.parametrize("lens_q,lens_k", [([0, 0], [0, 0]), ([0, 0], [3, 5]), ([3, 5], [0, 0])])
+def test_varlen_empty(lens_q, lens_k):
+    """Every sequence without queries, or without keys."""
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()],
+                                   dtype=torch.int32, device=DEVICE)
+    q = _t(sum(lens_q), 4, 64, requires_grad=True)
+    k, v = _t(sum(lens_k), 2, 64, requires_grad=True), _t(sum(lens_k), 2, 64, requires_grad=True)
+    out, lse, _ = ioattn.flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), max(lens_q, default=0),
+                                                max(lens_k, default=0), causal=True, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert dq.shape == q.shape and dk.shape == k.shape and not (dq.any() or dk.any() or dv.any())
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_batch_of_none(paged):
+    k_cache = _t(4, 16, 2, 64)
+    v_cache = _t(4, 16, 2, 64)
+    table = torch.zeros(0, 2, dtype=torch.int32, device=DEVICE) if paged else None
+    q = _t(0, 1, 4, 64)
+    k_new, v_new = _t(0, 1, 2, 64), _t(0, 1, 2, 64)
+    seqlens = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    before = k_cache.clone()
+    out, lse = ioattn.flash_attn_with_kvcache(q, k_cache if paged else k_cache[:0], v_cache if paged else
+                                              v_cache[:0], k_new, v_new, cache_seqlens=seqlens, block_table=table,
+                                              causal=True, return_softmax_lse=True)
+    assert out.shape == q.shape and lse.shape == (0, 4, 1)
+    assert torch.equal(k_cache, before)
+
+
+def test_refused_empty_forms():
+    """Kept refused, with the reason: a varlen batch of no sequences, a KV-cache call of no query rows."""
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    q = _t(0, 4, 64)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be 1-D with batch"):
+        ioattn.flash_attn_varlen_func(q, q, q, cu, cu, 0, 0)
+    k_cache = _t(2, 32, 2, 64)
+    with pytest.raises(ValueError, match="seqlen_q must be >= 1"):
+        ioattn.flash_attn_with_kvcache(_t(2, 0, 4, 64), k_cache, k_cache,
+                                       cache_seqlens=torch.tensor([5, 9], dtype=torch.int32, device=DEVICE))
+
+
+def test_paged_varlen_no_queries():
+    k_cache, v_cache = _t(8, 16, 2, 64), _t(8, 16, 2, 64)
+    table = torch.arange(8, dtype=torch.int32, device=DEVICE).view(2, 4)
+    cu_q = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 20, 50], dtype=torch.int32, device=DEVICE)
+    out = ioattn.flash_attn_varlen_func(_t(0, 4, 64), k_cache, v_cache, cu_q, cu_k, 0, 30, causal=True,
+                                        block_table=table)
+    assert out.shape == (0, 4, 64)
+
+
+def test_write_kv_no_tokens():
+    k_cache, v_cache = _t(4, 16, 2, 64), _t(4, 16, 2, 64)
+    before = (k_cache.clone(), v_cache.clone())
+    ioattn.write_kv(_t(0, 2, 64), _t(0, 2, 64), k_cache, v_cache,
+                    torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+@pytest.mark.parametrize("b,sq,sk", [(0, 8, 8), (2, 0, 8), (2, 8, 0)])
+def test_memory_efficient_attention_empty(b, sq, sk):
+    q, k, v = (torch.randn(b, s, 2, 16, requires_grad=True) for s in (sq, sk, sk))
+    out = ioattn.memory_efficient_attention(q, k, v, causal=True)
+    assert out.shape == q.shape and not out.any()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert dq.shape == q.shape and not (dq.any() or dk.any() or dv.any())
