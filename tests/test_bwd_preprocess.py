@@ -22,7 +22,7 @@ def test_preprocess_delta_and_dq_zeroing(zero_dq, d, block_d):
     dq = buf.transpose(1, 2)[..., :d]
     done = torch.full((b * h + 1,), 7, device=DEVICE, dtype=torch.int32)
     _launch_preprocess(
-        (cdiv(s, block_m), b * h), out, dout, delta, out, dq, done,
+        (cdiv(s, block_m), h, b), out, dout, delta, out, dq, done,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         delta.stride(0), delta.stride(1), dq.stride(0), dq.stride(1), dq.stride(2), h, s,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, IS_VARLEN=False, ZERO_DQ=zero_dq, ZERO_DONE=zero_dq)

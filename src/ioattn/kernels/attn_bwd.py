@@ -50,12 +50,11 @@ def attn_bwd_preprocess_kernel(
     the first row block of (batch, head) ``bh`` zeroes the int32 ``Done[bh]`` (the Gluon backward's counts
     of finished programs, ``dq_convert_kernel``)."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    h = tl.program_id(1)  # the grid: (row blocks, nheads, batch)
+    b = tl.program_id(2)
     if ZERO_DONE:
         if start_m == 0:
-            tl.store(Done + bh, 0)
-    b = bh // nheads
-    h = bh % nheads
+            tl.store(Done + (b * nheads + h), 0)
     q_start, seqlen_q, _, _ = seq_bounds(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, 0, IS_VARLEN)
     if start_m >= seqlen_q:
         return
@@ -202,9 +201,8 @@ def attn_bwd_dkdv_kernel(
     of shape (z, rows, BLOCK_D) (z = b * nheads + h dense, h varlen; rows = seqlen_q dense, total_q
     varlen), through the tensor descriptor ``dq_desc`` when DQ_TMA."""
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = bhk // nheads_k
-    hk = bhk % nheads_k
+    hk = tl.program_id(1)  # the grid: (key blocks, nheads_k, batch)
+    b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
                                                        max_seqlen_k, IS_VARLEN)
     if start_n >= seqlen_k:
@@ -308,9 +306,9 @@ def attn_bwd_dq_kernel(
         # Causal: the last query blocks see the most keys; launch them first (longest work first).
         pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // nheads
-    h = bh % nheads
+    h = tl.program_id(1)  # the grid: (blocks, nheads, batch)
+    b = tl.program_id(2)
+    bh = b * nheads + h
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
                                                        max_seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:

@@ -64,6 +64,7 @@ from .attn_fwd_gluon import (
 )
 from .common import (
     apply_softcap,
+    bh_grid,
     bias_and_mask_t,
     launch_order,
     order_section,
@@ -609,12 +610,13 @@ def attn_bwd_gluon_kernel(
         bhk = tile // n_kb
     else:
         pid_n = gl.program_id(0)
-        bhk = gl.program_id(1)
+        bhk = gl.program_id(2) * gl.num_programs(1) + gl.program_id(1)  # the grid: (key blocks, nheads_k, batch)
         piece = 0
     if HAS_RIGHT or DETERMINISTIC:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
-        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, DETERMINISTIC)
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1) * gl.num_programs(2), section,
+                                  DETERMINISTIC)
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     done_ptr = dq_done + (b * nheads_k + hk)
@@ -877,11 +879,12 @@ def attn_bwd_gluon_wide_kernel(
     (``dq_lock``, ``n_mblocks``: ``_ws_dq_writer``'s counts), as in ``attn_bwd_gluon_kernel``."""
     dtype: gl.constexpr = q_desc.dtype
     pid_n = gl.program_id(0)
-    bhk = gl.program_id(1)
+    bhk = gl.program_id(2) * gl.num_programs(1) + gl.program_id(1)  # the grid: (key blocks, nheads_k, batch)
     if HAS_RIGHT or DETERMINISTIC:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
-        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1), section, DETERMINISTIC)
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1) * gl.num_programs(2), section,
+                                  DETERMINISTIC)
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:
@@ -1127,9 +1130,9 @@ def dq_convert_kernel(DQacc, DQ, Done, expected, seqlen, nheads_k, row_stride,
     head) as soon as it is complete, on the SMs the wave frees; the kernel's programs all start before it
     does, so it never waits on one that is not resident. Its last program waits for the attention kernel to
     complete (``griddepcontrol.wait``), so whatever follows in the stream sees all of its writes."""
-    bhk = tl.program_id(1)
-    b = bhk // nheads_k
-    hk = bhk % nheads_k
+    hk = tl.program_id(1)  # the grid: (row blocks, nheads_k, batch)
+    b = tl.program_id(2)
+    bhk = b * nheads_k + hk
     count = tl.atomic_add(Done + bhk, 0, sem="acquire", scope="gpu")
     while count < expected:
         count = tl.atomic_add(Done + bhk, 0, sem="acquire", scope="gpu")
@@ -1139,7 +1142,7 @@ def dq_convert_kernel(DQacc, DQ, Done, expected, seqlen, nheads_k, row_stride,
     offs = (b.to(tl.int64) * seqlen + rows)[:, None] * row_stride + hk.to(tl.int64) * COLS + cols[None, :]
     x = tl.load(DQacc + offs, mask=ok, cache_modifier=".cg")
     tl.store(DQ + offs, x.to(DQ.dtype.element_ty), mask=ok)
-    if (tl.program_id(0) == tl.num_programs(0) - 1) & (bhk == tl.num_programs(1) - 1):
+    if (tl.program_id(0) == tl.num_programs(0) - 1) & (hk == tl.num_programs(1) - 1) & (b == tl.num_programs(2) - 1):
         gdc_wait()
 
 
@@ -1190,8 +1193,8 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
     cfg = config or select_config(d, softcap2 != 0.0, dropout_p > 0)
     block_m, block_n = cfg.block_m, cfg.block_n
     grid_n = cdiv(max_seqlen_k, block_n)
-    grid = (grid_n, batch * nheads_k)
-    if grid[0] * grid[1] == 0:
+    grid = bh_grid(grid_n, nheads_k, batch)
+    if grid_n * batch == 0:
         return [], None, 0
     if varlen:
         dk_strides = (0, dk.stride(0), dk.stride(1))
@@ -1209,7 +1212,7 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
     n_locks = batch * nheads * n_mblocks if deterministic else 0  # per (batch, head, query block)
     # launch_order's rows are KV heads, each streaming its group's Q and dO and adding into their fp32 dQ.
     group_bytes = max_seqlen_q * d * (2 * q.element_size() + 4) * (nheads // nheads_k)
-    section = order_section(grid[1], group_bytes)
+    section = order_section(batch * nheads_k, group_bytes)
     qd, kd, vd, dod = (_descriptor(q, block_m)[1:], _descriptor(k, block_n)[1:], _descriptor(v, block_n)[1:],
                        _descriptor(dout, block_m)[1:])
     dqd = dq_descriptor(dq_acc, block_m, d // 2, cfg.dq_swizzle)[1:]
@@ -1233,7 +1236,7 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
                      HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic,
                      num_warps=4)
         return [BwdLaunch(_launch_wide, grid, flags, build_wide)], None, n_locks
-    tiles = grid[0] * grid[1]
+    tiles = grid_n * batch * nheads_k
     split = 1
     if cfg.tail and not (varlen or deterministic or left >= 0 or right >= 0):
         sms = _num_sms(q.device)
@@ -1270,7 +1273,7 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
                           dropout_p, dq, done):
             return (dq_acc, dq, done, *conv_statics)
 
-        launches.append(BwdLaunch(_launch_dq_convert, (cdiv(max_seqlen_q, rows_c), batch * nheads_k),
+        launches.append(BwdLaunch(_launch_dq_convert, bh_grid(cdiv(max_seqlen_q, rows_c), nheads_k, batch),
                                   dict(COLS=cols, BLOCK_C=block_c, ROWS=rows_c, num_warps=4, launch_pdl=True),
                                   build_convert))
     if split > 1:

@@ -82,9 +82,9 @@ def attn_fwd_kernel(
         # Causal: the last query blocks see the most keys; launch them first (longest work first).
         pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // nheads
-    h = bh % nheads
+    h = tl.program_id(1)  # the grid: (blocks, nheads, batch)
+    b = tl.program_id(2)
+    bh = b * nheads + h
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k,
                                                       IS_VARLEN)
     if start_m >= seqlen_q:

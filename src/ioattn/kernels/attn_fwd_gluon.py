@@ -40,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from ..backend import interpreting
 from .common import (
+    bh_grid,
     bias_and_mask,
     dropout_words_kept,
     kv_block_range,
@@ -334,9 +335,9 @@ def attn_fwd_gluon_kernel(
     pid_m = gl.program_id(0)
     if HAS_RIGHT:
         pid_m = gl.num_programs(0) - 1 - pid_m  # causal-like: the last query blocks see the most keys
-    bh = gl.program_id(1)
-    b = bh // nheads
-    h = bh % nheads
+    h = gl.program_id(1)  # the grid: (query blocks, nheads, batch)
+    b = gl.program_id(2)
+    bh = b * nheads + h
     hk = h // group
     start_m = pid_m * BLOCK_M
     if IS_VARLEN:
@@ -1568,7 +1569,8 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                  DROPOUT=dropout_p > 0, OVERLAP=overlap, num_warps=cfg.warps)
     num_tiles = num_m * batch * nheads
     if single:
-        launcher, grid, kind, dynamic, o_tma, section = _launch_single, (num_m, batch * nheads), 0, False, False, 0
+        grid = bh_grid(num_m, nheads, batch)
+        launcher, kind, dynamic, o_tma, section = _launch_single, 0, False, False, 0
     else:
         # A right window and no left one with seqlen_q <= seqlen_k (causal, or a right window of any width:
         # every query block sees key 0, and the keys it sees grow with it), 8 query blocks or more: pairs of

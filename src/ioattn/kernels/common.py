@@ -309,6 +309,21 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k, IS_VAR
     return q_start, seqlen_q, k_start, seqlen_k
 
 
+#: CUDA's limit on a grid's second and third dimensions.
+MAX_GRID_YZ = 65535
+
+
+def bh_grid(blocks: int, nheads: int, batch: int) -> tuple[int, int, int]:
+    """The grid of a kernel with a program per (block, head, sequence): ``(blocks, nheads, batch)``, launched
+    in the order of the former ``(blocks, batch * nheads)`` (blocks fastest, then heads) with heads and
+    sequences each on an axis of its own, whose limit (65535, as in flash-attn's grids) they reach only
+    alone. Raises ``ValueError`` past it."""
+    if batch > MAX_GRID_YZ or nheads > MAX_GRID_YZ:
+        raise ValueError(f"the attention kernels take at most {MAX_GRID_YZ} sequences and {MAX_GRID_YZ} heads a "
+                         f"call (CUDA's grid limit), got {batch} sequences of {nheads} heads: split the batch")
+    return blocks, nheads, batch
+
+
 def order_section(rows: int, row_bytes: int) -> int:
     """Rows per section of ``launch_order`` and of the Gluon forward's dynamic schedule: the largest power of
     two whose ``row_bytes`` each (the operands a row's programs stream: K and V in the forward, Q, dO and the

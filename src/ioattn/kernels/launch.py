@@ -23,6 +23,7 @@ from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preproc
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
 from .attn_fwd import attn_fwd_kernel
 from .attn_fwd_gluon import device_capability, gluon_enabled_on
+from .common import bh_grid
 from .fastlaunch import (
     Launcher,
     PlanTable,
@@ -240,7 +241,7 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape(q, prob.varlen), dtype=torch.float32, device=q.device)
     cfg = get_config("fwd", _block_d(prob.headdim), prob.causal, q.dtype, prob.dropout_p > 0)
-    grid = (cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
+    grid = bh_grid(cdiv(prob.max_seqlen_q, cfg.block_m), prob.nheads, prob.batch)
     if math.prod(grid) == 0:
         return out, lse
     slopes, stride_ab = _alibi_args(alibi_slopes, q)
@@ -337,7 +338,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                                      cu_seqlens_q=cu_seqlens_q)
 
     cfg = get_config("dq", bd, prob.causal, q.dtype, prob.dropout_p > 0)
-    grid = (cdiv(prob.max_seqlen_q, cfg.block_m), prob.batch * prob.nheads)
+    grid = bh_grid(cdiv(prob.max_seqlen_q, cfg.block_m), prob.nheads, prob.batch)
     # Hopper: the Gluon single pass (kernels/attn_bwd_gluon.py) sums dQ in an fp32 buffer laid out as dq, so
     # that its conversion is one contiguous copy. Dense rows are all covered by the preprocess grid, which
     # zeroes them; varlen rows past the last sequence would not be.
@@ -383,7 +384,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                 FAST_TANH=bd > 64 or prob.causal, **flags,
             )
     cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype, prob.dropout_p > 0)
-    grid = (cdiv(prob.max_seqlen_k, cfg.block_n), prob.batch * prob.nheads_k)
+    grid = bh_grid(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)
     if fused:
         # No bulk reduce-add into an empty buffer (seqlen_q = 0): a descriptor needs rows.
         tma = _tma_reduce_available(q) and (q.shape[0] if prob.varlen else prob.max_seqlen_q) > 0
