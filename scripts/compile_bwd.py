@@ -20,6 +20,7 @@ compute-sanitizer, which serialises memory instructions). benchmarks/NOTES.md, B
 from __future__ import annotations
 
 import argparse
+import inspect
 import pathlib
 import re
 import subprocess
@@ -49,6 +50,11 @@ PTR_ARGS = {"Q", "K", "V", "DOut", "DK", "DV"}
 F32_PTR_ARGS = {"Lse", "Delta", "DQacc", "alibi_slopes", "Parts"}
 I32_PTR_ARGS = {"cu_seqlens_q", "cu_seqlens_k", "dq_lock", "dq_done"}
 FLOAT_ARGS = {"softmax_scale", "qk_scale", "softcap2", "dropout_p"}
+
+
+def constexpr_defaults(kernel) -> dict:
+    """The kernel's constexpr parameters that have a default (as a launch that leaves them out sets them)."""
+    return {p.name: p.default for p in kernel.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
 
 
 def _portable_signature(kernel, consts: dict, elem_ty: str, sig: dict | None = None):
@@ -81,6 +87,7 @@ def _portable_signature(kernel, consts: dict, elem_ty: str, sig: dict | None = N
 
 def _compile_portable(kernel, consts: dict, dtype, cfg: AttnConfig, sig: dict | None = None):
     ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    consts = {**constexpr_defaults(kernel), **consts}
     sig, attrs = _portable_signature(kernel, consts, ty, sig)
     return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -230,6 +237,7 @@ def compile_gluon_variant(d: int, config: BwdConfig | None = None, dtype=torch.b
 
 def _compile_gluon_bwd(kernel, d: int, cfg: BwdConfig, dtype, consts: dict):
     """A Gluon backward kernel (either one) compiled for sm_90a: its signature from its argument names."""
+    consts = {**constexpr_defaults(kernel), **consts}
     sig = {}
     for name in kernel.arg_names:
         if name in consts:

@@ -8,6 +8,7 @@ there (wgmma.mma_async, cp.async.bulk.tensor, mbarrier). ``--dump DIR`` writes t
 from __future__ import annotations
 
 import argparse
+import inspect
 import pathlib
 import re
 import subprocess
@@ -94,6 +95,8 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
                        "section": "i32"}
                 consts.update(DYNAMIC=dynamic, O_TMA=o_tma, PAIRED=paired,
                               CHAIN=cfg.chain and persistent and not dynamic)
+    consts = {p.name: p.default for p in kernel.params  # defaulted constexprs a launch leaves out
+              if p.is_constexpr and p.default is not inspect.Parameter.empty and p.name not in consts} | consts
     for k in consts:
         sig[k] = "constexpr"
     src = GluonASTSource(kernel, sig, consts)

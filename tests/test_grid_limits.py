@@ -16,8 +16,11 @@ from ioattn.reference import attention_ref
 
 
 def test_bh_grid():
+    """Sequences x heads on the second axis while it fits there, else an axis each."""
+    assert bh_grid(7, 16, 4095) == (7, 65520)
     assert bh_grid(7, 16, 4200) == (7, 16, 4200)
-    assert bh_grid(0, 1, MAX_GRID_YZ) == (0, 1, MAX_GRID_YZ)
+    assert bh_grid(0, 1, MAX_GRID_YZ) == (0, MAX_GRID_YZ)
+    assert bh_grid(3, 2, MAX_GRID_YZ) == (3, 2, MAX_GRID_YZ)
     with pytest.raises(ValueError, match="at most 65535 sequences.*got 65536 sequences of 2 heads"):
         bh_grid(1, 2, MAX_GRID_YZ + 1)
 
@@ -77,3 +80,48 @@ def test_varlen_past_65535_programs_a_row():
     torch.testing.assert_close(out.float()[idx][valid], ref[valid], atol=2e-2, rtol=2e-2)
     for got, r in zip((dq, dk, dv), ref_grads, strict=True):
         torch.testing.assert_close(got.float()[idx][valid], r[valid], atol=1e-1, rtol=1e-1)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(causal=True), dict(causal=True, deterministic=False), dict(dropout_p=0.3),
+    dict(window_size=(5, 9), softcap=10.0), dict(deterministic=True),
+    dict(varlen=True, causal=True), dict(alibi=True),
+])
+@pytest.mark.parametrize("d", [64, 128] + ([256] if ON_GPU else []))
+def test_three_axis_grids_match_two(monkeypatch, opts, d):
+    """Every kernel's three-axis variant (forced with a small limit) against its two-axis one, forward and
+    backward: equal bit for bit (the backward deterministic), or within rounding where dQ is summed by
+    atomics in whatever order."""
+    import ioattn.kernels.common as common
+
+    opts = dict(opts)
+    varlen = opts.pop("varlen", False)
+    det = opts.setdefault("deterministic", True)
+    b, s, h, hk = 3, (40 if ON_GPU else 19), 4, 2
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, s, n, d, generator=g).to(DEVICE, dtype) for n in (h, hk, hk))
+    dout = torch.randn(b, s, h, d, generator=g).to(DEVICE, dtype)
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(h, generator=g).to(DEVICE) * 0.3
+    cu = torch.tensor([0, s, 2 * s, 3 * s], dtype=torch.int32, device=DEVICE)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(11)
+        if varlen:
+            flat = [t.flatten(0, 1) for t in leaves]
+            out = ioattn.flash_attn_varlen_func(*flat, cu, cu, s, s, **opts).view(b, s, h, d)
+        else:
+            out = ioattn.flash_attn_func(*leaves, **opts)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    two = run()
+    monkeypatch.setattr(common, "MAX_GRID_YZ", 5)  # 3 sequences x 4 heads (x 2 KV heads) now take three axes
+    assert common.bh_grid(1, h, b) == (1, h, b)
+    three = run()
+    for a, c in zip(two, three, strict=True):
+        if det:
+            torch.testing.assert_close(c, a, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(c, a)

@@ -28,6 +28,7 @@ from .common import (
     dot,
     dropout_keep,
     dropout_keep_t,
+    grid_row,
     kv_block_range,
     philox_grid,
     q_block_range,
@@ -43,18 +44,17 @@ def attn_bwd_preprocess_kernel(
     stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh,
     stride_qb, stride_qs, stride_qh, nheads, max_seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ZERO_DQ: tl.constexpr = False, ZERO_DONE: tl.constexpr = False,
+    ZERO_DQ: tl.constexpr = False, ZERO_DONE: tl.constexpr = False, BH_AXES: tl.constexpr = False,
 ):
     """delta = rowsum(O * dO) for BLOCK_M rows of one (batch, head); with ZERO_DQ, also zeroes the same rows
     of the fp32 dQ buffer ``DQ`` (strides ``stride_q*``), so the backward needs no separate fill. ZERO_DONE:
     the first row block of (batch, head) ``bh`` zeroes the int32 ``Done[bh]`` (the Gluon backward's counts
     of finished programs, ``dq_convert_kernel``)."""
     start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)  # the grid: (row blocks, nheads, batch)
-    b = tl.program_id(2)
+    bh, b, h = grid_row(nheads, BH_AXES)
     if ZERO_DONE:
         if start_m == 0:
-            tl.store(Done + (b * nheads + h), 0)
+            tl.store(Done + bh, 0)
     q_start, seqlen_q, _, _ = seq_bounds(cu_seqlens_q, cu_seqlens_q, b, max_seqlen_q, 0, IS_VARLEN)
     if start_m >= seqlen_q:
         return
@@ -196,13 +196,13 @@ def attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
+    BH_AXES: tl.constexpr = False,
 ):
     """dK, dV for one key block; with FUSED_DQ also dQ's share, added into the fp32 buffer ``DQacc``
     of shape (z, rows, BLOCK_D) (z = b * nheads + h dense, h varlen; rows = seqlen_q dense, total_q
     varlen), through the tensor descriptor ``dq_desc`` when DQ_TMA."""
     start_n = tl.program_id(0) * BLOCK_N
-    hk = tl.program_id(1)  # the grid: (key blocks, nheads_k, batch)
-    b = tl.program_id(2)
+    _, b, hk = grid_row(nheads_k, BH_AXES)
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
                                                        max_seqlen_k, IS_VARLEN)
     if start_n >= seqlen_k:
@@ -299,16 +299,14 @@ def attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FAST_TANH: tl.constexpr = False,
+    FAST_TANH: tl.constexpr = False, BH_AXES: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         # Causal: the last query blocks see the most keys; launch them first (longest work first).
         pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    h = tl.program_id(1)  # the grid: (blocks, nheads, batch)
-    b = tl.program_id(2)
-    bh = b * nheads + h
+    bh, b, h = grid_row(nheads, BH_AXES)
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q,
                                                        max_seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q:

@@ -66,6 +66,8 @@ from .common import (
     apply_softcap,
     bh_grid,
     bias_and_mask_t,
+    grid_row,
+    grid_rows,
     launch_order,
     order_section,
     philox_rows,
@@ -577,7 +579,7 @@ def attn_bwd_gluon_kernel(
     HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr,
     EARLY_MASK: gl.constexpr, DETERMINISTIC: gl.constexpr, KV_REGS: gl.constexpr, TAIL: gl.constexpr,
     NESTED: gl.constexpr, SIGNAL: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, BH_AXES: gl.constexpr = False,
 ):
     """dK, dV of one key block, and its share of dQ added through ``dq_desc`` into an fp32 buffer in the
     queries' (contiguous) layout, viewed as (batch * seqlen_q dense or total_q varlen, nheads * HEAD_DIM).
@@ -610,13 +612,12 @@ def attn_bwd_gluon_kernel(
         bhk = tile // n_kb
     else:
         pid_n = gl.program_id(0)
-        bhk = gl.program_id(2) * gl.num_programs(1) + gl.program_id(1)  # the grid: (key blocks, nheads_k, batch)
+        bhk = grid_row(nheads_k, BH_AXES)[0]
         piece = 0
     if HAS_RIGHT or DETERMINISTIC:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
-        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1) * gl.num_programs(2), section,
-                                  DETERMINISTIC)
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), grid_rows(BH_AXES), section, DETERMINISTIC)
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     done_ptr = dq_done + (b * nheads_k + hk)
@@ -868,7 +869,7 @@ def attn_bwd_gluon_wide_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     BUFS: gl.constexpr, IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, DETERMINISTIC: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, BH_AXES: gl.constexpr = False,
 ):
     """dK, dV of one key block of BLOCK_N (64) keys, and its share of dQ added through ``dq_desc`` into the fp32
     buffer in the queries' (contiguous) layout, viewed as (rows, nheads * HEAD_DIM). Two consumer warpgroups
@@ -879,12 +880,11 @@ def attn_bwd_gluon_wide_kernel(
     (``dq_lock``, ``n_mblocks``: ``_ws_dq_writer``'s counts), as in ``attn_bwd_gluon_kernel``."""
     dtype: gl.constexpr = q_desc.dtype
     pid_n = gl.program_id(0)
-    bhk = gl.program_id(2) * gl.num_programs(1) + gl.program_id(1)  # the grid: (key blocks, nheads_k, batch)
+    bhk = grid_row(nheads_k, BH_AXES)[0]
     if HAS_RIGHT or DETERMINISTIC:
         # Causal: the first key blocks receive the most queries; launch them first (longest work first).
         # Deterministic: the last key block of a row first, as the dQ warp's order needs (_ws_dq_writer).
-        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), gl.num_programs(1) * gl.num_programs(2), section,
-                                  DETERMINISTIC)
+        pid_n, bhk = launch_order(pid_n, bhk, gl.num_programs(0), grid_rows(BH_AXES), section, DETERMINISTIC)
     start_n, b, hk, q_start, seqlen_q, seqlen_k, q_row0, kv_row = _key_block(
         pid_n, bhk, cu_seqlens_q, cu_seqlens_k, nheads_k, max_seqlen_q, max_seqlen_k, BLOCK_N, IS_VARLEN)
     if start_n >= seqlen_k:
@@ -1121,7 +1121,7 @@ def fused_dq_convert(headdim: int) -> bool:
 
 @triton.jit
 def dq_convert_kernel(DQacc, DQ, Done, expected, seqlen, nheads_k, row_stride,
-                      COLS: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+                      COLS: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BH_AXES: tl.constexpr = False):
     """dQ (q's dtype) of ROWS rows of (batch, KV head) ``bhk`` (the second program id): the group's heads'
     columns of the dense fp32 buffer ``DQacc`` ((batch * seqlen, nheads * d) rows of ``row_stride``), once
     ``Done[bhk]`` reaches ``expected`` (the attention kernel's programs of that (batch, KV head) count
@@ -1130,9 +1130,7 @@ def dq_convert_kernel(DQacc, DQ, Done, expected, seqlen, nheads_k, row_stride,
     head) as soon as it is complete, on the SMs the wave frees; the kernel's programs all start before it
     does, so it never waits on one that is not resident. Its last program waits for the attention kernel to
     complete (``griddepcontrol.wait``), so whatever follows in the stream sees all of its writes."""
-    hk = tl.program_id(1)  # the grid: (row blocks, nheads_k, batch)
-    b = tl.program_id(2)
-    bhk = b * nheads_k + hk
+    bhk, b, hk = grid_row(nheads_k, BH_AXES)
     count = tl.atomic_add(Done + bhk, 0, sem="acquire", scope="gpu")
     while count < expected:
         count = tl.atomic_add(Done + bhk, 0, sem="acquire", scope="gpu")
@@ -1142,7 +1140,10 @@ def dq_convert_kernel(DQacc, DQ, Done, expected, seqlen, nheads_k, row_stride,
     offs = (b.to(tl.int64) * seqlen + rows)[:, None] * row_stride + hk.to(tl.int64) * COLS + cols[None, :]
     x = tl.load(DQacc + offs, mask=ok, cache_modifier=".cg")
     tl.store(DQ + offs, x.to(DQ.dtype.element_ty), mask=ok)
-    if (tl.program_id(0) == tl.num_programs(0) - 1) & (hk == tl.num_programs(1) - 1) & (b == tl.num_programs(2) - 1):
+    last = (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1)
+    if BH_AXES:
+        last = last & (tl.program_id(2) == tl.num_programs(2) - 1)
+    if last:
         gdc_wait()
 
 
@@ -1234,7 +1235,7 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
         flags = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=cfg.stages, BUFS=cfg.dq_stages,
                      IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None,
                      HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, DETERMINISTIC=deterministic,
-                     num_warps=4)
+                     num_warps=4, BH_AXES=len(grid) == 3)
         return [BwdLaunch(_launch_wide, grid, flags, build_wide)], None, n_locks
     tiles = grid_n * batch * nheads_k
     split = 1
@@ -1260,7 +1261,8 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
                  IS_VARLEN=varlen, SOFTCAP=softcap2 != 0.0, HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=left >= 0,
                  HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, EARLY_MASK=bool(cfg.early_mask),
                  DETERMINISTIC=deterministic, KV_REGS=cfg.kv_regs, TAIL=split > 1,
-                 NESTED=nested_steps(cfg, left >= 0 or right >= 0, split > 1), SIGNAL=fused, num_warps=4)
+                 NESTED=nested_steps(cfg, left >= 0 or right >= 0, split > 1), SIGNAL=fused, num_warps=4,
+                 BH_AXES=len(grid) == 3)
     launches = [BwdLaunch(_launch_bwd, grid, flags, build)]
     if fused:
         # (rows, the group's columns) blocks of about 32 KB of the fp32 buffer, (batch, KV head) slowest
@@ -1273,8 +1275,10 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
                           dropout_p, dq, done):
             return (dq_acc, dq, done, *conv_statics)
 
-        launches.append(BwdLaunch(_launch_dq_convert, bh_grid(cdiv(max_seqlen_q, rows_c), nheads_k, batch),
-                                  dict(COLS=cols, BLOCK_C=block_c, ROWS=rows_c, num_warps=4, launch_pdl=True),
+        conv_grid = bh_grid(cdiv(max_seqlen_q, rows_c), nheads_k, batch)
+        launches.append(BwdLaunch(_launch_dq_convert, conv_grid,
+                                  dict(COLS=cols, BLOCK_C=block_c, ROWS=rows_c, BH_AXES=len(conv_grid) == 3,
+                                       num_warps=4, launch_pdl=True),
                                   build_convert))
     if split > 1:
         rows = 32

@@ -15,6 +15,7 @@ from .common import (
     bias_and_mask,
     dot,
     dropout_keep,
+    grid_row,
     kv_block_range,
     online_softmax_step,
     philox_grid,
@@ -75,16 +76,14 @@ def attn_fwd_kernel(
     qk_scale, softcap2, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BH_AXES: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         # Causal: the last query blocks see the most keys; launch them first (longest work first).
         pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    h = tl.program_id(1)  # the grid: (blocks, nheads, batch)
-    b = tl.program_id(2)
-    bh = b * nheads + h
+    bh, b, h = grid_row(nheads, BH_AXES)
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k,
                                                       IS_VARLEN)
     if start_m >= seqlen_q:

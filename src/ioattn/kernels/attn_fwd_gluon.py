@@ -43,6 +43,7 @@ from .common import (
     bh_grid,
     bias_and_mask,
     dropout_words_kept,
+    grid_row,
     kv_block_range,
     launch_order,
     order_section,
@@ -320,6 +321,7 @@ def attn_fwd_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_VARLEN: gl.constexpr, SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, HAS_LEFT: gl.constexpr,
     HAS_RIGHT: gl.constexpr, DROPOUT: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    BH_AXES: gl.constexpr = False,
 ):
     dtype: gl.constexpr = q_desc.dtype
     FAST_TANH: gl.constexpr = SOFTCAP  # inputs are 16-bit here
@@ -335,9 +337,7 @@ def attn_fwd_gluon_kernel(
     pid_m = gl.program_id(0)
     if HAS_RIGHT:
         pid_m = gl.num_programs(0) - 1 - pid_m  # causal-like: the last query blocks see the most keys
-    h = gl.program_id(1)  # the grid: (query blocks, nheads, batch)
-    b = gl.program_id(2)
-    bh = b * nheads + h
+    bh, b, h = grid_row(nheads, BH_AXES)
     hk = h // group
     start_m = pid_m * BLOCK_M
     if IS_VARLEN:
@@ -1570,6 +1570,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     num_tiles = num_m * batch * nheads
     if single:
         grid = bh_grid(num_m, nheads, batch)
+        flags["BH_AXES"] = len(grid) == 3
         launcher, kind, dynamic, o_tma, section = _launch_single, 0, False, False, 0
     else:
         # A right window and no left one with seqlen_q <= seqlen_k (causal, or a right window of any width:

@@ -313,15 +313,43 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, b, max_seqlen_q, max_seqlen_k, IS_VAR
 MAX_GRID_YZ = 65535
 
 
-def bh_grid(blocks: int, nheads: int, batch: int) -> tuple[int, int, int]:
-    """The grid of a kernel with a program per (block, head, sequence): ``(blocks, nheads, batch)``, launched
-    in the order of the former ``(blocks, batch * nheads)`` (blocks fastest, then heads) with heads and
-    sequences each on an axis of its own, whose limit (65535, as in flash-attn's grids) they reach only
-    alone. Raises ``ValueError`` past it."""
+def bh_grid(blocks: int, nheads: int, batch: int) -> tuple[int, ...]:
+    """The grid of a kernel with a program per (block, sequence x head): ``(blocks, batch * nheads)`` where
+    that fits CUDA's limit on the second axis (65535), else ``(blocks, nheads, batch)``, which the kernel's
+    ``BH_AXES`` flag (``len(grid) == 3``) reads as two axes (``grid_row``). Both launch in the same order
+    (blocks fastest, then heads, then sequences); the three-axis form bounds heads and sequences by 65535
+    each, as flash-attn's grids do, and raises ``ValueError`` past that."""
+    if batch * nheads <= MAX_GRID_YZ:
+        return blocks, batch * nheads
     if batch > MAX_GRID_YZ or nheads > MAX_GRID_YZ:
         raise ValueError(f"the attention kernels take at most {MAX_GRID_YZ} sequences and {MAX_GRID_YZ} heads a "
                          f"call (CUDA's grid limit), got {batch} sequences of {nheads} heads: split the batch")
     return blocks, nheads, batch
+
+
+@triton.jit
+def grid_row(nheads, BH_AXES: tl.constexpr):
+    """(sequence x head index, sequence, head) of this program in a ``bh_grid``: the second axis, or with
+    BH_AXES (the three-axis form) the second and third."""
+    if BH_AXES:
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * nheads + h
+    else:
+        bh = tl.program_id(1)
+        b = bh // nheads
+        h = bh % nheads
+    return bh, b, h
+
+
+@triton.jit
+def grid_rows(BH_AXES: tl.constexpr):
+    """How many (sequence x head) rows a ``bh_grid`` holds."""
+    if BH_AXES:
+        rows = tl.num_programs(1) * tl.num_programs(2)
+    else:
+        rows = tl.num_programs(1)
+    return rows
 
 
 def order_section(rows: int, row_bytes: int) -> int:

@@ -254,7 +254,7 @@ def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, s
         prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
         qk_scale, softcap2, prob.window_left, prob.window_right, prob.dropout_p, seed,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **prob.flags(q.dtype, alibi_slopes is not None),
+        BH_AXES=len(grid) == 3, **prob.flags(q.dtype, alibi_slopes is not None),
     )
     return out, lse
 
@@ -353,7 +353,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
         build_pre = _preprocess_builder(out, dout, lse_strides, dq_acc if zero_dq else None, prob)
         pre_args = build_pre(out, dout, delta, cu_q, dq_acc if zero_dq else delta, done)
         pre_flags = dict(HEAD_DIM=prob.headdim, BLOCK_D=bd, BLOCK_M=cfg.block_m, IS_VARLEN=prob.varlen,
-                         ZERO_DQ=zero_dq, ZERO_DONE=fused)
+                         ZERO_DQ=zero_dq, ZERO_DONE=fused, BH_AXES=len(grid) == 3)
         _launch_preprocess(grid, *pre_args, **pre_flags)
     if gluon:
         made = gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
@@ -381,7 +381,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                 *qkv_do_strides, *_seq_strides(dq, prob.varlen), *lse_strides, stride_ab,
                 prob.nheads, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k, *scalars,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                FAST_TANH=bd > 64 or prob.causal, **flags,
+                FAST_TANH=bd > 64 or prob.causal, BH_AXES=len(grid) == 3, **flags,
             )
     cfg = get_config("fused" if fused else "dkdv", bd, prob.causal, q.dtype, prob.dropout_p > 0)
     grid = bh_grid(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)
@@ -399,7 +399,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
             prob.nheads, prob.nheads_k, prob.nheads // prob.nheads_k, prob.max_seqlen_q, prob.max_seqlen_k,
             dq_rows, *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            FUSED_DQ=fused, DQ_TMA=tma, FAST_TANH=True, **flags,
+            FUSED_DQ=fused, DQ_TMA=tma, FAST_TANH=True, BH_AXES=len(grid) == 3, **flags,
         )
     if fused:
         _fused_dq_out(dq_acc, dq, prob)
