@@ -107,3 +107,18 @@ def test_memory_efficient_attention_empty(b, sq, sk):
     assert out.shape == q.shape and not out.any()
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert dq.shape == q.shape and not (dq.any() or dk.any() or dv.any())
+
+
+@pytest.mark.parametrize("path", ["kernels", "chunked"])
+def test_second_derivative_raises(path):
+    """A backward with create_graph=True gives first derivatives that cannot be differentiated again: a loss
+    that holds them raises in its backward instead of leaving their term out (or taking a partial one)."""
+    q, k, v = (_t(1, 12, 2, 16, requires_grad=True).float().detach().requires_grad_() for _ in range(3))
+    if path == "kernels":
+        out = ioattn.flash_attn_func(q, k, v, causal=True)
+    else:
+        out = ioattn.memory_efficient_attention(q.cpu(), k.cpu(), v.cpu(), causal=True)
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    penalised = out.sum() + dq.square().sum()  # a gradient penalty, as in WGAN-GP
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalised.backward()

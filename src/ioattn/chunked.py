@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import validation as V
 from .dropout import draw_seed, dropout_keep_mask
@@ -242,6 +243,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return out, lse_out
 
     @staticmethod
+    @once_differentiable  # its in-place tile updates have no second derivative: raise rather than guess
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, slopes = ctx.saved_tensors
         dq, dk, dv = _backward(dout, q, k, v, out, lse, slopes, ctx.spec)

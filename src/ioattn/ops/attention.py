@@ -9,6 +9,7 @@ int64 scalar tensor that the backward op reads to regenerate the same mask.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..dropout import draw_seed
 from ..kernels.attn_fwd_gluon import forward_plan_key, gluon_forward, gluon_forward_planned, gluon_forward_supported
@@ -117,6 +118,7 @@ class FlashAttnFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # no second derivative: a create_graph=True backward through it raises, not zeros
     def backward(ctx, dout, _dlse):
         if dout is None:  # grads are not materialised: nothing reached out
             return (None,) * 14
