@@ -216,3 +216,37 @@ def test_s_dmask_through_autograd_rows_without_keys_and_heads_slopes():
                                               alibi_slopes=torch.tensor([0.2, 0.05], device=DEVICE))
     torch.testing.assert_close(_reconstruct(s[:1], vv[None, :30], p)[0].float(), out[:30].float(), atol=2e-3,
                                rtol=2e-3)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("path", ["kernels", "chunked"])
+def test_activation_checkpointing_recomputes_the_same_mask(reentrant, path, monkeypatch):
+    """``torch.utils.checkpoint`` reruns the forward in the backward: the seed comes from the CPU generator,
+    whose state checkpointing restores, so the rerun drops the same elements and the gradients equal those of
+    the call without checkpointing, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    import ioattn
+
+    dev = DEVICE if path == "kernels" else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    if path == "chunked":
+        monkeypatch.setenv("IOATTN_BACKEND", "chunked")
+
+    def leaves():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(2, 40, 2, 32, generator=g).to(dev, dtype).requires_grad_() for _ in range(3)]
+
+    def attend(q, k, v):
+        return ioattn.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, deterministic=True)
+
+    results = []
+    for ckpt in (False, True):
+        q, k, v = leaves()
+        torch.manual_seed(5)
+        out = checkpoint(attend, q, k, v, use_reentrant=reentrant) if ckpt else attend(q, k, v)
+        torch.manual_seed(99)  # the generator moves between the forward and the backward
+        (out.float() * torch.linspace(-1, 1, out.shape[-1], device=dev)).sum().backward()
+        results.append((out, q.grad, k.grad, v.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
