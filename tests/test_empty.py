@@ -122,3 +122,44 @@ def test_second_derivative_raises(path):
     penalised = out.sum() + dq.square().sum()  # a gradient penalty, as in WGAN-GP
     with pytest.raises(RuntimeError, match="differentiate twice"):
         penalised.backward()
+
+
+def test_empty_calls_launch_nothing(monkeypatch):
+    """Every empty form returns before any kernel: a launch through any launcher fails the test."""
+    from ioattn.kernels.fastlaunch import Launcher
+
+    monkeypatch.setattr(Launcher, "__call__", lambda *a, **k: pytest.fail("a kernel launched"))
+    monkeypatch.setattr(Launcher, "launch_entry", lambda *a, **k: pytest.fail("a kernel launched"))
+    for b, sq, sk in [(0, 8, 8), (2, 0, 8), (2, 8, 0)]:
+        q, k, v = _t(b, sq, 4, 64, requires_grad=True), _t(b, sk, 2, 64, requires_grad=True), _t(b, sk, 2, 64,
+                                                                                                 requires_grad=True)
+        out = ioattn.flash_attn_func(q, k, v, causal=True)
+        out.sum().backward()
+    cu_q = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 20, 50], dtype=torch.int32, device=DEVICE)
+    ioattn.flash_attn_varlen_func(_t(0, 4, 64), _t(50, 2, 64), _t(50, 2, 64), cu_q, cu_k, 0, 30)
+    k_cache = _t(8, 16, 2, 64)
+    table = torch.arange(8, dtype=torch.int32, device=DEVICE).view(2, 4)
+    ioattn.flash_attn_varlen_func(_t(0, 4, 64), k_cache, k_cache, cu_q, cu_k, 0, 30, block_table=table)
+    ioattn.flash_attn_with_kvcache(_t(0, 1, 4, 64), k_cache, k_cache, _t(0, 1, 2, 64), _t(0, 1, 2, 64),
+                                   cache_seqlens=torch.zeros(0, dtype=torch.int32, device=DEVICE),
+                                   block_table=table[:0])
+    ioattn.write_kv(_t(0, 2, 64), _t(0, 2, 64), k_cache, k_cache, torch.zeros(0, dtype=torch.int64, device=DEVICE))
+
+
+def test_empty_side_with_strided_views_compiles_and_stays_contiguous():
+    """The non-empty side's output or gradients come back contiguous, as the kernels' and the fake impls'
+    (torch.compile checks the strides of what an op returns)."""
+    q = _t(2, 8, 4, 16).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (2, 8, 4, 16), strided
+    k, v = _t(2, 0, 4, 16), _t(2, 0, 4, 16)
+    out = ioattn.flash_attn_func(q, k, v)
+    assert out.is_contiguous() and not out.any()
+    compiled = torch.compile(lambda q, k, v: ioattn.flash_attn_func(q, k, v) + 1, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), out + 1)
+    qe = _t(2, 0, 4, 16, requires_grad=True)
+    ks, vs = (_t(2, 4, 8, 16).transpose(1, 2).requires_grad_() for _ in range(2))  # (2, 8, 4, 16), strided
+    dk, dv = torch.autograd.grad(ioattn.flash_attn_func(qe, ks, vs).sum(), (ks, vs))
+    assert dk.is_contiguous() and dv.is_contiguous() and not (dk.any() or dv.any())
+    fn = torch.compile(lambda q, k, v: ioattn.flash_attn_func(q, k, v).sum(), fullgraph=True)
+    dq, dk, dv = torch.autograd.grad(fn(qe, ks, vs), (qe, ks, vs))
+    assert dq.shape == qe.shape and dk.shape == ks.shape and not (dk.any() or dv.any())

@@ -25,11 +25,23 @@ def test_bh_grid():
         bh_grid(1, 2, MAX_GRID_YZ + 1)
 
 
-def test_too_many_sequences_raise_clearly():
-    q = torch.randn(MAX_GRID_YZ + 1, 1, 1, 16, dtype=torch.float16, device=DEVICE, requires_grad=True)
-    with pytest.raises(ValueError, match="at most 65535 sequences"):
-        out = ioattn.flash_attn_func(q, q, q)  # the Gluon forward has a 1D grid: then its backward raises
-        out.sum().backward()
+@pytest.mark.parametrize("form", ["sequences", "heads", "varlen"])
+def test_too_many_sequences_or_heads_raise_before_any_kernel(form, monkeypatch):
+    """Past the bound the call raises at once, forward included (the d = 128 Gluon forward's one-axis grid
+    could run, but its backward could not)."""
+    from ioattn.kernels.fastlaunch import Launcher
+
+    monkeypatch.setattr(Launcher, "__call__", lambda *a, **k: pytest.fail("a kernel launched"))
+    n = MAX_GRID_YZ + 1
+    with pytest.raises(ValueError, match="at most 65535 sequences and 65535 heads"):
+        if form == "varlen":
+            q = torch.randn(n, 1, 16, dtype=torch.float16, device=DEVICE)
+            cu = torch.arange(n + 1, dtype=torch.int32, device=DEVICE)
+            ioattn.flash_attn_varlen_func(q, q, q, cu, cu, 1, 1)
+        else:
+            shape = (n, 1, 1, 16) if form == "sequences" else (1, 1, n, 16)
+            q = torch.randn(*shape, dtype=torch.float16, device=DEVICE)
+            ioattn.flash_attn_func(q, q, q)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="tens of thousands of programs: too slow for the interpreter")

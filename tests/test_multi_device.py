@@ -9,6 +9,8 @@ guard itself (``ioattn.ops._dispatch.on_first_device``) is also checked on one d
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import torch
 
@@ -33,7 +35,9 @@ def _same(a, b):
 
 
 def _run_both(fn, *tensors, other="cuda:1"):
-    """fn on the tensors on cuda:0 and on ``other``, the current device staying cuda:0; the outputs of each."""
+    """fn on the tensors on cuda:0 and on ``other``, the current device staying cuda:0; the outputs of each.
+    (A backward runs on the autograd engine's thread for its device, which sets that device itself: the
+    forwards and the in-place cache writes are what need the guard.)"""
     torch.cuda.set_device(0)
     here = fn(*_on("cuda:0", *tensors))
     there = fn(*_on(other, *tensors))
@@ -175,6 +179,8 @@ def test_paged_varlen_and_write_kv_on_the_other_gpu():
 
 @needs_two
 def test_compiled_call_on_the_other_gpu():
+    """Under torch.compile inductor holds a device guard of its own (this passed without ours too): a check
+    that the guarded op composes with it."""
     q, k, v = _qkv(sq=256, sk=256)
 
     @torch.compile(fullgraph=True, dynamic=False)
@@ -208,9 +214,9 @@ def test_eager_op_keeps_the_function_schema():
     def double(x: torch.Tensor, scale: float) -> torch.Tensor:
         return x * 2 * scale
 
-    op = EagerOp("ioattn_test::double_on_first_device", double)
-    assert str(op.op._opoverload._schema) == (
-        "ioattn_test::double_on_first_device(Tensor x, float scale) -> Tensor")
+    name = f"double_{uuid.uuid4().hex[:8]}"  # a fresh op each run: a process may run this test twice
+    op = EagerOp(f"ioattn_test::{name}", double)
+    assert str(op.op._opoverload._schema) == f"ioattn_test::{name}(Tensor x, float scale) -> Tensor"
     x = torch.arange(3.0)
     torch.testing.assert_close(op(x, 0.5), x)
     torch.testing.assert_close(op.op(x, 0.5), x)

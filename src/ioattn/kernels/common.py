@@ -321,10 +321,16 @@ def bh_grid(blocks: int, nheads: int, batch: int) -> tuple[int, ...]:
     each, as flash-attn's grids do, and raises ``ValueError`` past that."""
     if batch * nheads <= MAX_GRID_YZ:
         return blocks, batch * nheads
+    check_grid_bounds(batch, nheads)
+    return blocks, nheads, batch
+
+
+def check_grid_bounds(batch: int, nheads: int) -> None:
+    """``ValueError`` unless ``bh_grid`` can launch ``batch`` sequences of ``nheads`` heads (the attention ops
+    check it before their first kernel, whatever grid that kernel takes)."""
     if batch > MAX_GRID_YZ or nheads > MAX_GRID_YZ:
         raise ValueError(f"the attention kernels take at most {MAX_GRID_YZ} sequences and {MAX_GRID_YZ} heads a "
                          f"call (CUDA's grid limit), got {batch} sequences of {nheads} heads: split the batch")
-    return blocks, nheads, batch
 
 
 @triton.jit

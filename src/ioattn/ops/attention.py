@@ -13,6 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from ..dropout import draw_seed
 from ..kernels.attn_fwd_gluon import forward_plan_key, gluon_forward, gluon_forward_planned, gluon_forward_supported
+from ..kernels.common import check_grid_bounds
 from ..kernels.launch import attn_bwd, attn_fwd, backward_plan_key, gluon_backward_planned, lse_shape, make_problem
 from ._dispatch import EagerOp
 
@@ -32,10 +33,11 @@ def _flash_attn_fwd(
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
     seed = draw_seed() if dropout_p > 0 else 0  # drawn for an empty call too: the generator moves as always
+    check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
     if q.numel() == 0 or k.numel() == 0:  # no query or no key (a batch of none): nothing to launch
         lse = torch.full(lse_shape(q, cu_seqlens_q is not None), float("-inf"), dtype=torch.float32,
                          device=q.device)
-        return torch.zeros_like(q), lse, torch.tensor(seed, dtype=torch.int64)
+        return q.new_zeros(q.shape), lse, torch.tensor(seed, dtype=torch.int64)  # contiguous, as the kernels
     plan_key = None
     if cu_seqlens_q is None and alibi_slopes is None:
         # A dense call like earlier ones takes their plan: no support check, config or launch key again.
@@ -73,7 +75,7 @@ def _flash_attn_bwd(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.numel() == 0 or k.numel() == 0:  # the forward's empty case: no gradient reaches anything
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
     seed_value = int(seed)

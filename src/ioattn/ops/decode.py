@@ -403,9 +403,9 @@ def _kvcache_attention(
     """Attention of q (batch, seqlen_q, nheads, d) over cache positions [cache_leftpad[b], cache_seqlens[b] +
     seqlen_new) of each sequence (from 0 without cache_leftpad); returns out like q and lse float32 (batch,
     nheads, seqlen_q)."""
-    if q.numel() == 0:  # a batch of none: nothing to append or attend
+    if q.numel() == 0:  # a batch of none: nothing to attend (kv_write has appended nothing either)
         batch, seqlen_q, nheads, _ = q.shape
-        return torch.zeros_like(q), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
+        return q.new_zeros(q.shape), q.new_empty(batch, nheads, seqlen_q, dtype=torch.float32)
     if select_backend(q.device) != "triton":  # the any-device path; num_splits is a kernel-only knob
         return kvcache_attention_torch(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
                                        cache_leftpad, rotary_cos, rotary_sin, alibi_slopes, seqlen_new,
@@ -436,7 +436,7 @@ def _paged_varlen_attention(
     queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys the first ``seqlens_k[b]`` positions of
     its pages ``block_table[b]``, aligned bottom-right. Returns out like q and lse float32 (nheads, total_q)."""
     if q.numel() == 0:  # no query rows
-        return torch.zeros_like(q), q.new_empty(q.shape[1], 0, dtype=torch.float32)
+        return q.new_zeros(q.shape), q.new_empty(q.shape[1], 0, dtype=torch.float32)
     if select_backend(q.device) != "triton":
         return paged_varlen_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table,
                                             alibi_slopes, softmax_scale, window_left, window_right, softcap)
