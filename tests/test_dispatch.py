@@ -2,6 +2,7 @@
 
 import types
 
+import pytest
 import torch
 from conftest import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -192,3 +193,35 @@ def test_plan_helpers():
         assert table.ready(("k",), (buf,)) is None
     finally:
         fastlaunch._TABLES.remove(table)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_deterministic_algorithms_switch_picks_the_deterministic_backward(monkeypatch, varlen):
+    """``torch.use_deterministic_algorithms(True)`` makes the backward the deterministic one, as PyTorch's own
+    ops follow that switch; without it the call's ``deterministic`` argument decides."""
+    import ioattn.ops.attention as attention
+
+    seen = []
+    real = attention.flash_attn_bwd.fn
+
+    def spy(*args):
+        seen.append(args[-1])  # the op's last argument: deterministic
+        return real(*args)
+
+    monkeypatch.setattr(attention.flash_attn_bwd, "fn", spy)
+    q, k, v = (torch.randn(2, 24, 2, 16, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 24, 48], dtype=torch.int32, device=DEVICE)
+
+    def call():
+        if varlen:
+            return ioattn.flash_attn_varlen_func(*(t.flatten(0, 1) for t in (q, k, v)), cu, cu, 24, 24, causal=True)
+        return ioattn.flash_attn_func(q, k, v, causal=True)
+
+    call().sum().backward()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        call().sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert seen == [False, True]

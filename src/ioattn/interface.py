@@ -118,7 +118,8 @@ def flash_attn_func(
         deterministic: flash-attn's switch for a bitwise-reproducible backward. False takes the single-pass
             backward, whose dQ is summed with fp32 atomics (its last bits may vary between runs); True
             sums dQ in a fixed order (the Hopper kernel: key blocks take turns) or runs a separate dQ pass
-            without atomics (elsewhere): bitwise reproducible, somewhat slower.
+            without atomics (elsewhere): bitwise reproducible, somewhat slower. True as well under
+            ``torch.use_deterministic_algorithms(True)``.
         return_attn_probs: also return the log-sum-exp and flash-attn's S_dmask (for testing, as there).
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype.

@@ -142,10 +142,13 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
                softcap, alibi_slopes, dropout_p, deterministic):
     """FlashAttnFunction where autograd may want a derivative (grad mode with an input that requires grad, or
     a forward-AD level, which the Function refuses with its own error); otherwise the forward op alone
-    (inference: no autograd node to record, which is host time a call)."""
+    (inference: no autograd node to record, which is host time a call). Under
+    ``torch.use_deterministic_algorithms(True)`` the backward is the deterministic one whatever ``deterministic``
+    says, as PyTorch's own ops honour that switch."""
     if _forward_ad_level() >= 0 or torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
             or (alibi_slopes is not None and alibi_slopes.requires_grad)):
+        deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        softmax_scale, left, right, softcap, alibi_slopes, dropout_p, deterministic)
     out, lse, _seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
