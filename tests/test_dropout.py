@@ -218,7 +218,7 @@ def test_s_dmask_through_autograd_rows_without_keys_and_heads_slopes():
                                rtol=2e-3)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])  # test_shard's -k True
 @pytest.mark.parametrize("path", ["kernels", "chunked"])
 def test_activation_checkpointing_recomputes_the_same_mask(reentrant, path, monkeypatch):
     """``torch.utils.checkpoint`` reruns the forward in the backward: the seed comes from the CPU generator,
