@@ -250,3 +250,33 @@ def test_activation_checkpointing_recomputes_the_same_mask(reentrant, path, monk
         results.append((out, q.grad, k.grad, v.grad))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_dropout_refused_in_cuda_graph_capture_and_fresh_under_compile():
+    """A captured call would replay one seed, hence one mask, at every replay: capture refuses dropout, under
+    torch.compile(mode="reduce-overhead") too wherever inductor captures the call; calls it leaves uncaptured
+    draw a fresh mask each time. Without dropout a captured call runs as before."""
+    import ioattn
+
+    q, k, v = (torch.randn(2, 128, 4, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    ioattn.flash_attn_func(q, k, v, dropout_p=0.2)  # compiled and warm before the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph, stream=side):
+            ioattn.flash_attn_func(q, k, v, dropout_p=0.2)
+    torch.cuda.synchronize()
+    for grad in (False, True):  # the forward op alone, and the autograd Function (its seed saved on the CPU)
+        qg = q.clone().requires_grad_(grad)
+        fn = torch.compile(lambda q, k, v: ioattn.flash_attn_func(q, k, v, dropout_p=0.2), mode="reduce-overhead")
+        try:
+            outs = [fn(qg, k, v).detach().clone() for _ in range(4)]
+        except RuntimeError as err:  # inductor captured the call in a graph: refused, never one replayed mask
+            assert "cannot be captured in a CUDA graph" in str(err)
+        else:
+            assert not torch.equal(outs[-1], outs[-2])  # not captured: a fresh mask each call
+    plain = torch.compile(lambda q, k, v: ioattn.flash_attn_func(q, k, v), mode="reduce-overhead")
+    outs = [plain(q, k, v).clone() for _ in range(4)]
+    torch.testing.assert_close(outs[-1], ioattn.flash_attn_func(q, k, v))

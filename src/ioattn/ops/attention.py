@@ -32,6 +32,10 @@ def _flash_attn_fwd(
     (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0``
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
+    if dropout_p > 0 and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        # The seed is drawn on the host: a captured graph would replay one mask at every replay.
+        raise RuntimeError("dropout_p > 0 cannot be captured in a CUDA graph: the dropout seed is drawn on the "
+                           "host, so every replay would drop the same elements; capture with dropout_p=0")
     seed = draw_seed() if dropout_p > 0 else 0  # drawn for an empty call too: the generator moves as always
     check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
     if q.numel() == 0 or k.numel() == 0:  # no query or no key (a batch of none): nothing to launch
