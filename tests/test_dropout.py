@@ -280,3 +280,21 @@ def test_dropout_refused_in_cuda_graph_capture_and_fresh_under_compile():
     plain = torch.compile(lambda q, k, v: ioattn.flash_attn_func(q, k, v), mode="reduce-overhead")
     outs = [plain(q, k, v).clone() for _ in range(4)]
     torch.testing.assert_close(outs[-1], ioattn.flash_attn_func(q, k, v))
+
+
+def test_call_seed_refuses_capture(monkeypatch):
+    """The shared seed draw of the kernels' and the chunked path's calls: 0 without dropout, a fresh draw
+    with it, a RuntimeError while a CUDA graph is being captured (faked here for a CPU run)."""
+    from ioattn.dropout import call_seed
+
+    t = torch.zeros(1)
+    assert call_seed(t, 0.0) == 0
+    torch.manual_seed(3)
+    first = call_seed(t, 0.1)
+    torch.manual_seed(3)
+    assert call_seed(t, 0.1) == first == draw_seed(torch.Generator().manual_seed(3))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        call_seed(t, 0.1)
+    assert call_seed(t, 0.0) == 0

@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import validation as V
-from .dropout import draw_seed, dropout_keep_mask
+from .dropout import call_seed, dropout_keep_mask
 
 __all__ = ["memory_efficient_attention", "chunked_attention", "chunked_attention_varlen"]
 
@@ -294,7 +294,7 @@ def chunked_attention(
         out (batch, seqlen_q, nheads, headdim) in q's dtype, lse float32 (batch, nheads, seqlen_q).
     """
     query_chunk_size, key_chunk_size = _chunks(q, q.shape[0] * q.shape[2], query_chunk_size, key_chunk_size)
-    seed = draw_seed() if dropout_p > 0 else 0
+    seed = call_seed(q, dropout_p)
     spec = _spec(softmax_scale, causal, window_size, softcap, dropout_p, seed, None,
                  (q.shape[0], q.shape[1], k.shape[1]), query_chunk_size, key_chunk_size)
     return _ChunkedAttention.apply(q, k, v, alibi_slopes, spec)
@@ -333,7 +333,7 @@ def chunked_attention_varlen(
     starts_q = cu_seqlens_q.tolist()
     starts_k = cu_seqlens_k.tolist()
     batch = len(starts_q) - 1
-    seed = draw_seed() if dropout_p > 0 else 0
+    seed = call_seed(q, dropout_p)
     outs, lses = [], []
     for b in range(batch):
         q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]

@@ -39,6 +39,18 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu", generator=generator).item())
 
 
+def call_seed(t: torch.Tensor, dropout_p: float) -> int:
+    """The seed of an attention call on ``t``'s device: 0 without dropout, else ``draw_seed()``. Refused
+    inside a CUDA graph capture (``torch.compile(mode="reduce-overhead")`` included): the host's seed would
+    be replayed, and with it one mask, at every replay."""
+    if dropout_p <= 0:
+        return 0
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("dropout_p > 0 cannot be captured in a CUDA graph: the dropout seed is drawn on the "
+                           "host, so every replay would drop the same elements; capture with dropout_p=0")
+    return draw_seed()
+
+
 def keep_threshold(dropout_p: float) -> int:
     """The 16-bit threshold: a value ``u`` is kept when ``u >= ceil(float32(dropout_p) * 65536)``
     (the kernels receive ``dropout_p`` as a float32 and compute the same integer)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..dropout import draw_seed
+from ..dropout import call_seed
 from ..kernels.attn_fwd_gluon import forward_plan_key, gluon_forward, gluon_forward_planned, gluon_forward_supported
 from ..kernels.common import check_grid_bounds
 from ..kernels.launch import attn_bwd, attn_fwd, backward_plan_key, gluon_backward_planned, lse_shape, make_problem
@@ -32,11 +32,7 @@ def _flash_attn_fwd(
     (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0``
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
-    if dropout_p > 0 and q.is_cuda and torch.cuda.is_current_stream_capturing():
-        # The seed is drawn on the host: a captured graph would replay one mask at every replay.
-        raise RuntimeError("dropout_p > 0 cannot be captured in a CUDA graph: the dropout seed is drawn on the "
-                           "host, so every replay would drop the same elements; capture with dropout_p=0")
-    seed = draw_seed() if dropout_p > 0 else 0  # drawn for an empty call too: the generator moves as always
+    seed = call_seed(q, dropout_p)  # drawn for an empty call too: the generator moves as always
     check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
     if q.numel() == 0 or k.numel() == 0:  # no query or no key (a batch of none): nothing to launch
         lse = torch.full(lse_shape(q, cu_seqlens_q is not None), float("-inf"), dtype=torch.float32,
