@@ -5,6 +5,11 @@ timed in turn per round through the public API, with cuDNN beside them for plain
     PYTHONPATH=src python scripts/ab_module.py --pass bwd --base /tmp/base.py \\
         --cells 128:causal:4096,128:plain:4096 [--rounds 5]
 
+A baseline from before the dropout seed became a device tensor (e628758 and earlier) takes ``--int-seed``: its
+launcher gets a fixed int for the seed tensor (the time does not depend on the value, and reading the tensor
+would synchronise). Its backward module must then import the same era's ``dropout_keep_wgmma`` (a copy of that
+forward module beside the library's, its import line pointed at it).
+
 Cells are ``ioattn bench features`` cases (bf16, 16k tokens, hidden 2048): ``d:feature:seqlen``. Prints, per
 cell, TFLOPs/s of each side and the median of the per-round speed ratios new / base (and new / cuDNN).
 """
@@ -12,6 +17,7 @@ cell, TFLOPs/s of each side and the median of the per-round speed ratios new / b
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import os
@@ -45,16 +51,34 @@ def load_baseline(path: str, module: str):
     return mod
 
 
+def int_seed(fn):
+    """``fn`` (a baseline launcher taking ``seed`` as an int) called with a seed tensor: a fixed int instead."""
+    pos = list(inspect.signature(fn).parameters).index("seed")
+
+    @functools.wraps(fn)
+    def wrapped(*a, **kw):
+        if len(a) > pos and isinstance(a[pos], torch.Tensor):
+            a = (*a[:pos], 0x5DEECE66D, *a[pos + 1:])
+        if isinstance(kw.get("seed"), torch.Tensor):
+            kw["seed"] = 0x5DEECE66D
+        return fn(*a, **kw)
+
+    return wrapped
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pass", dest="direction", choices=("fwd", "bwd"), default="bwd")
     ap.add_argument("--base", required=True, help="baseline file of the pass's kernel module")
     ap.add_argument("--cells", required=True, help="'d:feature:seqlen,...'")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--int-seed", action="store_true", help="the baseline takes the dropout seed as an int")
     args = ap.parse_args()
     owner, name, module = TARGETS[args.direction]
     new_fn = getattr(owner, name)
     base_fn = getattr(load_baseline(args.base, module), name)
+    if args.int_seed:
+        base_fn = int_seed(base_fn)
     if args.direction == "fwd":
         base_gluon_forward = base_fn
 

@@ -76,7 +76,10 @@ def _portable_signature(kernel, consts: dict, elem_ty: str, sig: dict | None = N
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name == "seed":
+        elif name == "seed" and consts.get("DROPOUT"):  # a pointer to the call's seed (``kernel_seed``)
+            sig[name] = "*i64"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "seed":  # 0: unused
             sig[name] = "i64"
         else:
             sig[name] = "i32"
@@ -254,8 +257,8 @@ def _compile_gluon_bwd(kernel, d: int, cfg: BwdConfig, dtype, consts: dict):
             sig[name] = "*i32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name == "seed":
-            sig[name] = "i64"
+        elif name == "seed":  # with dropout a pointer to the call's seed (``kernel_seed``), else 0: unused
+            sig[name] = "*i64" if consts.get("DROPOUT") else "i64"
         else:
             sig[name] = "i32"
     src = GluonASTSource(kernel, sig, consts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import pathlib
 import re
 import subprocess
@@ -25,6 +26,7 @@ from triton.runtime.jit import mangle_type
 from ioattn.kernels.attn_fwd_gluon import (
     _CONFIGS,
     _GL_DTYPES,
+    _SINGLE_MAXNREG,
     FwdConfig,
     attn_fwd_gluon_kernel,
     attn_fwd_gluon_ws_kernel,
@@ -64,7 +66,8 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
     for name in ("stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh", "stride_ab", "stride_qh",
                  "stride_kh", "stride_vh", "nheads", "group", "max_seqlen_q", "max_seqlen_k"):
         sig[name] = "i32"
-    sig.update(score_scale="fp32", tanh_scale="fp32", window_left="i32", window_right="i32", seed="i64",
+    sig.update(score_scale="fp32", tanh_scale="fp32", window_left="i32", window_right="i32",
+               seed="*i64" if flags.get("DROPOUT") else "i64",
                dropout_p="fp32")
     consts = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_STAGES": stages,
               **{f: flags.get(f, False) for f in FLAGS}, "DROPOUT": flags.get("DROPOUT", False),
@@ -100,7 +103,12 @@ def compile_variant(d: int, dtype: torch.dtype, overlap: bool, config: FwdConfig
     for k in consts:
         sig[k] = "constexpr"
     src = GluonASTSource(kernel, sig, consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    options = {"num_warps": warps}
+    if kernel is attn_fwd_gluon_kernel and flags.get("DROPOUT", False):
+        options["maxnreg"] = _SINGLE_MAXNREG  # as gluon_forward launches it
+    if os.environ.get("MAXNREG"):  # another bound, for a probe
+        options["maxnreg"] = int(os.environ["MAXNREG"])
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_report(ptx: str) -> str:

@@ -104,10 +104,10 @@ def test_launch_plans_decline_cpu_tensors(monkeypatch):
     from ioattn.kernels import attn_fwd_gluon, launch
 
     q = torch.randn(1, 8, 2, 64)
-    assert attn_fwd_gluon.forward_plan_key(q, q, q, 0.125, (-1, -1), 0.0, 0.0, 0) is None
+    assert attn_fwd_gluon.forward_plan_key(q, q, q, 0.125, (-1, -1), 0.0, 0.0) is None
     lse = torch.zeros(1, 2, 8)
     prob = launch.make_problem(q, q, None, 8, 8, 0.125, -1, -1, 0.0, 0.0)
-    assert launch.backward_plan_key(q, q, q, q, q, lse, prob, 0) is None
+    assert launch.backward_plan_key(q, q, q, q, q, lse, prob) is None
     if DEVICE == "cpu":
         out = ioattn.flash_attn_func(q.requires_grad_(), q, q, causal=True)
         out.sum().backward()

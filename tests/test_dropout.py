@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from conftest import DEVICE
 
-from ioattn.dropout import counters_per_row, draw_seed, dropout_keep_mask, keep_threshold, philox4x32
+from ioattn.dropout import counters_per_row, draw_seed, dropout_keep_mask, keep_threshold, philox4x32, rng_state
 from ioattn.kernels.common import dropout_keep, dropout_keep_t, philox, philox_grid
 
 
@@ -108,7 +108,7 @@ def test_kernel_tile_helper_matches_the_grid(block, transposed):
 
 
 def test_sub_blocks_match_the_whole_grid():
-    seed, batch, nheads, sq, sk, p = draw_seed(), 3, 2, 37, 53, 0.25
+    seed, batch, nheads, sq, sk, p = draw_seed(DEVICE), 3, 2, 37, 53, 0.25
     full = dropout_keep_mask(seed, batch, nheads, sq, sk, p, DEVICE)
     block = dropout_keep_mask(seed, batch, nheads, sq, sk, p, DEVICE,
                               q_start=5, k_start=11, q_len=13, k_len=29)
@@ -133,9 +133,9 @@ def test_kept_fraction_and_seed_dependence():
 
 def test_draw_seed_follows_torch_manual_seed():
     torch.manual_seed(5)
-    s1 = draw_seed()
+    s1 = draw_seed(DEVICE)
     torch.manual_seed(5)
-    assert draw_seed() == s1
+    assert draw_seed(DEVICE) == s1
     assert 0 <= s1 < 2**62
 
 
@@ -221,8 +221,8 @@ def test_s_dmask_through_autograd_rows_without_keys_and_heads_slopes():
 @pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])  # test_shard's -k True
 @pytest.mark.parametrize("path", ["kernels", "chunked"])
 def test_activation_checkpointing_recomputes_the_same_mask(reentrant, path, monkeypatch):
-    """``torch.utils.checkpoint`` reruns the forward in the backward: the seed comes from the CPU generator,
-    whose state checkpointing restores, so the rerun drops the same elements and the gradients equal those of
+    """``torch.utils.checkpoint`` reruns the forward in the backward: the seed comes from the device's
+    generator, whose state checkpointing restores, so the rerun drops the same elements and the gradients equal those of
     the call without checkpointing, bit for bit."""
     from torch.utils.checkpoint import checkpoint
 
@@ -253,48 +253,88 @@ def test_activation_checkpointing_recomputes_the_same_mask(reentrant, path, monk
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
-def test_dropout_refused_in_cuda_graph_capture_and_fresh_under_compile():
-    """A captured call would replay one seed, hence one mask, at every replay: capture refuses dropout, under
-    torch.compile(mode="reduce-overhead") too wherever inductor captures the call; calls it leaves uncaptured
-    draw a fresh mask each time. Without dropout a captured call runs as before."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_dropout_in_a_cuda_graph_draws_a_fresh_mask_each_replay(d):
+    """A captured training step with dropout (forward and deterministic backward in one CUDA graph): each
+    replay draws a fresh seed on the device, hence a fresh mask, and gives bit for bit what the same step gives
+    eagerly from the generator's state before that replay (the backward regenerates the replay's mask)."""
     import ioattn
 
-    q, k, v = (torch.randn(2, 128, 4, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-    ioattn.flash_attn_func(q, k, v, dropout_p=0.2)  # compiled and warm before the capture
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 300, 4, d, device="cuda", dtype=torch.bfloat16)
+
+    def step(q, k, v):
+        out = ioattn.flash_attn_func(q, k, v, dropout_p=0.2, causal=True, deterministic=True)
+        return out, torch.autograd.grad(out, (q, k, v), dout)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: compiles and plans
+        for _ in range(2):
+            step(q, k, v)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-        with torch.cuda.graph(graph, stream=side):
-            ioattn.flash_attn_func(q, k, v, dropout_p=0.2)
-    torch.cuda.synchronize()
-    for grad in (False, True):  # the forward op alone, and the autograd Function (its seed saved on the CPU)
+    with torch.cuda.graph(graph):
+        static = step(q, k, v)
+    outs = []
+    for _ in range(3):
+        state = rng_state("cuda")
+        graph.replay()
+        got = (static[0].clone(), *(g.clone() for g in static[1]))
+        assert not torch.equal(state, rng_state("cuda"))  # the replay moved the device's generator
+        torch.cuda.set_rng_state(state)
+        out, grads = step(q, k, v)
+        for a, b in zip(got, (out, *grads), strict=True):
+            assert torch.equal(a, b)
+        outs.append(got[0])
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_dropout_fresh_under_compile_reduce_overhead():
+    """torch.compile(mode="reduce-overhead") with dropout, in inference and in training: every step drops a
+    fresh mask (never one replayed), each equal to the eager call's from the same generator state; without
+    dropout the captured call gives the eager result."""
+    import ioattn
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for grad in (False, True):  # the forward op alone, and the autograd Function (its seed tensor saved)
         qg = q.clone().requires_grad_(grad)
         fn = torch.compile(lambda q, k, v: ioattn.flash_attn_func(q, k, v, dropout_p=0.2), mode="reduce-overhead")
-        try:
-            outs = [fn(qg, k, v).detach().clone() for _ in range(4)]
-        except RuntimeError as err:  # inductor captured the call in a graph: refused, never one replayed mask
-            assert "cannot be captured in a CUDA graph" in str(err)
-        else:
-            assert not torch.equal(outs[-1], outs[-2])  # not captured: a fresh mask each call
+        outs = []
+        for _ in range(5):
+            state = rng_state("cuda")
+            out = fn(qg, k, v).detach().clone()
+            torch.cuda.set_rng_state(state)
+            assert torch.equal(out, ioattn.flash_attn_func(q, k, v, dropout_p=0.2))
+            outs.append(out)
+        assert all(not torch.equal(a, b) for a, b in zip(outs[:-1], outs[1:], strict=True))
     plain = torch.compile(lambda q, k, v: ioattn.flash_attn_func(q, k, v), mode="reduce-overhead")
     outs = [plain(q, k, v).clone() for _ in range(4)]
     torch.testing.assert_close(outs[-1], ioattn.flash_attn_func(q, k, v))
 
 
-def test_call_seed_refuses_capture(monkeypatch):
-    """The shared seed draw of the kernels' and the chunked path's calls: 0 without dropout, a fresh draw
-    with it, a RuntimeError while a CUDA graph is being captured (faked here for a CPU run)."""
-    from ioattn.dropout import call_seed
+def test_call_seed_draws_on_the_inputs_device():
+    """A call's seed: None without dropout (no generator moves); with it a (1,) int64 tensor on the inputs'
+    device from that device's generator, the value ``draw_seed`` reads from a generator at the state before the
+    call; ``kernel_seed`` passes such a tensor on and copies an int to the device; the torch port of Philox
+    takes the tensor as it takes the int."""
+    from ioattn.dropout import call_seed, generator_at, kernel_seed
 
-    t = torch.zeros(1)
-    assert call_seed(t, 0.0) == 0
+    t = torch.zeros(1, device=DEVICE)
     torch.manual_seed(3)
-    first = call_seed(t, 0.1)
+    state = rng_state(DEVICE)
+    assert call_seed(t, 0.0) is None and torch.equal(state, rng_state(DEVICE))
+    seed = call_seed(t, 0.1)
+    assert seed.shape == (1,) and seed.dtype == torch.int64 and seed.device == t.device
+    assert not torch.equal(state, rng_state(DEVICE))
+    assert int(seed) == draw_seed(DEVICE, generator_at(state, DEVICE))
     torch.manual_seed(3)
-    assert call_seed(t, 0.1) == first == draw_seed(torch.Generator().manual_seed(3))
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-        call_seed(t, 0.1)
-    assert call_seed(t, 0.0) == 0
+    assert torch.equal(call_seed(t, 0.1), seed)
+    assert kernel_seed(seed, 0.1, t.device) is seed and kernel_seed(seed, 0.0, t.device) == 0
+    copied = kernel_seed(int(seed), 0.1, t.device)
+    assert torch.equal(copied, seed) and copied.device == t.device
+    offs = torch.arange(2**32 - 20, 2**32 + 20, device=DEVICE)
+    assert torch.equal(philox4x32(seed, offs), philox4x32(int(seed), offs))

@@ -12,7 +12,7 @@ import torch
 from conftest import DEVICE, ON_GPU
 
 import ioattn
-from ioattn.dropout import draw_seed, dropout_keep_mask
+from ioattn.dropout import draw_seed, dropout_keep_mask, rng_state
 from ioattn.reference import attention_ref
 from ioattn.testing import GRAD_FACTOR, OUT_FACTOR, tolerance_check
 
@@ -221,7 +221,7 @@ def test_dropout_mask_matches_definition(opts, dtype):
     batch, sq, sk, h = 2, 23 * S, 30 * S, 4
     q, k, v = _qkv(batch, sq, sk, h, 2, 32, dtype)
     torch.manual_seed(1234)
-    seed = draw_seed()
+    seed = draw_seed(DEVICE)
     mask = dropout_keep_mask(seed, batch, h, sq, sk, p, DEVICE)
     assert 0.6 < mask.float().mean().item() < 0.8
     check_against_ref(q, k, v, dropout_p=p, dropout_mask=mask, seed=1234, **opts)
@@ -231,9 +231,11 @@ def test_dropout_off_is_exact_zero_cost_path():
     """dropout_p = 0 takes the DROPOUT=False kernels: no seed is drawn from the generator."""
     torch.manual_seed(7)
     q, k, v = _qkv(1, 16, 16, 2, 2, 32, torch.float16)
-    state = torch.get_rng_state()
+    state = rng_state(DEVICE)
     ioattn.flash_attn_func(q, k, v)
-    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(state, rng_state(DEVICE))
+    ioattn.flash_attn_func(q, k, v, dropout_p=0.1)
+    assert not torch.equal(state, rng_state(DEVICE))  # the device's generator is the one a dropout call moves
 
 
 def _varlen_case(lens_q, lens_k, nheads, nheads_k, d, dtype):
@@ -274,7 +276,7 @@ def test_varlen(lens, opts, dtype, headdim):
         opts["alibi_slopes"] = torch.rand(batch, nheads, device=DEVICE) * 0.5 + 0.05
     p = opts.pop("dropout_p", 0.0)
     torch.manual_seed(99)
-    seed = draw_seed()
+    seed = draw_seed(DEVICE)
     torch.manual_seed(99)
     out, lse, _ = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p,
                                                 return_attn_probs=True, **opts)
@@ -422,7 +424,7 @@ def test_single_pass_and_two_pass_backward(shape, opts, single_pass):
         mask = None
         if dropout_p:
             torch.manual_seed(1234)
-            mask = dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], dropout_p, DEVICE)
+            mask = dropout_keep_mask(draw_seed(DEVICE), shape[0], shape[3], shape[1], shape[2], dropout_p, DEVICE)
         check_against_ref(q, k, v, dropout_p=dropout_p, dropout_mask=mask, seed=1234 if dropout_p else None,
                           deterministic=not single_pass, **opts)
     assert bool(calls) != single_pass, "the dQ pass ran in the single-pass backward (or not in the two-pass)"

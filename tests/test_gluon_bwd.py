@@ -73,7 +73,8 @@ def _case(shape, opts, dtype=torch.bfloat16, seed=None):
     if p:
         torch.manual_seed(1234)
         opts.update(dropout_p=p, seed=1234,
-                    dropout_mask=dropout_keep_mask(draw_seed(), shape[0], shape[3], shape[1], shape[2], p, "cuda"))
+                    dropout_mask=dropout_keep_mask(draw_seed("cuda"), shape[0], shape[3], shape[1], shape[2], p,
+                                                   "cuda"))
     return q, k, v, opts
 
 
@@ -403,7 +404,7 @@ def test_gluon_backward_wide_varlen_alibi_dropout(causal, gluon_calls):
     out = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=p, causal=causal,
                                         alibi_slopes=slopes)
     torch.manual_seed(1234)
-    seed = draw_seed()
+    seed = draw_seed("cuda")
     dout = torch.randn_like(out)
     grads = _grads(out, (q, k, v), dout)
     assert len(gluon_calls) == 1 and gluon_calls[0]["dropout_p"] == p
@@ -443,10 +444,11 @@ def _op_pass(q, k, v, dout, opts, seed):
 
 
 def _planned_bwd(dout, q, k, v, out, lse, prob_args, seed):
-    """The op's planned backward for these arguments: its key, then the plan's launches (None: no plan)."""
+    """The op's planned backward for these arguments (``seed``: the forward's seed tensor): its key, then the
+    plan's launches (None: no plan)."""
     prob = launch.make_problem(q, k, *prob_args)
-    key = launch.backward_plan_key(dout, q, k, v, out, lse, prob, seed)
-    return launch.gluon_backward_planned(key, dout, q, k, v, out, lse, prob, seed)
+    key = launch.backward_plan_key(dout, q, k, v, out, lse, prob)
+    return launch.gluon_backward_planned(key, dout, q, k, v, out, lse, prob, seed if prob.dropout_p > 0 else None)
 
 
 @pytest.mark.parametrize("shape,opts", BWD_PLAN_CASES, ids=str)
@@ -470,17 +472,17 @@ def test_backward_plan_matches_the_whole_path(shape, opts, monkeypatch):
         if i < 2:  # the op's backward: no key for the shape's first call, the second records the plan
             attention._flash_attn_bwd(dout, q, k, v, out, lse, None, None, *args, seed_t, False)
             assert len(launch._BWD_PLANS) == i
-    planned = _planned_bwd(dout, q, k, v, out, lse, prob_args, int(seed_t))
+    planned = _planned_bwd(dout, q, k, v, out, lse, prob_args, seed_t)
     assert planned is not None
     prob = launch.make_problem(q, k, *prob_args)
-    dq, dk, dv = launch.attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, int(seed_t))
+    dq, dk, dv = launch.attn_bwd(dout, q, k, v, out, lse, None, None, None, prob, seed_t)
     assert torch.equal(planned[1], dk) and torch.equal(planned[2], dv)
     assert (planned[0].float() - dq.float()).abs().max() <= 1e-2 * dq.float().abs().max()
     q2, k2, v2 = _qkv(shape[0], shape[1] + 1, shape[2] + 1, *shape[3:], torch.bfloat16)
     out2, lse2, seed2, args2 = _op_pass(q2, k2, v2, None, opts, 7)
     for _ in range(2):  # no key for the new shape's first call, then a key with no plan
         assert _planned_bwd(torch.randn_like(out2), q2, k2, v2, out2, lse2, (None, *args2[:5], args2[5], args2[7]),
-                            int(seed2)) is None
+                            seed2) is None
 
 
 def test_backward_plan_on_a_side_stream():

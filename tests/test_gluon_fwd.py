@@ -497,7 +497,7 @@ def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
     b, sq, sk, h, p = 2, 600, 650, 4, 0.25
     q, k, v = (t.requires_grad_() for t in _qkv(b, sq, sk, h, 2, d, torch.bfloat16))
     torch.manual_seed(99)
-    mask = dropout_keep_mask(draw_seed(), b, h, sq, sk, p, "cuda")
+    mask = dropout_keep_mask(draw_seed("cuda"), b, h, sq, sk, p, "cuda")
     check_against_ref(q, k, v, dropout_p=p, dropout_mask=mask, seed=99, **opts)
     assert calls == [1]
 
@@ -744,8 +744,8 @@ def test_band_edges_varlen(lens, opts, d):
 # Plans: a dense forward records one (``gluon_forward``); the next call like it launches through it
 # (``gluon_forward_planned``, which the op's forward tries first). Shapes of every launch kind: the
 # one-warpgroup kernel (d = 64), the persistent chained one with the bulk store (d = 128), paired and dynamic
-# causal, a band, held-max softcap, d = 256; dropout with seeds that Triton specialises differently (1, a
-# multiple of 16, neither, past 32 bits), the second call's seed another of the same kind.
+# causal, a band, held-max softcap, d = 256; dropout, whose seed is a tensor the kernel reads (values 1, a
+# multiple of 16, neither, past 32 bits), the second call's another one.
 PLAN_CASES = [
     (64, 1000, {}), (128, 1024, {}), (128, 1000, {}), (128, 1024, {"causal": True}), (128, 600, {"causal": True}),
     (128, 900, {"window": (100, 50)}), (128, 1000, {"softcap": 30.0}), (256, 700, {"causal": True}),
@@ -754,33 +754,35 @@ PLAN_CASES = [
 ]
 
 
-def _plan_key(q, k, v, scale, window=(-1, -1), softcap=0.0, p=0.0, seed=0):
+def _plan_key(q, k, v, scale, window=(-1, -1), softcap=0.0, p=0.0):
     from ioattn.kernels import attn_fwd_gluon
 
-    return attn_fwd_gluon.forward_plan_key(q, k, v, scale, window, softcap, p, seed)
+    return attn_fwd_gluon.forward_plan_key(q, k, v, scale, window, softcap, p)
 
 
 @pytest.mark.parametrize("d, seqlen, opts", PLAN_CASES, ids=str)
 def test_plan_matches_the_whole_path(d, seqlen, opts):
     """No key for a shape's first call; the second records a plan; the next call like those launches through
-    it, on new tensors, and gives what ``gluon_forward`` gives for those tensors bit for bit; another shape,
-    or a seed Triton specialises otherwise, finds no plan."""
+    it, on new tensors, and gives what ``gluon_forward`` gives for those tensors bit for bit (with dropout,
+    for each seed tensor it is given); another shape, or a seed tensor Triton would see unaligned, finds no
+    plan."""
     from ioattn.kernels import attn_fwd_gluon
 
     window = opts.get("window", (-1, 0) if opts.get("causal") else (-1, -1))
     softcap, p = opts.get("softcap", 0.0), opts.get("p", 0.0)
-    seeds = opts.get("seeds", (0, 0))
+    seeds = tuple(torch.tensor([s], dtype=torch.int64, device="cuda") if p else None
+                  for s in opts.get("seeds", (0, 0)))
     scale = d ** -0.5
     torch.manual_seed(seqlen + d)
     first = _qkv(2, seqlen, seqlen, 4, 2, d, torch.bfloat16)
     for sighting in range(2):  # as the op calls: the key (none for a shape's first call), the plan, the whole path
-        key = _plan_key(*first, scale, window, softcap, p, seeds[0])
+        key = _plan_key(*first, scale, window, softcap, p)
         assert (key is None) == (sighting == 0)
         assert attn_fwd_gluon.gluon_forward_planned(key, *first, p, seeds[0]) is None
         attn_fwd_gluon.gluon_forward(*first, scale, window, softcap, dropout_p=p, seed=seeds[0], plan_key=key)
         assert len(attn_fwd_gluon._FWD_PLANS) == sighting
     q, k, v = _qkv(2, seqlen, seqlen, 4, 2, d, torch.bfloat16)
-    key = _plan_key(q, k, v, scale, window, softcap, p, seeds[1])
+    key = _plan_key(q, k, v, scale, window, softcap, p)
     res = attn_fwd_gluon.gluon_forward_planned(key, q, k, v, p, seeds[1])
     assert res is not None
     ref_out, ref_lse = attn_fwd_gluon.gluon_forward(q, k, v, scale, window, softcap, dropout_p=p, seed=seeds[1])
@@ -789,14 +791,16 @@ def test_plan_matches_the_whole_path(d, seqlen, opts):
         _compare(*res, *attention_ref(q, k, v, window_size=window, softcap=softcap),
                  *attention_ref(q, k, v, window_size=window, softcap=softcap, upcast=False), q.dtype)
     else:
-        from ioattn.kernels.fastlaunch import int_spec
-
-        other = next(x for x in (1, 16, 7, 2**40 + 1) if int_spec(x) != int_spec(seeds[1]))
-        key = _plan_key(q, k, v, scale, window, softcap, p, other)
-        assert attn_fwd_gluon.gluon_forward_planned(key, q, k, v, p, other) is None
+        again = attn_fwd_gluon.gluon_forward_planned(key, q, k, v, p, seeds[0])  # the plan reads each call's seed
+        ref_again = attn_fwd_gluon.gluon_forward(q, k, v, scale, window, softcap, dropout_p=p, seed=seeds[0])
+        assert torch.equal(again[0], ref_again[0])
+        assert torch.equal(again[0], res[0]) == torch.equal(seeds[0], seeds[1])
+        odd = torch.empty(3, dtype=torch.int64, device="cuda")[1:2]  # 8-byte aligned: not as specialised
+        odd.copy_(seeds[1])
+        assert attn_fwd_gluon.gluon_forward_planned(key, q, k, v, p, odd) is None
     longer = _qkv(2, seqlen + 1, seqlen + 1, 4, 2, d, torch.bfloat16)
-    assert _plan_key(*longer, scale, window, softcap, p, seeds[1]) is None  # a new shape: no key
-    key = _plan_key(*longer, scale, window, softcap, p, seeds[1])
+    assert _plan_key(*longer, scale, window, softcap, p) is None  # a new shape: no key
+    key = _plan_key(*longer, scale, window, softcap, p)
     assert key is not None and attn_fwd_gluon.gluon_forward_planned(key, *longer, p, seeds[1]) is None
 
 
@@ -898,7 +902,7 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
     q_off = buf[1:].view(q.shape).copy_(q)
     assert q_off.data_ptr() % 16 and q_off.stride() == q.stride()
-    assert _plan_key(q_off, k, v, scale) == key and planned(key, q_off, k, v, 0.0, 0) is None
+    assert _plan_key(q_off, k, v, scale) == key and planned(key, q_off, k, v, 0.0, None) is None
     out, lse, _ = attention._flash_attn_fwd(q_off, k, v, None, None, 512, 512, scale, -1, -1, 0.0, None, 0.0)
     _compare(out, lse, *attention_ref(q, k, v), *attention_ref(q, k, v, upcast=False), q.dtype)
     monkeypatch.setenv("IOATTN_GLUON", "0")
@@ -914,7 +918,7 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     assert _plan_key(q, k, v, scale) != key
     monkeypatch.undo()
     monkeypatch.setattr(fastlaunch, "_ENABLED", False)  # IOATTN_FAST_LAUNCH=0: no direct launch to replay
-    assert _plan_key(q, k, v, scale) is None and planned(key, q, k, v, 0.0, 0) is None
+    assert _plan_key(q, k, v, scale) is None and planned(key, q, k, v, 0.0, None) is None
     monkeypatch.undo()
     assert planned(key, q, k, v, 0.0, 0) is not None
     monkeypatch.setattr(attn_fwd_gluon._FWD_PLANS, "enabled", False)

@@ -14,7 +14,7 @@ import torch
 
 from . import interface as api
 from .chunked import memory_efficient_attention
-from .dropout import draw_seed
+from .dropout import draw_seed, generator_at, rng_state
 from .reference import attention_ref
 from .testing import (
     GRAD_FACTOR,
@@ -64,9 +64,7 @@ def case_grad(device, dtype):
 
 def case_dropout(device, dtype):
     q, k, v = make_qkv(2, 40, 40, 2, 2, 32, dtype, device)
-    state = torch.get_rng_state()
-    seed = draw_seed()
-    torch.set_rng_state(state)  # the call draws the same seed
+    seed = draw_seed(device, generator_at(rng_state(device), device))  # the seed the call will draw
     out, _, s_dmask = api.flash_attn_func(q, k, v, dropout_p=0.2, return_attn_probs=True)
     mask = dropout_mask_for_call(seed, 2, 2, 40, 40, 0.2, device)
     yield _compare("flash_attn_func dropout 0.2", out, q, k, v, dropout_p=0.2, dropout_mask=mask)

@@ -40,7 +40,7 @@ class _Spec:
     right: int
     softcap: float
     dropout_p: float
-    seed: int
+    seed: torch.Tensor | None  # the call's seed tensor (``ioattn.dropout.call_seed``), None without dropout
     drop_batch_index: int | None  # varlen: this sequence's index in the dropout grid
     drop_grid: tuple[int, int, int] | None  # (batch, seqlen_q, seqlen_k) of the dropout grid
     query_chunk: int

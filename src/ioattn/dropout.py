@@ -18,8 +18,12 @@ data between threads. For varlen batches ``seqlen_q``/``seqlen_k`` are ``max_seq
 backward regenerates exactly the forward's mask, and the chunked path and the Triton kernels drop the same
 elements for the same seed.
 
-The seed is drawn from torch's default (CPU) generator, so ``torch.manual_seed`` makes runs repeatable
-and no device synchronisation is needed.
+A call's seed is drawn on the inputs' device, from that device's default generator, into a one-element
+int64 tensor that the kernels read (``call_seed``): ``torch.manual_seed`` makes runs repeatable, the host
+never reads the seed (no synchronisation), and inside a CUDA graph the draw is captured like any of
+PyTorch's random ops, so every replay draws a fresh seed and drops a fresh mask (``torch.cuda.graph`` and
+``torch.compile(mode="reduce-overhead")``). ``torch.utils.checkpoint`` restores that generator for its
+recomputation, which so drops the same elements.
 """
 
 from __future__ import annotations
@@ -33,22 +37,52 @@ GROUP_KEYS, CALLS_PER_GROUP = 32, 4
 PHILOX_ROUNDS = 7
 
 
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A fresh 62-bit seed from torch's default CPU generator (or ``generator``, a CPU one), whatever the
-    default device: no device read."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu", generator=generator).item())
+def _draw(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One seed in [0, 2**62) as a (1,) int64 tensor on ``device``, from its default generator or
+    ``generator`` (one of that device)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
-def call_seed(t: torch.Tensor, dropout_p: float) -> int:
-    """The seed of an attention call on ``t``'s device: 0 without dropout, else ``draw_seed()``. Refused
-    inside a CUDA graph capture (``torch.compile(mode="reduce-overhead")`` included): the host's seed would
-    be replayed, and with it one mask, at every replay."""
+def draw_seed(device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> int:
+    """The seed an attention call on ``device`` draws next (``call_seed``), as a Python int: from the
+    device's default generator, or from ``generator`` (one of that device). A host read: for tests and tools,
+    never for the calls themselves."""
+    return int(_draw(device, generator).item())
+
+
+def rng_state(device: torch.device | str) -> torch.Tensor:
+    """The state of ``device``'s default generator (what ``torch.get_rng_state`` is for the CPU)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def generator_at(state: torch.Tensor, device: torch.device | str) -> torch.Generator:
+    """A fresh generator of ``device`` in ``state`` (``rng_state``'s): it draws what the default generator
+    drew from that state, without moving the default one."""
+    g = torch.Generator(device=device)
+    g.set_state(state)
+    return g
+
+
+def call_seed(t: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
+    """The seed of an attention call on ``t``'s device: None without dropout (no generator moves), else a
+    fresh (1,) int64 tensor on that device (``draw_seed`` reads the same value). No host read, so it is
+    drawn anew at every replay of a captured CUDA graph."""
+    if dropout_p <= 0:
+        return None
+    return _draw(t.device)
+
+
+def kernel_seed(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device) -> int | torch.Tensor:
+    """What the kernels take as their seed: 0 without dropout (the argument is unused), else a one-element
+    int64 tensor on ``device`` that they read (``seed`` itself where it is one, an int copied there)."""
     if dropout_p <= 0:
         return 0
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("dropout_p > 0 cannot be captured in a CUDA graph: the dropout seed is drawn on the "
-                           "host, so every replay would drop the same elements; capture with dropout_p=0")
-    return draw_seed()
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def keep_threshold(dropout_p: float) -> int:
@@ -82,12 +116,13 @@ def _mul32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
 
 
-def philox4x32(seed: int, offset: torch.Tensor, n_rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
+def philox4x32(seed: int | torch.Tensor, offset: torch.Tensor, n_rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
     """The four uint32 outputs of ``tl.randint4x(seed, offset, n_rounds)`` (Triton 3.6), in plain torch,
     bit for bit.
 
     Arguments:
-        seed: int in [0, 2**63); its low / high 32 bits are the Philox key.
+        seed: int in [0, 2**63), or a one-element int64 tensor on ``offset``'s device holding one (a call's,
+            ``call_seed``: no host read); its low / high 32 bits are the Philox key.
         offset: int64 tensor of any shape, values in [0, 2**63); its low / high 32 bits are the first two
             Philox counter words, the other two are 0.
         n_rounds: Philox rounds (the dropout mask's are ``PHILOX_ROUNDS``).
@@ -98,6 +133,8 @@ def philox4x32(seed: int, offset: torch.Tensor, n_rounds: int = PHILOX_ROUNDS) -
     c1 = offset >> 32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(())
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(n_rounds):
         hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
@@ -111,7 +148,7 @@ def philox4x32(seed: int, offset: torch.Tensor, n_rounds: int = PHILOX_ROUNDS) -
 
 
 def dropout_keep_mask(
-    seed: int,
+    seed: int | torch.Tensor,
     batch: int,
     nheads: int,
     seqlen_q: int,
@@ -128,7 +165,7 @@ def dropout_keep_mask(
     """The keep mask of the module docstring, or a sub-block of it.
 
     Arguments:
-        seed: the call's seed (:func:`draw_seed`).
+        seed: the call's seed: an int (:func:`draw_seed`) or the call's seed tensor (:func:`call_seed`).
         batch, nheads, seqlen_q, seqlen_k: the grid (for varlen: number of sequences, nheads,
             max_seqlen_q, max_seqlen_k).
         dropout_p: drop probability in [0, 1).

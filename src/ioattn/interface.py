@@ -48,10 +48,14 @@ def _finish(out, lse, return_attn_probs, s_dmask=None):
     return out, lse, (torch.empty((0,), dtype=out.dtype, device=out.device) if s_dmask is None else s_dmask)
 
 
-def _rng_before(dropout_p: float, return_attn_probs: bool):
-    """The CPU generator's state before a call whose S_dmask needs its dropout seed (the call draws it first,
-    ``ioattn.dropout.draw_seed``), else None."""
-    return torch.random.get_rng_state() if return_attn_probs and dropout_p > 0 else None
+def _rng_before(dropout_p: float, return_attn_probs: bool, device: torch.device):
+    """The state of ``device``'s generator before a call whose S_dmask needs its dropout seed (the call draws
+    it there first, ``ioattn.dropout.call_seed``), else None."""
+    if not (return_attn_probs and dropout_p > 0):
+        return None
+    from .dropout import rng_state
+
+    return rng_state(device)
 
 
 def _s_dmask(state, q, k, opts, cu_seqlens=None, max_seqlens=None):
@@ -60,12 +64,10 @@ def _s_dmask(state, q, k, opts, cu_seqlens=None, max_seqlens=None):
     (batch, nheads, seqlen_q, seqlen_k), varlen (batch, nheads, max_seqlen_q, max_seqlen_k) with each
     sequence's block at the top left and zeros past it. ``state``: ``_rng_before``'s, from which the seed the
     call drew is drawn again."""
-    from .dropout import draw_seed, dropout_keep_mask
+    from .dropout import draw_seed, dropout_keep_mask, generator_at
     from .reference import attention_probs
 
-    g = torch.Generator()
-    g.set_state(state)
-    seed, p = draw_seed(g), opts["dropout_p"]
+    seed, p = draw_seed(q.device, generator_at(state, q.device)), opts["dropout_p"]
     mods = dict(window_size=opts["window_size"], softcap=opts["softcap"], softmax_scale=opts["softmax_scale"])
     q, k, slopes = q.detach(), k.detach(), opts["alibi_slopes"]
     nheads = q.shape[-2]
@@ -136,7 +138,7 @@ def flash_attn_func(
     q, k, v, (nheads, _, headdim) = V.qkv_unit_stride(q, k, v, rank=4)
     opts = _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                     q.shape[0], nheads)
-    rng = _rng_before(opts["dropout_p"], return_attn_probs)
+    rng = _rng_before(opts["dropout_p"], return_attn_probs, q.device)
     if select_backend(q.device) == "triton":
         from .ops.attention import flash_attention
 
@@ -204,7 +206,7 @@ def flash_attn_varlen_func(
     opts = _options(q, headdim, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                     batch, nheads)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
-    rng = _rng_before(opts["dropout_p"], return_attn_probs)
+    rng = _rng_before(opts["dropout_p"], return_attn_probs, q.device)
     if select_backend(q.device) == "triton":
         from .ops.attention import flash_attention_varlen
 

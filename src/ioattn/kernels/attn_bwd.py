@@ -32,6 +32,7 @@ from .common import (
     kv_block_range,
     philox_grid,
     q_block_range,
+    seed_value,
     seq_bounds,
 )
 
@@ -225,6 +226,7 @@ def attn_bwd_dkdv_kernel(
     FAST: tl.constexpr = FAST_TANH and DOT_PRECISION != "ieee"
     lo, full_lo, full_hi, hi = q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    seed_v = seed_value(seed, DROPOUT)
     # The query heads of this kv head's group, summed in registers: no repeated K/V, no atomics.
     for g in range(group):
         h = hk * group + g
@@ -238,7 +240,7 @@ def attn_bwd_dkdv_kernel(
             alibi_slope2 = tl.load(alibi_slopes + b * stride_ab + h) * LOG2E
         philox_base, philox_stride = philox_grid(b * nheads + h, max_seqlen_q, max_seqlen_k)
         args = (cols, seqlen_q, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left,
-                window_right, seed, philox_base, philox_stride, dropout_p)
+                window_right, seed_v, philox_base, philox_stride, dropout_p)
         dq_z = h if IS_VARLEN else b * nheads + h  # int32: descriptor offsets are 32-bit
         dq_base = DQacc + (dq_z.to(tl.int64) * dq_rows + q0) * BLOCK_D
         ptrs = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, dq_desc, dq_base, dq_z,
@@ -338,7 +340,7 @@ def attn_bwd_dq_kernel(
     lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     args = (rows, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
-            seed, philox_base, philox_stride, dropout_p)
+            seed_value(seed, DROPOUT), philox_base, philox_stride, dropout_p)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, lo, full_lo, *args,
                    HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT,
                    DOT_PRECISION, FAST)

@@ -292,7 +292,7 @@ def _keep_t(seed, bh, start_m, key_lo, max_seqlen_q, max_seqlen_k, dropout_p, st
     moved."""
     rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, qk_layout))
     cols = key_lo + gl.arange(0, HALF_N, gl.SliceLayout(0, qk_layout))
-    keep = dropout_keep_wgmma(seed, philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), cols, dropout_p)
+    keep = dropout_keep_wgmma(gl.load(seed), philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), cols, dropout_p)
     return gl.convert_layout(gl.permute(keep.to(gl.int8), [1, 0]), st_layout) != 0
 
 

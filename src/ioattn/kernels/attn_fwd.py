@@ -19,6 +19,7 @@ from .common import (
     kv_block_range,
     online_softmax_step,
     philox_grid,
+    seed_value,
     seq_bounds,
 )
 
@@ -116,7 +117,7 @@ def attn_fwd_kernel(
     lo, full_lo, full_hi, hi = kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     args = (rows, seqlen_k, diag, qk_scale, softcap2, alibi_slope2, window_left, window_right,
-            seed, philox_base, philox_stride, dropout_p)
+            seed_value(seed, DROPOUT), philox_base, philox_stride, dropout_p)
     # Blocks crossing the left window edge, then the unmasked interior, then the diagonal/right edge.
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, full_lo, *args,
                                HEAD_DIM, BLOCK_N, BLOCK_D, True, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,

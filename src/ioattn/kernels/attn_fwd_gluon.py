@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..backend import interpreting
+from ..dropout import kernel_seed
 from .common import (
     bh_grid,
     bias_and_mask,
@@ -49,10 +50,11 @@ from .common import (
     order_section,
     philox,
     philox_rows,
+    seed_value,
     seq_bounds,
     tanh,
 )
-from .fastlaunch import Launcher, PlanTable, TmaDesc, aligned, cdiv, int_spec, raw_stream, runtime_key
+from .fastlaunch import Launcher, PlanTable, TmaDesc, aligned, cdiv, raw_stream, runtime_key
 
 LOG2E = 1.4426950408889634
 
@@ -137,7 +139,7 @@ def dropout_keep_wgmma(seed, philox_rows, cols, dropout_p):
     and ``cols`` (a multiple of 32 keys from a multiple of 32) are slices of that layout. A thread holds,
     for each of its rows, keys 8 c + 2 q + e of every 32-key group for one q (its lane % 4): the eight keys
     one Philox call serves. The counters are split out of the full tile (registers only), drawn, and the
-    halves joined back in key order; the final conversion is the identity."""
+    halves joined back in key order; the final conversion is the identity. ``seed``: ``seed_value``'s."""
     BM: gl.constexpr = philox_rows.shape[0]
     BN: gl.constexpr = cols.shape[0]
     calls = philox_rows[:, None] + (4 * (cols // 32) + (cols % 8) // 2)[None, :]
@@ -412,7 +414,7 @@ def attn_fwd_gluon_kernel(
     # Softcap: tanh's input scale goes into the Q tile once (``scale_tile``), not into every score (the
     # softmax multiplies by 1.0, which folds away).
     mods = (rows, offs_n, seqlen_k, diag, score_scale, 1.0 if SOFTCAP else tanh_scale, alibi_slope, window_left,
-            window_right, seed, philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), dropout_p, 0, 0)
+            window_right, seed_value(seed, DROPOUT), philox_rows(bh, rows, max_seqlen_q, max_seqlen_k), dropout_p, 0, 0)
 
     mbarrier.wait(q_bar, 0)
     if SOFTCAP:
@@ -814,7 +816,7 @@ def _ws_fresh(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constex
 @gluon.jit
 def _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed, dropout_p,
                   nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n, rows,
-                  HAS_ALIBI: gl.constexpr):
+                  HAS_ALIBI: gl.constexpr, DROPOUT: gl.constexpr):
     """``_softmax_block``'s arguments after (s, m, l, start_n, full_lo, full_hi) for the query ``rows`` from
     start_m (one consumer's half of a tile)."""
     BLOCK_M: gl.constexpr = rows.shape[0]
@@ -822,8 +824,9 @@ def _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left,
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = gl.load(alibi_slopes + b * stride_ab + h) * (1.4426950408889634 / score_scale)
-    return (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right, seed,
-            philox_rows(b * nheads + h, rows, max_seqlen_q, max_seqlen_k), dropout_p, start_m + diag,
+    return (rows, offs_n, seqlen_k, diag, score_scale, tanh_scale, alibi_slope, window_left, window_right,
+            seed_value(seed, DROPOUT), philox_rows(b * nheads + h, rows, max_seqlen_q, max_seqlen_k), dropout_p,
+            start_m + diag,
             start_m + BLOCK_M - 1 + diag)
 
 
@@ -976,7 +979,7 @@ def _ws_consume_tile(q, k_smem, v_smem, ones_smem, q_empty, k_ready, v_ready, k_
     rows = start_m + gl.arange(0, BLOCK_M, row_s)
     mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
                          dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k, offs_n,
-                         rows, HAS_ALIBI)
+                         rows, HAS_ALIBI, DROPOUT)
     if n_blocks > 0:
         s = _ws_first_qk(q, k_smem, k_ready, k_empty, me, other, s_zero, it, tp, PINGPONG)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
@@ -1058,7 +1061,7 @@ def _ws_consume_chain(q_smem, k_smem, v_smem, ones_smem, o_smem, q_full, q_empty
         rows = start_m + gl.arange(0, BLOCK_M, row_s)
         mods = _ws_tile_mods(alibi_slopes, stride_ab, score_scale, tanh_scale, window_left, window_right, seed,
                              dropout_p, nheads, max_seqlen_q, max_seqlen_k, b, h, start_m, seqlen_q, seqlen_k,
-                             offs_n, rows, HAS_ALIBI)
+                             offs_n, rows, HAS_ALIBI, DROPOUT)
         m_i, l_i, acc, acc_l = _ws_fresh(BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_MAX)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, lo, full_lo, full_hi, *mods, SOFTCAP, HAS_ALIBI,
                                             HAS_LEFT, HAS_RIGHT, FAST_TANH, DROPOUT)
@@ -1388,6 +1391,11 @@ _CONFIGS = {64: FwdConfig(64, 128, 2, 4, fixed_max=True),
             128: FwdConfig(64, 128, 2, 4, "pingpong", True, True, True, tma_store=True, fixed_max=True,
                            alibi_sides=True, chain=True, paired=True),
             256: FwdConfig(64, 64, 2, 4, "ws", True, True, True, fixed_max=True, alibi_sides=True)}
+# Registers a thread of the one-warpgroup kernel may take with dropout: three programs an SM, as its shared
+# memory allows (65536 / (128 x 168)). Unbounded, ptxas gave the dropout variants 221-225 (two programs an SM;
+# the others take 154-168), the seed being a loaded value since it became a device tensor: 0.94-0.97x
+# (benchmarks/NOTES.md, "Dropout's seed on the device").
+_SINGLE_MAXNREG = 168
 # Largest softcap whose scores take the fixed max (bf16): p >= 2^(-2 * softcap * log2(e)) stays a normal
 # float (> 2^-126, which ex2.approx.ftz would flush) up to 43.6.
 _FIXED_MAX_SOFTCAP = 40.0
@@ -1521,12 +1529,13 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                   window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                   alibi_slopes: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
                   cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-                  dropout_p: float = 0.0, seed: int = 0, *, config: FwdConfig | None = None,
+                  dropout_p: float = 0.0, seed: int | torch.Tensor | None = 0, *, config: FwdConfig | None = None,
                   overlap: bool | None = None, plan_key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense q (b, sq, h, d), k/v (b, sk, h_k, d) -> (out contiguous like q, lse float32 (b, h, sq)); varlen
     q (total_q, h, d), k/v (total_k, h_k, d) with int32 cu_seqlens -> (out, lse float32 (h, total_q)).
     ``window_size`` is resolved (causal = (left, 0)). ``dropout_p`` > 0 drops with ``ioattn.dropout``'s mask
-    for ``seed``. Call only where ``gluon_forward_supported`` is True.
+    for ``seed`` (an int or the call's seed tensor, ``ioattn.dropout.kernel_seed``). Call only where
+    ``gluon_forward_supported`` is True.
     ``config`` overrides ``_CONFIGS[d]``, ``overlap`` the config's overlap. ``plan_key`` (``forward_plan_key``
     of these arguments, from the op, which checked support) records a plan that
     ``gluon_forward_planned`` launches for the next calls like this one (dense, without ALiBi, config or
@@ -1534,6 +1543,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     varlen = cu_seqlens_q is not None
     if varlen or alibi_slopes is not None or config is not None or overlap is not None:
         plan_key = None
+    seed = kernel_seed(seed, dropout_p, q.device)
     shape = q.shape
     nheads, d = shape[-2:]
     nheads_k = k.shape[-2]
@@ -1572,6 +1582,8 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         grid = bh_grid(num_m, nheads, batch)
         flags["BH_AXES"] = len(grid) == 3
         launcher, kind, dynamic, o_tma, section = _launch_single, 0, False, False, 0
+        if dropout_p > 0:
+            flags["maxnreg"] = _SINGLE_MAXNREG
     else:
         # A right window and no left one with seqlen_q <= seqlen_k (causal, or a right window of any width:
         # every query block sees key 0, and the keys it sees grow with it), 8 query blocks or more: pairs of
@@ -1655,13 +1667,12 @@ class _FwdPlan(NamedTuple):
 _FWD_PLANS = PlanTable("IOATTN_FWD_PLANS")
 
 
-def forward_plan_key(q, k, v, softmax_scale: float, window_size, softcap: float, dropout_p: float,
-                     seed: int) -> tuple | None:
+def forward_plan_key(q, k, v, softmax_scale: float, window_size, softcap: float, dropout_p: float) -> tuple | None:
     """Everything a dense forward's launch depends on but its tensors' data: the current device and Triton's
     debug and instrumentation knobs (``Launcher``'s key), shapes, strides, dtypes and devices, the scale,
-    window and softcap, with dropout the seed's specialisation (Triton specialises ints on 1 and on multiples
-    of 16), and the config and SM count the host reads (so a config or SM count patched in, as the A/B
-    scripts and tests do, makes new plans). None where plans or the direct launch are off, the Gluon path
+    window and softcap, whether it drops (the seed is then a tensor, aligned as the others), and the config
+    and SM count the host reads (so a config or SM count patched in, as the A/B scripts and tests do, makes
+    new plans). None where plans or the direct launch are off, the Gluon path
     is (``gluon_enabled_on``: no plan could apply), or no call with q's and k's shapes came before (the first
     of a shape takes the whole path; ``PlanTable.sighted``). The tensors' alignment and launch hooks are checked
     a call (``gluon_forward_planned``)."""
@@ -1670,19 +1681,20 @@ def forward_plan_key(q, k, v, softmax_scale: float, window_size, softcap: float,
     return (*runtime_key(),
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
             k.device, v.device, softmax_scale, tuple(window_size), softcap, dropout_p > 0,
-            int_spec(seed) if dropout_p > 0 else None, _CONFIGS.get(q.shape[-1]), _num_sms(q.device))
+            _CONFIGS.get(q.shape[-1]), _num_sms(q.device))
 
 
-def gluon_forward_planned(plan_key: tuple | None, q, k, v, dropout_p: float, seed: int):
+def gluon_forward_planned(plan_key: tuple | None, q, k, v, dropout_p: float, seed: torch.Tensor | None):
     """A dense forward without ALiBi through the plan an earlier call with the same ``plan_key``
     (``forward_plan_key``) left (its support check, config, grid, descriptors' layouts and Triton's
     specialisation of the arguments are that call's), or None where there is none or it does not apply now
     (unaligned data, launch hooks); ``gluon_forward`` records plans, and a plan implies
-    ``gluon_forward_supported``. The key holds every tensor's device and is None with the Gluon path off."""
+    ``gluon_forward_supported``. The key holds every tensor's device and is None with the Gluon path off.
+    ``seed``: the call's seed tensor with dropout, else None."""
     if plan_key is None or not 0 <= dropout_p < 1:
         return None
     plan = _FWD_PLANS.get(plan_key)
-    if plan is None or not aligned(q, k, v):
+    if plan is None or not aligned(q, k, v, seed):
         return None
     if not plan.launcher.direct_ok():
         return None
@@ -1690,5 +1702,6 @@ def gluon_forward_planned(plan_key: tuple | None, q, k, v, dropout_p: float, see
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=q.device)
     counter = _tile_counter(q.device) if plan.dynamic else lse
     plan.launcher.launch_entry(plan.entry, plan.grid,
-                               plan.build(q, k, v, out, lse, counter, q, lse, lse, seed, float(dropout_p)))
+                               plan.build(q, k, v, out, lse, counter, q, lse, lse, 0 if seed is None else seed,
+                                          float(dropout_p)))
     return out, lse

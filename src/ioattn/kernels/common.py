@@ -136,11 +136,21 @@ def _mulhilo(a, b: tl.constexpr):
 
 
 @triton.jit
+def seed_value(seed, DROPOUT: tl.constexpr):
+    """The call's dropout seed as an int64 value: with DROPOUT read from ``seed``, a pointer to the call's seed
+    tensor (``ioattn.dropout.kernel_seed``; read by the kernel, so a captured CUDA graph reads each replay's),
+    once a program or tile, outside the key loops; without, 0 (``seed`` is then an unused 0)."""
+    if DROPOUT:
+        return tl.load(seed)
+    else:
+        return 0
+
+
+@triton.jit
 def philox(seed, offset):
     """``tl.randint4x(seed, offset, PHILOX_ROUNDS)`` bit for bit (four uint32 words; int64 offset), with
-    each round's two products as ``mul.wide.u32``."""
-    # The key as a tile (seed is a constexpr when the JIT specialises seed = 1): every element holds the
-    # same value, which the compiler keeps once.
+    each round's two products as ``mul.wide.u32``. ``seed``: an int64 value (the callers load it)."""
+    # The key as a tile: every element holds the same value, which the compiler keeps once.
     key = offset.to(tl.uint64) * 0 + seed
     k0 = (key & 0xFFFFFFFF).to(tl.uint32)
     k1 = (key >> 32).to(tl.uint32)
@@ -176,7 +186,7 @@ def dropout_words_kept(w0, w1, w2, w3, dropout_p):
 def dropout_keep(seed, philox_base, rows, cols, philox_row_stride, dropout_p):
     """Keep mask of ``ioattn.dropout`` on a (rows, cols) tile; ``cols`` starts at a multiple of 32 and
     holds a multiple of 32. Key ``j = 32 g + 8 c + 2 q + e`` of row ``i`` takes 16-bit half ``e`` of word
-    ``c`` of ``philox(seed, base + i * row_stride + 4 g + q)``."""
+    ``c`` of ``philox(seed, base + i * row_stride + 4 g + q)``; ``seed``: ``seed_value``'s."""
     n: tl.constexpr = cols.shape[0]
     m: tl.constexpr = rows.shape[0]
     # The call column of each (g, q): one key of the group per call (the rest share it).

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ..backend import interpreting
+from ..dropout import kernel_seed
 from . import attn_bwd_gluon
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_bwd_gluon import gluon_backward, gluon_backward_supported
@@ -29,7 +30,6 @@ from .fastlaunch import (
     PlanTable,
     TmaDesc,
     cdiv,
-    int_spec,
     next_power_of_2,
     runtime_key,
 )
@@ -236,8 +236,10 @@ def _alibi_args(alibi_slopes: torch.Tensor | None, dummy: torch.Tensor) -> tuple
     return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
 
 
-def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int):
-    """Returns (out, lse): out like q (contiguous), lse float32 of ``lse_shape``."""
+def attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int | torch.Tensor | None):
+    """Returns (out, lse): out like q (contiguous), lse float32 of ``lse_shape``. ``seed``: the call's dropout
+    seed (``ioattn.dropout.kernel_seed`` takes an int or a seed tensor; unused without dropout)."""
+    seed = kernel_seed(seed, prob.dropout_p, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape(q, prob.varlen), dtype=torch.float32, device=q.device)
     cfg = get_config("fwd", _block_d(prob.headdim), prob.causal, q.dtype, prob.dropout_p > 0)
@@ -308,8 +310,8 @@ def _preprocess_builder(out, dout, lse_strides: tuple, dq_acc, prob: Problem):
     return build
 
 
-def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem, seed: int,
-             deterministic: bool = False, *, plan_key: tuple | None = None):
+def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob: Problem,
+             seed: int | torch.Tensor | None, deterministic: bool = False, *, plan_key: tuple | None = None):
     """Returns (dq, dk, dv), contiguous, in the inputs' dtype.
 
     ``deterministic=False`` (flash-attn's default) takes FA2's single pass where it measured faster
@@ -323,8 +325,10 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
     that); with ``deterministic=True`` its key blocks add into each dQ block
     in a fixed order, so it is bitwise reproducible too.
     ``plan_key`` (``backward_plan_key`` of these arguments) records a plan of a dense Gluon backward's launches
-    that ``gluon_backward_planned`` takes for the next backwards like it.
+    that ``gluon_backward_planned`` takes for the next backwards like it. ``seed``: the forward's (an int or
+    its seed tensor, ``ioattn.dropout.kernel_seed``).
     """
+    seed = kernel_seed(seed, prob.dropout_p, q.device)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()  # the incoming gradient, not a user input: the kernels need unit d-stride
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -362,7 +366,7 @@ def attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, 
                               window_size=(prob.window_left, prob.window_right), deterministic=deterministic,
                               dropout_p=prob.dropout_p, seed=seed, dq=dq, done=done)
         if plan_key is not None and zero_dq and alibi_slopes is None and not deterministic:
-            _record_bwd_plan(plan_key, (q, k, v, dout, out, lse),
+            _record_bwd_plan(plan_key, (q, k, v, dout, out, lse, seed if prob.dropout_p > 0 else None),
                              (_launch_preprocess, grid, pre_flags, build_pre, pre_args), made)
         return (dq if fused else dq_acc.to(q.dtype)), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -423,16 +427,16 @@ class _BwdPlan(NamedTuple):
 _BWD_PLANS = PlanTable("IOATTN_BWD_PLANS")
 
 
-def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tuple | None:
-    """Everything a dense backward's launches depend on but its tensors' data: the current device and Triton's
-    knobs (``Launcher``'s key), every tensor's shape, strides, dtype and device, the problem's scalars, with
-    dropout the seed's specialisation, the configs and SM count the host reads (patched ones make new plans),
-    ``IOATTN_GLUON_BWD`` (which routes some inputs) and ``attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE``. None where
-    plans or the direct launch are off, the Gluon path is (``gluon_enabled_on``), dO has no unit d-stride
-    (``attn_bwd`` copies it) or the Gluon backward has no config for the head dim (no plan could apply), or no
-    backward with q's and k's shapes came before (the first of a shape takes the whole path;
-    ``PlanTable.sighted``). The tensors' alignment and launch hooks are
-    checked a call (``gluon_backward_planned``)."""
+def backward_plan_key(dout, q, k, v, out, lse, prob: Problem) -> tuple | None:
+    """Everything a dense backward's launches depend on but its tensors' data: the current device and Triton's knobs
+    (``Launcher``'s key), every tensor's shape, strides, dtype and device, the problem's scalars (with dropout the
+    seed is a tensor, checked for alignment a call like the others), the configs and SM count the host reads
+    (patched ones make new plans), ``IOATTN_GLUON_BWD`` (which routes some inputs) and
+    ``attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE``. None where plans or the direct launch are off, the Gluon path is
+    (``gluon_enabled_on``), dO has no unit d-stride (``attn_bwd`` copies it) or the Gluon backward has no config for
+    the head dim (no plan could apply), or no backward with q's and k's shapes came before (the first of a shape
+    takes the whole path; ``PlanTable.sighted``). The tensors' alignment and launch hooks are checked a call
+    (``gluon_backward_planned``)."""
     d = q.shape[-1]
     if (not _BWD_PLANS.active() or dout.stride(-1) != 1 or d not in attn_bwd_gluon._CONFIGS
             or not _BWD_PLANS.sighted((q.shape, k.shape)) or not gluon_enabled_on(q)):
@@ -442,7 +446,7 @@ def backward_plan_key(dout, q, k, v, out, lse, prob: Problem, seed: int) -> tupl
             dout.shape, dout.stride(), q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
             out.shape, out.stride(), lse.shape, lse.stride(), dout.dtype, q.dtype, k.dtype, v.dtype, out.dtype,
             lse.dtype, dout.device, q.device, k.device, v.device, out.device, lse.device, prob.softmax_scale,
-            prob.window_left, prob.window_right, prob.softcap, dropout, int_spec(seed) if dropout else None,
+            prob.window_left, prob.window_right, prob.softcap, dropout,
             attn_bwd_gluon.select_config(d, prob.softcap != 0.0, dropout),
             _dq_table_entry(_block_d(d), prob.causal), attn_bwd_gluon._num_sms(q.device),
             os.environ.get("IOATTN_GLUON_BWD", "").strip(), attn_bwd_gluon.DQ_CONVERT_UNDER_WAVE)
@@ -467,11 +471,13 @@ def _record_bwd_plan(key: tuple, tensors: tuple, pre: tuple, made: list) -> None
                     lambda launches: _BwdPlan(launches, parts_shape, fused))
 
 
-def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob: Problem, seed: int):
+def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob: Problem,
+                           seed: torch.Tensor | None):
     """(dq, dk, dv) of a dense backward through the plan earlier backwards with the same ``plan_key``
     (``backward_plan_key``) left, or None where there is none or it does not apply now (unaligned data, launch
-    hooks). The key holds every tensor's device and ``IOATTN_GLUON_BWD``, and is None with the Gluon path off."""
-    plan = _BWD_PLANS.ready(plan_key, (q, k, v, dout, out, lse))
+    hooks). The key holds every tensor's device and ``IOATTN_GLUON_BWD``, and is None with the Gluon path off.
+    ``seed``: the forward's seed tensor with dropout, else None."""
+    plan = _BWD_PLANS.ready(plan_key, (q, k, v, dout, out, lse, seed))
     if plan is None:
         return None
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -486,5 +492,5 @@ def gluon_backward_planned(plan_key: tuple | None, dout, q, k, v, out, lse, prob
     pre.launch_entry(pre_entry, pre_grid, build_pre(out, dout, delta, q, dq_acc, done))
     for launcher, entry, grid, build in rest:
         launcher.launch_entry(entry, grid, build(dout, q, k, v, lse, delta, dk, dv, dq_acc, parts, lse, lse, lse, lse,
-                                                 seed, p, dq, done))
+                                                 0 if seed is None else seed, p, dq, done))
     return (dq if plan.fused else dq_acc.to(q.dtype)), dk, dv

@@ -2,8 +2,9 @@
 varlen entry points as thin adapters onto them.
 
 Dense calls pass ``cu_seqlens = None`` and the kernels take their ``IS_VARLEN=False`` branch. The dropout
-seed is drawn inside the forward op (so ``torch.compile`` never sees a host read) and returned as a CPU
-int64 scalar tensor that the backward op reads to regenerate the same mask.
+seed is drawn inside the forward op on the inputs' device (``ioattn.dropout.call_seed``: no host read, so
+``torch.compile`` sees none and a captured CUDA graph draws a fresh one each replay) and returned as a (1,)
+int64 tensor there, which the backward op's kernels read to regenerate the same mask.
 """
 
 from __future__ import annotations
@@ -26,34 +27,41 @@ def _flash_attn_fwd(
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, seed): seed is a CPU int64 scalar tensor (0 without dropout).
+    """Returns (out, lse, seed): with dropout, seed is the call's (1,) int64 seed tensor on q's device
+    (``ioattn.dropout.call_seed``); without, a CPU int64 scalar 0 (``_no_seed``: no device allocation).
 
     On Hopper the forward (dense or varlen, any mask, softcap, ALiBi, GQA, dropout) takes the Gluon kernel
     (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0``
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
-    seed = call_seed(q, dropout_p)  # drawn for an empty call too: the generator moves as always
     check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
+    seed = call_seed(q, dropout_p)  # drawn for an empty call too: the generator moves as always
+    seed_out = _no_seed() if seed is None else seed
     if q.numel() == 0 or k.numel() == 0:  # no query or no key (a batch of none): nothing to launch
         lse = torch.full(lse_shape(q, cu_seqlens_q is not None), float("-inf"), dtype=torch.float32,
                          device=q.device)
-        return q.new_zeros(q.shape), lse, torch.tensor(seed, dtype=torch.int64)  # contiguous, as the kernels
+        return q.new_zeros(q.shape), lse, seed_out  # contiguous, as the kernels' outputs
     plan_key = None
     if cu_seqlens_q is None and alibi_slopes is None:
         # A dense call like earlier ones takes their plan: no support check, config or launch key again.
-        plan_key = forward_plan_key(q, k, v, softmax_scale, window, softcap, dropout_p, seed)
+        plan_key = forward_plan_key(q, k, v, softmax_scale, window, softcap, dropout_p)
         planned = gluon_forward_planned(plan_key, q, k, v, dropout_p, seed)
         if planned is not None:
-            return planned[0], planned[1], torch.tensor(seed, dtype=torch.int64)
+            return planned[0], planned[1], seed_out
     if gluon_forward_supported(q, k, v, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                dropout_p=dropout_p, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q):
         out, lse = gluon_forward(q, k, v, softmax_scale, window, softcap, alibi_slopes, cu_seqlens_q,
                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, plan_key=plan_key)
-        return out, lse, torch.tensor(seed, dtype=torch.int64)
+        return out, lse, seed_out
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
     out, lse = attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed)
-    return out, lse, torch.tensor(seed, dtype=torch.int64)
+    return out, lse, seed_out
+
+
+def _no_seed() -> torch.Tensor:
+    """The seed output of a call without dropout: a CPU int64 scalar 0 (unused by the backward)."""
+    return torch.tensor(0, dtype=torch.int64)
 
 
 flash_attn_fwd = EagerOp("ioattn::flash_attn_fwd", _flash_attn_fwd)
@@ -64,6 +72,8 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
       window_right, softcap, alibi_slopes, dropout_p):
     out = q.new_empty(q.shape)
     lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    if dropout_p > 0:
+        return out, lse, torch.empty((1,), dtype=torch.int64, device=q.device)
     return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
 
 
@@ -78,15 +88,15 @@ def _flash_attn_bwd(
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
-    seed_value = int(seed)
+    seed_arg = seed if dropout_p > 0 else None  # the forward's seed tensor, read by the kernels, not here
     plan_key = None
     if cu_seqlens_q is None and alibi_slopes is None and not deterministic:
         # A dense backward like earlier ones takes their plan (their launches worked out).
-        plan_key = backward_plan_key(dout, q, k, v, out, lse, prob, seed_value)
-        planned = gluon_backward_planned(plan_key, dout, q, k, v, out, lse, prob, seed_value)
+        plan_key = backward_plan_key(dout, q, k, v, out, lse, prob)
+        planned = gluon_backward_planned(plan_key, dout, q, k, v, out, lse, prob, seed_arg)
         if planned is not None:
             return planned
-    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed_value,
+    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed_arg,
                     deterministic, plan_key=plan_key)
 
 
