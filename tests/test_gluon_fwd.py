@@ -898,7 +898,7 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     for _ in range(2):
         attn_fwd_gluon.gluon_forward(q, k, v, scale, plan_key=_plan_key(q, k, v, scale))
     key = _plan_key(q, k, v, scale)
-    assert planned(key, q, k, v, 0.0, 0) is not None
+    assert planned(key, q, k, v, 0.0, None) is not None
     buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
     q_off = buf[1:].view(q.shape).copy_(q)
     assert q_off.data_ptr() % 16 and q_off.stride() == q.stride()
@@ -908,7 +908,7 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     monkeypatch.setenv("IOATTN_GLUON", "0")
     assert _plan_key(q, k, v, scale) is None  # no key: the op takes its whole path, which routes off Gluon
     monkeypatch.delenv("IOATTN_GLUON")
-    assert planned(key, q, k, v, 0.0, 0) is not None
+    assert planned(key, q, k, v, 0.0, None) is not None
     assert planned(key, q, k, v, 1.0, 0) is None  # every element dropped: not the plan's kernel
     shipped = attn_fwd_gluon._CONFIGS[128]
     monkeypatch.setitem(attn_fwd_gluon._CONFIGS, 128, shipped._replace(chain=False))
@@ -920,6 +920,6 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     monkeypatch.setattr(fastlaunch, "_ENABLED", False)  # IOATTN_FAST_LAUNCH=0: no direct launch to replay
     assert _plan_key(q, k, v, scale) is None and planned(key, q, k, v, 0.0, None) is None
     monkeypatch.undo()
-    assert planned(key, q, k, v, 0.0, 0) is not None
+    assert planned(key, q, k, v, 0.0, None) is not None
     monkeypatch.setattr(attn_fwd_gluon._FWD_PLANS, "enabled", False)
     assert _plan_key(q, k, v, scale) is None
