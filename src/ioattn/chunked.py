@@ -19,6 +19,7 @@ tiles, which keep a tile of every head in cache and let causal and window masks 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -230,12 +231,22 @@ def _slopes_view(alibi_slopes: torch.Tensor | None, hk: int, g: int, dtype: torc
     return alibi_slopes.to(dtype).reshape(-1, hk, g, 1, 1)
 
 
+def _autocast_off(t: torch.Tensor):
+    """A context without autocast for t's device type where it is on: the tiles' products and their fp32
+    accumulation run in the precisions the code chose (the interface casts the inputs to autocast's dtype
+    first, ``validation.autocast_qkv``); a null context otherwise."""
+    if V.any_autocast():
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alibi_slopes, spec: _Spec):
         hk = k.shape[2]
         slopes = _slopes_view(alibi_slopes, hk, q.shape[2] // hk, torch.promote_types(q.dtype, torch.float32))
-        out, lse = _forward(q, k, v, slopes, spec)
+        with _autocast_off(q):
+            out, lse = _forward(q, k, v, slopes, spec)
         ctx.save_for_backward(q, k, v, out, lse, slopes)
         ctx.spec = spec
         lse_out = lse.float()
@@ -246,7 +257,8 @@ class _ChunkedAttention(torch.autograd.Function):
     @once_differentiable  # its in-place tile updates have no second derivative: raise rather than guess
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, slopes = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, slopes, ctx.spec)
+        with _autocast_off(q):
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, slopes, ctx.spec)
         return dq, dk, dv, None, None
 
 

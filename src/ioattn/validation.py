@@ -32,9 +32,30 @@ def unit_stride(*tensors):
                  and t.stride(-1) != 1 else t for t in tensors)
 
 
+# Whether autocast is on for any device type (a C call, about a quarter of ``torch.is_autocast_enabled(type)``'s
+# host time); the public call where a torch lacks it.
+any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(t) for t in ("cuda", "cpu")))
+
+
+def autocast_qkv(q, k, v):
+    """q, k, v in autocast's dtype where ``torch.autocast`` is on for q's device type (floating tensors of
+    another dtype are cast, differentiably), as SDPA, which autocast runs in its lower precision; as given
+    otherwise."""
+    if not any_autocast():  # the common case: one C call
+        return q, k, v
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (q, k, v))
+
+
 def qkv_unit_stride(q, k, v, *, rank: int):
     """(q, k, v, (nheads, nheads_k, headdim)): ``check_qkv`` on q, k, v after ``unit_stride`` (which a call
-    whose tensors pass the fast checks does not need, so it costs those nothing)."""
+    whose tensors pass the fast checks does not need, so it costs those nothing), the three first in
+    autocast's dtype under ``torch.autocast`` (``autocast_qkv``)."""
+    q, k, v = autocast_qkv(q, k, v)
     fast = _qkv_valid(q, k, v, rank)
     if fast is not None:
         return q, k, v, fast
