@@ -306,7 +306,8 @@ def test_dropout_fresh_under_compile_reduce_overhead():
         outs = []
         for _ in range(5):
             state = rng_state("cuda")
-            out = fn(qg, k, v).detach().clone()
+            with torch._inductor.config.patch(fallback_random=True):  # the seed drawn by torch.randint, as eager
+                out = fn(qg, k, v).detach().clone()
             torch.cuda.set_rng_state(state)
             assert torch.equal(out, ioattn.flash_attn_func(q, k, v, dropout_p=0.2))
             outs.append(out)
@@ -338,3 +339,64 @@ def test_call_seed_draws_on_the_inputs_device():
     assert torch.equal(copied, seed) and copied.device == t.device
     offs = torch.arange(2**32 - 20, 2**32 + 20, device=DEVICE)
     assert torch.equal(philox4x32(seed, offs), philox4x32(int(seed), offs))
+
+
+def test_two_equal_dropout_calls_stay_two_under_compile():
+    """Two dropout calls with equal arguments draw two seeds, hence two masks, compiled too (a seed drawn
+    inside an op that looks pure let torch.compile merge the calls into one), forward and backward."""
+    import ioattn
+
+    torch.manual_seed(0)
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, 64, 2, 32, device=DEVICE, dtype=dt, requires_grad=True) for _ in range(3))
+
+    def twice(q, k, v):
+        return (ioattn.flash_attn_func(q, k, v, dropout_p=0.5, deterministic=True)
+                - ioattn.flash_attn_func(q, k, v, dropout_p=0.5, deterministic=True))
+
+    for fn in (twice, torch.compile(twice, backend="aot_eager", fullgraph=True)):
+        diff = fn(q, k, v)
+        assert diff.abs().max() > 0.1
+        (grad,) = torch.autograd.grad(diff.float().sum(), q)
+        assert grad.abs().max() > 0
+        with torch.no_grad():
+            assert fn(q, k, v).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("empty", [False, True], ids=["full", "empty"])
+def test_fake_outputs_match_the_real_ones(p, empty):
+    """The forward and backward ops' fakes (what torch.compile plans with) give the real outputs' shapes,
+    strides, dtypes and devices, with and without dropout, for empty inputs too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ioattn.dropout import call_seed
+    from ioattn.ops.attention import flash_attn_bwd, flash_attn_fwd
+
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
+    sq = 0 if empty else 33
+    q = torch.randn(2, sq, 4, 32, device=DEVICE, dtype=dt)
+    k, v = (torch.randn(2, 40, 2, 32, device=DEVICE, dtype=dt) for _ in range(2))
+    seed = call_seed(q, p)
+    fwd_args = (q, k, v, None, None, sq, 40, 32 ** -0.5, -1, 0, 0.0, None, p, seed)
+    out, lse = flash_attn_fwd.op(*fwd_args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, None, None, sq, 40, 32 ** -0.5, -1, 0, 0.0, None, p, seed,
+                True)
+    real = (out, lse, *flash_attn_bwd.op(*bwd_args))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_in = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in fwd_args]
+        fake = flash_attn_fwd.op(*fake_in)
+        fake_bwd = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in bwd_args]
+        fake = (*fake, *flash_attn_bwd.op(*fake_bwd))
+    for r, f in zip(real, fake, strict=True):
+        assert (f.shape, f.stride(), f.dtype, f.device) == (r.shape, r.stride(), r.dtype, r.device)
+
+
+def test_s_dmask_on_meta_tensors():
+    """return_attn_probs with dropout on meta tensors (shape inference): S_dmask has its shape (meta tensors
+    have no generator to redraw the seed from)."""
+    import ioattn
+
+    q, k, v = (torch.empty(2, 16, 2, 32, device="meta") for _ in range(3))
+    out, lse, s = ioattn.flash_attn_func(q, k, v, dropout_p=0.1, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (2, 2, 16) and s.shape == (2, 2, 16, 16)

@@ -19,7 +19,7 @@ if torch.cuda.get_device_capability() != (9, 0):
 from test_flash_attn import _grads, _qkv, _varlen_case, check_against_ref, check_varlen_grads  # noqa: E402
 
 import ioattn  # noqa: E402
-from ioattn.dropout import draw_seed, dropout_keep_mask  # noqa: E402
+from ioattn.dropout import call_seed, draw_seed, dropout_keep_mask  # noqa: E402
 from ioattn.kernels import launch  # noqa: E402
 
 
@@ -439,7 +439,8 @@ def _op_pass(q, k, v, dout, opts, seed):
     scale = q.shape[-1] ** -0.5
     args = (q.shape[1], k.shape[1], scale, left, right, opts.get("softcap", 0.0), None, opts.get("dropout", 0.0))
     torch.manual_seed(seed)
-    out, lse, seed_t = attention._flash_attn_fwd(q, k, v, None, None, *args)
+    seed_t = call_seed(q, args[-1])
+    out, lse = attention._flash_attn_fwd(q, k, v, None, None, *args, seed_t)
     return out, lse, seed_t, args
 
 

@@ -459,8 +459,8 @@ def test_dropout(seqlens, opts, d):
 
 @pytest.mark.parametrize("p", [0.0001, 0.5, 0.9])
 def test_dropout_probabilities_and_seeds(p):
-    """Kept fraction near 1 - p through the kernel; another seed drops other elements (seed 1 is a
-    constant the JIT specialises); the same seed repeats bit for bit."""
+    """Kept fraction near 1 - p through the kernel; another seed drops other elements; the same seed repeats
+    bit for bit."""
     q, k, v = _qkv(1, 512, 512, 2, 2, 128, torch.float16)
     a = _check_dropout(q, k, v, p, 5)
     b = _check_dropout(q, k, v, p, 1)
@@ -903,7 +903,7 @@ def test_plan_declines_what_it_cannot_take(monkeypatch):
     q_off = buf[1:].view(q.shape).copy_(q)
     assert q_off.data_ptr() % 16 and q_off.stride() == q.stride()
     assert _plan_key(q_off, k, v, scale) == key and planned(key, q_off, k, v, 0.0, None) is None
-    out, lse, _ = attention._flash_attn_fwd(q_off, k, v, None, None, 512, 512, scale, -1, -1, 0.0, None, 0.0)
+    out, lse = attention._flash_attn_fwd(q_off, k, v, None, None, 512, 512, scale, -1, -1, 0.0, None, 0.0, None)
     _compare(out, lse, *attention_ref(q, k, v), *attention_ref(q, k, v, upcast=False), q.dtype)
     monkeypatch.setenv("IOATTN_GLUON", "0")
     assert _plan_key(q, k, v, scale) is None  # no key: the op takes its whole path, which routes off Gluon

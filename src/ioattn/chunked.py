@@ -34,7 +34,8 @@ __all__ = ["memory_efficient_attention", "chunked_attention", "chunked_attention
 
 @dataclass(frozen=True)
 class _Spec:
-    """Everything about a call except the tensors: masks, score modifiers, dropout grid, chunking."""
+    """Everything about a call except q, k, v and the slopes: masks, score modifiers, the dropout seed (a
+    tensor) and grid, chunking."""
 
     scale: float
     left: int

@@ -50,11 +50,14 @@ def draw_seed(device: torch.device | str = "cpu", generator: torch.Generator | N
     return int(_draw(device, generator).item())
 
 
-def rng_state(device: torch.device | str) -> torch.Tensor:
-    """The state of ``device``'s default generator (what ``torch.get_rng_state`` is for the CPU)."""
+def rng_state(device: torch.device | str) -> torch.Tensor | None:
+    """The state of ``device``'s default generator (what ``torch.get_rng_state`` is for the CPU); None for
+    meta tensors, which have no generator."""
     device = torch.device(device)
     if device.type == "cpu":
         return torch.get_rng_state()
+    if device.type == "meta":
+        return None
     return torch.get_device_module(device.type).get_rng_state(device)
 
 

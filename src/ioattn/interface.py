@@ -50,12 +50,12 @@ def _finish(out, lse, return_attn_probs, s_dmask=None):
 
 def _rng_before(dropout_p: float, return_attn_probs: bool, device: torch.device):
     """The state of ``device``'s generator before a call whose S_dmask needs its dropout seed (the call draws
-    it there first, ``ioattn.dropout.call_seed``), else None."""
+    it there first, ``ioattn.dropout.call_seed``) as a 1-tuple (its item None on meta tensors), else None."""
     if not (return_attn_probs and dropout_p > 0):
         return None
     from .dropout import rng_state
 
-    return rng_state(device)
+    return (rng_state(device),)
 
 
 def _s_dmask(state, q, k, opts, cu_seqlens=None, max_seqlens=None):
@@ -67,7 +67,10 @@ def _s_dmask(state, q, k, opts, cu_seqlens=None, max_seqlens=None):
     from .dropout import draw_seed, dropout_keep_mask, generator_at
     from .reference import attention_probs
 
-    seed, p = draw_seed(q.device, generator_at(state, q.device)), opts["dropout_p"]
+    (state,) = state
+    # (meta tensors have no generator, and their S_dmask no values)
+    seed = 0 if state is None else draw_seed(q.device, generator_at(state, q.device))
+    p = opts["dropout_p"]
     mods = dict(window_size=opts["window_size"], softcap=opts["softcap"], softmax_scale=opts["softmax_scale"])
     q, k, slopes = q.detach(), k.detach(), opts["alibi_slopes"]
     nheads = q.shape[-2]

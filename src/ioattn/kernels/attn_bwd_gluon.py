@@ -53,6 +53,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.language.extra.cuda import gdc_wait
 
+from ..dropout import kernel_seed
 from .attn_bwd import _row_stats
 from .attn_fwd_gluon import (
     _GL_DTYPES,
@@ -1296,17 +1297,19 @@ def gluon_backward_launches(dout, q, k, v, lse, dk, dv, dq_acc, alibi_slopes, *,
 def gluon_backward(dout, q, k, v, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                    *, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, qk_scale: float,
                    softcap2: float, window_size: tuple[int, int], deterministic: bool = False,
-                   dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None,
+                   dropout_p: float = 0.0, seed: int | torch.Tensor | None = 0, config: BwdConfig | None = None,
                    dq: torch.Tensor | None = None, done: torch.Tensor | None = None) -> list[tuple]:
     """Writes dk, dv (the inputs' layout) and adds dQ into ``dq_acc`` (zeroed contiguous fp32 of q's shape,
     so that one contiguous copy makes dQ of it). ``dq`` (dense inputs, d <= 128: ``fused_dq_convert``): dQ in
     q's dtype, contiguous, converted from ``dq_acc`` by ``dq_convert_kernel`` under the last wave; ``done``
     then int32 zeros, at least batch x KV heads (the programs' counts). ``deterministic``: the key blocks add
     into each query block in a fixed order (bitwise reproducible dQ). ``dropout_p``, ``seed``: the forward's
-    dropout (its mask is drawn again from the same Philox counters).
+    dropout (its mask is drawn again from the same Philox counters; ``seed`` an int or the forward's seed
+    tensor, ``ioattn.dropout.kernel_seed``).
     ``lse``, ``delta``: float32 of the forward's lse shape. Call only where ``gluon_backward_supported``.
     Returns the launches it made as (``BwdLaunch``, its arguments), in order."""
     varlen = cu_seqlens_q is not None
+    seed = kernel_seed(seed, dropout_p, q.device)
     slopes = lse
     if alibi_slopes is not None:
         slopes = alibi_slopes.contiguous()

@@ -1582,7 +1582,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         grid = bh_grid(num_m, nheads, batch)
         flags["BH_AXES"] = len(grid) == 3
         launcher, kind, dynamic, o_tma, section = _launch_single, 0, False, False, 0
-        if dropout_p > 0:
+        if dropout_p > 0 and cfg.warps == 4 and d == 64:
             flags["maxnreg"] = _SINGLE_MAXNREG
     else:
         # A right window and no left one with seqlen_q <= seqlen_k (causal, or a right window of any width:

@@ -313,14 +313,6 @@ def _launch_key(args, constexprs, device: int | None = None) -> tuple:
     return (*runtime_key(device), tuple(constexprs.items()), arg_specs(args))
 
 
-def int_spec(value: int) -> Any:
-    """Triton's specialisation of one int argument (its type and whether it is 1 or a multiple of 16); None
-    under a Triton without ``native_specialize_impl`` (every launch then takes ``kernel[grid]``)."""
-    if native_specialize_impl is None:
-        return None
-    return native_specialize_impl(BaseBackend, value, False, True, True)
-
-
 def _call_direct(launch: tuple, gx: int, gy: int, gz: int, stream: int, args, tail) -> None:
     """Triton's C launch function (``_direct_launch``'s answer) with the descriptors expanded as its wrapper
     would; no hooks (the direct path runs only where none is active)."""

@@ -2,9 +2,11 @@
 varlen entry points as thin adapters onto them.
 
 Dense calls pass ``cu_seqlens = None`` and the kernels take their ``IS_VARLEN=False`` branch. The dropout
-seed is drawn inside the forward op on the inputs' device (``ioattn.dropout.call_seed``: no host read, so
-``torch.compile`` sees none and a captured CUDA graph draws a fresh one each replay) and returned as a (1,)
-int64 tensor there, which the backward op's kernels read to regenerate the same mask.
+seed is drawn before the forward op, on the inputs' device (``ioattn.dropout.call_seed``: a (1,) int64
+tensor, no host read, so a captured CUDA graph draws a fresh one each replay), and is an input of both ops:
+their kernels read it, the backward's to regenerate the forward's mask. Drawn outside the op, a call's seed is
+a random op torch.compile keeps apart from another call's (a random draw inside an op that looks pure let
+two calls with equal arguments be merged into one, with one mask).
 """
 
 from __future__ import annotations
@@ -25,43 +27,37 @@ def _flash_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-    softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, seed): with dropout, seed is the call's (1,) int64 seed tensor on q's device
-    (``ioattn.dropout.call_seed``); without, a CPU int64 scalar 0 (``_no_seed``: no device allocation).
+    softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse). ``seed``: with dropout the call's (1,) int64 seed tensor on q's device
+    (``ioattn.dropout.call_seed``), else None.
 
     On Hopper the forward (dense or varlen, any mask, softcap, ALiBi, GQA, dropout) takes the Gluon kernel
     (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0``
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
     check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
-    seed = call_seed(q, dropout_p)  # drawn for an empty call too: the generator moves as always
-    seed_out = _no_seed() if seed is None else seed
+    if dropout_p > 0 and seed is None:
+        raise ValueError("dropout_p > 0 needs the call's seed tensor (ioattn.dropout.call_seed)")
     if q.numel() == 0 or k.numel() == 0:  # no query or no key (a batch of none): nothing to launch
         lse = torch.full(lse_shape(q, cu_seqlens_q is not None), float("-inf"), dtype=torch.float32,
                          device=q.device)
-        return q.new_zeros(q.shape), lse, seed_out  # contiguous, as the kernels' outputs
+        return q.new_zeros(q.shape), lse  # contiguous, as the kernels' outputs
     plan_key = None
     if cu_seqlens_q is None and alibi_slopes is None:
         # A dense call like earlier ones takes their plan: no support check, config or launch key again.
         plan_key = forward_plan_key(q, k, v, softmax_scale, window, softcap, dropout_p)
         planned = gluon_forward_planned(plan_key, q, k, v, dropout_p, seed)
         if planned is not None:
-            return planned[0], planned[1], seed_out
+            return planned
     if gluon_forward_supported(q, k, v, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                dropout_p=dropout_p, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q):
         out, lse = gluon_forward(q, k, v, softmax_scale, window, softcap, alibi_slopes, cu_seqlens_q,
                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, plan_key=plan_key)
-        return out, lse, seed_out
+        return out, lse
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
-    out, lse = attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed)
-    return out, lse, seed_out
-
-
-def _no_seed() -> torch.Tensor:
-    """The seed output of a call without dropout: a CPU int64 scalar 0 (unused by the backward)."""
-    return torch.tensor(0, dtype=torch.int64)
+    return attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, prob, seed)
 
 
 flash_attn_fwd = EagerOp("ioattn::flash_attn_fwd", _flash_attn_fwd)
@@ -69,19 +65,17 @@ flash_attn_fwd = EagerOp("ioattn::flash_attn_fwd", _flash_attn_fwd)
 
 @flash_attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, softcap, alibi_slopes, dropout_p):
+      window_right, softcap, alibi_slopes, dropout_p, seed):
     out = q.new_empty(q.shape)
     lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
-    if dropout_p > 0:
-        return out, lse, torch.empty((1,), dtype=torch.int64, device=q.device)
-    return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
+    return out, lse
 
 
 def _flash_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-    softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor,
+    softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.numel() == 0 or k.numel() == 0:  # the forward's empty case: no gradient reaches anything
@@ -89,6 +83,8 @@ def _flash_attn_bwd(
     prob = make_problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                         window_right, softcap, dropout_p)
     seed_arg = seed if dropout_p > 0 else None  # the forward's seed tensor, read by the kernels, not here
+    if dropout_p > 0 and seed is None:
+        raise ValueError("dropout_p > 0 needs the forward's seed tensor")
     plan_key = None
     if cu_seqlens_q is None and alibi_slopes is None and not deterministic:
         # A dense backward like earlier ones takes their plan (their launches worked out).
@@ -119,9 +115,9 @@ class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                 window_left, window_right, softcap, alibi_slopes, dropout_p, deterministic):
-        out, lse, seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                                        dropout_p)
+        seed = _call_seed(q, cu_seqlens_q, dropout_p)
+        out, lse = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
         ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                       dropout_p, deterministic)
@@ -161,9 +157,18 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         return FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        softmax_scale, left, right, softcap, alibi_slopes, dropout_p, deterministic)
-    out, lse, _seed = flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                     softmax_scale, left, right, softcap, alibi_slopes, dropout_p)
-    return out, lse
+    return flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left,
+                          right, softcap, alibi_slopes, dropout_p, _call_seed(q, cu_seqlens_q, dropout_p))
+
+
+def _call_seed(q, cu_seqlens_q, dropout_p: float) -> torch.Tensor | None:
+    """The call's dropout seed (``ioattn.dropout.call_seed``; None without dropout), drawn after the grid's
+    bound is checked (a refused call moves no generator) and for an empty call too (the generator moves as
+    for any call)."""
+    if dropout_p <= 0:
+        return None
+    check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
+    return call_seed(q, dropout_p)
 
 
 def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size: tuple[int, int],
