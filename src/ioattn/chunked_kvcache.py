@@ -12,21 +12,13 @@ from __future__ import annotations
 import torch
 
 from .chunked import chunked_attention, chunked_attention_varlen
+from .rotary import rotate
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotates the first ``rotary_dim = 2 * cos.shape[-1]`` dims of x (..., seqlen, nheads, headdim) with
     cos/sin (seqlen, rotary_dim / 2); pairs (2j, 2j+1) if interleaved, else (j, j + rotary_dim / 2)."""
-    half = cos.shape[-1]
-    rot = x[..., : 2 * half].float()
-    c, s = cos.float()[:, None, :], sin.float()[:, None, :]
-    if interleaved:
-        x0, x1 = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    else:
-        x0, x1 = rot[..., :half], rot[..., half:]
-        rotated = torch.cat((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+    return rotate(x, cos[:, None, :], sin[:, None, :], interleaved)
 
 
 def _positions_to_rows(b: int, positions: torch.Tensor, block_table, cache_batch_idx, block_size: int):
