@@ -82,3 +82,19 @@ def test_autocast_under_torch_compile():
     # inductor fuses the chunked path's tiles otherwise: an ulp apart there
     torch.testing.assert_close(out, ioattn.flash_attn_func(*cast, causal=True), atol=4e-3, rtol=1e-2)
     assert fn(*leaves).dtype == torch.float32  # outside autocast the same compiled function keeps fp32
+
+
+def test_float64_meta_and_non_tensors_under_autocast():
+    """Autocast leaves float64 alone (as its own ops do): a float64 call is refused as outside autocast; meta
+    tensors (shape inference) work under another device type's autocast; a non-tensor argument gets the usual
+    TypeError."""
+    q, k, v = (torch.randn(1, 16, 2, 32, device=DEVICE, dtype=torch.float64) for _ in range(3))
+    with torch.autocast(DEVICE, dtype=LOW):
+        with pytest.raises(TypeError):
+            ioattn.flash_attn_func(q, k, v)
+        with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+            ioattn.flash_attn_func([1.0], k, v)
+    meta = [torch.empty(1, 16, 2, 32, device="meta") for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ioattn.flash_attn_func(*meta, causal=True).shape == (1, 16, 2, 32)
+        assert ioattn.memory_efficient_attention(*meta, causal=True).shape == (1, 16, 2, 32)

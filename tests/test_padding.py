@@ -26,6 +26,7 @@ def test_unpad_pad_round_trip(name):
     assert torch.equal(packed, x.detach()[mask.bool()])  # row-major order of the kept tokens
     assert torch.equal(indices, torch.nonzero(mask.flatten()).flatten())
     back = pad_input(packed, indices, batch, seqlen)
+    assert torch.equal(pad_input(packed.detach(), indices.int(), batch, seqlen), back.detach())  # int32 indices
     assert torch.equal(back, torch.where(mask.bool()[..., None, None], x.detach(), 0.0))
     back.sum().backward()
     assert torch.equal(x.grad, mask[..., None, None].expand_as(x).to(x.dtype))  # kept tokens only

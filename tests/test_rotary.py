@@ -73,18 +73,45 @@ def test_inplace_and_gradient():
                                     (leaf,))
 
 
-def test_errors():
-    cos, sin, _ = _tables(8, 16)
-    x = torch.randn(1, 8, 2, 32, device=DEVICE)
+def test_errors_and_positions_past_the_tables():
+    cos, sin, theta = _tables(8, 16)
+    x = torch.randn(2, 8, 2, 32, device=DEVICE)
     with pytest.raises(ValueError, match="alike"):
         apply_rotary_emb(x, cos, sin[:, :4])
     with pytest.raises(ValueError, match="exceeds headdim"):
         apply_rotary_emb(x[..., :8], cos, sin)
     with pytest.raises(ValueError, match=r"\(total, nheads, headdim\)"):
         apply_rotary_emb(x, cos, sin, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEVICE))
-    if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="positions"):
-            apply_rotary_emb(x, cos, sin, seqlen_offsets=1)
+    with pytest.raises(ValueError, match="fewer than the sequence length"):
+        apply_rotary_emb(torch.randn(1, 9, 2, 32, device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match=r"\(2,\) tensor"):
+        apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([1, 2, 3], device=DEVICE))
+    # an offset past the tables' end leaves those positions unrotated (flash-attn's kernel), no error
+    out = apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, 5], device=DEVICE))
+    assert torch.equal(out[1, 3:], x[1, 3:]) and not torch.equal(out[1, :3], x[1, :3])
+    pos = torch.arange(3)[None] + 5
+    torch.testing.assert_close(out[1:, :3].double().cpu(), _reference(x[1:, :3], theta, pos, 16, False),
+                               atol=1e-5, rtol=1e-5)
+    # a one-element offset tensor serves every sequence, as the int does
+    assert torch.equal(apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor(2, device=DEVICE)),
+                       apply_rotary_emb(x, cos, sin, seqlen_offsets=2))
+    # varlen tokens past cu_seqlens[-1] belong to no sequence: untouched
+    xv = torch.randn(10, 2, 32, device=DEVICE)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
+    outv = apply_rotary_emb(xv, cos, sin, cu_seqlens=cu)
+    assert torch.equal(outv[7:], xv[7:]) and not torch.equal(outv[4:7], xv[4:7])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_rounds_once(dtype):
+    """Products in float32, rounded once to x's dtype: the float64 rotation rounded to x's dtype, nearly
+    everywhere (a rotation in x's own precision would round every product)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 64, 4, 64, device=DEVICE).to(dtype)
+    cos, sin, theta = _tables(64, 64, torch.float32)
+    out = apply_rotary_emb(x, cos, sin)
+    ref = _reference(x, theta, torch.arange(64)[None].expand(2, 64), 64, False).to(dtype)
+    assert (out.cpu() == ref).float().mean() > 0.99
 
 
 def test_same_rotation_as_the_kv_cache_append():

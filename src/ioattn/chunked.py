@@ -236,7 +236,7 @@ def _autocast_off(t: torch.Tensor):
     """A context without autocast for t's device type where it is on: the tiles' products and their fp32
     accumulation run in the precisions the code chose (the interface casts the inputs to autocast's dtype
     first, ``validation.autocast_qkv``); a null context otherwise."""
-    if V.any_autocast():
+    if V.autocast_on(t.device.type):
         return torch.autocast(t.device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -60,5 +60,5 @@ def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, se
     """The inverse of ``unpad_input``: (total, ...) packed rows at ``indices`` of a (batch, seqlen, ...)
     batch of zeros, differentiable."""
     flat = hidden_states.new_zeros((batch * seqlen, *hidden_states.shape[1:]))
-    flat = flat.index_copy(0, indices, hidden_states)
+    flat = flat.index_copy(0, indices.long(), hidden_states)  # int32 indices too, as flash-attn takes them
     return flat.reshape(batch, seqlen, *hidden_states.shape[1:])

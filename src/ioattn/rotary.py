@@ -30,23 +30,38 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
-def _positions(x, seqlen_offsets, cu_seqlens, max_seqlen):
-    """Each token's position: (batch, seqlen) for dense x, (total,) for varlen x."""
+def _offsets(seqlen_offsets, batch: int, device) -> torch.Tensor | int:
+    """The offsets as an int or an int64 (batch,) tensor on ``device`` (a one-element tensor serves every
+    sequence)."""
+    if not isinstance(seqlen_offsets, torch.Tensor):
+        return int(seqlen_offsets)
+    off = seqlen_offsets.to(device=device, dtype=torch.long).reshape(-1)
+    if off.numel() == 1:
+        return off.expand(batch)
+    if off.numel() != batch:
+        raise ValueError(f"seqlen_offsets must be an int or a ({batch},) tensor, got shape "
+                         f"{tuple(seqlen_offsets.shape)}")
+    return off
+
+
+def _positions(x, seqlen_offsets, cu_seqlens):
+    """Each token's position, and whether it is a sequence's token: (batch, seqlen) for dense x, (total,) for
+    varlen x (tokens past ``cu_seqlens[-1]`` belong to none)."""
     device = x.device
     if cu_seqlens is None:
         batch, seqlen = x.shape[:2]
+        off = _offsets(seqlen_offsets, batch, device)
         pos = torch.arange(seqlen, device=device).expand(batch, seqlen)
-        if isinstance(seqlen_offsets, torch.Tensor):
-            return pos + seqlen_offsets.to(device=device, dtype=torch.long).view(batch, 1)
-        return pos + int(seqlen_offsets)
-    total = x.shape[0]
+        return pos + (off.view(batch, 1) if isinstance(off, torch.Tensor) else off), None
+    total, batch = x.shape[0], cu_seqlens.shape[0] - 1
+    off = _offsets(seqlen_offsets, batch, device)
     token = torch.arange(total, device=device)
     starts = cu_seqlens.to(device=device, dtype=torch.long)
-    seq = torch.searchsorted(starts[1:], token, right=True).clamp_(max=starts.numel() - 2)
+    seq = torch.searchsorted(starts[1:], token, right=True)
+    inside = seq < batch
+    seq = seq.clamp(max=max(batch - 1, 0))
     pos = token - starts[seq]
-    if isinstance(seqlen_offsets, torch.Tensor):
-        return pos + seqlen_offsets.to(device=device, dtype=torch.long)[seq]
-    return pos + int(seqlen_offsets)
+    return pos + (off[seq] if isinstance(off, torch.Tensor) else off), inside
 
 
 def apply_rotary_emb(
@@ -66,10 +81,11 @@ def apply_rotary_emb(
         cos, sin: (seqlen_ro, rotary_dim / 2), rotary_dim <= headdim, the angles of positions 0 .. seqlen_ro - 1.
         interleaved: pairs (2j, 2j + 1) (GPT-J) instead of (j, j + rotary_dim / 2) (GPT-NeoX).
         inplace: write the result into x and return x (inference; x must not need its own gradient).
-        seqlen_offsets: int, or int (batch,): the position of each sequence's first token (a KV cache's
-            length when decoding).
-        cu_seqlens: int32 (batch + 1,) for the varlen layout; max_seqlen: accepted for flash-attn's signature
-            (positions are found without it).
+        seqlen_offsets: int, or int (batch,) (or one-element) tensor: the position of each sequence's first
+            token (a KV cache's length when decoding). Positions past the tables stay unrotated, as in
+            flash-attn.
+        cu_seqlens: int32 (batch + 1,) for the varlen layout; max_seqlen: its longest sequence, checked
+            against the tables' length when given (as the dense length always is).
     Returns:
         x rotated, in x's dtype and shape.
     """
@@ -82,11 +98,19 @@ def apply_rotary_emb(
         raise ValueError(f"x must be {layout}, got shape {tuple(x.shape)}")
     if 2 * cos.shape[-1] > x.shape[-1]:
         raise ValueError(f"rotary_dim = 2 * cos.shape[-1] = {2 * cos.shape[-1]} exceeds headdim {x.shape[-1]}")
-    pos = _positions(x, seqlen_offsets, cu_seqlens, max_seqlen)
-    if not x.is_cuda and pos.numel() and int(pos.max()) >= cos.shape[0]:  # (a GPU indexes out of range loudly)
-        raise ValueError(f"a position reaches {int(pos.max())} but cos / sin hold {cos.shape[0]} positions")
-    c = cos.to(x.device)[pos].unsqueeze(-2)  # (..., 1, rotary_dim / 2): every head the same angle
-    s = sin.to(x.device)[pos].unsqueeze(-2)
+    seqlen_ro = cos.shape[0]
+    longest = x.shape[1] if cu_seqlens is None else max_seqlen
+    if longest is not None and longest > seqlen_ro:
+        raise ValueError(f"cos / sin hold {seqlen_ro} positions, fewer than the sequence length {longest}")
+    pos, inside = _positions(x, seqlen_offsets, cu_seqlens)
+    # As flash-attn's kernel: a position outside the tables (an offset past their end) is left unrotated, and
+    # so is a token of no sequence; no host read, no out-of-range index.
+    valid = (pos >= 0) & (pos < seqlen_ro)
+    if inside is not None:
+        valid = valid & inside
+    idx = pos.clamp(0, max(seqlen_ro - 1, 0))
+    c = torch.where(valid[..., None], cos.to(x.device)[idx], 1.0).unsqueeze(-2)  # (..., 1, rotary_dim / 2)
+    s = torch.where(valid[..., None], sin.to(x.device)[idx], 0.0).unsqueeze(-2)  # every head the same angle
     out = rotate(x, c, s, interleaved)
     if inplace:
         return x.copy_(out)

@@ -38,17 +38,27 @@ any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: any(torch.is_autocast_enabled(t) for t in ("cuda", "cpu")))
 
 
+# What autocast casts to its lower precision (never float64, as autocast's own ops).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (False for types autocast has no notion of, such as
+    meta)."""
+    return any_autocast() and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_qkv(q, k, v):
-    """q, k, v in autocast's dtype where ``torch.autocast`` is on for q's device type (floating tensors of
-    another dtype are cast, differentiably), as SDPA, which autocast runs in its lower precision; as given
-    otherwise."""
+    """q, k, v in autocast's dtype where ``torch.autocast`` is on for q's device type (float32 / float16 /
+    bfloat16 tensors of another dtype are cast, differentiably; float64 is left, as autocast leaves it), as
+    SDPA, which autocast runs in its lower precision; as given otherwise, and wherever q, k or v is not a
+    tensor (the checks then explain)."""
     if not any_autocast():  # the common case: one C call
         return q, k, v
-    device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not autocast_on(q.device.type):
         return q, k, v
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (q, k, v))
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dtype else t for t in (q, k, v))
 
 
 def qkv_unit_stride(q, k, v, *, rank: int):
