@@ -44,8 +44,10 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 def autocast_on(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type`` (False for types autocast has no notion of, such as
-    meta)."""
-    return any_autocast() and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    meta; under torch.compile the tensors are fakes of a real device, and dynamo of torch 2.11 cannot trace the
+    availability check)."""
+    return (any_autocast() and (torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type))
+            and torch.is_autocast_enabled(device_type))
 
 
 def autocast_qkv(q, k, v):
