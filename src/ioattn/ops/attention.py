@@ -36,7 +36,7 @@ def _flash_attn_fwd(
     (TMA + async wgmma) where ``gluon_forward_supported`` says it applies and is faster; ``IOATTN_GLUON=0``
     turns it off. Both kernels drop the same elements for the same seed (``ioattn.dropout``)."""
     window = (window_left, window_right)
-    check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
+    _check_grid(q, cu_seqlens_q)
     if dropout_p > 0 and seed is None:
         raise ValueError("dropout_p > 0 needs the call's seed tensor (ioattn.dropout.call_seed)")
     if q.numel() == 0 or k.numel() == 0:  # no query or no key (a batch of none): nothing to launch
@@ -167,8 +167,13 @@ def _call_seed(q, cu_seqlens_q, dropout_p: float) -> torch.Tensor | None:
     for any call)."""
     if dropout_p <= 0:
         return None
-    check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
+    _check_grid(q, cu_seqlens_q)
     return call_seed(q, dropout_p)
+
+
+def _check_grid(q, cu_seqlens_q) -> None:
+    """``check_grid_bounds`` for a dense or varlen call: its sequences and heads."""
+    check_grid_bounds(q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1, q.shape[-2])
 
 
 def flash_attention(q, k, v, *, softmax_scale: float, causal: bool, window_size: tuple[int, int],
