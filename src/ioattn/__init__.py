@@ -11,6 +11,7 @@ from .interface import (
 )
 from .kvcache import flash_attn_with_kvcache, write_kv
 from .reference import attention_ref
+from .sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,6 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "memory_efficient_attention",
+    "scaled_dot_product_attention",
     "write_kv",
 ]

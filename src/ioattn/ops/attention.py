@@ -131,6 +131,10 @@ class FlashAttnFunction(torch.autograd.Function):
         if dout is None:  # grads are not materialised: nothing reached out
             return (None,) * 14
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
+        if not dout.is_contiguous():
+            # out's layout (contiguous): a gradient through a transpose or an expand would otherwise send the
+            # Hopper backward, which needs dO's rows end to end, to the portable kernels.
+            dout = dout.contiguous()
         (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
          deterministic) = ctx.params
         dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

@@ -1,0 +1,157 @@
+"""``torch.nn.functional.scaled_dot_product_attention`` on ioattn's kernels: same signature, same semantics.
+
+Code written against SDPA's (..., heads, seqlen, headdim) layout calls ``ioattn.scaled_dot_product_attention``
+unchanged, or installs it in SDPA's place (``torch.nn.functional.scaled_dot_product_attention = ...``): every
+call ioattn can compute runs on its kernels, and every other call goes to the SDPA that torch had when ioattn
+was imported, so nothing a model does stops working.
+
+ioattn computes: float16 / bfloat16 / float32 inputs of at least three dimensions with equal leading (batch)
+dimensions, one head dim (query's, key's and value's) up to 256, ``is_causal`` (SDPA's top-left alignment),
+``attn_mask`` None or a ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``),
+dropout in [0, 1), ``scale`` and ``enable_gqa``. Every other call (a tensor ``attn_mask``, value's head dim
+unlike query's, float64, broadcast batch dimensions, nested tensors, two-dimensional inputs) is torch's.
+
+Layouts. ioattn's kernels read (batch, seqlen, heads, headdim) with the batches one after another along the
+sequence; SDPA's callers hold (batch, heads, seqlen, headdim) tensors, often transposed views of the former (a
+projection's output viewed as heads, then ``transpose(1, 2)``): those are passed through as they are. Tensors
+laid out as (batch, heads, seqlen, headdim) in memory (a rotary embedding's output, torch's own attention
+modules) are read as one batch of batch x heads heads instead, again without a copy: head h of batch b is
+head b * heads + h, and with GQA its KV head b * heads_k + h // group is the one the grouping picks. A call
+takes whichever reading copies fewer of its three tensors (the others are copied into it). The dropout mask
+is the same under either reading (it is drawn by batch x heads plane), so the output does not depend on the
+layout. The output is a (..., heads, seqlen, headdim) view: of (batch, seqlen, heads, headdim) memory, as SDPA's
+flash and cuDNN backends return it, or of (seqlen, batch, heads, headdim) memory under the second reading.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .interface import flash_attn_func
+
+# torch's SDPA as it was when ioattn was imported: the calls ioattn does not compute go there even after a user
+# installs this function in its place.
+_torch_sdpa = F.scaled_dot_product_attention
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEADDIM = 256
+
+
+def _causal_bias_variant(attn_mask) -> str | None:
+    """'upper_left' / 'lower_right' for a ``CausalBias``, else None."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # an older torch: no CausalBias to recognise
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    return "lower_right" if attn_mask.variant == CausalVariant.LOWER_RIGHT else "upper_left"
+
+
+def _computable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple[bool, str | None]:
+    """(whether ioattn computes the call, its causal alignment: None, 'upper_left' or 'lower_right')."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and not t.is_nested for t in tensors):
+        return False, None
+    if any(t.dim() < 3 or t.dim() != query.dim() for t in tensors):
+        return False, None
+    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False, None
+    if key.device != query.device or value.device != query.device:
+        return False, None
+    if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
+        return False, None
+    d = query.shape[-1]
+    if not 0 < d <= _MAX_HEADDIM or key.shape[-1] != d or value.shape[-1] != d:
+        return False, None
+    hq, hk = query.shape[-3], key.shape[-3]
+    if value.shape[-3] != hk or key.shape[-2] != value.shape[-2]:
+        return False, None
+    if hk == 0 or (hq != hk and not (enable_gqa and hq % hk == 0)):
+        return False, None
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        return False, None
+    variant = "upper_left" if is_causal else None
+    if attn_mask is not None:
+        variant = _causal_bias_variant(attn_mask)
+        if variant is None or is_causal:  # is_causal with a mask: torch's error
+            return False, None
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
+            return False, None
+    return True, variant
+
+
+def _batch_major(t: torch.Tensor) -> bool:
+    """Whether t (B, H, L, E) read as (B, L, H, E) has its batches end to end along the sequence."""
+    b, _, length, _ = t.shape
+    return t.stride(-1) == 1 and (b == 1 or length == 1 or t.stride(0) == length * t.stride(2))
+
+
+def _head_major(t: torch.Tensor) -> bool:
+    """Whether t (B, H, L, E) merges its batch and head dims without a copy (one batch of B * H heads)."""
+    b, h = t.shape[:2]
+    return t.stride(-1) == 1 and (b == 1 or h == 1 or t.stride(0) == h * t.stride(1))
+
+
+def _as_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, E) -> (1, L, B * H, E), a view (t must be ``_head_major``)."""
+    b, h, length, e = t.shape
+    return t.reshape(b * h, length, e).transpose(0, 1).unsqueeze(0)
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, *, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` computed by ioattn.
+
+    Arguments (as torch's):
+        query: (..., heads, seqlen_q, headdim).
+        key, value: (..., heads_k, seqlen_k, headdim); heads_k == heads, or with ``enable_gqa`` a divisor.
+        attn_mask: None, or a ``CausalBias`` (``torch.nn.attention.bias.causal_upper_left`` /
+            ``causal_lower_right``); any other mask runs torch's SDPA.
+        dropout_p: dropout probability on the attention weights, applied whenever it is > 0 (as torch's).
+        is_causal: a causal mask aligned top-left (row i sees keys 0..i), torch's convention;
+            ``causal_lower_right`` aligns it bottom-right, as ``ioattn.flash_attn_func(causal=True)``.
+        scale: scale of q k^T; default 1 / sqrt(headdim).
+        enable_gqa: let heads_k divide heads (grouped-query attention).
+    Returns: (..., heads, seqlen_q, headdim) in query's dtype. A query row that sees no key (lower-right
+    causal with seqlen_q > seqlen_k) gets zeros, as torch's SDPA gives.
+    """
+    ok, variant = _computable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if not ok:
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+    lead = query.shape[:-3]
+    batch = math.prod(lead)
+    hq, seqlen_q, d = query.shape[-3:]
+    q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
+    causal, window = False, (-1, -1)
+    if variant == "lower_right":
+        causal = True
+    elif variant == "upper_left":
+        seqlen_k = k.shape[2]
+        if seqlen_q <= seqlen_k:
+            # Top-left: row i sees keys 0..i, so keys past the last row are never seen; bottom-right over the
+            # first seqlen_q keys is the same mask.
+            k, v, causal = k[:, :, :seqlen_q], v[:, :, :seqlen_q], True
+        else:
+            # Bottom-right, key j is allowed for j <= i + (seqlen_k - seqlen_q) + right: right = seqlen_q -
+            # seqlen_k gives j <= i.
+            window = (-1, seqlen_q - seqlen_k)
+    tensors = (q, k, v)
+    by_heads = sum(map(_head_major, tensors)) > sum(map(_batch_major, tensors))
+    if by_heads:
+        q, k, v = (_as_heads(t if _head_major(t) else t.contiguous()) for t in tensors)
+    else:
+        q, k, v = (t.transpose(1, 2) if _batch_major(t) else t.transpose(1, 2).contiguous() for t in tensors)
+    out = flash_attn_func(q, k, v, dropout_p=float(dropout_p), softmax_scale=scale, causal=causal,
+                          window_size=window)
+    if by_heads:
+        out = out[0].view(seqlen_q, batch, hq, d).permute(1, 2, 0, 3)
+    else:
+        out = out.transpose(1, 2)
+    return out.reshape(*lead, hq, seqlen_q, d)
