@@ -151,7 +151,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     out = flash_attn_func(q, k, v, dropout_p=float(dropout_p), softmax_scale=scale, causal=causal,
                           window_size=window)
     if by_heads:
-        out = out[0].view(seqlen_q, batch, hq, d).permute(1, 2, 0, 3)
+        # a view straight from (1, L, B x H, E): indexing out[0] would cost the backward a zeroed copy of dO
+        out = out.view(seqlen_q, batch, hq, d).permute(1, 2, 0, 3)
     else:
         out = out.transpose(1, 2)
     return out.reshape(*lead, hq, seqlen_q, d)
