@@ -93,6 +93,38 @@ def test_scale_and_leading_dims():
     _check(*five, scale=0.2)
 
 
+def test_odd_inputs():
+    """Strided inputs (a slice along the sequence, heads broadcast by expand, a packed qkv's views), only some
+    inputs requiring grad, seqlen 1, an odd head dim; and empty ones (batch 0 in either layout, no queries, no
+    keys), which give torch's shapes and zeros."""
+    q, k, v = _inputs(2, 4, 4, 17, 24, ("bhsd", "bshd", "bhsd"))
+    _check(q[:, :, 3:12].detach().requires_grad_(), k.detach()[:, :, ::2].requires_grad_(),
+           v.detach()[:, :1, ::2].expand(-1, 4, -1, -1).requires_grad_(), is_causal=True)
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 13, 3, 4, D, generator=g).to(DEVICE, DTYPE).requires_grad_()
+    out = ioattn.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv.unbind(2)), is_causal=True)
+    ref = _torch(*(t.transpose(1, 2).double() for t in qkv.unbind(2)), is_causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
+    out.sum().backward()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
+    q1 = q.detach()[:, :, :1].requires_grad_()  # one query, grads for q only
+    k0, v0 = k.detach(), v.detach()
+    _check_partial = ioattn.scaled_dot_product_attention(q1, k0, v0, is_causal=True)
+    torch.testing.assert_close(_check_partial.double(), _torch(q1.double(), k0.double(), v0.double(),
+                                                                is_causal=True), atol=2e-2, rtol=0)
+    (dq,) = torch.autograd.grad(_check_partial.sum(), (q1,))
+    assert dq.shape == q1.shape
+    odd = [torch.randn(1, 2, 9, 40 if ON_GPU else 12, generator=g).to(DEVICE, DTYPE).requires_grad_()
+           for _ in range(3)]
+    _check(*odd)
+    for shape_q, shape_kv, layout in [((0, 2, 5, D), (0, 2, 5, D), "bhsd"), ((0, 2, 5, D), (0, 2, 5, D), "bshd"),
+                                      ((2, 2, 0, D), (2, 2, 5, D), "bhsd"), ((2, 2, 5, D), (2, 2, 0, D), "bhsd")]:
+        q0 = _make(shape_q, layout, 1)
+        k0, v0 = _make(shape_kv, layout, 2), _make(shape_kv, layout, 3)
+        out = ioattn.scaled_dot_product_attention(q0, k0, v0)
+        assert out.shape == shape_q and not out.any()
+
+
 def _spy(monkeypatch):
     seen = []
     real = sdpa_mod.flash_attn_func
@@ -169,19 +201,23 @@ def test_other_calls_are_torchs(monkeypatch):
         ((q, k[:1], v[:1]), {}),
         ((q[0, 0], k[0, 0], v[0, 0]), {}),
         ((q, k[:, :1], v[:, :1]), {}),  # heads differ without enable_gqa: torch broadcasts (math) or refuses
+        ((q, k, v), {"scale": 0.0}),  # torch takes any scale
+        ((q, k, v), {"scale": -0.5, "is_causal": True}),
     ]
     monkeypatch.setattr(F, "scaled_dot_product_attention", ioattn.scaled_dot_product_attention)
     for args, kw in cases:
         got = F.scaled_dot_product_attention(*args, **kw)
-        assert torch.equal(got, _torch(*args, **kw))
+        torch.testing.assert_close(got, _torch(*args, **kw), rtol=0, atol=0, equal_nan=True)
     assert not seen
     with pytest.raises((RuntimeError, ValueError)):
         ioattn.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(7, 9), is_causal=True)
+    with pytest.raises(ValueError, match="same sequence length"):
+        ioattn.scaled_dot_product_attention(q, k, v[:, :, :5])
 
 
 @pytest.mark.skipif(select_backend(torch.device(DEVICE)) != "triton", reason="compiles the Triton path's ops")
 def test_compiles_fullgraph():
-    q, k, v = _inputs(2, 4, 2, 24, 24, ("bhsd", "bhsd", "bshd"))
+    q, k, v = _inputs(2, 4, 2, 24, 17, ("bhsd", "bhsd", "bshd"))  # more queries than keys: the window
 
     def f(q, k, v):
         return ioattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).float().square().sum()

@@ -51,10 +51,12 @@ def _causal_bias_variant(attn_mask) -> str | None:
     return "lower_right" if attn_mask.variant == CausalVariant.LOWER_RIGHT else "upper_left"
 
 
-def _computable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple[bool, str | None]:
+def _computable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[bool, str | None]:
     """(whether ioattn computes the call, its causal alignment: None, 'upper_left' or 'lower_right')."""
     tensors = (query, key, value)
     if not all(isinstance(t, torch.Tensor) and not t.is_nested for t in tensors):
+        return False, None
+    if torch.overrides.has_torch_function(tensors):  # tensor subclasses and modes dispatch through torch's
         return False, None
     if any(t.dim() < 3 or t.dim() != query.dim() for t in tensors):
         return False, None
@@ -68,12 +70,14 @@ def _computable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     if not 0 < d <= _MAX_HEADDIM or key.shape[-1] != d or value.shape[-1] != d:
         return False, None
     hq, hk = query.shape[-3], key.shape[-3]
-    if value.shape[-3] != hk or key.shape[-2] != value.shape[-2]:
+    if value.shape[-3] != hk:
         return False, None
     if hk == 0 or (hq != hk and not (enable_gqa and hq % hk == 0)):
         return False, None
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         return False, None
+    if scale is not None and not (isinstance(scale, (int, float)) and 0.0 < scale < math.inf):
+        return False, None  # torch takes any scale, zero and negative ones included
     variant = "upper_left" if is_causal else None
     if attn_mask is not None:
         variant = _causal_bias_variant(attn_mask)
@@ -118,10 +122,18 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             ``causal_lower_right`` aligns it bottom-right, as ``ioattn.flash_attn_func(causal=True)``.
         scale: scale of q k^T; default 1 / sqrt(headdim).
         enable_gqa: let heads_k divide heads (grouped-query attention).
-    Returns: (..., heads, seqlen_q, headdim) in query's dtype. A query row that sees no key (lower-right
-    causal with seqlen_q > seqlen_k) gets zeros, as torch's SDPA gives.
+    Returns: (..., heads, seqlen_q, headdim) in query's dtype, a view that is not contiguous (as SDPA's flash
+    backend returns it). A query row that sees no key (lower-right causal with seqlen_q > seqlen_k) gets zeros,
+    as torch's SDPA gives.
+    Installed in SDPA's place, it computes what it can whatever ``torch.nn.attention.sdpa_kernel`` selects
+    (a test that forces torch's math backend as its reference should call torch's function); tensor
+    subclasses and torch function modes go to torch's SDPA.
     """
-    ok, variant = _computable(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if (isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) and min(key.dim(), value.dim()) >= 2
+            and not key.is_nested and key.shape[-2] != value.shape[-2]):
+        # refused here: torch 2.13's CPU kernel reads past value's rows instead
+        raise ValueError(f"key and value need the same sequence length, got {key.shape[-2]} and {value.shape[-2]}")
+    ok, variant = _computable(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not ok:
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
@@ -143,7 +155,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             # seqlen_k gives j <= i.
             window = (-1, seqlen_q - seqlen_k)
     tensors = (q, k, v)
-    by_heads = sum(map(_head_major, tensors)) > sum(map(_batch_major, tensors))
+    by_heads = batch > 0 and sum(map(_head_major, tensors)) > sum(map(_batch_major, tensors))
     if by_heads:
         q, k, v = (_as_heads(t if _head_major(t) else t.contiguous()) for t in tensors)
     else:
