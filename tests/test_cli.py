@@ -31,7 +31,7 @@ def test_check_passes_and_reports_every_public_function():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for name in ("flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
                  "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
-                 "memory_efficient_attention", "flash_attn_with_kvcache"):
+                 "memory_efficient_attention", "flash_attn_with_kvcache", "scaled_dot_product_attention"):
         assert name in res.stdout
     assert " 0 failed" in res.stdout and "FAIL" not in res.stdout
 

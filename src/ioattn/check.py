@@ -217,8 +217,33 @@ def case_paged_step(device, dtype):
                        cache_k[i:i + 1, :n], cache_v[i:i + 1, :n], causal=True)
 
 
+def case_sdpa(device, dtype):
+    """The SDPA drop-in against torch's own SDPA (float64 the truth, the inputs' dtype the baseline): top-left
+    causal with more and with fewer queries than keys, both layouts it reads, GQA, output and gradients."""
+    from .sdpa import _torch_sdpa, scaled_dot_product_attention
+
+    cases = [("(B, H, L, E), sq<sk", 77, 91, True), ("transposed view, sq>sk", 91, 77, False)]
+    for label, sq, sk, heads_major in cases:
+        q, k, v = make_qkv(2, sq, sk, 4, 2, 64, dtype, device)  # (batch, seqlen, heads, d)
+        q, k, v = ((t.transpose(1, 2).contiguous() if heads_major else t.transpose(1, 2)).requires_grad_()
+                   for t in (q, k, v))
+        kw = {"is_causal": True, "enable_gqa": True}
+        out = scaled_dot_product_attention(q, k, v, **kw)
+        dout = torch.randn_like(out)
+        runs = [(out, torch.autograd.grad(out, (q, k, v), dout))]
+        for cast in (torch.float64, dtype):
+            leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+            ref = _torch_sdpa(*leaves, **kw)
+            runs.append((ref, torch.autograd.grad(ref, leaves, dout.to(cast))))
+        (o, g), (ro, rg), (bo, bg) = runs
+        yield tolerance_check(o, ro, bo, factor=OUT_FACTOR, floor=FLOOR, name=f"scaled_dot_product_attention {label}")
+        for n, ours, ref, base in zip("qkv", g, rg, bg, strict=True):
+            yield tolerance_check(ours, ref, base, factor=GRAD_FACTOR, floor=FLOOR,
+                                  name=f"scaled_dot_product_attention {label} d{n}")
+
+
 CASES: list[Case] = [case_dense, case_grad, case_dropout, case_varlen, case_packed, case_memory_efficient,
-                     case_kvcache, case_kvcache_leftpad, case_paged_step]
+                     case_kvcache, case_kvcache_leftpad, case_paged_step, case_sdpa]
 
 
 def run_checks(device: str = "cpu") -> int:
