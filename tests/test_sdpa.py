@@ -209,6 +209,17 @@ def test_other_calls_are_torchs(monkeypatch):
         got = F.scaled_dot_product_attention(*args, **kw)
         torch.testing.assert_close(got, _torch(*args, **kw), rtol=0, atol=0, equal_nan=True)
     assert not seen
+    q4, k4, v4 = _inputs(1, 2, 2, 9, 9, ("bhsd",) * 3)
+    with torch.device(DEVICE):  # a torch function mode: still computed here
+        ioattn.scaled_dot_product_attention(q4, k4, v4)
+    assert len(seen) == 1
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub = [t.as_subclass(Sub) for t in (q, k, v)]
+    torch.testing.assert_close(ioattn.scaled_dot_product_attention(*sub), _torch(q, k, v), rtol=0, atol=0)
+    assert len(seen) == 1  # the subclass went to torch
     with pytest.raises((RuntimeError, ValueError)):
         ioattn.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(7, 9), is_causal=True)
     with pytest.raises(ValueError, match="same sequence length"):

@@ -8,8 +8,9 @@ was imported, so nothing a model does stops working.
 ioattn computes: float16 / bfloat16 / float32 inputs of at least three dimensions with equal leading (batch)
 dimensions, one head dim (query's, key's and value's) up to 256, ``is_causal`` (SDPA's top-left alignment),
 ``attn_mask`` None or a ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``),
-dropout in [0, 1), ``scale`` and ``enable_gqa``. Every other call (a tensor ``attn_mask``, value's head dim
-unlike query's, float64, broadcast batch dimensions, nested tensors, two-dimensional inputs) is torch's.
+dropout in [0, 1), ``scale`` > 0 and ``enable_gqa``. Every other call (a tensor ``attn_mask``, value's head dim
+unlike query's, float64, broadcast batch dimensions, nested tensors and other tensor subclasses, two-dimensional
+inputs) is torch's.
 
 Layouts. ioattn's kernels read (batch, seqlen, heads, headdim) with the batches one after another along the
 sequence; SDPA's callers hold (batch, heads, seqlen, headdim) tensors, often transposed views of the former (a
@@ -38,6 +39,9 @@ _torch_sdpa = F.scaled_dot_product_attention
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEADDIM = 256
+# Tensor types computed here. Not torch.overrides.has_torch_function: it is true for every call inside a torch
+# function mode, a ``with torch.device(...)`` block included.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _causal_bias_variant(attn_mask) -> str | None:
@@ -56,7 +60,7 @@ def _computable(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     tensors = (query, key, value)
     if not all(isinstance(t, torch.Tensor) and not t.is_nested for t in tensors):
         return False, None
-    if torch.overrides.has_torch_function(tensors):  # tensor subclasses and modes dispatch through torch's
+    if any(type(t) not in _PLAIN for t in tensors):  # tensor subclasses (DTensor, ...) dispatch through torch's
         return False, None
     if any(t.dim() < 3 or t.dim() != query.dim() for t in tensors):
         return False, None
@@ -127,7 +131,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     as torch's SDPA gives.
     Installed in SDPA's place, it computes what it can whatever ``torch.nn.attention.sdpa_kernel`` selects
     (a test that forces torch's math backend as its reference should call torch's function); tensor
-    subclasses and torch function modes go to torch's SDPA.
+    subclasses go to torch's SDPA.
     """
     if (isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) and min(key.dim(), value.dim()) >= 2
             and not key.is_nested and key.shape[-2] != value.shape[-2]):
