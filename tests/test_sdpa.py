@@ -226,6 +226,23 @@ def test_other_calls_are_torchs(monkeypatch):
         ioattn.scaled_dot_product_attention(q, k, v[:, :, :5])
 
 
+def test_chunked_devices_take_torchs_unless_asked(monkeypatch):
+    """Where ioattn would take its chunked path by default (here: CPU tensors without the interpreter), the
+    call is torch's (its CPU flash kernel is faster); IOATTN_BACKEND=chunked asks for ioattn's."""
+    seen = _spy(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("IOATTN_BACKEND", raising=False)
+    assert select_backend(q.device) == "chunked"
+    out = ioattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not seen and torch.equal(out, _torch(q, k, v, is_causal=True))
+    monkeypatch.setenv("IOATTN_BACKEND", "chunked")
+    out = ioattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert len(seen) == 1
+    torch.testing.assert_close(out, _torch(q, k, v, is_causal=True), atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(select_backend(torch.device(DEVICE)) != "triton", reason="compiles the Triton path's ops")
 def test_compiles_fullgraph():
     q, k, v = _inputs(2, 4, 2, 24, 17, ("bhsd", "bhsd", "bshd"))  # more queries than keys: the window

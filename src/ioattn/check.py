@@ -220,8 +220,11 @@ def case_paged_step(device, dtype):
 def case_sdpa(device, dtype):
     """The SDPA drop-in against torch's own SDPA (float64 the truth, the inputs' dtype the baseline): top-left
     causal with more and with fewer queries than keys, both layouts it reads, GQA, output and gradients."""
-    from .sdpa import _torch_sdpa, scaled_dot_product_attention
+    from .sdpa import _computable, _torch_sdpa, scaled_dot_product_attention
 
+    probe = torch.empty(1, 1, 1, 8, device=device, dtype=dtype)
+    if not _computable(probe, probe, probe, None, 0.0, False, None, False)[0]:
+        return  # torch's own SDPA runs these calls on this device: nothing of ioattn's to check
     cases = [("(B, H, L, E), sq<sk", 77, 91, True), ("transposed view, sq>sk", 91, 77, False)]
     for label, sq, sk, heads_major in cases:
         q, k, v = make_qkv(2, sq, sk, 4, 2, 64, dtype, device)  # (batch, seqlen, heads, d)

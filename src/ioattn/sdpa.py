@@ -5,12 +5,14 @@ unchanged, or installs it in SDPA's place (``torch.nn.functional.scaled_dot_prod
 call ioattn can compute runs on its kernels, and every other call goes to the SDPA that torch had when ioattn
 was imported, so nothing a model does stops working.
 
-ioattn computes: float16 / bfloat16 / float32 inputs of at least three dimensions with equal leading (batch)
-dimensions, one head dim (query's, key's and value's) up to 256, ``is_causal`` (SDPA's top-left alignment),
-``attn_mask`` None or a ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``),
-dropout in [0, 1), ``scale`` > 0 and ``enable_gqa``. Every other call (a tensor ``attn_mask``, value's head dim
-unlike query's, float64, broadcast batch dimensions, nested tensors and other tensor subclasses, two-dimensional
-inputs) is torch's.
+ioattn computes, where its Triton kernels run (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``) or
+where ``IOATTN_BACKEND`` names a backend: float16 / bfloat16 / float32 inputs of at least three dimensions with
+equal leading (batch) dimensions, one head dim (query's, key's and value's) up to 256, ``is_causal`` (SDPA's
+top-left alignment), ``attn_mask`` None or a ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` /
+``causal_lower_right``), dropout in [0, 1), ``scale`` > 0 and ``enable_gqa``. Every other call is torch's: a
+tensor ``attn_mask``, value's head dim unlike query's, float64, broadcast batch dimensions, nested tensors and
+other tensor subclasses, two-dimensional inputs, and calls on devices where ioattn would take its chunked
+PyTorch path (a CPU without the interpreter, devices without Triton), where torch has fused kernels of its own.
 
 Layouts. ioattn's kernels read (batch, seqlen, heads, headdim) with the batches one after another along the
 sequence; SDPA's callers hold (batch, heads, seqlen, headdim) tensors, often transposed views of the former (a
@@ -27,10 +29,12 @@ flash and cuDNN backends return it, or of (seqlen, batch, heads, headdim) memory
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+from .backend import select_backend
 from .interface import flash_attn_func
 
 # torch's SDPA as it was when ioattn was imported: the calls ioattn does not compute go there even after a user
@@ -67,6 +71,10 @@ def _computable(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return False, None
     if key.device != query.device or value.device != query.device:
+        return False, None
+    if select_backend(query.device) == "chunked" and not os.environ.get("IOATTN_BACKEND", "").strip():
+        # Where ioattn would take its chunked PyTorch path (CPU, devices without Triton), torch's own SDPA has
+        # fused kernels: on a CPU its flash kernel ran 1.6-2.5x the chunked path (benchmarks/NOTES.md).
         return False, None
     if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
         return False, None
