@@ -38,13 +38,55 @@ def _time(fn, inputs, mode):
     return do_bench(step, warmup=50, rep=300)
 
 
+def _decode_row(s_len: int, rows: int) -> list[str]:
+    b = 262144 // s_len
+    g = torch.Generator(device="cuda").manual_seed(s_len)
+    q = torch.randn(b, 32, rows, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(b, 8, s_len, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    qg = q.clone().requires_grad_()
+    nbytes = 2 * k.numel() * k.element_size()
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    fns = [lambda: ioattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+           lambda: ioattn.scaled_dot_product_attention(qg, k, v, enable_gqa=True),
+           lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), cudnn]
+    cells = []
+    for i, fn in enumerate(fns):
+        try:
+            if i == 1:  # grads on: the attention kernels' forward
+                ms = do_bench(fn, warmup=25, rep=200)
+            else:
+                with torch.no_grad():
+                    ms = do_bench(fn, warmup=25, rep=200)
+            cells.append(f"{ms * 1e3:8.1f} us {nbytes / ms / 1e6:6.0f} GB/s")
+        except Exception as e:  # a backend that refuses the shape
+            cells.append(f"{type(e).__name__:>20}")
+    return cells
+
+
+def decode(lengths, rows=1):
+    """Decoding steps through the drop-in (no grad: the KV-cache kernels) against the same call with grads on
+    (the attention kernels' forward) and torch's SDPA: (B, 32, rows, 128) queries over (B, 8, S, 128) keys and
+    values in (B, H, S, E) memory (a cache grown by torch.cat), B x S = 256k tokens; GB/s of K + V read."""
+    print("S      rows " + " ".join(f"{n:>20}" for n in ("sdpa(no grad)", "sdpa(grad on)", "torch", "torch-cudnn")))
+    for s_len in lengths:
+        print(f"{s_len:<6} {rows:<4} " + " ".join(f"{c:>20}" for c in _decode_row(s_len, rows)))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--decode", default="", help="KV lengths of decoding steps to time instead (e.g. 4096,16384)")
     ap.add_argument("--seqlens", default="2048,8192")
     ap.add_argument("--headdims", default="128,64")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    if args.decode:
+        decode([int(x) for x in args.decode.split(",")])
+        return
     rows = []
     for d in map(int, args.headdims.split(",")):
         h = 2048 // d

@@ -159,6 +159,36 @@ def test_reading_without_copies(monkeypatch, layout):
         assert fv.data_ptr() != v.data_ptr()
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decoding_steps_read_the_cache_in_place(monkeypatch, rows):
+    """A few query rows without gradients run the KV-cache kernels over key and value as they lie (views,
+    either layout; top-left is_causal cuts the keys first), equal to torch's; with gradients (or more rows) the
+    attention kernels run."""
+    seen = []
+    real = sdpa_mod.flash_attn_with_kvcache
+
+    def spy(q, k_cache, v_cache, **kw):
+        seen.append((k_cache, v_cache))
+        return real(q, k_cache, v_cache, **kw)
+
+    monkeypatch.setattr(sdpa_mod, "flash_attn_with_kvcache", spy)
+    for layouts, kw in [(("bhsd", "bhsd", "bhsd"), {}), (("bhsd", "bshd", "bshd"), {"is_causal": True}),
+                        (("bhsd",) * 3, {"attn_mask": causal_lower_right(rows, 37)})]:
+        q, k, v = (t.detach() for t in _inputs(2, 8, 2, rows, 37, layouts, seed=rows))
+        with torch.no_grad():
+            out = ioattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+        (kc, vc), = seen[-1:]
+        assert kc.data_ptr() == k.data_ptr() and vc.data_ptr() == v.data_ptr()
+        ref = _torch(*(t.double() for t in (q, k, v)), enable_gqa=True, **kw)
+        base = _torch(q, k, v, enable_gqa=True, **kw)
+        res = tolerance_check(out, ref, base, floor=2e-3, name="decode")
+        assert res.ok, res
+    n = len(seen)
+    q, k, v = _inputs(2, 8, 2, rows, 37, ("bhsd",) * 3)
+    _check(q, k, v, enable_gqa=True)
+    assert len(seen) == n
+
+
 def test_dropout_does_not_depend_on_the_reading():
     """The mask is drawn per batch x heads plane, so the same values in either memory layout (read as B
     batches or as B x H heads) give the same output and gradients; and dropout does drop (the output

@@ -14,6 +14,10 @@ tensor ``attn_mask``, value's head dim unlike query's, float64, broadcast batch 
 other tensor subclasses, two-dimensional inputs, and calls on devices where ioattn would take its chunked
 PyTorch path (a CPU without the interpreter, devices without Triton), where torch has fused kernels of its own.
 
+Decoding steps (at most ``DECODE_ROWS`` query rows, no gradient, no dropout) run the KV-cache kernels over
+key and value as a full cache, read in place (``flash_attn_with_kvcache``: split-KV, a GQA group's query heads
+packed so each KV head is read once).
+
 Layouts. ioattn's kernels read (batch, seqlen, heads, headdim) with the batches one after another along the
 sequence; SDPA's callers hold (batch, heads, seqlen, headdim) tensors, often transposed views of the former (a
 projection's output viewed as heads, then ``transpose(1, 2)``): those are passed through as they are. Tensors
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 
 from .backend import select_backend
 from .interface import flash_attn_func
+from .kvcache import flash_attn_with_kvcache
 
 # torch's SDPA as it was when ioattn was imported: the calls ioattn does not compute go there even after a user
 # installs this function in its place.
@@ -43,6 +48,9 @@ _torch_sdpa = F.scaled_dot_product_attention
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEADDIM = 256
+# Calls of at most this many query rows, without gradients or dropout, are decoding steps: they run the KV-cache
+# kernels (split-KV over the keys, a GQA group's query heads packed so each KV head is read once).
+DECODE_ROWS = 4
 # Tensor types computed here. Not torch.overrides.has_torch_function: it is true for every call inside a torch
 # function mode, a ``with torch.device(...)`` block included.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -166,6 +174,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             # Bottom-right, key j is allowed for j <= i + (seqlen_k - seqlen_q) + right: right = seqlen_q -
             # seqlen_k gives j <= i.
             window = (-1, seqlen_q - seqlen_k)
+    if (seqlen_q <= DECODE_ROWS and batch > 0 and seqlen_q > 0 and k.shape[2] > 0 and dropout_p == 0
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        # a decoding step: the keys and values as a full contiguous cache, read in place
+        out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                                      causal=causal, window_size=window)
+        return out.transpose(1, 2).reshape(*lead, hq, seqlen_q, d)
     tensors = (q, k, v)
     by_heads = batch > 0 and sum(map(_head_major, tensors)) > sum(map(_batch_major, tensors))
     if by_heads:
