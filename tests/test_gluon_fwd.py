@@ -410,8 +410,29 @@ def test_predicate(monkeypatch):
     assert gluon_forward_supported(q[0], k[0], v[0], **kw, cu_seqlens_q=cu)
     odd = torch.randn(2, 64, 2, 129, device="cuda", dtype=torch.bfloat16)[..., :128]
     assert not gluon_forward_supported(odd, odd, odd, **kw)  # row stride 258 elements: not 16-byte aligned
+    # a 2D view of one row (batch 1, seqlen 1): ptxas crashed on the forward Triton specialises for it
+    assert not gluon_forward_supported(q[:, :1], k, v, **kw)
+    assert not gluon_forward_supported(q, k[:, :1], v[:, :1], **kw)
+    one = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    assert not gluon_forward_supported(q[0, :1], k[0], v[0], **kw, cu_seqlens_q=one)  # varlen, one row in all
     monkeypatch.setenv("IOATTN_GLUON", "0")
     assert not gluon_forward_supported(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("hq,hk,lq,lk", [(32, 8, 1, 1024), (4, 4, 1, 1), (4, 2, 2, 1), (128, 32, 1, 256)])
+def test_one_row_calls(hq, hk, lq, lk):
+    """Calls whose q (or k) is a single row, one sequence: a one-sequence decoding step through flash_attn_func
+    (its Gluon build crashed ptxas; the portable kernel takes them), forward and backward."""
+    import ioattn
+
+    q, k, v = (t.requires_grad_() for t in _qkv(1, lq, lk, hq, hk, 128, torch.bfloat16))
+    out = ioattn.flash_attn_func(q, k, v)
+    ref, _ = attention_ref(q, k, v)
+    base, _ = attention_ref(q, k, v, upcast=False)
+    res = tolerance_check(out, ref, base, factor=OUT_FACTOR, floor=1e-3)
+    assert res.ok, res
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def _check_dropout(q, k, v, p, seed, window=(-1, -1), cu=None, lens=None, config=None, **mods):

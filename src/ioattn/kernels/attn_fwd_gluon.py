@@ -1421,9 +1421,14 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 def _tma_describable(t: torch.Tensor) -> bool:
     """The 2D (rows, columns) view needs unit d-stride, 16-byte aligned base and row stride, and, for
     dense (batch, seqlen, nheads, d) inputs, batches laid end to end along the sequence (or one batch).
-    Varlen (total, nheads, d) inputs are one run of rows already."""
+    Varlen (total, nheads, d) inputs are one run of rows already. A view of a single row is declined: Triton
+    specialises a descriptor dimension of 1 and ptxas (CUDA 13, sm_90a) crashed compiling the forward so
+    specialised (batch 1, seqlen_q 1: a one-sequence decoding step through ``flash_attn_func``); the portable
+    kernels take those calls (the paged prefill's one-row q: the split-KV kernel)."""
     strides = t.stride()
     ok = strides[-1] == 1 and t.data_ptr() % 16 == 0 and (strides[-3] * t.element_size()) % 16 == 0
+    rows = t.shape[0] * t.shape[1] if len(strides) == 4 else t.shape[0]
+    ok = ok and rows > 1
     if len(strides) == 4:
         batch, seqlen = t.shape[:2]
         ok = ok and (batch == 1 or strides[0] == seqlen * strides[1])
