@@ -175,18 +175,35 @@ def test_decoding_steps_read_the_cache_in_place(monkeypatch, rows):
     for layouts, kw in [(("bhsd", "bhsd", "bhsd"), {}), (("bhsd", "bshd", "bshd"), {"is_causal": True}),
                         (("bhsd",) * 3, {"attn_mask": causal_lower_right(rows, 37)})]:
         q, k, v = (t.detach() for t in _inputs(2, 8, 2, rows, 37, layouts, seed=rows))
+        before = len(seen)
         with torch.no_grad():
             out = ioattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
-        (kc, vc), = seen[-1:]
-        assert kc.data_ptr() == k.data_ptr() and vc.data_ptr() == v.data_ptr()
+        if kw.get("is_causal") and rows == 1:  # top-left cuts the keys to one: the attention kernels
+            assert len(seen) == before
+        else:
+            (kc, vc), = seen[before:]
+            assert kc.data_ptr() == k.data_ptr() and vc.data_ptr() == v.data_ptr()
         ref = _torch(*(t.double() for t in (q, k, v)), enable_gqa=True, **kw)
         base = _torch(q, k, v, enable_gqa=True, **kw)
         res = tolerance_check(out, ref, base, floor=2e-3, name="decode")
         assert res.ok, res
     n = len(seen)
     q, k, v = _inputs(2, 8, 2, rows, 37, ("bhsd",) * 3)
-    _check(q, k, v, enable_gqa=True)
+    _check(q, k, v, enable_gqa=True)  # gradients: the attention kernels
     assert len(seen) == n
+    with torch.no_grad():  # inputs that require grad, grad mode off: a decoding step
+        ioattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert len(seen) == n + 1
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    with torch.no_grad():
+        plain = ioattn.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+        dropped = ioattn.scaled_dot_product_attention(qd, kd, vd, dropout_p=0.5, enable_gqa=True)
+        # a key and value whose last dim is strided: not a cache the KV-cache call reads; the attention kernels
+        kt, vt = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (kd, vd))
+        strided = ioattn.scaled_dot_product_attention(qd, kt, vt, enable_gqa=True)
+    assert len(seen) == n + 2  # plain only: dropout and the strided cache took the attention kernels
+    assert (dropped - plain).abs().max() > 0.1  # dropout applied
+    torch.testing.assert_close(strided, plain, atol=2e-2, rtol=0)
 
 
 def test_dropout_does_not_depend_on_the_reading():
@@ -254,6 +271,9 @@ def test_other_calls_are_torchs(monkeypatch):
         ioattn.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(7, 9), is_causal=True)
     with pytest.raises(ValueError, match="same sequence length"):
         ioattn.scaled_dot_product_attention(q, k, v[:, :, :5])
+    monkeypatch.setenv("IOATTN_BACKEND", "bogus")  # read only for calls ioattn would compute
+    args, kw = cases[0]
+    torch.testing.assert_close(ioattn.scaled_dot_product_attention(*args, **kw), _torch(*args, **kw), rtol=0, atol=0)
 
 
 def test_chunked_devices_take_torchs_unless_asked(monkeypatch):

@@ -80,10 +80,6 @@ def _computable(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         return False, None
     if key.device != query.device or value.device != query.device:
         return False, None
-    if select_backend(query.device) == "chunked" and not os.environ.get("IOATTN_BACKEND", "").strip():
-        # Where ioattn would take its chunked PyTorch path (CPU, devices without Triton), torch's own SDPA has
-        # fused kernels: on a CPU its flash kernel ran 1.6-2.5x the chunked path (benchmarks/NOTES.md).
-        return False, None
     if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
         return False, None
     d = query.shape[-1]
@@ -105,6 +101,10 @@ def _computable(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
             return False, None
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
             return False, None
+    if select_backend(query.device) == "chunked" and not os.environ.get("IOATTN_BACKEND", "").strip():
+        # Where ioattn would take its chunked PyTorch path (CPU, devices without Triton), torch's own SDPA has
+        # fused kernels: on a CPU its flash kernel ran 1.6-2.5x the chunked path (benchmarks/NOTES.md).
+        return False, None
     return True, variant
 
 
@@ -174,9 +174,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             # Bottom-right, key j is allowed for j <= i + (seqlen_k - seqlen_q) + right: right = seqlen_q -
             # seqlen_k gives j <= i.
             window = (-1, seqlen_q - seqlen_k)
-    if (seqlen_q <= DECODE_ROWS and batch > 0 and seqlen_q > 0 and k.shape[2] > 0 and dropout_p == 0
+    if (seqlen_q <= DECODE_ROWS and batch > 0 and seqlen_q > 0 and k.shape[2] > 1 and dropout_p == 0
+            and k.stride(-1) == 1 and v.stride(-1) == 1
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
-        # a decoding step: the keys and values as a full contiguous cache, read in place
+        # A decoding step: the keys and values as a full contiguous cache, read in place (a cache's last dim must
+        # be unit-stride: the KV-cache call copies none). One key (a first step) takes the attention kernels.
         out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                                       causal=causal, window_size=window)
         return out.transpose(1, 2).reshape(*lead, hq, seqlen_q, d)
