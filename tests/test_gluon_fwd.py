@@ -20,7 +20,7 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip(f"the Gluon forward needs sm_90, got {torch.cuda.get_device_capability()}",
                 allow_module_level=True)
 
-from test_flash_attn import with_alibi_slopes  # noqa: E402
+from test_flash_attn import check_against_ref, with_alibi_slopes  # noqa: E402
 
 from ioattn.kernels.attn_fwd_gluon import (  # noqa: E402
     _CONFIGS,
@@ -422,17 +422,10 @@ def test_predicate(monkeypatch):
 @pytest.mark.parametrize("hq,hk,lq,lk", [(32, 8, 1, 1024), (4, 4, 1, 1), (4, 2, 2, 1), (128, 32, 1, 256)])
 def test_one_row_calls(hq, hk, lq, lk):
     """Calls whose q (or k) is a single row, one sequence: a one-sequence decoding step through flash_attn_func
-    (its Gluon build crashed ptxas; the portable kernel takes them), forward and backward."""
-    import ioattn
-
+    (its Gluon build crashed ptxas; the portable kernels take them), forward and backward against the
+    reference (``test_flash_attn.check_against_ref``)."""
     q, k, v = (t.requires_grad_() for t in _qkv(1, lq, lk, hq, hk, 128, torch.bfloat16))
-    out = ioattn.flash_attn_func(q, k, v)
-    ref, _ = attention_ref(q, k, v)
-    base, _ = attention_ref(q, k, v, upcast=False)
-    res = tolerance_check(out, ref, base, factor=OUT_FACTOR, floor=1e-3)
-    assert res.ok, res
-    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-    assert all(torch.isfinite(g).all() for g in grads)
+    check_against_ref(q, k, v)
 
 
 def _check_dropout(q, k, v, p, seed, window=(-1, -1), cu=None, lens=None, config=None, **mods):
@@ -509,7 +502,6 @@ def test_dropout_varlen(d, causal):
 def test_dropout_public_api_forward_and_backward(d, opts, monkeypatch):
     """flash_attn_func with dropout: the Gluon forward and the backward (Gluon at every d here) regenerate one mask;
     output, lse and gradients against attention_ref with that mask (test_flash_attn's rule)."""
-    from test_flash_attn import check_against_ref
 
     from ioattn.dropout import draw_seed
 
