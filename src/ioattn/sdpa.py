@@ -183,11 +183,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                       causal=causal, window_size=window)
         return out.transpose(1, 2).reshape(*lead, hq, seqlen_q, d)
     tensors = (q, k, v)
-    by_heads = batch > 0 and sum(map(_head_major, tensors)) > sum(map(_batch_major, tensors))
+    head_major = [_head_major(t) for t in tensors]
+    batch_major = [_batch_major(t) for t in tensors]
+    by_heads = batch > 0 and sum(head_major) > sum(batch_major)
     if by_heads:
-        q, k, v = (_as_heads(t if _head_major(t) else t.contiguous()) for t in tensors)
+        q, k, v = (_as_heads(t if ok else t.contiguous()) for t, ok in zip(tensors, head_major, strict=True))
     else:
-        q, k, v = (t.transpose(1, 2) if _batch_major(t) else t.transpose(1, 2).contiguous() for t in tensors)
+        q, k, v = (t.transpose(1, 2) if ok else t.transpose(1, 2).contiguous()
+                   for t, ok in zip(tensors, batch_major, strict=True))
     out = flash_attn_func(q, k, v, dropout_p=float(dropout_p), softmax_scale=scale, causal=causal,
                           window_size=window)
     if by_heads:
