@@ -10,6 +10,7 @@ from test_kvcache import run_case
 
 import ioattn.ops.decode as decode_ops
 from ioattn.kernels.decode_gluon import DecodeConfig, gluon_decode_supported, gluon_num_splits
+from ioattn.kvcache import flash_attn_with_kvcache
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = pytest.mark.skipif(not HOPPER, reason="the Gluon decode kernel runs on sm_90 only")
@@ -145,3 +146,24 @@ def test_cache_leftpad(block_size, seqlen_new, causal, gluon_calls):
              seqlen_new=seqlen_new, nheads=8, nheads_k=2, dtype=torch.bfloat16, block_size=block_size, causal=causal,
              window_size=(500, -1), alibi="heads", num_splits=0, batch_cache_extra=3 if block_size == 0 else 0)
     assert gluon_calls == ([False] if block_size == 0 else [])
+
+
+@pytest.mark.parametrize("nheads_k, append", [(1, False), (8, False), (8, True)])
+def test_one_row_cache(nheads_k, append, gluon_calls):
+    """A contiguous cache of one row in all (batch 1, capacity 1): its TMA view is one row, the shape on which
+    ptxas crashed building the Gluon forward. With one key each query head's output is its KV head's value row;
+    with ``append`` that row is the new token, written into the cache first. The Gluon kernel takes it: its
+    one-row descriptor compiles (H100, CUDA 13)."""
+    torch.manual_seed(nheads_k)
+    group, d = 4, 128
+    q = torch.randn(1, 1, group * nheads_k, d, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(1, 1, nheads_k, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k_new = v_new = None
+    if append:
+        k_new, v_new = (torch.randn(1, 1, nheads_k, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([0 if append else 1], dtype=torch.int32, device="cuda")
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lens)
+    if append:
+        assert torch.equal(k_cache, k_new) and torch.equal(v_cache, v_new)
+    torch.testing.assert_close(out, v_cache.repeat_interleave(group, dim=2), rtol=0, atol=0)
+    assert gluon_calls == [False]  # the Gluon kernel, contiguous
