@@ -5,6 +5,8 @@
 #   FEATURES=1|0   FEATURE_ARGS="..." (default --quick)
 #   TEST_TIMEOUT=seconds (default 575)  BENCH_TIMEOUT=seconds (default 300)  WORKERS=pytest-xdist workers (14)
 #   SHARD=k/n: only every n-th collected test from the k-th (tests/conftest.py, IOATTN_TEST_SHARD)
+#   FUZZ=seconds (default 0: off)  FUZZ_SEED=n: random public-API calls against the reference
+#   (scripts/fuzz_api.py, 10 processes; failures in $OUT/fuzz-failures.json)
 # The whole suite takes 400-550 s with 14 workers (H200; 550 s on an H100 at 79b8f70, close to a 10-minute
 # device call): run it with BENCH=none and CEILINGS=0, the benchmarks in another call (TESTS=none), and as
 # calls with SHARD=k/n (together every test once): SHARD=1/2 took 535 of 560 s on an H100 at 8ede435, so use
@@ -35,6 +37,15 @@ if [ "$TESTS" != none ]; then
     rc=$?
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
     summary+=("tests${SHARD:+ (shard $SHARD)}: rc=$rc in $((SECONDS - start)) s: $(tail -n 1 "$OUT/tests.log")")
+fi
+
+if [ "${FUZZ:-0}" != 0 ]; then
+    start=$SECONDS
+    timeout $((FUZZ + 120)) python3 scripts/fuzz_api.py --seconds "$FUZZ" --workers 10 --seed "${FUZZ_SEED:-0}" \
+        --out "$OUT" >"$OUT/fuzz.log" 2>&1
+    rc=$?
+    grep -A3 "^FAIL" "$OUT/fuzz.log" | head -40
+    summary+=("fuzz: rc=$rc in $((SECONDS - start)) s: $(tail -n 1 "$OUT/fuzz.log")")
 fi
 
 if [ "$BENCH" != none ]; then

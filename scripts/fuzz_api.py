@@ -1,0 +1,403 @@
+"""Random calls of the public API against the float64 reference, under the suite's tolerance rule.
+
+Each case draws its shapes and options from its own seed, weighted toward the edges: one-row inputs, lengths
+next to multiples of the tiles, head dims off the fast paths, GQA, strided views, empty sequences, one-key
+caches, pages of 1 to 256 tokens. Four entry points:
+- ``flash_attn_func``: forward, lse and gradients, with causal, windows, softcap, ALiBi, dropout (the mask
+  rebuilt from the call's seed), and deterministic backwards repeated bit for bit;
+- ``flash_attn_varlen_func``: the same on packed sequences;
+- ``flash_attn_with_kvcache``: contiguous and paged caches (unused slots NaN), appends, splits;
+- ``scaled_dot_product_attention``: torch's layout and semantics, against torch's own SDPA in float64.
+A crash or a tolerance miss is kept with its case; ``--replay SEED`` runs one case again and prints it.
+
+Usage: fuzz_api.py [--seconds 300] [--workers 8] [--seed 0] [--out DIR] [--device cuda] [--replay SEED]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+
+import torch
+
+SEQLENS = (1, 1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 127, 128, 129, 191, 255, 256, 257, 383, 511,
+           512, 513, 640, 1023, 1025)
+HEADDIMS = (64, 64, 128, 128, 128, 256, 256, 32, 96, 80, 40, 8, 16, 160, 192, 200, 224, 72, 1, 3)
+HEADS = ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (6, 2), (8, 1), (8, 2), (8, 8), (12, 4), (16, 2), (32, 8))
+FLOORS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+MAX_SCORES = 6_000_000  # batch x heads x seqlen_q x seqlen_k: the float64 reference's size
+
+
+def _options(rng: random.Random, sq: int, sk: int, nheads: int, batch: int) -> dict:
+    c = {"causal": rng.random() < 0.35}
+    if rng.random() < 0.25:
+        c["window_size"] = (rng.choice([-1, 0, 1, 5, 63, 64, 200]), rng.choice([-1, 0, 1, 9, 128]))
+    if rng.random() < 0.2:
+        c["softcap"] = rng.choice([5.0, 30.0])
+    if rng.random() < 0.2:
+        c["alibi"] = rng.choice(["heads", "batch"])
+    return c
+
+
+def _dropout(rng: random.Random, case: dict, lens_k: list[int]) -> float:
+    """A drop probability for some cases whose rows see 16 keys or more (no window). Where every row sees one
+    key, the true dQ and dK are 0 and torch's same-dtype autograd gets exactly 0, while a FlashAttention
+    backward (flash-attn's too) takes the row's dP sum from the output rounded to 16 bits, whose error then
+    stands alone against a bound of the floor."""
+    if "window_size" in case or any(0 < n < 16 for n in lens_k) or rng.random() >= 0.15:
+        return 0.0
+    return rng.choice([0.1, 0.5])
+
+
+def draw_case(seed: int) -> dict:
+    """The case of ``seed``: a dict of plain values (JSON), every tensor built from it by ``run_case``."""
+    rng = random.Random(seed)
+    api = rng.choices(["dense", "varlen", "kvcache", "sdpa"], weights=[4, 2, 3, 2])[0]
+    dtype = rng.choices(["bfloat16", "float16", "float32"], weights=[6, 3, 1])[0]
+    d = rng.choice(HEADDIMS)
+    hq, hk = rng.choice(HEADS)
+    batch = rng.choice([1, 1, 1, 2, 3, 4])
+    case = {"seed": seed, "api": api, "dtype": dtype, "d": d, "nheads": hq, "nheads_k": hk, "batch": batch}
+    if api in ("dense", "sdpa"):
+        sq, sk = rng.choice(SEQLENS), rng.choice(SEQLENS)
+        if rng.random() < 0.3:
+            sk = sq
+        while batch * hq * sq * sk > MAX_SCORES:
+            sq, sk = max(1, sq // 2), max(1, sk // 2)
+        case.update(seqlen_q=sq, seqlen_k=sk, strided=rng.random() < 0.3)
+    if api == "dense":
+        case.update(_options(rng, sq, sk, hq, batch))
+        case["dropout_p"] = _dropout(rng, case, [sk])
+        case["deterministic"] = rng.random() < 0.2
+    elif api == "sdpa":
+        case.update(is_causal=rng.random() < 0.4, scale=rng.choice([None, None, 0.05, 0.3]),
+                    grad=rng.random() < 0.6)
+    elif api == "varlen":
+        lens_q = [rng.choice(SEQLENS + (0,)) for _ in range(batch)]
+        same = rng.random() < 0.5
+        lens_k = list(lens_q) if same else [rng.choice(SEQLENS + (0,)) for _ in range(batch)]
+        case.update(lens_q=lens_q, lens_k=lens_k, **_options(rng, max(lens_q), max(lens_k), hq, batch))
+        case["dropout_p"] = _dropout(rng, case, lens_k)
+        case["deterministic"] = rng.random() < 0.2
+    else:  # kvcache
+        case["dtype"] = "bfloat16" if dtype == "float32" else dtype
+        new = rng.choice([0, 0, 1, 2, 4])
+        sq = new if new else rng.choice([1, 1, 1, 2, 4, 7, 16])
+        lens = [rng.choice((0, 1, 2, 15, 16, 17, 100, 255, 256, 1000, 3000)) for _ in range(batch)]
+        page = rng.choice([0, 0, 1, 16, 16, 32, 64, 256])
+        case.update(lens=lens, seqlen_new=new, seqlen_q=sq, page=page, spare=rng.choice([0, 0, 1, 5]),
+                    num_splits=rng.choice([0, 0, 0, 1, 3, 8]), **_options(rng, sq, max(lens) + new, hq, batch))
+    return case
+
+
+def _mods(case: dict, device, batch_rows: int | None = None) -> dict:
+    """The call's keyword arguments besides dropout (ALiBi slopes drawn on the device)."""
+    kw = {k: case[k] for k in ("causal", "window_size", "softcap") if k in case}
+    if "alibi" in case:
+        shape = (case["nheads"],) if case["alibi"] == "heads" else (batch_rows or case["batch"], case["nheads"])
+        kw["alibi_slopes"] = torch.rand(shape, device=device) * 0.5 + 0.05
+    return kw
+
+
+def _slopes_of(kw: dict, b: int) -> dict:
+    """Sequence b's reference keywords (per-sequence slopes sliced)."""
+    kw = dict(kw)
+    s = kw.get("alibi_slopes")
+    if s is not None and s.dim() == 2:
+        kw["alibi_slopes"] = s[b:b + 1]
+    return kw
+
+
+def _tensor(shape, dtype, device, strided: bool, rng: torch.Generator):
+    """Standard normal (batch, seqlen, heads, d); ``strided``: a view of (batch, heads, seqlen, d) memory."""
+    if strided:
+        b, s, h, d = shape
+        return torch.randn(b, h, s, d, generator=rng).to(device, dtype).transpose(1, 2)
+    return torch.randn(shape, generator=rng).to(device, dtype)
+
+
+def _check(results: list, name: str, ours, ref, base, factor: float, floor: float) -> None:
+    from ioattn.testing import tolerance_check
+    results.append(tolerance_check(ours, ref, base, factor=factor, floor=floor, name=name))
+
+
+def _grad_checks(results, out, refs, leaves, dout, floor, prefix=""):
+    from ioattn.testing import GRAD_FACTOR
+    ours = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    ref = torch.autograd.grad(refs[0], leaves, dout)
+    base = torch.autograd.grad(refs[1], leaves, dout)
+    for n, g, r, b in zip("qkv", ours, ref, base, strict=True):
+        _check(results, f"{prefix}d{n}", g, r, b, GRAD_FACTOR, floor)
+    return ours
+
+
+def run_dense(case: dict, device) -> list:
+    import ioattn
+    from ioattn.dropout import draw_seed, generator_at, rng_state
+    from ioattn.reference import attention_ref
+    from ioattn.testing import OUT_FACTOR, dropout_mask_for_call
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
+    b, sq, sk, h, hk, d = (case[x] for x in ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_k", "d"))
+    q = _tensor((b, sq, h, d), dtype, device, case["strided"], gen).requires_grad_()
+    k = _tensor((b, sk, hk, d), dtype, device, case["strided"], gen).requires_grad_()
+    v = _tensor((b, sk, hk, d), dtype, device, case["strided"], gen).requires_grad_()
+    kw, p = _mods(case, device), case["dropout_p"]
+    mask = None
+    if p > 0:
+        seed = draw_seed(device, generator_at(rng_state(device), device))
+        mask = dropout_mask_for_call(seed, b, h, sq, sk, p, device)
+    out, lse, _ = ioattn.flash_attn_func(q, k, v, dropout_p=p, deterministic=case["deterministic"],
+                                         return_attn_probs=True, **kw)
+    refs = [attention_ref(q, k, v, dropout_p=p, dropout_mask=mask, upcast=up, **kw) for up in (True, False)]
+    results = []
+    _check(results, "out", out, refs[0][0], refs[1][0], OUT_FACTOR, floor)
+    _check(results, "lse", lse, refs[0][1], refs[1][1], OUT_FACTOR, floor)
+    dout = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grads = _grad_checks(results, out, [refs[0][0], refs[1][0]], (q, k, v), dout, floor)
+    if case["deterministic"]:
+        again = torch.autograd.grad(out, (q, k, v), dout)
+        same = all(torch.equal(a, g) for a, g in zip(again, grads, strict=True))
+        results.append(("deterministic backward repeats", same))
+    return results
+
+
+def run_varlen(case: dict, device) -> list:
+    import ioattn
+    from ioattn.dropout import draw_seed, generator_at, rng_state
+    from ioattn.reference import attention_ref
+    from ioattn.testing import OUT_FACTOR, make_cu_seqlens, varlen_dropout_masks
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
+    lq, lk, h, hk, d = case["lens_q"], case["lens_k"], case["nheads"], case["nheads_k"], case["d"]
+    q = torch.randn(sum(lq), h, d, generator=gen).to(device, dtype).requires_grad_()
+    k = torch.randn(sum(lk), hk, d, generator=gen).to(device, dtype).requires_grad_()
+    v = torch.randn(sum(lk), hk, d, generator=gen).to(device, dtype).requires_grad_()
+    cu_q, cu_k = make_cu_seqlens(lq, device), make_cu_seqlens(lk, device)
+    kw, p = _mods(case, device), case["dropout_p"]
+    masks = None
+    if p > 0:
+        seed = draw_seed(device, generator_at(rng_state(device), device))
+        masks = varlen_dropout_masks(seed, cu_q, cu_k, h, max(lq), max(lk), p)
+    out, lse, _ = ioattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), dropout_p=p,
+                                                deterministic=case["deterministic"], return_attn_probs=True, **kw)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    outs, lses = ([], []), ([], [])
+    for i in range(len(lq)):
+        qs, ks, vs = q[cq[i]:cq[i + 1]][None], k[ck[i]:ck[i + 1]][None], v[ck[i]:ck[i + 1]][None]
+        for j, up in enumerate((True, False)):
+            o, s = attention_ref(qs, ks, vs, dropout_p=p, dropout_mask=None if masks is None else masks[i],
+                                 upcast=up, **_slopes_of(kw, i))
+            outs[j].append(o[0])
+            lses[j].append(s[0])
+    results = []
+    ref_out, base_out = torch.cat(outs[0]), torch.cat(outs[1])
+    _check(results, "out", out, ref_out, base_out, OUT_FACTOR, floor)
+    _check(results, "lse", lse, torch.cat(lses[0], dim=1), torch.cat(lses[1], dim=1), OUT_FACTOR, floor)
+    dout = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grads = _grad_checks(results, out, [ref_out, base_out], (q, k, v), dout, floor)
+    if case["deterministic"]:
+        again = torch.autograd.grad(out, (q, k, v), dout)
+        results.append(("deterministic backward repeats",
+                        all(torch.equal(a, g) for a, g in zip(again, grads, strict=True))))
+    return results
+
+
+def run_kvcache(case: dict, device) -> list:
+    from ioattn.kvcache import flash_attn_with_kvcache
+    from ioattn.reference import attention_ref
+    from ioattn.testing import OUT_FACTOR
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
+    b, h, hk, d, sq, new = (case[x] for x in ("batch", "nheads", "nheads_k", "d", "seqlen_q", "seqlen_new"))
+    lens, page = case["lens"], case["page"]
+    after = [n + new for n in lens]
+    capacity = max(after) + case["spare"]
+    if page:
+        per_seq = [math.ceil(n / page) for n in after]
+        width = max(1, max(per_seq) + case["spare"])
+        num_blocks = sum(per_seq) + 2
+        order = torch.randperm(num_blocks, generator=gen).tolist()
+        table = torch.full((b, width), order[-1], dtype=torch.int32)  # a spare NaN page where no key is
+        it = iter(order)
+        for i, n in enumerate(per_seq):
+            for j in range(n):
+                table[i, j] = next(it)
+        shape = (num_blocks, page, hk, d)
+        locate = lambda i, pos: (int(table[i, pos // page]), pos % page)  # noqa: E731
+        table = table.to(device)
+    else:
+        table, shape = None, (b, max(capacity, 1), hk, d)
+        locate = lambda i, pos: (i, pos)  # noqa: E731
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for i, n in enumerate(lens):
+        for pos in range(n):
+            k_cache[locate(i, pos)] = torch.randn(hk, d, generator=gen).to(dtype)
+            v_cache[locate(i, pos)] = torch.randn(hk, d, generator=gen).to(dtype)
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    q = torch.randn(b, sq, h, d, generator=gen).to(device, dtype)
+    k_new = torch.randn(b, new, hk, d, generator=gen).to(device, dtype) if new else None
+    v_new = torch.randn(b, new, hk, d, generator=gen).to(device, dtype) if new else None
+    kw = _mods(case, device)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new,
+                                       cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+                                       block_table=table, num_splits=case["num_splits"], return_softmax_lse=True,
+                                       **kw)
+    results = []
+    for i, n in enumerate(after):
+        rows = [locate(i, pos) for pos in range(n)]
+        ks = torch.stack([k_cache[r] for r in rows])[None] if rows else k_cache.new_zeros(1, 0, hk, d)
+        vs = torch.stack([v_cache[r] for r in rows])[None] if rows else v_cache.new_zeros(1, 0, hk, d)
+        if new:
+            results.append((f"seq {i}: appended keys and values in the cache",
+                            torch.equal(ks[0, lens[i]:], k_new[i]) and torch.equal(vs[0, lens[i]:], v_new[i])))
+        refs = [attention_ref(q[i:i + 1], ks, vs, upcast=up, **_slopes_of(kw, i)) for up in (True, False)]
+        _check(results, f"seq {i} out", out[i:i + 1], refs[0][0], refs[1][0], OUT_FACTOR, floor)
+        _check(results, f"seq {i} lse", lse[i:i + 1], refs[0][1], refs[1][1], OUT_FACTOR, floor)
+    return results
+
+
+def run_sdpa(case: dict, device) -> list:
+    import ioattn
+    from ioattn.backend import select_backend
+    from ioattn.testing import OUT_FACTOR
+    torch_sdpa = ioattn.sdpa._torch_sdpa
+    if select_backend(device) == "chunked" and not os.environ.get("IOATTN_BACKEND", "").strip():
+        return None  # the drop-in calls torch's SDPA on this device: nothing of ioattn's to check
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
+    b, sq, sk, h, hk, d = (case[x] for x in ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_k", "d"))
+    # (B, H, L, E): contiguous, or a transposed view of (B, L, H, E) memory
+    q, k, v = (_tensor((b, n, heads, d), dtype, device, not case["strided"], gen).transpose(1, 2)
+               for n, heads in ((sq, h), (sk, hk), (sk, hk)))
+    leaves = tuple(t.detach().requires_grad_(case["grad"]) for t in (q, k, v))
+    kw = dict(is_causal=case["is_causal"], scale=case["scale"], enable_gqa=h != hk)
+    out = ioattn.scaled_dot_product_attention(*leaves, **kw)
+    ref = torch_sdpa(*(t.double() for t in leaves), **kw).to(dtype)
+    base = _low_precision_math(torch_sdpa, leaves, kw)
+    results = []
+    _check(results, "out", out, ref, base, OUT_FACTOR, floor)
+    if case["grad"]:
+        dout = torch.randn(out.shape, generator=gen).to(device, dtype)
+        _grad_checks(results, out, [ref, base], leaves, dout, floor)
+    return results
+
+
+def _low_precision_math(sdpa, inputs, kw):
+    """The rule's baseline, torch doing the math in the inputs' dtype: SDPA's math backend with its reductions
+    in 16 bits (by default it computes half types in fp32, and its error then reads 0 where the float64
+    result rounds to the same 16-bit values, at head dims no fused backend takes)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa(*inputs, **kw)
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+
+
+RUNNERS = {"dense": run_dense, "varlen": run_varlen, "kvcache": run_kvcache, "sdpa": run_sdpa}
+
+
+def run_case(case: dict, device, every: list | None = None) -> tuple[bool | None, list[str]]:
+    """(passed, the failed checks' lines); a raise is a failure whose line is the exception; passed is None
+    for a case with nothing of ioattn's to check on this device. ``every`` takes each check's line."""
+    try:
+        results = RUNNERS[case["api"]](case, device)
+    except Exception as e:  # noqa: BLE001 - every raise is a finding
+        return False, [f"raised {type(e).__name__}: {str(e)[:400]}"]
+    if results is None:
+        return None, []
+    bad = []
+    for r in results:
+        ok = r[1] if isinstance(r, tuple) else r.ok
+        line = f"{r[0]}: {r[1]}" if isinstance(r, tuple) else str(r)
+        if every is not None:
+            every.append(line)
+        if not ok:
+            bad.append(line)
+    return not bad, bad
+
+
+def _fatal(lines: list[str]) -> bool:
+    """A CUDA error leaves the context unusable: the worker stops and a fresh one takes the next cases."""
+    return any("CUDA" in line or "illegal" in line or "AcceleratorError" in line for line in lines)
+
+
+def worker(index: int, first: int, stop_at: float, device: str, path: str) -> None:
+    with open(path, "a") as f:
+        i = first
+        while time.time() < stop_at:
+            case = draw_case(i)
+            t0 = time.time()
+            ok, bad = run_case(case, torch.device(device))
+            f.write(json.dumps({"seed": i, "ok": ok, "bad": bad, "case": case, "s": round(time.time() - t0, 2)})
+                    + "\n")
+            f.flush()
+            i += 1
+            if _fatal(bad):
+                sys.exit(3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--replay", type=int, nargs="*")
+    args = ap.parse_args()
+    if args.replay:
+        for s in args.replay:
+            case = draw_case(s)
+            lines: list[str] = []
+            ok, bad = run_case(case, torch.device(args.device), lines)
+            print(json.dumps(case), {True: "ok", False: "FAIL", None: "skipped"}[ok], *(lines or bad), sep="\n  ")
+        return
+    stop_at = time.time() + args.seconds
+    span = 1_000_000
+    ctx = mp.get_context("spawn")
+    paths = [os.path.join(args.out, f"fuzz-{w}.jsonl") for w in range(args.workers)]
+    for p in paths:
+        open(p, "w").close()
+
+    def start(w: int) -> mp.Process:
+        done = sum(1 for _ in open(paths[w]))
+        proc = ctx.Process(target=worker, args=(w, (args.seed * args.workers + w) * span + done, stop_at,
+                                                args.device, paths[w]))
+        proc.start()
+        return proc
+
+    procs = [start(w) for w in range(args.workers)]
+    while any(p is not None for p in procs):
+        for w, p in enumerate(procs):
+            if p is not None and not p.is_alive():
+                p.join()
+                procs[w] = start(w) if p.exitcode == 3 and time.time() < stop_at - 20 else None
+        time.sleep(0.5)
+    rows = [json.loads(line) for p in paths for line in open(p)]
+    by_api: dict[str, list[int]] = {}
+    for r in rows:
+        by_api.setdefault(r["case"]["api"], [0, 0, 0])[{True: 0, False: 1, None: 2}[r["ok"]]] += 1
+    failures = [r for r in rows if r["ok"] is False]
+    with open(os.path.join(args.out, "fuzz-failures.json"), "w") as f:
+        json.dump(failures, f, indent=1)
+    for r in failures[:40]:
+        print(f"FAIL seed {r['seed']}: {json.dumps(r['case'])}", *r["bad"][:4], sep="\n    ")
+    print("api       passed  failed skipped")
+    for api, (ok, bad, skipped) in sorted(by_api.items()):
+        print(f"{api:8} {ok:7} {bad:7} {skipped:7}")
+    print(f"{len(rows)} cases, {len(failures)} failed ({args.workers} workers, {args.seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
