@@ -245,12 +245,29 @@ def attn_bwd_dkdv_kernel(
         dq_base = DQacc + (dq_z.to(tl.int64) * dq_rows + q0) * BLOCK_D
         ptrs = (q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, dq_desc, dq_base, dq_z,
                 q_start, softmax_scale)
-        dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, lo, full_lo, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA, FAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_lo, full_hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, False,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA, FAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, *ptrs, full_hi, hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                             SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA, FAST)
+        # fp32: each head's sums start from zero and are added after, so the products' FMA chains run over one
+        # head's queries, as a GEMM per head would, not over the whole group's (a GQA group of 8 over 640
+        # queries read up to 6x PyTorch's dK error). 16-bit inputs keep one chain: their error is P's rounding.
+        HEAD_SUMS: tl.constexpr = DOT_PRECISION == "ieee"
+        if HEAD_SUMS:
+            dk_h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv_h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        else:
+            dk_h, dv_h = dk, dv
+        dk_h, dv_h = _dkdv_inner(dk_h, dv_h, k, v, *ptrs, lo, full_lo, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA,
+                                 FAST)
+        dk_h, dv_h = _dkdv_inner(dk_h, dv_h, k, v, *ptrs, full_lo, full_hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D,
+                                 False, SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ,
+                                 DQ_TMA, FAST)
+        dk_h, dv_h = _dkdv_inner(dk_h, dv_h, k, v, *ptrs, full_hi, hi, *args, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                                 SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION, FUSED_DQ, DQ_TMA,
+                                 FAST)
+        if HEAD_SUMS:
+            dk += dk_h
+            dv += dv_h
+        else:
+            dk, dv = dk_h, dv_h
     dk = dk * softmax_scale
     dk_base = DK + b64 * stride_dkb + hk64 * stride_dkh + n0 * stride_dks
     dv_base = DV + b64 * stride_dvb + hk64 * stride_dvh + n0 * stride_dvs
