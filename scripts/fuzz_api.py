@@ -2,11 +2,13 @@
 
 Each case draws its shapes and options from its own seed, weighted toward the edges: one-row inputs, lengths
 next to multiples of the tiles, head dims off the fast paths, GQA, strided views, empty sequences, one-key
-caches, pages of 1 to 256 tokens. Four entry points:
+caches, pages of 1 to 256 tokens. Five entry points:
 - ``flash_attn_func``: forward, lse and gradients, with causal, windows, softcap, ALiBi, dropout (the mask
   rebuilt from the call's seed), and deterministic backwards repeated bit for bit;
 - ``flash_attn_varlen_func``: the same on packed sequences;
-- ``flash_attn_with_kvcache``: contiguous and paged caches (unused slots NaN), appends, splits;
+- ``flash_attn_with_kvcache``: contiguous and paged caches (unused slots NaN), appends, splits,
+  ``cache_leftpad`` and ``cache_batch_idx``;
+- ``flash_attn_varlen_func`` with ``block_table``: a serving step's decode and prefill rows over a paged cache;
 - ``scaled_dot_product_attention``: torch's layout and semantics, against torch's own SDPA in float64.
 A crash or a tolerance miss is kept with its case; ``--replay SEED`` runs one case again and prints it.
 
@@ -58,7 +60,7 @@ def _dropout(rng: random.Random, case: dict, lens_k: list[int]) -> float:
 def draw_case(seed: int) -> dict:
     """The case of ``seed``: a dict of plain values (JSON), every tensor built from it by ``run_case``."""
     rng = random.Random(seed)
-    api = rng.choices(["dense", "varlen", "kvcache", "sdpa"], weights=[4, 2, 3, 2])[0]
+    api = rng.choices(["dense", "varlen", "kvcache", "paged", "sdpa"], weights=[4, 2, 3, 2, 2])[0]
     dtype = rng.choices(["bfloat16", "float16", "float32"], weights=[6, 3, 1])[0]
     d = rng.choice(HEADDIMS)
     hq, hk = rng.choice(HEADS)
@@ -85,7 +87,7 @@ def draw_case(seed: int) -> dict:
         case.update(lens_q=lens_q, lens_k=lens_k, **_options(rng, max(lens_q), max(lens_k), hq, batch))
         case["dropout_p"] = _dropout(rng, case, lens_k)
         case["deterministic"] = rng.random() < 0.2
-    else:  # kvcache
+    elif api == "kvcache":
         case["dtype"] = "bfloat16" if dtype == "float32" else dtype
         new = rng.choice([0, 0, 1, 2, 4])
         sq = new if new else rng.choice([1, 1, 1, 2, 4, 7, 16])
@@ -93,6 +95,18 @@ def draw_case(seed: int) -> dict:
         page = rng.choice([0, 0, 1, 16, 16, 32, 64, 256])
         case.update(lens=lens, seqlen_new=new, seqlen_q=sq, page=page, spare=rng.choice([0, 0, 1, 5]),
                     num_splits=rng.choice([0, 0, 0, 1, 3, 8]), **_options(rng, sq, max(lens) + new, hq, batch))
+        if rng.random() < 0.2:
+            case["leftpad"] = [rng.randint(0, n) for n in lens]
+        if not page and rng.random() < 0.2:
+            case["extra_rows"] = rng.choice([1, 3])
+    elif api == "paged":
+        case["dtype"] = "bfloat16" if dtype == "float32" else dtype
+        batch = rng.choice([1, 2, 3, 5, 8])
+        lens_q = [1 if rng.random() < 0.5 else rng.choice((2, 5, 16, 17, 64, 100, 128, 129, 300, 512))
+                  for _ in range(batch)]
+        lens_k = [n + rng.choice((0, 0, 1, 15, 16, 100, 1000, 2000)) for n in lens_q]
+        case.update(batch=batch, lens_q=lens_q, lens_k=lens_k, page=rng.choice([1, 8, 16, 16, 32, 64, 256]),
+                    spare=rng.choice([0, 1, 4]), **_options(rng, max(lens_q), max(lens_k), hq, batch))
     return case
 
 
@@ -209,6 +223,41 @@ def run_varlen(case: dict, device) -> list:
     return results
 
 
+def _cache(gen, lens: list[int], page: int, spare: int, rows: int, nheads_k: int, d: int, dtype, fill=None):
+    """A NaN cache holding ``lens[i]`` random keys and values for sequence i, which ``fill`` (a list of
+    (first, stop) per sequence, default (0, lens[i])) narrows. page 0: contiguous (rows, capacity, ...), row i
+    for sequence i; else shuffled pages of ``page`` tokens, a spare NaN page in every table entry no key needs.
+    Returns (k_cache, v_cache, table or None, slots): slots(i) the flat indices of sequence i's positions."""
+    b = len(lens)
+    if page:
+        per_seq = [math.ceil(n / page) for n in lens]
+        num_blocks = sum(per_seq) + 2
+        order = torch.randperm(num_blocks, generator=gen)
+        table = torch.full((b, max(1, max(per_seq) + spare)), int(order[-1]), dtype=torch.int32)
+        used = 0
+        for i, n in enumerate(per_seq):
+            table[i, :n] = order[used:used + n]
+            used += n
+        shape = (num_blocks, page, nheads_k, d)
+
+        def slots(i, n=None):
+            pos = torch.arange(lens[i] if n is None else n)
+            return table[i, pos // page].long() * page + pos % page
+    else:
+        table, shape = None, (rows, max(max(lens, default=0) + spare, 1), nheads_k, d)
+
+        def slots(i, n=None):
+            return i * shape[1] + torch.arange(lens[i] if n is None else n)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for i in range(b):
+        first, stop = (0, lens[i]) if fill is None else fill[i]
+        idx = slots(i)[first:stop]
+        k_cache.view(-1, nheads_k, d)[idx] = torch.randn(len(idx), nheads_k, d, generator=gen).to(dtype)
+        v_cache.view(-1, nheads_k, d)[idx] = torch.randn(len(idx), nheads_k, d, generator=gen).to(dtype)
+    return k_cache, v_cache, table, slots
+
+
 def run_kvcache(case: dict, device) -> list:
     from ioattn.kvcache import flash_attn_with_kvcache
     from ioattn.reference import attention_ref
@@ -216,51 +265,75 @@ def run_kvcache(case: dict, device) -> list:
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
     b, h, hk, d, sq, new = (case[x] for x in ("batch", "nheads", "nheads_k", "d", "seqlen_q", "seqlen_new"))
-    lens, page = case["lens"], case["page"]
+    lens, page, pads = case["lens"], case["page"], case.get("leftpad")
     after = [n + new for n in lens]
-    capacity = max(after) + case["spare"]
-    if page:
-        per_seq = [math.ceil(n / page) for n in after]
-        width = max(1, max(per_seq) + case["spare"])
-        num_blocks = sum(per_seq) + 2
-        order = torch.randperm(num_blocks, generator=gen).tolist()
-        table = torch.full((b, width), order[-1], dtype=torch.int32)  # a spare NaN page where no key is
-        it = iter(order)
-        for i, n in enumerate(per_seq):
-            for j in range(n):
-                table[i, j] = next(it)
-        shape = (num_blocks, page, hk, d)
-        locate = lambda i, pos: (int(table[i, pos // page]), pos % page)  # noqa: E731
-        table = table.to(device)
-    else:
-        table, shape = None, (b, max(capacity, 1), hk, d)
-        locate = lambda i, pos: (i, pos)  # noqa: E731
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    extra = case.get("extra_rows", 0)
+    row_of = list(range(b))
+    if extra:  # cache_batch_idx: the sequences take shuffled rows of a larger cache
+        row_of = torch.randperm(b + extra, generator=gen)[:b].tolist()
+    row_lens = [0] * (b + extra)
+    for i, n in enumerate(after):
+        row_lens[row_of[i]] = n
+    fill = [(0, 0)] * (b + extra)
     for i, n in enumerate(lens):
-        for pos in range(n):
-            k_cache[locate(i, pos)] = torch.randn(hk, d, generator=gen).to(dtype)
-            v_cache[locate(i, pos)] = torch.randn(hk, d, generator=gen).to(dtype)
+        fill[row_of[i]] = (pads[i] if pads else 0, n)
+    k_cache, v_cache, table, slots = _cache(gen, row_lens if not page else after, page, case["spare"], b + extra,
+                                            hk, d, dtype, fill if not page else fill[:b])
+    if table is not None and pads:
+        for i, pad in enumerate(pads):
+            table[i, :pad // page] = -1  # pages wholly before the pad are never read
     k_cache, v_cache = k_cache.to(device), v_cache.to(device)
     q = torch.randn(b, sq, h, d, generator=gen).to(device, dtype)
     k_new = torch.randn(b, new, hk, d, generator=gen).to(device, dtype) if new else None
     v_new = torch.randn(b, new, hk, d, generator=gen).to(device, dtype) if new else None
     kw = _mods(case, device)
-    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new,
-                                       cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
-                                       block_table=table, num_splits=case["num_splits"], return_softmax_lse=True,
-                                       **kw)
+    out, lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+        cache_batch_idx=torch.tensor(row_of, dtype=torch.int32, device=device) if extra else None,
+        cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device) if pads else None,
+        block_table=None if table is None else table.to(device), num_splits=case["num_splits"],
+        return_softmax_lse=True, **kw)
     results = []
+    flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
     for i, n in enumerate(after):
-        rows = [locate(i, pos) for pos in range(n)]
-        ks = torch.stack([k_cache[r] for r in rows])[None] if rows else k_cache.new_zeros(1, 0, hk, d)
-        vs = torch.stack([v_cache[r] for r in rows])[None] if rows else v_cache.new_zeros(1, 0, hk, d)
+        first = pads[i] if pads else 0
+        idx = slots(row_of[i] if not page else i, n).to(device)
+        ks, vs = flat_k[idx][first:][None], flat_v[idx][first:][None]
         if new:
             results.append((f"seq {i}: appended keys and values in the cache",
-                            torch.equal(ks[0, lens[i]:], k_new[i]) and torch.equal(vs[0, lens[i]:], v_new[i])))
+                            torch.equal(flat_k[idx][lens[i]:], k_new[i]) and torch.equal(flat_v[idx][lens[i]:],
+                                                                                           v_new[i])))
         refs = [attention_ref(q[i:i + 1], ks, vs, upcast=up, **_slopes_of(kw, i)) for up in (True, False)]
         _check(results, f"seq {i} out", out[i:i + 1], refs[0][0], refs[1][0], OUT_FACTOR, floor)
         _check(results, f"seq {i} lse", lse[i:i + 1], refs[0][1], refs[1][1], OUT_FACTOR, floor)
+    return results
+
+
+def run_paged(case: dict, device) -> list:
+    """``flash_attn_varlen_func`` with ``block_table``: a serving step's queries (each sequence's last rows)
+    over their keys in a paged cache."""
+    import ioattn
+    from ioattn.reference import attention_ref
+    from ioattn.testing import OUT_FACTOR, make_cu_seqlens
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
+    h, hk, d, lq, lk = case["nheads"], case["nheads_k"], case["d"], case["lens_q"], case["lens_k"]
+    k_cache, v_cache, table, slots = _cache(gen, lk, case["page"], case["spare"], len(lk), hk, d, dtype)
+    k_cache, v_cache, table = k_cache.to(device), v_cache.to(device), table.to(device)
+    q = torch.randn(sum(lq), h, d, generator=gen).to(device, dtype)
+    cu_q, cu_k = make_cu_seqlens(lq, device), make_cu_seqlens(lk, device)
+    kw = _mods(case, device)
+    out, lse, _ = ioattn.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(lq), max(lk),
+                                                block_table=table, return_attn_probs=True, **kw)
+    results = []
+    cq = cu_q.tolist()
+    for i in range(len(lq)):
+        idx = slots(i).to(device)
+        ks, vs = k_cache.view(-1, hk, d)[idx][None], v_cache.view(-1, hk, d)[idx][None]
+        rows = slice(cq[i], cq[i + 1])
+        refs = [attention_ref(q[rows][None], ks, vs, upcast=up, **_slopes_of(kw, i)) for up in (True, False)]
+        _check(results, f"seq {i} out", out[rows][None], refs[0][0], refs[1][0], OUT_FACTOR, floor)
+        _check(results, f"seq {i} lse", lse[:, rows][None], refs[0][1], refs[1][1], OUT_FACTOR, floor)
     return results
 
 
@@ -304,7 +377,7 @@ def _low_precision_math(sdpa, inputs, kw):
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
 
 
-RUNNERS = {"dense": run_dense, "varlen": run_varlen, "kvcache": run_kvcache, "sdpa": run_sdpa}
+RUNNERS = {"dense": run_dense, "varlen": run_varlen, "kvcache": run_kvcache, "paged": run_paged, "sdpa": run_sdpa}
 
 
 def run_case(case: dict, device, every: list | None = None) -> tuple[bool | None, list[str]]:
