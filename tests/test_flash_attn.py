@@ -166,7 +166,9 @@ def test_float32_runs_in_triton_with_ieee_dots():
 def test_float32_gqa_gradients_summed_per_head(seqlen_k):
     """fp32, a GQA group of 8 over many queries and few keys: a key's dK and dV sum 8 x 640 products. Each
     head's sums are added after (as the reference's GEMM a head), which keeps them within the rule; one FMA
-    chain over the whole group read up to 6x PyTorch's dK error on an H100 (scripts/fuzz_api.py)."""
+    chain over the whole group read up to 6x PyTorch's dK error on an H100 (scripts/fuzz_api.py); with that
+    kernel both cases here fail there (dV 3.7x / 4.8x). A guard on the GPU only: the interpreter's fp32
+    product is a matmul, not an FMA chain, and passes either way."""
     torch.manual_seed(6)
     q, k, v = _qkv(1, 640 if ON_GPU else 80, seqlen_k, 16, 2, 128 if ON_GPU else 32, torch.float32)
     check_against_ref(q, k, v)
