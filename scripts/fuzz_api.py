@@ -3,10 +3,11 @@
 Each case draws its shapes and options from its own seed, weighted toward the edges: one-row inputs, lengths
 next to multiples of the tiles, head dims off the fast paths, GQA, strided views, empty sequences, one-key
 caches, pages of 1 to 256 tokens. Five entry points:
-- ``flash_attn_func``: forward, lse and gradients, with causal, windows, softcap, ALiBi, dropout (the mask
-  rebuilt from the call's seed), and deterministic backwards repeated bit for bit;
+- ``flash_attn_func`` (and its ``qkv`` / ``kv`` packed forms): forward, lse and gradients, with causal,
+  windows, softcap, ALiBi, dropout (the mask rebuilt from the call's seed), and deterministic backwards
+  repeated bit for bit;
 - ``flash_attn_varlen_func``: the same on packed sequences;
-- ``flash_attn_with_kvcache``: contiguous and paged caches (unused slots NaN), appends, splits,
+- ``flash_attn_with_kvcache``: contiguous and paged caches (unused slots NaN), appends (rotary too), splits,
   ``cache_leftpad`` and ``cache_batch_idx``;
 - ``flash_attn_varlen_func`` with ``block_table``: a serving step's decode and prefill rows over a paged cache;
 - ``scaled_dot_product_attention``: torch's layout and semantics, against torch's own SDPA in float64.
@@ -83,6 +84,11 @@ def draw_case(seed: int) -> dict:
         case.update(seqlen_q=sq, seqlen_k=sk, strided=rng.random() < 0.3)
     if api == "dense":
         case.update(_options(rng, sq, sk, hq, batch))
+        r = rng.random()
+        if r < 0.12 and sq == sk and hq == hk:
+            case["packed"] = "qkv"
+        elif r < 0.24:
+            case["packed"] = "kv"
         case["dropout_p"] = _dropout(rng, case, [sk])
         case["deterministic"] = rng.random() < 0.2
     elif api == "sdpa":
@@ -104,6 +110,9 @@ def draw_case(seed: int) -> dict:
                     num_splits=rng.choice([0, 0, 0, 1, 3, 8]), **_options(rng, sq, max(lens) + new, hq, batch))
         if rng.random() < 0.2:
             case["leftpad"] = [rng.randint(0, n) for n in lens]
+        dims = [r for r in (d - d % 2, 16, 32, 64) if 2 <= r <= d]
+        if new and "leftpad" not in case and dims and rng.random() < 0.3:
+            case["rotary"] = [rng.choice(dims), rng.random() < 0.5]  # rotary_dim, interleaved
         if not page and rng.random() < 0.2:
             case["extra_rows"] = rng.choice([1, 3])
     elif api == "paged":
@@ -152,13 +161,13 @@ def _check(results: list, name: str, ours, ref, base, factor: float, floor: floa
     results.append(tolerance_check(ours, ref, base, factor=factor, floor=floor, name=name))
 
 
-def _grad_checks(results, out, refs, leaves, dout, floor, prefix=""):
+def _grad_checks(results, out, refs, leaves, dout, floor, names=("q", "k", "v")):
     from ioattn.testing import GRAD_FACTOR
     ours = torch.autograd.grad(out, leaves, dout, retain_graph=True)
     ref = torch.autograd.grad(refs[0], leaves, dout)
     base = torch.autograd.grad(refs[1], leaves, dout)
-    for n, g, r, b in zip("qkv", ours, ref, base, strict=True):
-        _check(results, f"{prefix}d{n}", g, r, b, GRAD_FACTOR, floor)
+    for n, g, r, b in zip(names, ours, ref, base, strict=True):
+        _check(results, f"d{n}", g, r, b, GRAD_FACTOR, floor)
     return ours
 
 
@@ -170,24 +179,39 @@ def run_dense(case: dict, device) -> list:
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
     b, sq, sk, h, hk, d = (case[x] for x in ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_k", "d"))
-    q = _tensor((b, sq, h, d), dtype, device, case["strided"], gen).requires_grad_()
-    k = _tensor((b, sk, hk, d), dtype, device, case["strided"], gen).requires_grad_()
-    v = _tensor((b, sk, hk, d), dtype, device, case["strided"], gen).requires_grad_()
+    packed = case.get("packed")
+    if packed == "qkv":  # (batch, seqlen, 3, nheads, d): q, k, v its views
+        qkv = torch.randn(b, sq, 3, h, d, generator=gen).to(device, dtype).requires_grad_()
+        (q, k, v), leaves, names = qkv.unbind(2), (qkv,), ("qkv",)
+    else:
+        q = _tensor((b, sq, h, d), dtype, device, case["strided"], gen).requires_grad_()
+        if packed == "kv":
+            kv = torch.randn(b, sk, 2, hk, d, generator=gen).to(device, dtype).requires_grad_()
+            (k, v), leaves, names = kv.unbind(2), (q, kv), ("q", "kv")
+        else:
+            k = _tensor((b, sk, hk, d), dtype, device, case["strided"], gen).requires_grad_()
+            v = _tensor((b, sk, hk, d), dtype, device, case["strided"], gen).requires_grad_()
+            leaves, names = (q, k, v), ("q", "k", "v")
     kw, p = _mods(case, device), case["dropout_p"]
     mask = None
     if p > 0:
         seed = draw_seed(device, generator_at(rng_state(device), device))
         mask = dropout_mask_for_call(seed, b, h, sq, sk, p, device)
-    out, lse, _ = ioattn.flash_attn_func(q, k, v, dropout_p=p, deterministic=case["deterministic"],
-                                         return_attn_probs=True, **kw)
+    common = dict(dropout_p=p, deterministic=case["deterministic"], return_attn_probs=True, **kw)
+    if packed == "qkv":
+        out, lse, _ = ioattn.flash_attn_qkvpacked_func(qkv, **common)
+    elif packed == "kv":
+        out, lse, _ = ioattn.flash_attn_kvpacked_func(q, kv, **common)
+    else:
+        out, lse, _ = ioattn.flash_attn_func(q, k, v, **common)
     refs = [attention_ref(q, k, v, dropout_p=p, dropout_mask=mask, upcast=up, **kw) for up in (True, False)]
     results = []
     _check(results, "out", out, refs[0][0], refs[1][0], OUT_FACTOR, floor)
     _check(results, "lse", lse, refs[0][1], refs[1][1], OUT_FACTOR, floor)
     dout = torch.randn(out.shape, generator=gen).to(device, dtype)
-    grads = _grad_checks(results, out, [refs[0][0], refs[1][0]], (q, k, v), dout, floor)
+    grads = _grad_checks(results, out, [refs[0][0], refs[1][0]], leaves, dout, floor, names)
     if case["deterministic"]:
-        again = torch.autograd.grad(out, (q, k, v), dout)
+        again = torch.autograd.grad(out, leaves, dout)
         same = all(torch.equal(a, g) for a, g in zip(again, grads, strict=True))
         results.append(("deterministic backward repeats", same))
     return results
@@ -272,6 +296,7 @@ def _cache(gen, lens: list[int], page: int, spare: int, rows: int, nheads_k: int
 def run_kvcache(case: dict, device) -> list:
     from ioattn.kvcache import flash_attn_with_kvcache
     from ioattn.reference import attention_ref
+    from ioattn.rotary import apply_rotary_emb
     from ioattn.testing import OUT_FACTOR
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, floor = getattr(torch, case["dtype"]), FLOORS[getattr(torch, case["dtype"])]
@@ -296,29 +321,50 @@ def run_kvcache(case: dict, device) -> list:
     q = torch.randn(b, sq, h, d, generator=gen).to(dtype)
     k_new = torch.randn(b, new, hk, d, generator=gen).to(dtype) if new else None
     v_new = torch.randn(b, new, hk, d, generator=gen).to(dtype) if new else None
+    capacity = table.shape[1] * page if page else k_cache.shape[1]
+    cos = sin = q_ref = k_ref = None
+    if case.get("rotary"):  # q and the new keys rotated at their positions (flash-attn's rule)
+        rdim, interleaved = case["rotary"]
+        angles = torch.rand(capacity, rdim // 2, generator=gen) * 6
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        offsets = torch.tensor(lens)
+        k_ref = apply_rotary_emb(k_new, cos, sin, interleaved, seqlen_offsets=offsets)
+        if case.get("causal") or tuple(case.get("window_size", (-1, -1))) != (-1, -1):
+            q_ref = apply_rotary_emb(q, cos, sin, interleaved, seqlen_offsets=offsets)  # row j at lens + j
+        else:  # every row at the cache's length
+            q_ref = torch.stack([apply_rotary_emb(q[i][:, None], cos, sin, interleaved, seqlen_offsets=lens[i])[:, 0]
+                                 for i in range(b)])
     # What the cache must hold after the call (the appended tokens written, nothing else touched), and the
     # reference's keys, from before the call.
     expect_k, expect_v = k_cache.clone(), v_cache.clone()
     seq_slots = [slots(row_of[i] if not page else i, n) for i, n in enumerate(after)]
+    appended = torch.zeros(expect_k.shape[:-2].numel(), dtype=torch.bool)
     if new:
         for i in range(b):
-            expect_k.view(-1, hk, d)[seq_slots[i][lens[i]:]] = k_new[i]
+            expect_k.view(-1, hk, d)[seq_slots[i][lens[i]:]] = (k_new if k_ref is None else k_ref)[i]
             expect_v.view(-1, hk, d)[seq_slots[i][lens[i]:]] = v_new[i]
-    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
-    q = q.to(device)
-    if new:
-        k_new, v_new = k_new.to(device), v_new.to(device)
+            appended[seq_slots[i][lens[i]:]] = True
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    k_cache, v_cache, q_dev, k_new, v_new = dev(k_cache), dev(v_cache), dev(q), dev(k_new), dev(v_new)
     kw = _mods(case, device)
     out, lse = flash_attn_with_kvcache(
-        q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+        q_dev, k_cache, v_cache, k=k_new, v=v_new, rotary_cos=dev(cos), rotary_sin=dev(sin),
+        cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
         cache_batch_idx=torch.tensor(row_of, dtype=torch.int32, device=device) if extra else None,
         cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device) if pads else None,
         block_table=None if table is None else table.to(device), num_splits=case["num_splits"],
-        return_softmax_lse=True, **kw)
+        rotary_interleaved=bool(case["rotary"][1]) if case.get("rotary") else True, return_softmax_lse=True, **kw)
     same = lambda a, b: bool(((a == b) | (a.isnan() & b.isnan())).all())  # noqa: E731
+    got_k = k_cache.cpu().view(-1, hk, d)
+    # rotated keys: a rounding of their own (a few units in the last place); everything else exactly
+    tol = 0.0 if k_ref is None else 4 * torch.finfo(dtype).eps
+    rotated_ok = torch.allclose(got_k[appended].float(), expect_k.view(-1, hk, d)[appended].float(), rtol=tol,
+                                atol=tol)
     results = [("the cache: the appended tokens written, nothing else touched",
-                same(k_cache.cpu(), expect_k) and same(v_cache.cpu(), expect_v))]
+                same(got_k[~appended], expect_k.view(-1, hk, d)[~appended]) and rotated_ok
+                and same(v_cache.cpu(), expect_v))]
     flat_k, flat_v = expect_k.view(-1, hk, d).to(device), expect_v.view(-1, hk, d).to(device)
+    q = q_dev if q_ref is None else q_ref.to(device)
     for i in range(b):
         first = pads[i] if pads else 0
         idx = seq_slots[i][first:].to(device)

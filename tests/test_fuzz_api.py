@@ -56,6 +56,7 @@ def test_small_cases_pass(api, skip):
 
 def test_appends_and_dropout_cases_pass():
     for case in (_small_case("kvcache", where=lambda c: c["seqlen_new"] > 0),
+                 _small_case("kvcache", where=lambda c: "rotary" in c),
                  _small_case("dense", where=lambda c: c["dropout_p"] > 0)):
         ok, bad = fuzz_api.run_case(case, torch.device(DEVICE))
         assert ok, (case, bad)
@@ -75,7 +76,8 @@ def test_a_wrong_output_fails(api, monkeypatch):
         res = real(*args, **kwargs)
         return (res[0] * 1.02, *res[1:]) if isinstance(res, tuple) else res * 1.02
     monkeypatch.setattr(module, name, off)
-    case = _small_case(api, where=lambda c: api != "sdpa" or c["seqlen_q"] > 4)  # not the decode route
+    # not the SDPA decode route, nor the packed forms (they call interface.flash_attn_func)
+    case = _small_case(api, where=lambda c: "packed" not in c and (api != "sdpa" or c["seqlen_q"] > 4))
     ok, bad = fuzz_api.run_case(case, torch.device(DEVICE))
     assert ok is False and any("out:" in line for line in bad), (case, bad)
 
@@ -91,6 +93,24 @@ def test_a_cache_touched_outside_the_append_fails(monkeypatch):
     ok, bad = fuzz_api.run_case(_small_case("kvcache", where=lambda c: max(c["lens"]) > 0),
                                 torch.device(DEVICE))
     assert ok is False and any("nothing else touched" in line for line in bad), bad
+
+
+def test_a_wrong_rotation_fails(monkeypatch):
+    real = kvcache.flash_attn_with_kvcache
+
+    def flipped(*args, rotary_interleaved=True, **kwargs):
+        return real(*args, rotary_interleaved=not rotary_interleaved, **kwargs)
+    monkeypatch.setattr(kvcache, "flash_attn_with_kvcache", flipped)
+    case = _small_case("kvcache", where=lambda c: "rotary" in c and c["rotary"][0] >= 4)
+    ok, bad = fuzz_api.run_case(case, torch.device(DEVICE))
+    assert ok is False and any("nothing else touched" in line for line in bad), bad
+
+
+def test_packed_forms_pass():
+    for packed in ("qkv", "kv"):
+        case = _small_case("dense", where=lambda c, p=packed: c.get("packed") == p)
+        ok, bad = fuzz_api.run_case(case, torch.device(DEVICE))
+        assert ok, (case, bad)
 
 
 def test_a_raise_is_a_failure(monkeypatch):
